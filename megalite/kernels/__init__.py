@@ -1,0 +1,181 @@
+"""Public kernel functions and the one place where the backend is chosen.
+
+The model calls only `attention`, `layer_norm` and `rms_norm` from here. Backends:
+
+- `auto`: Triton for CUDA tensors (when triton imports), torch for everything else.
+- `torch`: `F.scaled_dot_product_attention`, `F.layer_norm`, `F.rms_norm`.
+- `triton`: the kernels in attention.py, layer_norm.py, rms_norm.py. On CUDA tensors, or on CPU
+  tensors under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported);
+  anything else is a `KernelBackendError`, never a silent fallback.
+- `apex`: NVIDIA apex's fused norms (only where apex imports); apex has no attention kernel, so
+  attention uses torch SDPA under this backend (by design, documented here).
+
+Importing this module imports neither triton nor apex and touches no GPU driver; the
+Triton modules are imported on first use. `kernel_calls()` counts Triton launches, so tests
+can prove that the Triton code ran.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from megalite.kernels import _common
+
+BACKENDS = ("auto", "torch", "triton", "apex")
+_backend = "auto"
+
+
+class KernelBackendError(RuntimeError):
+    """The requested kernel backend cannot run here; the message says why."""
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernel backend for every later call (raises if it cannot run on this machine)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name == "triton":
+        _triton_module("attention")  # raises with the import error if triton is missing
+    if name == "apex":
+        _apex()
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend as configured (possibly `auto`)."""
+    return _backend
+
+
+def kernel_calls() -> dict[str, int]:
+    """How many times each Triton kernel family was launched (e.g. `attention_fwd`, `rms_norm_bwd`)."""
+    return dict(_common.CALLS)
+
+
+def reset_kernel_calls() -> None:
+    """Zero the launch counters."""
+    _common.CALLS.clear()
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when triton imports (says nothing about a GPU); checked once."""
+    try:
+        importlib.import_module("triton")
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+def _triton_module(op: str) -> ModuleType:
+    try:
+        return importlib.import_module(f"megalite.kernels.{op}")
+    except Exception as e:  # noqa: BLE001 - an ImportError or a broken triton install alike
+        raise KernelBackendError(
+            f"kernel backend 'triton' needs the triton package, which failed to import: {e}"
+        ) from e
+
+
+def _apex() -> ModuleType:
+    try:
+        return importlib.import_module("apex.normalization.fused_layer_norm")
+    except ImportError as e:
+        raise KernelBackendError(
+            f"kernel backend 'apex' needs NVIDIA apex (built from source; PyPI's 'apex' is unrelated): {e}"
+        ) from e
+
+
+def _resolve(op: str, x: torch.Tensor) -> str:
+    """The backend that runs `op` on tensors like `x`."""
+    if _backend == "auto":
+        return "triton" if x.is_cuda and triton_available() else "torch"
+    if _backend == "triton" and not x.is_cuda and not (x.device.type == "cpu" and _common.interpreting()):
+        raise KernelBackendError(
+            f"kernel backend 'triton' cannot run {op} on a {x.device.type} tensor: it needs a CUDA tensor, "
+            "or TRITON_INTERPRET=1 (set before triton is imported) for Triton's CPU interpreter; "
+            "choose the 'torch' or 'auto' backend instead"
+        )
+    if _backend == "apex":
+        if op == "attention":
+            return "torch"  # apex has no attention kernel; documented above
+        if not x.is_cuda:
+            raise KernelBackendError(f"kernel backend 'apex' runs {op} on CUDA tensors only, got {x.device.type}")
+    return _backend
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """Scaled dot-product attention. q: (B, H, Tq, D); k, v: (B, KVH, Tk, D) with KVH dividing H.
+
+    Causal masking is aligned bottom-right (query i sees keys j <= i + Tk - Tq); a query row that
+    sees no key gives zeros.
+    """
+    if _resolve("attention", q) == "triton":
+        return _triton_module("attention").attention(q, k, v, causal, scale)
+    return attention_torch(q, k, v, causal, scale)
+
+
+def attention_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """The torch (SDPA) implementation with the same semantics as the Triton kernel."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        # enable_gqa= would avoid this copy, but not every SDPA backend takes it with a mask.
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    tq, tk = q.shape[2], k.shape[2]
+    if not causal or tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and tq > 0, scale=scale)
+    # Bottom-right causal alignment. Rows with no visible key would be NaN in SDPA: let them see
+    # key 0 (finite, so the backward stays finite) and zero them afterwards.
+    i = torch.arange(tq, device=q.device)[:, None]
+    j = torch.arange(tk, device=q.device)[None, :]
+    mask = j <= i + (tk - tq)
+    empty = ~mask.any(dim=1, keepdim=True)
+    mask = mask | (empty & (j == 0))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.masked_fill(empty, 0.0) if bool(empty.any()) else out
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension."""
+    backend = _resolve("layer_norm", x)
+    if backend == "triton":
+        return _triton_module("layer_norm").layer_norm(x, weight, bias, eps)
+    if backend == "apex":
+        apex_ln = _apex()
+        if bias is None:
+            bias = torch.zeros_like(weight)  # apex's affine LayerNorm needs a bias
+        return apex_ln.fused_layer_norm_affine(x, weight, bias, (x.shape[-1],), eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension."""
+    backend = _resolve("rms_norm", x)
+    if backend == "triton":
+        return _triton_module("rms_norm").rms_norm(x, weight, eps)
+    if backend == "apex":
+        return _apex().fused_rms_norm_affine(x, weight, (x.shape[-1],), eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+__all__ = [
+    "BACKENDS",
+    "KernelBackendError",
+    "attention",
+    "attention_torch",
+    "get_backend",
+    "kernel_calls",
+    "layer_norm",
+    "reset_kernel_calls",
+    "rms_norm",
+    "set_backend",
+    "triton_available",
+]
