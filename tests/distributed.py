@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -63,7 +64,8 @@ def _rank_main(
                 "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout_s)
             )
         value = fn(*args)
-        results.put((rank, "ok", value))
+        # Plain pickle: the queue's own pickler would pass tensors as shared-memory handles that die with us.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -128,4 +130,4 @@ def run_ranks(
         errors.append(f"--- ranks {missing} did not finish within {timeout_s:.0f}s (exit codes {codes})")
     if errors:
         raise RankFailure("\n".join(errors))
-    return [outcome[r][1] for r in range(world_size)]
+    return [pickle.loads(outcome[r][1]) for r in range(world_size)]

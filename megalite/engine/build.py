@@ -1,0 +1,155 @@
+"""DeepSpeed wiring: optimizer and schedule from the config, then `deepspeed.initialize`.
+
+megalite builds the optimizer and learning-rate schedule itself from the `deepspeed` section's
+`optimizer` and `scheduler` entries (DeepSpeed's own keys), because DeepSpeed's config `"Adam"`
+silently means AdamW and its fused optimizers need a long JIT build. The mapping is explicit:
+AdamW = decoupled weight decay, Adam = L2 penalty, SGD = momentum. Norms, biases and embeddings
+get no weight decay.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable
+
+import torch
+
+from megalite.config import Config, resolve_deepspeed
+from megalite.errors import ConfigError
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices decay; norms, biases and embeddings (tables indexed by id) do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = "embed" in name or "wpe" in name or "wte" in name or getattr(p, "is_embedding", False)
+        (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, spec: dict) -> torch.optim.Optimizer:
+    """AdamW, Adam or SGD from DeepSpeed's `optimizer` entry, fused on CUDA where torch offers it."""
+    kind = spec.get("type", "AdamW")
+    params = dict(spec.get("params", {}))
+    lr = float(params.pop("lr", 1e-3))
+    wd = float(params.pop("weight_decay", 0.0))
+    groups = parameter_groups(model, wd)
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    try:
+        if kind == "AdamW":
+            return torch.optim.AdamW(groups, lr=lr, fused=on_cuda or None, **_adam_args(params))
+        if kind == "Adam":  # classic Adam: weight decay is an L2 term added to the gradient
+            return torch.optim.Adam(groups, lr=lr, fused=on_cuda or None, **_adam_args(params))
+        if kind == "SGD":
+            return torch.optim.SGD(groups, lr=lr, momentum=float(params.pop("momentum", 0.9)),
+                                   nesterov=bool(params.pop("nesterov", False)), **params)
+    except TypeError as e:
+        raise ConfigError(f"deepspeed.optimizer.params: {e}") from None
+    raise ConfigError(f"deepspeed.optimizer.type: {kind!r} is not one of AdamW, Adam, SGD")
+
+
+def _adam_args(params: dict) -> dict:
+    out = {}
+    if "betas" in params:
+        out["betas"] = tuple(params.pop("betas"))
+    if "eps" in params:
+        out["eps"] = float(params.pop("eps"))
+    params.pop("torch_adam", None)
+    params.pop("adam_w_mode", None)
+    if params:
+        raise ConfigError(f"deepspeed.optimizer.params: unsupported keys {sorted(params)} for Adam/AdamW")
+    return out
+
+
+def lr_multiplier(spec: dict | None, total_steps: int) -> Callable[[int], float]:
+    """The schedule as a function step -> multiplier of the base learning rate.
+
+    Types and parameters follow DeepSpeed's names: WarmupLR, WarmupDecayLR (linear to zero),
+    WarmupCosineLR (cos_min_ratio), plus megalite's WarmupStableDecay (decay_num_steps or
+    decay_fraction, min_ratio) and Constant. `total_num_steps` defaults to train.steps.
+    """
+    if not spec:
+        return lambda step: 1.0
+    kind = spec.get("type", "Constant")
+    p = spec.get("params", {})
+    warmup = int(p.get("warmup_num_steps", 0))
+    total = int(p.get("total_num_steps", total_steps))
+    start = float(p.get("warmup_min_ratio", 0.0))
+
+    def warm(step: int) -> float | None:
+        if warmup > 0 and step < warmup:
+            return start + (1.0 - start) * (step + 1) / warmup
+        return None
+
+    if kind == "Constant":
+        return lambda step: 1.0
+    if kind == "WarmupLR":
+        return lambda step: warm(step) or 1.0
+    if kind == "WarmupDecayLR":
+        return lambda step: warm(step) or max(0.0, (total - step) / max(1, total - warmup))
+    if kind == "WarmupCosineLR":
+        floor = float(p.get("cos_min_ratio", 0.0))
+
+        def cosine(step: int) -> float:
+            w = warm(step)
+            if w is not None:
+                return w
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return cosine
+    if kind == "WarmupStableDecay":
+        floor = float(p.get("min_ratio", 0.0))
+        decay = int(p.get("decay_num_steps", round(float(p.get("decay_fraction", 0.1)) * total)))
+
+        def wsd(step: int) -> float:
+            w = warm(step)
+            if w is not None:
+                return w
+            decay_start = total - decay
+            if step < decay_start:
+                return 1.0
+            return floor + (1.0 - floor) * max(0.0, (total - step) / max(1, decay))
+
+        return wsd
+    raise ConfigError(f"deepspeed.scheduler.type: {kind!r} is not supported")
+
+
+def deepspeed_dict(cfg: Config, world_size: int) -> dict:
+    """DeepSpeed's config without the entries megalite turns into objects itself."""
+    ds = resolve_deepspeed(cfg, world_size)
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
+    ds.setdefault("steps_per_print", 10**9)  # megalite logs; DeepSpeed's own print is noise
+    if cfg.precision == "bf16":
+        # Gradients accumulate and reduce in fp32; fp32 master weights and optimizer state.
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    opt_type = cfg.deepspeed.get("optimizer", {}).get("type", "AdamW")
+    if opt_type == "SGD" and ds.get("zero_optimization", {}).get("stage", 0) > 0:
+        ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, grid: Any, world_size: int) -> tuple[Any, Any]:
+    """`deepspeed.initialize` (or the pipeline engine for a PipelineModule) with megalite's optimizer."""
+    import deepspeed
+
+    spec = copy.deepcopy(cfg.deepspeed.get("optimizer", {"type": "AdamW", "params": {"lr": 1e-3}}))
+    optimizer = build_optimizer(model, spec)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_multiplier(cfg.deepspeed.get("scheduler"), cfg.train.steps)
+    )
+    is_pipeline = cfg.parallel.pipeline > 1
+    engine, optimizer, _, schedule = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_dict(cfg, world_size),
+        mpu=None if is_pipeline else grid,  # a PipelineModule brings its own topology
+        dist_init_required=False,
+    )
+    return engine, schedule

@@ -1,0 +1,75 @@
+"""Rank discovery and process-group start-up for every launcher megalite supports.
+
+The `deepspeed` launcher and torchrun set RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*; `srun` sets
+SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, which are mapped here; a plain `python`/`megalite`
+process without any of them becomes a world of one on localhost.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM nodelist such as `n[1-2],m3` (scontrol is not needed for the common forms)."""
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, _, rest = head.partition("[")
+        first = rest.rstrip("]").split(",")[0].split("-")[0]
+        return prefix + first
+    return head
+
+
+def discover_environment() -> dict[str, str]:
+    """Fill RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from whichever launcher ran us."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+    if "RANK" not in env:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+    return {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+    """Start the process group (NCCL on CUDA, gloo otherwise) through DeepSpeed; returns (rank, world)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    discover_environment()
+    if not torch.cuda.is_available():
+        # DeepSpeed otherwise JIT-builds its shared-memory comm op (40-100 s) on first init.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+            auto_mpi_discovery=False,
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> "torch.device":  # noqa: F821
+    """This rank's device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

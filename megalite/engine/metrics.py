@@ -1,0 +1,146 @@
+"""Throughput, model FLOPs utilisation, metric sinks (JSON Lines, TensorBoard, W&B) and loss plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from megalite.config import Config, count_parameters
+
+# Dense peak TFLOP/s per device for the training dtype (vendor datasheets, without sparsity).
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    "V100": {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7},
+    "MI300X": {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4},
+}
+
+
+def flops_per_token(cfg: Config) -> float:
+    """Training FLOPs per token: 6N + 12*L*d*T (N non-embedding parameters; recompute excluded)."""
+    n = count_parameters(cfg.model)["non_embedding"]
+    m = cfg.model
+    return 6.0 * n + 12.0 * m.num_layers * m.hidden_size * cfg.data.seq_length
+
+
+def device_peak_tflops(precision: str) -> tuple[float | None, str]:
+    """The peak for this device and dtype, and a description of where it came from."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "CPU: no peak table (MFU not reported)"
+    name = torch.cuda.get_device_name()
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name.replace(" ", ""):
+            peak = peaks.get(precision)
+            return peak, f"{name}: {peak} TFLOP/s dense {precision}"
+    return None, f"{name}: not in megalite's peak table (MFU not reported)"
+
+
+class StepTimer:
+    """Wall-clock breakdown of a step into named phases (data, forward, backward, optimizer)."""
+
+    def __init__(self, sync: bool) -> None:
+        self.sync = sync
+        self.totals: dict[str, float] = {}
+        self._start = 0.0
+
+    def start(self) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self._start
+        self._start = now
+
+    def pop(self) -> dict[str, float]:
+        out, self.totals = self.totals, {}
+        return out
+
+    def _sync(self) -> None:
+        if self.sync:
+            import torch
+
+            torch.cuda.synchronize()
+
+
+class MetricSink:
+    """Writes metrics to JSON Lines, and to TensorBoard / W&B when configured (rank 0 only)."""
+
+    def __init__(self, cfg: Config, output_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.records: list[dict] = []
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        log = cfg.train.logging
+        if log.metrics_file:
+            path = output_dir / log.metrics_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        if log.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(output_dir / log.tensorboard_dir))
+        if log.wandb_project and log.wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", log.wandb_mode)
+            self._wandb = wandb.init(project=log.wandb_project, name=cfg.name, config=cfg.to_dict(),
+                                     dir=str(output_dir))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        if self._file:
+            self._file.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb:
+            for k, v in numbers.items():
+                self._tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
+        if self._wandb:
+            self._wandb.log({f"{record.get('kind', 'train')}/{k}": v for k, v in numbers.items()}, step=step)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tb:
+            self._tb.close()
+        if self._wandb:
+            self._wandb.finish()
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    """A PNG of training and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and "loss" in r]
+    valid = [(r["step"], r["loss"]) for r in records if r.get("kind") == "valid" and "loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,22 @@
+"""`megalite train CONFIG [--set KEY=VALUE ...]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `megalite train`."""
+    parser.add_argument("config", help="run config JSON file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. train.steps=100 or parallel.tensor=2 (repeatable)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Load the config (before any process group exists), then train."""
+    from megalite import config
+    from megalite.engine.loop import train
+
+    cfg = config.load(args.config, args.overrides)
+    return train(cfg)

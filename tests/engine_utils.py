@@ -1,0 +1,54 @@
+"""Shared pieces of the engine tests: a tiny token dataset and a tiny run config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def write_token_dataset(prefix: str, vocab_size: int = 97, num_docs: int = 60, seed: int = 0) -> str:
+    """Random documents with an end-of-document token (id 0), with the manifest the loader reads."""
+    from megalite.data import IndexedDatasetWriter
+
+    rng = np.random.default_rng(seed)
+    writer = IndexedDatasetWriter(prefix, dtype=np.uint16)
+    for _ in range(num_docs):
+        n = int(rng.integers(5, 40))
+        # A learnable pattern (each token predicts the next) so losses fall and steps differ.
+        start = int(rng.integers(1, vocab_size))
+        doc = (start + np.arange(n) * int(rng.integers(1, 4))) % (vocab_size - 1) + 1
+        writer.add_document(np.append(doc, 0).astype(np.uint16))
+    writer.finalize()
+    Path(f"{prefix}.json").write_text(json.dumps({"eod_token_id": 0, "bos_token_id": None, "vocab_size": vocab_size,
+                                                  "num_documents": num_docs}))
+    return prefix
+
+
+def tiny_config(prefix: str, output_dir: str, **sections) -> dict:
+    """A raw run config of a 2-layer model over `prefix`; `sections` update each section."""
+    raw = {
+        "model": {"vocab_size": 97, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 32,
+                  "make_vocab_size_divisible_by": 4},
+        "parallel": {"tensor": 1, "pipeline": 1},
+        "data": {"prefixes": [prefix], "split": "90,10,0", "seq_length": 16, "cache_dir": str(Path(output_dir) / "cache")},
+        "train": {"steps": 10, "seed": 7, "output_dir": output_dir, "log_interval": 1, "eval_interval": 0,
+                  "eval_steps": 2, "kernels": "torch", "logging": {"progress_bar": False, "plot": False},
+                  "collective_timeout_s": 60},
+        "deepspeed": {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                      "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                                "weight_decay": 0.1}},
+                      "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 3, "cos_min_ratio": 0.1}},
+                      "gradient_clipping": 0.5, "zero_optimization": {"stage": 0}},
+    }
+    for section, values in sections.items():
+        if isinstance(raw.get(section), dict) and isinstance(values, dict):
+            for k, v in values.items():
+                if isinstance(v, dict) and isinstance(raw[section].get(k), dict):
+                    raw[section][k].update(v)
+                else:
+                    raw[section][k] = v
+        else:
+            raw[section] = values
+    return raw

@@ -1,0 +1,193 @@
+"""The DeepSpeed engine against a plain PyTorch training loop: same losses, norms and weights."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalite import config as C
+from tests.distributed import run_ranks
+from tests.engine_utils import tiny_config, write_token_dataset
+
+STEPS = 10
+
+
+def _full_parameters(run) -> dict[str, torch.Tensor]:
+    """This run's full fp32 parameters (TP shards and ZeRO-3 partitions gathered), on every rank."""
+    import deepspeed
+
+    from megalite.model import full_state_dict, tensor_parallel_group
+
+    module = run.engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=run.engine.zero_optimization_stage() == 3):
+        state = full_state_dict(module, tensor_parallel_group(run.grid))
+    return {k: v.detach().float().clone() for k, v in state.items()}
+
+
+def _optimizer_state_numel(engine) -> int:
+    """Elements of Adam's first moment held by this rank."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    return sum(s["exp_avg"].numel() for s in inner.state.values() if "exp_avg" in s)
+
+
+def _train_runs(workdir: str, variants: list[tuple[str, dict]]) -> dict:
+    """Train each variant for STEPS steps; return per-variant losses, grad norms and final weights."""
+    from megalite.engine.loop import Run
+
+    out = {}
+    for name, sections in variants:
+        raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name}", **sections)
+        cfg = C.from_dict(raw)
+        run = Run(cfg)
+        code = run.train()
+        records = [r for r in run.sink.records if r.get("kind") == "train"]
+        out[name] = {
+            "exit": code,
+            "losses": [r["loss"] for r in records],
+            "grad_norms": [r["grad_norm"] for r in records],
+            "stage": run.engine.zero_optimization_stage(),
+            "opt_numel": _optimizer_state_numel(run.engine),
+            "params": _full_parameters(run),
+            "num_params": sum(p.numel() for p in run.engine.module.parameters()),
+        }
+        del run
+    return out
+
+
+def _reference(workdir: str, global_batch: int, clip: float) -> dict:
+    """A plain PyTorch loop on one process: same model init, data order, AdamW groups, schedule, clipping."""
+    from megalite.data import ResumableSampler, build_datasets
+    from megalite.engine.build import lr_multiplier
+    from megalite.model import build_model
+
+    raw = tiny_config(f"{workdir}/tok", f"{workdir}/reference")
+    cfg = C.from_dict(raw)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, C.ParallelConfig(), None, seed=cfg.train.seed)
+    train_set, _, _ = build_datasets([f"{workdir}/tok"], None, cfg.data.split, cfg.data.seq_length, cfg.train.seed,
+                                     cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
+    sampler = iter(ResumableSampler(len(train_set), 0, 1, global_batch, cfg.train.seed))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
+    opt_params = cfg.deepspeed["optimizer"]["params"]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opt_params["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=opt_params["lr"], betas=tuple(opt_params["betas"]), eps=opt_params["eps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.deepspeed["scheduler"], STEPS))
+    losses, norms = [], []
+    for _ in range(STEPS):
+        items = [train_set[i] for i in next(sampler)]
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        loss = model(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+        opt.zero_grad()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return {"losses": losses, "grad_norms": norms, "params": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def _zero_stages_and_accumulation(workdir: str) -> dict:
+    variants = [(f"zero{s}", {"deepspeed": {"zero_optimization": {"stage": s}}}) for s in (0, 1, 2, 3)]
+    variants.append(("accumulate", {"deepspeed": {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+                                                  "zero_optimization": {"stage": 1}}}))
+    return _train_runs(workdir, variants)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("engine")
+    write_token_dataset(str(d / "tok"))
+    return str(d)
+
+
+def _assert_close_to_reference(result: dict, ref: dict, name: str, logs: bool = True) -> None:
+    """Losses and norms (logged by rank 0 only) and the final weights (every rank) match the reference."""
+    assert result["exit"] == 0, name
+    assert len(result["losses"]) == (STEPS if logs else 0), name
+    for step, (a, b) in enumerate(zip(result["losses"], ref["losses"])):
+        assert abs(a - b) < 1e-5, f"{name}: step {step + 1} loss {a} vs reference {b}"
+    for step, (a, b) in enumerate(zip(result["grad_norms"], ref["grad_norms"])):
+        assert a is not None and abs(a - b) < 1e-4 * max(1.0, b), f"{name}: step {step + 1} grad norm {a} vs {b}"
+    assert set(result["params"]) == set(ref["params"]), name
+    # Adam divides by sqrt of the second moment, so a near-zero gradient's rounding noise moves its weight by up
+    # to lr: weights get a looser bound than the losses (each step here moves weights by up to lr = 1e-2).
+    for k, v in ref["params"].items():
+        torch.testing.assert_close(result["params"][k], v, atol=1e-4, rtol=1e-3, msg=lambda m, k=k: f"{name} {k}: {m}")
+
+
+def test_zero_stages_match_plain_pytorch(workdir):
+    results = run_ranks(_zero_stages_and_accumulation, 2, workdir, timeout_s=400, collective_timeout_s=60)
+    ref = _reference(workdir, global_batch=4, clip=0.5)
+    assert ref["grad_norms"][0] > 0.5, "clipping must be active in at least one step of this test"
+    assert ref["losses"][-1] < ref["losses"][0]
+    for rank, rank_result in enumerate(results):
+        for s in (0, 1, 2, 3):
+            r = rank_result[f"zero{s}"]
+            assert r["stage"] == s
+            _assert_close_to_reference(r, ref, f"ZeRO-{s} rank {rank}", logs=rank == 0)
+            if s >= 1:  # Adam's state is partitioned over the 2 data-parallel ranks
+                total = r["num_params"] if s < 3 else sum(v.numel() for v in r["params"].values())
+                assert abs(r["opt_numel"] - total / 2) <= 0.05 * total, (s, r["opt_numel"], total)
+        _assert_close_to_reference(rank_result["accumulate"], ref, "micro 1 x accumulation 2", logs=rank == 0)
+
+
+def test_lr_schedules_follow_their_definitions():
+    from megalite.engine.build import lr_multiplier
+
+    cosine = lr_multiplier({"type": "WarmupCosineLR", "params": {"warmup_num_steps": 10, "cos_min_ratio": 0.1}}, 110)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cosine(110) == pytest.approx(0.1)
+    linear = lr_multiplier({"type": "WarmupDecayLR", "params": {"warmup_num_steps": 0, "total_num_steps": 100}}, 5)
+    assert linear(0) == pytest.approx(1.0) and linear(50) == pytest.approx(0.5) and linear(100) == 0.0
+    wsd = lr_multiplier({"type": "WarmupStableDecay", "params": {"warmup_num_steps": 5, "decay_fraction": 0.2,
+                                                                 "min_ratio": 0.0}}, 100)
+    assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.5) and wsd(100) == 0.0
+
+
+def test_optimizer_mapping_and_no_decay_groups():
+    from megalite.engine.build import build_optimizer
+    from megalite.model import build_model
+
+    cfg = C.from_dict(tiny_config("x", "y"))
+    model = build_model(cfg.model, C.ParallelConfig(), None, seed=1)
+    adamw = build_optimizer(model, {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.1}})
+    adam = build_optimizer(model, {"type": "Adam", "params": {"lr": 0.1, "weight_decay": 0.1}})
+    sgd = build_optimizer(model, {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.8}})
+    assert type(adamw) is torch.optim.AdamW and type(adam) is torch.optim.Adam and type(sgd) is torch.optim.SGD
+    assert sgd.param_groups[0]["momentum"] == 0.8
+    decayed = {id(p) for g in adamw.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        should_decay = p.ndim >= 2 and "embedding" not in name
+        assert (id(p) in decayed) == should_decay, name
+
+
+def test_metrics_and_plot_written(workdir, tmp_path):
+    """A single plain process (no launcher) trains, logs JSON Lines with MFU inputs, and plots."""
+    import subprocess
+    import sys
+
+    raw = tiny_config(f"{workdir}/tok", str(tmp_path / "run"), train={"steps": 4, "eval_interval": 2,
+                                                                    "logging": {"plot": True}})
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(raw))
+    out = subprocess.run([sys.executable, "-m", "megalite.cli", "train", str(path)], capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "breakdown_s", "memory_gb"):
+            assert r[key] is not None, key
+        assert set(r["breakdown_s"]) >= {"data", "forward", "backward", "optimizer"}
+    assert [r["step"] for r in records if r["kind"] == "valid"] == [2, 4]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert Path(tmp_path / "run" / "config.json").exists()
