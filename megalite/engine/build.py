@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -128,6 +129,10 @@ def deepspeed_dict(cfg: Config, world_size: int) -> dict:
     if cfg.precision == "bf16":
         # Gradients accumulate and reduce in fp32; fp32 master weights and optimizer state.
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) == 3:
+        # Full weights in the model-states file at every save: `convert`, `eval` and `generate` read them there.
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     opt_type = cfg.deepspeed.get("optimizer", {}).get("type", "AdamW")
     if opt_type == "SGD" and ds.get("zero_optimization", {}).get("stage", 0) > 0:
         ds["zero_allow_untested_optimizer"] = True

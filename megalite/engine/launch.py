@@ -66,7 +66,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def device() -> "torch.device":  # noqa: F821
+def device() -> torch.device:  # noqa: F821
     """This rank's device."""
     import torch
 

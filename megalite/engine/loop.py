@@ -13,8 +13,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,6 +84,8 @@ class Run:
         self.grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
         self.dp_rank, self.dp_size = self.grid.get_data_parallel_rank(), self.grid.get_data_parallel_world_size()
         self._build_data()
+        if self.is_main:
+            self._copy_tokenizer()
         self.model = self._build_model()
         self.engine, self.schedule = build_engine(self.model, cfg, self.grid, self.world)
         from megalite.engine.checkpoint import CheckpointManager
@@ -130,6 +133,19 @@ class Run:
         self.sampler = ResumableSampler(len(self.train_set), self.dp_rank, self.dp_size, cfg.micro_batch_size,
                                         cfg.train.seed)
         self.batches = BatchStream(self.train_set, self.sampler, self.device)
+
+    def _copy_tokenizer(self) -> None:
+        """Keep the data's tokenizer with the run, so eval/generate/convert find it."""
+        import shutil
+
+        from megalite.data.prepare import read_manifest
+
+        manifest = read_manifest(self.cfg.data.prefixes[0]) or {}
+        name = manifest.get("tokenizer_file")
+        if name:
+            source = Path(self.cfg.data.prefixes[0]).parent / name
+            if source.is_file():
+                shutil.copyfile(source, self.output_dir / "tokenizer.json")
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg

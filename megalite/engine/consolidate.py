@@ -1,0 +1,153 @@
+"""Full, unsharded fp32 weights from a megalite checkpoint of any layout.
+
+TP shards are merged with the model's own sharding metadata (built on the meta device at the
+checkpoint's TP degree), pipeline stages by the pipeline module's layer numbering, and ZeRO
+partitions are already gathered by DeepSpeed at save time (megalite turns on
+`stage3_gather_16bit_weights_on_model_save` for ZeRO-3). Every file is read with the safe loader
+of `megalite.engine.checkpoint`; nothing in a checkpoint runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from megalite import config as config_mod
+from megalite.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A step directory with a manifest, or the one a checkpoint root's `latest` names."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return p
+    latest = p / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if name and (p / name / MANIFEST).is_file():
+            return p / name
+        raise CheckpointError(f"{latest}: names {name!r}, which is not a complete checkpoint in {p}")
+    if (p / "checkpoints").is_dir():
+        return resolve_checkpoint(p / "checkpoints")
+    raise CheckpointError(f"{p}: not a megalite checkpoint (no {MANIFEST}, no 'latest')")
+
+
+def read_manifest(step_dir: Path) -> dict:
+    """The manifest of a complete checkpoint."""
+    try:
+        return json.loads((step_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{step_dir / MANIFEST}: unreadable manifest ({e})") from None
+
+
+def checkpoint_config(manifest: dict, step_dir: Path) -> config_mod.Config:
+    """The resolved run config stored in the manifest."""
+    raw = dict(manifest.get("config") or {})
+    if not raw:
+        raise CheckpointError(f"{step_dir / MANIFEST}: no config stored")
+    raw.pop("source", None)
+    try:
+        return config_mod.from_dict(raw)
+    except Exception as e:  # noqa: BLE001 - a stored config that no longer validates is a checkpoint problem
+        raise CheckpointError(f"{step_dir / MANIFEST}: stored config does not load: {e}") from None
+
+
+def _load(path: Path) -> dict:
+    from megalite.engine.checkpoint import safe_torch_load
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing checkpoint file")
+    return safe_torch_load(str(path), map_location="cpu")
+
+
+def _meta_model(cfg: config_mod.Config) -> torch.nn.Module:
+    """The unsharded model on the meta device: its sharding attributes (partition dim, fused-block sizes)
+    do not depend on the TP degree, so they describe how any TP degree's shards fit together."""
+    from megalite.config import ParallelConfig
+    from megalite.model.transformer import Transformer
+
+    return Transformer(cfg.model, ParallelConfig(), None, device="meta")
+
+
+def load_full_weights(path: str | os.PathLike) -> tuple[config_mod.Config, dict[str, torch.Tensor], dict]:
+    """(config, full fp32 state dict keyed like a TP1 megalite model, manifest) of a checkpoint."""
+    step_dir = resolve_checkpoint(path)
+    manifest = read_manifest(step_dir)
+    cfg = checkpoint_config(manifest, step_dir)
+    layout = manifest.get("layout", {})
+    tp, pp = int(layout.get("tensor", 1)), int(layout.get("pipeline", 1))
+    ds_dir = step_dir / manifest.get("deepspeed_tag", "ds")
+    if pp > 1:
+        from megalite.model.pipeline import merge_pipeline_shards
+
+        shards = [merge_pipeline_shards(cfg.model, ds_dir, tp_rank, pp, _load) for tp_rank in range(tp)]
+    else:
+        shards = [_module_state(ds_dir / f"mp_rank_{r:02d}_model_states.pt") for r in range(tp)]
+    return cfg, merge_tensor_parallel(cfg, shards), manifest
+
+
+def _module_state(path: Path) -> dict[str, torch.Tensor]:
+    state = _load(path)
+    module = state.get("module")
+    if not isinstance(module, dict) or not module:
+        raise CheckpointError(f"{path}: no module weights (a ZeRO-3 checkpoint saved without gathered weights?)")
+    empty = [k for k, v in module.items() if isinstance(v, torch.Tensor) and v.numel() == 0]
+    if empty:
+        raise CheckpointError(f"{path}: parameters {empty[:3]} are empty (ZeRO-3 partitions were not gathered)")
+    return module
+
+
+def merge_tensor_parallel(cfg: config_mod.Config, shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One full state dict from every TP rank's state dict (rank order)."""
+    from megalite.model.weights import unshard_tensors
+
+    tp = len(shards)
+    if tp == 1:
+        return {k: v.float() for k, v in shards[0].items()}
+    reference = dict(_meta_model(cfg).named_parameters())
+    full = {}
+    for name, param in reference.items():
+        missing = [r for r, s in enumerate(shards) if name not in s]
+        if missing:
+            raise CheckpointError(f"tensor-parallel ranks {missing} have no weight {name!r}")
+        full[name] = unshard_tensors([s[name].float() for s in shards], param)
+    return full
+
+
+def model_from_checkpoint(path: str | os.PathLike, grid=None) -> tuple[config_mod.Config, torch.nn.Module, Path]:  # noqa: ANN001
+    """(config, fp32 model sharded for `grid`'s TP degree (None: one process), step directory) of a checkpoint."""
+    from megalite.config import ParallelConfig
+    from megalite.model import build_model, load_full_state_dict, tensor_parallel_group
+
+    cfg, state, _ = load_full_weights(path)
+    tp = grid.get_tensor_model_parallel_world_size() if grid is not None else 1
+    model = build_model(cfg.model, ParallelConfig(tensor=tp), grid, seed=cfg.train.seed)
+    load_full_state_dict(model, state, tensor_parallel_group(grid))
+    model.eval()
+    return cfg, model, resolve_checkpoint(path)
+
+
+def find_tokenizer(step_dir: Path, cfg: config_mod.Config, explicit: str | None = None) -> str:
+    """The tokenizer of a run: explicit path, the run's output directory, or the data manifest's file."""
+    candidates = [Path(explicit)] if explicit else []
+    candidates += [step_dir / "tokenizer.json", step_dir.parent.parent / "tokenizer.json",
+                   Path(cfg.train.output_dir) / "tokenizer.json"]
+    for prefix in cfg.data.prefixes:
+        manifest = Path(f"{prefix}.json")
+        if manifest.is_file():
+            try:
+                tok = json.loads(manifest.read_text()).get("tokenizer_file")
+            except json.JSONDecodeError:
+                tok = None
+            if tok:
+                candidates.append(Path(tok) if os.path.isabs(tok) else manifest.parent / tok)
+    for c in candidates:
+        if c.is_file():
+            return str(c)
+    raise CheckpointError(f"{step_dir}: no tokenizer found (looked at {', '.join(map(str, candidates))}); "
+                          "pass --tokenizer")
