@@ -62,20 +62,44 @@ class BatchStream:
         return collate([self.dataset[i] for i in indices], self.device)
 
 
+class RankFailed(MegaliteError):
+    """Another rank (or this one) failed in a phase every rank had to finish."""
+
+
+def agreed(phase: str, fn: Any, *args: Any) -> Any:
+    """Run `fn(*args)` on every rank, then agree: if any rank raised, every rank raises, naming the ranks."""
+    mine: Exception | None = None
+    result = None
+    try:
+        result = fn(*args)
+    except Exception as e:  # noqa: BLE001 - shared with every rank below, then raised everywhere
+        mine = e
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if mine is None else f"{type(mine).__name__}: {mine}")
+    failed: dict[str, list[int]] = {}
+    for rank, message in enumerate(messages):
+        if message:
+            failed.setdefault(message, []).append(rank)
+    if not failed:
+        return result
+    if mine is not None and isinstance(mine, MegaliteError) and len(failed) == 1:
+        raise mine  # the same error everywhere it happened: keep its own type and message
+    text = "; ".join(f"ranks {ranks}: {message}" for message, ranks in failed.items())
+    raise RankFailed(f"{phase} failed on other ranks: {text}") from mine
+
+
 class Run:
     """Everything built for one run; `train()` drives it."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.rank, self.world = launch.init_distributed(cfg.train.collective_timeout_s)
-        validate(cfg, self.world)  # the world-size rules, now that it is known
         self.is_main = self.rank == 0
         self.device = launch.device()
         self.output_dir = Path(cfg.train.output_dir)
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        self._check_hardware()
+        # Each phase that can fail on some ranks only ends with an agreement, so that every rank raises the
+        # failing rank's error instead of the others waiting in the next collective until the timeout.
+        agreed("configuration", self._check_config)
         kernels.set_backend(cfg.train.kernels)
         seed_everything(cfg.train.seed)
 
@@ -83,11 +107,9 @@ class Run:
 
         self.grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
         self.dp_rank, self.dp_size = self.grid.get_data_parallel_rank(), self.grid.get_data_parallel_world_size()
-        self._build_data()
-        if self.is_main:
-            self._copy_tokenizer()
-        self.model = self._build_model()
-        self.engine, self.schedule = build_engine(self.model, cfg, self.grid, self.world)
+        agreed("building the data", self._build_data)
+        self.model = agreed("building the model", self._build_model)
+        self.engine, self.schedule = agreed("starting DeepSpeed", build_engine, self.model, cfg, self.grid, self.world)
         from megalite.engine.checkpoint import CheckpointManager
 
         self.checkpoints = CheckpointManager(
@@ -95,6 +117,7 @@ class Run:
             keep=cfg.train.keep_checkpoints,
             layout=self.layout(),
             config=cfg.to_dict(),
+            model=self.model_signature(),
         )
         self.precision_is_fp32 = cfg.precision == "fp32"
         self._grad_norm: float | None = None
@@ -103,7 +126,21 @@ class Run:
         self.consecutive_nonfinite = 0
         self.sink = MetricSink(cfg, self.output_dir, enabled=self.is_main)
 
+    def _check_config(self) -> None:
+        validate(self.cfg, self.world)  # the world-size rules, now that it is known
+        self._check_hardware()
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+
     # ------------------------------------------------------------------ set-up
+    def model_signature(self) -> dict:
+        """The model fields a checkpoint must match to be resumed by this run."""
+        m = self.cfg.model
+        return {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
+                "kv_heads": m.kv_heads, "ffn_size": m.ffn_size, "padded_vocab_size": m.padded_vocab_size,
+                "norm": m.norm, "mlp": m.mlp, "position": m.position, "tied_embeddings": m.tied_embeddings}
+
     def layout(self) -> dict:
         return {"tensor": self.cfg.parallel.tensor, "pipeline": self.cfg.parallel.pipeline,
                 "data": self.world // (self.cfg.parallel.tensor * self.cfg.parallel.pipeline),
@@ -133,6 +170,8 @@ class Run:
         self.sampler = ResumableSampler(len(self.train_set), self.dp_rank, self.dp_size, cfg.micro_batch_size,
                                         cfg.train.seed)
         self.batches = BatchStream(self.train_set, self.sampler, self.device)
+        if self.is_main:
+            self._copy_tokenizer()
 
     def _copy_tokenizer(self) -> None:
         """Keep the data's tokenizer with the run, so eval/generate/convert find it."""
@@ -182,14 +221,12 @@ class Run:
         return path
 
     def maybe_resume(self) -> None:
-        m = self.cfg.model
-        expected = {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "padded_vocab_size": m.padded_vocab_size}
-        path = self.checkpoints.find_resume(self.cfg.train.resume, expected_model=expected)
+        path = self.checkpoints.find_resume(self.cfg.train.resume, expected_model=self.model_signature())
         if path is None:
             if self.is_main and self.cfg.train.resume != "never":
                 print("megalite: no complete checkpoint to resume; starting fresh", file=sys.stderr, flush=True)
             return
-        state = self.checkpoints.load(self.engine, path)
+        state = self.checkpoints.load(self.engine, path)["client_state"]
         self.step = int(state["step"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         self.sampler.load_state_dict(state["sampler"])
@@ -315,7 +352,8 @@ class Run:
                     self.consecutive_nonfinite += 1
                     self.log({"kind": "nonfinite", "step": self.step, "skipped_total": self.nonfinite_skipped})
                     if cfg.train.nonfinite == "fail" or self.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
-                        self.step -= 1  # the state is that of the last good step
+                        # The weights are the last good ones (skipped steps never reach the optimizer); the
+                        # step count includes the skipped steps, so a resume does not replay their batches.
                         self.save()
                         exit_code = signals.EXIT_NONFINITE
                         break

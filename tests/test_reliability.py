@@ -1,0 +1,209 @@
+"""Failures the training loop must survive: preemption signals, non-finite losses, a failing rank,
+and exact resume through megalite's checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalite import config as C
+from megalite.engine.signals import EXIT_NONFINITE, EXIT_PREEMPTED
+from tests.distributed import run_ranks
+from tests.engine_utils import tiny_config, write_token_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("reliability")
+    write_token_dataset(str(d / "tok"))
+    return str(d)
+
+
+def _param_checksum(run) -> float:
+    return float(sum(p.detach().double().sum() for p in run.engine.module.parameters()))
+
+
+def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
+    """One Run; `hook(run, step_about_to_run)` may act before each step. Returns what the test needs."""
+    from megalite.engine.loop import Run
+
+    train = {"steps": steps, **sections.pop("train", {})}
+    cfg = C.from_dict(tiny_config(f"{workdir}/tok", f"{workdir}/{name}", train=train, **sections))
+    run = Run(cfg)
+    trace = []
+    original = run.train_step
+
+    def traced(timer):
+        if hook is not None:
+            hook(run, run.step + 1)
+        before = _param_checksum(run)
+        loss, skipped = original(timer)
+        trace.append({"step": run.step + 1, "loss": loss, "skipped": skipped, "before": before,
+                      "after": _param_checksum(run)})
+        return loss, skipped
+
+    run.train_step = traced
+    code = run.train()
+    return {"exit": code, "trace": trace, "step": run.step, "skipped": run.nonfinite_skipped,
+            "global_steps": run.engine.global_steps, "checkpoints": [s for s, _ in run.checkpoints.committed_steps()]}
+
+
+def _nan_on_rank_one(at_steps: set[int]):
+    def hook(run, step):
+        if torch.distributed.get_rank() == 1 and step in at_steps and not getattr(run, "_nan_hooked", False):
+            run._nan_hooked = True
+            run._nan_handle = run.engine.module.register_forward_hook(lambda m, i, out: out * float("nan"))
+        elif getattr(run, "_nan_hooked", False) and step not in at_steps:
+            run._nan_handle.remove()
+            run._nan_hooked = False
+    return hook
+
+
+def _signal_rank_one_at(step_to_signal: int):
+    def hook(run, step):
+        if torch.distributed.get_rank() == 1 and step == step_to_signal:
+            signal.raise_signal(signal.SIGTERM)  # handled by megalite: sets the flag only
+    return hook
+
+
+def _failure_scenarios(workdir: str) -> dict:
+    out = {}
+    # A NaN loss on one rank at step 3: every rank skips that step, weights and optimizer untouched.
+    out["skip"] = _train(workdir, "skip", 5, _nan_on_rank_one({3}), train={"nonfinite": "skip"})
+    # Policy fail: the first non-finite step saves the last good weights (as step 3) and exits 76.
+    out["fail"] = _train(workdir, "fail", 5, _nan_on_rank_one({3}), train={"nonfinite": "fail"})
+    # Skip, but the NaN persists: after max_consecutive_nonfinite steps, save and exit 76.
+    out["persist"] = _train(workdir, "persist", 8, _nan_on_rank_one({3, 4, 5, 6, 7, 8}),
+                            train={"nonfinite": "skip", "max_consecutive_nonfinite": 2})
+    # SIGTERM to rank 1 only at step 3: all ranks save at step 3 and exit 75; a resume finishes the run
+    # with the same losses as an uninterrupted one (exact resume, RNG and data position included).
+    for stage in (1, 2, 3):
+        ds = {"zero_optimization": {"stage": stage}}
+        straight = _train(workdir, f"straight{stage}", 6, deepspeed=ds, model={"hidden_dropout": 0.1})
+        stopped = _train(workdir, f"resumed{stage}", 6, _signal_rank_one_at(3), deepspeed=ds,
+                         model={"hidden_dropout": 0.1})
+        resumed = _train(workdir, f"resumed{stage}", 6, deepspeed=ds, model={"hidden_dropout": 0.1})
+        out[f"zero{stage}"] = {"straight": straight, "stopped": stopped, "resumed": resumed}
+    # A rank that fails while building the data: every rank ends with its error, fast.
+    import megalite.data.dataset as dataset_module
+
+    real = dataset_module.build_datasets
+
+    def broken(*args, **kwargs):
+        if torch.distributed.get_rank() == 1:
+            raise OSError("disk on fire (injected)")
+        return real(*args, **kwargs)
+
+    dataset_module.build_datasets = broken
+    start = time.monotonic()
+    try:
+        _train(workdir, "broken", 3)
+        out["broken"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        out["broken"] = f"{type(e).__name__}: {e}"
+    finally:
+        dataset_module.build_datasets = real
+    out["broken_seconds"] = time.monotonic() - start
+    return out
+
+
+def test_failures_on_one_rank_reach_every_rank(workdir):
+    results = run_ranks(_failure_scenarios, 2, workdir, timeout_s=500, collective_timeout_s=60)
+    for rank, r in enumerate(results):
+        skip = r["skip"]
+        assert skip["exit"] == 0 and skip["skipped"] == 1 and skip["step"] == 5
+        assert skip["global_steps"] == 4, "the skipped step must not reach the optimizer"
+        third = skip["trace"][2]
+        assert third["skipped"] and third["after"] == third["before"], "weights changed in a skipped step"
+        assert all(t["after"] != t["before"] for t in skip["trace"] if not t["skipped"])
+        if rank == 0:
+            assert all(t["loss"] == t["loss"] for t in skip["trace"] if not t["skipped"])  # finite after the skip
+
+        fail = r["fail"]
+        assert fail["exit"] == EXIT_NONFINITE and fail["step"] == 3 and fail["checkpoints"] == [3]
+        assert fail["global_steps"] == 2 and fail["trace"][-1]["after"] == fail["trace"][-1]["before"]
+        persist = r["persist"]
+        assert persist["exit"] == EXIT_NONFINITE and persist["skipped"] == 2 and persist["checkpoints"] == [4]
+        assert persist["global_steps"] == 2
+
+        for stage in (1, 2, 3):
+            case = r[f"zero{stage}"]
+            assert case["stopped"]["exit"] == EXIT_PREEMPTED and case["stopped"]["step"] == 3
+            assert case["stopped"]["checkpoints"] == [3]
+            assert case["resumed"]["exit"] == 0 and case["resumed"]["step"] == 6
+            assert [t["step"] for t in case["resumed"]["trace"]] == [4, 5, 6]
+            if rank == 0:
+                straight = [t["loss"] for t in case["straight"]["trace"]]
+                joined = [t["loss"] for t in case["stopped"]["trace"] + case["resumed"]["trace"]]
+                assert joined == straight, f"ZeRO-{stage}: resumed losses differ: {joined} vs {straight}"
+
+        assert "disk on fire (injected)" in r["broken"], r["broken"]
+        assert "rank" in r["broken"] or rank == 1
+        assert r["broken_seconds"] < 30
+
+
+def _cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megalite.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, **popen)
+
+
+def test_resume_must_with_nothing_exits_nonzero(workdir, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(tiny_config(f"{workdir}/tok", str(tmp_path / "out"), train={"resume": "must"})))
+    out = _cli("train", str(path))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "resume" in out.stderr and "must" in out.stderr
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_sigterm_to_torchrun_saves_and_leaves_no_orphans(workdir, tmp_path):
+    """SIGTERM to torchrun reaches both workers, which save at a step boundary; nothing is left running."""
+    out_dir = tmp_path / "torchrun-run"
+    path = tmp_path / "torchrun.json"
+    path.write_text(json.dumps(tiny_config(f"{workdir}/tok", str(out_dir), train={"steps": 500})))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m",
+                             "megalite.cli", "train", str(path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    end = [r for r in records if r["kind"] == "end"]
+    assert end and end[0]["exit_code"] == EXIT_PREEMPTED, output[-3000:]
+    saved = [r for r in records if r["kind"] == "checkpoint"]
+    assert saved and saved[-1]["step"] == end[0]["step"] < 500
+    time.sleep(1)
+    assert not _processes_mentioning(str(path)), "orphaned worker processes"
+
+
+def _free_port() -> int:
+    from tests.distributed import free_port
+
+    return free_port()
