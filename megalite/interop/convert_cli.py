@@ -1,0 +1,41 @@
+"""`megalite convert`: Hugging Face directory -> megalite weights directory (and, later, back)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the convert options (the engine adds --checkpoint/--to-hf to the same parser)."""
+    parser.add_argument("--from-hf", metavar="DIR", help="a Hugging Face GPT-2 or Llama directory (safetensors)")
+    parser.add_argument("--out", metavar="DIR", help="where to write model.json + model.safetensors")
+    parser.add_argument("--vocab-multiple", type=int, default=128, metavar="N",
+                        help="pad the vocabulary to a multiple of N (default 128; every TP degree must divide it)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the conversion the arguments ask for; returns the exit status."""
+    import sys
+
+    from megalite.errors import MegaliteError
+
+    if not getattr(args, "from_hf", None):
+        print("megalite convert: nothing to do; give --from-hf DIR --out DIR", file=sys.stderr)
+        return 2
+    if not args.out:
+        print("megalite convert: --from-hf needs --out DIR", file=sys.stderr)
+        return 2
+    from megalite.config import count_parameters
+    from megalite.interop.hf import from_hf
+    from megalite.interop.native import save_weights
+
+    try:
+        model = from_hf(args.from_hf, make_vocab_size_divisible_by=args.vocab_multiple)
+        out = save_weights(model, args.out, tokenizer_dir=args.from_hf, write=True)
+    except MegaliteError as e:
+        print(f"megalite convert: {e}", file=sys.stderr)
+        return 1
+    n = count_parameters(model.config)["total"]
+    print(f"wrote {out} ({n:,} parameters, vocabulary {model.config.vocab_size} padded to "
+          f"{model.config.padded_vocab_size}); use it as the run's model with `\"model\": \"{out}/model.json\"`")
+    return 0

@@ -1,0 +1,358 @@
+"""Hugging Face GPT-2 / Llama import (`from_hf`) and export (`to_hf`), at any TP degree.
+
+Import reads `config.json` and safetensors (single file or sharded with an index) directly, maps the
+tensors to megalite's canonical, TP-independent names (see `megalite.model.weights`), pads the
+vocabulary to the model's multiple, and keeps this TP rank's shards. Export gathers the shards
+(a collective over the TP group), strips the padding and writes a directory that
+`transformers.AutoModelForCausalLM.from_pretrained` loads, with the tokenizer when known.
+transformers is imported only for export (to write its config classes).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from megalite.config import ModelConfig, ParallelConfig
+from megalite.errors import CheckpointError, ConfigError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "generation_config.json",
+)
+SUPPORTED = ("gpt2", "llama")
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_hf_config(path: Union[str, Path]) -> dict:
+    """The `config.json` of a Hugging Face model directory."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json; expected a Hugging Face model directory")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON: {e}") from None
+
+
+def _rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for section, key in ((params, "rope_parameters"), (scaling, "rope_scaling")):
+        kind = section.get("rope_type", section.get("type", "default"))
+        if kind not in ("default", None):
+            raise CheckpointError(f"{key}.rope_type={kind!r} is not supported (megalite implements plain RoPE)")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **overrides: Any) -> ModelConfig:
+    """The megalite ModelConfig of a Hugging Face GPT-2 or Llama config (dropout 0 unless overridden)."""
+    kind = hf.get("model_type")
+    archs = hf.get("architectures") or []
+    if kind not in SUPPORTED:
+        raise CheckpointError(
+            f"unsupported architecture: model_type={kind!r} (architectures={archs}); megalite imports "
+            f"{', '.join(SUPPORTED)}"
+        )
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _GELU_TANH:
+            raise CheckpointError(f"gpt2 activation_function={act!r} is not supported (megalite uses tanh GELU)")
+        for key, want in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True),
+                          ("add_cross_attention", False)):
+            if hf.get(key, want) != want:
+                raise CheckpointError(f"gpt2 {key}={hf[key]!r} is not supported")
+        h = hf["n_embd"]
+        cfg = dict(
+            vocab_size=hf["vocab_size"], hidden_size=h, num_layers=hf["n_layer"], num_heads=hf["n_head"],
+            ffn_hidden_size=hf.get("n_inner") or 4 * h, max_position_embeddings=hf["n_positions"],
+            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", position="learned",
+            bias=True, tied_embeddings=True, init_std=hf.get("initializer_range", 0.02),
+        )
+    else:
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"llama hidden_act={hf['hidden_act']!r} is not supported (megalite uses SwiGLU)")
+        h, heads = hf["hidden_size"], hf["num_attention_heads"]
+        if hf.get("head_dim") not in (None, h // heads):
+            raise CheckpointError(
+                f"llama head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported"
+            )
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+            raise CheckpointError("llama attention_bias != mlp_bias is not supported (megalite has one `bias` flag)")
+        cfg = dict(
+            vocab_size=hf["vocab_size"], hidden_size=h, num_layers=hf["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
+            norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", position="rope", rope_theta=_rope_theta(hf),
+            bias=bool(hf.get("attention_bias", False)), tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            init_std=hf.get("initializer_range", 0.02),
+        )
+    cfg.update(hidden_dropout=0.0, attention_dropout=0.0, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+def load_hf_tensors(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory's safetensors (single file or index-sharded)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        found = sorted(p.name for p in path.glob("*.bin")) or sorted(p.name for p in path.iterdir())
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (found {found}); "
+                              "re-save the model with save_pretrained(safe_serialization=True)")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: shard {name} listed in the index is missing")
+        tensors.update(load_file(str(path / name)))
+    return tensors
+
+
+# ----------------------------------------------------------------------------- name mapping
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    # Padding rows are never looked up (ids are checked) nor predicted (logits masked): zeros.
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+class _Source:
+    """Tensor lookup that names the missing tensor and the directory."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], where: str, arch: str) -> None:
+        self.tensors, self.where, self.arch = tensors, where, arch
+
+    def __call__(self, *candidates: str) -> torch.Tensor:
+        for name in candidates:
+            if name in self.tensors:
+                return self.tensors[name]
+        raise CheckpointError(f"{self.where}: tensor {candidates[0]!r} is missing from the {self.arch} checkpoint")
+
+
+def hf_to_megalite_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor], arch: str,
+                         where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Map Hugging Face tensors to megalite's full, canonical state dict."""
+    get = _Source(tensors, where, arch)
+    vp = cfg.padded_vocab_size
+    s: dict[str, torch.Tensor] = {}
+    if arch == "gpt2":
+        def g(name: str) -> torch.Tensor:
+            return get(f"transformer.{name}", name)
+
+        s["embedding.word.weight"] = _pad_rows(g("wte.weight"), vp)
+        s["embedding.position.weight"] = g("wpe.weight")
+        for i in range(cfg.num_layers):
+            p, m = f"h.{i}.", f"layers.{i}."
+            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                s[m + ours + ".weight"] = g(p + theirs + ".weight")
+                s[m + ours + ".bias"] = g(p + theirs + ".bias")
+            # GPT-2's Conv1D stores (in, out): transpose to Linear's (out, in). c_attn's outputs are [q, k, v].
+            for ours, theirs in (("attention.qkv", "attn.c_attn"), ("attention.proj", "attn.c_proj"),
+                                 ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+                s[m + ours + ".weight"] = g(p + theirs + ".weight").t()
+                s[m + ours + ".bias"] = g(p + theirs + ".bias")
+        s["final_norm.weight"] = g("ln_f.weight")
+        s["final_norm.bias"] = g("ln_f.bias")
+    else:
+        s["embedding.word.weight"] = _pad_rows(get("model.embed_tokens.weight"), vp)
+        for i in range(cfg.num_layers):
+            p, m = f"model.layers.{i}.", f"layers.{i}."
+            s[m + "norm1.weight"] = get(p + "input_layernorm.weight")
+            s[m + "norm2.weight"] = get(p + "post_attention_layernorm.weight")
+            suffixes = ("weight", "bias") if cfg.bias else ("weight",)
+            for w in suffixes:
+                s[m + "attention.qkv." + w] = torch.cat([get(p + f"self_attn.{x}_proj.{w}") for x in "qkv"])
+                s[m + "attention.proj." + w] = get(p + f"self_attn.o_proj.{w}")
+                s[m + "mlp.fc." + w] = torch.cat([get(p + f"mlp.{x}_proj.{w}") for x in ("gate", "up")])
+                s[m + "mlp.proj." + w] = get(p + f"mlp.down_proj.{w}")
+        s["final_norm.weight"] = get("model.norm.weight")
+        if not cfg.tied_embeddings:
+            s["output"] = _pad_rows(get("lm_head.weight"), vp)
+    return s
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    """'gpt2' or 'llama': the Hugging Face family that holds exactly this model; ConfigError otherwise."""
+    c = cfg
+    if (c.norm, c.mlp, c.position) == ("layernorm", "gelu", "learned") and c.bias and c.tied_embeddings \
+            and c.kv_heads == c.num_heads:
+        return "gpt2"
+    if (c.norm, c.mlp, c.position) == ("rmsnorm", "swiglu", "rope"):
+        return "llama"
+    raise ConfigError(
+        f"no Hugging Face architecture holds this model (norm={c.norm}, mlp={c.mlp}, position={c.position}, "
+        f"bias={c.bias}, tied_embeddings={c.tied_embeddings}, kv_heads={c.kv_heads}); GPT-2 needs "
+        "layernorm/gelu/learned/bias/tied/MHA, Llama needs rmsnorm/swiglu/rope"
+    )
+
+
+def megalite_to_hf_state(cfg: ModelConfig, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map megalite's full state dict to Hugging Face tensor names (vocabulary padding stripped)."""
+    arch = hf_architecture(cfg)
+    v = cfg.vocab_size
+    out: dict[str, torch.Tensor] = {}
+    if arch == "gpt2":
+        out["transformer.wte.weight"] = s["embedding.word.weight"][:v]
+        out["transformer.wpe.weight"] = s["embedding.position.weight"]
+        for i in range(cfg.num_layers):
+            p, m = f"transformer.h.{i}.", f"layers.{i}."
+            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                out[p + theirs + ".weight"] = s[m + ours + ".weight"]
+                out[p + theirs + ".bias"] = s[m + ours + ".bias"]
+            for ours, theirs in (("attention.qkv", "attn.c_attn"), ("attention.proj", "attn.c_proj"),
+                                 ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+                out[p + theirs + ".weight"] = s[m + ours + ".weight"].t()
+                out[p + theirs + ".bias"] = s[m + ours + ".bias"]
+        out["transformer.ln_f.weight"] = s["final_norm.weight"]
+        out["transformer.ln_f.bias"] = s["final_norm.bias"]
+    else:
+        q, kv, f = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_size
+        out["model.embed_tokens.weight"] = s["embedding.word.weight"][:v]
+        for i in range(cfg.num_layers):
+            p, m = f"model.layers.{i}.", f"layers.{i}."
+            out[p + "input_layernorm.weight"] = s[m + "norm1.weight"]
+            out[p + "post_attention_layernorm.weight"] = s[m + "norm2.weight"]
+            for w in ("weight", "bias") if cfg.bias else ("weight",):
+                for x, t in zip("qkv", s[m + "attention.qkv." + w].split([q, kv, kv])):
+                    out[p + f"self_attn.{x}_proj.{w}"] = t
+                out[p + f"self_attn.o_proj.{w}"] = s[m + "attention.proj." + w]
+                gate, up = s[m + "mlp.fc." + w].split([f, f])
+                out[p + f"mlp.gate_proj.{w}"], out[p + f"mlp.up_proj.{w}"] = gate, up
+                out[p + f"mlp.down_proj.{w}"] = s[m + "mlp.proj." + w]
+        out["model.norm.weight"] = s["final_norm.weight"]
+        if not cfg.tied_embeddings:
+            out["lm_head.weight"] = s["output"][:v]
+    # safetensors refuses shared or strided storage.
+    return {k: t.detach().contiguous().clone() for k, t in out.items()}
+
+
+def hf_config_dict(cfg: ModelConfig, base: Optional[dict] = None) -> Any:
+    """A transformers config object for `cfg` (token ids and extras carried over from `base`)."""
+    import transformers
+
+    base = base or {}
+    keep = {k: base[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in base}
+    arch = hf_architecture(cfg)
+    if arch == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers, n_head=cfg.num_heads,
+            n_inner=None if cfg.ffn_size == 4 * cfg.hidden_size else cfg.ffn_size,
+            activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.hidden_dropout,
+            embd_pdrop=cfg.hidden_dropout, attn_pdrop=cfg.attention_dropout, initializer_range=cfg.init_std,
+            tie_word_embeddings=True, architectures=["GPT2LMHeadModel"], **keep,
+        )
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+        hidden_act="silu", attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=cfg.attention_dropout,
+        tie_word_embeddings=cfg.tied_embeddings, initializer_range=cfg.init_std, rope_parameters=rope,
+        rope_theta=cfg.rope_theta, architectures=["LlamaForCausalLM"], **keep,
+    )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_hf_state(path: Union[str, Path], make_vocab_size_divisible_by: int = 128,
+                  **overrides: Any) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The ModelConfig and full canonical state dict of a Hugging Face directory (for pipeline stages:
+    `megalite.model.pipeline.load_pipeline_state(module, state, grid)`)."""
+    hf = read_hf_config(path)
+    cfg = model_config_from_hf(hf, make_vocab_size_divisible_by, **overrides)
+    return cfg, hf_to_megalite_state(cfg, load_hf_tensors(path), hf["model_type"], str(path))
+
+
+def from_hf(
+    path_or_model: Union[str, Path, Any],
+    grid: Any = None,
+    parallel_cfg: Optional[ParallelConfig] = None,
+    make_vocab_size_divisible_by: int = 128,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    seed: int = 1234,
+    **overrides: Any,
+) -> torch.nn.Module:
+    """A megalite model holding this TP rank's shards of a Hugging Face GPT-2/Llama directory or model object.
+
+    `overrides` set ModelConfig fields the checkpoint does not fix (hidden_dropout, activation_checkpointing).
+    The model remembers its source (`model.hf_source`) so `to_hf` can carry the tokenizer and token ids.
+    """
+    from megalite.model import build_model
+    from megalite.model.weights import load_full_state_dict
+
+    if isinstance(path_or_model, (str, Path)):
+        hf = read_hf_config(path_or_model)
+        cfg, state = load_hf_state(path_or_model, make_vocab_size_divisible_by, **overrides)
+        source_dir: Optional[str] = str(path_or_model)
+    else:  # a transformers PreTrainedModel
+        hf = path_or_model.config.to_dict()
+        cfg = model_config_from_hf(hf, make_vocab_size_divisible_by, **overrides)
+        state = hf_to_megalite_state(cfg, dict(path_or_model.state_dict()), hf["model_type"],
+                                     type(path_or_model).__name__)
+        source_dir = getattr(path_or_model.config, "_name_or_path", None) or None
+    if parallel_cfg is None:
+        parallel_cfg = ParallelConfig(tensor=grid.get_tensor_model_parallel_world_size() if grid is not None else 1)
+    model = build_model(cfg, parallel_cfg, grid, seed=seed, device=device, dtype=dtype)
+    load_full_state_dict(model, {k: v.float() for k, v in state.items()}, model.group)
+    model.hf_source = {"path": source_dir, "config": hf}
+    return model
+
+
+def to_hf(
+    model: torch.nn.Module,
+    out_dir: Union[str, Path],
+    tokenizer_dir: Optional[Union[str, Path]] = None,
+    write: Optional[bool] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Optional[Path]:
+    """Write `model` as a Hugging Face directory; every TP rank must call it (it gathers the shards).
+
+    `write` defaults to global rank 0 only. Returns the directory on the writing rank, else None.
+    """
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from megalite.model.weights import full_state_dict
+
+    cfg: ModelConfig = model.config
+    hf_architecture(cfg)  # refuse before any collective
+    state = full_state_dict(model, model.group)
+    if write is None:
+        write = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if not write:
+        return None
+    source = getattr(model, "hf_source", None) or {}
+    tensors = megalite_to_hf_state(cfg, state)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config = hf_config_dict(cfg, source.get("config"))
+    hf_config.torch_dtype = dtype or next(iter(tensors.values())).dtype
+    hf_config.save_pretrained(str(out))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tok = Path(tokenizer_dir) if tokenizer_dir else (Path(source["path"]) if source.get("path") else None)
+    if tok is not None and tok.is_dir():
+        for name in TOKENIZER_FILES:
+            if (tok / name).is_file() and tok.resolve() != out.resolve():
+                shutil.copy2(tok / name, out / name)
+    return out

@@ -1,0 +1,70 @@
+"""megalite's own weights directory: `model.json` (a model preset) + `model.safetensors` (full tensors).
+
+The tensors use the canonical, TP-independent names and layouts of `megalite.model.weights`, so one
+directory loads at any TP degree; `model.json` holds only ModelConfig keys, so it can serve as the
+`model` of a run file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from megalite.config import ModelConfig, ParallelConfig
+from megalite.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model.json"
+
+
+def save_weights(model: torch.nn.Module, out_dir: Union[str, Path], tokenizer_dir: Optional[Union[str, Path]] = None,
+                 write: Optional[bool] = None) -> Optional[Path]:
+    """Gather the shards (collective over TP) and write model.json + model.safetensors on the writing rank."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from megalite.interop.hf import TOKENIZER_FILES
+    from megalite.model.weights import full_state_dict
+
+    state = full_state_dict(model, model.group)
+    if write is None:
+        write = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if not write:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS), metadata={"format": "megalite"})
+    tok = Path(tokenizer_dir) if tokenizer_dir else None
+    if tok is not None and tok.is_dir():
+        for name in TOKENIZER_FILES:
+            if (tok / name).is_file():
+                shutil.copy2(tok / name, out / name)
+    return out
+
+
+def load_weights(path: Union[str, Path], grid: Any = None, parallel_cfg: Optional[ParallelConfig] = None,
+                 dtype: Optional[torch.dtype] = None, device: Optional[Union[str, torch.device]] = None,
+                 **overrides: Any) -> torch.nn.Module:
+    """Build the model of a weights directory, holding this TP rank's shards."""
+    from safetensors.torch import load_file
+
+    from megalite.model import build_model
+    from megalite.model.weights import load_full_state_dict
+
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path}: expected {CONFIG} and {WEIGHTS} (written by `megalite convert`)")
+    cfg = ModelConfig(**{**json.loads((path / CONFIG).read_text()), **overrides})
+    model = build_model(cfg, parallel_cfg, grid, device=device, dtype=dtype)
+    state = load_file(str(path / WEIGHTS))
+    try:
+        load_full_state_dict(model, state, model.group)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: {e}") from None
+    return model

@@ -1,0 +1,185 @@
+"""The same model as DeepSpeed pipeline layers: LayerSpec/TiedLayerSpec lists for a PipelineModule.
+
+Layers, in order: embedding, one per block, final norm, output head (with tied embeddings the head is
+a TiedLayerSpec of the embedding under the key 'embed', so DeepSpeed keeps the two copies equal and sums
+their gradients). Between stages flows the tuple (hidden (B, T or T/tp, H), position_ids (B, T)); the
+head returns this rank's logits (B, T, Vp/tp) and `PipelineLoss` turns them into the fp32 mean loss.
+
+Each layer initialises itself from the canonical parameter names (`layers.{i}.…`), so a pipeline built
+with the same seed holds exactly the weights of `build_model` at any PP and TP degree.
+
+    specs = pipeline_specs(model_cfg, parallel_cfg, grid, seed)
+    module = PipelineModule(specs, topology=grid.topology, loss_fn=PipelineLoss(model_cfg, grid),
+                            partition_method="type:BlockPipe")
+Batches are ((input_ids, position_ids), (labels, loss_mask)); position_ids may be omitted (input_ids alone).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+from megalite.config import ModelConfig, ParallelConfig
+from megalite.model.transformer import Block, Embedding, Norm, check_model_config, lm_logits, lm_loss, rope_cos_sin
+from megalite.model.weights import initialize_parameters, load_full_state_dict, set_init, set_tensor_parallel_attributes
+from megalite.parallel.mappings import Group, group_size
+
+Activations = tuple[torch.Tensor, torch.Tensor]
+
+
+def _group(grid: Any) -> Group:
+    if grid is None or grid.get_tensor_model_parallel_world_size() == 1:
+        return None
+    return grid.get_tensor_model_parallel_group()
+
+
+class _Canonical:
+    """Mixin: map this layer's parameter names to the whole model's names."""
+
+    canonical_prefix = ""
+
+    def canonical_name(self, name: str) -> str:
+        return self.canonical_prefix + name
+
+
+class EmbeddingPipe(_Canonical, Embedding):
+    """First stage: (input_ids[, position_ids]) -> (hidden, position_ids)."""
+
+    canonical_prefix = "embedding."
+
+    def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int) -> None:
+        group = _group(grid)
+        check_model_config(cfg, group_size(group))
+        super().__init__(cfg, group, sp)
+        self.max_positions = cfg.max_position_embeddings
+        initialize_parameters(self, seed, group, self.canonical_name)
+
+    def forward(self, inputs: Union[torch.Tensor, tuple]) -> Activations:  # type: ignore[override]
+        ids, pos = (inputs, None) if isinstance(inputs, torch.Tensor) else (inputs[0], inputs[1])
+        b, t = ids.shape
+        if pos is None:
+            pos = torch.arange(t, device=ids.device).unsqueeze(0).expand(b, t)
+        return super().forward(ids, pos), pos
+
+
+class BlockPipe(_Canonical, Block):
+    """One Transformer block on (hidden, position_ids)."""
+
+    def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int, index: int) -> None:
+        group = _group(grid)
+        super().__init__(cfg, group, sp)
+        self.canonical_prefix = f"layers.{index}."
+        self.rope = (cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
+        initialize_parameters(self, seed, group, self.canonical_name)
+
+    def forward(self, inputs: Activations) -> Activations:  # type: ignore[override]
+        x, pos = inputs
+        cos = sin = None
+        if self.rope is not None:
+            cos, sin = rope_cos_sin(pos, *self.rope, x.dtype)
+        return super().forward(x, cos, sin), pos
+
+
+class FinalNormPipe(_Canonical, Norm):
+    """(hidden, position_ids) -> normalised hidden."""
+
+    canonical_prefix = "final_norm."
+
+    def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int) -> None:
+        group = _group(grid)
+        super().__init__(cfg, group, sp)
+        initialize_parameters(self, seed, group, self.canonical_name)
+
+    def forward(self, inputs: Activations) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(inputs[0])
+
+
+class HeadPipe(_Canonical, torch.nn.Module):
+    """Untied output projection: hidden -> this rank's logits (B, T, Vp/tp)."""
+
+    def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int) -> None:
+        super().__init__()
+        self.group, self.vocab_size = _group(grid), cfg.vocab_size
+        self.sequence_parallel = sp and group_size(self.group) > 1
+        local = cfg.padded_vocab_size // group_size(self.group)
+        self.weight = torch.nn.Parameter(torch.empty(local, cfg.hidden_size))
+        set_tensor_parallel_attributes(self.weight, True, 0)
+        set_init(self.weight, "normal", cfg.init_std)
+        initialize_parameters(self, seed, self.group, self.canonical_name)
+
+    def canonical_name(self, name: str) -> str:
+        return "output"
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return lm_logits(h, self.weight, self.vocab_size, self.group, self.sequence_parallel)
+
+
+def tied_head_forward(embedding: EmbeddingPipe, h: torch.Tensor) -> torch.Tensor:
+    """The output projection through the (tied) token embedding on the last stage."""
+    return lm_logits(h, embedding.word.weight, embedding.word.vocab_size, embedding.group,
+                     embedding.sequence_parallel)
+
+
+def _tied_embedding_forward(embedding: EmbeddingPipe, inputs: Any) -> Activations:
+    return embedding(inputs)
+
+
+class PipelineLoss:
+    """loss_fn for PipelineModule: (logits shard, labels or (labels, loss_mask)) -> fp32 mean loss."""
+
+    def __init__(self, cfg: ModelConfig, grid: Any = None) -> None:
+        self.vocab_size, self.group = cfg.vocab_size, _group(grid)
+        self.__name__ = "PipelineLoss"
+
+    def __call__(self, logits: torch.Tensor, labels: Union[torch.Tensor, tuple]) -> torch.Tensor:
+        mask: Optional[torch.Tensor] = None
+        if not isinstance(labels, torch.Tensor):
+            labels, mask = labels[0], labels[1]
+        return lm_loss(logits, labels, mask, self.vocab_size, self.group)
+
+
+def pipeline_specs(
+    cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] = None, grid: Any = None, seed: int = 1234
+) -> list:
+    """LayerSpec/TiedLayerSpec list of the model for `deepspeed.pipe.PipelineModule`."""
+    sp = bool(parallel_cfg and parallel_cfg.sequence_parallel)
+    if cfg.tied_embeddings:
+        first: Any = TiedLayerSpec("embed", EmbeddingPipe, cfg, sp, grid, seed, forward_fn=_tied_embedding_forward,
+                                   tied_weight_attr=["word.weight"])
+        last: Any = TiedLayerSpec("embed", EmbeddingPipe, cfg, sp, grid, seed, forward_fn=tied_head_forward,
+                                  tied_weight_attr=["word.weight"])
+    else:
+        first, last = LayerSpec(EmbeddingPipe, cfg, sp, grid, seed), LayerSpec(HeadPipe, cfg, sp, grid, seed)
+    blocks = [LayerSpec(BlockPipe, cfg, sp, grid, seed, i) for i in range(cfg.num_layers)]
+    return [first, *blocks, LayerSpec(FinalNormPipe, cfg, sp, grid, seed), last]
+
+
+def canonical_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """This stage's parameters under the whole model's names (the tied embedding once).
+
+    With tied embeddings the last stage holds a copy of the whole embedding module; only its `word.weight`
+    is used (and kept equal by DeepSpeed), so take `embedding.position.weight` from stage 0.
+    """
+    out: dict[str, torch.nn.Parameter] = {}
+    for sub in module.modules():
+        if isinstance(sub, _Canonical):
+            for name, p in sub.named_parameters():
+                out.setdefault(sub.canonical_name(name), p)
+    return out
+
+
+@torch.no_grad()
+def load_pipeline_state(module: torch.nn.Module, state: dict[str, torch.Tensor], grid: Any = None) -> None:
+    """Copy a full canonical state dict (e.g. from `from_hf`'s mapping) into this stage's shards."""
+    holder = torch.nn.Module()
+    params = canonical_parameters(module)
+    # Reuse the sharding loader on a flat view of this stage's parameters.
+    for i, p in enumerate(params.values()):
+        holder.register_parameter(f"p{i}", p)
+    renamed = {f"p{i}": state[name] for i, name in enumerate(params) if name in state}
+    missing = [name for name in params if name not in state]
+    if missing:
+        raise KeyError(f"state dict lacks {missing}")
+    load_full_state_dict(holder, renamed, _group(grid), strict=True)

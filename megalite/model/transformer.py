@@ -1,0 +1,429 @@
+"""A decoder-only Transformer (GPT-2 and Llama families) built from tensor-parallel layers.
+
+Layout, said once: activations between blocks are (B, T, H), batch first. With sequence
+parallelism they are (B, T/tp, H) -- each TP rank holds a contiguous chunk of the sequence --
+between the row-parallel exit of one attention/MLP and the column-parallel entry of the next,
+so norms, dropout and residual adds run on 1/tp of the tokens. Attention tensors are (B, heads, T, D).
+Logits are this rank's vocabulary slice (B, T, Vp/tp) unless gathered.
+
+Attention and norms go through `megalite.kernels` only, so the kernel backend is one switch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megalite import kernels
+from megalite.config import ModelConfig, ParallelConfig
+from megalite.errors import ConfigError, DataError
+from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalite.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    set_init,
+    set_tensor_parallel_attributes,
+)
+from megalite.parallel.mappings import (
+    Group,
+    copy_to_tensor_parallel,
+    gather_from_sequence_parallel,
+    gather_from_tensor_parallel,
+    group_rank,
+    group_size,
+    sync_grad_across_tensor_parallel,
+)
+from megalite.parallel.random import checkpoint, model_parallel_rng
+
+
+def _replicated(p: torch.nn.Parameter, init: str, std: float = 0.0) -> torch.nn.Parameter:
+    set_tensor_parallel_attributes(p, False)
+    set_init(p, init, std)
+    return p
+
+
+class Norm(torch.nn.Module):
+    """LayerNorm or RMSNorm through megalite.kernels; replicated weights."""
+
+    def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.kind, self.eps, self.group = cfg.norm, cfg.norm_eps, group
+        # On sequence shards each rank's weight gradient covers only its tokens: sum it across TP.
+        self.sequence_parallel = sequence_parallel and group_size(group) > 1
+        self.weight = _replicated(torch.nn.Parameter(torch.empty(h, device=device, dtype=dtype)), "ones")
+        self.weight.sequence_parallel = self.sequence_parallel
+        if cfg.norm == "layernorm":
+            self.bias = _replicated(torch.nn.Parameter(torch.empty(h, device=device, dtype=dtype)), "zeros")
+            self.bias.sequence_parallel = self.sequence_parallel
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if self.sequence_parallel:
+            w = sync_grad_across_tensor_parallel(w, self.group)
+            b = sync_grad_across_tensor_parallel(b, self.group) if b is not None else None
+        if self.kind == "layernorm":
+            return kernels.layer_norm(x, w, b, self.eps)
+        return kernels.rms_norm(x, w, self.eps)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, 1, T, D) for rotate-half RoPE (the Hugging Face Llama convention)."""
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    freqs = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, D/2), fp32 like HF
+    emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # (B, 1, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, D) by the position tables."""
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class KVCache:
+    """Keys and values of past positions, one (k, v) pair per layer: (B, KVH/tp, max_len, D)."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0  # positions filled (advanced by the model after the last layer)
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+
+class Attention(torch.nn.Module):
+    """Causal self-attention, heads split across TP ranks (whole KV heads per rank)."""
+
+    def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        tp = group_size(group)
+        self.head_dim = cfg.head_dim
+        self.heads, self.kv_heads = cfg.num_heads // tp, cfg.kv_heads // tp  # local
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2: scale residual-output projections
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, q + 2 * kv, bias=cfg.bias, group=group, sequence_parallel=sequence_parallel,
+            segments=[q, kv, kv], init_std=cfg.init_std, device=device, dtype=dtype,
+        )
+        self.proj = RowParallelLinear(
+            q, cfg.hidden_size, bias=cfg.bias, group=group, sequence_parallel=sequence_parallel,
+            init_std=out_std, device=device, dtype=dtype,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        cache: Optional[KVCache] = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        qkv = self.qkv(x)  # (B, T, (h + 2 kvh) * D), h/kvh local heads; T full even with sequence parallelism
+        b, t, _ = qkv.shape
+        d = self.head_dim
+        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q = q.view(b, t, self.heads, d).transpose(1, 2)  # (B, h, T, D)
+        k = k.view(b, t, self.kv_heads, d).transpose(1, 2)  # (B, kvh, T, D)
+        v = v.view(b, t, self.kv_heads, d).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        scale = 1.0 / math.sqrt(d)
+        if cache is None:
+            y = kernels.attention(q, k, v, causal=True, scale=scale)
+        else:
+            y = self._cached(q, k, v, cache, layer, scale)
+        y = y.transpose(1, 2).reshape(b, t, self.heads * d)  # (B, T, h*D)
+        return self.proj(y)
+
+    def _cached(self, q, k, v, cache: KVCache, layer: int, scale: float) -> torch.Tensor:
+        start, t = cache.length, q.shape[2]
+        if start + t > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {start} + {t} do not fit")
+        cache.keys[layer][:, :, start : start + t] = k
+        cache.values[layer][:, :, start : start + t] = v
+        keys = cache.keys[layer][:, :, : start + t]  # (B, kvh, start+T, D)
+        values = cache.values[layer][:, :, : start + t]
+        # The kernel aligns the causal mask bottom-right: new query i sees cached positions and itself.
+        return kernels.attention(q, keys, values, causal=True, scale=scale)
+
+
+class MLP(torch.nn.Module):
+    """GELU (tanh approximation, as GPT-2) or SwiGLU feed-forward, hidden units split across TP."""
+
+    def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        f = cfg.ffn_size
+        self.swiglu = cfg.mlp == "swiglu"
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        # SwiGLU fuses gate and up projections as two blocks, each split across ranks.
+        self.fc = ColumnParallelLinear(
+            cfg.hidden_size, 2 * f if self.swiglu else f, bias=cfg.bias, group=group,
+            sequence_parallel=sequence_parallel, segments=[f, f] if self.swiglu else None,
+            init_std=cfg.init_std, device=device, dtype=dtype,
+        )
+        self.proj = RowParallelLinear(
+            f, cfg.hidden_size, bias=cfg.bias, group=group, sequence_parallel=sequence_parallel,
+            init_std=out_std, device=device, dtype=dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, f/tp) or (B, T, 2f/tp)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.proj(h)  # (B, T, H) or (B, T/tp, H)
+
+
+class Block(torch.nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        self.norm1 = Norm(cfg, group, sequence_parallel, device, dtype)
+        self.attention = Attention(cfg, group, sequence_parallel, device, dtype)
+        self.norm2 = Norm(cfg, group, sequence_parallel, device, dtype)
+        self.mlp = MLP(cfg, group, sequence_parallel, device, dtype)
+        self.dropout = cfg.hidden_dropout
+        # Dropout on sequence shards must differ per TP rank; on replicated activations it must not.
+        self.split_rng = sequence_parallel and group_size(group) > 1
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropout == 0.0:
+            return x
+        with model_parallel_rng(self.split_rng):
+            return F.dropout(x, self.dropout, training=True)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: Optional[torch.Tensor] = None,
+        sin: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        rope = (cos, sin) if cos is not None else None
+        x = x + self._drop(self.attention(self.norm1(x), rope, cache, layer))
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+
+class Embedding(torch.nn.Module):
+    """Token embedding (vocabulary-parallel) plus learned positions; dropout."""
+
+    def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        self.group = group
+        self.sequence_parallel = sequence_parallel and group_size(group) > 1
+        self.word = VocabParallelEmbedding(
+            cfg.padded_vocab_size, cfg.hidden_size, vocab_size=cfg.vocab_size, group=group,
+            sequence_parallel=sequence_parallel, init_std=cfg.init_std, device=device, dtype=dtype,
+        )
+        self.max_positions = cfg.max_position_embeddings
+        if cfg.position == "learned":
+            self.position = torch.nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, device=device, dtype=dtype)
+            _replicated(self.position.weight, "normal", cfg.init_std)
+            self.position.weight.sequence_parallel = self.sequence_parallel
+        else:
+            self.position = None
+        self.dropout = cfg.hidden_dropout
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word(input_ids)  # (B, T, H), or (B, T/tp, H) reduce-scattered with sequence parallelism
+        if self.position is not None:
+            if self.sequence_parallel:
+                chunk = x.shape[1]
+                r = group_rank(self.group)
+                position_ids = position_ids[:, r * chunk : (r + 1) * chunk]
+                w = sync_grad_across_tensor_parallel(self.position.weight, self.group)
+            else:
+                w = self.position.weight
+            x = x + F.embedding(position_ids, w)
+        if self.training and self.dropout > 0.0:
+            with model_parallel_rng(self.sequence_parallel):
+                x = F.dropout(x, self.dropout, training=True)
+        return x
+
+
+class Transformer(torch.nn.Module):
+    """The decoder-only language model holding this TP rank's shards."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        parallel: Optional[ParallelConfig] = None,
+        group: Group = None,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        parallel = parallel or ParallelConfig()
+        check_model_config(cfg, group_size(group))
+        self.config, self.parallel_config, self.group = cfg, parallel, group
+        self.tp_size, self.tp_rank = group_size(group), group_rank(group)
+        sp = parallel.sequence_parallel and self.tp_size > 1
+        self.sequence_parallel = sp
+        self.embedding = Embedding(cfg, group, sp, device, dtype)
+        self.layers = torch.nn.ModuleList(Block(cfg, group, sp, device, dtype) for _ in range(cfg.num_layers))
+        self.final_norm = Norm(cfg, group, sp, device, dtype)
+        if cfg.tied_embeddings:
+            self.register_parameter("output", None)
+        else:
+            local = cfg.padded_vocab_size // self.tp_size
+            self.output = torch.nn.Parameter(torch.empty(local, cfg.hidden_size, device=device, dtype=dtype))
+            set_tensor_parallel_attributes(self.output, True, 0)
+            set_init(self.output, "normal", cfg.init_std)
+
+    # ---------------------------------------------------------------- pieces (also used by the pipeline)
+    def output_weight(self) -> torch.Tensor:
+        """This rank's (Vp/tp, H) output matrix (the token embedding when tied)."""
+        return self.embedding.word.weight if self.output is None else self.output
+
+    def positions(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor], start: int = 0) -> torch.Tensor:
+        """Default position ids start..start+T-1, checked against the model's range."""
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(start, start + t, device=input_ids.device).unsqueeze(0).expand(b, t)
+        if self.config.position == "learned" and t and int(position_ids.max()) >= self.max_positions:
+            raise DataError(
+                f"position {int(position_ids.max())} is beyond model.max_position_embeddings={self.max_positions}"
+            )
+        return position_ids
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.max_position_embeddings
+
+    def logits(self, h: torch.Tensor, gather: bool = False) -> torch.Tensor:
+        """Final hidden states (B, T or T/tp, H) -> this rank's logits (B, T, Vp/tp), padding never predicted."""
+        logits = lm_logits(h, self.output_weight(), self.config.vocab_size, self.group, self.sequence_parallel)
+        return gather_from_tensor_parallel(logits, self.group) if gather else logits
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """fp32 mean cross-entropy over tokens with a nonzero mask (labels < 0 are ignored too)."""
+        return lm_loss(logits, labels, loss_mask, self.config.vocab_size, self.group)
+
+    def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        """An empty cache for incremental decoding of up to `max_len` positions."""
+        p = self.embedding.word.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        kvh = self.config.kv_heads // self.tp_size
+        shape = (batch_size, kvh, max_len, self.config.head_dim)
+        n = self.config.num_layers
+        return KVCache(
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+        )
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        loss_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        gather_logits: bool = False,
+        start_pos: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Loss (fp32 scalar) when `labels` is given, else logits (B, T, Vp/tp), or (B, T, Vp) if gathered.
+
+        With `kv_cache`, positions continue from `kv_cache.length` (or `start_pos`, which rewinds the cache
+        to that length first) and the cache is advanced by T.
+        """
+        if input_ids.dim() != 2:
+            raise DataError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if kv_cache is not None and self.sequence_parallel:
+            raise ValueError("incremental decoding with a KV cache needs parallel.sequence_parallel off")
+        if self.sequence_parallel and t % self.tp_size:
+            raise DataError(f"sequence length {t} must be divisible by parallel.tensor={self.tp_size} "
+                            "with sequence parallelism")
+        if kv_cache is not None and start_pos is not None:
+            if not 0 <= start_pos <= kv_cache.length:
+                raise ValueError(f"start_pos {start_pos} is outside the cached 0..{kv_cache.length} positions")
+            kv_cache.length = start_pos
+        start = kv_cache.length if kv_cache is not None else 0
+        position_ids = self.positions(input_ids, position_ids, start)
+        x = self.embedding(input_ids, position_ids)  # (B, T, H) or (B, T/tp, H)
+        cos = sin = None
+        if self.config.position == "rope":
+            cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
+        for i, block in enumerate(self.layers):
+            if ckpt:
+                x = checkpoint(block, x, cos, sin)
+            else:
+                x = block(x, cos, sin, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += t
+        x = self.final_norm(x)
+        logits = self.logits(x, gather=gather_logits and labels is None)
+        if labels is None:
+            return logits
+        return self.loss(logits, labels, loss_mask)
+
+
+def lm_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int, group: Group,
+              sequence_parallel: bool) -> torch.Tensor:
+    """(B, T or T/tp, H) hidden states -> (B, T, Vp/tp) logits of this rank's vocabulary rows; padding never wins."""
+    if sequence_parallel and group_size(group) > 1:
+        h = gather_from_sequence_parallel(h, group, dim=1)  # backward reduce-scatters
+    else:
+        h = copy_to_tensor_parallel(h, group)  # backward sums the partial input gradients
+    logits = F.linear(h, weight)
+    local = logits.shape[-1]
+    start = group_rank(group) * local
+    if start + local > vocab_size:
+        padded = torch.arange(start, start + local, device=logits.device) >= vocab_size
+        logits = logits.masked_fill(padded, torch.finfo(logits.dtype).min)
+    return logits
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor], vocab_size: int,
+            group: Group) -> torch.Tensor:
+    """fp32 mean cross-entropy of vocab-parallel logits over tokens with a nonzero mask; labels < 0 are ignored."""
+    mask = (labels >= 0).float() if loss_mask is None else loss_mask.float() * (labels >= 0).float()
+    bad = (labels >= vocab_size) & (mask > 0)
+    if bool(bad.any()):
+        raise DataError(f"label {int(labels[bad].flatten()[0])} is outside the vocabulary (vocab_size={vocab_size})")
+    per_token = vocab_parallel_cross_entropy(logits, labels.clamp(min=0), group)  # (B, T) fp32
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def check_model_config(cfg: ModelConfig, tp: int) -> None:
+    """The shape rules the model needs at this TP degree (config.validate checks them too for runs)."""
+    errors = []
+    if cfg.hidden_size % cfg.num_heads:
+        errors.append(f"model.hidden_size: {cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}")
+    if cfg.num_heads % cfg.kv_heads:
+        errors.append(f"model.num_kv_heads: {cfg.kv_heads} does not divide model.num_heads={cfg.num_heads}")
+    for key, value in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.kv_heads), ("ffn_hidden_size", cfg.ffn_size),
+                       ("padded vocabulary", cfg.padded_vocab_size)):
+        if value % tp:
+            errors.append(f"model.{key}: {value} is not divisible by parallel.tensor={tp}")
+    if cfg.position == "rope" and cfg.head_dim % 2:
+        errors.append(f"model.position: rope needs an even head dimension, got {cfg.head_dim}")
+    if cfg.attention_dropout > 0:
+        errors.append(
+            f"model.attention_dropout: {cfg.attention_dropout} is not supported (megalite.kernels.attention has no "
+            "dropout); set it to 0.0"
+        )
+    if errors:
+        raise ConfigError(errors)

@@ -1,0 +1,154 @@
+"""Initialisation, sharding and gathering of tensor-parallel weights.
+
+Every parameter is described by attributes set where it is created:
+- `tensor_model_parallel` (bool, read by DeepSpeed's gradient clipping), `partition_dim`,
+  `partition_stride` (Megatron's names; stride is always 1 here);
+- `megalite_segments`: full sizes along `partition_dim` of fused blocks (e.g. [q, k, v] or
+  [gate, up]); each block is split evenly across TP ranks and a rank's shard is the concatenation of
+  its pieces, so the full (canonical, TP-independent) layout is simply the blocks one after another;
+- `megalite_init`: ("normal", std), ("zeros",) or ("ones",).
+
+Initialisation draws the FULL tensor from a generator named after the parameter and the seed, then
+keeps this rank's shard: the same seed gives the same model whatever the TP degree.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megalite.parallel.layers import set_init, set_tensor_parallel_attributes  # noqa: F401 - re-exported
+from megalite.parallel.mappings import Group, group_rank, group_size
+
+
+def is_tensor_parallel(param: torch.Tensor) -> bool:
+    """Whether the parameter holds a 1/TP shard."""
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+    """Shape of the unsharded parameter."""
+    shape = list(param.shape)
+    if is_tensor_parallel(param):
+        shape[param.partition_dim] *= tp_size
+    return tuple(shape)
+
+
+def _segments(param: torch.Tensor, full_len: int) -> list[int]:
+    return param.megalite_segments or [full_len]
+
+
+def shard_tensor(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's shard of `full` laid out like `param`."""
+    if not is_tensor_parallel(param) or size == 1:
+        return full
+    dim = param.partition_dim
+    pieces = []
+    for block in full.split(_segments(param, full.shape[dim]), dim=dim):
+        if block.shape[dim] % size:
+            raise ValueError(f"a block of size {block.shape[dim]} cannot be split across {size} ranks")
+        pieces.append(block.chunk(size, dim=dim)[rank])
+    return torch.cat(pieces, dim=dim).contiguous()
+
+
+def unshard_tensors(shards: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    """The full tensor from every rank's shard (in rank order)."""
+    if not is_tensor_parallel(param) or len(shards) == 1:
+        return shards[0]
+    dim, size = param.partition_dim, len(shards)
+    full_len = shards[0].shape[dim] * size
+    local_sizes = [s // size for s in _segments(param, full_len)]
+    split = [s.split(local_sizes, dim=dim) for s in shards]
+    blocks = [torch.cat([split[r][b] for r in range(size)], dim=dim) for b in range(len(local_sizes))]
+    return torch.cat(blocks, dim=dim)
+
+
+def gather_tensor(local: torch.Tensor, param: torch.Tensor, group: Group) -> torch.Tensor:
+    """All-gather `local` (the parameter or its gradient) to the full tensor on every TP rank."""
+    size = group_size(group)
+    if not is_tensor_parallel(param) or size == 1:
+        return local.detach().clone()
+    local = local.detach().contiguous()
+    shards = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(shards, local, group=group)
+    return unshard_tensors(shards, param)
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    # A stream per parameter name: adding, removing or resharding parameters never shifts another's values.
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
+    return g
+
+
+def init_full(name: str, shape: tuple[int, ...], kind: tuple[str, float], seed: int) -> torch.Tensor:
+    """The full fp32 initial value of parameter `name` (on CPU, so it is the same on every device)."""
+    if kind[0] == "zeros":
+        return torch.zeros(shape)
+    if kind[0] == "ones":
+        return torch.ones(shape)
+    if kind[0] == "normal":
+        return torch.empty(shape).normal_(0.0, kind[1], generator=_generator(seed, name))
+    raise ValueError(f"unknown init {kind!r} for {name}")
+
+
+@torch.no_grad()
+def initialize_parameters(
+    module: torch.nn.Module, seed: int, group: Group = None, name_map: Optional[Callable[[str], str]] = None
+) -> None:
+    """Initialise every parameter of `module` from its full tensor, keeping this TP rank's shard.
+
+    `name_map` turns the module's parameter names into the canonical ones that name the random streams
+    (a pipeline stage's layer draws exactly what the same layer of the whole model draws).
+    """
+    rank, size = group_rank(group), group_size(group)
+    for name, p in module.named_parameters():
+        if p.device.type == "meta":
+            continue
+        kind = getattr(p, "megalite_init", ("normal", 0.02))
+        full = init_full(name_map(name) if name_map else name, full_shape(p, size), kind, seed)
+        p.copy_(shard_tensor(full, p, rank, size).to(dtype=p.dtype, device=p.device))
+
+
+def full_state_dict(module: torch.nn.Module, group: Group = None) -> dict[str, torch.Tensor]:
+    """Gathered (unsharded) parameters by name, on every TP rank (a collective over `group`)."""
+    return {name: gather_tensor(p, p, group) for name, p in module.named_parameters()}
+
+
+def full_grads(module: torch.nn.Module, group: Group = None) -> dict[str, Optional[torch.Tensor]]:
+    """Gathered (unsharded) gradients by name (None where a parameter has none)."""
+    # Whether a gradient exists is the same on every TP rank, so the collectives stay matched.
+    return {n: gather_tensor(p.grad, p, group) if p.grad is not None else None for n, p in module.named_parameters()}
+
+
+@torch.no_grad()
+def load_full_state_dict(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], group: Group = None, strict: bool = True
+) -> list[str]:
+    """Copy full tensors into this rank's shards; returns the names of parameters not in `state`."""
+    rank, size = group_rank(group), group_size(group)
+    missing = []
+    params = dict(module.named_parameters())
+    for name, p in params.items():
+        if name not in state:
+            missing.append(name)
+            continue
+        full = state[name]
+        want = full_shape(p, size)
+        if tuple(full.shape) != want:
+            raise ValueError(f"{name}: expected full shape {want}, got {tuple(full.shape)}")
+        p.copy_(shard_tensor(full, p, rank, size).to(dtype=p.dtype, device=p.device))
+    if strict:
+        unexpected = sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    return missing
+
+
+def parameter_names(module: torch.nn.Module) -> Iterable[str]:
+    """Names of the module's parameters (the canonical checkpoint keys)."""
+    return (n for n, _ in module.named_parameters())
