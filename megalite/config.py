@@ -599,6 +599,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"deepspeed.zero_optimization.stage: ZeRO-{stage} cannot be combined with parallel.pipeline={p.pipeline} "
             "(DeepSpeed refuses it); use ZeRO-1 (stage 1) with pipeline parallelism"
         )
+    if p.pipeline > 1 and stage == 0:
+        errors.append(
+            f"deepspeed.zero_optimization.stage: ZeRO-0 with parallel.pipeline={p.pipeline} is refused: DeepSpeed's "
+            "ZeRO-0 pipeline path miscounts the gradient norm of replicated and tied weights and cannot skip "
+            "non-finite steps; use ZeRO-1 (stage 1)"
+        )
     if "train_micro_batch_size_per_gpu" not in ds:
         errors.append("deepspeed.train_micro_batch_size_per_gpu: required (megalite sizes its data loader by it)")
 

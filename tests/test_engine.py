@@ -17,15 +17,29 @@ STEPS = 10
 
 
 def _full_parameters(run) -> dict[str, torch.Tensor]:
-    """This run's full fp32 parameters (TP shards and ZeRO-3 partitions gathered), on every rank."""
+    """This run's full fp32 parameters (TP shards, PP stages and ZeRO-3 partitions gathered), on every rank."""
     import deepspeed
+    import torch.distributed as dist
 
     from megalite.model import full_state_dict, tensor_parallel_group
+    from megalite.model.pipeline import canonical_parameters
+    from megalite.model.weights import gather_tensor
 
     module = run.engine.module
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=run.engine.zero_optimization_stage() == 3):
-        state = full_state_dict(module, tensor_parallel_group(run.grid))
-    return {k: v.detach().float().clone() for k, v in state.items()}
+    group = tensor_parallel_group(run.grid)
+    if run.cfg.parallel.pipeline == 1:
+        stage3 = run.engine.zero_optimization_stage() == 3
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=stage3):
+            state = full_state_dict(module, group)
+        return {k: v.detach().float().clone() for k, v in state.items()}
+    mine = {k: gather_tensor(p, p, group).float() for k, p in canonical_parameters(module).items()}
+    stages: list = [None] * run.grid.get_pipe_parallel_world_size()
+    dist.all_gather_object(stages, mine, group=run.grid.get_pipe_parallel_group())
+    merged: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        for k, v in stage.items():
+            merged.setdefault(k, v)  # a tied embedding appears on the first and last stage; take the first
+    return merged
 
 
 def _optimizer_state_numel(engine) -> int:
@@ -33,6 +47,17 @@ def _optimizer_state_numel(engine) -> int:
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
     return sum(s["exp_avg"].numel() for s in inner.state.values() if "exp_avg" in s)
+
+
+def _model_parallel_variants(workdir: str) -> dict:
+    zero1 = {"zero_optimization": {"stage": 1}}
+    return _train_runs(workdir, [
+        ("tp2", {"parallel": {"tensor": 2}, "deepspeed": zero1}),
+        ("tp2sp", {"parallel": {"tensor": 2, "sequence_parallel": True}, "deepspeed": zero1}),
+        ("pp2", {"parallel": {"pipeline": 2}, "deepspeed": zero1}),
+        ("tp2pp2", {"parallel": {"tensor": 2, "pipeline": 2},
+                    "deepspeed": {**zero1, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}}),
+    ])
 
 
 def _train_runs(workdir: str, variants: list[tuple[str, dict]]) -> dict:
@@ -51,6 +76,8 @@ def _train_runs(workdir: str, variants: list[tuple[str, dict]]) -> dict:
             "losses": [r["loss"] for r in records],
             "grad_norms": [r["grad_norm"] for r in records],
             "stage": run.engine.zero_optimization_stage(),
+            "engine": type(run.engine).__name__,
+            "tp_pp": (run.grid.get_tensor_model_parallel_world_size(), run.grid.get_pipe_parallel_world_size()),
             "opt_numel": _optimizer_state_numel(run.engine),
             "params": _full_parameters(run),
             "num_params": sum(p.numel() for p in run.engine.module.parameters()),
@@ -136,6 +163,18 @@ def test_zero_stages_match_plain_pytorch(workdir):
                 total = r["num_params"] if s < 3 else sum(v.numel() for v in r["params"].values())
                 assert abs(r["opt_numel"] - total / 2) <= 0.05 * total, (s, r["opt_numel"], total)
         _assert_close_to_reference(rank_result["accumulate"], ref, "micro 1 x accumulation 2", logs=rank == 0)
+
+
+def test_tensor_and_pipeline_parallel_match_plain_pytorch(workdir):
+    """TP2 x DP2 (with and without sequence parallelism), PP2 x DP2 and TP2 x PP2 on 4 ranks, against TP1."""
+    results = run_ranks(_model_parallel_variants, 4, workdir, timeout_s=500, collective_timeout_s=90)
+    ref = _reference(workdir, global_batch=4, clip=0.5)
+    for rank, rank_result in enumerate(results):
+        for name, tp_pp in (("tp2", (2, 1)), ("tp2sp", (2, 1)), ("pp2", (1, 2)), ("tp2pp2", (2, 2))):
+            r = rank_result[name]
+            assert r["tp_pp"] == tp_pp
+            assert r["engine"] == ("PipelineEngine" if tp_pp[1] > 1 else "DeepSpeedEngine")
+            _assert_close_to_reference(r, ref, f"{name} rank {rank}", logs=rank == 0)
 
 
 def test_lr_schedules_follow_their_definitions():

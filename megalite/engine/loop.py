@@ -190,20 +190,47 @@ class Run:
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16 if cfg.precision == "fp16" else None
         if cfg.parallel.pipeline > 1:
-            from megalite.model.pipeline import build_pipeline_model
+            from deepspeed.pipe import PipelineModule
 
-            model = build_pipeline_model(cfg.model, cfg.parallel, self.grid, seed=cfg.train.seed,
-                                         partition=cfg.parallel.pipeline_partition)
+            from megalite.model.pipeline import PipelineLoss, pipeline_specs
+
+            model = PipelineModule(
+                layers=pipeline_specs(cfg.model, cfg.parallel, self.grid, seed=cfg.train.seed),
+                topology=self.grid.topology,
+                loss_fn=PipelineLoss(cfg.model, self.grid),
+                # "uniform": the same number of Transformer blocks per stage; "parameters": balance weights.
+                partition_method="type:BlockPipe" if cfg.parallel.pipeline_partition == "uniform" else "parameters",
+                activation_checkpoint_interval=1 if cfg.model.activation_checkpointing else 0,
+                checkpointable_layers=["BlockPipe"],
+            )
         else:
             from megalite.model import build_model
 
             model = build_model(cfg.model, cfg.parallel, self.grid, seed=cfg.train.seed)
         if cfg.train.init_from:
-            from megalite.interop.hf import load_hf_weights_into
-
-            load_hf_weights_into(model, cfg.train.init_from, self.grid)
+            self._load_hf_weights(model, cfg.train.init_from)
         model = model.to(self.device)
         return model.to(dtype) if dtype is not None else model
+
+    def _load_hf_weights(self, model: torch.nn.Module, path: str) -> None:
+        """train.init_from: a Hugging Face directory's weights, sharded for this rank's TP/PP position."""
+        from megalite.interop.hf import load_hf_state
+
+        hf_model, state = load_hf_state(path, self.cfg.model.make_vocab_size_divisible_by)
+        mine = self.cfg.model
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size", "norm", "mlp",
+                    "position", "bias", "tied_embeddings"):
+            if getattr(hf_model, key) != getattr(mine, key):
+                raise ConfigError(f"train.init_from: {path} has model.{key}={getattr(hf_model, key)!r} but the "
+                                  f"config says {getattr(mine, key)!r}")
+        if self.cfg.parallel.pipeline > 1:
+            from megalite.model.pipeline import load_pipeline_state
+
+            load_pipeline_state(model, state, self.grid)
+        else:
+            from megalite.model import load_full_state_dict, tensor_parallel_group
+
+            load_full_state_dict(model, state, tensor_parallel_group(self.grid))
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict:
@@ -243,10 +270,17 @@ class Run:
     def train_step(self, timer: StepTimer) -> tuple[float, bool]:
         """One optimizer step over gradient_accumulation micro-batches; returns (mean loss, skipped)."""
         if self.cfg.parallel.pipeline > 1:
+            # train_batch runs forward, backward and the optimizer step in one call, so the skip hooks into
+            # DeepSpeed's ZeRO-1 optimizer: it refuses a step whose gradient norm is not finite (fp32, and bf16
+            # with bf16.check_overflow, which megalite turns on) and counts it in engine.skipped_steps.
             timer.start()
-            loss = self.engine.train_batch(data_iter=self._pipeline_iter())
+            skipped_before = self.engine.skipped_steps
+            loss = float(self.engine.train_batch(data_iter=self._pipeline_iter()))
             timer.lap("pipeline")
-            return float(loss), False
+            skipped = self.engine.skipped_steps > skipped_before
+            if not math.isfinite(loss) and not skipped:
+                raise MegaliteError(f"step {self.step + 1}: non-finite loss {loss} and DeepSpeed applied the step")
+            return (float("nan"), True) if skipped else (loss, False)
         losses = []
         skipped = False
         ga = self.cfg.gradient_accumulation_steps
@@ -305,7 +339,8 @@ class Run:
         for _ in range(self.cfg.train.eval_steps):
             if self.cfg.parallel.pipeline > 1:
                 b = next(stream)
-                loss = self.engine.eval_batch(iter([((b["input_ids"], b["position_ids"]), (b["labels"], b["loss_mask"]))]))
+                batch = ((b["input_ids"], b["position_ids"]), (b["labels"], b["loss_mask"]))
+                loss = self.engine.eval_batch(iter([batch]), num_micro_batches=1)
             else:
                 b = next(stream)
                 loss = self.engine(b["input_ids"], labels=b["labels"], loss_mask=b["loss_mask"])
