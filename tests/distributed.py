@@ -19,8 +19,9 @@ import queue
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 
 def free_port() -> int:
@@ -43,7 +44,7 @@ def _rank_main(
     collective_timeout_s: float,
     init_process_group: bool,
     env: dict[str, str],
-    results: "mp.Queue",
+    results: mp.Queue,
 ) -> None:
     os.environ.update(env)
     os.environ.update(

@@ -21,13 +21,18 @@ from megalite.errors import ConfigError
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices decay; norms, biases and embeddings (tables indexed by id) do not."""
+    """Two groups: matrices decay; norms, biases and embedding tables do not.
+
+    Embeddings are found by module type, not by name: a PipelineModule names its layers by index.
+    """
+    from megalite.parallel import VocabParallelEmbedding
+
+    embedding_types = (torch.nn.Embedding, VocabParallelEmbedding)
+    tables = {id(p) for m in model.modules() if isinstance(m, embedding_types) for p in m.parameters(recurse=False)}
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_embedding = "embed" in name or "wpe" in name or "wte" in name or getattr(p, "is_embedding", False)
-        (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or id(p) in tables else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -888,3 +888,17 @@ def _verify_share(path: str, files: dict[str, Any], rank: int, world: int, hashe
         except Exception as e:  # noqa: BLE001 - one rank's exception must not make the ranks disagree
             problems.append(f"{full}: cannot verify: {type(e).__name__}: {e}")
     return problems
+
+
+def verify_checkpoint(path: str) -> dict:
+    """One process: check a committed checkpoint against its manifest (format, body hash, every file's size and
+    SHA-256, pickle globals); returns the manifest or raises CheckpointError listing every problem."""
+    checker = CheckpointManager(os.path.dirname(os.path.abspath(path)))
+    report = checker._check_manifest(os.path.abspath(path), {})
+    problems = list(report["problems"])
+    if "files" in report:
+        problems += _verify_share(os.path.abspath(path), report["files"], 0, 1)
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint failed verification:\n  " + "\n  ".join(problems))
+    with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+        return json.load(f)

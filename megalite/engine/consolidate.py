@@ -76,19 +76,72 @@ def _meta_model(cfg: config_mod.Config) -> torch.nn.Module:
 
 def load_full_weights(path: str | os.PathLike) -> tuple[config_mod.Config, dict[str, torch.Tensor], dict]:
     """(config, full fp32 state dict keyed like a TP1 megalite model, manifest) of a checkpoint."""
+    from megalite.engine.checkpoint import verify_checkpoint
+
     step_dir = resolve_checkpoint(path)
-    manifest = read_manifest(step_dir)
+    manifest = verify_checkpoint(str(step_dir))  # sizes, hashes, no code-carrying pickles
     cfg = checkpoint_config(manifest, step_dir)
     layout = manifest.get("layout", {})
     tp, pp = int(layout.get("tensor", 1)), int(layout.get("pipeline", 1))
     ds_dir = step_dir / manifest.get("deepspeed_tag", "ds")
     if pp > 1:
-        from megalite.model.pipeline import merge_pipeline_shards
-
-        shards = [merge_pipeline_shards(cfg.model, ds_dir, tp_rank, pp, _load) for tp_rank in range(tp)]
+        shards = [_pipeline_state(cfg, ds_dir, tp_rank) for tp_rank in range(tp)]
+    elif int(layout.get("zero_stage", 0)) == 3:
+        shards = [_zero3_state(step_dir, ds_dir.name, tp_rank) for tp_rank in range(tp)]
     else:
         shards = [_module_state(ds_dir / f"mp_rank_{r:02d}_model_states.pt") for r in range(tp)]
     return cfg, merge_tensor_parallel(cfg, shards), manifest
+
+
+def _pipeline_layer_prefix(cfg: config_mod.Config, index: int) -> str | None:
+    """Canonical name prefix of layer `index` of megalite's pipeline specs (None: a tied copy to skip)."""
+    layers = cfg.model.num_layers
+    if index == 0:
+        return "embedding."
+    if index <= layers:
+        return f"layers.{index - 1}."
+    if index == layers + 1:
+        return "final_norm."
+    return None if cfg.model.tied_embeddings else "output"
+
+
+def _pipeline_state(cfg: config_mod.Config, ds_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
+    """One TP rank's weights from DeepSpeed's per-layer pipeline files, under the whole model's names."""
+    state: dict[str, torch.Tensor] = {}
+    for index in range(cfg.model.num_layers + 3):
+        prefix = _pipeline_layer_prefix(cfg, index)
+        if prefix is None:
+            continue
+        matches = sorted(ds_dir.glob(f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"))
+        if not matches:
+            raise CheckpointError(f"{ds_dir}: no file for pipeline layer {index} of tensor-parallel rank {tp_rank}")
+        for name, tensor in _load(matches[0]).items():
+            state["output" if prefix == "output" else prefix + name] = tensor
+    return state
+
+
+def _zero3_state(step_dir: Path, tag: str, tp_rank: int) -> dict[str, torch.Tensor]:
+    """One TP rank's fp32 weights from ZeRO-3 partitions, merged by DeepSpeed's own zero_to_fp32.
+
+    zero_to_fp32 unpickles with weights_only=False, so it only ever sees files that verify_checkpoint has
+    just checked against the manifest's hashes and scanned for pickle globals outside the allowlist. It
+    reads one model-parallel rank, so each TP rank's files are shown to it through a directory of links.
+    """
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    source = step_dir / tag
+    with tempfile.TemporaryDirectory() as view:
+        (Path(view) / tag).mkdir()
+        suffix = f"_mp_rank_{tp_rank:02d}_"
+        for f in source.glob(f"zero_pp_rank_*{suffix}*.pt"):
+            (Path(view) / tag / f.name.replace(suffix, "_mp_rank_00_")).symlink_to(f.resolve())
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(view, tag=tag)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{source}: ZeRO-3 partitions of tensor-parallel rank {tp_rank} do not merge: "
+                                  f"{e}") from None
 
 
 def _module_state(path: Path) -> dict[str, torch.Tensor]:
@@ -151,3 +204,49 @@ def find_tokenizer(step_dir: Path, cfg: config_mod.Config, explicit: str | None 
             return str(c)
     raise CheckpointError(f"{step_dir}: no tokenizer found (looked at {', '.join(map(str, candidates))}); "
                           "pass --tokenizer")
+
+
+def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a checkpoint of any layout as a Hugging Face directory: merged fp32 weights in safetensors,
+    vocabulary padding stripped, the run's tokenizer with its end-of-document token as eos."""
+    import shutil
+    import tempfile
+
+    from megalite.interop.hf import to_hf
+
+    cfg, model, step_dir = model_from_checkpoint(path)
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        try:
+            tokenizer_file = find_tokenizer(step_dir, cfg)
+        except CheckpointError:
+            tokenizer_file = None
+        ids = {}
+        if tokenizer_file:
+            shutil.copyfile(tokenizer_file, Path(tok_dir) / "tokenizer.json")
+            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                          "model_max_length": cfg.model.max_position_embeddings}
+            eod = _eod_token(cfg, tokenizer_file)
+            if eod is not None:
+                tok_config["eos_token"] = eod[1]
+                # GPT-2's convention: without a separate beginning-of-sequence token, bos = eos.
+                ids = {"eos_token_id": eod[0], "bos_token_id": eod[2] if eod[2] is not None else eod[0]}
+            (Path(tok_dir) / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+        model.hf_source = {"path": None, "config": ids}  # token ids for the exported config
+        written = to_hf(model, out, tokenizer_dir=tok_dir if tokenizer_file else None, write=True)
+    return Path(written)
+
+
+def _eod_token(cfg: config_mod.Config, tokenizer_file: str) -> tuple[int, str, int | None] | None:
+    """(id, text, beginning-of-sequence id or None) of the data's end-of-document token, from its manifest."""
+    from tokenizers import Tokenizer
+
+    for prefix in cfg.data.prefixes:
+        manifest = Path(f"{prefix}.json")
+        if manifest.is_file():
+            info = json.loads(manifest.read_text())
+            eod_id = info.get("eod_token_id")
+            if eod_id is not None:
+                token = Tokenizer.from_file(tokenizer_file).id_to_token(int(eod_id))
+                return (int(eod_id), token, info.get("bos_token_id")) if token is not None else None
+    return None

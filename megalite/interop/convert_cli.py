@@ -1,4 +1,4 @@
-"""`megalite convert`: Hugging Face directory -> megalite weights directory (and, later, back)."""
+"""`megalite convert`: Hugging Face directory -> megalite weights, and megalite checkpoint -> Hugging Face."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="where to write model.json + model.safetensors")
     parser.add_argument("--vocab-multiple", type=int, default=128, metavar="N",
                         help="pad the vocabulary to a multiple of N (default 128; every TP degree must divide it)")
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help="a megalite checkpoint (step directory, checkpoint root or run directory) of any layout")
+    parser.add_argument("--to-hf", metavar="DIR", help="with --checkpoint: write a Hugging Face directory here")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -19,8 +22,18 @@ def main(args: argparse.Namespace) -> int:
 
     from megalite.errors import MegaliteError
 
+    if getattr(args, "checkpoint", None):
+        if not args.to_hf:
+            print("megalite convert: --checkpoint needs --to-hf DIR", file=sys.stderr)
+            return 2
+        from megalite.engine.consolidate import export_hf
+
+        out = export_hf(args.checkpoint, args.to_hf)
+        print(f"wrote {out}: loads with transformers.AutoModelForCausalLM.from_pretrained")
+        return 0
     if not getattr(args, "from_hf", None):
-        print("megalite convert: nothing to do; give --from-hf DIR --out DIR", file=sys.stderr)
+        print("megalite convert: nothing to do; give --from-hf DIR --out DIR, or --checkpoint DIR --to-hf DIR",
+              file=sys.stderr)
         return 2
     if not args.out:
         print("megalite convert: --from-hf needs --out DIR", file=sys.stderr)
