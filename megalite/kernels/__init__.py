@@ -4,7 +4,7 @@ The model calls only `attention`, `layer_norm` and `rms_norm` from here. Backend
 
 - `auto`: Triton for CUDA tensors (when triton imports), torch for everything else.
 - `torch`: `F.scaled_dot_product_attention`, `F.layer_norm`, `F.rms_norm`.
-- `triton`: the kernels in attention.py, layer_norm.py, rms_norm.py. On CUDA tensors, or on CPU
+- `triton`: the kernels in flash_attention.py, fused_layer_norm.py, fused_rms_norm.py. On CUDA tensors, or on CPU
   tensors under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported);
   anything else is a `KernelBackendError`, never a silent fallback.
 - `apex`: NVIDIA apex's fused norms (only where apex imports); apex has no attention kernel, so
@@ -71,9 +71,14 @@ def triton_available() -> bool:
     return True
 
 
+# The op files are not named after the public functions: importing a submodule binds its name
+# on this package, which would shadow the function of the same name.
+_OP_MODULES = {"attention": "flash_attention", "layer_norm": "fused_layer_norm", "rms_norm": "fused_rms_norm"}
+
+
 def _triton_module(op: str) -> ModuleType:
     try:
-        return importlib.import_module(f"megalite.kernels.{op}")
+        return importlib.import_module(f"megalite.kernels.{_OP_MODULES[op]}")
     except Exception as e:  # noqa: BLE001 - an ImportError or a broken triton install alike
         raise KernelBackendError(
             f"kernel backend 'triton' needs the triton package, which failed to import: {e}"
@@ -89,10 +94,13 @@ def _apex() -> ModuleType:
         ) from e
 
 
-def _resolve(op: str, x: torch.Tensor) -> str:
-    """The backend that runs `op` on tensors like `x`."""
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _resolve(op: str, x: torch.Tensor, triton_can: bool = True) -> str:
+    """The backend that runs `op` on tensors like `x`; `triton_can`: the kernel supports this shape."""
     if _backend == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
+        return "triton" if x.is_cuda and triton_can and x.dtype in _TRITON_DTYPES and triton_available() else "torch"
     if _backend == "triton" and not x.is_cuda and not (x.device.type == "cpu" and _common.interpreting()):
         raise KernelBackendError(
             f"kernel backend 'triton' cannot run {op} on a {x.device.type} tensor: it needs a CUDA tensor, "
@@ -115,7 +123,7 @@ def attention(
     Causal masking is aligned bottom-right (query i sees keys j <= i + Tk - Tq); a query row that
     sees no key gives zeros.
     """
-    if _resolve("attention", q) == "triton":
+    if _resolve("attention", q, triton_can=q.dim() == 4 and q.shape[-1] <= 256) == "triton":
         return _triton_module("attention").attention(q, k, v, causal, scale)
     return attention_torch(q, k, v, causal, scale)
 
@@ -124,23 +132,22 @@ def attention_torch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
 ) -> torch.Tensor:
     """The torch (SDPA) implementation with the same semantics as the Triton kernel."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        # enable_gqa= would avoid this copy, but not every SDPA backend takes it with a mask.
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
     tq, tk = q.shape[2], k.shape[2]
     if not causal or tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and tq > 0, scale=scale)
-    # Bottom-right causal alignment. Rows with no visible key would be NaN in SDPA: let them see
-    # key 0 (finite, so the backward stays finite) and zero them afterwards.
+        gqa = q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # not every SDPA backend takes enable_gqa together with a mask
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    # Bottom-right causal alignment. The first tq - tk rows see no key and would be NaN in SDPA:
+    # let them see key 0 (finite, so the backward stays finite) and zero them afterwards.
     i = torch.arange(tq, device=q.device)[:, None]
     j = torch.arange(tk, device=q.device)[None, :]
-    mask = j <= i + (tk - tq)
-    empty = ~mask.any(dim=1, keepdim=True)
-    mask = mask | (empty & (j == 0))
+    empty = i < tq - tk
+    mask = (j <= i + (tk - tq)) | (empty & (j == 0))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.masked_fill(empty, 0.0) if bool(empty.any()) else out
+    return out.masked_fill(empty, 0.0) if tq > tk else out
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One command for an offline GPU machine (python3, torch, triton; no deepspeed, datasets, pydantic):
+#   1. install the carried wheels from .whl/ (made by `make gpu-wheels`) that this python lacks;
+#   2. the GPU correctness tests, bf16 first, then fp16/fp32/TF32, determinism and seq 16k;
+#   3. the benchmark (attention and norms against every alternative this machine has).
+# Everything goes to one folder: $OUT if set, else out/gpu-check. Budget: under 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${OUT:-out/gpu-check}"
+mkdir -p "$RESULTS"
+LOG="$RESULTS/gpu-check.log"
+exec > >(tee -a "$LOG") 2>&1
+START=$(date +%s)
+elapsed() { echo $(($(date +%s) - START)); }
+PY=python3
+
+echo "== gpu-check $(date -u +%FT%TZ) commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+# 1. Carried wheels: install only distributions this python does not have (never shadow its torch/numpy).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  mapfile -t MISSING < <($PY - <<'PYEOF'
+import glob, importlib.metadata as md, os
+for path in sorted(glob.glob(".whl/*.whl")):
+    name = os.path.basename(path).split("-")[0]
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        print(path)
+PYEOF
+)
+  if ((${#MISSING[@]})); then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${MISSING[@]}"
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # megalite from the tree, not installed
+export TRITON_INTERPRET=0  # tests/conftest.py defaults it to 1 for the CPU machine
+export MPLBACKEND=Agg
+$PY - <<'PYEOF' || { echo "gpu-check: environment not usable"; exit 2; }
+import torch, triton
+print(f"torch {torch.__version__} (cuda {torch.version.cuda}), triton {triton.__version__}")
+assert torch.cuda.is_available(), "no CUDA device visible"
+print("device:", torch.cuda.get_device_name())
+PYEOF
+
+STATUS=0
+run_tests() {  # name, timeout seconds, pytest args...
+  local name=$1 limit=$2
+  shift 2
+  echo "== tests: $name (t=$(elapsed)s)"
+  # --noconftest: conftest.py only sets CPU defaults, and must not pull in packages this machine lacks.
+  timeout --signal=INT --kill-after=20 "$limit" $PY -m pytest -q -p no:cacheprovider --noconftest -o addopts="" -m gpu --durations=10 \
+    --junitxml="$RESULTS/tests-$name.xml" "$@" tests/test_kernels_attention.py tests/test_kernels_norms.py
+  local rc=$?
+  [[ $rc -ne 0 && $rc -ne 5 ]] && STATUS=1  # 5: nothing selected
+  echo "== tests: $name rc=$rc (t=$(elapsed)s)"
+}
+# One kernel config per launch in the tests: each autotune config compiles once per specialisation, which
+# would spend the budget on compilation; the benchmark below autotunes.
+export MEGALITE_AUTOTUNE=0
+run_tests bf16 160 -k "bfloat16"
+run_tests rest 160 -k "not bfloat16"
+unset MEGALITE_AUTOTUNE
+
+# 3. Benchmark with whatever time is left (it stops starting measurements at the budget; 25 s to finish).
+LEFT=$((440 - $(elapsed)))
+((LEFT < 60)) && LEFT=60
+echo "== bench: budget ${LEFT}s (t=$(elapsed)s)"
+timeout --signal=INT --kill-after=15 $((LEFT + 25)) $PY kernels/bench.py --out "$RESULTS" --time-budget "$LEFT" || STATUS=1
+echo "== gpu-check done in $(elapsed)s, status $STATUS; results in $RESULTS"
+ls -l "$RESULTS"
+exit $STATUS

@@ -1,0 +1,58 @@
+"""Shared helpers for the Triton kernels: launch counters, output allocation, interpreter detection.
+
+This module never imports triton, so `megalite.kernels` imports on machines without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+
+# Incremented by every host launcher, so tests can prove the Triton code (not a fallback) ran.
+CALLS: Counter[str] = Counter()
+
+_poison = False
+
+
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
+def count(name: str) -> None:
+    """Record one launch of the kernel family `name`."""
+    CALLS[name] += 1
+
+
+def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer; NaN-filled under `poison_outputs()` so tests catch unwritten elements."""
+    if _poison:
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Within this block every kernel output (and partial-sum buffer) starts as NaN."""
+    global _poison
+    old, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = old
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (>= 1)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a small constant for the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

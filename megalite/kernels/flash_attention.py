@@ -1,0 +1,498 @@
+"""Flash attention (forward and backward) with grouped-query attention: kernels, launchers, autograd.
+
+Layout: q (B, H, Tq, D), k and v (B, KVH, Tk, D) with KVH dividing H; q head h reads kv head
+h // (H // KVH), so repeated k/v are never materialised. Any strides are accepted.
+Causal masking is aligned bottom-right (query i sees keys j <= i + Tk - Tq, as in
+flash-attn), so with Tq > Tk the first Tq - Tk rows see nothing: they give zeros.
+
+Forward: one program per (BLOCK_M queries, batch*head); it streams BLOCK_N keys at a time
+with an online softmax in base 2 and fp32, never forming the Tq x Tk matrix, and saves the
+per-row log-sum-exp (base 2; +inf for rows with no keys, which makes their backward zero).
+Backward (FlashAttention-2 split): delta = rowsum(o * do); one kernel per (key block, batch*kv
+head) accumulates dk and dv in registers over every q head of its group and every query
+block (deterministic, no atomics); one kernel per (query block, batch*head) accumulates dq.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from megalite.kernels import _common
+
+LOG2E = 1.4426950408889634
+# Fixed when triton.jit chose the interpreter (at this import), so the two never disagree.
+INTERPRET = _common.interpreting()
+MAX_HEAD_DIM = 256
+# Lengths and head counts change often and gain nothing from Triton's per-value specialisation (equal to 1,
+# divisible by 16), which would compile each kernel again per variant; D and the strides stay specialised.
+_SIZES = ["H", "GROUP", "TQ", "TK", "TQ_BUCKET", "TK_BUCKET"]
+
+
+@triton.jit
+def _attn_fwd_block(
+    acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
+    skn, skd, svn, svd, TK, diag, qk_scale,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One BLOCK_N step of the online softmax; MASK=False for blocks every row sees in full."""
+    cols = start_n + offs_n
+    n_mask = cols < TK
+    kt_ptrs = k_base + cols[None, :] * skn + offs_d[:, None] * skd
+    kt = tl.load(kt_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+    v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bf16 tl.dot is broken; exact fp32 instead
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+    if MASK:
+        valid = n_mask[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with no valid key so far has m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _attn_fwd_kernel(
+    Q, K, V, Out, LSE,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    H, GROUP, TQ, TK, D, qk_scale, TQ_BUCKET, TK_BUCKET,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    kvh = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < TQ
+    d_mask = offs_d < D
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    diag = TK - TQ  # bottom-right causal alignment: query i sees keys j <= i + diag
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + diag)  # keys from here on are masked for every row
+        full = tl.maximum(pid_m * BLOCK_M + diag + 1, 0)  # keys below this are visible to every row
+    else:
+        hi = TK
+        full = TK
+    # Whole blocks below `full` need no mask; the rest (diagonal, ragged end) are masked.
+    full = (tl.minimum(full, tl.maximum(hi, 0)) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
+            skn, skd, svn, svd, TK, diag, qk_scale, False, CAUSAL, UPCAST, PRECISION,
+        )  # fmt: skip
+    for start_n in range(full, hi, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
+            skn, skd, svn, svd, TK, diag, qk_scale, True, CAUSAL, UPCAST, PRECISION,
+        )  # fmt: skip
+    empty_row = l_i == 0.0
+    l_safe = tl.where(empty_row, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    # +inf for empty rows: exp2(s - inf) = 0 makes their backward contribution exactly zero.
+    lse = tl.where(empty_row, float("inf"), m_i + tl.log2(l_safe))
+    tl.store(
+        Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        out.to(Out.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+    tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=m_mask)
+
+
+@triton.jit(do_not_specialize=["H", "TQ"])
+def _attn_bwd_delta_kernel(
+    Out, DO, DELTA, H, TQ, D,
+    sob, soh, som, sod, sdob, sdoh, sdom, sdod,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < TQ)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, delta, mask=offs_m < TQ)
+
+
+@triton.jit
+def _attn_bwd_dkdv_block(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_m0, offs_n, offs_d, d_mask,
+    sqm, sqd, sdom, sdod, TQ, diag, qk_scale,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Add one BLOCK_M block of queries to dk, dv of a key block; MASK=False where every query sees every key.
+
+    Queries past TQ need no mask: their lse loads as +inf, so their probabilities are exactly 0.
+    """
+    offs_m = start_m + offs_m0
+    m_mask = offs_m < TQ
+    qd_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(lse_base + offs_m, mask=m_mask, other=float("inf"))
+    delta = tl.load(delta_base + offs_m, mask=m_mask, other=0.0)
+    st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+    if MASK:
+        if CAUSAL:
+            # Mask before exp2: a masked logit can exceed the row's lse by enough to overflow.
+            st = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, st, float("-inf"))
+    pt = tl.exp2(st - lse[None, :])
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=[*_SIZES, "KVH"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    H, KVH, GROUP, TQ, TK, D, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    b = (pid_bkv // KVH).to(tl.int64)
+    kvh = (pid_bkv % KVH).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < TK
+    d_mask = offs_d < D
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    # Keys past TK load as 0 and their rows are never stored, so they need no mask in the loop.
+    k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    diag = TK - TQ
+    if CAUSAL:
+        lo = tl.maximum(start_n - diag, 0)  # earlier queries see none of these keys
+        # From `mid` on every query sees the whole key block; [lo, mid) is the masked diagonal band.
+        mid = lo + tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0) - lo, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        mid = 0
+    # The whole group of q heads sharing this kv head, summed here: GQA without repeated k/v and no atomics.
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        for start_m in range(lo, tl.minimum(mid, TQ), BLOCK_M):
+            dk, dv = _attn_bwd_dkdv_block(
+                dk, dv, k, v, q_base, do_base, LSE + bh * TQ, DELTA + bh * TQ, start_m, offs_m0, offs_n, offs_d,
+                d_mask, sqm, sqd, sdom, sdod, TQ, diag, qk_scale, True, CAUSAL, UPCAST, PRECISION,
+            )  # fmt: skip
+        for start_m in range(mid, TQ, BLOCK_M):
+            dk, dv = _attn_bwd_dkdv_block(
+                dk, dv, k, v, q_base, do_base, LSE + bh * TQ, DELTA + bh * TQ, start_m, offs_m0, offs_n, offs_d,
+                d_mask, sqm, sqd, sdom, sdod, TQ, diag, qk_scale, False, CAUSAL, UPCAST, PRECISION,
+            )  # fmt: skip
+    dk = dk * sm_scale
+    tl.store(
+        DK + b * sdkb + kvh * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + b * sdvb + kvh * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
+
+
+@triton.jit
+def _attn_bwd_dq_block(
+    dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
+    skn, skd, svn, svd, TK, diag, qk_scale,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Add one BLOCK_N block of keys to dq; MASK=False for blocks every row sees in full."""
+    offs_n = start_n + offs_n0
+    n_mask = offs_n < TK
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASK:
+        valid = n_mask[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
+        s = tl.where(valid, s, float("-inf"))  # before exp2, so masked logits cannot overflow
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    sdqb, sdqh, sdqm, sdqd,
+    H, GROUP, TQ, TK, D, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    kvh = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < TQ
+    d_mask = offs_d < D
+    qd_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    # Rows past TQ (and rows with no key) have lse = +inf: their p, and so their dq, are exactly 0.
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    diag = TK - TQ
+    if CAUSAL:
+        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + diag)
+        full = tl.maximum(pid_m * BLOCK_M + diag + 1, 0)
+    else:
+        hi = TK
+        full = TK
+    full = (tl.minimum(full, tl.maximum(hi, 0)) // BLOCK_N) * BLOCK_N
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, full, BLOCK_N):
+        dq = _attn_bwd_dq_block(
+            dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
+            skn, skd, svn, svd, TK, diag, qk_scale, False, CAUSAL, UPCAST, PRECISION,
+        )  # fmt: skip
+    for start_n in range(full, hi, BLOCK_N):
+        dq = _attn_bwd_dq_block(
+            dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
+            skn, skd, svn, svd, TK, diag, qk_scale, True, CAUSAL, UPCAST, PRECISION,
+        )  # fmt: skip
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=qd_mask,
+    )
+
+
+# --- launch configuration -------------------------------------------------------------------
+
+_tuned: dict[tuple[str, int, bool], object] = {}
+
+
+def _configs(kind: str, block_d: int, fp32: bool = False) -> list[triton.Config]:
+    """Candidate tiles (BLOCK_M, BLOCK_N, warps, stages); one fixed config under the interpreter."""
+    if INTERPRET:  # multi-config autotune needs a driver
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    if fp32:
+        # fp32 tiles take twice the shared memory and IEEE dots run without tensor cores: small tiles.
+        if block_d <= 64:
+            shapes = [(64, 32, 4, 2), (32, 32, 4, 2)]
+        else:
+            shapes = [(32, 32, 4, 2), (32, 16, 4, 2)] if kind != "dkdv" else [(16, 32, 4, 2), (32, 32, 4, 2)]
+    elif kind == "fwd":
+        if block_d <= 64:
+            shapes = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
+        elif block_d <= 128:
+            shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+        else:
+            shapes = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)]
+    elif kind == "dkdv":  # BLOCK_N keys held; BLOCK_M queries streamed
+        if block_d <= 128:
+            shapes = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]
+        else:
+            shapes = [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)]
+    else:  # dq: BLOCK_M queries held; BLOCK_N keys streamed
+        if block_d <= 128:
+            shapes = [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)]
+        else:
+            shapes = [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)]
+    if os.environ.get("MEGALITE_AUTOTUNE", "1") == "0":
+        shapes = shapes[:1]  # skip tuning (each config compiles once per specialisation): quick GPU test runs
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _kernel(kind: str, block_d: int, dtype: torch.dtype):  # noqa: ANN202 - a triton Autotuner
+    """The autotuned launcher for `kind`, a head-dim bucket and fp32-or-not, built once."""
+    fp32 = dtype == torch.float32
+    key = (kind, block_d, fp32)
+    if key not in _tuned:
+        fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+        # Tuned per power-of-two bucket of the lengths (TQ_BUCKET, TK_BUCKET: unused by the kernels), so
+        # varying lengths (generation) do not retune every call; also per head dim, causality and dtype.
+        # Outputs are fully overwritten by every run, so benchmarking configs needs no reset.
+        keys = ["TQ_BUCKET", "TK_BUCKET", "D", "CAUSAL", "PRECISION"]
+        _tuned[key] = triton.autotune(configs=_configs(kind, block_d, fp32), key=keys)(fn)
+    return _tuned[key]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use TF32 only where torch itself would (torch.backends.cuda.matmul.allow_tf32)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects 4-d (B, H, T, D) tensors, got {tuple(q.shape)}, {tuple(k.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: batch/head_dim of q {tuple(q.shape)} and k {tuple(k.shape)} differ")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: kv heads {k.shape[1]} must divide q heads {q.shape[1]}")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"attention: head_dim {q.shape[3]} exceeds {MAX_HEAD_DIM}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and INTERPRET
+
+
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward. Returns o (B, H, Tq, D) and the base-2 log-sum-exp (B, H, Tq) in fp32."""
+    bsz, heads, tq, d = q.shape
+    kvh, tk = k.shape[1], k.shape[2]
+    # o is laid out (B, Tq, H, D) in memory so the model's transpose back to (B, T, H*D) is free.
+    o = _common.empty((bsz, tq, heads, d), q.dtype, q.device).transpose(1, 2)
+    lse = _common.empty((bsz, heads, tq), torch.float32, q.device)
+    if o.numel() == 0:
+        return o, lse
+    block_d = max(16, _common.next_pow2(d))
+    grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
+    _kernel("fwd", block_d, q.dtype)[grid](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        heads, heads // kvh, tq, tk, d, scale * LOG2E, _common.next_pow2(tq), _common.next_pow2(tk),
+        CAUSAL=causal, UPCAST=_upcast(q.dtype), PRECISION=_precision(q.dtype), BLOCK_D=block_d,
+    )  # fmt: skip
+    _common.count("attention_fwd")
+    return o, lse
+
+
+def attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward. Returns dq, dk, dv in the inputs' dtype (dk, dv per kv head)."""
+    bsz, heads, tq, d = q.shape
+    kvh, tk = k.shape[1], k.shape[2]
+    dq = _common.empty(q.shape, q.dtype, q.device)
+    dk = _common.empty(k.shape, k.dtype, k.device)
+    dv = _common.empty(v.shape, v.dtype, v.device)
+    if tq == 0 or tk == 0 or bsz * heads * d == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = max(16, _common.next_pow2(d))
+    delta = _common.empty((bsz, heads, tq), torch.float32, q.device)
+    block_m = 64 if INTERPRET else max(16, min(128, 8192 // block_d))
+    _attn_bwd_delta_kernel[(triton.cdiv(tq, block_m), bsz * heads)](
+        o, do, delta, heads, tq, d, *o.stride(), *do.stride(), BLOCK_M=block_m, BLOCK_D=block_d
+    )
+    upcast, precision = _upcast(q.dtype), _precision(q.dtype)
+    grid = lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), bsz * kvh)
+    _kernel("dkdv", block_d, q.dtype)[grid](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        heads, kvh, heads // kvh, tq, tk, d, scale * LOG2E, scale, _common.next_pow2(tq), _common.next_pow2(tk),
+        CAUSAL=causal, UPCAST=upcast, PRECISION=precision, BLOCK_D=block_d,
+    )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
+    _kernel("dq", block_d, q.dtype)[grid](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        heads, heads // kvh, tq, tk, d, scale * LOG2E, scale, _common.next_pow2(tq), _common.next_pow2(tk),
+        CAUSAL=causal, UPCAST=upcast, PRECISION=precision, BLOCK_D=block_d,
+    )  # fmt: skip
+    _common.count("attention_bwd")
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Flash attention with the Triton forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):  # type: ignore[override]
+        o, lse = attention_fwd(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """Triton flash attention (differentiable). q: (B, H, Tq, D); k, v: (B, KVH, Tk, D)."""
+    _check(q, k, v)
+    return AttentionFunction.apply(q, k, v, causal, float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[3]))

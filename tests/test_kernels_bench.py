@@ -1,0 +1,42 @@
+"""The benchmark harness in smoke mode (tiny sizes on the CPU through Triton's interpreter)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_smoke_writes_results(tmp_path):
+    out = tmp_path / "bench"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run(
+        [sys.executable, str(REPO / "kernels" / "bench.py"), "--smoke", "--out", str(out)],
+        check=True, env=env, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    data = json.loads((out / "results.json").read_text())
+    meta, rows = data["meta"], data["rows"]
+    assert meta["smoke"] and meta["commit"] and meta["device"]
+    assert meta["peaks"]["matmul_tflops"] > 0 and meta["peaks"]["copy_gbps"] > 0
+    for op in ("attention", "layer_norm", "rms_norm"):
+        impls = {r["impl"] for r in rows if r["op"] == op and r.get("ms")}
+        assert "megalite" in impls and len(impls) >= 2, (op, impls)
+        modes = {r["mode"] for r in rows if r["op"] == op and r["impl"] == "megalite"}
+        assert modes == {"fwd", "bwd", "fwd+bwd"}
+    assert any("ours_speedup" in r for r in rows)
+    assert "| megalite |" in (out / "results.md").read_text().replace("| shape | mode ", "")
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_cli_registers_options():
+    from megalite.kernels import bench_cli
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    args = parser.parse_args(["--smoke", "--ops", "rms_norm", "--out", "x"])
+    assert args.smoke and args.ops == "rms_norm" and callable(bench_cli.main)
