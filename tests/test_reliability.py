@@ -55,7 +55,9 @@ def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
     run.train_step = traced
     code = run.train()
     return {"exit": code, "trace": trace, "step": run.step, "skipped": run.nonfinite_skipped,
-            "global_steps": run.engine.global_steps, "checkpoints": [s for s, _ in run.checkpoints.committed_steps()]}
+            # optimizer steps applied (DeepSpeed counts a step it refused in both numbers)
+            "global_steps": run.engine.global_steps - run.engine.skipped_steps,
+            "checkpoints": [s for s, _ in run.checkpoints.committed_steps()]}
 
 
 def _nan_on_rank_one(at_steps: set[int]):
@@ -85,15 +87,6 @@ def _failure_scenarios(workdir: str) -> dict:
     # Skip, but the NaN persists: after max_consecutive_nonfinite steps, save and exit 76.
     out["persist"] = _train(workdir, "persist", 8, _nan_on_rank_one({3, 4, 5, 6, 7, 8}),
                             train={"nonfinite": "skip", "max_consecutive_nonfinite": 2})
-    # SIGTERM to rank 1 only at step 3: all ranks save at step 3 and exit 75; a resume finishes the run
-    # with the same losses as an uninterrupted one (exact resume, RNG and data position included).
-    for stage in (1, 2, 3):
-        ds = {"zero_optimization": {"stage": stage}}
-        straight = _train(workdir, f"straight{stage}", 6, deepspeed=ds, model={"hidden_dropout": 0.1})
-        stopped = _train(workdir, f"resumed{stage}", 6, _signal_rank_one_at(3), deepspeed=ds,
-                         model={"hidden_dropout": 0.1})
-        resumed = _train(workdir, f"resumed{stage}", 6, deepspeed=ds, model={"hidden_dropout": 0.1})
-        out[f"zero{stage}"] = {"straight": straight, "stopped": stopped, "resumed": resumed}
     # A rank that fails while building the data: every rank ends with its error, fast.
     import megalite.data.dataset as dataset_module
 
@@ -114,6 +107,27 @@ def _failure_scenarios(workdir: str) -> dict:
     finally:
         dataset_module.build_datasets = real
     out["broken_seconds"] = time.monotonic() - start
+    # SIGTERM to rank 1 only at step 3: all ranks save at step 3 and exit 75; a resume finishes the run
+    # with the same losses as an uninterrupted one (exact resume, RNG and data position included).
+    for stage in (1, 2, 3):
+        ds = {"zero_optimization": {"stage": stage}}
+        straight = _train(workdir, f"straight{stage}", 6, deepspeed=ds, model={"hidden_dropout": 0.1})
+        stopped = _train(workdir, f"resumed{stage}", 6, _signal_rank_one_at(3), deepspeed=ds,
+                         model={"hidden_dropout": 0.1})
+        resumed = _train(workdir, f"resumed{stage}", 6, deepspeed=ds, model={"hidden_dropout": 0.1})
+        out[f"zero{stage}"] = {"straight": straight, "stopped": stopped, "resumed": resumed}
+    # The same for tensor parallelism and for the pipeline engine (pipeline runs last: DeepSpeed cannot build a
+    # plain engine in a process that has built a PipelineModule).
+    for name, parallel in (("tp2", {"tensor": 2}), ("pp2", {"pipeline": 2})):
+        ds = {"zero_optimization": {"stage": 1}}
+        straight = _train(workdir, f"straight-{name}", 6, deepspeed=ds, parallel=parallel, model={"hidden_dropout": 0.1})
+        stopped = _train(workdir, f"resumed-{name}", 6, _signal_rank_one_at(3), deepspeed=ds, parallel=parallel,
+                         model={"hidden_dropout": 0.1})
+        resumed = _train(workdir, f"resumed-{name}", 6, deepspeed=ds, parallel=parallel, model={"hidden_dropout": 0.1})
+        out[name] = {"straight": straight, "stopped": stopped, "resumed": resumed}
+    # A NaN on the last pipeline stage: train_batch runs the whole step, DeepSpeed's ZeRO-1 refuses it.
+    out["pp_skip"] = _train(workdir, "pp-skip", 5, _nan_on_rank_one({3}), train={"nonfinite": "skip"},
+                            parallel={"pipeline": 2}, deepspeed={"zero_optimization": {"stage": 1}})
     return out
 
 
@@ -136,8 +150,11 @@ def test_failures_on_one_rank_reach_every_rank(workdir):
         assert persist["exit"] == EXIT_NONFINITE and persist["skipped"] == 2 and persist["checkpoints"] == [4]
         assert persist["global_steps"] == 2
 
-        for stage in (1, 2, 3):
-            case = r[f"zero{stage}"]
+        pp_skip = r["pp_skip"]
+        assert pp_skip["exit"] == 0 and pp_skip["skipped"] == 1 and pp_skip["global_steps"] == 4
+        assert pp_skip["trace"][2]["skipped"] and pp_skip["trace"][2]["after"] == pp_skip["trace"][2]["before"]
+        for stage in (1, 2, 3, "tp2", "pp2"):
+            case = r[f"zero{stage}"] if isinstance(stage, int) else r[stage]
             assert case["stopped"]["exit"] == EXIT_PREEMPTED and case["stopped"]["step"] == 3
             assert case["stopped"]["checkpoints"] == [3]
             assert case["resumed"]["exit"] == 0 and case["resumed"]["step"] == 6

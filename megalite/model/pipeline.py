@@ -56,7 +56,12 @@ class EmbeddingPipe(_Canonical, Embedding):
         self.max_positions = cfg.max_position_embeddings
         initialize_parameters(self, seed, group, self.canonical_name)
 
-    def forward(self, inputs: Union[torch.Tensor, tuple]) -> Activations:  # type: ignore[override]
+    def forward(self, inputs: Union[torch.Tensor, tuple]) -> Union[Activations, torch.Tensor]:  # type: ignore[override]
+        if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+            # The tied output head on the last stage: hidden states in, this rank's logits out. The same module
+            # serves both ends (rather than a TiedLayerSpec forward_fn) because DeepSpeed saves and loads only
+            # layers that are modules: a forward_fn layer's weights would silently be left out of checkpoints.
+            return tied_head_forward(self, inputs)
         ids, pos = (inputs, None) if isinstance(inputs, torch.Tensor) else (inputs[0], inputs[1])
         b, t = ids.shape
         if pos is None:
@@ -122,10 +127,6 @@ def tied_head_forward(embedding: EmbeddingPipe, h: torch.Tensor) -> torch.Tensor
                      embedding.sequence_parallel)
 
 
-def _tied_embedding_forward(embedding: EmbeddingPipe, inputs: Any) -> Activations:
-    return embedding(inputs)
-
-
 class PipelineLoss:
     """loss_fn for PipelineModule: (logits shard, labels or (labels, loss_mask)) -> fp32 mean loss."""
 
@@ -146,10 +147,8 @@ def pipeline_specs(
     """LayerSpec/TiedLayerSpec list of the model for `deepspeed.pipe.PipelineModule`."""
     sp = bool(parallel_cfg and parallel_cfg.sequence_parallel)
     if cfg.tied_embeddings:
-        first: Any = TiedLayerSpec("embed", EmbeddingPipe, cfg, sp, grid, seed, forward_fn=_tied_embedding_forward,
-                                   tied_weight_attr=["word.weight"])
-        last: Any = TiedLayerSpec("embed", EmbeddingPipe, cfg, sp, grid, seed, forward_fn=tied_head_forward,
-                                  tied_weight_attr=["word.weight"])
+        first: Any = TiedLayerSpec("embed", EmbeddingPipe, cfg, sp, grid, seed, tied_weight_attr=["word.weight"])
+        last: Any = TiedLayerSpec("embed", EmbeddingPipe, cfg, sp, grid, seed, tied_weight_attr=["word.weight"])
     else:
         first, last = LayerSpec(EmbeddingPipe, cfg, sp, grid, seed), LayerSpec(HeadPipe, cfg, sp, grid, seed)
     blocks = [LayerSpec(BlockPipe, cfg, sp, grid, seed, i) for i in range(cfg.num_layers)]
