@@ -198,7 +198,7 @@ DEEPSPEED_TOP_LEVEL_KEYS = frozenset(
 )
 # Keys of the sections megalite reads itself; the rest DeepSpeed validates with pydantic at start.
 DEEPSPEED_SECTION_KEYS = {
-    "bf16": {"enabled", "immediate_grad_update", "check_overflow", "auto_cast", "bf16_master_weights_and_grads",
+    "bf16": {"enabled", "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
              "bf16_optimizer_states"},
     "fp16": {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
              "consecutive_hysteresis", "min_loss_scale", "fp16_master_weights_and_grads"},

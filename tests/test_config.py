@@ -295,3 +295,11 @@ def test_cli_reports_every_error_under_python_O(tmp_path):
                          "world size 3 is not divisible"):
             assert fragment in out.stdout, out.stdout
         path.write_text(json.dumps(raw))
+
+
+def test_precision_section_keys_match_deepspeed():
+    """Our list of bf16/fp16 keys is DeepSpeed's own (its pydantic models forbid others)."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+
+    assert C.DEEPSPEED_SECTION_KEYS["bf16"] == set(DeepSpeedBF16Config.model_fields)
+    assert C.DEEPSPEED_SECTION_KEYS["fp16"] == set(DeepSpeedFP16Config.model_fields)

@@ -213,8 +213,9 @@ def test_metrics_and_plot_written(workdir, tmp_path):
     import subprocess
     import sys
 
-    raw = tiny_config(f"{workdir}/tok", str(tmp_path / "run"), train={"steps": 4, "eval_interval": 2,
-                                                                    "logging": {"plot": True}})
+    raw = tiny_config(f"{workdir}/tok", str(tmp_path / "run"), train={
+        "steps": 4, "eval_interval": 2,
+        "logging": {"plot": True, "profile_start_step": 2, "profile_end_step": 3}})
     path = tmp_path / "run.json"
     path.write_text(json.dumps(raw))
     out = subprocess.run([sys.executable, "-m", "megalite.cli", "train", str(path)], capture_output=True, text=True,
@@ -230,3 +231,65 @@ def test_metrics_and_plot_written(workdir, tmp_path):
     assert [r["step"] for r in records if r["kind"] == "valid"] == [2, 4]
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert Path(tmp_path / "run" / "config.json").exists()
+    traces = list((tmp_path / "run" / "profile").glob("*.json"))
+    assert traces and traces[0].stat().st_size > 1000, "the profiler window must write a trace"
+
+
+def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
+    """bf16 with fp32 master weights and fp32 accumulation; start from a Hugging Face checkpoint at TP2."""
+    from megalite.engine.loop import Run
+    from megalite.interop.hf import load_hf_state
+    from megalite.model import full_state_dict, tensor_parallel_group
+
+    out = {}
+    bf16 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}
+    run = Run(C.from_dict(tiny_config(f"{workdir}/tok", f"{workdir}/bf16", deepspeed=bf16)))
+    out["bf16_exit"] = run.train()
+    out["bf16_losses"] = [r["loss"] for r in run.sink.records if r.get("kind") == "train"]
+    out["param_dtypes"] = sorted({str(p.dtype) for p in run.engine.module.parameters()})
+    inner = run.engine.optimizer.optimizer  # the torch optimizer DeepSpeed drives holds the master weights
+    out["master_dtypes"] = sorted({str(p.dtype) for g in inner.param_groups for p in g["params"]})
+    out["adam_state_dtypes"] = sorted({str(v.dtype) for st in inner.state.values() for v in st.values()
+                                       if torch.is_tensor(v) and v.ndim > 0})
+    out["data_types"] = [str(t) for t in run.engine.get_data_types()]
+    del run
+
+    llama = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "num_kv_heads": 2,
+             "tied_embeddings": False, "ffn_hidden_size": 64, "norm_eps": 1e-6}
+    raw = tiny_config(f"{workdir}/tok", f"{workdir}/init", parallel={"tensor": 2}, model=llama,
+                      train={"init_from": hf_dir, "steps": 1})
+    raw["model"]["make_vocab_size_divisible_by"] = 4
+    run = Run(C.from_dict(raw))
+    ours = full_state_dict(run.engine.module, tensor_parallel_group(run.grid))
+    _, theirs = load_hf_state(hf_dir, 4)
+    out["init_max_diff"] = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in theirs)
+    out["init_keys_equal"] = set(ours) == set(theirs)
+    raw["model"]["hidden_size"] = 64
+    try:
+        Run(C.from_dict(raw))
+        out["mismatch"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        out["mismatch"] = str(e)
+    return out
+
+
+def test_bf16_precision_policy_and_init_from_hf(workdir, tmp_path):
+    import transformers
+
+    hf = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(hf).save_pretrained(tmp_path / "hf")
+    results = run_ranks(_bf16_and_init_from, 2, workdir, str(tmp_path / "hf"), timeout_s=300)
+    ref = _reference(workdir, global_batch=4, clip=0.5)
+    for rank, r in enumerate(results):
+        assert r["bf16_exit"] == 0
+        assert r["param_dtypes"] == ["torch.bfloat16"] and r["master_dtypes"] == ["torch.float32"]
+        assert r["adam_state_dtypes"] == ["torch.float32"]
+        assert r["data_types"] == ["torch.bfloat16", "torch.float32"]  # model dtype, gradient accumulation dtype
+        if rank == 0:  # bf16 follows the fp32 reference closely, not exactly
+            assert len(r["bf16_losses"]) == STEPS
+            assert max(abs(a - b) for a, b in zip(r["bf16_losses"], ref["losses"])) < 0.05
+        assert r["init_keys_equal"] and r["init_max_diff"] == 0.0
+        assert "train.init_from" in r["mismatch"] and "hidden_size" in r["mismatch"]

@@ -135,7 +135,7 @@ def deepspeed_dict(cfg: Config, world_size: int) -> dict:
         # Gradients accumulate and reduce in fp32; fp32 master weights and optimizer state. A step whose
         # gradient norm is not finite is skipped by DeepSpeed itself (the pipeline engine relies on it).
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
-        ds["bf16"].setdefault("check_overflow", True)
+        ds["bf16"].setdefault("check_grad_overflow", True)
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage", 0) == 3:
         # Full weights in the model-states file at every save: `convert`, `eval` and `generate` read them there.

@@ -272,7 +272,7 @@ class Run:
         if self.cfg.parallel.pipeline > 1:
             # train_batch runs forward, backward and the optimizer step in one call, so the skip hooks into
             # DeepSpeed's ZeRO-1 optimizer: it refuses a step whose gradient norm is not finite (fp32, and bf16
-            # with bf16.check_overflow, which megalite turns on) and counts it in engine.skipped_steps.
+            # with bf16.check_grad_overflow, which megalite turns on) and counts it in engine.skipped_steps.
             timer.start()
             skipped_before = self.engine.skipped_steps
             loss = float(self.engine.train_batch(data_iter=self._pipeline_iter()))

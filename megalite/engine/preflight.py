@@ -1,0 +1,337 @@
+"""`megalite preflight CONFIG`: the checks that need the job's hardware, before a long run.
+
+`config.validate` covers what a login node can check. Here, on the ranks themselves: the world
+size against tensor x pipeline x data, the batch arithmetic, GPUs per node against the ranks
+started there, fp16/bf16 support of the device, free disk for checkpoints against an estimate of
+their size, and a timed all_reduce across all ranks. Every problem is one line naming what to
+change. `megalite train` calls `run_preflight` on every rank at start.
+
+Run it on every rank of the job (e.g. `srun megalite preflight run.json`) to test the network;
+on a login node (`megalite preflight run.json --world-size 16`) it checks what it can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from megalite.config import Config, count_parameters, validate
+from megalite.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Check:
+    """One preflight check: its name, whether it passed, and what was seen (or what to do)."""
+
+    name: str
+    ok: bool
+    message: str
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """SLURM's tasks-per-node notation, e.g. `8(x2),4` -> [8, 8, 4]."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return []
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def local_world_size(env: dict[str, str] | None = None) -> int | None:
+    """Ranks started on this node, from torchrun/deepspeed (LOCAL_WORLD_SIZE) or srun; None if unknown."""
+    env = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):  # torchrun, the deepspeed launcher
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    # srun with one task per rank (RANK absent, or mapped from SLURM_PROCID by launch.py).
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if spec and env.get("RANK", env.get("SLURM_PROCID")) == env.get("SLURM_PROCID"):
+        counts = expand_tasks_per_node(spec)
+        node = int(env.get("SLURM_NODEID", "0") or 0)
+        if counts and node < len(counts):
+            return counts[node]
+    return None
+
+
+# ----------------------------------------------------------------------------- estimates
+
+
+def checkpoint_bytes(cfg: Config) -> int:
+    """Estimated size of one checkpoint: weights in the training precision, fp32 master weights
+    when training in 16 bits, and the optimizer's fp32 state (Adam: two moments, SGD: momentum)."""
+    params = count_parameters(cfg.model)["total"]
+    mixed = cfg.precision in ("bf16", "fp16")
+    per_param = (2 if mixed else 4) + (4 if mixed else 0)
+    opt = cfg.deepspeed.get("optimizer") if isinstance(cfg.deepspeed.get("optimizer"), dict) else {}
+    per_param += 4 if opt.get("type") == "SGD" else 8
+    return params * per_param
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass  # removed while walking (pruning by a running job)
+    return total
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_layout(cfg: Config, world_size: int) -> list[Check]:
+    """World size against tensor x pipeline x data, and the batch arithmetic (config.validate's rules)."""
+    p = cfg.parallel
+    try:
+        validate(cfg, world_size)
+    except ConfigError as e:
+        return [Check("layout", False, msg) for msg in e.problems]
+    dp = cfg.dp_size(world_size)
+    return [
+        Check("layout", True, f"world size {world_size} = tensor {p.tensor} x pipeline {p.pipeline} x data {dp}"),
+        Check("batch", True, f"global batch {cfg.global_batch_size(world_size)} = micro {cfg.micro_batch_size} x "
+                             f"gradient accumulation {cfg.gradient_accumulation_steps} x data parallel {dp}"),
+    ]
+
+
+def check_devices(cfg: Config, env: dict[str, str] | None = None) -> list[Check]:
+    """GPUs on this node against the ranks started here, and fp16/bf16 support of the device."""
+    import torch
+
+    env = os.environ if env is None else env
+    checks: list[Check] = []
+    local = local_world_size(env)
+    local_rank = int(env.get("LOCAL_RANK", "0") or 0)
+    wanted = env.get("MEGALITE_GPUS_PER_NODE", "")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        name = torch.cuda.get_device_name(min(local_rank, n - 1))
+        if local is not None and local > n:
+            checks.append(Check("gpus", False, f"{local} ranks on this node but {n} GPUs visible "
+                                f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank "
+                                f"per GPU (--ntasks-per-node={n} / --nproc-per-node={n}) or request more GPUs"))
+        elif local_rank >= n:
+            checks.append(Check("gpus", False, f"LOCAL_RANK {local_rank} but only {n} GPUs visible on this node"))
+        else:
+            checks.append(Check("gpus", True, f"{n} x {name}; {local if local is not None else '?'} ranks on this node"))
+        if local is not None and local < n:
+            checks.append(Check("gpus", True, f"note: {n - local} of {n} GPUs on this node stay idle"))
+        if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
+            checks.append(Check("precision", False, f"deepspeed.bf16.enabled: {name} has no bf16 support; "
+                                "use fp16 (deepspeed.fp16.enabled) instead"))
+        else:
+            checks.append(Check("precision", True, f"{cfg.precision} on {name}"))
+    else:
+        if wanted.isdigit() and int(wanted) > 0:
+            checks.append(Check("gpus", False, f"MEGALITE_GPUS_PER_NODE={wanted} but torch sees no GPU on "
+                                f"{env.get('SLURMD_NODENAME', 'this node')} (torch {torch.__version__}: CPU build, "
+                                "no driver, or no GPUs allocated: request them with --gpus-per-node)"))
+        else:
+            checks.append(Check("gpus", True, f"no GPU: {local if local is not None else '?'} CPU ranks on this node"))
+        if cfg.precision == "fp16":
+            checks.append(Check("precision", False, "deepspeed.fp16.enabled: fp16 training is not supported on CPU "
+                                "(DeepSpeed refuses it); use bf16 or fp32"))
+        else:
+            checks.append(Check("precision", True, f"{cfg.precision} on CPU"))
+    return checks
+
+
+def check_disk(cfg: Config) -> list[Check]:
+    """Free space where checkpoints go against keep_checkpoints + 1 checkpoints of the estimated size."""
+    ckpt_dir = Path(cfg.train.checkpoint_dir or Path(cfg.train.output_dir) / "checkpoints")
+    base = _existing_ancestor(ckpt_dir)
+    if not os.access(base, os.W_OK):
+        return [Check("disk", False, f"train.checkpoint_dir: cannot create or write {ckpt_dir} ({base} is not writable)")]
+    size = checkpoint_bytes(cfg)
+    # At peak `keep` committed checkpoints plus one being written; what is already there counts.
+    used = _dir_bytes(ckpt_dir) if ckpt_dir.is_dir() else 0
+    needed = max(size, size * (cfg.train.keep_checkpoints + 1) - used)
+    free = shutil.disk_usage(base).free
+    if free < needed:
+        return [Check("disk", False, f"train.checkpoint_dir: {_gib(free)} free on {base} but about {_gib(needed)} "
+                      f"needed ({cfg.train.keep_checkpoints} + 1 checkpoints of about {_gib(size)}); free space, "
+                      "lower train.keep_checkpoints or point train.checkpoint_dir elsewhere")]
+    return [Check("disk", True, f"{_gib(free)} free on {base}; a checkpoint is about {_gib(size)}")]
+
+
+def check_collective(world_size: int, size_mb: float = 4.0, iters: int = 3,
+                     min_bandwidth_gbps: float = 0.0) -> list[Check]:
+    """A timed all_reduce over every rank of the running process group; checks the sum and the bandwidth."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return [Check("collective", True, "skipped: no process group (a single process)")]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    numel = max(1, int(size_mb * 2**20 / 4))
+    try:
+        x = torch.ones(numel, dtype=torch.float32, device=device)
+        dist.all_reduce(x)  # warm-up: connections are set up lazily
+        if not torch.allclose(x[:16], torch.full_like(x[:16], float(world_size))):
+            return [Check("collective", False, f"all_reduce across {world_size} ranks returned {x[0].item()}, "
+                          f"expected {world_size}: the ranks do not form one group (check MASTER_ADDR/PORT)")]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            dist.all_reduce(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / iters
+    except Exception as e:  # noqa: BLE001 - any transport error is the finding itself
+        return [Check("collective", False, f"all_reduce across {world_size} ranks failed: {type(e).__name__}: {e} "
+                      "(check MASTER_ADDR/MASTER_PORT, GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME and firewalls)")]
+    nbytes = numel * 4
+    # Bus bandwidth as nccl-tests reports it: what each link carries in a ring all-reduce.
+    busbw = 2 * (world_size - 1) / world_size * nbytes / seconds / 1e9
+    msg = (f"all_reduce of {_gib(nbytes)} across {world_size} ranks ({dist.get_backend()}): "
+           f"{seconds * 1e3:.2f} ms, bus bandwidth {busbw:.2f} GB/s")
+    if min_bandwidth_gbps and busbw < min_bandwidth_gbps:
+        return [Check("collective", False, f"{msg}, below the required {min_bandwidth_gbps} GB/s "
+                      "(slow interconnect or wrong interface: set NCCL_SOCKET_IFNAME / check InfiniBand)")]
+    return [Check("collective", True, msg)]
+
+
+def _agree(checks: list[Check], world_size: int, rank: int) -> list[Check]:
+    """Tell every rank which ranks failed, so all of them stop together instead of hanging in a collective."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or world_size <= 1:
+        return checks
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    counts = torch.zeros(world_size, dtype=torch.float32, device=device)
+    counts[rank] = float(sum(not c.ok for c in checks))
+    dist.all_reduce(counts)
+    others = [r for r, n in enumerate(counts.tolist()) if n > 0 and r != rank]
+    if others:
+        checks = checks + [Check("ranks", False, f"preflight failed on rank(s) {', '.join(map(str, others[:16]))}"
+                                 f"{' ...' if len(others) > 16 else ''}; see their messages")]
+    return checks
+
+
+def run_checks(cfg: Config, world_size: int, rank: int, *, collective: bool = True, collective_mb: float = 4.0,
+               min_bandwidth_gbps: float = 0.0, env: dict[str, str] | None = None) -> list[Check]:
+    """Every check on this rank; collective (all ranks must call it) when a process group exists."""
+    env = os.environ if env is None else env
+    checks = check_layout(cfg, world_size)
+    checks += check_devices(cfg, env)
+    if int(env.get("LOCAL_RANK", "0") or 0) == 0:  # one disk check per node is enough
+        checks += check_disk(cfg)
+    if collective:
+        checks += check_collective(world_size, collective_mb, min_bandwidth_gbps=min_bandwidth_gbps)
+    return _agree(checks, world_size, rank)
+
+
+def run_preflight(cfg: Config, world_size: int, rank: int, *, collective: bool = True, collective_mb: float = 1.0,
+                  min_bandwidth_gbps: float = 0.0) -> list[str]:
+    """The problems found (empty: all good). Call on every rank once the process group exists: it runs
+    collectives, and every rank gets a non-empty list when any rank has a problem."""
+    return [f"preflight {c.name}: {c.message}" for c in run_checks(
+        cfg, world_size, rank, collective=collective, collective_mb=collective_mb,
+        min_bandwidth_gbps=min_bandwidth_gbps) if not c.ok]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `megalite preflight`."""
+    parser.add_argument("config", help="run config JSON file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. train.steps=100 (repeatable)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="intended number of ranks when run as a single process (e.g. on a login node)")
+    parser.add_argument("--collective-mb", type=float, default=4.0, help="all_reduce size in MB (default 4)")
+    parser.add_argument("--min-bandwidth", type=float, default=0.0, metavar="GB/S",
+                        help="fail when the all_reduce bus bandwidth is below this (default: report only)")
+    parser.add_argument("--no-collective", action="store_true", help="skip the all_reduce")
+    parser.add_argument("--json", action="store_true", help="print the checks as JSON (rank 0)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="collective timeout in seconds (default 120)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _launched_world() -> int:
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key, "").isdigit():
+            # SLURM_NTASKS alone (no srun step) is the allocation, not ranks of this command.
+            if key == "SLURM_NTASKS" and "SLURM_STEP_ID" not in os.environ:
+                continue
+            return int(os.environ[key])
+    return 1
+
+
+def main(args: argparse.Namespace) -> int:
+    """Load the config, join the other ranks if launched as several, check, print; 0 when all pass."""
+    from megalite import config
+
+    launched = _launched_world()
+    try:
+        cfg = config.load(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"megalite preflight: {args.config}: INVALID\n{e}", file=sys.stderr)
+        return 2
+    rank, world = 0, args.world_size or cfg.parallel.tensor * cfg.parallel.pipeline
+    distributed = launched > 1
+    if distributed:
+        from megalite.engine import launch
+
+        rank, world = launch.init_distributed(args.timeout)
+    try:
+        checks = run_checks(cfg, world, rank, collective=distributed and not args.no_collective,
+                            collective_mb=args.collective_mb, min_bandwidth_gbps=args.min_bandwidth)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    failed = [c for c in checks if not c.ok]
+    _report(checks, rank, world, args.json)
+    return 2 if failed else 0
+
+
+def _report(checks: list[Check], rank: int, world: int, as_json: bool) -> None:
+    failed = [c for c in checks if not c.ok]
+    if as_json:
+        if rank == 0:
+            print(json.dumps({"ok": not failed, "world_size": world, "checks": [dataclasses.asdict(c) for c in checks]}))
+        return
+    out: Any = sys.stdout
+    if rank == 0:
+        for c in checks:
+            print(f"preflight {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.message}", file=out)
+        print(f"preflight: {'PASSED' if not failed else f'FAILED ({len(failed)} problems)'} on {world} ranks",
+              file=out, flush=True)
+    else:
+        # Other ranks only speak about their own problems (a node's GPUs, its disk).
+        for c in failed:
+            if c.name != "ranks":
+                print(f"preflight FAIL rank {rank} {c.name}: {c.message}", file=sys.stderr, flush=True)
