@@ -33,15 +33,6 @@ def seed(*case: object) -> None:
     torch.manual_seed((RUN_SEED + zlib.crc32(repr(case).encode())) % 2**63)
 
 
-@pytest.fixture
-def triton_backend():
-    """Run the test with the Triton backend and fresh launch counters."""
-    K.set_backend("triton")
-    K.reset_kernel_calls()
-    yield
-    K.set_backend("auto")
-
-
 def _run(fn, inputs: list[torch.Tensor], dy: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Forward and every gradient of fn at copies of `inputs` (None stays None)."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
