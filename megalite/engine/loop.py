@@ -162,6 +162,7 @@ class Run:
         self.train_set, self.valid_set, _ = build_datasets(
             prefixes=cfg.data.prefixes, weights=cfg.data.weights, split=cfg.data.split,
             seq_length=cfg.data.seq_length, seed=cfg.train.seed, cache_dir=cfg.data.cache_dir,
+            num_samples=(None, None, 0),  # training never reads the test split: a tiny one is not an error here
             reset_position_ids=cfg.data.reset_position_ids, eod_mask_loss=cfg.data.eod_mask_loss,
             vocab_size=cfg.model.vocab_size,
         )

@@ -1,0 +1,362 @@
+"""`megalite prepare`: text -> cleaned, de-duplicated documents -> tokens -> `PREFIX.bin`/`.idx`/`.json`.
+
+The pipeline streams: the parent process reads documents one at a time and hands batches to worker
+processes, which clean, hash and tokenise them; the parent takes the results back in submission order
+(so the output is the same for any number of workers), drops exact duplicates by their 16-byte digest
+and appends the rest to the indexed dataset. At most `2 x workers` batches are in flight, so memory is
+bounded by the batch size and the de-duplication set, never by the corpus.
+
+Heavy libraries (tokenizers, datasets, pyarrow) are imported inside functions so `megalite --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megalite.data.clean import CleanConfig, CleanReport, Deduplicator, clean_and_filter, digest
+from megalite.data.indexed import IndexedDatasetWriter, bin_path, idx_path, token_dtype
+from megalite.data.sources import Source, iter_source, resolve
+from megalite.data.tokenizer import TokenizerInfo, load_tokenizer, sha256_file, tokenizer_info, train_bpe
+from megalite.errors import DataError
+
+MANIFEST_FORMAT = "megalite-indexed/1"
+DEFAULT_VOCAB_SIZE = 8192
+
+
+def manifest_path(prefix: str | os.PathLike) -> str:
+    """The manifest of a prefix."""
+    return f"{os.fspath(prefix)}.json"
+
+
+def tokenizer_path(prefix: str | os.PathLike) -> str:
+    """Where prepare saves the tokenizer of a prefix."""
+    return f"{os.fspath(prefix)}.tokenizer.json"
+
+
+# ---------------------------------------------------------------- reading
+
+
+def iter_documents(
+    sources: list[Source],
+    text_key: str,
+    blank_line_docs: bool,
+    max_documents: int | None,
+    counts: dict[str, int] | None = None,
+) -> Iterator[str]:
+    """Every document of every source in order; DataError for a source that yields none."""
+    total = 0
+    for src in sources:
+        n = 0
+        for doc in iter_source(src, text_key, blank_line_docs):
+            if max_documents is not None and total >= max_documents:
+                break
+            n += 1
+            total += 1
+            yield doc
+        if counts is not None:
+            counts[src.spec] = n
+        if n == 0 and (max_documents is None or total < max_documents):
+            raise DataError(f"{src.spec}: input is empty (no documents found in it)")
+        if max_documents is not None and total >= max_documents:
+            return
+
+
+def _batches(docs: Iterable[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for d in docs:
+        batch.append(d)
+        chars += len(d)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------- workers
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tok_file: str, info: TokenizerInfo, cfg: CleanConfig, dtype: str) -> None:
+    # One tokenizer thread per process: --workers is then the real degree of parallelism.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(tok=load_tokenizer(tok_file), info=info, cfg=cfg, dtype=np.dtype(dtype))
+
+
+def _encode_batch(texts: list[str]) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray, CleanReport]:
+    """Clean, hash and tokenise one batch: (digests, char counts, token counts, tokens, report)."""
+    tok, info, cfg = _WORKER["tok"], _WORKER["info"], _WORKER["cfg"]
+    report = CleanReport()
+    kept: list[str] = []
+    for t in texts:
+        c = clean_and_filter(t, cfg, report)
+        if c is not None:
+            kept.append(c)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    encodings = encode(kept, add_special_tokens=False) if kept else []
+    flat: list[int] = []
+    lengths = np.empty(len(kept), dtype=np.int64)
+    bos, eod = info.bos_token_id, info.eod_token_id
+    for i, enc in enumerate(encodings):
+        ids = enc.ids
+        if bos is not None:
+            flat.append(bos)
+        flat.extend(ids)
+        flat.append(eod)
+        lengths[i] = len(ids) + 1 + (bos is not None)
+    digests = b"".join(digest(c) for c in kept)
+    chars = np.fromiter((len(c) for c in kept), dtype=np.int64, count=len(kept))
+    tokens = np.array(flat, dtype=_WORKER["dtype"])
+    del encodings, flat, kept
+    _release_memory()
+    return digests, chars, lengths, tokens, report
+
+
+def _release_memory() -> None:
+    # glibc keeps freed heap pages; a batch with one huge document would otherwise pin its peak for the
+    # rest of the run in every worker. Returning them keeps the sum over workers near one batch each.
+    trim = _WORKER.get("malloc_trim")
+    if trim is None:
+        try:
+            import ctypes
+
+            trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            trim = False
+        _WORKER["malloc_trim"] = trim
+    if trim:
+        trim(0)
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def prepare(
+    inputs: list[str],
+    output_prefix: str,
+    tokenizer: str | None = None,
+    vocab_size: int | None = None,
+    text_key: str = "text",
+    workers: int = 1,
+    blank_line_docs: bool = False,
+    clean: CleanConfig | None = None,
+    eod_token: str | None = None,
+    max_documents: int | None = None,
+    batch_docs: int = 256,
+    batch_chars: int = 1 << 18,
+    progress: bool | None = None,
+) -> dict:
+    """Run the whole pipeline; return the manifest (also written to PREFIX.json). DataError on bad input."""
+    t0 = time.perf_counter()
+    cfg = clean or CleanConfig()
+    if workers < 1:
+        raise DataError(f"--workers {workers}: need at least 1")
+    if not inputs:
+        raise DataError("no --input given")
+    if tokenizer is not None and vocab_size is not None:
+        raise DataError("give either --tokenizer or --vocab-size, not both")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    sources = [resolve(s) for s in inputs]  # missing inputs fail here, before any slow work
+    out = Path(output_prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok_out = tokenizer_path(output_prefix)
+
+    # Tokenizer: copied byte for byte (its hash then matches the user's file) or trained on a stream.
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        if os.path.abspath(tokenizer) != os.path.abspath(tok_out):
+            shutil.copyfile(tokenizer, tok_out)
+        trained = False
+    else:
+        vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
+        dedup = Deduplicator() if cfg.dedup else None
+        scratch = CleanReport()
+
+        def training_texts() -> Iterator[str]:
+            for doc in iter_documents(sources, text_key, blank_line_docs, max_documents):
+                c = clean_and_filter(doc, cfg, scratch)
+                if c is not None and (dedup is None or not dedup.seen(digest(c))):
+                    yield c
+
+        tok = train_bpe(training_texts(), vocab_size, show_progress=progress)
+        del dedup
+        if scratch.input_documents - sum(scratch.removed_documents.values()) <= 0:
+            raise DataError(f"{', '.join(inputs)}: zero documents left after cleaning\n{scratch.summary()}")
+        tok.save(tok_out)
+        trained = True
+    info = tokenizer_info(tok, eod_token, source=tokenizer or tok_out)
+    del tok
+    dtype = token_dtype(info.vocab_size)
+
+    report = CleanReport()
+    dedup = Deduplicator() if cfg.dedup else None
+    counts: dict[str, int] = {}
+    docs = iter_documents(sources, text_key, blank_line_docs, max_documents, counts)
+    # A stale manifest must not describe new .bin/.idx files if this run dies half-way.
+    if os.path.exists(manifest_path(output_prefix)):
+        os.unlink(manifest_path(output_prefix))
+
+    from tqdm import tqdm
+
+    bar = tqdm(desc="prepare", unit=" docs", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    with IndexedDatasetWriter(output_prefix, dtype) as writer:
+
+        def consume(result: tuple[bytes, np.ndarray, np.ndarray, np.ndarray, CleanReport]) -> None:
+            digests, chars, lengths, tokens, rep = result
+            report.merge(rep)
+            keep = np.ones(len(lengths), dtype=bool)
+            if dedup is not None:
+                for i in range(len(lengths)):
+                    if dedup.seen(digests[i * 16 : (i + 1) * 16]):
+                        keep[i] = False
+                report.removed_documents["dedup"] += int((~keep).sum())
+                report.removed_chars["dedup"] += int(chars[~keep].sum())
+            if not keep.all():
+                tokens = tokens[np.repeat(keep, lengths)]
+                lengths, chars = lengths[keep], chars[keep]
+            report.output_documents += len(lengths)
+            report.output_chars += int(chars.sum())
+            writer.add_documents(tokens, lengths)
+            bar.update(rep.input_documents)
+            bar.set_postfix(tokens=writer.num_tokens, refresh=False)
+
+        initargs = (tok_out, info, cfg, dtype.str)
+        batches = _batches(docs, batch_docs, batch_chars)
+        if workers == 1:
+            _init_worker(*initargs)
+            for batch in batches:
+                consume(_encode_batch(batch))
+        else:
+            import multiprocessing as mp
+
+            # spawn, not fork: the parent may hold tokenizer threads, and forking a threaded process can deadlock.
+            with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+                pending: deque = deque()
+                for batch in batches:
+                    pending.append(pool.apply_async(_encode_batch, (batch,)))
+                    if len(pending) >= 2 * workers:
+                        consume(pending.popleft().get())
+                while pending:
+                    consume(pending.popleft().get())
+        bar.close()
+        if writer.num_documents == 0:
+            raise DataError(f"{', '.join(inputs)}: zero documents left after cleaning\n{report.summary()}")
+    seconds = time.perf_counter() - t0
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "inputs": [{"input": s.spec, "kind": s.kind, "documents": counts.get(s.spec, 0)} for s in sources],
+        "text_key": text_key,
+        "num_documents": writer.num_documents,
+        "num_tokens": writer.num_tokens,
+        "bin": os.path.basename(bin_path(output_prefix)),
+        "idx": os.path.basename(idx_path(output_prefix)),
+        # Relative to the manifest's folder, so the prepared data can be moved as a whole.
+        "tokenizer_file": os.path.basename(tok_out),
+        "tokenizer_sha256": sha256_file(tok_out),
+        "tokenizer_source": os.path.abspath(tokenizer) if tokenizer else None,
+        "tokenizer_trained": trained,
+        "vocab_size": info.vocab_size,
+        "eod_token_id": info.eod_token_id,
+        "bos_token_id": info.bos_token_id,
+        "dtype": dtype.name,
+        "cleaning": {"config": asdict(cfg), "report": report.to_dict()},
+    }
+    tmp = manifest_path(output_prefix) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, manifest_path(output_prefix))
+    print(report.summary(), file=sys.stderr)
+    print(
+        f"wrote {output_prefix}.bin/.idx/.json: {writer.num_documents} documents, {writer.num_tokens} tokens "
+        f"({dtype.name}) in {seconds:.1f}s ({writer.num_tokens / max(seconds, 1e-9):,.0f} tokens/s)",
+        file=sys.stderr,
+    )
+    return manifest
+
+
+def read_manifest(prefix: str | os.PathLike) -> dict | None:
+    """The manifest of a prefix, or None when there is none (data prepared by another tool)."""
+    path = manifest_path(prefix)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable manifest ({e})") from e
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `megalite prepare`'s options to its subparser."""
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="files, directories, save_to_disk datasets, dataset names (hf:NAME[:SPLIT]) or 'stdlib'")
+    parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin/.idx/.json")
+    tok = parser.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", metavar="FILE", help="a `tokenizers` JSON file to use")
+    tok.add_argument("--vocab-size", type=int, metavar="N",
+                     help=f"train a byte-level BPE of N tokens (default {DEFAULT_VOCAB_SIZE} without --tokenizer)")
+    parser.add_argument("--eod-token", metavar="TOKEN", help="end-of-document token of --tokenizer (default: found)")
+    parser.add_argument("--text-key", default="text", help="field holding the text in JSON/Parquet/datasets")
+    parser.add_argument("--workers", type=int, default=1, help="tokenising processes")
+    parser.add_argument("--blank-line-docs", action="store_true",
+                        help="text files: one document per blank-line-separated block (default: per file)")
+    parser.add_argument("--normalize", default="NFC", choices=["NFC", "NFKC", "NFD", "NFKD", "none"],
+                        help="Unicode normalisation")
+    parser.add_argument("--min-chars", type=int, default=1, help="drop documents shorter than this after cleaning")
+    parser.add_argument("--max-chars", type=int, default=None, help="drop documents longer than this")
+    parser.add_argument("--no-dedup", action="store_true", help="keep exact duplicate documents")
+    parser.add_argument("--max-documents", type=int, default=None, help="read only the first N input documents")
+    parser.add_argument("--batch-docs", type=int, default=256, help="documents per worker batch")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on stderr (default: when stderr is a terminal)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `megalite prepare`; DataError propagates to the CLI, which prints it."""
+    cfg = CleanConfig(
+        normalize=None if args.normalize == "none" else args.normalize,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        dedup=not args.no_dedup,
+    )
+    prepare(
+        args.input,
+        args.output_prefix,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        text_key=args.text_key,
+        workers=args.workers,
+        blank_line_docs=args.blank_line_docs,
+        clean=cfg,
+        eod_token=args.eod_token,
+        max_documents=args.max_documents,
+        batch_docs=args.batch_docs,
+        progress=args.progress,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="megalite prepare", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

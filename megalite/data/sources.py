@@ -1,0 +1,257 @@
+"""Streaming document readers for every input `megalite prepare` accepts.
+
+An input is a plain text file (one document per file, or per blank-line-separated block), a JSON Lines,
+JSON or Parquet file, a directory of them (walked in sorted order), a `datasets` dataset saved with
+`save_to_disk`, a dataset name `datasets` can load (offline cache; `hf:NAME[:SPLIT]` forces this), or
+`stdlib`: the running interpreter's standard library sources. Every reader yields one document at a
+time in a deterministic order; only a JSON array file is read whole (use JSON Lines for big files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from megalite.errors import DataError
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIXES = (".json",)
+PARQUET_SUFFIXES = (".parquet",)
+# Folders of the standard library that are tests or third-party packages, not the library itself.
+STDLIB_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+
+
+@dataclass
+class Source:
+    """One resolved input: what the user wrote and how it will be read."""
+
+    spec: str
+    kind: str  # stdlib, text, jsonl, json, parquet, directory, saved_dataset, hub_dataset
+    path: str | None = None
+    split: str | None = None
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard library folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's `.py` files without test folders, in sorted order."""
+    out: list[Path] = []
+    for d, dirs, files in os.walk(stdlib_root()):
+        dirs[:] = sorted(x for x in dirs if x not in STDLIB_SKIP)
+        out.extend(Path(d) / f for f in sorted(files) if f.endswith(".py"))
+    return out
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
+
+
+def _looks_like_dataset_name(spec: str) -> bool:
+    # "org/name" or "name": no file extension, not an explicit path.
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?", spec)) and not Path(spec).suffix
+
+
+def resolve(spec: str) -> Source:
+    """Turn one `--input` value into a Source; DataError naming it when it does not exist."""
+    if spec == "stdlib":
+        return Source(spec, "stdlib", str(stdlib_root()))
+    if spec.startswith("hf:"):
+        name, _, split = spec[3:].partition(":")
+        return Source(spec, "hub_dataset", name, split or None)
+    path = Path(spec)
+    if path.is_dir():
+        return Source(spec, "saved_dataset" if _is_saved_dataset(path) else "directory", str(path))
+    if path.is_file():
+        return Source(spec, file_kind(path), str(path))
+    if path.exists():
+        raise DataError(f"{spec}: input is neither a file nor a directory")
+    if _looks_like_dataset_name(spec):
+        name, _, split = spec.partition(":")
+        return Source(spec, "hub_dataset", name, split or None)
+    raise DataError(f"{spec}: input not found (no such file or directory)")
+
+
+def file_kind(path: Path) -> str:
+    """How a file is read, from its suffix; anything unknown is plain text."""
+    s = path.suffix.lower()
+    if s in JSONL_SUFFIXES:
+        return "jsonl"
+    if s in JSON_SUFFIXES:
+        return "json"
+    if s in PARQUET_SUFFIXES:
+        return "parquet"
+    return "text"
+
+
+def iter_source(src: Source, text_key: str = "text", blank_line_docs: bool = False) -> Iterator[str]:
+    """Yield the documents of one input, in a deterministic order."""
+    if src.kind == "stdlib":
+        for f in stdlib_files():
+            yield from _read_text(f, False)
+    elif src.kind == "directory":
+        files = sorted(
+            p for p in Path(src.path).rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src.path).parts)
+        )
+        for f in files:
+            yield from iter_file(f, text_key, blank_line_docs)
+    elif src.kind == "saved_dataset":
+        yield from _iter_saved(src, text_key)
+    elif src.kind == "hub_dataset":
+        yield from _iter_hub(src, text_key)
+    else:
+        yield from iter_file(Path(src.path), text_key, blank_line_docs)
+
+
+def iter_file(path: Path, text_key: str, blank_line_docs: bool) -> Iterator[str]:
+    """Yield the documents of one file."""
+    kind = file_kind(path)
+    if kind == "jsonl":
+        yield from _read_jsonl(path, text_key)
+    elif kind == "json":
+        yield from _read_json(path, text_key)
+    elif kind == "parquet":
+        yield from _read_parquet(path, text_key)
+    else:
+        yield from _read_text(path, blank_line_docs)
+
+
+def _read_text(path: Path, blank_line_docs: bool) -> Iterator[str]:
+    try:
+        if blank_line_docs:
+            # Line by line: a big file of many blank-line-separated documents is never read whole.
+            with open(path, encoding="utf-8", newline="") as f:
+                block: list[str] = []
+                for line in f:
+                    if line.strip(" \t\r\n\f\v"):
+                        block.append(line)
+                    elif block:
+                        yield "".join(block).rstrip("\r\n")
+                        block = []
+                if block:
+                    yield "".join(block).rstrip("\r\n")
+        else:
+            text = path.read_text(encoding="utf-8")
+            if text:
+                yield text
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _text_of(record: object, text_key: str, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object with key {text_key!r}, got {type(record).__name__}")
+    if text_key not in record:
+        raise DataError(f"{where}: no key {text_key!r} (keys: {', '.join(map(str, record))}); use --text-key")
+    value = record[text_key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {text_key!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def _read_jsonl(path: Path, text_key: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            yield _text_of(record, text_key, f"{path}:{lineno}")
+
+
+def _read_json(path: Path, text_key: str) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+    if isinstance(data, dict) and text_key not in data:
+        # {"data": [...]} style files: take the single list inside.
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of records or an object with key {text_key!r}")
+        data = lists[0]
+    records = data if isinstance(data, list) else [data]
+    for i, record in enumerate(records):
+        yield _text_of(record, text_key, f"{path}[{i}]")
+
+
+def _read_parquet(path: Path, text_key: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from e
+    if text_key not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no column {text_key!r} (columns: {', '.join(pf.schema_arrow.names)}); use --text-key")
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
+        for value in batch.column(0).to_pylist():
+            if value is not None:
+                yield value
+
+
+def _iter_dataset(ds: object, text_key: str, where: str) -> Iterator[str]:
+    names = getattr(ds, "column_names", None) or []
+    if text_key not in names:
+        raise DataError(f"{where}: no column {text_key!r} (columns: {', '.join(names)}); use --text-key")
+    # Batches of a memory-mapped Arrow table: only one batch is materialised at a time.
+    for batch in ds.select_columns([text_key]).iter(batch_size=1024):
+        for value in batch[text_key]:
+            if value is not None:
+                yield value
+
+
+def _pick_split(dd: object, split: str | None, where: str) -> object:
+    splits = list(dd.keys())
+    if split is None:
+        if "train" in splits:
+            split = "train"
+        elif len(splits) == 1:
+            split = splits[0]
+        else:
+            raise DataError(f"{where}: several splits ({', '.join(splits)}); pick one with NAME:SPLIT")
+    if split not in splits:
+        raise DataError(f"{where}: no split {split!r} (splits: {', '.join(splits)})")
+    return dd[split]
+
+
+def _iter_saved(src: Source, text_key: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(src.path)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the file name
+        raise DataError(f"{src.path}: cannot load the saved dataset ({e})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        ds = _pick_split(ds, src.split, src.spec)
+    yield from _iter_dataset(ds, text_key, src.spec)
+
+
+def _iter_hub(src: Source, text_key: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.path, split=src.split)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            f"{src.spec}: input is not a file or directory, and `datasets` cannot load it as a dataset "
+            f"(offline: only names already in the cache work): {type(e).__name__}: {e}"
+        ) from e
+    if isinstance(ds, datasets.DatasetDict):
+        ds = _pick_split(ds, None, src.spec)
+    yield from _iter_dataset(ds, text_key, src.spec)
