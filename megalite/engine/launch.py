@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from typing import NoReturn
 
 
 def _free_port() -> int:
@@ -73,3 +74,29 @@ def device() -> torch.device:  # noqa: F821
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def exit_now(code: int) -> NoReturn:
+    """Leave a rank's process at once with `code`, after tearing down the process group.
+
+    After a finished distributed run, interpreter finalisation was seen to abort a rank ("terminate
+    called without an active exception", exit 134, no Python frame) under srun, torchrun and the
+    deepspeed launcher alike, turning a clean exit 0 or 75 into a failure that a batch script would
+    misread. So: destroy the process group, flush what Python buffers, and leave with os._exit.
+    """
+    import logging
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - teardown must not mask the run's own exit code
+            print(f"megalite: destroy_process_group failed: {e}", file=sys.stderr)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -100,6 +100,11 @@ class Run:
         # Each phase that can fail on some ranks only ends with an agreement, so that every rank raises the
         # failing rank's error instead of the others waiting in the next collective until the timeout.
         agreed("configuration", self._check_config)
+        from megalite.engine.preflight import run_preflight
+
+        problems = run_preflight(cfg, self.world, self.rank)  # collective: every rank gets every problem
+        if problems:
+            raise ConfigError(problems)
         kernels.set_backend(cfg.train.kernels)
         seed_everything(cfg.train.seed)
 
@@ -128,7 +133,6 @@ class Run:
 
     def _check_config(self) -> None:
         validate(self.cfg, self.world)  # the world-size rules, now that it is known
-        self._check_hardware()
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
@@ -145,13 +149,6 @@ class Run:
         return {"tensor": self.cfg.parallel.tensor, "pipeline": self.cfg.parallel.pipeline,
                 "data": self.world // (self.cfg.parallel.tensor * self.cfg.parallel.pipeline),
                 "world_size": self.world}
-
-    def _check_hardware(self) -> None:
-        """Checks that need the device (config check runs on login nodes without one)."""
-        if self.cfg.precision == "fp16" and self.device.type == "cpu":
-            raise ConfigError("deepspeed.fp16.enabled: fp16 training is not supported on CPU; use bf16 or fp32")
-        if self.cfg.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"deepspeed.bf16.enabled: {torch.cuda.get_device_name()} has no bf16; use fp16")
 
     def _build_data(self) -> None:
         from megalite.data import ResumableSampler, build_datasets

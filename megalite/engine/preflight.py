@@ -153,7 +153,8 @@ def check_devices(cfg: Config, env: dict[str, str] | None = None) -> list[Check]
                                 f"{env.get('SLURMD_NODENAME', 'this node')} (torch {torch.__version__}: CPU build, "
                                 "no driver, or no GPUs allocated: request them with --gpus-per-node)"))
         else:
-            checks.append(Check("gpus", True, f"no GPU: {local if local is not None else '?'} CPU ranks on this node"))
+            ranks = f"{local} CPU ranks on this node" if local is not None else "CPU ranks"
+            checks.append(Check("gpus", True, f"no GPU: {ranks}"))
         if cfg.precision == "fp16":
             checks.append(Check("precision", False, "deepspeed.fp16.enabled: fp16 training is not supported on CPU "
                                 "(DeepSpeed refuses it); use bf16 or fp32"))

@@ -1,0 +1,228 @@
+"""The slurm/ batch scripts against a real two-node SLURM (tests/slurm_cluster.py), on CPU.
+
+All jobs are submitted at once (two run side by side: one CPU per node each) and every test
+waits for its own: srun (with preflight), torchrun and the deepspeed launcher each train over
+both nodes, evaluate and exit 0; a fourth job, written by `megalite slurm --submit`, is sent
+USR1, saves, requeues itself, resumes and ends with the same final loss as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.engine_utils import tiny_config, write_token_dataset
+from tests.slurm_cluster import NODE_IFNAME, SlurmCluster, ensure_installed
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
+HELPERS = sorted((REPO / "slurm").glob("*.sh"))
+STEPS = 200  # ~10 ms each: long enough for a signal to land mid-run, short enough for CI
+JOB_TIMEOUT_S = 240
+
+
+@dataclass
+class Job:
+    """A submitted job: its id, log file and run directory."""
+
+    id: str
+    log: Path
+    output_dir: Path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = SlurmCluster()
+    reason = c.start()
+    if reason:
+        pytest.skip(f"no SLURM cluster: {reason}")
+    yield c
+    c.stop()
+
+
+def _job_env(cluster: SlurmCluster) -> dict[str, str]:
+    return dict(cluster.env(), MEGALITE_HOME=str(REPO), MEGALITE_GPUS_PER_NODE="0", MEGALITE_PROCS_PER_NODE="1",
+                MEGALITE_IFNAME=NODE_IFNAME, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+
+
+def _write_config(work: Path, name: str) -> Path:
+    raw = tiny_config(str(work / "data"), str(work / f"run-{name}"), train={"steps": STEPS})
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def _sbatch(cluster: SlurmCluster, work: Path, script: Path, name: str, env: dict[str, str]) -> Job:
+    cfg = _write_config(work, name)
+    log = work / f"{name}.log"
+    # The #SBATCH lines ask for GPUs; the command line overrides them for a CPU run over both nodes.
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+           "--time=10", f"--output={log}", f"--chdir={work}", f"--job-name={name}", str(script), str(cfg)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise RuntimeError(f"sbatch failed: {r.stderr}")
+    return Job(r.stdout.strip().split(";")[0], log, work / f"run-{name}")
+
+
+def _submit_generated(cluster: SlurmCluster, work: Path, name: str, env: dict[str, str]) -> Job:
+    cfg = _write_config(work, name)
+    log = work / f"{name}.log"
+    cmd = [sys.executable, "-m", "megalite.cli", "slurm", str(cfg), "--nodes", "2", "--gpus-per-node", "0",
+           "--time", "10", "--job-name", name, "--log", str(log), "-o", str(work / f"{name}.sbatch"), "--submit"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=work)
+    m = re.search(r"Submitted batch job (\d+)", r.stdout)
+    if r.returncode != 0 or not m:
+        raise RuntimeError(f"megalite slurm --submit failed ({r.returncode}): {r.stdout}\n{r.stderr}")
+    return Job(m.group(1), log, work / f"run-{name}")
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
+    work = tmp_path_factory.mktemp("slurm")
+    write_token_dataset(str(work / "data"))
+    env = _job_env(cluster)
+    submitted = {
+        "srun": _sbatch(cluster, work, REPO / "slurm/train-srun.sbatch", "srun", dict(env, MEGALITE_PREFLIGHT="1")),
+        "preempt": _submit_generated(cluster, work, "preempt", env),
+        "torchrun": _sbatch(cluster, work, REPO / "slurm/train-torchrun.sbatch", "torchrun", env),
+        "deepspeed": _sbatch(cluster, work, REPO / "slurm/train-deepspeed.sbatch", "deepspeed", env),
+    }
+    return submitted
+
+
+def _job_info(cluster: SlurmCluster, job: Job) -> dict[str, str]:
+    out = cluster.scontrol("show", "job", "-o", job.id, check=False)
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _log(job: Job) -> str:
+    return job.log.read_text(errors="replace") if job.log.exists() else "(no log yet)"
+
+
+def _wait(cluster: SlurmCluster, job: Job, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, str]:
+    """Poll (sbatch --wait backs off to 30 s between polls) until the job is done for good."""
+    deadline = time.monotonic() + timeout_s
+    info: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        info = _job_info(cluster, job)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return info
+        time.sleep(0.5)
+    subprocess.run(["scancel", job.id], env=cluster.env(), capture_output=True, timeout=30)
+    pytest.fail(f"job {job.id} not done after {timeout_s:.0f} s: {info.get('JobState')}\n{_log(job)[-4000:]}")
+
+
+def _final_train_loss(output_dir: Path) -> float:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("kind") == "train"]
+    assert train and train[-1]["step"] == STEPS, f"last train record: {train[-1] if train else None}"
+    return train[-1]["loss"]
+
+
+def _eval_result(log: str) -> dict:
+    results = [json.loads(line) for line in log.splitlines() if line.startswith('{"checkpoint"')]
+    assert results, "no `megalite eval` output in the job log"
+    return results[-1]
+
+
+def _check_success(cluster: SlurmCluster, job: Job) -> str:
+    info = _wait(cluster, job)
+    log = _log(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-4000:]}"
+    assert info["NodeList"] == "n[1-2]"
+    assert "nodes=2 ranks/node=1 world=2" in log
+    assert "2 of 2 ranks reported: 2 done" in log
+    result = _eval_result(log)
+    assert result["checkpoint"].endswith(f"step{STEPS:08d}") and result["tokens"] > 0
+    return log
+
+
+def test_scripts_pass_shellcheck(tmp_path: Path) -> None:
+    if not shutil.which("shellcheck"):
+        reason = ensure_installed()
+        if not shutil.which("shellcheck"):
+            pytest.skip(f"no shellcheck: {reason}")
+    from megalite import slurm_cli
+
+    parser = argparse.ArgumentParser()
+    slurm_cli.add_arguments(parser)
+    generated = []
+    for launcher in slurm_cli.LAUNCHERS:  # the scripts `megalite slurm` writes, too
+        args = parser.parse_args(["x.json", "--nodes", "4", "--gpus-per-node", "8", "--launcher", launcher,
+                                  "--partition", "gpu", "--set", "train.steps=5"])
+        path = tmp_path / f"{launcher}.sbatch"
+        path.write_text(slurm_cli.render(args, tmp_path / "x.json", 8))
+        generated.append(path)
+    r = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS + HELPERS + generated)], capture_output=True,
+                       text=True, cwd=REPO / "slurm")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(SCRIPTS) == 3
+
+
+def test_preemption_saves_requeues_and_resumes(cluster: SlurmCluster, jobs: dict[str, Job]) -> None:
+    job = jobs["preempt"]
+    metrics = job.output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    # The first train record means the ranks' signal handlers are installed.
+    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+        info = _job_info(cluster, job)
+        assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{_log(job)}"
+        assert time.monotonic() < deadline, f"no training after {JOB_TIMEOUT_S} s\n{_log(job)}"
+        time.sleep(0.1)
+    # What #SBATCH --signal=B:USR1@N does near the time limit: USR1 to the batch shell only.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env=cluster.env(), check=True, timeout=30)
+    info = _wait(cluster, job)
+    log = _log(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-4000:]}"
+    restarts = [int(n) for n in re.findall(r"SLURM_RESTART_COUNT=(\d+)", log)]
+    assert restarts[0] == 0 and max(restarts) >= 1 and int(info["Restarts"]) >= 1, log[-4000:]
+    assert "received SIGUSR1: forwarding it to every rank" in log
+    assert "2 of 2 ranks reported: 0 done, 2 preempted" in log
+    assert re.search(r"requeueing job \d+ \(restart 1\)", log)
+    saved = re.search(r"resumed from \S+step(\d+) at step (\d+)", log)
+    assert saved and 0 < int(saved.group(2)) < STEPS, log[-4000:]
+    _eval_result(log)
+    baseline = jobs["srun"]
+    _wait(cluster, baseline)
+    assert _final_train_loss(job.output_dir) == pytest.approx(_final_train_loss(baseline.output_dir), rel=1e-6, abs=0)
+
+
+def test_srun_script_with_preflight(cluster: SlurmCluster, jobs: dict[str, Job]) -> None:
+    log = _check_success(cluster, jobs["srun"])
+    assert "preflight: PASSED on 2 ranks" in log
+    assert re.search(r"preflight ok   collective: all_reduce of .* across 2 ranks \(gloo\).*GB/s", log), log[-3000:]
+
+
+def test_torchrun_script(cluster: SlurmCluster, jobs: dict[str, Job]) -> None:
+    _check_success(cluster, jobs["torchrun"])
+    _wait(cluster, jobs["srun"])
+    assert _final_train_loss(jobs["torchrun"].output_dir) == pytest.approx(
+        _final_train_loss(jobs["srun"].output_dir), rel=1e-6, abs=0)
+
+
+def test_deepspeed_launcher_script(cluster: SlurmCluster, jobs: dict[str, Job]) -> None:
+    log = _check_success(cluster, jobs["deepspeed"])
+    assert "--node_rank=0" in log and "--node_rank=1" in log  # each node ran its own launcher (no ssh)
+    assert _final_train_loss(jobs["deepspeed"].output_dir) == pytest.approx(
+        _final_train_loss(jobs["srun"].output_dir), rel=1e-6, abs=0)
+
+
+def test_cluster_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tests.slurm_cluster as harness
+
+    monkeypatch.setattr(harness.os, "geteuid", lambda: 1000)
+    cluster = SlurmCluster()
+    assert "needs root" in (cluster.start() or "")
+    cluster.stop()  # nothing was started or locked: a no-op
+    assert cluster._lock is None
