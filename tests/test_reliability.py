@@ -224,3 +224,21 @@ def _free_port() -> int:
     from tests.distributed import free_port
 
     return free_port()
+
+
+def test_missing_metrics_package_is_a_clear_error_on_every_rank(workdir, tmp_path):
+    """TensorBoard asked for but not installed: exit 2 with the key named, not a hang of the other rank."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(tiny_config(f"{workdir}/tok", str(tmp_path / "out"),
+                                           train={"logging": {"tensorboard_dir": "tb"}})))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    start = time.monotonic()
+    out = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m",
+                          "megalite.cli", "train", str(path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode != 0
+    assert out.stderr.count("train.logging.tensorboard_dir") >= 2, out.stderr[-3000:]  # both ranks say why
+    assert time.monotonic() - start < 120

@@ -129,7 +129,7 @@ class Run:
         self.step = 0
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
-        self.sink = MetricSink(cfg, self.output_dir, enabled=self.is_main)
+        self.sink = agreed("opening the metric sinks", MetricSink, cfg, self.output_dir, self.is_main)
 
     def _check_config(self) -> None:
         validate(self.cfg, self.world)  # the world-size rules, now that it is known

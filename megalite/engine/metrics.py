@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from megalite.config import Config, count_parameters
+from megalite.errors import ConfigError
 
 # Dense peak TFLOP/s per device for the training dtype (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {
@@ -89,11 +90,18 @@ class MetricSink:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if log.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.logging.tensorboard_dir is set but the tensorboard package is not "
+                                  "installed (pip install tensorboard), or unset it") from None
             self._tb = SummaryWriter(str(output_dir / log.tensorboard_dir))
         if log.wandb_project and log.wandb_mode != "disabled":
-            import wandb
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("train.logging.wandb_project is set but the wandb package is not installed "
+                                  "(pip install wandb), or unset it") from None
 
             os.environ.setdefault("WANDB_MODE", log.wandb_mode)
             self._wandb = wandb.init(project=log.wandb_project, name=cfg.name, config=cfg.to_dict(),
