@@ -4,6 +4,7 @@ and exact resume through megalite's checkpoints."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -71,6 +72,18 @@ def _nan_on_rank_one(at_steps: set[int]):
     return hook
 
 
+def _nan_grad_on_rank_one(at_step: int):
+    def hook(run, step):
+        if torch.distributed.get_rank() == 1 and step == at_step:
+            weight = next(p for p in run.engine.module.parameters() if p.ndim == 2)
+            handle = weight.register_hook(lambda g: g * float("nan"))
+            run._grad_handle = handle
+        elif getattr(run, "_grad_handle", None) is not None:
+            run._grad_handle.remove()
+            run._grad_handle = None
+    return hook
+
+
 def _signal_rank_one_at(step_to_signal: int):
     def hook(run, step):
         if torch.distributed.get_rank() == 1 and step == step_to_signal:
@@ -82,6 +95,11 @@ def _failure_scenarios(workdir: str) -> dict:
     out = {}
     # A NaN loss on one rank at step 3: every rank skips that step, weights and optimizer untouched.
     out["skip"] = _train(workdir, "skip", 5, _nan_on_rank_one({3}), train={"nonfinite": "skip"})
+    # A finite loss whose gradient is not finite (on rank 1 only), at ZeRO-0 (megalite's check) and ZeRO-2
+    # (DeepSpeed's optimizer refuses it): skipped on every rank just the same.
+    for stage in (0, 2):
+        out[f"grad_skip{stage}"] = _train(workdir, f"grad-skip{stage}", 5, _nan_grad_on_rank_one(3),
+                                          deepspeed={"zero_optimization": {"stage": stage}})
     # Policy fail: the first non-finite step saves the last good weights (as step 3) and exits 76.
     out["fail"] = _train(workdir, "fail", 5, _nan_on_rank_one({3}), train={"nonfinite": "fail"})
     # Skip, but the NaN persists: after max_consecutive_nonfinite steps, save and exit 76.
@@ -143,6 +161,12 @@ def test_failures_on_one_rank_reach_every_rank(workdir):
         if rank == 0:
             assert all(t["loss"] == t["loss"] for t in skip["trace"] if not t["skipped"])  # finite after the skip
 
+        for stage in (0, 2):
+            g = r[f"grad_skip{stage}"]
+            assert g["exit"] == 0 and g["skipped"] == 1 and g["global_steps"] == 4, (stage, g)
+            assert g["trace"][2]["skipped"] and g["trace"][2]["after"] == g["trace"][2]["before"], stage
+            if rank == 0:
+                assert all(math.isfinite(t["loss"]) for i, t in enumerate(g["trace"]) if i != 2)
         fail = r["fail"]
         assert fail["exit"] == EXIT_NONFINITE and fail["step"] == 3 and fail["checkpoints"] == [3]
         assert fail["global_steps"] == 2 and fail["trace"][-1]["after"] == fail["trace"][-1]["before"]

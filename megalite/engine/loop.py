@@ -275,7 +275,7 @@ class Run:
             skipped_before = self.engine.skipped_steps
             loss = float(self.engine.train_batch(data_iter=self._pipeline_iter()))
             timer.lap("pipeline")
-            skipped = self.engine.skipped_steps > skipped_before
+            skipped = self._refused_by_deepspeed(skipped_before)
             if not math.isfinite(loss) and not skipped:
                 raise MegaliteError(f"step {self.step + 1}: non-finite loss {loss} and DeepSpeed applied the step")
             return (float("nan"), True) if skipped else (loss, False)
@@ -302,19 +302,35 @@ class Run:
             self.engine.backward(loss)
             timer.lap("backward")
             if micro == ga - 1 and self.engine.zero_optimization_stage() == 0 and self.precision_is_fp32:
-                self._grad_norm = self._stage0_grad_norm()  # DeepSpeed clips at ZeRO-0 but keeps no norm
+                # DeepSpeed clips at ZeRO-0 fp32 but keeps no norm and applies a non-finite step: check it here.
+                self._grad_norm = self._stage0_grad_norm()  # global (DP-reduced, TP-aware): same on every rank
+                if self._grad_norm is None or not math.isfinite(self._grad_norm):
+                    self.engine.zero_grad()
+                    self.engine.micro_steps -= micro
+                    skipped = True
+                    continue
+            skipped_before = self.engine.skipped_steps
             self.engine.step()
             timer.lap("optimizer")
+            if micro == ga - 1 and self._refused_by_deepspeed(skipped_before):
+                skipped = True  # ZeRO's optimizers refuse a step whose gradient norm is not finite
         if skipped:
             return float("nan"), True
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean, group=self.grid.get_data_parallel_group())
         return mean.item() / self.dp_size, False
 
-    def _stage0_grad_norm(self) -> float:
-        from deepspeed.runtime.utils import get_flattened_grad_norm
+    def _refused_by_deepspeed(self, skipped_before: int) -> bool:
+        """DeepSpeed skipped the last optimizer step for a non-finite gradient norm. Under fp16 its skips are
+        the loss scaler's normal search for a scale, not failures, so they are not counted."""
+        return self.engine.skipped_steps > skipped_before and self.cfg.precision != "fp16"
 
-        return float(get_flattened_grad_norm(list(self.engine.module.parameters()), mpu=self.grid))
+    def _stage0_grad_norm(self) -> float:
+        """The global gradient norm, NaN when it is not finite (DeepSpeed's helper reports that as -1)."""
+        from deepspeed.runtime.utils import get_flattened_grad_norm, is_invalid_grad_norm
+
+        norm = float(get_flattened_grad_norm(list(self.engine.module.parameters()), mpu=self.grid))
+        return float("nan") if is_invalid_grad_norm(norm) else norm
 
     def _pipeline_iter(self) -> Iterator[tuple]:
         for _ in range(self.cfg.gradient_accumulation_steps):
