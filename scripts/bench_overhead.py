@@ -78,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
 
     overrides = [f"train.steps={args.steps}", "train.eval_interval=0", "train.resume=never",
                  f"train.output_dir=out/bench-overhead/{args.mode}", "train.logging.plot=false",
-                 "train.log_interval=1000000", "train.eval_steps=1"]
+                 "train.log_interval=1000000", "train.eval_steps=1", *args.overrides]
     cfg = config.load(args.config, overrides)
     times = plain(cfg, args.steps) if args.mode == "plain" else megalite_steps(cfg, args.steps)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -90,6 +90,8 @@ def main() -> int:
     parser.add_argument("--config", default="configs/runs/demo-cpu.json")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for both loops, e.g. deepspeed.zero_optimization.stage=0")
     parser.add_argument("--mode", choices=["plain", "megalite"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,9 +104,10 @@ def main() -> int:
     Path("out/bench-overhead").mkdir(parents=True, exist_ok=True)
     for mode in ("plain", "megalite"):
         result = f"out/bench-overhead/{mode}.json"
+        extra = [a for kv in args.overrides for a in ("--set", kv)]
         subprocess.run([torchrun, "--nproc_per_node", str(args.nproc), __file__, "--mode", mode, "--config",
-                        args.config, "--steps", str(args.steps), "--result", result], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
+                        args.config, "--steps", str(args.steps), "--result", result, *extra], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times = json.loads(Path(result).read_text())[WARMUP:]
         medians[mode] = statistics.median(times)
         print(f"{mode:9s} median step {medians[mode] * 1000:.1f} ms over {len(times)} steps")

@@ -124,6 +124,7 @@ class Run:
             config=cfg.to_dict(),
             model=self.model_signature(),
         )
+        self.preempted_agreed = False  # a preemption flag all ranks have seen in this step's all-reduce
         self.precision_is_fp32 = cfg.precision == "fp32"
         self._grad_norm: float | None = None
         self.step = 0
@@ -291,7 +292,9 @@ class Run:
             loss = self.engine(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
                                position_ids=batch["position_ids"] if self.cfg.data.reset_position_ids else None)
             timer.lap("forward")
-            nonfinite, _ = self._agree(not math.isfinite(loss.item()), False)
+            # One all-reduce per micro-batch carries both flags, so the step boundary needs no extra one.
+            nonfinite, preempted = self._agree(not math.isfinite(loss.item()), self.preemption.is_set)
+            self.preempted_agreed |= preempted
             if nonfinite:
                 skipped = True
                 if micro > 0:  # drop the gradients of the micro-batches already accumulated
@@ -374,7 +377,7 @@ class Run:
         """Run to train.steps (or a preemption / failure); returns the process exit code."""
         cfg = self.cfg
         self.maybe_resume()
-        flag = signals.PreemptionFlag(cfg.train.preemption_signals)
+        flag = self.preemption = signals.PreemptionFlag(cfg.train.preemption_signals)
         timer = StepTimer(sync=self.device.type == "cuda")
         tokens_per_step = cfg.global_batch_size(self.world) * cfg.data.seq_length
         flops_token = flops_per_token(cfg)
@@ -413,7 +416,10 @@ class Run:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}")
-                _, preempted = self._agree(False, flag.is_set)
+                if cfg.parallel.pipeline > 1:
+                    _, preempted = self._agree(False, flag.is_set)
+                else:
+                    preempted, self.preempted_agreed = self.preempted_agreed, False
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
                     elapsed = time.perf_counter() - window_start
                     tflops = flops_token * tokens_per_step * window_steps / elapsed / self.world / 1e12
