@@ -20,7 +20,7 @@ $(STAMP): requirements/lock.txt pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check megalite kernels tests
+	$(VENV)/bin/ruff check megalite kernels tests scripts
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -2,10 +2,11 @@
 # One command for an offline GPU machine (python3, torch, triton; no deepspeed, datasets, pydantic):
 #   1. install the carried wheels from .whl/ (made by `make gpu-wheels`) that this python lacks;
 #   2. the GPU correctness tests, bf16 first, then fp16/fp32/TF32, determinism and seq 16k;
-#   3. the benchmark (attention and norms against every alternative this machine has).
+#   3. a whole training step of gpt3-1.3b, Triton kernels against torch (scripts/bench_model.py);
+#   4. the kernel benchmark (attention and norms against every alternative this machine has).
 # Everything goes to one folder: $OUT if set, else out/gpu-check. Budget: under 8 minutes.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 RESULTS="${OUT:-out/gpu-check}"
 mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu-check.log"
@@ -63,7 +64,12 @@ run_tests bf16 160 -k "bfloat16"
 run_tests rest 160 -k "not bfloat16"
 unset MEGALITE_AUTOTUNE
 
-# 3. Benchmark with whatever time is left (it stops starting measurements at the budget; 25 s to finish).
+# 3. A whole training step: gpt3-1.3b in bf16 on this one GPU, Triton kernels against the torch backend (MFU).
+echo "== model bench (t=$(elapsed)s)"
+timeout --signal=INT --kill-after=15 200 $PY scripts/bench_model.py --out "$RESULTS/model" --steps 8 --warmup 3 \
+  --timeout 90 || STATUS=1
+
+# 4. Kernel benchmark with whatever time is left (it stops starting measurements at the budget; 25 s to finish).
 LEFT=$((440 - $(elapsed)))
 ((LEFT < 60)) && LEFT=60
 echo "== bench: budget ${LEFT}s (t=$(elapsed)s)"

@@ -1,0 +1,158 @@
+"""Model FLOPs utilisation of a whole training step, megalite's Triton kernels against the torch backend.
+
+    python scripts/bench_model.py --out DIR                 # GPU: gpt3-1.3b, bf16, seq 2048, one device
+    python scripts/bench_model.py --smoke --out DIR         # CPU: a tiny model, proves the harness works
+
+Each kernel backend runs in its own process (`megalite.engine.loop.Run`, world of one, synthetic
+tokens) for a few steps; the first steps are warm-up (compilation, autotuning). MFU uses megalite's
+own FLOP count (6N + 12*L*d*T per token) and its per-device peak table. Writes model-bench.json and
+prints a markdown table with the speedup of each backend over `torch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def synthetic_data(prefix: Path, vocab: int, tokens: int) -> None:
+    """Random documents in Megatron format with the manifest megalite's loader reads."""
+    from megalite.data import IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    writer = IndexedDatasetWriter(str(prefix), dtype=np.uint16 if vocab < 65500 else np.int32)
+    done = 0
+    while done < tokens:
+        n = int(rng.integers(512, 4096))
+        doc = rng.integers(1, vocab, n)
+        writer.add_document(np.append(doc, 0))
+        done += n + 1
+    writer.finalize()
+    Path(f"{prefix}.json").write_text(json.dumps({"eod_token_id": 0, "bos_token_id": None, "vocab_size": vocab}))
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One backend: train, time each step, write the result."""
+    from megalite import config
+    from megalite.engine.loop import Run
+    from megalite.engine.metrics import device_peak_tflops, flops_per_token
+
+    raw = json.loads(args.worker_config)
+    cfg = config.from_dict(config._expand_references(raw, None))
+    run = Run(cfg)
+    times: list[float] = []
+    original = run.train_step
+
+    def timed(timer):  # noqa: ANN001
+        sync = getattr(__import__("torch").cuda, "synchronize", None) if run.device.type == "cuda" else None
+        start = time.perf_counter()
+        out = original(timer)
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+        return out
+
+    run.train_step = timed
+    code = run.train()
+    steady = times[args.warmup:] or times
+    step_s = statistics.median(steady)
+    tokens = cfg.global_batch_size(1) * cfg.data.seq_length
+    tflops = flops_per_token(cfg) * tokens / step_s / 1e12
+    peak, note = device_peak_tflops(cfg.precision)
+    memory = None
+    import torch
+
+    if torch.cuda.is_available():
+        memory = torch.cuda.max_memory_allocated() / 2**30
+    Path(args.result).write_text(json.dumps({
+        "kernels": cfg.train.kernels, "exit": code, "step_s": step_s, "tokens_per_s": tokens / step_s,
+        "tflops": tflops, "mfu": tflops / peak if peak else None, "peak": note, "steps_timed": len(steady),
+        "memory_gb": memory,
+    }))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt3-1.3b", help="a preset in configs/models/")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--kernels", nargs="+", default=["triton", "torch"])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, fp32, torch kernels")
+    parser.add_argument("--out", default="out/bench-model")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per backend")
+    parser.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker_config:
+        worker(args)
+        return 0
+    if args.smoke:
+        args.model, args.seq, args.micro_batch, args.steps, args.warmup, args.kernels = "tiny-gpt", 64, 2, 3, 1, ["torch"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO))
+    from megalite import config
+
+    model = config._expand_references({"model": args.model}, None)["model"]
+    model["max_position_embeddings"] = max(model.get("max_position_embeddings", 0), args.seq)
+    prefix = out / "synthetic"
+    synthetic_data(prefix, int(model["vocab_size"]), tokens=(args.steps + 2) * args.micro_batch * (args.seq + 1) * 2)
+    precision = {} if args.smoke else {"bf16": {"enabled": True}}
+    results = []
+    for kernels in args.kernels:
+        raw = {
+            "model": model,
+            "data": {"prefixes": [str(prefix)], "split": "1,0,0", "seq_length": args.seq},
+            "train": {"steps": args.steps, "output_dir": str(out / f"run-{kernels}"), "kernels": kernels,
+                      "eval_interval": 0, "resume": "never", "log_interval": args.steps, "checkpoint_interval": 0,
+                      "keep_checkpoints": 2, "logging": {"plot": False, "progress_bar": False}},
+            "deepspeed": {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_clipping": 1.0,
+                          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1}},
+                          "zero_optimization": {"stage": 1}, **precision},
+        }
+        result = out / f"result-{kernels}.json"
+        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--worker-config", json.dumps(raw), "--result",
+                                   str(result), "--warmup", str(args.warmup)], env=env, timeout=args.timeout,
+                                  capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            results.append({"kernels": kernels, "error": f"timed out after {args.timeout:.0f}s"})
+            continue
+        (out / f"log-{kernels}.txt").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0 or not result.exists():
+            results.append({"kernels": kernels, "error": f"exit {proc.returncode}: {proc.stderr[-400:]}"})
+            continue
+        results.append(json.loads(result.read_text()))
+    base = next((r for r in results if r.get("kernels") == "torch" and "step_s" in r), None)
+    lines = [f"model {args.model}, seq {args.seq}, micro-batch {args.micro_batch}, "
+             f"{'fp32 CPU smoke' if args.smoke else 'bf16'}, ZeRO-1, one device",
+             "", "| kernels | step | tokens/s | TFLOP/s | MFU | speedup vs torch |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if "step_s" not in r:
+            lines.append(f"| {r['kernels']} | error: {r['error'][:80]} | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+        speed = f"{base['step_s'] / r['step_s']:.2f}x" if base else "n/a"
+        lines.append(f"| {r['kernels']} | {r['step_s'] * 1000:.0f} ms | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tflops']:.1f} | {mfu} | {speed} |")
+    (out / "model-bench.json").write_text(json.dumps(results, indent=2))
+    (out / "model-bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all("step_s" in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
