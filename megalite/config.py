@@ -220,6 +220,13 @@ def _suggest(name: str, options: typing.Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _not_one_of(key: str, value: Any, choices: typing.Sequence[str], quote: bool = False) -> str:
+    """The message for a value outside a fixed set, with a did-you-mean when one is close."""
+    listed = ", ".join(map(repr, choices)) if quote else ", ".join(choices)
+    hint = _suggest(value, choices) if isinstance(value, str) else ""
+    return f"{key}: {value!r} is not one of {listed}{hint}"
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -244,8 +251,7 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            hint = _suggest(value, choices) if isinstance(value, str) else ""
-            errors.append(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}{hint}")
+            errors.append(_not_one_of(key, value, choices, quote=True))
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -470,10 +476,7 @@ def _validate_deepspeed(ds: dict, errors: list[str]) -> None:
     if isinstance(opt, dict):
         otype = opt.get("type")
         if otype not in OPTIMIZER_TYPES:
-            errors.append(
-                f"deepspeed.optimizer.type: {otype!r} is not one of {', '.join(OPTIMIZER_TYPES)}"
-                f"{_suggest(str(otype), OPTIMIZER_TYPES)}"
-            )
+            errors.append(_not_one_of("deepspeed.optimizer.type", otype, OPTIMIZER_TYPES))
         params = opt.get("params", {})
         if not isinstance(params, dict):
             errors.append(f"deepspeed.optimizer.params: expected an object, got {params!r}")
@@ -481,10 +484,7 @@ def _validate_deepspeed(ds: dict, errors: list[str]) -> None:
             _positive(errors, "deepspeed.optimizer.params.lr", params["lr"])
     sched = ds.get("scheduler")
     if isinstance(sched, dict) and sched.get("type") not in SCHEDULER_TYPES:
-        errors.append(
-            f"deepspeed.scheduler.type: {sched.get('type')!r} is not one of {', '.join(SCHEDULER_TYPES)}"
-            f"{_suggest(str(sched.get('type')), SCHEDULER_TYPES)}"
-        )
+        errors.append(_not_one_of("deepspeed.scheduler.type", sched.get("type"), SCHEDULER_TYPES))
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         errors.append(f"deepspeed.zero_optimization: expected an object, got {zero!r}")
@@ -544,7 +544,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         errors.append(f"train.keep_checkpoints: must be >= 2 (one may be mid-write), got {t.keep_checkpoints}")
     for sig in t.preemption_signals if isinstance(t.preemption_signals, list) else []:
         if sig not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
-            errors.append(f"train.preemption_signals: {sig!r} is not one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT")
+            errors.append(_not_one_of("train.preemption_signals", sig, ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")))
     if errors:  # the shape rules below assume sane numbers
         raise ConfigError(errors)
 

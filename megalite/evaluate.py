@@ -12,6 +12,8 @@ import torch
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 8, max_samples: int | None = None) -> dict:  # noqa: ANN001
     """Token-weighted mean loss, perplexity, accuracy and token count over `dataset` (one process)."""
+    from megalite.data import collate
+
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     total_loss = torch.zeros((), dtype=torch.float64)
     correct = 0
@@ -19,7 +21,7 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 8, max_sam
     vocab = model.config.vocab_size
     for start in range(0, n, batch_size):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        batch = collate(items)
         logits = model(batch["input_ids"], gather_logits=True)[..., :vocab].float()  # (B, T, V)
         mask = batch["loss_mask"] > 0
         per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")

@@ -13,6 +13,7 @@ _EXPORTS = {
     "build_datasets": "megalite.data.dataset",
     "GPTDataset": "megalite.data.dataset",
     "BlendedDataset": "megalite.data.dataset",
+    "collate": "megalite.data.dataset",
     "ResumableSampler": "megalite.data.sampler",
     "IndexedDataset": "megalite.data.indexed",
     "IndexedDatasetWriter": "megalite.data.indexed",

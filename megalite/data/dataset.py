@@ -399,3 +399,9 @@ def build_datasets(
 def default_cache_dir(prefix: str) -> str:
     """Where the sample order of a prefix is cached unless cache_dir is given."""
     return str(Path(prefix).resolve().parent / "megalite_cache")
+
+
+def collate(items: list[dict[str, torch.Tensor]], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Stack samples (dicts of equal-shape tensors) into one micro-batch, optionally on `device`."""
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    return batch if device is None else {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -36,11 +36,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def collate(items: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
-    """Stack per-sample dicts into a micro-batch on `device`."""
-    return {k: torch.stack([it[k] for it in items]).to(device, non_blocking=True) for k in items[0]}
-
-
 class BatchStream:
     """Endless micro-batches for this DP rank from a ResumableSampler, epoch after epoch."""
 
@@ -59,6 +54,8 @@ class BatchStream:
         except StopIteration:
             self._it = iter(self.sampler)  # next epoch
             indices = next(self._it)
+        from megalite.data import collate
+
         return collate([self.dataset[i] for i in indices], self.device)
 
 
