@@ -37,8 +37,15 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, spec: dict) -> torch.optim.Optimizer:
-    """AdamW, Adam or SGD from DeepSpeed's `optimizer` entry, fused on CUDA where torch offers it."""
+def offloads_optimizer(ds: dict) -> bool:
+    """Whether the DeepSpeed config moves optimizer state and step to the CPU (or NVMe)."""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def build_optimizer(model: torch.nn.Module, spec: dict, offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW, Adam or SGD from DeepSpeed's `optimizer` entry: torch's fused kernels on CUDA, DeepSpeed's
+    vectorised CPU Adam when the step is offloaded (DeepSpeed requires it there; built on first use)."""
     kind = spec.get("type", "AdamW")
     params = dict(spec.get("params", {}))
     lr = float(params.pop("lr", 1e-3))
@@ -46,6 +53,10 @@ def build_optimizer(model: torch.nn.Module, spec: dict) -> torch.optim.Optimizer
     groups = parameter_groups(model, wd)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
     try:
+        if offload and kind in ("AdamW", "Adam"):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=kind == "AdamW", **_adam_args(params))
         if kind == "AdamW":
             return torch.optim.AdamW(groups, lr=lr, fused=on_cuda or None, **_adam_args(params))
         if kind == "Adam":  # classic Adam: weight decay is an L2 term added to the gradient
@@ -143,6 +154,8 @@ def deepspeed_dict(cfg: Config, world_size: int) -> dict:
     opt_type = cfg.deepspeed.get("optimizer", {}).get("type", "AdamW")
     if opt_type == "SGD" and ds.get("zero_optimization", {}).get("stage", 0) > 0:
         ds["zero_allow_untested_optimizer"] = True
+        if offloads_optimizer(ds):
+            ds["zero_force_ds_cpu_optimizer"] = False  # DeepSpeed has no CPU SGD: torch's runs on the CPU
     return ds
 
 
@@ -151,7 +164,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, grid: Any, world_size: int
     import deepspeed
 
     spec = copy.deepcopy(cfg.deepspeed.get("optimizer", {"type": "AdamW", "params": {"lr": 1e-3}}))
-    optimizer = build_optimizer(model, spec)
+    optimizer = build_optimizer(model, spec, offload=offloads_optimizer(cfg.deepspeed))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(cfg.deepspeed.get("scheduler"), cfg.train.steps)
     )
