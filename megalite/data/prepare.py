@@ -303,6 +303,14 @@ def read_manifest(prefix: str | os.PathLike) -> dict | None:
         raise DataError(f"{path}: unreadable manifest ({e})") from e
 
 
+def manifest_tokenizer(prefix: str | os.PathLike) -> str | None:
+    """The tokenizer file a prefix's manifest names (resolved next to the data), or None."""
+    name = (read_manifest(prefix) or {}).get("tokenizer_file")
+    if not name:
+        return None
+    return name if os.path.isabs(name) else os.path.join(os.path.dirname(os.fspath(prefix)), name)
+
+
 # ---------------------------------------------------------------- CLI
 
 

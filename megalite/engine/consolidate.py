@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from megalite import config as config_mod
+from megalite.engine.checkpoint import MANIFEST
 from megalite.errors import CheckpointError
-
-MANIFEST = "manifest.json"
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -35,14 +34,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (p / "checkpoints").is_dir():
         return resolve_checkpoint(p / "checkpoints")
     raise CheckpointError(f"{p}: not a megalite checkpoint (no {MANIFEST}, no 'latest')")
-
-
-def read_manifest(step_dir: Path) -> dict:
-    """The manifest of a complete checkpoint."""
-    try:
-        return json.loads((step_dir / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{step_dir / MANIFEST}: unreadable manifest ({e})") from None
 
 
 def checkpoint_config(manifest: dict, step_dir: Path) -> config_mod.Config:
@@ -187,18 +178,15 @@ def model_from_checkpoint(path: str | os.PathLike, grid=None) -> tuple[config_mo
 
 def find_tokenizer(step_dir: Path, cfg: config_mod.Config, explicit: str | None = None) -> str:
     """The tokenizer of a run: explicit path, the run's output directory, or the data manifest's file."""
+    from megalite.data.prepare import manifest_tokenizer
+
     candidates = [Path(explicit)] if explicit else []
     candidates += [step_dir / "tokenizer.json", step_dir.parent.parent / "tokenizer.json",
                    Path(cfg.train.output_dir) / "tokenizer.json"]
     for prefix in cfg.data.prefixes:
-        manifest = Path(f"{prefix}.json")
-        if manifest.is_file():
-            try:
-                tok = json.loads(manifest.read_text()).get("tokenizer_file")
-            except json.JSONDecodeError:
-                tok = None
-            if tok:
-                candidates.append(Path(tok) if os.path.isabs(tok) else manifest.parent / tok)
+        tok = manifest_tokenizer(prefix)
+        if tok:
+            candidates.append(Path(tok))
     for c in candidates:
         if c.is_file():
             return str(c)
@@ -241,12 +229,12 @@ def _eod_token(cfg: config_mod.Config, tokenizer_file: str) -> tuple[int, str, i
     """(id, text, beginning-of-sequence id or None) of the data's end-of-document token, from its manifest."""
     from tokenizers import Tokenizer
 
+    from megalite.data.prepare import read_manifest
+
     for prefix in cfg.data.prefixes:
-        manifest = Path(f"{prefix}.json")
-        if manifest.is_file():
-            info = json.loads(manifest.read_text())
-            eod_id = info.get("eod_token_id")
-            if eod_id is not None:
-                token = Tokenizer.from_file(tokenizer_file).id_to_token(int(eod_id))
-                return (int(eod_id), token, info.get("bos_token_id")) if token is not None else None
+        info = read_manifest(prefix) or {}
+        eod_id = info.get("eod_token_id")
+        if eod_id is not None:
+            token = Tokenizer.from_file(tokenizer_file).id_to_token(int(eod_id))
+            return (int(eod_id), token, info.get("bos_token_id")) if token is not None else None
     return None

@@ -173,14 +173,11 @@ class Run:
         """Keep the data's tokenizer with the run, so eval/generate/convert find it."""
         import shutil
 
-        from megalite.data.prepare import read_manifest
+        from megalite.data.prepare import manifest_tokenizer
 
-        manifest = read_manifest(self.cfg.data.prefixes[0]) or {}
-        name = manifest.get("tokenizer_file")
-        if name:
-            source = Path(self.cfg.data.prefixes[0]).parent / name
-            if source.is_file():
-                shutil.copyfile(source, self.output_dir / "tokenizer.json")
+        source = manifest_tokenizer(self.cfg.data.prefixes[0])
+        if source and Path(source).is_file():
+            shutil.copyfile(source, self.output_dir / "tokenizer.json")
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg

@@ -22,17 +22,12 @@ import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from megalite.config import ModelConfig, ParallelConfig
+from megalite.model import tensor_parallel_group
 from megalite.model.transformer import Block, Embedding, Norm, check_model_config, lm_logits, lm_loss, rope_cos_sin
 from megalite.model.weights import initialize_parameters, load_full_state_dict, set_init, set_tensor_parallel_attributes
-from megalite.parallel.mappings import Group, group_size
+from megalite.parallel.mappings import group_size
 
 Activations = tuple[torch.Tensor, torch.Tensor]
-
-
-def _group(grid: Any) -> Group:
-    if grid is None or grid.get_tensor_model_parallel_world_size() == 1:
-        return None
-    return grid.get_tensor_model_parallel_group()
 
 
 class _Canonical:
@@ -50,7 +45,7 @@ class EmbeddingPipe(_Canonical, Embedding):
     canonical_prefix = "embedding."
 
     def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int) -> None:
-        group = _group(grid)
+        group = tensor_parallel_group(grid)
         check_model_config(cfg, group_size(group))
         super().__init__(cfg, group, sp)
         self.max_positions = cfg.max_position_embeddings
@@ -73,7 +68,7 @@ class BlockPipe(_Canonical, Block):
     """One Transformer block on (hidden, position_ids)."""
 
     def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int, index: int) -> None:
-        group = _group(grid)
+        group = tensor_parallel_group(grid)
         super().__init__(cfg, group, sp)
         self.canonical_prefix = f"layers.{index}."
         self.rope = (cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
@@ -93,7 +88,7 @@ class FinalNormPipe(_Canonical, Norm):
     canonical_prefix = "final_norm."
 
     def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int) -> None:
-        group = _group(grid)
+        group = tensor_parallel_group(grid)
         super().__init__(cfg, group, sp)
         initialize_parameters(self, seed, group, self.canonical_name)
 
@@ -106,7 +101,7 @@ class HeadPipe(_Canonical, torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int) -> None:
         super().__init__()
-        self.group, self.vocab_size = _group(grid), cfg.vocab_size
+        self.group, self.vocab_size = tensor_parallel_group(grid), cfg.vocab_size
         self.sequence_parallel = sp and group_size(self.group) > 1
         local = cfg.padded_vocab_size // group_size(self.group)
         self.weight = torch.nn.Parameter(torch.empty(local, cfg.hidden_size))
@@ -131,7 +126,7 @@ class PipelineLoss:
     """loss_fn for PipelineModule: (logits shard, labels or (labels, loss_mask)) -> fp32 mean loss."""
 
     def __init__(self, cfg: ModelConfig, grid: Any = None) -> None:
-        self.vocab_size, self.group = cfg.vocab_size, _group(grid)
+        self.vocab_size, self.group = cfg.vocab_size, tensor_parallel_group(grid)
         self.__name__ = "PipelineLoss"
 
     def __call__(self, logits: torch.Tensor, labels: Union[torch.Tensor, tuple]) -> torch.Tensor:
@@ -181,4 +176,4 @@ def load_pipeline_state(module: torch.nn.Module, state: dict[str, torch.Tensor],
     missing = [name for name in params if name not in state]
     if missing:
         raise KeyError(f"state dict lacks {missing}")
-    load_full_state_dict(holder, renamed, _group(grid), strict=True)
+    load_full_state_dict(holder, renamed, tensor_parallel_group(grid), strict=True)
