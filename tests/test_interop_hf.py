@@ -175,3 +175,64 @@ def test_unsupported_architecture_and_missing_tensor(hf_dirs: dict, tmp_path: Pa
     with pytest.raises(ConfigError):
         to_hf(build_model(odd), tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def _rss_anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def _peak_anon_growth(fn) -> tuple[int, object]:
+    """Largest growth of this process's anonymous memory while `fn` runs (sampled every millisecond)."""
+    import threading
+    import time
+
+    base, peak, done = _rss_anon_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon_bytes() - base)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        t.join()
+    return peak[0], result
+
+
+def test_sharded_bf16_import_reads_one_tensor_at_a_time(tmp_path: Path) -> None:
+    """A large checkpoint must not be held whole per rank: import reads tensors as it loads them.
+
+    Eager loading holds the checkpoint (bf16) plus its fp32 copy, about 3x the file; reading one tensor
+    at a time peaks at a few of the largest tensors.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megalite.interop.hf import HFTensors, load_hf_state
+    from megalite.model import build_model, load_full_state_dict
+
+    torch.manual_seed(3)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=12,
+                                      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                                      max_position_embeddings=64))
+    hf.to(torch.bfloat16).save_pretrained(str(tmp_path), max_shard_size="4MB")
+    assert (tmp_path / "model.safetensors.index.json").is_file(), "the checkpoint must be index-sharded"
+    file_bytes = sum(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    assert len(HFTensors(tmp_path)) == len(hf.state_dict())
+
+    cfg, state = load_hf_state(tmp_path, make_vocab_size_divisible_by=8)
+    model = build_model(cfg)
+    growth, _ = _peak_anon_growth(lambda: load_full_state_dict(model, state))
+    assert growth < file_bytes / 3, f"import grew anonymous memory by {growth} bytes for a {file_bytes}-byte file"
+    ours = dict(model.named_parameters())
+    theirs = hf.state_dict()
+    q = theirs["model.layers.11.self_attn.q_proj.weight"].float()
+    torch.testing.assert_close(ours["layers.11.attention.qkv.weight"][: q.shape[0]].detach(), q, rtol=0, atol=0)
+    torch.testing.assert_close(ours["output"][:1000].detach(), theirs["lm_head.weight"].float(), rtol=0, atol=0)

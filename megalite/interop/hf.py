@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -100,26 +101,55 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **ov
     return ModelConfig(**cfg)
 
 
-def load_hf_tensors(path: Union[str, Path]) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face directory's safetensors (single file or index-sharded)."""
-    from safetensors.torch import load_file
+class HFTensors(Mapping):
+    """The tensors of a Hugging Face directory's safetensors (one file or index-sharded), read on access.
 
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        found = sorted(p.name for p in path.glob("*.bin")) or sorted(p.name for p in path.iterdir())
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (found {found}); "
-                              "re-save the model with save_pretrained(safe_serialization=True)")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path}: shard {name} listed in the index is missing")
-        tensors.update(load_file(str(path / name)))
-    return tensors
+    Only names are read up front; each tensor is read from the memory-mapped file when looked up, so
+    loading a large model keeps one tensor at a time in memory, not the whole checkpoint per rank.
+    """
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            found = sorted(p.name for p in self.path.glob("*.bin")) or sorted(p.name for p in self.path.iterdir())
+            raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json (found "
+                                  f"{found}); re-save the model with save_pretrained(safe_serialization=True)")
+        self._files: dict[str, Any] = {}
+        self._where: dict[str, str] = {}
+        for name in files:
+            if not (self.path / name).is_file():
+                raise CheckpointError(f"{self.path}: shard {name} listed in the index is missing")
+            try:
+                handle = safe_open(str(self.path / name), framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"{self.path / name}: unreadable safetensors file ({e})") from None
+            self._files[name] = handle
+            self._where.update(dict.fromkeys(handle.keys(), name))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._files[self._where[name]].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def load_hf_tensors(path: Union[str, Path]) -> HFTensors:
+    """Every tensor of a Hugging Face directory's safetensors, as a mapping that reads on access."""
+    return HFTensors(path)
 
 
 # ----------------------------------------------------------------------------- name mapping
@@ -132,59 +162,95 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-class _Source:
-    """Tensor lookup that names the missing tensor and the directory."""
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
-    def __init__(self, tensors: dict[str, torch.Tensor], where: str, arch: str) -> None:
+
+def _transpose(t: torch.Tensor) -> torch.Tensor:
+    return t.t()
+
+
+def _concat(*ts: torch.Tensor) -> torch.Tensor:
+    return torch.cat(ts)
+
+
+class MappedState(Mapping):
+    """megalite's canonical state dict over Hugging Face tensors, each built when looked up.
+
+    A value is (function, source names): looking it up reads those tensors and applies the function,
+    so a loader that takes one parameter at a time never holds the whole model.
+    """
+
+    def __init__(self, tensors: Mapping, recipes: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...]]]):
+        self.tensors, self.recipes = tensors, recipes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        fn, sources = self.recipes[name]
+        return fn(*(self.tensors[s] for s in sources))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.recipes)
+
+    def __len__(self) -> int:
+        return len(self.recipes)
+
+
+class _Source:
+    """Resolves a tensor's name among candidates, naming the missing tensor and the directory."""
+
+    def __init__(self, tensors: Mapping, where: str, arch: str) -> None:
         self.tensors, self.where, self.arch = tensors, where, arch
 
-    def __call__(self, *candidates: str) -> torch.Tensor:
+    def __call__(self, *candidates: str) -> str:
         for name in candidates:
             if name in self.tensors:
-                return self.tensors[name]
+                return name
         raise CheckpointError(f"{self.where}: tensor {candidates[0]!r} is missing from the {self.arch} checkpoint")
 
 
-def hf_to_megalite_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor], arch: str,
-                         where: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Map Hugging Face tensors to megalite's full, canonical state dict."""
+def hf_to_megalite_state(cfg: ModelConfig, tensors: Mapping, arch: str, where: str = "checkpoint") -> MappedState:
+    """Map Hugging Face tensors to megalite's full, canonical state dict (built lazily, checked now)."""
     get = _Source(tensors, where, arch)
     vp = cfg.padded_vocab_size
-    s: dict[str, torch.Tensor] = {}
+
+    def pad_vocab(t: torch.Tensor) -> torch.Tensor:
+        return _pad_rows(t, vp)
+
+    s: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...]]] = {}
     if arch == "gpt2":
-        def g(name: str) -> torch.Tensor:
+        def g(name: str) -> str:
             return get(f"transformer.{name}", name)
 
-        s["embedding.word.weight"] = _pad_rows(g("wte.weight"), vp)
-        s["embedding.position.weight"] = g("wpe.weight")
+        s["embedding.word.weight"] = (pad_vocab, (g("wte.weight"),))
+        s["embedding.position.weight"] = (_same, (g("wpe.weight"),))
         for i in range(cfg.num_layers):
             p, m = f"h.{i}.", f"layers.{i}."
             for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                s[m + ours + ".weight"] = g(p + theirs + ".weight")
-                s[m + ours + ".bias"] = g(p + theirs + ".bias")
+                s[m + ours + ".weight"] = (_same, (g(p + theirs + ".weight"),))
+                s[m + ours + ".bias"] = (_same, (g(p + theirs + ".bias"),))
             # GPT-2's Conv1D stores (in, out): transpose to Linear's (out, in). c_attn's outputs are [q, k, v].
             for ours, theirs in (("attention.qkv", "attn.c_attn"), ("attention.proj", "attn.c_proj"),
                                  ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                s[m + ours + ".weight"] = g(p + theirs + ".weight").t()
-                s[m + ours + ".bias"] = g(p + theirs + ".bias")
-        s["final_norm.weight"] = g("ln_f.weight")
-        s["final_norm.bias"] = g("ln_f.bias")
+                s[m + ours + ".weight"] = (_transpose, (g(p + theirs + ".weight"),))
+                s[m + ours + ".bias"] = (_same, (g(p + theirs + ".bias"),))
+        s["final_norm.weight"] = (_same, (g("ln_f.weight"),))
+        s["final_norm.bias"] = (_same, (g("ln_f.bias"),))
     else:
-        s["embedding.word.weight"] = _pad_rows(get("model.embed_tokens.weight"), vp)
+        s["embedding.word.weight"] = (pad_vocab, (get("model.embed_tokens.weight"),))
         for i in range(cfg.num_layers):
             p, m = f"model.layers.{i}.", f"layers.{i}."
-            s[m + "norm1.weight"] = get(p + "input_layernorm.weight")
-            s[m + "norm2.weight"] = get(p + "post_attention_layernorm.weight")
+            s[m + "norm1.weight"] = (_same, (get(p + "input_layernorm.weight"),))
+            s[m + "norm2.weight"] = (_same, (get(p + "post_attention_layernorm.weight"),))
             suffixes = ("weight", "bias") if cfg.bias else ("weight",)
             for w in suffixes:
-                s[m + "attention.qkv." + w] = torch.cat([get(p + f"self_attn.{x}_proj.{w}") for x in "qkv"])
-                s[m + "attention.proj." + w] = get(p + f"self_attn.o_proj.{w}")
-                s[m + "mlp.fc." + w] = torch.cat([get(p + f"mlp.{x}_proj.{w}") for x in ("gate", "up")])
-                s[m + "mlp.proj." + w] = get(p + f"mlp.down_proj.{w}")
-        s["final_norm.weight"] = get("model.norm.weight")
+                s[m + "attention.qkv." + w] = (_concat, tuple(get(p + f"self_attn.{x}_proj.{w}") for x in "qkv"))
+                s[m + "attention.proj." + w] = (_same, (get(p + f"self_attn.o_proj.{w}"),))
+                s[m + "mlp.fc." + w] = (_concat, tuple(get(p + f"mlp.{x}_proj.{w}") for x in ("gate", "up")))
+                s[m + "mlp.proj." + w] = (_same, (get(p + f"mlp.down_proj.{w}"),))
+        s["final_norm.weight"] = (_same, (get("model.norm.weight"),))
         if not cfg.tied_embeddings:
-            s["output"] = _pad_rows(get("lm_head.weight"), vp)
-    return s
+            s["output"] = (pad_vocab, (get("lm_head.weight"),))
+    return MappedState(tensors, s)
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
@@ -273,9 +339,9 @@ def hf_config_dict(cfg: ModelConfig, base: Optional[dict] = None) -> Any:
 
 
 def load_hf_state(path: Union[str, Path], make_vocab_size_divisible_by: int = 128,
-                  **overrides: Any) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The ModelConfig and full canonical state dict of a Hugging Face directory (for pipeline stages:
-    `megalite.model.pipeline.load_pipeline_state(module, state, grid)`)."""
+                  **overrides: Any) -> tuple[ModelConfig, MappedState]:
+    """The ModelConfig and full canonical state dict of a Hugging Face directory, read tensor by tensor as it
+    is looked up (for pipeline stages: `megalite.model.pipeline.load_pipeline_state(module, state, grid)`)."""
     hf = read_hf_config(path)
     cfg = model_config_from_hf(hf, make_vocab_size_divisible_by, **overrides)
     return cfg, hf_to_megalite_state(cfg, load_hf_tensors(path), hf["model_type"], str(path))
@@ -306,13 +372,13 @@ def from_hf(
     else:  # a transformers PreTrainedModel
         hf = path_or_model.config.to_dict()
         cfg = model_config_from_hf(hf, make_vocab_size_divisible_by, **overrides)
-        state = hf_to_megalite_state(cfg, dict(path_or_model.state_dict()), hf["model_type"],
+        state = hf_to_megalite_state(cfg, path_or_model.state_dict(), hf["model_type"],
                                      type(path_or_model).__name__)
         source_dir = getattr(path_or_model.config, "_name_or_path", None) or None
     if parallel_cfg is None:
         parallel_cfg = ParallelConfig(tensor=grid.get_tensor_model_parallel_world_size() if grid is not None else 1)
     model = build_model(cfg, parallel_cfg, grid, seed=seed, device=device, dtype=dtype)
-    load_full_state_dict(model, {k: v.float() for k, v in state.items()}, model.group)
+    load_full_state_dict(model, state, model.group)
     model.hf_source = {"path": source_dir, "config": hf}
     return model
 

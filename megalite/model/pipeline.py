@@ -16,6 +16,7 @@ Batches are ((input_ids, position_ids), (labels, loss_mask)); position_ids may b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
@@ -24,7 +25,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from megalite.config import ModelConfig, ParallelConfig
 from megalite.model import tensor_parallel_group
 from megalite.model.transformer import Block, Embedding, Norm, check_model_config, lm_logits, lm_loss, rope_cos_sin
-from megalite.model.weights import initialize_parameters, load_full_state_dict, set_init, set_tensor_parallel_attributes
+from megalite.model.weights import initialize_parameters, load_full_tensors, set_init, set_tensor_parallel_attributes
 from megalite.parallel.mappings import group_size
 
 Activations = tuple[torch.Tensor, torch.Tensor]
@@ -165,15 +166,10 @@ def canonical_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Paramete
 
 
 @torch.no_grad()
-def load_pipeline_state(module: torch.nn.Module, state: dict[str, torch.Tensor], grid: Any = None) -> None:
-    """Copy a full canonical state dict (e.g. from `from_hf`'s mapping) into this stage's shards."""
-    holder = torch.nn.Module()
+def load_pipeline_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], grid: Any = None) -> None:
+    """Copy a full canonical state dict (e.g. `load_hf_state`'s, read lazily) into this stage's shards."""
     params = canonical_parameters(module)
-    # Reuse the sharding loader on a flat view of this stage's parameters.
-    for i, p in enumerate(params.values()):
-        holder.register_parameter(f"p{i}", p)
-    renamed = {f"p{i}": state[name] for i, name in enumerate(params) if name in state}
     missing = [name for name in params if name not in state]
     if missing:
         raise KeyError(f"state dict lacks {missing}")
-    load_full_state_dict(holder, renamed, tensor_parallel_group(grid), strict=True)
+    load_full_tensors(params, state, tensor_parallel_group(grid))

@@ -15,7 +15,7 @@ keeps this rank's shard: the same seed gives the same model whatever the TP degr
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Optional
 
 import torch
@@ -126,26 +126,35 @@ def full_grads(module: torch.nn.Module, group: Group = None) -> dict[str, Option
 
 
 @torch.no_grad()
-def load_full_state_dict(
-    module: torch.nn.Module, state: dict[str, torch.Tensor], group: Group = None, strict: bool = True
-) -> list[str]:
-    """Copy full tensors into this rank's shards; returns the names of parameters not in `state`."""
+def load_full_tensors(
+    params: Mapping[str, torch.nn.Parameter], state: Mapping[str, torch.Tensor], group: Group = None
+) -> None:
+    """Copy the full tensor `state[name]` into this rank's shard of `params[name]`, for every name of `params`.
+
+    One tensor is looked up at a time, so a lazily read `state` (a Hugging Face import) never holds the
+    whole model in memory.
+    """
     rank, size = group_rank(group), group_size(group)
-    missing = []
-    params = dict(module.named_parameters())
     for name, p in params.items():
-        if name not in state:
-            missing.append(name)
-            continue
         full = state[name]
         want = full_shape(p, size)
         if tuple(full.shape) != want:
             raise ValueError(f"{name}: expected full shape {want}, got {tuple(full.shape)}")
         p.copy_(shard_tensor(full, p, rank, size).to(dtype=p.dtype, device=p.device))
+        del full
+
+
+def load_full_state_dict(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], group: Group = None, strict: bool = True
+) -> list[str]:
+    """Copy full tensors into this rank's shards; returns the names of parameters not in `state`."""
+    params = dict(module.named_parameters())
+    missing = [name for name in params if name not in state]
     if strict:
         unexpected = sorted(set(state) - set(params))
         if missing or unexpected:
             raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    load_full_tensors({n: p for n, p in params.items() if n in state}, state, group)
     return missing
 
 
