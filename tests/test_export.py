@@ -17,11 +17,12 @@ from tests.engine_utils import tiny_config, write_token_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 4
-# Four layouts over 4 ranks with the same global batch (4) and sample stream, so the same weights.
+# Five layouts over 4 ranks with the same global batch (4) and sample stream, so the same weights.
 LAYOUTS = {
     "tp1_zero2": {"deepspeed": {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}},
     "tp1_zero3": {"deepspeed": {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}},
     "tp2_zero1": {"parallel": {"tensor": 2}, "deepspeed": {"zero_optimization": {"stage": 1}}},
+    "tp2_zero3": {"parallel": {"tensor": 2}, "deepspeed": {"zero_optimization": {"stage": 3}}},
     "tp2_pp2": {"parallel": {"tensor": 2, "pipeline": 2},
                 "deepspeed": {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
                               "zero_optimization": {"stage": 1}}},
