@@ -33,6 +33,22 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for a longer context (Hugging Face's `rope_scaling` / `rope_parameters`).
+
+    `linear` divides every frequency by `factor` (position interpolation). `llama3` (Llama 3.1+) divides
+    only the low frequencies (wavelengths above original/low_freq_factor positions) by `factor`, keeps
+    the high ones (wavelengths below original/high_freq_factor) and blends smoothly in between.
+    """
+
+    type: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
 class ModelConfig:
     """Shape of a decoder-only Transformer (GPT-2 or Llama family)."""
 
@@ -48,6 +64,7 @@ class ModelConfig:
     mlp: Literal["gelu", "swiglu"] = "gelu"
     position: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScalingConfig] = None
     bias: bool = True
     tied_embeddings: bool = True
     hidden_dropout: float = 0.0
@@ -425,6 +442,15 @@ def from_dict(raw: Any, world_size: int | None = None, source: str | None = None
     return cfg
 
 
+def model_config_from_dict(raw: Any, source: str = "model") -> ModelConfig:
+    """A ModelConfig alone (a saved model's config.json), with the same type checks as a run's `model`."""
+    errors: list[str] = []
+    cfg = _build(ModelConfig, raw, source, errors)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
 def load(path: str | os.PathLike, overrides: list[str] | None = None, world_size: int | None = None) -> Config:
     """Load a run config file, apply `--set` overrides, validate. Raises ConfigError."""
     path = Path(path)
@@ -445,6 +471,26 @@ def _positive(errors: list[str], key: str, value: Any, allow_zero: bool = False)
         return  # type errors are reported elsewhere
     if value < 0 or (value == 0 and not allow_zero):
         errors.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def rope_scaling_errors(m: ModelConfig) -> list[str]:
+    """Problems with `model.rope_scaling` (also checked where a model is built outside a run)."""
+    r = m.rope_scaling
+    if r is None:
+        return []
+    errors = []
+    if m.position != "rope":
+        errors.append(f"model.rope_scaling: needs model.position='rope', got {m.position!r}")
+    if not r.factor > 0:
+        errors.append(f"model.rope_scaling.factor: must be > 0, got {r.factor}")
+    if r.type == "llama3":
+        if not 0 < r.low_freq_factor < r.high_freq_factor:
+            errors.append(f"model.rope_scaling: llama3 needs 0 < low_freq_factor < high_freq_factor, got "
+                          f"{r.low_freq_factor} and {r.high_freq_factor}")
+        if r.original_max_position_embeddings <= 0:
+            errors.append("model.rope_scaling.original_max_position_embeddings: must be > 0, got "
+                          f"{r.original_max_position_embeddings}")
+    return errors
 
 
 def _validate_deepspeed(ds: dict, errors: list[str]) -> None:
@@ -568,6 +614,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if m.position == "rope" and m.head_dim % 2:
         errors.append(f"model.position: rope needs an even head dimension, got {m.head_dim}")
+    errors.extend(rope_scaling_errors(m))
     if m.num_layers < p.pipeline:
         errors.append(f"model.num_layers: {m.num_layers} layers cannot fill parallel.pipeline={p.pipeline} stages")
     if d.seq_length > m.max_position_embeddings:

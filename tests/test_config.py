@@ -84,6 +84,10 @@ BAD = [
     ("deepspeed.zero_optimization.stage", 4, 1, "deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got 4"),
     ("train.resume", "always", 1, "train.resume: 'always' is not one of 'auto', 'must', 'never'"),
     ("train.kernels", "cuda", 1, "train.kernels: 'cuda' is not one of"),
+    ("model.rope_scaling", {"type": "linear", "factor": 2.0}, 1, "model.rope_scaling: needs model.position='rope'"),
+    ("model.rope_scaling", {"type": "yarn", "factor": 2.0}, 1, "model.rope_scaling.type: 'yarn' is not one of 'linear', 'llama3'"),
+    ("model.rope_scaling", {"type": "linear"}, 1, "model.rope_scaling.factor: required key is missing"),
+    ("model.rope_scaling", {"type": "linear", "factr": 2.0}, 1, "model.rope_scaling.factr: unknown key (did you mean 'factor'?)"),
 ]
 BAD = [b for b in BAD if b[3] is not None]
 
@@ -115,6 +119,26 @@ def test_structural_rules_needing_two_changes():
     raw = with_change("model.vocab_size", 1002, raw)
     with pytest.raises(ConfigError, match=r"padded vocabulary 1002 is not divisible by parallel.tensor=4"):
         C.from_dict(raw, world_size=4)
+
+
+def test_rope_scaling_rules_and_round_trip():
+    rope = with_change("model.position", "rope")
+    raw = with_change("model.rope_scaling", {"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                                             "high_freq_factor": 4.0}, rope)
+    with pytest.raises(ConfigError, match=r"llama3 needs 0 < low_freq_factor < high_freq_factor, got 4.0 and 4.0"):
+        C.from_dict(raw, world_size=1)
+    with pytest.raises(ConfigError, match=r"model.rope_scaling.factor: must be > 0, got 0.0"):
+        C.from_dict(with_change("model.rope_scaling", {"type": "linear", "factor": 0.0}, rope), world_size=1)
+    good = with_change("model.rope_scaling", {"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16},
+                       rope)
+    cfg = C.from_dict(good, world_size=1)
+    assert cfg.model.rope_scaling == C.RopeScalingConfig(type="llama3", factor=8.0, original_max_position_embeddings=16)
+    assert C.from_dict(cfg.to_dict(), world_size=1) == cfg
+    over = C.apply_overrides(good, ["model.rope_scaling.factor=4"])
+    assert C.from_dict(over, world_size=1).model.rope_scaling.factor == 4.0
+    assert C.model_config_from_dict(good["model"]) == cfg.model
+    with pytest.raises(ConfigError, match=r"saved/model.json.rope_scaling.type: 'ntk' is not one of"):
+        C.model_config_from_dict({**good["model"], "rope_scaling": {"type": "ntk", "factor": 2.0}}, "saved/model.json")
 
 
 def test_every_error_is_reported_at_once():

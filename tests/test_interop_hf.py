@@ -156,9 +156,9 @@ def test_unsupported_architecture_and_missing_tensor(hf_dirs: dict, tmp_path: Pa
 
     scaled = tmp_path / "scaled"
     shutil.copytree(path, scaled)
-    (scaled / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "llama3",
+    (scaled / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "dynamic",
                                                                               "rope_theta": 5e5}}))
-    with pytest.raises(CheckpointError, match="llama3"):
+    with pytest.raises(CheckpointError, match="dynamic"):
         from_hf(scaled)
 
     empty = tmp_path / "empty"
@@ -236,3 +236,69 @@ def test_sharded_bf16_import_reads_one_tensor_at_a_time(tmp_path: Path) -> None:
     q = theirs["model.layers.11.self_attn.q_proj.weight"].float()
     torch.testing.assert_close(ours["layers.11.attention.qkv.weight"][: q.shape[0]].detach(), q, rtol=0, atol=0)
     torch.testing.assert_close(ours["output"][:1000].detach(), theirs["lm_head.weight"].float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("old_style", [False, True], ids=["rope_parameters", "rope_scaling"])
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "linear", "factor": 3.0},
+], ids=["llama3", "linear"])
+def test_rope_scaling_matches_transformers(rope: dict, old_style: bool, tmp_path: Path) -> None:
+    """Llama 3.1-style and linear RoPE scaling, read from transformers 5's `rope_parameters` or the older
+    `rope_theta` + `rope_scaling` keys, give transformers' logits past the original context, and export."""
+    import dataclasses
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megalite.interop import from_hf, to_hf
+    from megalite.model.transformer import rope_frequencies
+
+    torch.manual_seed(5)
+    # head_dim 16, theta 1e4: wavelengths 6.3 ... 2e4 positions, so with original 64 the llama3 rule keeps
+    # the first frequency, blends the next two and stretches the rest.
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False, rope_parameters={"rope_theta": 1e4, **rope}))
+    _perturb(hf)
+    hf.eval()
+    hf.save_pretrained(str(tmp_path / "in"))
+    if old_style:
+        cfg_file = tmp_path / "in" / "config.json"
+        raw = json.loads(cfg_file.read_text())
+        params = raw.pop("rope_parameters")
+        raw["rope_theta"] = params.pop("rope_theta")
+        raw["rope_scaling"] = {"type" if rope["rope_type"] == "linear" else "rope_type": params.pop("rope_type"),
+                               **params}
+        cfg_file.write_text(json.dumps(raw))
+    ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(ids).logits
+
+    model = from_hf(tmp_path / "in")
+    model.eval()
+    scaling = model.config.rope_scaling
+    assert scaling is not None and scaling.type == rope["rope_type"] and scaling.factor == rope["factor"]
+    plain = rope_frequencies(dataclasses.replace(model.config, rope_scaling=None))
+    assert not torch.allclose(rope_frequencies(model.config), plain), "the scaling must change the frequencies"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, gather_logits=True)[..., :VOCAB], expected, rtol=0, atol=1e-4)
+    out = to_hf(model, tmp_path / "out")
+    torch.testing.assert_close(_hf_logits(out, ids), expected, rtol=0, atol=1e-4)
+
+
+def test_unsupported_rope_scaling_is_named(hf_dirs: dict, tmp_path: Path) -> None:
+    from megalite.errors import CheckpointError, ConfigError
+    from megalite.interop import from_hf
+
+    path, _ = hf_dirs["llama"]
+    for params, fragment in (({"rope_type": "yarn", "factor": 4.0}, "'yarn' is not supported"),
+                             ({"rope_type": "linear"}, "needs a `factor`"),
+                             ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0},
+                              "low_freq_factor < high_freq_factor")):
+        d = tmp_path / params["rope_type"]
+        shutil.copytree(path, d, dirs_exist_ok=True)
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_theta": 5e5, **params}}))
+        with pytest.raises((CheckpointError, ConfigError), match=fragment):
+            from_hf(d)

@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from megalite.config import ModelConfig, ParallelConfig
+from megalite.config import ModelConfig, ParallelConfig, RopeScalingConfig
 from megalite.errors import CheckpointError, ConfigError
 
 TOKENIZER_FILES = (
@@ -44,14 +44,23 @@ def read_hf_config(path: Union[str, Path]) -> dict:
         raise CheckpointError(f"{cfg_file}: not valid JSON: {e}") from None
 
 
-def _rope_theta(hf: dict) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for section, key in ((params, "rope_parameters"), (scaling, "rope_scaling")):
-        kind = section.get("rope_type", section.get("type", "default"))
-        if kind not in ("default", None):
-            raise CheckpointError(f"{key}.rope_type={kind!r} is not supported (megalite implements plain RoPE)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def _rope(hf: dict) -> tuple[float, Optional[RopeScalingConfig]]:
+    """RoPE base and scaling from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older)."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in ("default", None):
+        return theta, None
+    if kind not in ("linear", "llama3"):
+        raise CheckpointError(f"rope_parameters.rope_type={kind!r} is not supported (megalite implements plain, "
+                              "linear and llama3 RoPE)")
+    if params.get("attention_factor") not in (None, 1.0):
+        raise CheckpointError(f"rope_parameters.attention_factor={params['attention_factor']!r} is not supported")
+    keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    fields = {k: v for k, v in params.items() if k in keys}
+    if "factor" not in fields:
+        raise CheckpointError(f"rope_parameters: rope_type={kind!r} needs a `factor`")
+    return theta, RopeScalingConfig(type=kind, **fields)
 
 
 def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **overrides: Any) -> ModelConfig:
@@ -82,6 +91,7 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **ov
         if hf.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"llama hidden_act={hf['hidden_act']!r} is not supported (megalite uses SwiGLU)")
         h, heads = hf["hidden_size"], hf["num_attention_heads"]
+        theta, rope_scaling = _rope(hf)
         if hf.get("head_dim") not in (None, h // heads):
             raise CheckpointError(
                 f"llama head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported"
@@ -92,7 +102,8 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **ov
             vocab_size=hf["vocab_size"], hidden_size=h, num_layers=hf["num_hidden_layers"], num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
             max_position_embeddings=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
-            norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", position="rope", rope_theta=_rope_theta(hf),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", position="rope", rope_theta=theta,
+            rope_scaling=rope_scaling,
             bias=bool(hf.get("attention_bias", False)), tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
             init_std=hf.get("initializer_range", 0.02),
         )
@@ -324,7 +335,13 @@ def hf_config_dict(cfg: ModelConfig, base: Optional[dict] = None) -> Any:
             embd_pdrop=cfg.hidden_dropout, attn_pdrop=cfg.attention_dropout, initializer_range=cfg.init_std,
             tie_word_embeddings=True, architectures=["GPT2LMHeadModel"], **keep,
         )
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        r = cfg.rope_scaling
+        rope.update(rope_type=r.type, factor=r.factor)
+        if r.type == "llama3":
+            rope.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
+                        original_max_position_embeddings=r.original_max_position_embeddings)
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,

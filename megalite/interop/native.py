@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from megalite.config import ModelConfig, ParallelConfig
+from megalite.config import ParallelConfig, model_config_from_dict
 from megalite.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
@@ -51,18 +51,21 @@ def save_weights(model: torch.nn.Module, out_dir: Union[str, Path], tokenizer_di
 def load_weights(path: Union[str, Path], grid: Any = None, parallel_cfg: Optional[ParallelConfig] = None,
                  dtype: Optional[torch.dtype] = None, device: Optional[Union[str, torch.device]] = None,
                  **overrides: Any) -> torch.nn.Module:
-    """Build the model of a weights directory, holding this TP rank's shards."""
-    from safetensors.torch import load_file
-
+    """Build the model of a weights directory, holding this TP rank's shards (read one tensor at a time)."""
+    from megalite.interop.hf import HFTensors
     from megalite.model import build_model
     from megalite.model.weights import load_full_state_dict
 
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path}: expected {CONFIG} and {WEIGHTS} (written by `megalite convert`)")
-    cfg = ModelConfig(**{**json.loads((path / CONFIG).read_text()), **overrides})
+    try:
+        raw = json.loads((path / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / CONFIG}: not valid JSON: {e}") from None
+    cfg = model_config_from_dict({**raw, **overrides}, str(path / CONFIG))
     model = build_model(cfg, parallel_cfg, grid, device=device, dtype=dtype)
-    state = load_file(str(path / WEIGHTS))
+    state = HFTensors(path)
     try:
         load_full_state_dict(model, state, model.group)
     except (KeyError, ValueError) as e:

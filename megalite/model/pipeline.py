@@ -24,7 +24,16 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from megalite.config import ModelConfig, ParallelConfig
 from megalite.model import tensor_parallel_group
-from megalite.model.transformer import Block, Embedding, Norm, check_model_config, lm_logits, lm_loss, rope_cos_sin
+from megalite.model.transformer import (
+    Block,
+    Embedding,
+    Norm,
+    check_model_config,
+    lm_logits,
+    lm_loss,
+    rope_cos_sin,
+    rope_frequencies,
+)
 from megalite.model.weights import initialize_parameters, load_full_tensors, set_init, set_tensor_parallel_attributes
 from megalite.parallel.mappings import group_size
 
@@ -72,14 +81,14 @@ class BlockPipe(_Canonical, Block):
         group = tensor_parallel_group(grid)
         super().__init__(cfg, group, sp)
         self.canonical_prefix = f"layers.{index}."
-        self.rope = (cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
+        self.rope_config = cfg if cfg.position == "rope" else None
         initialize_parameters(self, seed, group, self.canonical_name)
 
     def forward(self, inputs: Activations) -> Activations:  # type: ignore[override]
         x, pos = inputs
         cos = sin = None
-        if self.rope is not None:
-            cos, sin = rope_cos_sin(pos, *self.rope, x.dtype)
+        if self.rope_config is not None:
+            cos, sin = rope_cos_sin(pos, rope_frequencies(self.rope_config, x.device), x.dtype)
         return super().forward(x, cos, sin), pos
 
 

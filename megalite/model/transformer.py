@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megalite import kernels
-from megalite.config import ModelConfig, ParallelConfig
+from megalite.config import ModelConfig, ParallelConfig, rope_scaling_errors
 from megalite.errors import ConfigError, DataError
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import (
@@ -74,12 +74,29 @@ class Norm(torch.nn.Module):
         return kernels.rms_norm(x, w, self.eps)
 
 
+def rope_frequencies(cfg: ModelConfig, device: Optional[torch.device] = None) -> torch.Tensor:
+    """RoPE inverse frequencies (D/2,) in fp32 with `cfg.rope_scaling` applied, computed as Hugging Face does."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    r = cfg.rope_scaling
+    if r is None:
+        return inv_freq
+    if r.type == "linear":
+        return inv_freq / r.factor
+    # llama3: wavelengths longer than original/low_freq_factor positions are stretched by `factor`, those
+    # shorter than original/high_freq_factor kept, and the band between interpolated.
+    wavelength = 2 * math.pi / inv_freq
+    original = r.original_max_position_embeddings
+    smooth = (original / wavelength - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / r.factor + smooth * inv_freq
+    stretched = torch.where(wavelength > original / r.low_freq_factor, inv_freq / r.factor, blended)
+    return torch.where(wavelength < original / r.high_freq_factor, inv_freq, stretched)
+
+
 def rope_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (B, 1, T, D) for rotate-half RoPE (the Hugging Face Llama convention)."""
-    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta**exponents)
     freqs = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, D/2), fp32 like HF
     emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # (B, 1, T, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -364,7 +381,7 @@ class Transformer(torch.nn.Module):
         x = self.embedding(input_ids, position_ids)  # (B, T, H) or (B, T/tp, H)
         cos = sin = None
         if self.config.position == "rope":
-            cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+            cos, sin = rope_cos_sin(position_ids, rope_frequencies(self.config, x.device), x.dtype)
         ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.layers):
             if ckpt:
@@ -420,6 +437,7 @@ def check_model_config(cfg: ModelConfig, tp: int) -> None:
             errors.append(f"model.{key}: {value} is not divisible by parallel.tensor={tp}")
     if cfg.position == "rope" and cfg.head_dim % 2:
         errors.append(f"model.position: rope needs an even head dimension, got {cfg.head_dim}")
+    errors.extend(rope_scaling_errors(cfg))
     if cfg.attention_dropout > 0:
         errors.append(
             f"model.attention_dropout: {cfg.attention_dropout} is not supported (megalite.kernels.attention has no "
