@@ -99,6 +99,18 @@ def test_blending(prefixes: list[str], tmp_path: Path) -> None:
     first = train.datasets[1]
     k = int(np.nonzero(train.dataset_index == 1)[0][5])
     assert train[k]["input_ids"].tolist() == first[int(train.dataset_sample_index[k])]["input_ids"].tolist()
+    # The order is cached like the components' (built once, memory-mapped by every rank and worker) and the
+    # cached order is the one computed in memory.
+    assert isinstance(train.dataset_index, np.memmap) and isinstance(train.dataset_sample_index, np.memmap)
+    assert len(list(tmp_path.glob("blend.*.done.json"))) == 1
+    again, _, _ = build_datasets(prefixes, [0.25, 0.75], "1", seq, seed=1, num_samples=(400, 0, 0),
+                                 cache_dir=str(tmp_path))
+    memory = BlendedDataset(train.datasets, train.counts)
+    assert not isinstance(memory.dataset_index, np.memmap)
+    for got in (again, memory, pickle.loads(pickle.dumps(train))):
+        assert np.array_equal(got.dataset_index, train.dataset_index)
+        assert np.array_equal(got.dataset_sample_index, train.dataset_sample_index)
+    assert len(pickle.dumps(train)) < train.dataset_sample_index.nbytes  # file names travel, not the arrays
     # Without weights or sample counts: one epoch of each prefix.
     natural, _, _ = build_datasets(prefixes, None, "1", seq, seed=1, cache_dir=str(tmp_path))
     assert natural.counts == [d.samples_per_epoch for d in natural.datasets]

@@ -134,6 +134,25 @@ def cached_arrays(
     return load()
 
 
+def _arrays_by_name(state: dict, names: tuple[str, ...]) -> dict:
+    """A picklable copy of `state` whose memory-mapped cache arrays travel as file names, not as copies
+    (a DataLoader worker maps them again)."""
+    state = dict(state)
+    for name in names:
+        arr = state[name]
+        if isinstance(arr, np.memmap) and arr.filename:
+            state[name] = ("__npy__", arr.filename)
+    return state
+
+
+def _arrays_mapped(state: dict, names: tuple[str, ...]) -> dict:
+    """The inverse of `_arrays_by_name`."""
+    for name in names:
+        if isinstance(state[name], tuple):
+            state[name] = np.load(state[name][1], mmap_mode="r")
+    return state
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """Packed samples of `seq_length + 1` tokens from some documents of an indexed dataset."""
 
@@ -199,25 +218,18 @@ class GPTDataset(torch.utils.data.Dataset):
 
         if cache_dir is None:
             cache_dir = os.path.join(os.path.dirname(os.path.abspath(indexed.prefix)), "megalite_cache")
+        self.cache_key = key
         arrays = cached_arrays(cache_dir, key, ("doc_idx", "offsets", "shuffle_idx"), build, wait_timeout_s, describe)
         self.doc_idx, self.offsets, self.shuffle_idx = arrays["doc_idx"], arrays["offsets"], arrays["shuffle_idx"]
         self._starts = indexed.sequence_pointers // indexed.dtype.itemsize  # token offset of each document
 
     def __getstate__(self) -> dict:
-        # Cached order arrays travel as file names (a DataLoader worker maps them again), not as copies.
-        state = dict(self.__dict__)
+        state = _arrays_by_name(self.__dict__, ("doc_idx", "offsets", "shuffle_idx"))
         del state["_starts"]
-        for name in ("doc_idx", "offsets", "shuffle_idx"):
-            arr = state[name]
-            if isinstance(arr, np.memmap) and arr.filename:
-                state[name] = ("__npy__", arr.filename)
         return state
 
     def __setstate__(self, state: dict) -> None:
-        for name in ("doc_idx", "offsets", "shuffle_idx"):
-            if isinstance(state[name], tuple):
-                state[name] = np.load(state[name][1], mmap_mode="r")
-        self.__dict__.update(state)
+        self.__dict__.update(_arrays_mapped(state, ("doc_idx", "offsets", "shuffle_idx")))
         self._starts = self.indexed.sequence_pointers // self.indexed.dtype.itemsize
 
     def __len__(self) -> int:
@@ -279,9 +291,19 @@ def blend_counts(weights: list[float], size: int) -> list[int]:
 
 
 class BlendedDataset(torch.utils.data.Dataset):
-    """Interleaves datasets: dataset d gives `counts[d]` samples spread evenly over the blend."""
+    """Interleaves datasets: dataset d gives `counts[d]` samples spread evenly over the blend.
 
-    def __init__(self, datasets: list[torch.utils.data.Dataset], counts: list[int]):
+    With `cache_dir` the order (10 bytes a sample) is built once by rank 0 and memory-mapped by every
+    rank, like the components' own orders, instead of being sorted again in each rank's memory.
+    """
+
+    def __init__(
+        self,
+        datasets: list[torch.utils.data.Dataset],
+        counts: list[int],
+        cache_dir: str | None = None,
+        wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+    ):
         if len(datasets) != len(counts):
             raise DataError(f"blend: {len(datasets)} datasets but {len(counts)} counts")
         for ds, c in zip(datasets, counts):
@@ -289,12 +311,32 @@ class BlendedDataset(torch.utils.data.Dataset):
                 raise DataError(f"blend: {c} samples wanted from a dataset of {len(ds)}")
         self.datasets = datasets
         self.counts = counts
-        # Sample k of dataset d sits at (k + 0.5) / counts[d] of the way through: a deterministic, even mix.
-        keys = np.concatenate([(np.arange(c) + 0.5) / c for c in counts])
-        ds_ids = np.concatenate([np.full(c, d, dtype=np.int16) for d, c in enumerate(counts)])
-        order = np.lexsort((ds_ids, keys))
-        self.dataset_index = ds_ids[order]
-        self.dataset_sample_index = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])[order]
+
+        def build() -> dict[str, np.ndarray]:
+            # Sample k of dataset d sits at (k + 0.5) / counts[d] of the way through: a deterministic, even mix.
+            keys = np.concatenate([(np.arange(c) + 0.5) / c for c in counts])
+            ds_ids = np.concatenate([np.full(c, d, dtype=np.int16) for d, c in enumerate(counts)])
+            order = np.lexsort((ds_ids, keys))
+            del keys
+            samples = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])[order]
+            return {"dataset_index": ds_ids[order], "dataset_sample_index": samples}
+
+        # The order depends only on the counts; the components' keys name the data it indexes.
+        components = [getattr(ds, "cache_key", None) for ds in datasets]
+        if cache_dir is None or None in components:
+            arrays = build()
+        else:
+            describe = {"version": CACHE_VERSION, "components": components, "counts": [int(c) for c in counts]}
+            key = "blend." + hashlib.sha256(json.dumps(describe, sort_keys=True).encode()).hexdigest()[:16]
+            arrays = cached_arrays(cache_dir, key, ("dataset_index", "dataset_sample_index"), build, wait_timeout_s,
+                                   describe)
+        self.dataset_index, self.dataset_sample_index = arrays["dataset_index"], arrays["dataset_sample_index"]
+
+    def __getstate__(self) -> dict:
+        return _arrays_by_name(self.__dict__, ("dataset_index", "dataset_sample_index"))
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(_arrays_mapped(state, ("dataset_index", "dataset_sample_index")))
 
     def __len__(self) -> int:
         return int(self.dataset_index.size)
@@ -392,7 +434,7 @@ def build_datasets(
             if c > 0:
                 comps.append(make(ds, eod, docs, c))
                 comp_counts.append(c)
-        out.append(BlendedDataset(comps, comp_counts))
+        out.append(BlendedDataset(comps, comp_counts, cache_dir or default_cache_dir(prefixes[0]), wait_timeout_s))
     return out[0], out[1], out[2]
 
 
