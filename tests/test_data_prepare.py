@@ -210,3 +210,53 @@ def test_writer_dtypes_and_reader_checks(tmp_path: Path) -> None:
         with IndexedDatasetWriter(tmp_path / "bad", np.uint16) as w:
             w.add_documents(np.arange(3), np.array([5]))
     assert not list(tmp_path.glob("bad*"))
+
+
+class _ReadCounter:
+    """A text file stand-in that records how many characters have been read."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.at = text, 0
+
+    def read(self, n: int = -1) -> str:
+        out = self.text[self.at :] if n < 0 else self.text[self.at : self.at + n]
+        self.at += len(out)
+        return out
+
+
+def test_json_array_streams_records(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A top-level JSON array is decoded element by element from a small buffer: every element (with escapes,
+    non-ASCII, nesting, numbers cut at a buffer edge, odd spacing) as json.loads sees it, the first before the
+    file is read through, and malformed arrays as DataErrors naming the file and element."""
+    from megalite.data import sources
+
+    rng = random.Random(7)
+    records = [{"text": "".join(rng.choice('ab \\"\n\tü€😀{}[],:') for _ in range(rng.randrange(0, 60))),
+                "meta": {"n": rng.randrange(10**9), "x": [1.5e-3, None, True]}} for _ in range(40)]
+    records += [123456789, "a bare string", [], {}, -0.25]
+    text = "\ufeff" + " \n[\n" + " ,\t".join(json.dumps(r, ensure_ascii=rng.random() < 0.5) for r in records) + "\n] \n"
+    for chunk in (1, 3, 7, 64, 1 << 20):
+        monkeypatch.setattr(sources, "JSON_CHUNK_CHARS", chunk)
+        f = _ReadCounter(text.lstrip("\ufeff"))
+        items = sources.json_array_items(f, "x.json")
+        assert next(items) == records[0]
+        if chunk < 100:
+            assert f.at < len(f.text) // 4, "the first record must come before the file is read through"
+        assert [records[0], *items] == records, f"chunk {chunk}"
+    # Through the prepare reader (a file with a byte-order mark): the documents, then the first bad record named.
+    monkeypatch.setattr(sources, "JSON_CHUNK_CHARS", 5)
+    path = tmp_path / "docs.json"
+    path.write_text(text, encoding="utf-8")
+    docs = sources.iter_file(path, "text", False)
+    assert [next(docs) for _ in range(40)] == [r["text"] for r in records[:40]]
+    with pytest.raises(DataError, match=r"docs\.json\[40\]: expected an object with key 'text', got int"):
+        next(docs)
+    for bad, fragment in (('[{"text": "a"}, {"text": "b"', r"bad\.json\[1\]: invalid JSON"),
+                          ('[{"text": "a"} {"text": "b"}]', r"expected ',' or '\]' after element 0, got '\{'"),
+                          ('[{"text": "a"},]', r"expected an element after ',' following element 0"),
+                          ('[{"text": "a"}] x', r"unexpected text after the JSON array"),
+                          ('[{"text": "a"}, {"text": bad}]', r"bad\.json\[1\]: invalid JSON \(Expecting value\)"),
+                          ('[{"text": "a"}', r"expected ',' or '\]' after element 0, got the end of the file")):
+        (tmp_path / "bad.json").write_text(bad, encoding="utf-8")
+        with pytest.raises(DataError, match=fragment):
+            list(sources.iter_file(tmp_path / "bad.json", "text", False))

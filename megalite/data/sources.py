@@ -4,7 +4,8 @@ An input is a plain text file (one document per file, or per blank-line-separate
 JSON or Parquet file, a directory of them (walked in sorted order), a `datasets` dataset saved with
 `save_to_disk`, a dataset name `datasets` can load (offline cache; `hf:NAME[:SPLIT]` forces this), or
 `stdlib`: the running interpreter's standard library sources. Every reader yields one document at a
-time in a deterministic order; only a JSON array file is read whole (use JSON Lines for big files).
+time in a deterministic order. A JSON file whose top level is an array is streamed record by record; one
+whose top level is an object (`{"data": [...]}`) is read whole.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from megalite.errors import DataError
 
@@ -175,7 +177,13 @@ def _read_jsonl(path: Path, text_key: str) -> Iterator[str]:
 
 def _read_json(path: Path, text_key: str) -> Iterator[str]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
+            first = f.read(4096).lstrip()
+            f.seek(0)
+            if first.startswith("["):  # a top-level array: streamed, one record in memory at a time
+                for i, record in enumerate(json_array_items(f, str(path))):
+                    yield _text_of(record, text_key, f"{path}[{i}]")
+                return
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
@@ -188,6 +196,74 @@ def _read_json(path: Path, text_key: str) -> Iterator[str]:
     records = data if isinstance(data, list) else [data]
     for i, record in enumerate(records):
         yield _text_of(record, text_key, f"{path}[{i}]")
+
+
+JSON_CHUNK_CHARS = 1 << 20
+_JSON_SPACE = " \t\r\n"
+
+
+def json_array_items(f: TextIO, where: str) -> Iterator[object]:
+    """The elements of the JSON array in text file `f`, decoded one at a time from a bounded buffer.
+
+    The buffer holds about JSON_CHUNK_CHARS characters plus the element being decoded; an element that
+    does not fit is retried with twice as much text each time, so a huge element costs linear time.
+    """
+    decoder = json.JSONDecoder()
+    buf, pos, eof = "", 0, False
+
+    def fill(size: int) -> None:
+        nonlocal buf, pos, eof
+        data = f.read(size)
+        eof = not data
+        buf, pos = buf[pos:] + data, 0
+
+    def peek() -> str:
+        """The next non-space character ("" at the end of the file), with `pos` on it."""
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in _JSON_SPACE:
+                pos += 1
+            if pos < len(buf) or eof:
+                return buf[pos : pos + 1]
+            fill(JSON_CHUNK_CHARS)
+
+    if peek() != "[":
+        raise DataError(f"{where}: expected a JSON array")
+    pos += 1
+    index = 0
+    if peek() == "]":
+        pos += 1
+    else:
+        while True:
+            want = JSON_CHUNK_CHARS
+            while True:
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or eof:  # a number at the buffer's end may continue in the file
+                        break
+                except json.JSONDecodeError as e:
+                    # An element cut off by the buffer's end fails at that end (or in an unterminated string);
+                    # an error well before it is in the data itself.
+                    cut = e.pos >= len(buf) - 6 or e.msg.startswith("Unterminated string")
+                    if eof or not cut:
+                        raise DataError(f"{where}[{index}]: invalid JSON ({e.msg})") from None
+                fill(want)
+                want *= 2
+            pos = end
+            yield item
+            index += 1
+            c = peek()
+            if c == "]":
+                pos += 1
+                break
+            if c != ",":
+                got = repr(c) if c else "the end of the file"
+                raise DataError(f"{where}: expected ',' or ']' after element {index - 1}, got {got}")
+            pos += 1
+            if peek() in ("]", ""):
+                raise DataError(f"{where}: expected an element after ',' following element {index - 1}")
+    if peek():
+        raise DataError(f"{where}: unexpected text after the JSON array's closing ']'")
 
 
 def _read_parquet(path: Path, text_key: str) -> Iterator[str]:
