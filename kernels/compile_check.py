@@ -55,15 +55,17 @@ def main() -> int:
     ptr, fp32 = f"*{args.dtype}", args.dtype == "fp32"
     types = {n: ptr for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ", "X", "W", "B", "Y", "DY", "DX")}
     types.update({n: "*fp32" for n in ("LSE", "DELTA", "MEAN", "RSTD", "DW_PART", "DB_PART")})
+    types.update(DOC_START="*i32", DOC_END="*i32")
     types.update(qk_scale="fp32", sm_scale="fp32", eps="fp32")
     kernels = {"fwd": fa._attn_fwd_kernel, "dkdv": fa._attn_bwd_dkdv_kernel, "dq": fa._attn_bwd_dq_kernel}
     for block_d in (64, 128, 256):
-        for causal in (False, True):
+        for causal, docs in ((False, False), (True, False), (False, True), (True, True)):
             for kind, fn in kernels.items():
                 configs = fa._configs(kind, block_d, fp32)
                 for cfg in configs if args.all_configs else configs[:1]:
                     constexprs = dict(
-                        CAUSAL=causal, UPCAST=False, PRECISION="ieee" if fp32 else "tf32", BLOCK_D=block_d, **cfg.kwargs
+                        CAUSAL=causal, UPCAST=False, PRECISION="ieee" if fp32 else "tf32", HAS_DOCS=docs,
+                        BLOCK_D=block_d, **cfg.kwargs,
                     )
                     compile_one(fn, target, types, constexprs, cfg.num_warps, cfg.num_stages)
         compile_one(fa._attn_bwd_delta_kernel, target, types, dict(BLOCK_M=64, BLOCK_D=block_d), 4, 3)

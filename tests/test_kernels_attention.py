@@ -34,8 +34,12 @@ cuda = pytest.mark.skipif(
 )
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:
-    """Attention in float64 written out: GQA by repetition, bottom-right causal mask, empty rows -> 0."""
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
+    document_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention in float64 written out: GQA by repetition, bottom-right causal mask, empty rows -> 0;
+    with document_ids, a query sees only keys of its own run of equal ids (runs numbered by a cumsum)."""
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -45,6 +49,11 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
         i = torch.arange(tq, device=q.device)[:, None]
         j = torch.arange(tk, device=q.device)[None, :]
         s = s.masked_fill(j > i + tk - tq, float("-inf"))
+    if document_ids is not None:
+        changes = torch.ones_like(document_ids, dtype=torch.long)
+        changes[:, 1:] = (document_ids[:, 1:] != document_ids[:, :-1]).long()
+        run = changes.cumsum(1)  # (B, T): which run each position is in
+        s = s.masked_fill((run[:, None, :, None] != run[:, None, None, :]).to(s.device), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows: softmax is NaN; the defined answer is 0
     return p @ v
 
@@ -67,7 +76,8 @@ def _assert_rule(name: str, ours: torch.Tensor, theirs: torch.Tensor, ref: torch
 
 
 def check(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None = None, torch_sdpa=None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None = None, torch_sdpa=None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Our forward and gradients vs float64, bounded by torch's own error; returns our output.
 
@@ -75,10 +85,10 @@ def check(
     """
     do = torch.randn(q.shape, dtype=torch.float64, device=q.device)
     with _common.poison_outputs():
-        o, grads = _run(lambda q, k, v: K.attention(q, k, v, causal=causal, scale=scale), q, k, v, do)
+        o, grads = _run(lambda q, k, v: K.attention(q, k, v, causal, scale, document_ids), q, k, v, do)
     with torch_sdpa() if torch_sdpa is not None else contextlib.nullcontext():
-        o_t, grads_t = _run(lambda q, k, v: K.attention_torch(q, k, v, causal=causal, scale=scale), q, k, v, do)
-    o_r, grads_r = _run(lambda q, k, v: reference(q, k, v, causal, scale), q, k, v, do)
+        o_t, grads_t = _run(lambda q, k, v: K.attention_torch(q, k, v, causal, scale, document_ids), q, k, v, do)
+    o_r, grads_r = _run(lambda q, k, v: reference(q, k, v, causal, scale, document_ids), q, k, v, do)
     assert o.shape == q.shape and o.dtype == q.dtype
     _assert_rule("o", o, o_t, o_r, 2.0)
     for name, g, g_t, g_r in zip(("dq", "dk", "dv"), grads, grads_t, grads_r):
@@ -182,6 +192,53 @@ def test_attention_unequal_blocks(triton_backend, monkeypatch, blocks):
     for tq, tk in ((50, 50), (37, 70), (70, 37)):
         check(*qkv(1, 2, 1, tq, tk, 32), True)
     check(*qkv(1, 2, 1, 45, 45, 32), False)
+    # Packed documents skip whole blocks by their bounds: check that with these tiles too.
+    for causal in (True, False):
+        check(*qkv(2, 2, 1, 77, 77, 32), causal, document_ids=random_documents(2, 77))
+
+
+def random_documents(b: int, t: int, device: str = "cpu") -> torch.Tensor:
+    """(B, T) ids of packed documents of random lengths (single tokens to whole rows); the labels repeat
+    between runs (0, 1, 0, ...) because a document is a run of equal ids, not an id."""
+    rows = []
+    for _ in range(b):
+        lengths = []
+        while sum(lengths) < t:
+            lengths.append(int(torch.randint(1, t + 1, ()).item()) if torch.rand(()) < 0.3 else
+                           int(torch.randint(1, max(2, t // 4), ()).item()))
+        ids = torch.cat([torch.full((n,), i % 2) for i, n in enumerate(lengths)])[:t]
+        rows.append(ids)
+    return torch.stack(rows).to(device)
+
+
+# (batch, heads, kv_heads, seq, head_dim, causal) for packed documents.
+DOC_CASES = [(2, 2, 1, 17, 32, True), (1, 4, 2, 100, 48, False), (2, 4, 1, 129, 80, True), (1, 2, 2, 129, 32, False)]
+
+
+@pytest.mark.parametrize("case", DOC_CASES, ids=lambda c: "b{}h{}kv{}t{}d{}{}".format(*c[:5], "c" if c[5] else ""))
+def test_attention_documents_match_float64(triton_backend, case):
+    """Packed documents (Megatron's reset_attention_mask): forward and gradients by the accuracy rule."""
+    b, h, kvh, t, d, causal = case
+    seed("docs", case)
+    check(*qkv(b, h, kvh, t, t, d), causal, document_ids=random_documents(b, t))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_document_extremes(triton_backend, causal):
+    """One document is plain attention; one token per document sees only itself (o = v, exactly)."""
+    seed("extremes", causal)
+    q, k, v = qkv(2, 4, 2, 70, 70, 32)
+    one = torch.full((2, 70), 7)
+    torch.testing.assert_close(K.attention(q, k, v, causal, document_ids=one), K.attention(q, k, v, causal),
+                               rtol=0, atol=0)
+    singles = torch.arange(70).expand(2, 70)
+    assert torch.equal(K.attention(q, k, v, causal, document_ids=singles), v.repeat_interleave(2, dim=1))
+    check(q, k, v, causal, document_ids=singles)
+    check(*qkv(1, 2, 1, 64, 64, 64, dtype=torch.bfloat16), causal, document_ids=random_documents(1, 64))
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        K.attention(q[:, :, :10], k, v, causal, document_ids=one[:, :10])
+    with pytest.raises(ValueError, match=r"\(batch, seq\)"):
+        K.attention(q, k, v, causal, document_ids=one[:1])
 
 
 def test_attention_rejects_bad_shapes(triton_backend):
@@ -207,6 +264,15 @@ def test_attention_gpu_rule(triton_backend, case, causal, dtype):
     seed(5)
     b, h, kvh, t, d = case
     check(*qkv(b, h, kvh, t, t, d, dtype=dtype, device="cuda"), causal)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_gpu_documents_bfloat16(triton_backend, causal):
+    seed(9)
+    check(*qkv(2, 8, 2, 2048, 2048, 128, dtype=torch.bfloat16, device="cuda"), causal,
+          document_ids=random_documents(2, 2048, "cuda"))
 
 
 @pytest.mark.gpu

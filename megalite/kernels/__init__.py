@@ -116,30 +116,50 @@ def _resolve(op: str, x: torch.Tensor, triton_can: bool = True) -> str:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention. q: (B, H, Tq, D); k, v: (B, KVH, Tk, D) with KVH dividing H.
 
     Causal masking is aligned bottom-right (query i sees keys j <= i + Tk - Tq); a query row that
-    sees no key gives zeros.
+    sees no key gives zeros. `document_ids` (B, T), for packed documents (needs Tq == Tk = T): a
+    position attends only inside its own run of equal ids (Megatron's reset_attention_mask).
     """
     if _resolve("attention", q, triton_can=q.dim() == 4 and q.shape[-1] <= 256) == "triton":
-        return _triton_module("attention").attention(q, k, v, causal, scale)
-    return attention_torch(q, k, v, causal, scale)
+        return _triton_module("attention").attention(q, k, v, causal, scale, document_ids)
+    return attention_torch(q, k, v, causal, scale, document_ids)
 
 
 def attention_torch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The torch (SDPA) implementation with the same semantics as the Triton kernel."""
     tq, tk = q.shape[2], k.shape[2]
-    if not causal or tq == tk:
+    if document_ids is None and (not causal or tq == tk):
         gqa = q.shape[1] != k.shape[1]
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     group = q.shape[1] // k.shape[1]
     if group > 1:  # not every SDPA backend takes enable_gqa together with a mask
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
+    if document_ids is not None:
+        if tq != tk or tuple(document_ids.shape) != (q.shape[0], tq):
+            raise ValueError(f"attention: document_ids {tuple(document_ids.shape)} need (batch, seq) = "
+                             f"{(q.shape[0], tq)} and as many queries as keys ({tq} vs {tk})")
+        start, _ = _common.document_bounds(document_ids.to(q.device))
+        mask = (start[:, :, None] == start[:, None, :]).unsqueeze(1)  # (B, 1, T, T): same document
+        if causal:
+            mask = mask & torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     # Bottom-right causal alignment. The first tq - tk rows see no key and would be NaN in SDPA:
     # let them see key 0 (finite, so the backward stays finite) and zero them afterwards.
     i = torch.arange(tq, device=q.device)[:, None]

@@ -56,3 +56,22 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, end) int32 tensors (B, T): position t lies in the document [start[b, t], end[b, t]).
+
+    A document is a maximal run of equal ids along the sequence (packed samples: an id per document,
+    or any id that changes where a document starts); positions attend only inside their own run.
+    """
+    if document_ids.dim() != 2:
+        raise ValueError(f"document_ids must be (batch, seq), got shape {tuple(document_ids.shape)}")
+    b, t = document_ids.shape
+    idx = torch.arange(t, device=document_ids.device, dtype=torch.int32).expand(b, t)
+    first = torch.ones((b, t), dtype=torch.bool, device=document_ids.device)
+    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    last = torch.ones_like(first)
+    last[:, :-1] = first[:, 1:]
+    start = torch.where(first, idx, 0).cummax(dim=1).values
+    end = torch.where(last, idx + 1, t).flip(1).cummin(dim=1).values.flip(1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()

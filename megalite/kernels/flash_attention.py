@@ -36,10 +36,14 @@ _SIZES = ["H", "GROUP", "TQ", "TK", "TQ_BUCKET", "TK_BUCKET"]
 @triton.jit
 def _attn_fwd_block(
     acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-    skn, skd, svn, svd, TK, diag, qk_scale,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):  # fmt: skip
-    """One BLOCK_N step of the online softmax; MASK=False for blocks every row sees in full."""
+    """One BLOCK_N step of the online softmax; MASK=False for blocks every row sees in full.
+
+    With HAS_DOCS, doc_q holds the rows' document starts and doc_base points at the keys' (same document
+    = same start).
+    """
     cols = start_n + offs_n
     n_mask = cols < TK
     kt_ptrs = k_base + cols[None, :] * skn + offs_d[:, None] * skd
@@ -53,6 +57,9 @@ def _attn_fwd_block(
         valid = n_mask[None, :]
         if CAUSAL:
             valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
+        if HAS_DOCS:
+            doc_k = tl.load(doc_base + cols, mask=n_mask, other=-2)
+            valid = valid & (doc_q[:, None] == doc_k[None, :])
         s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with no valid key so far has m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
@@ -66,10 +73,10 @@ def _attn_fwd_block(
 
 @triton.jit(do_not_specialize=_SIZES)
 def _attn_fwd_kernel(
-    Q, K, V, Out, LSE,
+    Q, K, V, Out, LSE, DOC_START, DOC_END,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     H, GROUP, TQ, TK, D, qk_scale, TQ_BUCKET, TK_BUCKET,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -95,24 +102,41 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + diag)  # keys from here on are masked for every row
-        full = tl.maximum(pid_m * BLOCK_M + diag + 1, 0)  # keys below this are visible to every row
+    doc_base = DOC_START
+    doc_q = offs_m
+    if HAS_DOCS:  # packed documents (TQ == TK): only the keys of the block's documents, all masked
+        doc_base = DOC_START + b * TK
+        doc_q = tl.load(doc_base + offs_m, mask=m_mask, other=-1)
+        last = tl.minimum((pid_m + 1) * BLOCK_M, TQ) - 1
+        lo = (tl.load(doc_base + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N  # the first row's document start
+        if CAUSAL:
+            hi = last + 1
+        else:
+            hi = tl.load(DOC_END + b * TK + last)  # the last row's document end
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
+                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, True,
+            )  # fmt: skip
     else:
-        hi = TK
-        full = TK
-    # Whole blocks below `full` need no mask; the rest (diagonal, ragged end) are masked.
-    full = (tl.minimum(full, tl.maximum(hi, 0)) // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _attn_fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-            skn, skd, svn, svd, TK, diag, qk_scale, False, CAUSAL, UPCAST, PRECISION,
-        )  # fmt: skip
-    for start_n in range(full, hi, BLOCK_N):
-        acc, l_i, m_i = _attn_fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-            skn, skd, svn, svd, TK, diag, qk_scale, True, CAUSAL, UPCAST, PRECISION,
-        )  # fmt: skip
+        if CAUSAL:
+            hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + diag)  # keys from here on are masked for every row
+            full = tl.maximum(pid_m * BLOCK_M + diag + 1, 0)  # keys below this are visible to every row
+        else:
+            hi = TK
+            full = TK
+        # Whole blocks below `full` need no mask; the rest (diagonal, ragged end) are masked.
+        full = (tl.minimum(full, tl.maximum(hi, 0)) // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
+                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, False, CAUSAL, UPCAST, PRECISION, False,
+            )  # fmt: skip
+        for start_n in range(full, hi, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
+                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, False,
+            )  # fmt: skip
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -148,8 +172,8 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _attn_bwd_dkdv_block(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_m0, offs_n, offs_d, d_mask,
-    sqm, sqd, sdom, sdod, TQ, diag, qk_scale,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    sqm, sqd, sdom, sdod, TQ, diag, qk_scale, doc_k, doc_base,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):  # fmt: skip
     """Add one BLOCK_M block of queries to dk, dv of a key block; MASK=False where every query sees every key.
 
@@ -170,6 +194,9 @@ def _attn_bwd_dkdv_block(
         if CAUSAL:
             # Mask before exp2: a masked logit can exceed the row's lse by enough to overflow.
             st = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, st, float("-inf"))
+        if HAS_DOCS:
+            doc_q = tl.load(doc_base + offs_m, mask=m_mask, other=-1)
+            st = tl.where(doc_k[:, None] == doc_q[None, :], st, float("-inf"))
     pt = tl.exp2(st - lse[None, :])
     dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -180,11 +207,11 @@ def _attn_bwd_dkdv_block(
 
 @triton.jit(do_not_specialize=[*_SIZES, "KVH"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     H, KVH, GROUP, TQ, TK, D, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -207,7 +234,18 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     diag = TK - TQ
-    if CAUSAL:
+    doc_base = DOC_START
+    doc_k = offs_n
+    if HAS_DOCS:  # packed documents (TQ == TK): only the queries of the block's documents, all masked
+        doc_base = DOC_START + b * TK
+        doc_k = tl.load(doc_base + offs_n, mask=n_mask, other=-2)
+        if CAUSAL:
+            lo = start_n
+        else:
+            lo = tl.load(doc_base + start_n)  # the first key's document start
+        lo = (lo // BLOCK_M) * BLOCK_M
+        mid = tl.load(DOC_END + b * TK + tl.minimum(start_n + BLOCK_N, TK) - 1)  # the last key's document end
+    elif CAUSAL:
         lo = tl.maximum(start_n - diag, 0)  # earlier queries see none of these keys
         # From `mid` on every query sees the whole key block; [lo, mid) is the masked diagonal band.
         mid = lo + tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0) - lo, BLOCK_M) * BLOCK_M
@@ -223,13 +261,16 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(lo, tl.minimum(mid, TQ), BLOCK_M):
             dk, dv = _attn_bwd_dkdv_block(
                 dk, dv, k, v, q_base, do_base, LSE + bh * TQ, DELTA + bh * TQ, start_m, offs_m0, offs_n, offs_d,
-                d_mask, sqm, sqd, sdom, sdod, TQ, diag, qk_scale, True, CAUSAL, UPCAST, PRECISION,
+                d_mask, sqm, sqd, sdom, sdod, TQ, diag, qk_scale, doc_k, doc_base, True, CAUSAL, UPCAST, PRECISION,
+                HAS_DOCS,
             )  # fmt: skip
-        for start_m in range(mid, TQ, BLOCK_M):
-            dk, dv = _attn_bwd_dkdv_block(
-                dk, dv, k, v, q_base, do_base, LSE + bh * TQ, DELTA + bh * TQ, start_m, offs_m0, offs_n, offs_d,
-                d_mask, sqm, sqd, sdom, sdod, TQ, diag, qk_scale, False, CAUSAL, UPCAST, PRECISION,
-            )  # fmt: skip
+        if not HAS_DOCS:
+            for start_m in range(mid, TQ, BLOCK_M):
+                dk, dv = _attn_bwd_dkdv_block(
+                    dk, dv, k, v, q_base, do_base, LSE + bh * TQ, DELTA + bh * TQ, start_m, offs_m0, offs_n, offs_d,
+                    d_mask, sqm, sqd, sdom, sdod, TQ, diag, qk_scale, doc_k, doc_base, False, CAUSAL, UPCAST,
+                    PRECISION, False,
+                )  # fmt: skip
     dk = dk * sm_scale
     tl.store(
         DK + b * sdkb + kvh * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
@@ -246,8 +287,8 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_block(
     dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
-    skn, skd, svn, svd, TK, diag, qk_scale,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):  # fmt: skip
     """Add one BLOCK_N block of keys to dq; MASK=False for blocks every row sees in full."""
     offs_n = start_n + offs_n0
@@ -263,6 +304,9 @@ def _attn_bwd_dq_block(
         valid = n_mask[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
+        if HAS_DOCS:
+            doc_k = tl.load(doc_base + offs_n, mask=n_mask, other=-2)
+            valid = valid & (doc_q[:, None] == doc_k[None, :])
         s = tl.where(valid, s, float("-inf"))  # before exp2, so masked logits cannot overflow
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -273,11 +317,11 @@ def _attn_bwd_dq_block(
 
 @triton.jit(do_not_specialize=_SIZES)
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     H, GROUP, TQ, TK, D, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -302,24 +346,41 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     diag = TK - TQ
-    if CAUSAL:
-        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + diag)
-        full = tl.maximum(pid_m * BLOCK_M + diag + 1, 0)
-    else:
-        hi = TK
-        full = TK
-    full = (tl.minimum(full, tl.maximum(hi, 0)) // BLOCK_N) * BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, full, BLOCK_N):
-        dq = _attn_bwd_dq_block(
-            dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
-            skn, skd, svn, svd, TK, diag, qk_scale, False, CAUSAL, UPCAST, PRECISION,
-        )  # fmt: skip
-    for start_n in range(full, hi, BLOCK_N):
-        dq = _attn_bwd_dq_block(
-            dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
-            skn, skd, svn, svd, TK, diag, qk_scale, True, CAUSAL, UPCAST, PRECISION,
-        )  # fmt: skip
+    doc_base = DOC_START
+    doc_q = offs_m
+    if HAS_DOCS:  # as in the forward: only the keys of the block's documents, all masked
+        doc_base = DOC_START + b * TK
+        doc_q = tl.load(doc_base + offs_m, mask=m_mask, other=-1)
+        last = tl.minimum((pid_m + 1) * BLOCK_M, TQ) - 1
+        lo = (tl.load(doc_base + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            hi = last + 1
+        else:
+            hi = tl.load(DOC_END + b * TK + last)
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _attn_bwd_dq_block(
+                dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
+                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, True,
+            )  # fmt: skip
+    else:
+        if CAUSAL:
+            hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + diag)
+            full = tl.maximum(pid_m * BLOCK_M + diag + 1, 0)
+        else:
+            hi = TK
+            full = TK
+        full = (tl.minimum(full, tl.maximum(hi, 0)) // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full, BLOCK_N):
+            dq = _attn_bwd_dq_block(
+                dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
+                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, False, CAUSAL, UPCAST, PRECISION, False,
+            )  # fmt: skip
+        for start_n in range(full, hi, BLOCK_N):
+            dq = _attn_bwd_dq_block(
+                dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
+                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, False,
+            )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
         DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
@@ -374,7 +435,7 @@ def _kernel(kind: str, block_d: int, dtype: torch.dtype):  # noqa: ANN202 - a tr
         # Tuned per power-of-two bucket of the lengths (TQ_BUCKET, TK_BUCKET: unused by the kernels), so
         # varying lengths (generation) do not retune every call; also per head dim, causality and dtype.
         # Outputs are fully overwritten by every run, so benchmarking configs needs no reset.
-        keys = ["TQ_BUCKET", "TK_BUCKET", "D", "CAUSAL", "PRECISION"]
+        keys = ["TQ_BUCKET", "TK_BUCKET", "D", "CAUSAL", "PRECISION", "HAS_DOCS"]
         _tuned[key] = triton.autotune(configs=_configs(kind, block_d, fp32), key=keys)(fn)
     return _tuned[key]
 
@@ -403,14 +464,27 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
 
 
+def _check_documents(q: torch.Tensor, k: torch.Tensor, document_ids: torch.Tensor) -> None:
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"attention: document_ids need as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    if tuple(document_ids.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(
+            f"attention: document_ids must be (batch, seq) = {(q.shape[0], q.shape[2])}, got {tuple(document_ids.shape)}"
+        )
+
+
 def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and INTERPRET
 
 
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+    docs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward. Returns o (B, H, Tq, D) and the base-2 log-sum-exp (B, H, Tq) in fp32."""
+    """Launch the forward. Returns o (B, H, Tq, D) and the base-2 log-sum-exp (B, H, Tq) in fp32.
+
+    docs: (start, end) int32 (B, T) from `_common.document_bounds`, for packed documents (Tq == Tk).
+    """
     bsz, heads, tq, d = q.shape
     kvh, tk = k.shape[1], k.shape[2]
     # o is laid out (B, Tq, H, D) in memory so the model's transpose back to (B, T, H*D) is free.
@@ -420,11 +494,13 @@ def attention_fwd(
         return o, lse
     block_d = max(16, _common.next_pow2(d))
     grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
+    doc_start, doc_end = docs if docs is not None else (lse, lse)  # unread without HAS_DOCS
     _kernel("fwd", block_d, q.dtype)[grid](
-        q, k, v, o, lse,
+        q, k, v, o, lse, doc_start, doc_end,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         heads, heads // kvh, tq, tk, d, scale * LOG2E, _common.next_pow2(tq), _common.next_pow2(tk),
-        CAUSAL=causal, UPCAST=_upcast(q.dtype), PRECISION=_precision(q.dtype), BLOCK_D=block_d,
+        CAUSAL=causal, UPCAST=_upcast(q.dtype), PRECISION=_precision(q.dtype), HAS_DOCS=docs is not None,
+        BLOCK_D=block_d,
     )  # fmt: skip
     _common.count("attention_fwd")
     return o, lse
@@ -439,6 +515,7 @@ def attention_bwd(
     lse: torch.Tensor,
     causal: bool,
     scale: float,
+    docs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward. Returns dq, dk, dv in the inputs' dtype (dk, dv per kv head)."""
     bsz, heads, tq, d = q.shape
@@ -455,19 +532,20 @@ def attention_bwd(
         o, do, delta, heads, tq, d, *o.stride(), *do.stride(), BLOCK_M=block_m, BLOCK_D=block_d
     )
     upcast, precision = _upcast(q.dtype), _precision(q.dtype)
+    doc_start, doc_end = docs if docs is not None else (lse, lse)  # unread without HAS_DOCS
     grid = lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), bsz * kvh)
     _kernel("dkdv", block_d, q.dtype)[grid](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, lse, delta, dk, dv, doc_start, doc_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         heads, kvh, heads // kvh, tq, tk, d, scale * LOG2E, scale, _common.next_pow2(tq), _common.next_pow2(tk),
-        CAUSAL=causal, UPCAST=upcast, PRECISION=precision, BLOCK_D=block_d,
+        CAUSAL=causal, UPCAST=upcast, PRECISION=precision, HAS_DOCS=docs is not None, BLOCK_D=block_d,
     )  # fmt: skip
     grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
     _kernel("dq", block_d, q.dtype)[grid](
-        q, k, v, do, lse, delta, dq,
+        q, k, v, do, lse, delta, dq, doc_start, doc_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         heads, heads // kvh, tq, tk, d, scale * LOG2E, scale, _common.next_pow2(tq), _common.next_pow2(tk),
-        CAUSAL=causal, UPCAST=upcast, PRECISION=precision, BLOCK_D=block_d,
+        CAUSAL=causal, UPCAST=upcast, PRECISION=precision, HAS_DOCS=docs is not None, BLOCK_D=block_d,
     )  # fmt: skip
     _common.count("attention_bwd")
     return dq, dk, dv
@@ -477,22 +555,37 @@ class AttentionFunction(torch.autograd.Function):
     """Flash attention with the Triton forward and backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):  # type: ignore[override]
-        o, lse = attention_fwd(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+    def forward(ctx, q, k, v, causal, scale, doc_start=None, doc_end=None):  # type: ignore[override]
+        docs = (doc_start, doc_end) if doc_start is not None else None
+        o, lse = attention_fwd(q, k, v, causal, scale, docs)
+        ctx.save_for_backward(q, k, v, o, lse, *(docs or ()))
         ctx.causal, ctx.scale = causal, scale
         return o
 
     @staticmethod
     def backward(ctx, do):  # type: ignore[override]
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, *docs = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, tuple(docs) if docs else None)
+        return dq, dk, dv, None, None, None, None
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton flash attention (differentiable). q: (B, H, Tq, D); k, v: (B, KVH, Tk, D)."""
+    """Triton flash attention (differentiable). q: (B, H, Tq, D); k, v: (B, KVH, Tk, D).
+
+    document_ids (B, T), for packed documents (Tq == Tk = T): a position attends only to positions of its
+    own run of equal ids.
+    """
     _check(q, k, v)
-    return AttentionFunction.apply(q, k, v, causal, float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[3]))
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[3])
+    if document_ids is None:
+        return AttentionFunction.apply(q, k, v, causal, scale)
+    _check_documents(q, k, document_ids)
+    start, end = _common.document_bounds(document_ids.to(q.device))
+    return AttentionFunction.apply(q, k, v, causal, scale, start, end)
