@@ -117,6 +117,7 @@ class DataConfig:
     cache_dir: Optional[str] = None
     reset_position_ids: bool = False
     eod_mask_loss: bool = False
+    reset_attention_mask: bool = False  # attend only within documents (EOD-separated) of a packed sample
     num_workers: int = 0
 
 

@@ -22,7 +22,9 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 8, max_sam
     for start in range(0, n, batch_size):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         batch = collate(items)
-        logits = model(batch["input_ids"], gather_logits=True)[..., :vocab].float()  # (B, T, V)
+        # The dataset's positions and documents follow the run's data options (reset_position_ids, ...).
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch.get("document_ids"),
+                       gather_logits=True)[..., :vocab].float()  # (B, T, V)
         mask = batch["loss_mask"] > 0
         per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
         total_loss += per_token[mask].double().sum()
@@ -79,7 +81,9 @@ def main(args: argparse.Namespace) -> int:
     cfg, model, step_dir = model_from_checkpoint(args.checkpoint)
     prefixes = [args.data] if args.data else cfg.data.prefixes
     sets = build_datasets(prefixes, None if args.data else cfg.data.weights, cfg.data.split, cfg.data.seq_length,
-                          cfg.train.seed, cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
+                          cfg.train.seed, cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size,
+                          reset_position_ids=cfg.data.reset_position_ids, eod_mask_loss=cfg.data.eod_mask_loss,
+                          reset_attention_mask=cfg.data.reset_attention_mask)
     dataset = sets[{"train": 0, "valid": 1, "test": 2}[args.split]]
     if dataset is None:
         raise DataError(f"split {cfg.data.split!r} has no {args.split} set for {prefixes}")

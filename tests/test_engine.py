@@ -49,14 +49,21 @@ def _optimizer_state_numel(engine) -> int:
     return sum(s["exp_avg"].numel() for s in inner.state.values() if "exp_avg" in s)
 
 
+# Packed documents: positions restart and attention stops at every EOD (Megatron's two reset options).
+DOCUMENTS = {"reset_position_ids": True, "reset_attention_mask": True}
+
+
 def _model_parallel_variants(workdir: str) -> dict:
     zero1 = {"zero_optimization": {"stage": 1}}
-    return _train_runs(workdir, [
+    return _train_runs(workdir, [  # pipeline runs last: DeepSpeed cannot build a plain engine after one
         ("tp2", {"parallel": {"tensor": 2}, "deepspeed": zero1}),
         ("tp2sp", {"parallel": {"tensor": 2, "sequence_parallel": True}, "deepspeed": zero1}),
+        ("tp2sp_docs", {"parallel": {"tensor": 2, "sequence_parallel": True}, "deepspeed": zero1,
+                        "data": DOCUMENTS}),
         ("pp2", {"parallel": {"pipeline": 2}, "deepspeed": zero1}),
         ("tp2pp2", {"parallel": {"tensor": 2, "pipeline": 2},
                     "deepspeed": {**zero1, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}}),
+        ("pp2_docs", {"parallel": {"pipeline": 2}, "deepspeed": zero1, "data": DOCUMENTS}),
     ])
 
 
@@ -86,18 +93,21 @@ def _train_runs(workdir: str, variants: list[tuple[str, dict]]) -> dict:
     return out
 
 
-def _reference(workdir: str, global_batch: int, clip: float) -> dict:
-    """A plain PyTorch loop on one process: same model init, data order, AdamW groups, schedule, clipping."""
+def _reference(workdir: str, global_batch: int, clip: float, data: dict | None = None) -> dict:
+    """A plain PyTorch loop on one process: same model init, data order, AdamW groups, schedule, clipping.
+
+    data: DOCUMENTS for packed documents (positions and document ids go to the model)."""
     from megalite.data import ResumableSampler, build_datasets
     from megalite.engine.build import lr_multiplier
     from megalite.model import build_model
 
-    raw = tiny_config(f"{workdir}/tok", f"{workdir}/reference")
+    data = data or {}
+    raw = tiny_config(f"{workdir}/tok", f"{workdir}/reference", data=data)
     cfg = C.from_dict(raw)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, C.ParallelConfig(), None, seed=cfg.train.seed)
     train_set, _, _ = build_datasets([f"{workdir}/tok"], None, cfg.data.split, cfg.data.seq_length, cfg.train.seed,
-                                     cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
+                                     cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size, **data)
     sampler = iter(ResumableSampler(len(train_set), 0, 1, global_batch, cfg.train.seed))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
@@ -110,7 +120,8 @@ def _reference(workdir: str, global_batch: int, clip: float) -> dict:
     for _ in range(STEPS):
         items = [train_set[i] for i in next(sampler)]
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        loss = model(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+        extra = {"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]} if data else {}
+        loss = model(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"], **extra)
         opt.zero_grad()
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
@@ -166,15 +177,20 @@ def test_zero_stages_match_plain_pytorch(workdir):
 
 
 def test_tensor_and_pipeline_parallel_match_plain_pytorch(workdir):
-    """TP2 x DP2 (with and without sequence parallelism), PP2 x DP2 and TP2 x PP2 on 4 ranks, against TP1."""
+    """TP2 x DP2 (with and without sequence parallelism), PP2 x DP2 and TP2 x PP2 on 4 ranks, against TP1;
+    packed documents at TP2+SP and through pipeline stages against TP1 with the same documents."""
     results = run_ranks(_model_parallel_variants, 4, workdir, timeout_s=500, collective_timeout_s=90)
     ref = _reference(workdir, global_batch=4, clip=0.5)
+    ref_docs = _reference(workdir, global_batch=4, clip=0.5, data=DOCUMENTS)
+    assert abs(ref_docs["losses"][0] - ref["losses"][0]) > 1e-3, "the document mask must change the loss"
     for rank, rank_result in enumerate(results):
-        for name, tp_pp in (("tp2", (2, 1)), ("tp2sp", (2, 1)), ("pp2", (1, 2)), ("tp2pp2", (2, 2))):
+        for name, tp_pp in (("tp2", (2, 1)), ("tp2sp", (2, 1)), ("pp2", (1, 2)), ("tp2pp2", (2, 2)),
+                            ("tp2sp_docs", (2, 1)), ("pp2_docs", (1, 2))):
             r = rank_result[name]
             assert r["tp_pp"] == tp_pp
             assert r["engine"] == ("PipelineEngine" if tp_pp[1] > 1 else "DeepSpeedEngine")
-            _assert_close_to_reference(r, ref, f"{name} rank {rank}", logs=rank == 0)
+            _assert_close_to_reference(r, ref_docs if name.endswith("_docs") else ref, f"{name} rank {rank}",
+                                       logs=rank == 0)
 
 
 def test_lr_schedules_follow_their_definitions():

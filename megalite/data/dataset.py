@@ -169,12 +169,14 @@ class GPTDataset(torch.utils.data.Dataset):
         reset_position_ids: bool = False,
         eod_mask_loss: bool = False,
         wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+        reset_attention_mask: bool = False,
     ):
         self.indexed = indexed
         self.seq_length = int(seq_length)
         self.eod_token_id = int(eod_token_id)
         self.reset_position_ids = reset_position_ids
         self.eod_mask_loss = eod_mask_loss
+        self.reset_attention_mask = reset_attention_mask
         documents = np.asarray(documents, dtype=np.int64)
         lengths = indexed.sequence_lengths
         self.tokens_per_epoch = int(lengths[documents].sum(dtype=np.int64)) if documents.size else 0
@@ -255,11 +257,18 @@ class GPTDataset(torch.utils.data.Dataset):
         return np.concatenate(pieces).astype(np.int64)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return make_sample(self.tokens(i), self.eod_token_id, self.reset_position_ids, self.eod_mask_loss)
+        return make_sample(self.tokens(i), self.eod_token_id, self.reset_position_ids, self.eod_mask_loss,
+                           self.reset_attention_mask)
 
 
-def make_sample(tokens: np.ndarray, eod: int, reset_position_ids: bool, eod_mask_loss: bool) -> dict[str, torch.Tensor]:
-    """input_ids/labels/loss_mask/position_ids from seq+1 tokens, with Megatron's two EOD options."""
+def make_sample(
+    tokens: np.ndarray, eod: int, reset_position_ids: bool, eod_mask_loss: bool, reset_attention_mask: bool = False
+) -> dict[str, torch.Tensor]:
+    """input_ids/labels/loss_mask/position_ids from seq+1 tokens, with Megatron's three EOD options.
+
+    reset_attention_mask adds document_ids: a new document starts after each EOD input token, and the model
+    attends only within documents.
+    """
     t = torch.from_numpy(tokens)
     input_ids, labels = t[:-1].clone(), t[1:].clone()
     n = input_ids.numel()
@@ -275,7 +284,12 @@ def make_sample(tokens: np.ndarray, eod: int, reset_position_ids: bool, eod_mask
         after = torch.nonzero(is_eod[:-1]).flatten() + 1
         restart[after] = after
         position_ids = position_ids - torch.cummax(restart, dim=0).values
-    return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+    sample = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+    if reset_attention_mask:
+        document_ids = torch.zeros(n, dtype=torch.long)
+        document_ids[1:] = torch.cumsum(is_eod[:-1].long(), dim=0)  # the EOD ends its document
+        sample["document_ids"] = document_ids
+    return sample
 
 
 def blend_counts(weights: list[float], size: int) -> list[int]:
@@ -375,6 +389,7 @@ def build_datasets(
     eod_token_id: int | None = None,
     vocab_size: int | None = None,
     wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+    reset_attention_mask: bool = False,
 ) -> tuple[torch.utils.data.Dataset | None, torch.utils.data.Dataset | None, torch.utils.data.Dataset | None]:
     """(train, valid, test) datasets of packed samples, blended over prefixes; None for an unused split."""
     if not prefixes:
@@ -416,7 +431,7 @@ def build_datasets(
 
         def make(ds: IndexedDataset, eod: int, docs: np.ndarray, n: int | None, name: str = name) -> GPTDataset:
             return GPTDataset(ds, docs, seq_length, seed, n, name, cache_dir, eod, reset_position_ids, eod_mask_loss,
-                              wait_timeout_s)
+                              wait_timeout_s, reset_attention_mask)
 
         if len(parts) == 1:
             out.append(make(*parts[0], wanted))

@@ -159,7 +159,7 @@ class Run:
             seq_length=cfg.data.seq_length, seed=cfg.train.seed, cache_dir=cfg.data.cache_dir,
             num_samples=(None, None, 0),  # training never reads the test split: a tiny one is not an error here
             reset_position_ids=cfg.data.reset_position_ids, eod_mask_loss=cfg.data.eod_mask_loss,
-            vocab_size=cfg.model.vocab_size,
+            reset_attention_mask=cfg.data.reset_attention_mask, vocab_size=cfg.model.vocab_size,
         )
         if self.train_set is None:
             raise ConfigError(f"data.split: {cfg.data.split!r} leaves no training samples")
@@ -284,7 +284,7 @@ class Run:
             if skipped:
                 continue  # the data of a skipped step is consumed all the same
             loss = self.engine(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
-                               position_ids=batch["position_ids"] if self.cfg.data.reset_position_ids else None)
+                               **self._model_inputs(batch))
             timer.lap("forward")
             # One all-reduce per micro-batch carries both flags, so the step boundary needs no extra one.
             nonfinite, preempted = self._agree(not math.isfinite(loss.item()), self.preemption.is_set)
@@ -329,10 +329,25 @@ class Run:
         norm = float(get_flattened_grad_norm(list(self.engine.module.parameters()), mpu=self.grid))
         return float("nan") if is_invalid_grad_norm(norm) else norm
 
+    def _model_inputs(self, batch: dict) -> dict:
+        """The model's keyword inputs beyond ids and labels that the data options ask for."""
+        out = {}
+        if self.cfg.data.reset_position_ids:
+            out["position_ids"] = batch["position_ids"]
+        if self.cfg.data.reset_attention_mask:
+            out["document_ids"] = batch["document_ids"]
+        return out
+
+    def _pipeline_batch(self, b: dict) -> tuple:
+        """((input_ids, position_ids[, document_ids]), (labels, loss_mask)) for the pipeline engine."""
+        inputs = (b["input_ids"], b["position_ids"])
+        if self.cfg.data.reset_attention_mask:
+            inputs += (b["document_ids"],)
+        return inputs, (b["labels"], b["loss_mask"])
+
     def _pipeline_iter(self) -> Iterator[tuple]:
         for _ in range(self.cfg.gradient_accumulation_steps):
-            b = next(self.batches)
-            yield (b["input_ids"], b["position_ids"]), (b["labels"], b["loss_mask"])
+            yield self._pipeline_batch(next(self.batches))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -349,12 +364,10 @@ class Run:
         total, count = torch.zeros((), dtype=torch.float64), 0
         for _ in range(self.cfg.train.eval_steps):
             if self.cfg.parallel.pipeline > 1:
-                b = next(stream)
-                batch = ((b["input_ids"], b["position_ids"]), (b["labels"], b["loss_mask"]))
-                loss = self.engine.eval_batch(iter([batch]), num_micro_batches=1)
+                loss = self.engine.eval_batch(iter([self._pipeline_batch(next(stream))]), num_micro_batches=1)
             else:
                 b = next(stream)
-                loss = self.engine(b["input_ids"], labels=b["labels"], loss_mask=b["loss_mask"])
+                loss = self.engine(b["input_ids"], labels=b["labels"], loss_mask=b["loss_mask"], **self._model_inputs(b))
             total += float(loss)
             count += 1
         self.engine.train()

@@ -37,7 +37,8 @@ from megalite.model.transformer import (
 from megalite.model.weights import initialize_parameters, load_full_tensors, set_init, set_tensor_parallel_attributes
 from megalite.parallel.mappings import group_size
 
-Activations = tuple[torch.Tensor, torch.Tensor]
+# (hidden, position_ids) or (hidden, position_ids, document_ids): what passes between pipeline stages.
+Activations = tuple[torch.Tensor, ...]
 
 
 class _Canonical:
@@ -50,7 +51,7 @@ class _Canonical:
 
 
 class EmbeddingPipe(_Canonical, Embedding):
-    """First stage: (input_ids[, position_ids]) -> (hidden, position_ids)."""
+    """First stage: (input_ids[, position_ids[, document_ids]]) -> (hidden, position_ids[, document_ids])."""
 
     canonical_prefix = "embedding."
 
@@ -67,15 +68,15 @@ class EmbeddingPipe(_Canonical, Embedding):
             # serves both ends (rather than a TiedLayerSpec forward_fn) because DeepSpeed saves and loads only
             # layers that are modules: a forward_fn layer's weights would silently be left out of checkpoints.
             return tied_head_forward(self, inputs)
-        ids, pos = (inputs, None) if isinstance(inputs, torch.Tensor) else (inputs[0], inputs[1])
+        ids, pos, *docs = (inputs, None) if isinstance(inputs, torch.Tensor) else inputs
         b, t = ids.shape
         if pos is None:
             pos = torch.arange(t, device=ids.device).unsqueeze(0).expand(b, t)
-        return super().forward(ids, pos), pos
+        return (super().forward(ids, pos), pos, *docs)
 
 
 class BlockPipe(_Canonical, Block):
-    """One Transformer block on (hidden, position_ids)."""
+    """One Transformer block on (hidden, position_ids[, document_ids])."""
 
     def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int, index: int) -> None:
         group = tensor_parallel_group(grid)
@@ -85,15 +86,15 @@ class BlockPipe(_Canonical, Block):
         initialize_parameters(self, seed, group, self.canonical_name)
 
     def forward(self, inputs: Activations) -> Activations:  # type: ignore[override]
-        x, pos = inputs
+        x, pos, *docs = inputs
         cos = sin = None
         if self.rope_config is not None:
             cos, sin = rope_cos_sin(pos, rope_frequencies(self.rope_config, x.device), x.dtype)
-        return super().forward(x, cos, sin), pos
+        return (super().forward(x, cos, sin, None, 0, docs[0] if docs else None), pos, *docs)
 
 
 class FinalNormPipe(_Canonical, Norm):
-    """(hidden, position_ids) -> normalised hidden."""
+    """(hidden, position_ids[, document_ids]) -> normalised hidden."""
 
     canonical_prefix = "final_norm."
 

@@ -150,6 +150,7 @@ class Attention(torch.nn.Module):
         rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         cache: Optional[KVCache] = None,
         layer: int = 0,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         qkv = self.qkv(x)  # (B, T, (h + 2 kvh) * D), h/kvh local heads; T full even with sequence parallelism
         b, t, _ = qkv.shape
@@ -162,7 +163,7 @@ class Attention(torch.nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         scale = 1.0 / math.sqrt(d)
         if cache is None:
-            y = kernels.attention(q, k, v, causal=True, scale=scale)
+            y = kernels.attention(q, k, v, causal=True, scale=scale, document_ids=document_ids)
         else:
             y = self._cached(q, k, v, cache, layer, scale)
         y = y.transpose(1, 2).reshape(b, t, self.heads * d)  # (B, T, h*D)
@@ -235,9 +236,10 @@ class Block(torch.nn.Module):
         sin: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         layer: int = 0,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         rope = (cos, sin) if cos is not None else None
-        x = x + self._drop(self.attention(self.norm1(x), rope, cache, layer))
+        x = x + self._drop(self.attention(self.norm1(x), rope, cache, layer, document_ids))
         return x + self._drop(self.mlp(self.norm2(x)))
 
 
@@ -358,17 +360,22 @@ class Transformer(torch.nn.Module):
         kv_cache: Optional[KVCache] = None,
         gather_logits: bool = False,
         start_pos: Optional[int] = None,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Loss (fp32 scalar) when `labels` is given, else logits (B, T, Vp/tp), or (B, T, Vp) if gathered.
 
         With `kv_cache`, positions continue from `kv_cache.length` (or `start_pos`, which rewinds the cache
-        to that length first) and the cache is advanced by T.
+        to that length first) and the cache is advanced by T. `document_ids` (B, T) confines attention to
+        runs of equal ids (packed documents; data.reset_attention_mask).
         """
         if input_ids.dim() != 2:
             raise DataError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
         if kv_cache is not None and self.sequence_parallel:
             raise ValueError("incremental decoding with a KV cache needs parallel.sequence_parallel off")
+        if document_ids is not None and (kv_cache is not None or tuple(document_ids.shape) != (b, t)):
+            raise DataError(f"document_ids must be (batch, seq) = {(b, t)} and not used with a KV cache, got "
+                            f"{tuple(document_ids.shape)}")
         if self.sequence_parallel and t % self.tp_size:
             raise DataError(f"sequence length {t} must be divisible by parallel.tensor={self.tp_size} "
                             "with sequence parallelism")
@@ -385,9 +392,9 @@ class Transformer(torch.nn.Module):
         ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.layers):
             if ckpt:
-                x = checkpoint(block, x, cos, sin)
+                x = checkpoint(block, x, cos, sin, None, i, document_ids)
             else:
-                x = block(x, cos, sin, kv_cache, i)
+                x = block(x, cos, sin, kv_cache, i, document_ids)
         if kv_cache is not None:
             kv_cache.length += t
         x = self.final_norm(x)
