@@ -6,7 +6,9 @@ Attention (fwd, bwd, fwd+bwd; causal and not; head dims 64 and 128; seq 512 to 1
 memory-efficient, cuDNN, math) and flash-attn when installed. LayerNorm and RMSNorm against
 F.layer_norm / F.rms_norm and NVIDIA apex when present. The machine's peaks are measured in the
 same run (a large bf16 matmul, a device-to-device copy) and every figure is also given as a
-fraction of them.
+fraction of them. Attention over packed documents (`attention_docs`, last) runs against torch's
+FlexAttention with a document BlockMask (torchtitan's choice; the mask is built per call, as per batch
+in training) and SDPA with a dense boolean mask; FLOPs count only the visible query-key pairs.
 
     python kernels/bench.py [--out DIR] [--smoke] [--ops attention,layer_norm,rms_norm]
     megalite bench [same options]
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-OPS = ("attention", "layer_norm", "rms_norm")
+OPS = ("attention", "layer_norm", "rms_norm", "attention_docs")
 MODES = ("fwd", "bwd", "fwd+bwd")
 OURS = "megalite"
 
@@ -147,6 +149,49 @@ def attention_impls(device, smoke: bool) -> dict[str, Any]:
     return impls
 
 
+def doc_attention_impls(device) -> dict[str, Any]:
+    """name -> fn(q, k, v, causal, document_ids) for attention over packed documents."""
+    import megalite.kernels as K
+    from megalite.kernels import flash_attention
+
+    impls: dict[str, Any] = {
+        OURS: lambda q, k, v, causal, docs: flash_attention.attention(q, k, v, causal, document_ids=docs),
+        "sdpa-dense-mask": lambda q, k, v, causal, docs: K.attention_torch(q, k, v, causal, document_ids=docs),
+    }
+    if device.type == "cuda":
+        try:
+            import torch
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            compiled = torch.compile(flex_attention, dynamic=False)
+
+            def flex(q, k, v, causal, docs):
+                def same_document(b, h, q_idx, kv_idx):
+                    visible = docs[b, q_idx] == docs[b, kv_idx]
+                    return visible & (q_idx >= kv_idx) if causal else visible
+
+                t = q.shape[2]
+                mask = create_block_mask(same_document, q.shape[0], None, t, t, device=q.device)
+                return compiled(q, k, v, block_mask=mask)
+
+            impls["flex-attention"] = flex
+        except ImportError:
+            pass
+    return impls
+
+
+def document_lengths(t: int, smoke: bool) -> list[int]:
+    """A fixed packing of one row: documents of 1/16 to 1/2 of the row (seeded), the last one cut to fit."""
+    import random
+
+    rng = random.Random(t)
+    lengths: list[int] = []
+    while sum(lengths) < t:
+        lengths.append(rng.randint(max(1, t // 16), max(1, t // 2)) if not smoke else rng.randint(1, t))
+    lengths[-1] -= sum(lengths) - t
+    return lengths
+
+
 def norm_impls(op: str, device) -> dict[str, Any]:
     """name -> fn(x, w, b) for every LayerNorm/RMSNorm implementation this machine has."""
     import torch.nn.functional as F
@@ -238,6 +283,44 @@ def bench_attention(args, device, dtype, record) -> None:
                 q = k = v = None  # free before the next shape
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+
+
+def bench_attention_docs(args, device, dtype, record) -> None:
+    """Packed documents at head dim 128 (smoke: 32), causal and not, for every implementation."""
+    import torch
+
+    smoke = args.smoke
+    seqs = _ints(args.seqs) or ([40] if smoke else [4096, 16384])
+    d = (_ints(args.head_dims) or [32 if smoke else 128])[0]
+    tokens = args.tokens or (64 if smoke else 16384)
+    reps = args.reps or (1 if smoke else 10)
+    impls = doc_attention_impls(device)
+    heads = 2 if smoke else 2048 // d
+    for t in seqs:
+        batch = max(1, tokens // t)
+        lengths = document_lengths(t, smoke)
+        row = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        docs = row.expand(batch, t).contiguous().to(device)
+        for causal in (True, False):
+            q, k, v = (torch.randn(batch, heads, t, d, device=device, dtype=dtype) for _ in range(3))
+            pairs = sum(n * (n + 1) // 2 if causal else n * n for n in lengths)  # visible (query, key) pairs
+            fwd_flops = 4 * batch * heads * pairs * d
+            shape = {"batch": batch, "heads": heads, "seq": t, "head_dim": d, "causal": causal, "documents": len(lengths)}
+            for name, fn in impls.items():
+                if _out_of_time(args):
+                    return
+                try:
+                    run = lambda fn=fn, q=q, k=k, v=v, c=causal, docs=docs: fn(q, k, v, c, docs)
+                    ms = _modes_timed(run, [q, k, v], device, reps, args.modes_list)
+                except Exception as e:  # noqa: BLE001 - an unsupported backend is a result, not a crash
+                    record("attention_docs", name, shape, None, error=f"{type(e).__name__}: {str(e)[:200]}")
+                    continue
+                for mode, value in ms.items():
+                    flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+                    record("attention_docs", name, shape, mode, ms=value, tflops=flops / value / 1e9)
+            q = k = v = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def bench_norm(op: str, args, device, dtype, record) -> None:
@@ -344,7 +427,7 @@ def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
         if not op_rows:
             continue
         impls = list(dict.fromkeys(r["impl"] for r in op_rows))
-        unit = "TFLOP/s" if op == "attention" else "GB/s"
+        unit = "TFLOP/s" if op.startswith("attention") else "GB/s"
         lines += [f"## {op} ({unit})", ""]
         lines.append("| shape | mode | " + " | ".join(impls) + " |")
         lines.append("|---|---|" + "---|" * len(impls))
@@ -381,7 +464,7 @@ def write_plot(path: Path, meta: dict, rows: list[dict]) -> None:
 
     att = [r for r in rows if r["op"] == "attention" and r["mode"] == "fwd+bwd" and r.get("tflops")]
     panels = sorted({(r["shape"]["head_dim"], r["shape"]["causal"]) for r in att})
-    norms = [r for r in rows if r["op"] != "attention" and r["mode"] == "fwd+bwd" and r.get("gbps")]
+    norms = [r for r in rows if r["op"] in ("layer_norm", "rms_norm") and r["mode"] == "fwd+bwd" and r.get("gbps")]
     norm_ops = sorted({r["op"] for r in norms})
     n = max(1, len(panels) + len(norm_ops))
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.8), squeeze=False)
@@ -480,6 +563,8 @@ def main(args: argparse.Namespace) -> int:
                 args._deadline = time.monotonic() + left * share
             if op == "attention":
                 bench_attention(args, device, dtype, record)
+            elif op == "attention_docs":
+                bench_attention_docs(args, device, dtype, record)
             else:
                 bench_norm(op, args, device, dtype, record)
     except KeyboardInterrupt:  # SIGINT from a time limit: keep and write what was measured
@@ -498,7 +583,8 @@ def main(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "seconds": round(time.monotonic() - args._t0, 1),
         "peaks": peaks,
-        "flop_convention": "attention fwd 4*B*H*T^2*D, halved when causal; bwd 2.5x fwd; fwd+bwd 3.5x",
+        "flop_convention": "attention fwd 4*B*H*T^2*D, halved when causal (attention_docs: 4*B*H*D per visible "
+                           "query-key pair); bwd 2.5x fwd; fwd+bwd 3.5x",
         "byte_convention": "norms: each input read once, each output (incl. fp32 stats) written once",
     }
     out = Path(args.out)

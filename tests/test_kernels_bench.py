@@ -23,12 +23,14 @@ def test_bench_smoke_writes_results(tmp_path):
     meta, rows = data["meta"], data["rows"]
     assert meta["smoke"] and meta["commit"] and meta["device"]
     assert meta["peaks"]["matmul_tflops"] > 0 and meta["peaks"]["copy_gbps"] > 0
-    for op in ("attention", "layer_norm", "rms_norm"):
+    for op in ("attention", "layer_norm", "rms_norm", "attention_docs"):
         impls = {r["impl"] for r in rows if r["op"] == op and r.get("ms")}
         assert "megalite" in impls and len(impls) >= 2, (op, impls)
         modes = {r["mode"] for r in rows if r["op"] == op and r["impl"] == "megalite"}
         assert modes == {"fwd", "bwd", "fwd+bwd"}
     assert any("ours_speedup" in r for r in rows)
+    docs = [r for r in rows if r["op"] == "attention_docs" and r.get("tflops")]
+    assert all(r["shape"]["documents"] >= 1 for r in docs)
     assert "| megalite |" in (out / "results.md").read_text().replace("| shape | mode ", "")
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
