@@ -37,6 +37,7 @@ PYEOF
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # megalite from the tree, not installed
 export TRITON_INTERPRET=0  # tests/conftest.py defaults it to 1 for the CPU machine
+export DS_ACCELERATOR=cuda  # and this one to cpu
 export MPLBACKEND=Agg
 $PY - <<'PYEOF' || { echo "gpu-check: environment not usable"; exit 2; }
 import torch, triton
@@ -50,8 +51,9 @@ run_tests() {  # name, timeout seconds, pytest args...
   local name=$1 limit=$2
   shift 2
   echo "== tests: $name (t=$(elapsed)s)"
-  # --noconftest: conftest.py only sets CPU defaults, and must not pull in packages this machine lacks.
-  timeout --signal=INT --kill-after=20 "$limit" $PY -m pytest -q -p no:cacheprovider --noconftest -o addopts="" -m gpu --durations=10 \
+  # conftest.py provides the tests' fixtures (triton_backend); its CPU defaults are set only where unset, and
+  # the exports above win. It imports nothing this machine lacks.
+  timeout --signal=INT --kill-after=20 "$limit" $PY -m pytest -q -p no:cacheprovider -o addopts="" -m gpu --durations=10 \
     --junitxml="$RESULTS/tests-$name.xml" "$@" tests/test_kernels_attention.py tests/test_kernels_norms.py
   local rc=$?
   [[ $rc -ne 0 && $rc -ne 5 ]] && STATUS=1  # 5: nothing selected
