@@ -72,6 +72,10 @@ class ModelConfig:
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     activation_checkpointing: bool = False
+    # > 0: the output layer and loss run this many tokens at a time, recomputed in the backward, so the logits
+    # (and their fp32 softmax) never exist whole: a large vocabulary's biggest activation at the cost of one
+    # more output matmul.
+    loss_chunk_tokens: int = 0
 
     @property
     def kv_heads(self) -> int:
@@ -573,6 +577,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key in ("num_kv_heads", "ffn_hidden_size"):
         if getattr(m, key) is not None:
             _positive(errors, f"model.{key}", getattr(m, key))
+    _positive(errors, "model.loss_chunk_tokens", m.loss_chunk_tokens, allow_zero=True)
     for key in ("norm_eps", "init_std", "rope_theta"):
         _positive(errors, f"model.{key}", getattr(m, key))
     for key in ("hidden_dropout", "attention_dropout"):

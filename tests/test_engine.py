@@ -64,6 +64,8 @@ def _model_parallel_variants(workdir: str) -> dict:
         ("tp2pp2", {"parallel": {"tensor": 2, "pipeline": 2},
                     "deepspeed": {**zero1, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}}),
         ("pp2_docs", {"parallel": {"pipeline": 2}, "deepspeed": zero1, "data": DOCUMENTS}),
+        # The tied output layer applied inside the loss function, 5 tokens at a time.
+        ("pp2_chunked", {"parallel": {"pipeline": 2}, "deepspeed": zero1, "model": {"loss_chunk_tokens": 5}}),
     ])
 
 
@@ -178,14 +180,15 @@ def test_zero_stages_match_plain_pytorch(workdir):
 
 def test_tensor_and_pipeline_parallel_match_plain_pytorch(workdir):
     """TP2 x DP2 (with and without sequence parallelism), PP2 x DP2 and TP2 x PP2 on 4 ranks, against TP1;
-    packed documents at TP2+SP and through pipeline stages against TP1 with the same documents."""
+    packed documents at TP2+SP and through pipeline stages against TP1 with the same documents; the chunked
+    loss (model.loss_chunk_tokens) through the pipeline's tied head."""
     results = run_ranks(_model_parallel_variants, 4, workdir, timeout_s=500, collective_timeout_s=90)
     ref = _reference(workdir, global_batch=4, clip=0.5)
     ref_docs = _reference(workdir, global_batch=4, clip=0.5, data=DOCUMENTS)
     assert abs(ref_docs["losses"][0] - ref["losses"][0]) > 1e-3, "the document mask must change the loss"
     for rank, rank_result in enumerate(results):
         for name, tp_pp in (("tp2", (2, 1)), ("tp2sp", (2, 1)), ("pp2", (1, 2)), ("tp2pp2", (2, 2)),
-                            ("tp2sp_docs", (2, 1)), ("pp2_docs", (1, 2))):
+                            ("tp2sp_docs", (2, 1)), ("pp2_docs", (1, 2)), ("pp2_chunked", (1, 2))):
             r = rank_result[name]
             assert r["tp_pp"] == tp_pp
             assert r["engine"] == ("PipelineEngine" if tp_pp[1] > 1 else "DeepSpeedEngine")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
+from tests.memory import peak_anon_growth
 
 VOCAB = 300
 
@@ -177,36 +178,6 @@ def test_unsupported_architecture_and_missing_tensor(hf_dirs: dict, tmp_path: Pa
     assert not (tmp_path / "never").exists()
 
 
-def _rss_anon_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
-def _peak_anon_growth(fn) -> tuple[int, object]:
-    """Largest growth of this process's anonymous memory while `fn` runs (sampled every millisecond)."""
-    import threading
-    import time
-
-    base, peak, done = _rss_anon_bytes(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_anon_bytes() - base)
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    try:
-        result = fn()
-    finally:
-        done.set()
-        t.join()
-    return peak[0], result
-
-
 def test_sharded_bf16_import_reads_one_tensor_at_a_time(tmp_path: Path) -> None:
     """A large checkpoint must not be held whole per rank: import reads tensors as it loads them.
 
@@ -229,7 +200,7 @@ def test_sharded_bf16_import_reads_one_tensor_at_a_time(tmp_path: Path) -> None:
 
     cfg, state = load_hf_state(tmp_path, make_vocab_size_divisible_by=8)
     model = build_model(cfg)
-    growth, _ = _peak_anon_growth(lambda: load_full_state_dict(model, state))
+    growth, _ = peak_anon_growth(lambda: load_full_state_dict(model, state))
     assert growth < file_bytes / 3, f"import grew anonymous memory by {growth} bytes for a {file_bytes}-byte file"
     ours = dict(model.named_parameters())
     theirs = hf.state_dict()

@@ -187,15 +187,17 @@ class Run:
 
             from megalite.model.pipeline import PipelineLoss, pipeline_specs
 
+            loss_fn = PipelineLoss(cfg.model, self.grid)
             model = PipelineModule(
                 layers=pipeline_specs(cfg.model, cfg.parallel, self.grid, seed=cfg.train.seed),
                 topology=self.grid.topology,
-                loss_fn=PipelineLoss(cfg.model, self.grid),
+                loss_fn=loss_fn,
                 # "uniform": the same number of Transformer blocks per stage; "parameters": balance weights.
                 partition_method="type:BlockPipe" if cfg.parallel.pipeline_partition == "uniform" else "parameters",
                 activation_checkpoint_interval=1 if cfg.model.activation_checkpointing else 0,
                 checkpointable_layers=["BlockPipe"],
             )
+            loss_fn.bind(model)
         else:
             from megalite.model import build_model
 

@@ -31,6 +31,7 @@ from megalite.model.transformer import (
     check_model_config,
     lm_logits,
     lm_loss,
+    lm_loss_chunked,
     rope_cos_sin,
     rope_frequencies,
 )
@@ -60,6 +61,7 @@ class EmbeddingPipe(_Canonical, Embedding):
         check_model_config(cfg, group_size(group))
         super().__init__(cfg, group, sp)
         self.max_positions = cfg.max_position_embeddings
+        self.loss_chunk_tokens = cfg.loss_chunk_tokens
         initialize_parameters(self, seed, group, self.canonical_name)
 
     def forward(self, inputs: Union[torch.Tensor, tuple]) -> Union[Activations, torch.Tensor]:  # type: ignore[override]
@@ -67,7 +69,8 @@ class EmbeddingPipe(_Canonical, Embedding):
             # The tied output head on the last stage: hidden states in, this rank's logits out. The same module
             # serves both ends (rather than a TiedLayerSpec forward_fn) because DeepSpeed saves and loads only
             # layers that are modules: a forward_fn layer's weights would silently be left out of checkpoints.
-            return tied_head_forward(self, inputs)
+            # With model.loss_chunk_tokens the loss function applies the head itself, chunk by chunk.
+            return inputs if self.loss_chunk_tokens else tied_head_forward(self, inputs)
         ids, pos, *docs = (inputs, None) if isinstance(inputs, torch.Tensor) else inputs
         b, t = ids.shape
         if pos is None:
@@ -116,6 +119,7 @@ class HeadPipe(_Canonical, torch.nn.Module):
         self.sequence_parallel = sp and group_size(self.group) > 1
         local = cfg.padded_vocab_size // group_size(self.group)
         self.weight = torch.nn.Parameter(torch.empty(local, cfg.hidden_size))
+        self.loss_chunk_tokens = cfg.loss_chunk_tokens
         set_tensor_parallel_attributes(self.weight, True, 0)
         set_init(self.weight, "normal", cfg.init_std)
         initialize_parameters(self, seed, self.group, self.canonical_name)
@@ -124,6 +128,8 @@ class HeadPipe(_Canonical, torch.nn.Module):
         return "output"
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.loss_chunk_tokens:  # the loss function applies this head itself, chunk by chunk
+            return h
         return lm_logits(h, self.weight, self.vocab_size, self.group, self.sequence_parallel)
 
 
@@ -134,17 +140,35 @@ def tied_head_forward(embedding: EmbeddingPipe, h: torch.Tensor) -> torch.Tensor
 
 
 class PipelineLoss:
-    """loss_fn for PipelineModule: (logits shard, labels or (labels, loss_mask)) -> fp32 mean loss."""
+    """loss_fn for PipelineModule: (logits shard, labels or (labels, loss_mask)) -> fp32 mean loss.
+
+    With model.loss_chunk_tokens the last stage hands over hidden states instead, and the loss applies
+    the output layer chunk by chunk (`lm_loss_chunked`); `bind(module)` tells it where that layer is.
+    """
 
     def __init__(self, cfg: ModelConfig, grid: Any = None) -> None:
         self.vocab_size, self.group = cfg.vocab_size, tensor_parallel_group(grid)
+        self.loss_chunk_tokens = cfg.loss_chunk_tokens
+        self.head: Optional[Union[HeadPipe, EmbeddingPipe]] = None
         self.__name__ = "PipelineLoss"
 
-    def __call__(self, logits: torch.Tensor, labels: Union[torch.Tensor, tuple]) -> torch.Tensor:
+    def bind(self, module: torch.nn.Module) -> None:
+        """Find this stage's output layer (the untied head, or the tied embedding at the last stage)."""
+        for sub in module.modules():
+            if isinstance(sub, (HeadPipe, EmbeddingPipe)):
+                self.head = sub  # the last one: on the last stage, its head
+
+    def __call__(self, outputs: torch.Tensor, labels: Union[torch.Tensor, tuple]) -> torch.Tensor:
         mask: Optional[torch.Tensor] = None
         if not isinstance(labels, torch.Tensor):
             labels, mask = labels[0], labels[1]
-        return lm_loss(logits, labels, mask, self.vocab_size, self.group)
+        if not self.loss_chunk_tokens:
+            return lm_loss(outputs, labels, mask, self.vocab_size, self.group)
+        if self.head is None:
+            raise RuntimeError("PipelineLoss with loss_chunk_tokens needs bind(pipeline_module) before use")
+        weight = self.head.weight if isinstance(self.head, HeadPipe) else self.head.word.weight
+        return lm_loss_chunked(outputs, weight, labels, mask, self.vocab_size, self.group,
+                               self.head.sequence_parallel, self.loss_chunk_tokens)
 
 
 def pipeline_specs(

@@ -398,20 +398,24 @@ class Transformer(torch.nn.Module):
         if kv_cache is not None:
             kv_cache.length += t
         x = self.final_norm(x)
+        if labels is not None and self.config.loss_chunk_tokens:
+            return lm_loss_chunked(x, self.output_weight(), labels, loss_mask, self.config.vocab_size, self.group,
+                                   self.sequence_parallel, self.config.loss_chunk_tokens)
         logits = self.logits(x, gather=gather_logits and labels is None)
         if labels is None:
             return logits
         return self.loss(logits, labels, loss_mask)
 
 
-def lm_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int, group: Group,
-              sequence_parallel: bool) -> torch.Tensor:
-    """(B, T or T/tp, H) hidden states -> (B, T, Vp/tp) logits of this rank's vocabulary rows; padding never wins."""
+def _head_input(h: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """(B, T or T/tp, H) -> (B, T, H) on every TP rank, with the backward that sums the ranks' partial grads."""
     if sequence_parallel and group_size(group) > 1:
-        h = gather_from_sequence_parallel(h, group, dim=1)  # backward reduce-scatters
-    else:
-        h = copy_to_tensor_parallel(h, group)  # backward sums the partial input gradients
-    logits = F.linear(h, weight)
+        return gather_from_sequence_parallel(h, group, dim=1)  # backward reduce-scatters
+    return copy_to_tensor_parallel(h, group)  # backward sums the partial input gradients
+
+
+def _mask_padding(logits: torch.Tensor, vocab_size: int, group: Group) -> torch.Tensor:
+    """This rank's logits with the padded vocabulary rows set to the lowest value: padding never wins."""
     local = logits.shape[-1]
     start = group_rank(group) * local
     if start + local > vocab_size:
@@ -420,15 +424,52 @@ def lm_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int, group: Gro
     return logits
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor], vocab_size: int,
-            group: Group) -> torch.Tensor:
-    """fp32 mean cross-entropy of vocab-parallel logits over tokens with a nonzero mask; labels < 0 are ignored."""
+def lm_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int, group: Group,
+              sequence_parallel: bool) -> torch.Tensor:
+    """(B, T or T/tp, H) hidden states -> (B, T, Vp/tp) logits of this rank's vocabulary rows; padding never wins."""
+    return _mask_padding(F.linear(_head_input(h, group, sequence_parallel), weight), vocab_size, group)
+
+
+def _token_mask(labels: torch.Tensor, loss_mask: Optional[torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """fp32 weights of the tokens that count (labels < 0 never do); DataError for a label beyond the vocabulary."""
     mask = (labels >= 0).float() if loss_mask is None else loss_mask.float() * (labels >= 0).float()
     bad = (labels >= vocab_size) & (mask > 0)
     if bool(bad.any()):
         raise DataError(f"label {int(labels[bad].flatten()[0])} is outside the vocabulary (vocab_size={vocab_size})")
+    return mask
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor], vocab_size: int,
+            group: Group) -> torch.Tensor:
+    """fp32 mean cross-entropy of vocab-parallel logits over tokens with a nonzero mask; labels < 0 are ignored."""
+    mask = _token_mask(labels, loss_mask, vocab_size)
     per_token = vocab_parallel_cross_entropy(logits, labels.clamp(min=0), group)  # (B, T) fp32
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                    vocab_size: int, group: Group) -> torch.Tensor:
+    logits = _mask_padding(F.linear(h, weight), vocab_size, group)  # (N, Vp/tp): one chunk only
+    return (vocab_parallel_cross_entropy(logits, labels, group) * mask).sum()
+
+
+def lm_loss_chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor],
+                    vocab_size: int, group: Group, sequence_parallel: bool, chunk_tokens: int) -> torch.Tensor:
+    """`lm_loss(lm_logits(h, ...))` computed `chunk_tokens` tokens at a time, each chunk's logits recomputed in
+    the backward: the (tokens, Vp/tp) logits and their fp32 softmax never exist whole (model.loss_chunk_tokens).
+    """
+    mask = _token_mask(labels, loss_mask, vocab_size)
+    h = _head_input(h, group, sequence_parallel)
+    h, labels, mask = h.reshape(-1, h.shape[-1]), labels.clamp(min=0).reshape(-1), mask.reshape(-1)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk_tokens):
+        end = start + chunk_tokens
+        # The collectives inside run again in the recompute, in the same order on every TP rank.
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_loss_sum, h[start:end], weight, labels[start:end], mask[start:end], vocab_size, group,
+            use_reentrant=False,
+        )
+    return total / mask.sum().clamp(min=1.0)
 
 
 def check_model_config(cfg: ModelConfig, tp: int) -> None:
