@@ -189,3 +189,23 @@ def test_cross_entropy_tp1_matches_torch() -> None:
     (g1,) = torch.autograd.grad(ref, logits)
     (g2,) = torch.autograd.grad(got, logits)
     torch.testing.assert_close(g1, g2)
+
+
+def test_initial_values_do_not_depend_on_threads() -> None:
+    """A tensor of several random chunks is the same drawn by 1 or 3 threads; a one-chunk tensor is the
+    parameter's own stream (as before chunking); different chunks and names differ."""
+    import zlib
+
+    from megalite.model import weights
+
+    n = 3 * weights.INIT_CHUNK_ELEMENTS + 5
+    one = weights.init_full("layers.0.mlp.fc.weight", (n // 5, 5), ("normal", 0.02), seed=3, threads=1)
+    three = weights.init_full("layers.0.mlp.fc.weight", (n // 5, 5), ("normal", 0.02), seed=3, threads=3)
+    assert torch.equal(one, three)
+    flat, chunk = one.view(-1), weights.INIT_CHUNK_ELEMENTS
+    assert not torch.equal(flat[:chunk], flat[chunk : 2 * chunk])
+    assert abs(float(one.std()) - 0.02) < 1e-4
+    small = weights.init_full("x", (7, 3), ("normal", 0.02), seed=3)
+    g = torch.Generator().manual_seed((3 * 1_000_003 + zlib.crc32(b"x")) % (2**63 - 1))
+    assert torch.equal(small, torch.empty(7, 3).normal_(0.0, 0.02, generator=g))
+    assert not torch.equal(small, weights.init_full("y", (7, 3), ("normal", 0.02), seed=3))
