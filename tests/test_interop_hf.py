@@ -273,3 +273,35 @@ def test_unsupported_rope_scaling_is_named(hf_dirs: dict, tmp_path: Path) -> Non
         (d / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_theta": 5e5, **params}}))
         with pytest.raises((CheckpointError, ConfigError), match=fragment):
             from_hf(d)
+
+
+def test_mistral_imports_as_llama_unless_its_window_applies(tmp_path: Path) -> None:
+    """Mistral without an effective sliding window is the Llama architecture: same logits, exported as Llama;
+    a window shorter than the context is refused by name (megalite's attention has none)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from megalite.errors import CheckpointError
+    from megalite.interop import from_hf, to_hf
+
+    torch.manual_seed(6)
+    for window in (None, 64):  # 64 = max_position_embeddings: never applies
+        hf = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=64, sliding_window=window))
+        _perturb(hf)
+        hf.eval()
+        hf.save_pretrained(str(tmp_path / f"w{window}"))
+        ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            expected = hf(ids).logits
+            model = from_hf(tmp_path / f"w{window}")
+            model.eval()
+            torch.testing.assert_close(model(ids, gather_logits=True)[..., :VOCAB], expected, rtol=0, atol=1e-4)
+        out = to_hf(model, tmp_path / f"out{window}")
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+        torch.testing.assert_close(_hf_logits(out, ids), expected, rtol=0, atol=1e-4)
+    windowed = tmp_path / "w64"
+    cfg = json.loads((windowed / "config.json").read_text())
+    (windowed / "config.json").write_text(json.dumps({**cfg, "sliding_window": 16}))
+    with pytest.raises(CheckpointError, match=r"mistral sliding_window=16 < max_position_embeddings=64"):
+        from_hf(windowed)

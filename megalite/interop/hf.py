@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 / Llama import (`from_hf`) and export (`to_hf`), at any TP degree.
+"""Hugging Face GPT-2 / Llama (and Mistral) import (`from_hf`) and export (`to_hf`), at any TP degree.
 
 Import reads `config.json` and safetensors (single file or sharded with an index) directly, maps the
 tensors to megalite's canonical, TP-independent names (see `megalite.model.weights`), pads the
@@ -25,7 +25,9 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "generation_config.json",
 )
-SUPPORTED = ("gpt2", "llama")
+# Mistral is the Llama architecture (same tensor names) plus an optional sliding window, which megalite's
+# attention does not have: imported when the window never applies, exported as Llama.
+SUPPORTED = ("gpt2", "llama", "mistral")
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
@@ -64,7 +66,7 @@ def _rope(hf: dict) -> tuple[float, Optional[RopeScalingConfig]]:
 
 
 def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **overrides: Any) -> ModelConfig:
-    """The megalite ModelConfig of a Hugging Face GPT-2 or Llama config (dropout 0 unless overridden)."""
+    """The megalite ModelConfig of a Hugging Face GPT-2, Llama or Mistral config (dropout 0 unless overridden)."""
     kind = hf.get("model_type")
     archs = hf.get("architectures") or []
     if kind not in SUPPORTED:
@@ -89,15 +91,21 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **ov
         )
     else:
         if hf.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"llama hidden_act={hf['hidden_act']!r} is not supported (megalite uses SwiGLU)")
+            raise CheckpointError(f"{kind} hidden_act={hf['hidden_act']!r} is not supported (megalite uses SwiGLU)")
+        window, positions = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+        if window is not None and window < positions:
+            raise CheckpointError(
+                f"{kind} sliding_window={window} < max_position_embeddings={positions}: megalite's attention has "
+                "no sliding window, so this model cannot be represented exactly"
+            )
         h, heads = hf["hidden_size"], hf["num_attention_heads"]
         theta, rope_scaling = _rope(hf)
         if hf.get("head_dim") not in (None, h // heads):
             raise CheckpointError(
-                f"llama head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported"
+                f"{kind} head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported"
             )
         if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
-            raise CheckpointError("llama attention_bias != mlp_bias is not supported (megalite has one `bias` flag)")
+            raise CheckpointError(f"{kind} attention_bias != mlp_bias is not supported (megalite has one `bias` flag)")
         cfg = dict(
             vocab_size=hf["vocab_size"], hidden_size=h, num_layers=hf["num_hidden_layers"], num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
@@ -374,7 +382,7 @@ def from_hf(
     seed: int = 1234,
     **overrides: Any,
 ) -> torch.nn.Module:
-    """A megalite model holding this TP rank's shards of a Hugging Face GPT-2/Llama directory or model object.
+    """A megalite model holding this TP rank's shards of a Hugging Face GPT-2/Llama/Mistral directory or model.
 
     `overrides` set ModelConfig fields the checkpoint does not fix (hidden_dropout, activation_checkpointing).
     The model remembers its source (`model.hf_source`) so `to_hf` can carry the tokenizer and token ids.
