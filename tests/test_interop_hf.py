@@ -200,7 +200,19 @@ def test_sharded_bf16_import_reads_one_tensor_at_a_time(tmp_path: Path) -> None:
 
     cfg, state = load_hf_state(tmp_path, make_vocab_size_divisible_by=8)
     model = build_model(cfg)
-    growth, _ = peak_anon_growth(lambda: load_full_state_dict(model, state))
+    reads: list[str] = []
+    read = HFTensors.__getitem__
+
+    def counted(self: HFTensors, name: str) -> torch.Tensor:
+        reads.append(name)
+        return read(self, name)
+
+    HFTensors.__getitem__ = counted  # type: ignore[method-assign]
+    try:
+        growth, _ = peak_anon_growth(lambda: load_full_state_dict(model, state))
+    finally:
+        HFTensors.__getitem__ = read  # type: ignore[method-assign]
+    assert sorted(reads) == sorted(hf.state_dict()), "every tensor read exactly once (membership reads nothing)"
     assert growth < file_bytes / 3, f"import grew anonymous memory by {growth} bytes for a {file_bytes}-byte file"
     ours = dict(model.named_parameters())
     theirs = hf.state_dict()

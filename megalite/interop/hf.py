@@ -159,6 +159,9 @@ class HFTensors(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._files[self._where[name]].get_tensor(name)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self._where
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
@@ -206,6 +209,9 @@ class MappedState(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         fn, sources = self.recipes[name]
         return fn(*(self.tensors[s] for s in sources))
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would build the tensor
+        return name in self.recipes
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.recipes)
