@@ -364,3 +364,16 @@ def test_bf16_precision_policy_and_init_from_hf(workdir, tmp_path):
         if rank == 0:
             assert len(r["offload_losses"]) == STEPS and r["offload_losses"][-1] < r["offload_losses"][0]
         assert "train.init_from" in r["mismatch"] and "hidden_size" in r["mismatch"]
+
+
+def test_flops_count_the_attention_that_documents_leave():
+    """MFU's attention term uses the keys a token attends to: the sequence, or its document under
+    reset_attention_mask (token-weighted mean document length of the run's first samples)."""
+    from megalite.engine.metrics import flops_per_token, mean_document_length
+
+    samples = [{"document_ids": torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, 0, 0])}, {"document_ids": torch.zeros(10)}]
+    assert mean_document_length(samples) == (9 + 4 + 25 + 100) / 20  # runs of equal ids are the documents
+    cfg = C.from_dict(tiny_config("x", "y"))
+    m = cfg.model
+    assert flops_per_token(cfg) - flops_per_token(cfg, 6.9) == pytest.approx(
+        12 * m.num_layers * m.hidden_size * (cfg.data.seq_length - 6.9))

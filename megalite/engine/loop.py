@@ -25,7 +25,14 @@ from megalite import kernels
 from megalite.config import Config, summary, validate
 from megalite.engine import launch, signals
 from megalite.engine.build import build_engine
-from megalite.engine.metrics import MetricSink, StepTimer, device_peak_tflops, flops_per_token, plot_losses
+from megalite.engine.metrics import (
+    MetricSink,
+    StepTimer,
+    device_peak_tflops,
+    flops_per_token,
+    mean_document_length,
+    plot_losses,
+)
 from megalite.errors import ConfigError, MegaliteError
 
 
@@ -389,7 +396,10 @@ class Run:
         flag = self.preemption = signals.PreemptionFlag(cfg.train.preemption_signals)
         timer = StepTimer(sync=self.device.type == "cuda")
         tokens_per_step = cfg.global_batch_size(self.world) * cfg.data.seq_length
-        flops_token = flops_per_token(cfg)
+        attended = None
+        if cfg.data.reset_attention_mask:  # documents shorten attention: count it from the first samples
+            attended = mean_document_length(self.train_set[i] for i in range(min(64, len(self.train_set))))
+        flops_token = flops_per_token(cfg, attended)
         peak, peak_note = device_peak_tflops(cfg.precision)
         if self.is_main:
             info = summary(cfg, self.world)

@@ -23,11 +23,32 @@ PEAK_TFLOPS = {
 }
 
 
-def flops_per_token(cfg: Config) -> float:
-    """Training FLOPs per token: 6N + 12*L*d*T (N non-embedding parameters; recompute excluded)."""
+def flops_per_token(cfg: Config, attended_keys: float | None = None) -> float:
+    """Training FLOPs per token: 6N + 12*L*d*K (N non-embedding parameters; recompute excluded).
+
+    K is the keys a token attends to, counted as PaLM does (the whole window, causal or not): the sequence
+    length, or with packed-document masking the mean length of a token's document (`attended_keys`).
+    """
     n = count_parameters(cfg.model)["non_embedding"]
     m = cfg.model
-    return 6.0 * n + 12.0 * m.num_layers * m.hidden_size * cfg.data.seq_length
+    keys = cfg.data.seq_length if attended_keys is None else attended_keys
+    return 6.0 * n + 12.0 * m.num_layers * m.hidden_size * keys
+
+
+def mean_document_length(samples: Any) -> float:
+    """Token-weighted mean document length over samples with `document_ids` (sum of squared lengths / tokens):
+    the keys a token attends to under packed-document masking."""
+    import torch
+
+    squares, tokens = 0, 0
+    for sample in samples:
+        ids = sample["document_ids"]
+        _, counts = torch.unique_consecutive(ids, return_counts=True)
+        squares += int((counts.long() ** 2).sum())
+        tokens += ids.numel()
+    if tokens == 0:
+        raise ValueError("mean_document_length needs at least one token")
+    return squares / tokens
 
 
 def device_peak_tflops(precision: str) -> tuple[float | None, str]:
