@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("megalite.evaluate", "loss, perplexity and accuracy of a checkpoint"),
     "generate": ("megalite.generate", "sample text from a checkpoint"),
     "convert": ("megalite.interop.convert_cli", "convert between Hugging Face and megalite checkpoints"),
+    "checkpoint": ("megalite.engine.checkpoint_cli", "list a run's checkpoints, or verify one against its manifest"),
     "bench": ("megalite.kernels.bench_cli", "benchmark the kernels against the alternatives"),
     "preflight": ("megalite.engine.preflight", "check a cluster job before it starts"),
     "slurm": ("megalite.slurm_cli", "write (and submit) a SLURM batch script"),

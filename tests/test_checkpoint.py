@@ -144,6 +144,38 @@ def test_kill9_at_every_injection_point_resumes_last_complete(tmp_path):
     for rank in (0, 1):
         for step, seen in losses[rank].items():
             assert len(set(seen)) == 1, (rank, step, seen)
+    _check_cli(root, tmp_path)
+
+
+def _check_cli(root, tmp_path) -> None:
+    """`megalite checkpoint list|verify` on the chain's final checkpoints, then on a copy with one flipped byte."""
+    from megalite.engine import checkpoint_cli
+
+    def run(*argv: str) -> tuple[int, dict]:
+        import contextlib
+        import io
+
+        parser = __import__("argparse").ArgumentParser()
+        checkpoint_cli.add_arguments(parser)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = checkpoint_cli.main(parser.parse_args([*argv, "--json"]))
+        return code, json.loads(out.getvalue().strip().splitlines()[-1])
+
+    code, listed = run("list", str(root))
+    assert code == 0 and listed["latest"] == "step00000005"
+    assert [(c["step"], c["latest"]) for c in listed["checkpoints"]] == [(5, True), (4, False)]
+    assert all(c["bytes"] > 0 and c["layout"] for c in listed["checkpoints"])
+    code, verified = run("verify", str(root), "--all")
+    assert code == 0 and [r["ok"] for r in verified["results"]] == [True, True]
+    bad = tmp_path / "flipped"
+    _copy_root(str(root), str(bad))
+    _flip_byte(str(bad / "step00000005" / "ds" / "mp_rank_00_model_states.pt"))
+    code, verified = run("verify", str(bad))  # the newest (latest) by default
+    assert code == 2 and not verified["results"][0]["ok"]
+    assert "mp_rank_00_model_states.pt" in verified["results"][0]["problems"]
+    code, verified = run("verify", str(bad / "step00000004"))  # one step directory: intact
+    assert code == 0 and verified["results"][0]["step"] == 4
 
 
 # --------------------------------------------------------------------------- one run_ranks launch, many checks
