@@ -206,7 +206,8 @@ def test_loss_chunks_bound_the_logits_memory() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
     logits_bytes = 2 * 1024 * 32000 * 4
-    assert abs(out[0][1] - out[256][1]) < 1e-5 and abs(out[0][2] - out[256][2]) < 1e-4 * out[0][2]
+    # fp32 sums in another order: equal to about 1e-6 relative (the loss is ln(32000) ~ 10.4).
+    assert abs(out[0][1] - out[256][1]) < 1e-5 * out[0][1] and abs(out[0][2] - out[256][2]) < 1e-4 * out[0][2]
     # Unchunked holds the logits and their softmax (2 x logits_bytes); chunked a 256-token slice at a time.
     assert out[0][0] > 1.5 * logits_bytes, out
     assert out[256][0] < 0.75 * logits_bytes, out
