@@ -153,7 +153,7 @@ class TrainConfig:
     checkpoint_dir: Optional[str] = None  # None: <output_dir>/checkpoints
     keep_checkpoints: int = 2
     resume: Literal["auto", "must", "never"] = "auto"
-    init_from: Optional[str] = None  # a Hugging Face directory
+    init_from: Optional[str] = None  # weights to start from: a Hugging Face directory or a megalite checkpoint
     kernels: Literal["auto", "torch", "triton", "apex"] = "auto"
     nonfinite: Literal["skip", "fail"] = "skip"
     max_consecutive_nonfinite: int = 5

@@ -29,13 +29,17 @@ LAYOUTS = {
 }
 
 
+# A Llama with GQA, untied.
+LLAMA = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "num_kv_heads": 2,
+         "tied_embeddings": False}
+
+
 def _train_layouts(workdir: str) -> None:
     from megalite.engine.loop import Run
 
     for name, sections in LAYOUTS.items():  # pipeline last: DeepSpeed cannot build a plain engine after one
         raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name}", train={"steps": STEPS}, **sections)
-        raw["model"].update({"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False,
-                             "num_kv_heads": 2, "tied_embeddings": False})  # a Llama with GQA, untied
+        raw["model"].update(LLAMA)
         code = Run(C.from_dict(raw)).train()
         if code != 0:
             raise RuntimeError(f"{name}: exit {code}")
@@ -92,17 +96,40 @@ def test_deepspeed_zero_to_fp32_recovers_the_exported_weights(trained):
                                        msg=lambda m, k=k, name=name: f"{name} {k}: {m}")
 
 
-def _generate_tp2(checkpoint: str, prompt: list[int], n: int) -> dict:
-    from megalite.engine.consolidate import model_from_checkpoint
+def _generate_tp2(checkpoint: str, prompt: list[int], n: int, trained: str) -> dict:
+    from megalite.engine.consolidate import load_full_weights, model_from_checkpoint
     from megalite.engine.launch import init_distributed
+    from megalite.engine.loop import Run
     from megalite.generate import generate_ids
+    from megalite.model import full_state_dict, tensor_parallel_group
     from megalite.parallel import ProcessGrid
 
     init_distributed()
     grid = ProcessGrid(tensor=2, pipeline=1)
     _, model, _ = model_from_checkpoint(checkpoint, grid)
     ids = torch.tensor([prompt])
-    return {"cached": generate_ids(model, ids, n).tolist(), "uncached": generate_ids(model, ids, n, use_cache=False).tolist()}
+    out = {"cached": generate_ids(model, ids, n).tolist(),
+           "uncached": generate_ids(model, ids, n, use_cache=False).tolist()}
+    # train.init_from a megalite checkpoint of another layout: TP2xPP2 weights into TP2 x DP1, ZeRO-3 (DP4)
+    # weights into TP1 x DP2; the optimizer starts fresh, the weights are the checkpoint's.
+    for source, parallel in (("tp2_pp2", {"tensor": 2}), ("tp1_zero3", {"tensor": 1})):
+        raw = tiny_config(f"{trained}/tok", f"{trained}/init-{source}", parallel=parallel,
+                          train={"init_from": f"{trained}/{source}", "steps": 1},
+                          deepspeed={"zero_optimization": {"stage": 1}})
+        raw["model"].update(LLAMA)
+        run = Run(C.from_dict(raw))
+        ours = full_state_dict(run.engine.module, tensor_parallel_group(run.grid))
+        _, theirs, _ = load_full_weights(f"{trained}/{source}")
+        out[f"init_{source}"] = (set(ours) == set(theirs),
+                                 max((ours[k] - theirs[k]).abs().max().item() for k in theirs))
+        del run
+    raw["model"]["hidden_size"] = 64
+    try:
+        Run(C.from_dict(raw))
+        out["mismatch"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        out["mismatch"] = str(e)
+    return out
 
 
 def test_greedy_generation_cache_tp_and_transformers_agree(trained, tmp_path):
@@ -123,9 +150,13 @@ def test_greedy_generation_cache_tp_and_transformers_agree(trained, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     reference = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     assert cached.tolist() == reference.tolist()
-    tp2 = run_ranks(_generate_tp2, 2, checkpoint, prompt, n, timeout_s=200)
+    tp2 = run_ranks(_generate_tp2, 2, checkpoint, prompt, n, trained, timeout_s=300)
     for rank_result in tp2:
         assert rank_result["cached"] == cached.tolist() == rank_result["uncached"]
+        for source in ("tp2_pp2", "tp1_zero3"):
+            same_keys, diff = rank_result[f"init_{source}"]
+            assert same_keys and diff == 0.0, (source, diff)
+        assert "train.init_from" in rank_result["mismatch"] and "hidden_size" in rank_result["mismatch"]
 
 
 def test_eval_and_generate_cli(trained):

@@ -210,20 +210,33 @@ class Run:
 
             model = build_model(cfg.model, cfg.parallel, self.grid, seed=cfg.train.seed)
         if cfg.train.init_from:
-            self._load_hf_weights(model, cfg.train.init_from)
+            self._load_initial_weights(model, cfg.train.init_from)
         model = model.to(self.device)
         return model.to(dtype) if dtype is not None else model
 
-    def _load_hf_weights(self, model: torch.nn.Module, path: str) -> None:
-        """train.init_from: a Hugging Face directory's weights, sharded for this rank's TP/PP position."""
-        from megalite.interop.hf import load_hf_state
+    def _load_initial_weights(self, model: torch.nn.Module, path: str) -> None:
+        """train.init_from: the weights of a Hugging Face directory, or of a megalite checkpoint of any layout
+        (TP, PP, ZeRO stage, DP size), sharded for this rank's TP/PP position; the optimizer starts fresh."""
+        from megalite.engine.consolidate import load_full_weights, resolve_checkpoint
+        from megalite.errors import CheckpointError
 
-        hf_model, state = load_hf_state(path, self.cfg.model.make_vocab_size_divisible_by)
+        try:
+            resolve_checkpoint(path)
+            is_checkpoint = True
+        except CheckpointError:
+            is_checkpoint = False
+        if is_checkpoint:
+            source_cfg, state, _ = load_full_weights(path)
+            source_model = source_cfg.model
+        else:
+            from megalite.interop.hf import load_hf_state
+
+            source_model, state = load_hf_state(path, self.cfg.model.make_vocab_size_divisible_by)
         mine = self.cfg.model
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size", "norm", "mlp",
-                    "position", "bias", "tied_embeddings"):
-            if getattr(hf_model, key) != getattr(mine, key):
-                raise ConfigError(f"train.init_from: {path} has model.{key}={getattr(hf_model, key)!r} but the "
+                    "position", "bias", "tied_embeddings", "padded_vocab_size"):
+            if getattr(source_model, key) != getattr(mine, key):
+                raise ConfigError(f"train.init_from: {path} has model.{key}={getattr(source_model, key)!r} but the "
                                   f"config says {getattr(mine, key)!r}")
         if self.cfg.parallel.pipeline > 1:
             from megalite.model.pipeline import load_pipeline_state
