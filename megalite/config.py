@@ -76,6 +76,9 @@ class ModelConfig:
     # (and their fp32 softmax) never exist whole: a large vocabulary's biggest activation at the cost of one
     # more output matmul.
     loss_chunk_tokens: int = 0
+    # PaLM's auxiliary z-loss coefficient (1e-4 is usual): adds z * logsumexp(logits)^2 per token while
+    # training, keeping the logits' normaliser near 1; evaluation reports the plain cross-entropy.
+    z_loss: float = 0.0
 
     @property
     def kv_heads(self) -> int:
@@ -578,6 +581,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if getattr(m, key) is not None:
             _positive(errors, f"model.{key}", getattr(m, key))
     _positive(errors, "model.loss_chunk_tokens", m.loss_chunk_tokens, allow_zero=True)
+    _positive(errors, "model.z_loss", m.z_loss, allow_zero=True)
     for key in ("norm_eps", "init_std", "rope_theta"):
         _positive(errors, f"model.{key}", getattr(m, key))
     for key in ("hidden_dropout", "attention_dropout"):

@@ -85,6 +85,7 @@ BAD = [
     ("train.resume", "always", 1, "train.resume: 'always' is not one of 'auto', 'must', 'never'"),
     ("train.kernels", "cuda", 1, "train.kernels: 'cuda' is not one of"),
     ("model.loss_chunk_tokens", -1, 1, "model.loss_chunk_tokens: must be >= 0, got -1"),
+    ("model.z_loss", -0.1, 1, "model.z_loss: must be >= 0, got -0.1"),
     ("model.rope_scaling", {"type": "linear", "factor": 2.0}, 1, "model.rope_scaling: needs model.position='rope'"),
     ("model.rope_scaling", {"type": "yarn", "factor": 2.0}, 1, "model.rope_scaling.type: 'yarn' is not one of 'linear', 'llama3'"),
     ("model.rope_scaling", {"type": "linear"}, 1, "model.rope_scaling.factor: required key is missing"),

@@ -51,6 +51,7 @@ def _optimizer_state_numel(engine) -> int:
 
 # Packed documents: positions restart and attention stops at every EOD (Megatron's two reset options).
 DOCUMENTS = {"reset_position_ids": True, "reset_attention_mask": True}
+CHUNKED_Z = {"loss_chunk_tokens": 5, "z_loss": 1e-3}
 
 
 def _model_parallel_variants(workdir: str) -> dict:
@@ -64,8 +65,8 @@ def _model_parallel_variants(workdir: str) -> dict:
         ("tp2pp2", {"parallel": {"tensor": 2, "pipeline": 2},
                     "deepspeed": {**zero1, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}}),
         ("pp2_docs", {"parallel": {"pipeline": 2}, "deepspeed": zero1, "data": DOCUMENTS}),
-        # The tied output layer applied inside the loss function, 5 tokens at a time.
-        ("pp2_chunked", {"parallel": {"pipeline": 2}, "deepspeed": zero1, "model": {"loss_chunk_tokens": 5}}),
+        # The tied output layer applied inside the loss function, 5 tokens at a time, with the z-loss.
+        ("pp2_chunked", {"parallel": {"pipeline": 2}, "deepspeed": zero1, "model": CHUNKED_Z}),
     ])
 
 
@@ -95,16 +96,18 @@ def _train_runs(workdir: str, variants: list[tuple[str, dict]]) -> dict:
     return out
 
 
-def _reference(workdir: str, global_batch: int, clip: float, data: dict | None = None) -> dict:
+def _reference(workdir: str, global_batch: int, clip: float, data: dict | None = None,
+               model_options: dict | None = None) -> dict:
     """A plain PyTorch loop on one process: same model init, data order, AdamW groups, schedule, clipping.
 
-    data: DOCUMENTS for packed documents (positions and document ids go to the model)."""
+    data: DOCUMENTS for packed documents (positions and document ids go to the model); model_options: ModelConfig
+    fields to set (the z-loss)."""
     from megalite.data import ResumableSampler, build_datasets
     from megalite.engine.build import lr_multiplier
     from megalite.model import build_model
 
     data = data or {}
-    raw = tiny_config(f"{workdir}/tok", f"{workdir}/reference", data=data)
+    raw = tiny_config(f"{workdir}/tok", f"{workdir}/reference", data=data, model=model_options or {})
     cfg = C.from_dict(raw)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, C.ParallelConfig(), None, seed=cfg.train.seed)
@@ -181,10 +184,12 @@ def test_zero_stages_match_plain_pytorch(workdir):
 def test_tensor_and_pipeline_parallel_match_plain_pytorch(workdir):
     """TP2 x DP2 (with and without sequence parallelism), PP2 x DP2 and TP2 x PP2 on 4 ranks, against TP1;
     packed documents at TP2+SP and through pipeline stages against TP1 with the same documents; the chunked
-    loss (model.loss_chunk_tokens) through the pipeline's tied head."""
+    loss (model.loss_chunk_tokens) with the z-loss through the pipeline's tied head."""
     results = run_ranks(_model_parallel_variants, 4, workdir, timeout_s=500, collective_timeout_s=90)
     ref = _reference(workdir, global_batch=4, clip=0.5)
     ref_docs = _reference(workdir, global_batch=4, clip=0.5, data=DOCUMENTS)
+    ref_z = _reference(workdir, global_batch=4, clip=0.5, model_options={"z_loss": CHUNKED_Z["z_loss"]})
+    assert ref_z["losses"][0] - ref["losses"][0] > 1e-4, "the z-loss must add to the training loss"
     assert abs(ref_docs["losses"][0] - ref["losses"][0]) > 1e-3, "the document mask must change the loss"
     for rank, rank_result in enumerate(results):
         for name, tp_pp in (("tp2", (2, 1)), ("tp2sp", (2, 1)), ("pp2", (1, 2)), ("tp2pp2", (2, 2)),
@@ -192,8 +197,8 @@ def test_tensor_and_pipeline_parallel_match_plain_pytorch(workdir):
             r = rank_result[name]
             assert r["tp_pp"] == tp_pp
             assert r["engine"] == ("PipelineEngine" if tp_pp[1] > 1 else "DeepSpeedEngine")
-            _assert_close_to_reference(r, ref_docs if name.endswith("_docs") else ref, f"{name} rank {rank}",
-                                       logs=rank == 0)
+            expected = ref_docs if name.endswith("_docs") else ref_z if name == "pp2_chunked" else ref
+            _assert_close_to_reference(r, expected, f"{name} rank {rank}", logs=rank == 0)
 
 
 def test_lr_schedules_follow_their_definitions():

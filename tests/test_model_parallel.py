@@ -211,3 +211,27 @@ def test_loss_chunks_bound_the_logits_memory() -> None:
     # Unchunked holds the logits and their softmax (2 x logits_bytes); chunked a 256-token slice at a time.
     assert out[0][0] > 1.5 * logits_bytes, out
     assert out[256][0] < 0.75 * logits_bytes, out
+
+
+def test_z_loss_applies_while_training_only_and_through_chunks() -> None:
+    """model.z_loss adds z * mean(logsumexp^2) to the training loss (with gradients), not to evaluation
+    (no gradients); the chunked loss gives the same value and gradients."""
+    from megalite.model import build_model
+
+    shape = dict(LLAMA, z_loss=1e-2)
+    ids = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(1))
+    model = build_model(ModelConfig(**shape), seed=8)
+    with torch.no_grad():
+        logits = model(ids, gather_logits=True)[..., :300].double()
+        plain = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), ids.reshape(-1))
+        assert abs(float(model(ids, labels=ids)) - float(plain)) < 1e-5  # evaluation: cross-entropy only
+    expected = plain + 1e-2 * torch.logsumexp(logits, -1).square().mean()
+    loss = model(ids, labels=ids)
+    assert abs(float(loss) - float(expected)) < 1e-5 and float(expected - plain) > 1e-3
+    loss.backward()
+    chunked = build_model(ModelConfig(**shape, loss_chunk_tokens=8), seed=8)
+    loss_c = chunked(ids, labels=ids)
+    loss_c.backward()
+    assert abs(float(loss_c) - float(loss)) < 1e-5
+    for (name, p), q in zip(model.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)

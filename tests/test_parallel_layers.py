@@ -121,6 +121,16 @@ def _grid_and_layers() -> dict:
         (loss * weights).sum().backward()
         torch.testing.assert_close(shard.grad, full.grad.chunk(tp, dim=-1)[r], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gather_from_tensor_parallel(shard.detach(), group), logits)
+        # ... plus z * logsumexp^2 with z_loss, value and gradient.
+        full = logits.double().requires_grad_()
+        ref_z = F.cross_entropy(full.view(-1, 24), target.view(-1), reduction="none").view(3, 5)
+        ref_z = ref_z + 0.01 * torch.logsumexp(full, dim=-1).square()
+        shard = logits.chunk(tp, dim=-1)[r].clone().requires_grad_()
+        loss_z = vocab_parallel_cross_entropy(shard, target, group, z_loss=0.01)
+        torch.testing.assert_close(loss_z.double(), ref_z, rtol=1e-5, atol=1e-6)
+        (ref_z * weights).sum().backward()
+        (loss_z * weights).sum().backward()
+        torch.testing.assert_close(shard.grad.double(), full.grad.chunk(tp, dim=-1)[r], rtol=1e-5, atol=1e-6)
 
     # DeepSpeed's groups module is untouched by the grid (deepspeed.initialize sets it).
     assert ds_groups.mpu is None
@@ -189,6 +199,16 @@ def test_cross_entropy_tp1_matches_torch() -> None:
     (g1,) = torch.autograd.grad(ref, logits)
     (g2,) = torch.autograd.grad(got, logits)
     torch.testing.assert_close(g1, g2)
+    # z-loss against float64: logits far from zero make the term (and its gradient) large.
+    shifted = (logits.detach() * 3 + 5).double().requires_grad_()
+    ref = (F.cross_entropy(shifted.view(-1, 33), target.view(-1), reduction="none")
+           + 1e-3 * torch.logsumexp(shifted.view(-1, 33), -1).square()).mean()
+    ours = shifted.detach().float().requires_grad_()
+    got = vocab_parallel_cross_entropy(ours, target, z_loss=1e-3).mean()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    (g1,) = torch.autograd.grad(ref, shifted)
+    (g2,) = torch.autograd.grad(got, ours)
+    torch.testing.assert_close(g2.double(), g1, rtol=1e-5, atol=1e-7)
 
 
 def test_initial_values_do_not_depend_on_threads() -> None:

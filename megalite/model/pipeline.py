@@ -34,6 +34,7 @@ from megalite.model.transformer import (
     lm_loss_chunked,
     rope_cos_sin,
     rope_frequencies,
+    training_z_loss,
 )
 from megalite.model.weights import initialize_parameters, load_full_tensors, set_init, set_tensor_parallel_attributes
 from megalite.parallel.mappings import group_size
@@ -148,7 +149,7 @@ class PipelineLoss:
 
     def __init__(self, cfg: ModelConfig, grid: Any = None) -> None:
         self.vocab_size, self.group = cfg.vocab_size, tensor_parallel_group(grid)
-        self.loss_chunk_tokens = cfg.loss_chunk_tokens
+        self.loss_chunk_tokens, self.z_loss = cfg.loss_chunk_tokens, cfg.z_loss
         self.head: Optional[Union[HeadPipe, EmbeddingPipe]] = None
         self.__name__ = "PipelineLoss"
 
@@ -162,13 +163,14 @@ class PipelineLoss:
         mask: Optional[torch.Tensor] = None
         if not isinstance(labels, torch.Tensor):
             labels, mask = labels[0], labels[1]
+        z_loss = training_z_loss(self.z_loss)
         if not self.loss_chunk_tokens:
-            return lm_loss(outputs, labels, mask, self.vocab_size, self.group)
+            return lm_loss(outputs, labels, mask, self.vocab_size, self.group, z_loss)
         if self.head is None:
             raise RuntimeError("PipelineLoss with loss_chunk_tokens needs bind(pipeline_module) before use")
         weight = self.head.weight if isinstance(self.head, HeadPipe) else self.head.word.weight
         return lm_loss_chunked(outputs, weight, labels, mask, self.vocab_size, self.group,
-                               self.head.sequence_parallel, self.loss_chunk_tokens)
+                               self.head.sequence_parallel, self.loss_chunk_tokens, z_loss)
 
 
 def pipeline_specs(

@@ -335,8 +335,9 @@ class Transformer(torch.nn.Module):
         return gather_from_tensor_parallel(logits, self.group) if gather else logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """fp32 mean cross-entropy over tokens with a nonzero mask (labels < 0 are ignored too)."""
-        return lm_loss(logits, labels, loss_mask, self.config.vocab_size, self.group)
+        """fp32 mean cross-entropy over tokens with a nonzero mask (labels < 0 are ignored too), plus the
+        z-loss term while training (model.z_loss)."""
+        return lm_loss(logits, labels, loss_mask, self.config.vocab_size, self.group, training_z_loss(self.config.z_loss))
 
     def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         """An empty cache for incremental decoding of up to `max_len` positions."""
@@ -400,7 +401,8 @@ class Transformer(torch.nn.Module):
         x = self.final_norm(x)
         if labels is not None and self.config.loss_chunk_tokens:
             return lm_loss_chunked(x, self.output_weight(), labels, loss_mask, self.config.vocab_size, self.group,
-                                   self.sequence_parallel, self.config.loss_chunk_tokens)
+                                   self.sequence_parallel, self.config.loss_chunk_tokens,
+                                   training_z_loss(self.config.z_loss))
         logits = self.logits(x, gather=gather_logits and labels is None)
         if labels is None:
             return logits
@@ -439,22 +441,30 @@ def _token_mask(labels: torch.Tensor, loss_mask: Optional[torch.Tensor], vocab_s
     return mask
 
 
+def training_z_loss(z_loss: float) -> float:
+    """The z-loss coefficient to apply now: it regularises training only, so evaluation (no gradients) reports
+    the plain cross-entropy."""
+    return z_loss if torch.is_grad_enabled() else 0.0
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor], vocab_size: int,
-            group: Group) -> torch.Tensor:
-    """fp32 mean cross-entropy of vocab-parallel logits over tokens with a nonzero mask; labels < 0 are ignored."""
+            group: Group, z_loss: float = 0.0) -> torch.Tensor:
+    """fp32 mean cross-entropy (+ z_loss * lse^2) of vocab-parallel logits over tokens with a nonzero mask;
+    labels < 0 are ignored."""
     mask = _token_mask(labels, loss_mask, vocab_size)
-    per_token = vocab_parallel_cross_entropy(logits, labels.clamp(min=0), group)  # (B, T) fp32
+    per_token = vocab_parallel_cross_entropy(logits, labels.clamp(min=0), group, z_loss)  # (B, T) fp32
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                    vocab_size: int, group: Group) -> torch.Tensor:
+                    vocab_size: int, group: Group, z_loss: float) -> torch.Tensor:
     logits = _mask_padding(F.linear(h, weight), vocab_size, group)  # (N, Vp/tp): one chunk only
-    return (vocab_parallel_cross_entropy(logits, labels, group) * mask).sum()
+    return (vocab_parallel_cross_entropy(logits, labels, group, z_loss) * mask).sum()
 
 
 def lm_loss_chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor],
-                    vocab_size: int, group: Group, sequence_parallel: bool, chunk_tokens: int) -> torch.Tensor:
+                    vocab_size: int, group: Group, sequence_parallel: bool, chunk_tokens: int,
+                    z_loss: float = 0.0) -> torch.Tensor:
     """`lm_loss(lm_logits(h, ...))` computed `chunk_tokens` tokens at a time, each chunk's logits recomputed in
     the backward: the (tokens, Vp/tp) logits and their fp32 softmax never exist whole (model.loss_chunk_tokens).
     """
@@ -466,7 +476,7 @@ def lm_loss_chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
         end = start + chunk_tokens
         # The collectives inside run again in the recompute, in the same order on every TP rank.
         total = total + torch.utils.checkpoint.checkpoint(
-            _chunk_loss_sum, h[start:end], weight, labels[start:end], mask[start:end], vocab_size, group,
+            _chunk_loss_sum, h[start:end], weight, labels[start:end], mask[start:end], vocab_size, group, z_loss,
             use_reentrant=False,
         )
     return total / mask.sum().clamp(min=1.0)
