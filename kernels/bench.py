@@ -248,6 +248,19 @@ def _modes_timed(make_out, inputs, device, reps: int, modes: list[str]) -> dict[
     return result
 
 
+def _time_attention(op: str, name: str, run, qkv, shape: dict, fwd_flops: float, device, reps: int, args,
+                    record) -> None:
+    """Time one attention implementation in every mode; TFLOP/s with the backward at 2.5x the forward."""
+    try:
+        ms = _modes_timed(run, qkv, device, reps, args.modes_list)
+    except Exception as e:  # noqa: BLE001 - an unsupported backend is a result, not a crash
+        record(op, name, shape, None, error=f"{type(e).__name__}: {str(e)[:200]}")
+        return
+    for mode, value in ms.items():
+        flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+        record(op, name, shape, mode, ms=value, tflops=flops / value / 1e9)
+
+
 def bench_attention(args, device, dtype, record) -> None:
     """Every (head dim, seq, causal) case for every implementation."""
     import torch
@@ -271,15 +284,8 @@ def bench_attention(args, device, dtype, record) -> None:
                         continue  # materialises batch*heads*t*t scores: minutes and tens of GB
                     if _out_of_time(args):
                         return
-                    try:
-                        run = lambda fn=fn, q=q, k=k, v=v, c=causal: fn(q, k, v, c)
-                        ms = _modes_timed(run, [q, k, v], device, reps, args.modes_list)
-                    except Exception as e:  # noqa: BLE001 - an unsupported backend is a result, not a crash
-                        record("attention", name, shape, None, error=f"{type(e).__name__}: {str(e)[:200]}")
-                        continue
-                    for mode, value in ms.items():
-                        flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
-                        record("attention", name, shape, mode, ms=value, tflops=flops / value / 1e9)
+                    run = lambda fn=fn, q=q, k=k, v=v, c=causal: fn(q, k, v, c)
+                    _time_attention("attention", name, run, [q, k, v], shape, fwd_flops, device, reps, args, record)
                 q = k = v = None  # free before the next shape
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -309,15 +315,8 @@ def bench_attention_docs(args, device, dtype, record) -> None:
             for name, fn in impls.items():
                 if _out_of_time(args):
                     return
-                try:
-                    run = lambda fn=fn, q=q, k=k, v=v, c=causal, docs=docs: fn(q, k, v, c, docs)
-                    ms = _modes_timed(run, [q, k, v], device, reps, args.modes_list)
-                except Exception as e:  # noqa: BLE001 - an unsupported backend is a result, not a crash
-                    record("attention_docs", name, shape, None, error=f"{type(e).__name__}: {str(e)[:200]}")
-                    continue
-                for mode, value in ms.items():
-                    flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
-                    record("attention_docs", name, shape, mode, ms=value, tflops=flops / value / 1e9)
+                run = lambda fn=fn, q=q, k=k, v=v, c=causal, docs=docs: fn(q, k, v, c, docs)
+                _time_attention("attention_docs", name, run, [q, k, v], shape, fwd_flops, device, reps, args, record)
             q = k = v = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()

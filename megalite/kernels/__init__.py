@@ -152,9 +152,7 @@ def attention_torch(
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     if document_ids is not None:
-        if tq != tk or tuple(document_ids.shape) != (q.shape[0], tq):
-            raise ValueError(f"attention: document_ids {tuple(document_ids.shape)} need (batch, seq) = "
-                             f"{(q.shape[0], tq)} and as many queries as keys ({tq} vs {tk})")
+        _common.check_document_ids(q, k, document_ids)
         start, _ = _common.document_bounds(document_ids.to(q.device))
         mask = (start[:, :, None] == start[:, None, :]).unsqueeze(1)  # (B, 1, T, T): same document
         if causal:

@@ -58,6 +58,16 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+def check_document_ids(q: torch.Tensor, k: torch.Tensor, document_ids: torch.Tensor) -> None:
+    """document_ids must be (batch, seq) with as many queries as keys (both backends)."""
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"attention: document_ids need as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    if tuple(document_ids.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(
+            f"attention: document_ids must be (batch, seq) = {(q.shape[0], q.shape[2])}, got {tuple(document_ids.shape)}"
+        )
+
+
 def document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(start, end) int32 tensors (B, T): position t lies in the document [start[b, t], end[b, t]).
 

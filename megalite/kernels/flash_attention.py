@@ -464,15 +464,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
 
 
-def _check_documents(q: torch.Tensor, k: torch.Tensor, document_ids: torch.Tensor) -> None:
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"attention: document_ids need as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
-    if tuple(document_ids.shape) != (q.shape[0], q.shape[2]):
-        raise ValueError(
-            f"attention: document_ids must be (batch, seq) = {(q.shape[0], q.shape[2])}, got {tuple(document_ids.shape)}"
-        )
-
-
 def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and INTERPRET
 
@@ -586,6 +577,6 @@ def attention(
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[3])
     if document_ids is None:
         return AttentionFunction.apply(q, k, v, causal, scale)
-    _check_documents(q, k, document_ids)
+    _common.check_document_ids(q, k, document_ids)
     start, end = _common.document_bounds(document_ids.to(q.device))
     return AttentionFunction.apply(q, k, v, causal, scale, start, end)
