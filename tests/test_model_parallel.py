@@ -227,11 +227,11 @@ def test_z_loss_applies_while_training_only_and_through_chunks() -> None:
         assert abs(float(model(ids, labels=ids)) - float(plain)) < 1e-5  # evaluation: cross-entropy only
     expected = plain + 1e-2 * torch.logsumexp(logits, -1).square().mean()
     loss = model(ids, labels=ids)
-    assert abs(float(loss) - float(expected)) < 1e-5 and float(expected - plain) > 1e-3
+    assert abs(loss.item() - float(expected)) < 1e-5 and float(expected - plain) > 1e-3
     loss.backward()
     chunked = build_model(ModelConfig(**shape, loss_chunk_tokens=8), seed=8)
     loss_c = chunked(ids, labels=ids)
     loss_c.backward()
-    assert abs(float(loss_c) - float(loss)) < 1e-5
+    assert abs(loss_c.item() - loss.item()) < 1e-5
     for (name, p), q in zip(model.named_parameters(), chunked.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
