@@ -71,6 +71,38 @@ def _attn_fwd_block(
     return acc, l_i, m_new
 
 
+@triton.jit
+def _query_block_keys(
+    DOC_START, DOC_END, b, pid_m, offs_m, m_mask, TQ, TK, diag,
+    CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The keys a block of queries visits (forward and dq): [lo, full) whole blocks every row sees, no mask;
+    [full, hi) masked. Also the rows' document starts and the keys' (unused without HAS_DOCS)."""
+    doc_base = DOC_START
+    doc_q = offs_m
+    if HAS_DOCS:  # packed documents (TQ == TK): only the keys of the block's documents, all masked
+        doc_base = DOC_START + b * TK
+        doc_q = tl.load(doc_base + offs_m, mask=m_mask, other=-1)
+        last = tl.minimum((pid_m + 1) * BLOCK_M, TQ) - 1
+        lo = (tl.load(doc_base + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N  # the first row's document start
+        full = lo
+        if CAUSAL:
+            hi = last + 1
+        else:
+            hi = tl.load(DOC_END + b * TK + last)  # the last row's document end
+    else:
+        lo = 0
+        if CAUSAL:
+            hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + diag)  # keys from here on are masked for every row
+            full = tl.maximum(pid_m * BLOCK_M + diag + 1, 0)  # keys below this are visible to every row
+        else:
+            hi = TK
+            full = TK
+        # Whole blocks below `full` need no mask; the rest (diagonal, ragged end) are masked.
+        full = (tl.minimum(full, tl.maximum(hi, 0)) // BLOCK_N) * BLOCK_N
+    return lo, full, hi, doc_q, doc_base
+
+
 @triton.jit(do_not_specialize=_SIZES)
 def _attn_fwd_kernel(
     Q, K, V, Out, LSE, DOC_START, DOC_END,
@@ -102,41 +134,19 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    doc_base = DOC_START
-    doc_q = offs_m
-    if HAS_DOCS:  # packed documents (TQ == TK): only the keys of the block's documents, all masked
-        doc_base = DOC_START + b * TK
-        doc_q = tl.load(doc_base + offs_m, mask=m_mask, other=-1)
-        last = tl.minimum((pid_m + 1) * BLOCK_M, TQ) - 1
-        lo = (tl.load(doc_base + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N  # the first row's document start
-        if CAUSAL:
-            hi = last + 1
-        else:
-            hi = tl.load(DOC_END + b * TK + last)  # the last row's document end
-        for start_n in range(lo, hi, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, True,
-            )  # fmt: skip
-    else:
-        if CAUSAL:
-            hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + diag)  # keys from here on are masked for every row
-            full = tl.maximum(pid_m * BLOCK_M + diag + 1, 0)  # keys below this are visible to every row
-        else:
-            hi = TK
-            full = TK
-        # Whole blocks below `full` need no mask; the rest (diagonal, ragged end) are masked.
-        full = (tl.minimum(full, tl.maximum(hi, 0)) // BLOCK_N) * BLOCK_N
-        for start_n in range(0, full, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, False, CAUSAL, UPCAST, PRECISION, False,
-            )  # fmt: skip
-        for start_n in range(full, hi, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, False,
-            )  # fmt: skip
+    lo, full, hi, doc_q, doc_base = _query_block_keys(
+        DOC_START, DOC_END, b, pid_m, offs_m, m_mask, TQ, TK, diag, CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N
+    )
+    for start_n in range(lo, full, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
+            skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, False, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
+        )  # fmt: skip
+    for start_n in range(full, hi, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
+            skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
+        )  # fmt: skip
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -347,40 +357,19 @@ def _attn_bwd_dq_kernel(
     v_base = V + b * svb + kvh * svh
     diag = TK - TQ
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    doc_base = DOC_START
-    doc_q = offs_m
-    if HAS_DOCS:  # as in the forward: only the keys of the block's documents, all masked
-        doc_base = DOC_START + b * TK
-        doc_q = tl.load(doc_base + offs_m, mask=m_mask, other=-1)
-        last = tl.minimum((pid_m + 1) * BLOCK_M, TQ) - 1
-        lo = (tl.load(doc_base + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
-        if CAUSAL:
-            hi = last + 1
-        else:
-            hi = tl.load(DOC_END + b * TK + last)
-        for start_n in range(lo, hi, BLOCK_N):
-            dq = _attn_bwd_dq_block(
-                dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
-                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, True,
-            )  # fmt: skip
-    else:
-        if CAUSAL:
-            hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + diag)
-            full = tl.maximum(pid_m * BLOCK_M + diag + 1, 0)
-        else:
-            hi = TK
-            full = TK
-        full = (tl.minimum(full, tl.maximum(hi, 0)) // BLOCK_N) * BLOCK_N
-        for start_n in range(0, full, BLOCK_N):
-            dq = _attn_bwd_dq_block(
-                dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
-                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, False, CAUSAL, UPCAST, PRECISION, False,
-            )  # fmt: skip
-        for start_n in range(full, hi, BLOCK_N):
-            dq = _attn_bwd_dq_block(
-                dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
-                skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, False,
-            )  # fmt: skip
+    lo, full, hi, doc_q, doc_base = _query_block_keys(
+        DOC_START, DOC_END, b, pid_m, offs_m, m_mask, TQ, TK, diag, CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N
+    )
+    for start_n in range(lo, full, BLOCK_N):
+        dq = _attn_bwd_dq_block(
+            dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
+            skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, False, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
+        )  # fmt: skip
+    for start_n in range(full, hi, BLOCK_N):
+        dq = _attn_bwd_dq_block(
+            dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
+            skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
+        )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
         DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
