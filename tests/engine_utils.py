@@ -52,3 +52,24 @@ def tiny_config(prefix: str, output_dir: str, **sections) -> dict:
         else:
             raw[section] = values
     return raw
+
+
+def init_from_report(raw: dict, source_state: dict) -> dict:
+    """Build a Run from `raw` (with train.init_from): whether its gathered weights have the source's names, their
+    largest difference from `source_state`, and the error when model.hidden_size no longer matches the source."""
+    from megalite import config as C
+    from megalite.engine.loop import Run
+    from megalite.model import full_state_dict, tensor_parallel_group
+
+    run = Run(C.from_dict(raw))
+    ours = full_state_dict(run.engine.module, tensor_parallel_group(run.grid))
+    report = {"keys_equal": set(ours) == set(source_state),
+              "max_diff": max((ours[k].float() - source_state[k].float()).abs().max().item() for k in source_state)}
+    del run
+    changed = {**raw, "model": {**raw["model"], "hidden_size": 64}}
+    try:
+        Run(C.from_dict(changed))
+        report["mismatch"] = "no error"
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        report["mismatch"] = str(e)
+    return report

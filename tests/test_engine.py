@@ -11,7 +11,7 @@ import torch
 
 from megalite import config as C
 from tests.distributed import run_ranks
-from tests.engine_utils import tiny_config, write_token_dataset
+from tests.engine_utils import init_from_report, tiny_config, write_token_dataset
 
 STEPS = 10
 
@@ -263,7 +263,6 @@ def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
     """bf16 with fp32 master weights and fp32 accumulation; start from a Hugging Face checkpoint at TP2."""
     from megalite.engine.loop import Run
     from megalite.interop.hf import load_hf_state
-    from megalite.model import full_state_dict, tensor_parallel_group
 
     out = {}
     bf16 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}
@@ -283,17 +282,10 @@ def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
     raw = tiny_config(f"{workdir}/tok", f"{workdir}/init", parallel={"tensor": 2}, model=llama,
                       train={"init_from": hf_dir, "steps": 1})
     raw["model"]["make_vocab_size_divisible_by"] = 4
-    run = Run(C.from_dict(raw))
-    ours = full_state_dict(run.engine.module, tensor_parallel_group(run.grid))
     _, theirs = load_hf_state(hf_dir, 4)
-    out["init_max_diff"] = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in theirs)
-    out["init_keys_equal"] = set(ours) == set(theirs)
-    raw["model"]["hidden_size"] = 64
-    try:
-        Run(C.from_dict(raw))
-        out["mismatch"] = "no error"
-    except Exception as e:  # noqa: BLE001
-        out["mismatch"] = str(e)
+    report = init_from_report(raw, theirs)
+    out["init_keys_equal"], out["init_max_diff"], out["mismatch"] = (report["keys_equal"], report["max_diff"],
+                                                                     report["mismatch"])
 
     # Optimizer offload to the CPU (SGD: torch's own optimizer, so no CPU-Adam build is needed here).
     sgd = {"optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
