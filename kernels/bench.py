@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -362,6 +363,50 @@ def bench_norm(op: str, args, device, dtype, record) -> None:
 # --- reporting -----------------------------------------------------------------------------------
 
 
+def _constexpr_blocks(compiled, spec) -> dict[str, int]:
+    """BLOCK_* constexpr values of one compiled kernel (from its source record, else from its cache key)."""
+    src = getattr(compiled, "src", None)
+    consts = getattr(src, "constants", None) or getattr(src, "constexprs", None) or {}
+    names = getattr(getattr(src, "fn", None), "arg_names", [])
+    blocks = {}
+    for k, v in dict(consts).items():
+        index = k[0] if isinstance(k, tuple) else k
+        name = names[index] if isinstance(index, int) and index < len(names) else str(index)
+        if name.startswith("BLOCK_"):
+            blocks[name] = int(v)
+    return blocks or {k: int(v) for k, v in re.findall(r"(BLOCK_[A-Z]+)\W{1,6}(\d+)", str(spec))}
+
+
+def compiled_kernel_resources() -> list[dict]:
+    """Registers, spills and shared memory of every Triton kernel this process compiled (empty under the
+    interpreter). Read from Triton's per-device kernel caches; best effort, since that layout is internal."""
+    import importlib
+
+    rows = []
+    for module_name in ("flash_attention", "fused_layer_norm", "fused_rms_norm"):
+        module = importlib.import_module(f"megalite.kernels.{module_name}")
+        for name, fn in vars(module).items():
+            caches = getattr(fn, "device_caches", None)
+            if not name.endswith("_kernel") or not caches:
+                continue
+            for entry in list(caches.values()):
+                kernel_cache = entry[0] if isinstance(entry, tuple) else entry
+                for spec, compiled in list(kernel_cache.items()):
+                    try:
+                        if getattr(compiled, "n_regs", None) is None:
+                            compiled._init_handles()
+                        md = compiled.metadata
+                        blocks = _constexpr_blocks(compiled, spec)
+                        rows.append({
+                            "kernel": name, "blocks": blocks,
+                            "num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
+                            "registers": compiled.n_regs, "spills": compiled.n_spills,
+                        })
+                    except Exception as e:  # noqa: BLE001 - a report, never a crash
+                        rows.append({"kernel": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+    return rows
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -385,8 +430,8 @@ def git_commit() -> str:
             cwd=REPO, capture_output=True, text=True, timeout=10,
         ).stdout.strip()  # fmt: skip
         return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    except (OSError, subprocess.SubprocessError):  # a copied tree without .git (the GPU machine)
+        return os.environ.get("MEGALITE_COMMIT", "unknown")
 
 
 def _key(row: dict) -> tuple:
@@ -570,6 +615,9 @@ def main(args: argparse.Namespace) -> int:
         interrupted = True
         print("bench: interrupted; writing the results so far", file=sys.stderr)
     add_ratios(rows, peaks)
+    resources = compiled_kernel_resources() if device.type == "cuda" else []
+    for r in resources:
+        print("compiled", json.dumps(r), flush=True)
     meta = {
         "commit": git_commit(),
         "device": device_name,
@@ -588,7 +636,7 @@ def main(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "compiled": resources}, indent=1))
     write_markdown(out / "results.md", meta, rows)
     write_plot(out / "results.png", meta, rows)
     print(f"bench: wrote {out}/results.json, results.md, results.png in {meta['seconds']} s")
