@@ -18,7 +18,7 @@ from megalite.model import build_model, weights  # noqa: E402
 
 def main() -> None:
     preset = sys.argv[1] if len(sys.argv) > 1 else "llama-1b"
-    cfg = config.model_config_from_dict(config._expand_references({"model": preset}, None)["model"], preset)
+    cfg = config.model_config_from_dict(config.expand_references({"model": preset}, None)["model"], preset)
     t0 = time.perf_counter()
     model = build_model(cfg, seed=1)
     seconds = time.perf_counter() - t0

@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
     from megalite.engine.metrics import device_peak_tflops, flops_per_token
 
     raw = json.loads(args.worker_config)
-    cfg = config.from_dict(config._expand_references(raw, None))
+    cfg = config.from_dict(config.expand_references(raw, None))
     run = Run(cfg)
     times: list[float] = []
     original = run.train_step
@@ -106,7 +106,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from megalite import config
 
-    model = config._expand_references({"model": args.model}, None)["model"]
+    model = config.expand_references({"model": args.model}, None)["model"]
     model["max_position_embeddings"] = max(model.get("max_position_embeddings", 0), args.seq)
     prefix = out / "synthetic"
     synthetic_data(prefix, int(model["vocab_size"]), tokens=(args.steps + 2) * args.micro_batch * (args.seq + 1) * 2)

@@ -234,14 +234,14 @@ def test_shipped_presets_and_deepspeed_configs_load():
     for preset in MODEL_PRESETS:
         raw = base()
         raw["model"] = {"preset": preset.stem}
-        raw = C._expand_references(raw, None)
+        raw = C.expand_references(raw, None)
         raw["data"]["seq_length"] = 16
         cfg = C.from_dict(raw)
         assert cfg.model.vocab_size > 0
     for ds in DS_CONFIGS:
         raw = base()
         raw["deepspeed"] = ds.stem
-        cfg = C.from_dict(C._expand_references(raw, None))
+        cfg = C.from_dict(C.expand_references(raw, None))
         assert cfg.micro_batch_size >= 1
 
 
@@ -267,7 +267,7 @@ def test_fuzz_loader_raises_only_config_error(raw, mutations, world):
         candidates.append(with_change(path, value))
     for candidate in candidates:
         try:
-            C.from_dict(C._expand_references(candidate, None) if isinstance(candidate.get("model"), dict) else candidate,
+            C.from_dict(C.expand_references(candidate, None) if isinstance(candidate.get("model"), dict) else candidate,
                         world_size=world)
         except ConfigError:
             pass

@@ -55,7 +55,7 @@ def test_every_preset_validates_and_tiny_ones_run() -> None:
     for name in names:
         raw = json.loads((CONFIGS_DIR / "models" / f"{name}.json").read_text())
         cfg = from_dict({"model": raw, "deepspeed": {"train_micro_batch_size_per_gpu": 1},
-                         "data": {"seq_length": 256}})
+                         "data": {"prefixes": ["unused"], "seq_length": 256}})
         assert cfg.model.padded_vocab_size % 8 == 0
     for name in ("tiny-gpt", "tiny-llama"):
         model = build_model(_load(name), seed=0)

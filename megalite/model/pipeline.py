@@ -22,13 +22,12 @@ from typing import Any, Optional, Union
 import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-from megalite.config import ModelConfig, ParallelConfig
+from megalite.config import ModelConfig, ParallelConfig, check_model
 from megalite.model import tensor_parallel_group
 from megalite.model.transformer import (
     Block,
     Embedding,
     Norm,
-    check_model_config,
     lm_logits,
     lm_loss,
     lm_loss_chunked,
@@ -59,7 +58,7 @@ class EmbeddingPipe(_Canonical, Embedding):
 
     def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int) -> None:
         group = tensor_parallel_group(grid)
-        check_model_config(cfg, group_size(group))
+        check_model(cfg, group_size(group))
         super().__init__(cfg, group, sp)
         self.max_positions = cfg.max_position_embeddings
         self.loss_chunk_tokens = cfg.loss_chunk_tokens

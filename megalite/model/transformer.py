@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from megalite import kernels
-from megalite.config import ModelConfig, ParallelConfig, rope_scaling_errors
-from megalite.errors import ConfigError, DataError
+from megalite.config import ModelConfig, ParallelConfig, check_model
+from megalite.errors import DataError
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import (
     ColumnParallelLinear,
@@ -293,7 +293,7 @@ class Transformer(torch.nn.Module):
     ) -> None:
         super().__init__()
         parallel = parallel or ParallelConfig()
-        check_model_config(cfg, group_size(group))
+        check_model(cfg, group_size(group))  # config owns the rules
         self.config, self.parallel_config, self.group = cfg, parallel, group
         self.tp_size, self.tp_rank = group_size(group), group_rank(group)
         sp = parallel.sequence_parallel and self.tp_size > 1
@@ -480,26 +480,3 @@ def lm_loss_chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
             use_reentrant=False,
         )
     return total / mask.sum().clamp(min=1.0)
-
-
-def check_model_config(cfg: ModelConfig, tp: int) -> None:
-    """The shape rules the model needs at this TP degree (config.validate checks them too for runs)."""
-    errors = []
-    if cfg.hidden_size % cfg.num_heads:
-        errors.append(f"model.hidden_size: {cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}")
-    if cfg.num_heads % cfg.kv_heads:
-        errors.append(f"model.num_kv_heads: {cfg.kv_heads} does not divide model.num_heads={cfg.num_heads}")
-    for key, value in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.kv_heads), ("ffn_hidden_size", cfg.ffn_size),
-                       ("padded vocabulary", cfg.padded_vocab_size)):
-        if value % tp:
-            errors.append(f"model.{key}: {value} is not divisible by parallel.tensor={tp}")
-    if cfg.position == "rope" and cfg.head_dim % 2:
-        errors.append(f"model.position: rope needs an even head dimension, got {cfg.head_dim}")
-    errors.extend(rope_scaling_errors(cfg))
-    if cfg.attention_dropout > 0:
-        errors.append(
-            f"model.attention_dropout: {cfg.attention_dropout} is not supported (megalite.kernels.attention has no "
-            "dropout); set it to 0.0"
-        )
-    if errors:
-        raise ConfigError(errors)

@@ -1,0 +1,44 @@
+"""The one place for configuration: schema (typed sections), loading (presets, references, `--set`
+overrides), validation (every rule that needs no hardware) and derived values.
+
+Every problem is collected and raised together as one `ConfigError`; validation never uses `assert`,
+so it holds under `python -O`. Checks that need hardware run at training start (engine.preflight).
+"""
+
+from megalite.config.derived import count_parameters, resolve_deepspeed, summary
+from megalite.config.load import (
+    CONFIGS_DIR,
+    apply_overrides,
+    expand_references,
+    from_dict,
+    list_presets,
+    load,
+    model_config_from_dict,
+    parse_override,
+    read_json,
+)
+from megalite.config.schema import (
+    DEEPSPEED_SECTION_KEYS,
+    DEEPSPEED_TOP_LEVEL_KEYS,
+    OPTIMIZER_TYPES,
+    OPTIMIZERS,
+    SCHEDULER_TYPES,
+    SCHEDULERS,
+    Config,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    RopeScalingConfig,
+    TrainConfig,
+    json_schema,
+)
+from megalite.config.validate import check_model, model_errors, rope_scaling_errors, validate
+
+__all__ = [
+    "CONFIGS_DIR", "DEEPSPEED_SECTION_KEYS", "DEEPSPEED_TOP_LEVEL_KEYS", "OPTIMIZERS", "OPTIMIZER_TYPES", "SCHEDULERS", "SCHEDULER_TYPES",
+    "Config", "DataConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RopeScalingConfig", "TrainConfig",
+    "apply_overrides", "check_model", "count_parameters", "expand_references", "from_dict", "json_schema",
+    "list_presets", "load", "model_config_from_dict", "model_errors", "parse_override", "read_json",
+    "resolve_deepspeed", "rope_scaling_errors", "summary", "validate",
+]

@@ -1,0 +1,57 @@
+"""Values derived from a validated config: the resolved DeepSpeed dict, parameter counts, the summary
+that `megalite config show` prints and a run logs at start."""
+
+from __future__ import annotations
+
+import copy
+
+from megalite.config.schema import Config, ModelConfig
+
+
+def resolve_deepspeed(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed dict handed to deepspeed.initialize, with the batch arithmetic filled in."""
+    ds = copy.deepcopy(cfg.deepspeed)
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    ds["train_batch_size"] = cfg.global_batch_size(world_size)
+    return ds
+
+
+def count_parameters(m: ModelConfig) -> dict[str, int]:
+    """Exact parameter counts of the megalite model for this shape, computed without allocating."""
+    h, f, layers, v = m.hidden_size, m.ffn_size, m.num_layers, m.padded_vocab_size
+    kv = m.kv_heads * m.head_dim
+    norm = h * (2 if m.norm == "layernorm" else 1)
+    attn = h * (h + 2 * kv) + h * h + ((h + 2 * kv) + h if m.bias else 0)
+    mlp = (3 * h * f) if m.mlp == "swiglu" else (2 * h * f)
+    if m.bias:
+        mlp += (2 * f if m.mlp == "swiglu" else f) + h
+    block = attn + mlp + 2 * norm
+    embedding = v * h
+    positions = m.max_position_embeddings * h if m.position == "learned" else 0
+    output = 0 if m.tied_embeddings else v * h
+    non_embedding = layers * block + norm
+    return {
+        "total": non_embedding + embedding + positions + output,
+        "non_embedding": non_embedding,
+        "embedding": embedding + positions + output,
+    }
+
+
+def summary(cfg: Config, world_size: int) -> dict:
+    """Derived values shown by `megalite config show` and logged at start."""
+    counts = count_parameters(cfg.model)
+    gb = cfg.global_batch_size(world_size)
+    return {
+        "world_size": world_size,
+        "data_parallel": cfg.dp_size(world_size),
+        "tensor_parallel": cfg.parallel.tensor,
+        "pipeline_parallel": cfg.parallel.pipeline,
+        "global_batch_size": gb,
+        "tokens_per_step": gb * cfg.data.seq_length,
+        "padded_vocab_size": cfg.model.padded_vocab_size,
+        "parameters": counts["total"],
+        "non_embedding_parameters": counts["non_embedding"],
+        "precision": cfg.precision,
+        "zero_stage": cfg.deepspeed.get("zero_optimization", {}).get("stage", 0),
+    }

@@ -1,0 +1,308 @@
+"""The run configuration's schema: typed sections, the DeepSpeed keys megalite knows, the optimizers and
+schedules it builds, and the JSON Schema of a run file (`megalite config schema`).
+
+A run is one JSON file with the sections `model`, `parallel`, `data`, `train` and `deepspeed`. What
+DeepSpeed owns (batch sizes, precision, optimizer, scheduler, ZeRO, clipping) stays in the `deepspeed`
+section under DeepSpeed's own keys. Loading is in `load.py`, the rules in `validate.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for a longer context (Hugging Face's `rope_scaling` / `rope_parameters`).
+
+    `linear` divides every frequency by `factor` (position interpolation). `llama3` (Llama 3.1+) divides
+    only the low frequencies (wavelengths above original/low_freq_factor positions) by `factor`, keeps
+    the high ones (wavelengths below original/high_freq_factor) and blends smoothly in between.
+    """
+
+    type: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a decoder-only Transformer (GPT-2 or Llama family)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: Optional[int] = None  # None: multi-head attention (= num_heads)
+    ffn_hidden_size: Optional[int] = None  # None: 4*hidden (gelu) or Llama's 8/3*hidden rounded to 256 (swiglu)
+    max_position_embeddings: int = 1024
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    position: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScalingConfig] = None
+    bias: bool = True
+    tied_embeddings: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    activation_checkpointing: bool = False
+    # > 0: the output layer and loss run this many tokens at a time, recomputed in the backward, so the logits
+    # (and their fp32 softmax) never exist whole: a large vocabulary's biggest activation at the cost of one
+    # more output matmul.
+    loss_chunk_tokens: int = 0
+    # PaLM's auxiliary z-loss coefficient (1e-4 is usual): adds z * logsumexp(logits)^2 per token while
+    # training, keeping the logits' normaliser near 1; evaluation reports the plain cross-entropy.
+    z_loss: float = 0.0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.mlp == "swiglu":
+            return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+        return 4 * self.hidden_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to `make_vocab_size_divisible_by`; independent of the TP degree."""
+        m = self.make_vocab_size_divisible_by
+        return m * math.ceil(self.vocab_size / m)
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor and pipeline degrees; data parallelism is whatever the world size leaves."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    sequence_parallel: bool = False
+    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from (Megatron-format prefixes written by `megalite prepare`)."""
+
+    prefixes: list[str] = field(default_factory=list)
+    weights: Optional[list[float]] = None  # blending weights, one per prefix
+    split: str = "949,50,1"
+    seq_length: int = 1024
+    cache_dir: Optional[str] = None
+    reset_position_ids: bool = False
+    eod_mask_loss: bool = False
+    reset_attention_mask: bool = False  # attend only within documents (EOD-separated) of a packed sample
+    num_workers: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides the terminal."""
+
+    metrics_file: Optional[str] = "metrics.jsonl"  # relative to train.output_dir
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    progress_bar: bool = True
+    plot: bool = True
+    profile_start_step: Optional[int] = None
+    profile_end_step: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, evaluation, checkpoints, resilience, logging."""
+
+    steps: int = 100
+    seed: int = 1234
+    output_dir: str = "runs/default"
+    log_interval: int = 10
+    eval_interval: int = 100  # 0: only at the end
+    eval_steps: int = 10
+    checkpoint_interval: int = 0  # 0: only at the end
+    checkpoint_dir: Optional[str] = None  # None: <output_dir>/checkpoints
+    keep_checkpoints: int = 2
+    resume: Literal["auto", "must", "never"] = "auto"
+    init_from: Optional[str] = None  # weights to start from: a Hugging Face directory or a megalite checkpoint
+    kernels: Literal["auto", "torch", "triton", "apex"] = "auto"
+    nonfinite: Literal["skip", "fail"] = "skip"
+    max_consecutive_nonfinite: int = 5
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    collective_timeout_s: float = 600.0
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class Config:
+    """A whole run. `deepspeed` is DeepSpeed's own JSON, resolved to a dict."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: dict = field(default_factory=dict)
+    name: str = "megalite"
+    source: Optional[str] = None  # the file it came from (informational)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict that `from_dict` turns back into an equal Config."""
+        return dataclasses.asdict(self)
+
+    def dp_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor * self.parallel.pipeline)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.deepspeed.get("train_micro_batch_size_per_gpu", 1))
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return int(self.deepspeed.get("gradient_accumulation_steps", 1))
+
+    def global_batch_size(self, world_size: int) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.dp_size(world_size)
+
+    @property
+    def precision(self) -> str:
+        if self.deepspeed.get("bf16", {}).get("enabled"):
+            return "bf16"
+        if self.deepspeed.get("fp16", {}).get("enabled"):
+            return "fp16"
+        return "fp32"
+
+
+
+# ----------------------------------------------------------------------------- DeepSpeed keys
+
+# DeepSpeed silently ignores an unknown top-level key, so megalite checks them (DeepSpeed 0.19).
+DEEPSPEED_TOP_LEVEL_KEYS = frozenset(
+    """
+    train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps steps_per_print
+    optimizer scheduler fp16 bf16 bfloat16 amp torch_autocast data_types gradient_clipping prescale_gradients
+    gradient_predivide_factor gradient_allreduce_op sparse_gradients zero_optimization zero_allow_untested_optimizer
+    zero_force_ds_cpu_optimizer communication_data_type seq_parallel_communication_data_type activation_checkpointing
+    aio flops_profiler wall_clock_breakdown memory_breakdown dump_state tensorboard wandb csv_monitor comet
+    monitor_config elasticity pipeline checkpoint data_efficiency curriculum_learning compression_training
+    autotuning dataloader_drop_last disable_allgather disable_python_gc vocabulary_size sparse_attention
+    nebula timers comms_logger graph_harvesting use_data_before_expert_parallelism compile zero_quantized_weights
+    zero_quantized_gradients eigenvalue progressive_layer_drop quantize_training weight_quantization
+    hybrid_engine tensor_parallel
+    """.split()
+)
+# Keys of the sections megalite reads itself; the rest DeepSpeed validates with pydantic at start.
+DEEPSPEED_SECTION_KEYS = {
+    "bf16": {"enabled", "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
+             "bf16_optimizer_states"},
+    "fp16": {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+             "consecutive_hysteresis", "min_loss_scale", "fp16_master_weights_and_grads"},
+    "optimizer": {"type", "params", "torch_adam", "adam_w_mode"},
+    "scheduler": {"type", "params"},
+    "data_types": {"grad_accum_dtype"},
+}
+
+# The one list of optimizers and learning-rate schedules megalite builds (engine/build.py), each with the
+# `params` keys it honours. A key outside these is a configuration error, never silently ignored.
+OPTIMIZERS: dict[str, frozenset[str]] = {
+    "AdamW": frozenset({"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode"}),
+    "Adam": frozenset({"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode"}),
+    "SGD": frozenset({"lr", "momentum", "nesterov", "weight_decay", "dampening"}),
+}
+SCHEDULERS: dict[str, frozenset[str]] = {
+    "WarmupLR": frozenset({"warmup_num_steps", "warmup_min_ratio"}),
+    "WarmupDecayLR": frozenset({"warmup_num_steps", "warmup_min_ratio", "total_num_steps"}),
+    "WarmupCosineLR": frozenset({"warmup_num_steps", "warmup_min_ratio", "total_num_steps", "cos_min_ratio"}),
+    "WarmupStableDecay": frozenset({"warmup_num_steps", "warmup_min_ratio", "total_num_steps", "decay_num_steps",
+                                    "decay_fraction", "min_ratio"}),
+    "Constant": frozenset(),
+}
+OPTIMIZER_TYPES = tuple(OPTIMIZERS)
+SCHEDULER_TYPES = tuple(SCHEDULERS)
+
+
+
+# ----------------------------------------------------------------------------- JSON Schema
+
+
+def _json_type(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = _json_type(args[0], defs)
+        return {"anyOf": [inner, {"type": "null"}]} if len(args) < len(typing.get_args(tp)) else inner
+    if origin is Literal:
+        return {"enum": list(typing.get_args(tp))}
+    if origin is list:
+        return {"type": "array", "items": _json_type(typing.get_args(tp)[0], defs)}
+    if dataclasses.is_dataclass(tp):
+        return {"$ref": f"#/$defs/{_section_schema(tp, defs)}"}
+    simple = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object"}
+    if tp in simple:
+        return {"type": simple[tp]}
+    raise TypeError(f"no JSON Schema type for {tp!r}")  # a field type this function does not know yet
+
+
+def _section_schema(cls: type, defs: dict[str, Any], required: bool = True) -> str:
+    """Add `cls` to defs (fields with defaults optional; unknown keys refused); returns its name."""
+    name = cls.__name__ if required else f"{cls.__name__}Overrides"
+    if name in defs:
+        return name
+    defs[name] = {}  # placeholder against recursion
+    hints = typing.get_type_hints(cls)
+    props, needed = {}, []
+    for f in dataclasses.fields(cls):
+        if f.name == "source":
+            continue
+        props[f.name] = _json_type(hints[f.name], defs)
+        if f.default is not dataclasses.MISSING and isinstance(f.default, (bool, int, float, str)):
+            props[f.name]["default"] = f.default
+        if required and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            needed.append(f.name)
+    schema: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
+    if cls.__doc__:
+        schema["description"] = cls.__doc__.strip().splitlines()[0]
+    if needed:
+        schema["required"] = needed
+    defs[name] = schema
+    return name
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of a run file as written by users: `model` may be a preset name or
+    `{"preset": NAME, ...overrides}`, `deepspeed` a file name or DeepSpeed's own object."""
+    defs: dict[str, Any] = {}
+    top = _section_schema(Config, defs)
+    overrides = defs[_section_schema(ModelConfig, defs, required=False)]
+    overrides["properties"] = {"preset": {"type": "string"}, **overrides["properties"]}
+    overrides["required"] = ["preset"]
+    schema = dict(defs.pop(top))
+    schema["properties"] = dict(schema["properties"])
+    schema["properties"]["model"] = {"anyOf": [
+        {"type": "string", "description": "a preset name from configs/models or a path"},
+        {"$ref": "#/$defs/ModelConfigOverrides"},
+        {"$ref": "#/$defs/ModelConfig"},
+    ]}
+    schema["properties"]["deepspeed"] = {"anyOf": [
+        {"type": "string", "description": "a file in configs/deepspeed or a path"},
+        {"type": "object", "propertyNames": {"enum": sorted(DEEPSPEED_TOP_LEVEL_KEYS)}},
+    ]}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "megalite run configuration",
+            **schema, "$defs": defs}

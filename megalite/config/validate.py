@@ -1,0 +1,286 @@
+"""Every configuration rule that needs no hardware, in one place.
+
+`validate` checks a whole run (and, given the world size, the layout and batch arithmetic);
+`model_errors` checks a model shape at a tensor-parallel degree and is what the model itself asks
+before it is built, so `megalite config check` and model construction can never disagree. Rules
+never use `assert`, so they hold under `python -O`; all problems are raised together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from megalite.config.convert import not_one_of, suggest
+from megalite.config.schema import (
+    DEEPSPEED_SECTION_KEYS,
+    DEEPSPEED_TOP_LEVEL_KEYS,
+    OPTIMIZER_TYPES,
+    OPTIMIZERS,
+    SCHEDULER_TYPES,
+    SCHEDULERS,
+    Config,
+    ModelConfig,
+)
+from megalite.errors import ConfigError
+
+
+def _positive(errors: list[str], key: str, value: Any, allow_zero: bool = False) -> None:
+    """Record `key` unless `value` is a finite number > 0 (>= 0 with allow_zero); types are checked elsewhere."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        errors.append(f"{key}: must be a finite number, got {value}")
+    elif value < 0 or (value == 0 and not allow_zero):
+        errors.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _model_number_errors(m: ModelConfig) -> list[str]:
+    """Ranges of the model's numbers (the shape rules assume them)."""
+    errors: list[str] = []
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings",
+                "make_vocab_size_divisible_by"):
+        _positive(errors, f"model.{key}", getattr(m, key))
+    for key in ("num_kv_heads", "ffn_hidden_size"):
+        if getattr(m, key) is not None:
+            _positive(errors, f"model.{key}", getattr(m, key))
+    _positive(errors, "model.loss_chunk_tokens", m.loss_chunk_tokens, allow_zero=True)
+    _positive(errors, "model.z_loss", m.z_loss, allow_zero=True)
+    for key in ("norm_eps", "init_std", "rope_theta"):
+        _positive(errors, f"model.{key}", getattr(m, key))
+    for key in ("hidden_dropout", "attention_dropout"):
+        v = getattr(m, key)
+        if isinstance(v, float) and not 0.0 <= v < 1.0:
+            errors.append(f"model.{key}: must be in [0, 1), got {v}")
+    return errors
+
+
+def rope_scaling_errors(m: ModelConfig) -> list[str]:
+    """Problems with `model.rope_scaling` (also checked where a model is built outside a run)."""
+    r = m.rope_scaling
+    if r is None:
+        return []
+    errors = []
+    if m.position != "rope":
+        errors.append(f"model.rope_scaling: needs model.position='rope', got {m.position!r}")
+    if not r.factor > 0:
+        errors.append(f"model.rope_scaling.factor: must be > 0, got {r.factor}")
+    if r.type == "llama3":
+        if not 0 < r.low_freq_factor < r.high_freq_factor:
+            errors.append(f"model.rope_scaling: llama3 needs 0 < low_freq_factor < high_freq_factor, got "
+                          f"{r.low_freq_factor} and {r.high_freq_factor}")
+        if r.original_max_position_embeddings <= 0:
+            errors.append("model.rope_scaling.original_max_position_embeddings: must be > 0, got "
+                          f"{r.original_max_position_embeddings}")
+    return errors
+
+
+def model_errors(m: ModelConfig, tensor: int = 1) -> list[str]:
+    """The shape rules of a model at tensor-parallel degree `tensor` (numbers already known positive)."""
+    errors = []
+    if m.hidden_size % m.num_heads:
+        errors.append(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if m.num_heads % m.kv_heads:
+        errors.append(f"model.num_kv_heads: {m.kv_heads} does not divide model.num_heads={m.num_heads}")
+    if m.num_heads % tensor:
+        errors.append(f"model.num_heads: {m.num_heads} is not divisible by parallel.tensor={tensor}")
+    if m.kv_heads % tensor:
+        errors.append(
+            f"model.num_kv_heads: {m.kv_heads} is not divisible by parallel.tensor={tensor} "
+            "(each tensor-parallel rank needs whole key/value heads)"
+        )
+    if m.ffn_size % tensor:
+        errors.append(f"model.ffn_hidden_size: {m.ffn_size} is not divisible by parallel.tensor={tensor}")
+    if m.padded_vocab_size % tensor:
+        errors.append(
+            f"model.make_vocab_size_divisible_by: padded vocabulary {m.padded_vocab_size} is not divisible by "
+            f"parallel.tensor={tensor}; use a multiple of {tensor}"
+        )
+    if m.position == "rope" and m.head_dim % 2:
+        errors.append(f"model.position: rope needs an even head dimension, got {m.head_dim}")
+    errors.extend(rope_scaling_errors(m))
+    if m.attention_dropout > 0:
+        errors.append(
+            f"model.attention_dropout: {m.attention_dropout} is not supported (megalite.kernels.attention has no "
+            "dropout); set it to 0.0"
+        )
+    return errors
+
+
+def check_model(m: ModelConfig, tensor: int = 1) -> None:
+    """Raise ConfigError with every shape rule `m` breaks at tensor-parallel degree `tensor`."""
+    errors = _model_number_errors(m)
+    if not errors:
+        errors = model_errors(m, tensor)
+    if errors:
+        raise ConfigError(errors)
+
+
+def _validate_deepspeed(ds: dict, errors: list[str]) -> None:
+    for key, value in ds.items():
+        if key not in DEEPSPEED_TOP_LEVEL_KEYS:
+            errors.append(
+                f"deepspeed.{key}: unknown DeepSpeed key{suggest(key, DEEPSPEED_TOP_LEVEL_KEYS)} "
+                "(DeepSpeed would silently ignore it)"
+            )
+            continue
+        allowed = DEEPSPEED_SECTION_KEYS.get(key)
+        if allowed is not None:
+            if not isinstance(value, dict):
+                errors.append(f"deepspeed.{key}: expected an object, got {value!r}")
+                continue
+            for sub in value:
+                if sub not in allowed:
+                    errors.append(f"deepspeed.{key}.{sub}: unknown key{suggest(sub, allowed)}; valid: {sorted(allowed)}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in ds:
+            v = ds[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                errors.append(f"deepspeed.{key}: must be a positive integer, got {v!r}")
+    if "gradient_clipping" in ds:
+        v = ds["gradient_clipping"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            errors.append(f"deepspeed.gradient_clipping: must be a number >= 0, got {v!r}")
+    _validate_component(ds, "optimizer", OPTIMIZERS, OPTIMIZER_TYPES, errors)
+    _validate_component(ds, "scheduler", SCHEDULERS, SCHEDULER_TYPES, errors)
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        errors.append(f"deepspeed.zero_optimization: expected an object, got {zero!r}")
+    else:
+        stage = zero.get("stage", 0)
+        if stage not in (0, 1, 2, 3):
+            errors.append(f"deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {stage!r}")
+        _validate_zero_keys(zero, errors)
+    for prec in ("bf16", "fp16"):
+        section = ds.get(prec)
+        if isinstance(section, dict) and "enabled" in section and not isinstance(section["enabled"], bool):
+            errors.append(f"deepspeed.{prec}.enabled: expected true or false, got {section['enabled']!r}")
+    if isinstance(ds.get("bf16"), dict) and isinstance(ds.get("fp16"), dict):
+        if ds["bf16"].get("enabled") and ds["fp16"].get("enabled"):
+            errors.append("deepspeed: bf16.enabled and fp16.enabled are both true; choose one")
+
+
+def _validate_component(ds: dict, section: str, registry: dict[str, frozenset[str]], names: tuple[str, ...],
+                        errors: list[str]) -> None:
+    """`deepspeed.optimizer` / `deepspeed.scheduler`: a known type and only the parameters megalite honours."""
+    spec = ds.get(section)
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        errors.append(f"deepspeed.{section}: expected an object, got {spec!r}")
+        return
+    kind = spec.get("type")
+    if kind not in registry:
+        errors.append(not_one_of(f"deepspeed.{section}.type", kind, names))
+        return
+    params = spec.get("params", {})
+    if not isinstance(params, dict):
+        errors.append(f"deepspeed.{section}.params: expected an object, got {params!r}")
+        return
+    allowed = registry[kind]
+    for key in params:
+        if key not in allowed:
+            hint = suggest(key, allowed)
+            listed = ", ".join(sorted(allowed)) or "none"
+            errors.append(f"deepspeed.{section}.params.{key}: not a parameter megalite's {kind} uses{hint}; "
+                          f"valid: {listed}")
+    if "lr" in params:
+        _positive(errors, f"deepspeed.{section}.params.lr", params["lr"])
+
+
+def _validate_zero_keys(zero: dict, errors: list[str]) -> None:
+    """Unknown zero_optimization keys, checked against DeepSpeed's own pydantic model when importable."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except Exception:  # noqa: BLE001 - a login node may lack deepspeed; DeepSpeed checks again at start
+        return
+    known = set(DeepSpeedZeroConfig.model_fields)
+    known |= {f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
+    for key in zero:
+        if key not in known:
+            errors.append(f"deepspeed.zero_optimization.{key}: unknown key{suggest(key, known)}")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Every hardware-independent rule; raises one ConfigError listing all problems."""
+    errors: list[str] = []
+    m, p, d, t, ds = cfg.model, cfg.parallel, cfg.data, cfg.train, cfg.deepspeed
+
+    errors.extend(_model_number_errors(m))
+    for key in ("tensor", "pipeline"):
+        _positive(errors, f"parallel.{key}", getattr(p, key))
+    _positive(errors, "data.seq_length", d.seq_length)
+    _positive(errors, "data.num_workers", d.num_workers, allow_zero=True)
+    for key in ("steps", "log_interval", "eval_steps", "max_consecutive_nonfinite", "collective_timeout_s"):
+        _positive(errors, f"train.{key}", getattr(t, key))
+    for key in ("eval_interval", "checkpoint_interval"):
+        _positive(errors, f"train.{key}", getattr(t, key), allow_zero=True)
+    if isinstance(t.keep_checkpoints, int) and t.keep_checkpoints < 2:
+        errors.append(f"train.keep_checkpoints: must be >= 2 (one may be mid-write), got {t.keep_checkpoints}")
+    for sig in t.preemption_signals if isinstance(t.preemption_signals, list) else []:
+        if sig not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
+            errors.append(not_one_of("train.preemption_signals", sig, ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")))
+    if errors:  # the shape rules below assume sane numbers
+        raise ConfigError(errors)
+
+    errors.extend(model_errors(m, p.tensor))
+    if m.num_layers < p.pipeline:
+        errors.append(f"model.num_layers: {m.num_layers} layers cannot fill parallel.pipeline={p.pipeline} stages")
+    if d.seq_length > m.max_position_embeddings:
+        errors.append(
+            f"data.seq_length: {d.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}"
+        )
+    if not d.prefixes:
+        errors.append("data.prefixes: no training data given; run `megalite prepare` and list its output prefix")
+    if d.weights is not None and len(d.weights) != len(d.prefixes):
+        errors.append(f"data.weights: {len(d.weights)} weights for {len(d.prefixes)} prefixes")
+    if d.weights is not None and any(w < 0 for w in d.weights):
+        errors.append(f"data.weights: weights must be >= 0, got {d.weights}")
+    split = d.split.replace("/", ",").split(",")
+    try:
+        parts = [float(s) for s in split]
+        if len(parts) != 3 or any(x < 0 for x in parts) or parts[0] <= 0:
+            raise ValueError
+    except ValueError:
+        errors.append(f"data.split: {d.split!r} must be three non-negative numbers with train > 0, e.g. '949,50,1'")
+    if (t.logging.profile_start_step is None) != (t.logging.profile_end_step is None):
+        errors.append("train.logging.profile_start_step and profile_end_step must be given together")
+    elif t.logging.profile_start_step is not None and t.logging.profile_end_step <= t.logging.profile_start_step:
+        errors.append("train.logging.profile_end_step must be after profile_start_step")
+
+    _validate_deepspeed(ds, errors)
+    stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds.get("zero_optimization"), dict) else 0
+    if p.pipeline > 1 and stage in (2, 3):
+        errors.append(
+            f"deepspeed.zero_optimization.stage: ZeRO-{stage} cannot be combined with parallel.pipeline={p.pipeline} "
+            "(DeepSpeed refuses it); use ZeRO-1 (stage 1) with pipeline parallelism"
+        )
+    if p.pipeline > 1 and stage == 0:
+        errors.append(
+            f"deepspeed.zero_optimization.stage: ZeRO-0 with parallel.pipeline={p.pipeline} is refused: DeepSpeed's "
+            "ZeRO-0 pipeline path miscounts the gradient norm of replicated and tied weights and cannot skip "
+            "non-finite steps; use ZeRO-1 (stage 1)"
+        )
+    if "train_micro_batch_size_per_gpu" not in ds:
+        errors.append("deepspeed.train_micro_batch_size_per_gpu: required (megalite sizes its data loader by it)")
+
+    if world_size is not None:
+        if world_size <= 0:
+            errors.append(f"world size: must be > 0, got {world_size}")
+        elif world_size % (p.tensor * p.pipeline):
+            errors.append(
+                f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
+                f"{p.tensor} x {p.pipeline}"
+            )
+        elif "train_batch_size" in ds and not errors:
+            expected = cfg.global_batch_size(world_size)
+            if ds["train_batch_size"] != expected:
+                errors.append(
+                    f"deepspeed.train_batch_size: {ds['train_batch_size']} != micro "
+                    f"{cfg.micro_batch_size} x gradient_accumulation {cfg.gradient_accumulation_steps} x data "
+                    f"parallel {cfg.dp_size(world_size)} = {expected}"
+                )
+    if errors:
+        raise ConfigError(errors)
+
+
