@@ -2,7 +2,7 @@
 # One command for an offline GPU machine (python3, torch, triton; no deepspeed, datasets, pydantic):
 #   1. install the carried wheels from .whl/ (made by `make gpu-wheels`) that this python lacks;
 #   2. the GPU correctness tests, bf16 first, then fp16/fp32/TF32, determinism and seq 16k;
-#   3. a whole training step of gpt3-1.3b, Triton kernels against torch (scripts/bench_model.py);
+#   3. a whole training step of gpt3-1.3b, Triton kernels against torch (megalite bench model);
 #   4. the kernel benchmark (attention and norms against every alternative this machine has).
 # Everything goes to out/gpu-check. Under the device tool ($OUT set, at most 8 files come back) the work
 # happens in /tmp/gpu-check and $OUT receives the log, the two result tables and their JSON, the plot and
@@ -72,14 +72,14 @@ unset MEGALITE_AUTOTUNE
 
 # 3. A whole training step: gpt3-1.3b in bf16 on this one GPU, Triton kernels against the torch backend (MFU).
 echo "== model bench (t=$(elapsed)s)"
-timeout --signal=INT --kill-after=15 170 $PY scripts/bench_model.py --out "$RESULTS/model" --steps 8 --warmup 3 \
+timeout --signal=INT --kill-after=15 170 $PY -m megalite.bench model --out "$RESULTS/model" --steps 8 --warmup 3 \
   --timeout 90 || STATUS=1
 
 # 4. Kernel benchmark with whatever time is left (it stops starting measurements at the budget; 25 s to finish).
 LEFT=$((BUDGET - $(elapsed)))
 ((LEFT < 60)) && LEFT=60
 echo "== bench: budget ${LEFT}s (t=$(elapsed)s)"
-TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT --kill-after=15 $((LEFT + 25)) $PY kernels/bench.py --out "$RESULTS" --time-budget "$LEFT" || STATUS=1
+TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT --kill-after=15 $((LEFT + 25)) $PY -m megalite.bench kernels --out "$RESULTS" --time-budget "$LEFT" || STATUS=1
 echo "== gpu-check done in $(elapsed)s, status $STATUS; results in $RESULTS"
 ls -l "$RESULTS"
 if [[ -n "${OUT:-}" ]]; then

@@ -1,47 +1,44 @@
-"""The `megalite` command: parse arguments and call one function elsewhere.
+"""The `megalite` command: parse arguments and run one subcommand of `megalite.commands`.
 
-Each subcommand lives in a module exposing `add_arguments(parser)` and `main(args) -> int`;
-those modules keep heavy imports (torch, deepspeed, datasets) inside their functions so that
-`megalite --help` and `megalite config check` stay fast on a login node.
+Each subcommand runs with stdout redirected to stderr; its result alone goes to the real stdout
+(`megalite.commands.output`), so a pipe or a redirect gets the result and no library log lines.
+Errors megalite raises on purpose (bad configuration, data or checkpoint) print one message and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
+from megalite.commands import output
 from megalite.errors import MegaliteError
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "config": ("megalite.config_cli", "check or show a run configuration"),
-    "prepare": ("megalite.data.prepare", "clean, tokenize and index a corpus (Megatron .bin/.idx)"),
-    "train": ("megalite.engine.train_cli", "train a model with DeepSpeed"),
-    "eval": ("megalite.evaluate", "loss, perplexity and accuracy of a checkpoint"),
-    "generate": ("megalite.generate", "sample text from a checkpoint"),
-    "convert": ("megalite.interop.convert_cli", "convert between Hugging Face and megalite checkpoints"),
-    "checkpoint": ("megalite.engine.checkpoint_cli", "list a run's checkpoints, or verify one against its manifest"),
-    "bench": ("megalite.kernels.bench_cli", "benchmark the kernels against the alternatives"),
-    "preflight": ("megalite.engine.preflight", "check a cluster job before it starts"),
-    "slurm": ("megalite.slurm_cli", "write (and submit) a SLURM batch script"),
+# name -> module under megalite.commands (each has HELP, add_arguments(parser), main(args) -> int)
+COMMANDS = {
+    "config": "config",
+    "prepare": "prepare",
+    "train": "train",
+    "eval": "evaluate",
+    "generate": "generate",
+    "convert": "convert",
+    "checkpoint": "checkpoint",
+    "bench": "bench",
+    "preflight": "preflight",
+    "slurm": "slurm",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser; subcommands whose module is absent in this build are listed as unavailable."""
+    """The full parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="megalite", description="megalite: pretrain GPT and Llama models with DeepSpeed, tensor parallelism and Triton kernels"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and module_name.startswith(e.name):
-                continue  # not part of this build yet
-            raise
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"megalite.commands.{module_name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
@@ -49,16 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `megalite` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
+        # Each benchmark parses its own options (`megalite bench NAME --help` lists them).
+        args = argparse.Namespace(command="bench", _module=importlib.import_module("megalite.commands.bench"),
+                                  args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    output.set_result_stream(sys.stdout)
     try:
-        return int(args._module.main(args) or 0)
+        with contextlib.redirect_stdout(sys.stderr):
+            return int(args._module.main(args) or 0)
     except MegaliteError as e:
         print(f"megalite {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        output.set_result_stream(None)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
-"""`megalite eval`: loss, perplexity and next-token accuracy of a checkpoint on a data split."""
+"""Loss, perplexity and next-token accuracy of a model or checkpoint on a data split (`megalite eval`)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 
+import numpy as np
 import torch
+
+from megalite.checkpoint.consolidate import model_from_checkpoint
+from megalite.data import IndexedDataset, build_datasets, collate
+from megalite.data.dataset import parse_split, split_ranges
+from megalite.errors import DataError
 
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 8, max_samples: int | None = None) -> dict:  # noqa: ANN001
     """Token-weighted mean loss, perplexity, accuracy and token count over `dataset` (one process)."""
-    from megalite.data import collate
-
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     total_loss = torch.zeros((), dtype=torch.float64)
     correct = 0
@@ -38,11 +40,6 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 8, max_sam
 
 def unigram_perplexity(prefix: str, split: str, which: str) -> float:
     """Perplexity of a unigram model fitted on the training documents, measured on the `which` split."""
-    import numpy as np
-
-    from megalite.data import IndexedDataset
-    from megalite.data.dataset import parse_split, split_ranges
-
     ds = IndexedDataset(prefix)
     ranges = split_ranges(parse_split(split), len(ds))
     lo, hi = ranges[0]
@@ -62,35 +59,21 @@ def unigram_perplexity(prefix: str, split: str, which: str) -> float:
     return math.exp(nll / n)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `megalite eval`."""
-    parser.add_argument("--checkpoint", required=True, help="checkpoint step directory, root, or run directory")
-    parser.add_argument("--data", default=None, help="data prefix (default: the run's)")
-    parser.add_argument("--split", choices=["train", "valid", "test"], default="valid")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many samples")
-    parser.add_argument("--unigram", action="store_true", help="also report a unigram model's perplexity")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Print one JSON object: loss, perplexity, accuracy, tokens (and the unigram baseline if asked)."""
-    from megalite.data import build_datasets
-    from megalite.engine.consolidate import model_from_checkpoint
-    from megalite.errors import DataError
-
-    cfg, model, step_dir = model_from_checkpoint(args.checkpoint)
-    prefixes = [args.data] if args.data else cfg.data.prefixes
-    sets = build_datasets(prefixes, None if args.data else cfg.data.weights, cfg.data.split, cfg.data.seq_length,
+def evaluate_checkpoint(checkpoint: str, data: str | None = None, split: str = "valid", batch_size: int = 8,
+                        max_samples: int | None = None, unigram: bool = False) -> dict:
+    """Evaluate a checkpoint of any layout on its run's data (or `data`): the dict `megalite eval` prints."""
+    cfg, model, step_dir = model_from_checkpoint(checkpoint)
+    prefixes = [data] if data else cfg.data.prefixes
+    sets = build_datasets(prefixes, None if data else cfg.data.weights, cfg.data.split, cfg.data.seq_length,
                           cfg.train.seed, cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size,
                           reset_position_ids=cfg.data.reset_position_ids, eod_mask_loss=cfg.data.eod_mask_loss,
                           reset_attention_mask=cfg.data.reset_attention_mask)
-    dataset = sets[{"train": 0, "valid": 1, "test": 2}[args.split]]
+    dataset = sets[{"train": 0, "valid": 1, "test": 2}[split]]
     if dataset is None:
-        raise DataError(f"split {cfg.data.split!r} has no {args.split} set for {prefixes}")
-    result = {"checkpoint": str(step_dir), "split": args.split,
-              **evaluate_model(model, dataset, args.batch_size, args.max_samples)}
-    if args.unigram:
-        result["unigram_perplexity"] = unigram_perplexity(prefixes[0], cfg.data.split, args.split)
+        raise DataError(f"split {cfg.data.split!r} has no {split} set for {prefixes}")
+    result = {"checkpoint": str(step_dir), "split": split,
+              **evaluate_model(model, dataset, batch_size, max_samples)}
+    if unigram:
+        result["unigram_perplexity"] = unigram_perplexity(prefixes[0], cfg.data.split, split)
         result["perplexity_ratio_to_unigram"] = result["perplexity"] / result["unigram_perplexity"]
-    print(json.dumps(result))
-    return 0
+    return result

@@ -1,4 +1,4 @@
-"""`megalite generate`: sample text from a checkpoint with a KV cache, on one process or TP ranks.
+"""Sampling text from a model with a KV cache (`megalite generate`), on one process or TP ranks.
 
 Launched as a single process it runs at TP 1; under torchrun / the deepspeed launcher with N
 processes it runs at TP N (every rank computes the same gathered logits and rank 0's choice of
@@ -7,10 +7,16 @@ token is broadcast, so the ranks cannot drift apart).
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
 
 import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer
+
+from megalite.checkpoint.consolidate import find_tokenizer, model_from_checkpoint
+from megalite.engine.launch import init_distributed
+from megalite.errors import DataError
+from megalite.parallel.grid import ProcessGrid
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -47,8 +53,6 @@ def generate_ids(
     eos_id: int | None = None,
 ) -> torch.Tensor:
     """Prompt (B, T) -> prompt followed by up to `max_new_tokens` tokens (B, T + n)."""
-    import torch.distributed as dist
-
     generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
     limit = model.config.max_position_embeddings
     if prompt_ids.shape[1] + max_new_tokens > limit:
@@ -69,43 +73,19 @@ def generate_ids(
     return ids
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `megalite generate`."""
-    parser.add_argument("--checkpoint", required=True, help="checkpoint step directory, root, or run directory")
-    parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checks)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Load, generate, print the text (rank 0)."""
-    import os
-
-    from tokenizers import Tokenizer
-
-    from megalite.engine.consolidate import find_tokenizer, model_from_checkpoint
-
+def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, tokenizer: str | None = None,
+                  use_cache: bool = True) -> str:
+    """The prompt and its continuation, sampled from a checkpoint of any layout. Under a launcher with N
+    processes (WORLD_SIZE > 1) the model runs at TP N and every rank returns the same text."""
     grid = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from megalite.engine.launch import init_distributed
-        from megalite.parallel import ProcessGrid
-
         init_distributed()
         grid = ProcessGrid(tensor=int(os.environ["WORLD_SIZE"]), pipeline=1)
-    cfg, model, step_dir = model_from_checkpoint(args.checkpoint, grid)
-    tokenizer = Tokenizer.from_file(find_tokenizer(step_dir, cfg, args.tokenizer))
-    prompt = torch.tensor([tokenizer.encode(args.prompt).ids], dtype=torch.long)
-    if prompt.shape[1] == 0:
-        print("megalite generate: error: the prompt encodes to no tokens", file=sys.stderr)
-        return 2
-    out = generate_ids(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                       use_cache=not args.no_cache)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(tokenizer.decode(out[0].tolist()))
-    return 0
+    cfg, model, step_dir = model_from_checkpoint(checkpoint, grid)
+    tok = Tokenizer.from_file(find_tokenizer(step_dir, cfg, tokenizer))
+    prompt_ids = torch.tensor([tok.encode(prompt).ids], dtype=torch.long)
+    if prompt_ids.shape[1] == 0:
+        raise DataError("the prompt encodes to no tokens")
+    out = generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache=use_cache)
+    return tok.decode(out[0].tolist())

@@ -33,7 +33,7 @@ def rank_main(root: str, record_dir: str, steps: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from megalite.engine.checkpoint import CheckpointManager
+    from megalite.checkpoint import CheckpointManager
     from tests.ckpt_common import MODEL, build_engine, seed_all, setup_deepspeed, train_step
 
     setup_deepspeed()
@@ -174,7 +174,7 @@ def main() -> None:
     import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
     import torch._dynamo  # noqa: F401
 
-    import megalite.engine.checkpoint  # noqa: F401
+    import megalite.checkpoint  # noqa: F401
     import tests.ckpt_common  # noqa: F401
 
     results = run_chain(root, out_dir, chain)

@@ -58,17 +58,17 @@ def init_from_report(raw: dict, source_state: dict) -> dict:
     """Build a Run from `raw` (with train.init_from): whether its gathered weights have the source's names, their
     largest difference from `source_state`, and the error when model.hidden_size no longer matches the source."""
     from megalite import config as C
-    from megalite.engine.loop import Run
+    from megalite.engine.trainer import Trainer
     from megalite.model import full_state_dict, tensor_parallel_group
 
-    run = Run(C.from_dict(raw))
+    run = Trainer(C.from_dict(raw))
     ours = full_state_dict(run.engine.module, tensor_parallel_group(run.grid))
     report = {"keys_equal": set(ours) == set(source_state),
               "max_diff": max((ours[k].float() - source_state[k].float()).abs().max().item() for k in source_state)}
     del run
     changed = {**raw, "model": {**raw["model"], "hidden_size": 64}}
     try:
-        Run(C.from_dict(changed))
+        Trainer(C.from_dict(changed))
         report["mismatch"] = "no error"
     except Exception as e:  # noqa: BLE001 - the message is the result
         report["mismatch"] = str(e)

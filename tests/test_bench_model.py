@@ -1,4 +1,4 @@
-"""The whole-model benchmark (scripts/bench_model.py) runs and reports, in its CPU smoke mode."""
+"""The whole-model benchmark (`megalite bench model`) runs and reports, in its CPU smoke mode."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_bench_model_smoke(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_model.py"), "--smoke", "--out", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "megalite.bench", "model", "--smoke", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    results = json.loads((tmp_path / "model-bench.json").read_text())
+    written = json.loads((tmp_path / "model-bench.json").read_text())
+    assert written["run"]["commit"] and written["run"]["machine"]
+    results = written["results"]
     assert [r["kernels"] for r in results] == ["torch"]
     r = results[0]
     assert r["exit"] == 0 and r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["tflops"] > 0

@@ -18,8 +18,13 @@ import time
 import pytest
 import torch
 
-from megalite.engine import checkpoint as ck
+from megalite import checkpoint as ck
+from megalite.checkpoint.ds_engine import _safe_engine_class
+from megalite.checkpoint.manifest import manifest_body_hash
+from megalite.checkpoint.rng import rng_state, set_rng_state
+from megalite.distributed import broadcast_object
 from megalite.errors import CheckpointError
+from megalite.files import sha256_file
 from tests.distributed import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,12 +47,12 @@ def test_rng_state_roundtrip_is_json_and_exact():
     torch.manual_seed(3)
     random.gauss(0, 1)  # leaves a cached gaussian in python's state
     np.random.standard_normal()
-    saved = json.loads(json.dumps(ck.rng_state()))
+    saved = json.loads(json.dumps(rng_state()))
     expect = (random.random(), float(np.random.standard_normal()), torch.rand(3).tolist(), random.gauss(0, 1))
     random.seed(9)
     np.random.seed(9)
     torch.manual_seed(9)
-    ck.set_rng_state(saved)
+    set_rng_state(saved)
     got = (random.random(), float(np.random.standard_normal()), torch.rand(3).tolist(), random.gauss(0, 1))
     assert got == expect
 
@@ -65,13 +70,13 @@ def test_manager_rejects_bad_arguments(tmp_path):
 
 
 def test_hashing_writer_matches_file(tmp_path):
-    engine_cls = ck._safe_engine_class()
+    engine_cls = _safe_engine_class()
     eng = engine_cls()
     eng.begin_recording(str(tmp_path))
     path = str(tmp_path / "x.pt")
     eng.save({"w": torch.arange(1000.0), "n": 3}, path)
     (size, digest), = eng.end_recording().values()
-    assert (size, digest) == ck.sha256_file(path)
+    assert (size, digest) == sha256_file(path)
     assert eng.load(path)["n"] == 3
 
 
@@ -149,7 +154,7 @@ def test_kill9_at_every_injection_point_resumes_last_complete(tmp_path):
 
 def _check_cli(root, tmp_path) -> None:
     """`megalite checkpoint list|verify` on the chain's final checkpoints, then on a copy with one flipped byte."""
-    from megalite.engine import checkpoint_cli
+    from megalite.commands import checkpoint as checkpoint_cli
 
     def run(*argv: str) -> tuple[int, dict]:
         import contextlib
@@ -215,9 +220,9 @@ def _doctor(root: str, marker: str) -> dict:
     mpath = os.path.join(step, ck.MANIFEST)
     with open(mpath) as f:
         manifest = json.load(f)
-    size, digest = ck.sha256_file(target)
+    size, digest = sha256_file(target)
     manifest["files"][MODEL_STATES].update(size=size, sha256=digest)
-    manifest["body_sha256"] = ck.manifest_body_hash(manifest)
+    manifest["body_sha256"] = manifest_body_hash(manifest)
     _write(mpath, json.dumps(manifest))
     # Positive control: the plain unpickler runs the payload.
     torch.load(target, weights_only=False)
@@ -329,7 +334,7 @@ def _checks_on_ranks(base: str) -> dict:
     if rank == 0:
         _copy_root(pristine, root)
         control = _doctor(root, marker)
-    control = ck._broadcast(control)
+    control = broadcast_object(control)
     dist.barrier()
     doc: dict = {"control": control, "auto": attempt(root, "auto")}
     doc["marker_after_find"] = os.path.exists(marker)

@@ -329,3 +329,29 @@ def test_precision_section_keys_match_deepspeed():
 
     assert C.DEEPSPEED_SECTION_KEYS["bf16"] == set(DeepSpeedBF16Config.model_fields)
     assert C.DEEPSPEED_SECTION_KEYS["fp16"] == set(DeepSpeedFP16Config.model_fields)
+
+
+def test_json_schema_validates_shipped_runs_and_rejects_typos(tmp_path):
+    """`megalite config schema` describes run files as users write them: every shipped run validates, a typo or
+    a wrong type does not (so editors flag what `config check` flags)."""
+    import jsonschema
+
+    out = _cli("config", "schema", str(tmp_path / "schema.json"))
+    assert out.returncode == 0, out.stderr
+    schema = json.loads((tmp_path / "schema.json").read_text())
+    assert schema == json.loads(json.dumps(C.json_schema()))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    assert RUN_CONFIGS
+    for path in RUN_CONFIGS:
+        errors = [e.message for e in validator.iter_errors(json.loads(path.read_text()))]
+        assert not errors, (path.name, errors)
+    assert not list(validator.iter_errors(base()))
+    for change, value in (("model.hidden_sise", 64), ("train.stpes", 3), ("model.hidden_size", "64"),
+                          ("model.norm", "batchnorm"), ("deepspeed.zero_optimisation", {})):
+        assert list(validator.iter_errors(with_change(change, value))), change
+        with pytest.raises(ConfigError):
+            C.from_dict(with_change(change, value))  # the loader agrees with the schema
+    preset_run = {"model": {"preset": "tiny-gpt", "num_layers": 3}, "deepspeed": "zero1"}
+    assert not list(validator.iter_errors(preset_run))
+    assert list(validator.iter_errors({"model": {"num_layers": 3}}))  # overrides without a preset are incomplete

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megalite.commands.prepare import add_arguments, main
 from megalite.data.clean import CleanConfig
 from megalite.data.indexed import IndexedDataset, IndexedDatasetWriter, token_dtype
-from megalite.data.prepare import add_arguments, main, prepare
+from megalite.data.prepare import prepare
 from megalite.errors import DataError
 
 WORDS = ["alpha", "beta", "gamma", "delta", "café", "naïve", "日本語", "def", "return", "x", "=", "(", ")", "+", "1"]
@@ -120,7 +121,7 @@ def test_every_input_format_round_trips(tmp_path: Path, tokenizer_file: str) -> 
 
 def test_stdlib_and_manifest(tmp_path: Path, tokenizer_file: str) -> None:
     from megalite.data.sources import stdlib_files
-    from megalite.data.tokenizer import sha256_file
+    from megalite.files import sha256_file
 
     prefix = str(tmp_path / "std")
     m = prepare(["stdlib"], prefix, tokenizer=tokenizer_file, max_documents=4, clean=CleanConfig(normalize=None))
@@ -135,7 +136,7 @@ def test_stdlib_and_manifest(tmp_path: Path, tokenizer_file: str) -> None:
     for key in ("inputs", "num_documents", "num_tokens", "tokenizer_file", "tokenizer_sha256", "vocab_size",
                 "eod_token_id", "bos_token_id", "dtype", "cleaning"):
         assert key in m, key
-    assert m["tokenizer_sha256"] == sha256_file(tokenizer_file) == sha256_file(tmp_path / m["tokenizer_file"])
+    assert m["tokenizer_sha256"] == sha256_file(tokenizer_file)[1] == sha256_file(tmp_path / m["tokenizer_file"])[1]
     assert m["dtype"] == "uint16" and m["vocab_size"] == 300 and m["bos_token_id"] is None
     assert m["inputs"] == [{"input": "stdlib", "kind": "stdlib", "documents": 4}]
 

@@ -23,7 +23,7 @@ def _full_parameters(run) -> dict[str, torch.Tensor]:
 
     from megalite.model import full_state_dict, tensor_parallel_group
     from megalite.model.pipeline import canonical_parameters
-    from megalite.model.weights import gather_tensor
+    from megalite.parallel.sharding import gather_tensor
 
     module = run.engine.module
     group = tensor_parallel_group(run.grid)
@@ -72,13 +72,13 @@ def _model_parallel_variants(workdir: str) -> dict:
 
 def _train_runs(workdir: str, variants: list[tuple[str, dict]]) -> dict:
     """Train each variant for STEPS steps; return per-variant losses, grad norms and final weights."""
-    from megalite.engine.loop import Run
+    from megalite.engine.trainer import Trainer
 
     out = {}
     for name, sections in variants:
         raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name}", **sections)
         cfg = C.from_dict(raw)
-        run = Run(cfg)
+        run = Trainer(cfg)
         code = run.train()
         records = [r for r in run.sink.records if r.get("kind") == "train"]
         out[name] = {
@@ -261,12 +261,12 @@ def test_metrics_and_plot_written(workdir, tmp_path):
 
 def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
     """bf16 with fp32 master weights and fp32 accumulation; start from a Hugging Face checkpoint at TP2."""
-    from megalite.engine.loop import Run
+    from megalite.engine.trainer import Trainer
     from megalite.interop.hf import load_hf_state
 
     out = {}
     bf16 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}
-    run = Run(C.from_dict(tiny_config(f"{workdir}/tok", f"{workdir}/bf16", deepspeed=bf16)))
+    run = Trainer(C.from_dict(tiny_config(f"{workdir}/tok", f"{workdir}/bf16", deepspeed=bf16)))
     out["bf16_exit"] = run.train()
     out["bf16_losses"] = [r["loss"] for r in run.sink.records if r.get("kind") == "train"]
     out["param_dtypes"] = sorted({str(p.dtype) for p in run.engine.module.parameters()})
@@ -290,7 +290,7 @@ def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
     # Optimizer offload to the CPU (SGD: torch's own optimizer, so no CPU-Adam build is needed here).
     sgd = {"optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
-    run = Run(C.from_dict(tiny_config(f"{workdir}/tok", f"{workdir}/offload", deepspeed=sgd)))
+    run = Trainer(C.from_dict(tiny_config(f"{workdir}/tok", f"{workdir}/offload", deepspeed=sgd)))
     out["offload_exit"] = run.train()
     out["offload"] = bool(run.engine.zero_cpu_offload())
     out["offload_losses"] = [r["loss"] for r in run.sink.records if r.get("kind") == "train"]
@@ -303,7 +303,7 @@ def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
     raw["parallel"] = {"tensor": 1, "pipeline": 2}
     raw["train"]["output_dir"] = f"{workdir}/init-pp"
     raw["deepspeed"]["zero_optimization"] = {"stage": 1}
-    run = Run(C.from_dict(raw))
+    run = Trainer(C.from_dict(raw))
     mine = {k: p.detach().float() for k, p in canonical_parameters(run.engine.module).items()}
     out["pp_init_max_diff"] = max((mine[k] - theirs[k].float()).abs().max().item() for k in mine)
     out["pp_init_names"] = sorted(mine)

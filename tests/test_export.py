@@ -4,6 +4,7 @@ evaluation, and generation with and without the KV cache at TP1 and TP2."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,12 +36,12 @@ LLAMA = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, 
 
 
 def _train_layouts(workdir: str) -> None:
-    from megalite.engine.loop import Run
+    from megalite.engine.trainer import Trainer
 
     for name, sections in LAYOUTS.items():  # pipeline last: DeepSpeed cannot build a plain engine after one
         raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name}", train={"steps": STEPS}, **sections)
         raw["model"].update(LLAMA)
-        code = Run(C.from_dict(raw)).train()
+        code = Trainer(C.from_dict(raw)).train()
         if code != 0:
             raise RuntimeError(f"{name}: exit {code}")
 
@@ -63,7 +64,8 @@ def _hf_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_convert_any_layout_gives_the_same_hf_model(trained, tmp_path):
-    from megalite.engine.consolidate import export_hf, load_full_weights
+    from megalite.checkpoint.consolidate import load_full_weights
+    from megalite.interop.export import export_hf
 
     ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(3))
     logits = {}
@@ -84,7 +86,8 @@ def test_convert_any_layout_gives_the_same_hf_model(trained, tmp_path):
 def test_deepspeed_zero_to_fp32_recovers_the_exported_weights(trained):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from megalite.engine.consolidate import load_full_weights, resolve_checkpoint
+    from megalite.checkpoint import resolve_checkpoint
+    from megalite.checkpoint.consolidate import load_full_weights
 
     for name in ("tp1_zero2", "tp1_zero3"):
         step_dir = resolve_checkpoint(f"{trained}/{name}")
@@ -97,7 +100,7 @@ def test_deepspeed_zero_to_fp32_recovers_the_exported_weights(trained):
 
 
 def _generate_tp2(checkpoint: str, prompt: list[int], n: int, trained: str) -> dict:
-    from megalite.engine.consolidate import load_full_weights, model_from_checkpoint
+    from megalite.checkpoint.consolidate import load_full_weights, model_from_checkpoint
     from megalite.engine.launch import init_distributed
     from megalite.generate import generate_ids
     from megalite.parallel import ProcessGrid
@@ -125,8 +128,9 @@ def _generate_tp2(checkpoint: str, prompt: list[int], n: int, trained: str) -> d
 def test_greedy_generation_cache_tp_and_transformers_agree(trained, tmp_path):
     import transformers
 
-    from megalite.engine.consolidate import export_hf, model_from_checkpoint
+    from megalite.checkpoint.consolidate import model_from_checkpoint
     from megalite.generate import generate_ids
+    from megalite.interop.export import export_hf
 
     checkpoint = f"{trained}/tp2_zero1"
     prompt, n = [5, 9, 13, 17, 21], 12
@@ -160,3 +164,29 @@ def test_eval_and_generate_cli(trained):
     bad = subprocess.run([sys.executable, "-m", "megalite.cli", "eval", "--checkpoint", f"{trained}/nowhere"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "not a megalite checkpoint" in bad.stderr
+
+
+def test_command_stdout_is_the_result_alone(trained):
+    """`megalite generate` prints the text and `megalite eval` one JSON object, nothing else, to stdout; library
+    logs (DeepSpeed's among them) go to stderr, so a pipe or a redirect gets the result only."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from megalite.generate import generate_text
+
+    run_dir = Path(trained) / "tp2_pp2"
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(97)}, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(run_dir / "tokenizer.json"))
+    expected = generate_text(str(run_dir), "t5 t6 t7", max_new_tokens=6, temperature=0.0)
+    assert expected.startswith("t5 t6 t7") and len(expected.split()) == 9
+    # Without DS_ACCELERATOR DeepSpeed logs "Setting accelerator to CPU" through its stdout logger at import.
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    gen = subprocess.run([sys.executable, "-m", "megalite.cli", "generate", "--checkpoint", str(run_dir), "--prompt",
+                          "t5 t6 t7", "--max-new-tokens", "6", "--temperature", "0"], capture_output=True, text=True,
+                         timeout=300, cwd=REPO, env=env)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout == expected + "\n", (gen.stdout, gen.stderr[-1000:])
+    ev = subprocess.run([sys.executable, "-m", "megalite.cli", "eval", "--checkpoint", str(run_dir)],
+                        capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert ev.stdout.count("\n") == 1 and set(json.loads(ev.stdout)) >= {"loss", "perplexity", "accuracy"}

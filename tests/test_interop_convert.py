@@ -9,7 +9,7 @@ import torch
 
 
 def _parser() -> argparse.ArgumentParser:
-    from megalite.interop import convert_cli
+    from megalite.commands import convert as convert_cli
 
     parser = argparse.ArgumentParser(prog="megalite convert")
     convert_cli.add_arguments(parser)
@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
 def test_convert_from_hf_writes_loadable_weights(tmp_path: Path, capsys) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megalite.interop import convert_cli
+    from megalite.commands import convert as convert_cli
     from megalite.interop.native import load_weights
 
     torch.manual_seed(0)
@@ -38,7 +38,8 @@ def test_convert_from_hf_writes_loadable_weights(tmp_path: Path, capsys) -> None
     from megalite.config import from_dict
 
     raw = json.loads((tmp_path / "out" / "model.json").read_text())
-    from_dict({"model": raw, "deepspeed": {"train_micro_batch_size_per_gpu": 1}, "data": {"seq_length": 32}})
+    from_dict({"model": raw, "deepspeed": {"train_micro_batch_size_per_gpu": 1},
+               "data": {"prefixes": ["unused"], "seq_length": 32}})
 
     model = load_weights(tmp_path / "out")
     ids = torch.randint(0, 200, (1, 9))
@@ -47,9 +48,10 @@ def test_convert_from_hf_writes_loadable_weights(tmp_path: Path, capsys) -> None
 
 
 def test_convert_errors_are_reported(tmp_path: Path, capsys) -> None:
-    from megalite.interop import convert_cli
+    from megalite import cli
 
-    assert convert_cli.main(_parser().parse_args([])) == 2
+    # Bad input exits 2 (the README's exit-code table), with the reason on stderr.
+    assert cli.main(["convert"]) == 2
     (tmp_path / "x").mkdir()
-    assert convert_cli.main(_parser().parse_args(["--from-hf", str(tmp_path / "x"), "--out", str(tmp_path / "o")])) == 1
+    assert cli.main(["convert", "--from-hf", str(tmp_path / "x"), "--out", str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from megalite import config
+from megalite.commands import preflight as preflight_cli
 from megalite.engine import preflight
 from tests.distributed import run_ranks
 from tests.engine_utils import tiny_config
@@ -132,14 +133,14 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "run.json"
     path.write_text(json.dumps(tiny_config(str(tmp_path / "data"), str(tmp_path / "run"))))
     parser = argparse.ArgumentParser()
-    preflight.add_arguments(parser)
-    assert preflight.main(parser.parse_args([str(path), "--world-size", "2"])) == 0
+    preflight_cli.add_arguments(parser)
+    assert preflight_cli.main(parser.parse_args([str(path), "--world-size", "2"])) == 0
     out = capsys.readouterr().out
     assert "preflight: PASSED on 2 ranks" in out and "world size 2 = tensor 1 x pipeline 1 x data 2" in out
     args = parser.parse_args([str(path), "--world-size", "2", "--json", "--set", "deepspeed.fp16.enabled=true"])
-    assert preflight.main(args) == 2
+    assert preflight_cli.main(args) == 2
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not report["ok"] and any(c["name"] == "precision" and not c["ok"] for c in report["checks"])
     path.write_text("{}")
-    assert preflight.main(parser.parse_args([str(path)])) == 2
+    assert preflight_cli.main(parser.parse_args([str(path)])) == 2
     assert "INVALID" in capsys.readouterr().err

@@ -36,11 +36,11 @@ def _param_checksum(run) -> float:
 
 def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
     """One Run; `hook(run, step_about_to_run)` may act before each step. Returns what the test needs."""
-    from megalite.engine.loop import Run
+    from megalite.engine.trainer import Trainer
 
     train = {"steps": steps, **sections.pop("train", {})}
     cfg = C.from_dict(tiny_config(f"{workdir}/tok", f"{workdir}/{name}", train=train, **sections))
-    run = Run(cfg)
+    run = Trainer(cfg)
     trace = []
     original = run.train_step
 
@@ -106,7 +106,7 @@ def _failure_scenarios(workdir: str) -> dict:
     out["persist"] = _train(workdir, "persist", 8, _nan_on_rank_one({3, 4, 5, 6, 7, 8}),
                             train={"nonfinite": "skip", "max_consecutive_nonfinite": 2})
     # A rank that fails while building the data: every rank ends with its error, fast.
-    import megalite.data.dataset as dataset_module
+    import megalite.engine.trainer as dataset_module  # where the trainer looks build_datasets up
 
     real = dataset_module.build_datasets
 

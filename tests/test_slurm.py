@@ -153,7 +153,8 @@ def test_scripts_pass_shellcheck(tmp_path: Path) -> None:
         reason = ensure_installed()
         if not shutil.which("shellcheck"):
             pytest.skip(f"no shellcheck: {reason}")
-    from megalite import slurm_cli
+    from megalite.commands import slurm as slurm_cli
+    from megalite.engine.slurm import render
 
     parser = argparse.ArgumentParser()
     slurm_cli.add_arguments(parser)
@@ -162,7 +163,7 @@ def test_scripts_pass_shellcheck(tmp_path: Path) -> None:
         args = parser.parse_args(["x.json", "--nodes", "4", "--gpus-per-node", "8", "--launcher", launcher,
                                   "--partition", "gpu", "--set", "train.steps=5"])
         path = tmp_path / f"{launcher}.sbatch"
-        path.write_text(slurm_cli.render(args, tmp_path / "x.json", 8))
+        path.write_text(render(args, tmp_path / "x.json", 8))
         generated.append(path)
     r = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS + HELPERS + generated)], capture_output=True,
                        text=True, cwd=REPO / "slurm")

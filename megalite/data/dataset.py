@@ -29,6 +29,7 @@ import torch
 
 from megalite.data.indexed import IndexedDataset
 from megalite.data.prepare import read_manifest
+from megalite.distributed import rank as global_rank
 from megalite.errors import DataError
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -61,12 +62,6 @@ def split_ranges(weights: list[float], num_documents: int) -> list[tuple[int, in
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
-def _dist_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 def cached_arrays(
     cache_dir: str,
     key: str,
@@ -96,7 +91,7 @@ def cached_arrays(
     if not writable:
         warnings.warn(f"{cache_dir}: not writable; every rank computes the sample order in memory", stacklevel=2)
         return build()
-    if _dist_rank() == 0:
+    if global_rank() == 0:
         if os.path.exists(error):
             os.unlink(error)
         try:

@@ -11,7 +11,6 @@ Heavy libraries (tokenizers, datasets, pyarrow) are imported inside functions so
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -28,8 +27,9 @@ import numpy as np
 from megalite.data.clean import CleanConfig, CleanReport, Deduplicator, clean_and_filter, digest
 from megalite.data.indexed import IndexedDatasetWriter, bin_path, idx_path, token_dtype
 from megalite.data.sources import Source, iter_source, resolve
-from megalite.data.tokenizer import TokenizerInfo, load_tokenizer, sha256_file, tokenizer_info, train_bpe
+from megalite.data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info, train_bpe
 from megalite.errors import DataError
+from megalite.files import sha256_file
 
 MANIFEST_FORMAT = "megalite-indexed/1"
 DEFAULT_VOCAB_SIZE = 8192
@@ -268,7 +268,7 @@ def prepare(
         "idx": os.path.basename(idx_path(output_prefix)),
         # Relative to the manifest's folder, so the prepared data can be moved as a whole.
         "tokenizer_file": os.path.basename(tok_out),
-        "tokenizer_sha256": sha256_file(tok_out),
+        "tokenizer_sha256": sha256_file(tok_out)[1],
         "tokenizer_source": os.path.abspath(tokenizer) if tokenizer else None,
         "tokenizer_trained": trained,
         "vocab_size": info.vocab_size,
@@ -309,62 +309,3 @@ def manifest_tokenizer(prefix: str | os.PathLike) -> str | None:
     if not name:
         return None
     return name if os.path.isabs(name) else os.path.join(os.path.dirname(os.fspath(prefix)), name)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `megalite prepare`'s options to its subparser."""
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="files, directories, save_to_disk datasets, dataset names (hf:NAME[:SPLIT]) or 'stdlib'")
-    parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin/.idx/.json")
-    tok = parser.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", metavar="FILE", help="a `tokenizers` JSON file to use")
-    tok.add_argument("--vocab-size", type=int, metavar="N",
-                     help=f"train a byte-level BPE of N tokens (default {DEFAULT_VOCAB_SIZE} without --tokenizer)")
-    parser.add_argument("--eod-token", metavar="TOKEN", help="end-of-document token of --tokenizer (default: found)")
-    parser.add_argument("--text-key", default="text", help="field holding the text in JSON/Parquet/datasets")
-    parser.add_argument("--workers", type=int, default=1, help="tokenising processes")
-    parser.add_argument("--blank-line-docs", action="store_true",
-                        help="text files: one document per blank-line-separated block (default: per file)")
-    parser.add_argument("--normalize", default="NFC", choices=["NFC", "NFKC", "NFD", "NFKD", "none"],
-                        help="Unicode normalisation")
-    parser.add_argument("--min-chars", type=int, default=1, help="drop documents shorter than this after cleaning")
-    parser.add_argument("--max-chars", type=int, default=None, help="drop documents longer than this")
-    parser.add_argument("--no-dedup", action="store_true", help="keep exact duplicate documents")
-    parser.add_argument("--max-documents", type=int, default=None, help="read only the first N input documents")
-    parser.add_argument("--batch-docs", type=int, default=256, help="documents per worker batch")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar on stderr (default: when stderr is a terminal)")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run `megalite prepare`; DataError propagates to the CLI, which prints it."""
-    cfg = CleanConfig(
-        normalize=None if args.normalize == "none" else args.normalize,
-        min_chars=args.min_chars,
-        max_chars=args.max_chars,
-        dedup=not args.no_dedup,
-    )
-    prepare(
-        args.input,
-        args.output_prefix,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        text_key=args.text_key,
-        workers=args.workers,
-        blank_line_docs=args.blank_line_docs,
-        clean=cfg,
-        eod_token=args.eod_token,
-        max_documents=args.max_documents,
-        batch_docs=args.batch_docs,
-        progress=args.progress,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="megalite prepare", description=__doc__.splitlines()[0])
-    add_arguments(_parser)
-    sys.exit(main(_parser.parse_args()))

@@ -18,6 +18,7 @@ import torch
 
 from megalite.config import Config, resolve_deepspeed
 from megalite.errors import ConfigError
+from megalite.parallel import VocabParallelEmbedding
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -25,8 +26,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
     Embeddings are found by module type, not by name: a PipelineModule names its layers by index.
     """
-    from megalite.parallel import VocabParallelEmbedding
-
     embedding_types = (torch.nn.Embedding, VocabParallelEmbedding)
     tables = {id(p) for m in model.modules() if isinstance(m, embedding_types) for p in m.parameters(recurse=False)}
     decay, no_decay = [], []

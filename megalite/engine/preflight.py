@@ -1,4 +1,4 @@
-"""`megalite preflight CONFIG`: the checks that need the job's hardware, before a long run.
+"""Preflight: the checks that need the job's hardware, before a long run (`megalite preflight`).
 
 `config.validate` covers what a login node can check. Here, on the ranks themselves: the world
 size against tensor x pipeline x data, the batch arithmetic, GPUs per node against the ranks
@@ -12,18 +12,16 @@ on a login node (`megalite preflight run.json --world-size 16`) it checks what i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from megalite.config import Config, count_parameters, validate
+from megalite.distributed import all_gather_objects
+from megalite.distributed import rank as global_rank
 from megalite.errors import ConfigError
 
 
@@ -220,18 +218,11 @@ def check_collective(world_size: int, size_mb: float = 4.0, iters: int = 3,
     return [Check("collective", True, msg)]
 
 
-def _agree(checks: list[Check], world_size: int, rank: int) -> list[Check]:
+def _agree(checks: list[Check]) -> list[Check]:
     """Tell every rank which ranks failed, so all of them stop together instead of hanging in a collective."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized() or world_size <= 1:
-        return checks
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    counts = torch.zeros(world_size, dtype=torch.float32, device=device)
-    counts[rank] = float(sum(not c.ok for c in checks))
-    dist.all_reduce(counts)
-    others = [r for r, n in enumerate(counts.tolist()) if n > 0 and r != rank]
+    failed = all_gather_objects(sum(not c.ok for c in checks))
+    me = global_rank()
+    others = [r for r, n in enumerate(failed) if n > 0 and r != me]
     if others:
         checks = checks + [Check("ranks", False, f"preflight failed on rank(s) {', '.join(map(str, others[:16]))}"
                                  f"{' ...' if len(others) > 16 else ''}; see their messages")]
@@ -248,7 +239,7 @@ def run_checks(cfg: Config, world_size: int, rank: int, *, collective: bool = Tr
         checks += check_disk(cfg)
     if collective:
         checks += check_collective(world_size, collective_mb, min_bandwidth_gbps=min_bandwidth_gbps)
-    return _agree(checks, world_size, rank)
+    return _agree(checks)
 
 
 def run_preflight(cfg: Config, world_size: int, rank: int, *, collective: bool = True, collective_mb: float = 1.0,
@@ -258,81 +249,3 @@ def run_preflight(cfg: Config, world_size: int, rank: int, *, collective: bool =
     return [f"preflight {c.name}: {c.message}" for c in run_checks(
         cfg, world_size, rank, collective=collective, collective_mb=collective_mb,
         min_bandwidth_gbps=min_bandwidth_gbps) if not c.ok]
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `megalite preflight`."""
-    parser.add_argument("config", help="run config JSON file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. train.steps=100 (repeatable)")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="intended number of ranks when run as a single process (e.g. on a login node)")
-    parser.add_argument("--collective-mb", type=float, default=4.0, help="all_reduce size in MB (default 4)")
-    parser.add_argument("--min-bandwidth", type=float, default=0.0, metavar="GB/S",
-                        help="fail when the all_reduce bus bandwidth is below this (default: report only)")
-    parser.add_argument("--no-collective", action="store_true", help="skip the all_reduce")
-    parser.add_argument("--json", action="store_true", help="print the checks as JSON (rank 0)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="collective timeout in seconds (default 120)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-
-
-def _launched_world() -> int:
-    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(key, "").isdigit():
-            # SLURM_NTASKS alone (no srun step) is the allocation, not ranks of this command.
-            if key == "SLURM_NTASKS" and "SLURM_STEP_ID" not in os.environ:
-                continue
-            return int(os.environ[key])
-    return 1
-
-
-def main(args: argparse.Namespace) -> int:
-    """Load the config, join the other ranks if launched as several, check, print; 0 when all pass."""
-    from megalite import config
-
-    launched = _launched_world()
-    try:
-        cfg = config.load(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"megalite preflight: {args.config}: INVALID\n{e}", file=sys.stderr)
-        return 2
-    rank, world = 0, args.world_size or cfg.parallel.tensor * cfg.parallel.pipeline
-    distributed = launched > 1
-    if distributed:
-        from megalite.engine import launch
-
-        rank, world = launch.init_distributed(args.timeout)
-    try:
-        checks = run_checks(cfg, world, rank, collective=distributed and not args.no_collective,
-                            collective_mb=args.collective_mb, min_bandwidth_gbps=args.min_bandwidth)
-    finally:
-        if distributed:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    failed = [c for c in checks if not c.ok]
-    _report(checks, rank, world, args.json)
-    return 2 if failed else 0
-
-
-def _report(checks: list[Check], rank: int, world: int, as_json: bool) -> None:
-    failed = [c for c in checks if not c.ok]
-    if as_json:
-        if rank == 0:
-            print(json.dumps({"ok": not failed, "world_size": world, "checks": [dataclasses.asdict(c) for c in checks]}))
-        return
-    out: Any = sys.stdout
-    if rank == 0:
-        for c in checks:
-            print(f"preflight {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.message}", file=out)
-        print(f"preflight: {'PASSED' if not failed else f'FAILED ({len(failed)} problems)'} on {world} ranks",
-              file=out, flush=True)
-    else:
-        # Other ranks only speak about their own problems (a node's GPUs, its disk).
-        for c in failed:
-            if c.name != "ranks":
-                print(f"preflight FAIL rank {rank} {c.name}: {c.message}", file=sys.stderr, flush=True)

@@ -17,9 +17,14 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from megalite.config import ModelConfig, ParallelConfig, RopeScalingConfig
+from megalite.distributed import is_main
 from megalite.errors import CheckpointError, ConfigError
+from megalite.model import build_model
+from megalite.model.weights import full_state_dict, load_full_state_dict
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -128,8 +133,6 @@ class HFTensors(Mapping):
     """
 
     def __init__(self, path: Union[str, Path]) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
@@ -393,9 +396,6 @@ def from_hf(
     `overrides` set ModelConfig fields the checkpoint does not fix (hidden_dropout, activation_checkpointing).
     The model remembers its source (`model.hf_source`) so `to_hf` can carry the tokenizer and token ids.
     """
-    from megalite.model import build_model
-    from megalite.model.weights import load_full_state_dict
-
     if isinstance(path_or_model, (str, Path)):
         hf = read_hf_config(path_or_model)
         cfg, state = load_hf_state(path_or_model, make_vocab_size_divisible_by, **overrides)
@@ -425,17 +425,10 @@ def to_hf(
 
     `write` defaults to global rank 0 only. Returns the directory on the writing rank, else None.
     """
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    from megalite.model.weights import full_state_dict
-
     cfg: ModelConfig = model.config
     hf_architecture(cfg)  # refuse before any collective
-    state = full_state_dict(model, model.group)
-    if write is None:
-        write = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if not write:
+    state = gathered_state(model, write)
+    if state is None:
         return None
     source = getattr(model, "hf_source", None) or {}
     tensors = megalite_to_hf_state(cfg, state)
@@ -447,9 +440,24 @@ def to_hf(
     hf_config.torch_dtype = dtype or next(iter(tensors.values())).dtype
     hf_config.save_pretrained(str(out))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    tok = Path(tokenizer_dir) if tokenizer_dir else (Path(source["path"]) if source.get("path") else None)
-    if tok is not None and tok.is_dir():
-        for name in TOKENIZER_FILES:
-            if (tok / name).is_file() and tok.resolve() != out.resolve():
-                shutil.copy2(tok / name, out / name)
+    copy_tokenizer(tokenizer_dir or source.get("path"), out)
     return out
+
+
+def gathered_state(model: torch.nn.Module, write: Optional[bool] = None) -> Optional[dict[str, torch.Tensor]]:
+    """The model's full state dict on the writing rank (default: global rank 0), None on the others.
+
+    Every TP rank must call it: the shards are all-gathered over the model's TP group.
+    """
+    state = full_state_dict(model, model.group)
+    return state if (is_main() if write is None else write) else None
+
+
+def copy_tokenizer(source_dir: Optional[Union[str, Path]], out: Path) -> None:
+    """Copy the tokenizer files of `source_dir` (a model or tokenizer directory) into `out`, if any."""
+    tok = Path(source_dir) if source_dir else None
+    if tok is None or not tok.is_dir() or tok.resolve() == out.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (tok / name).is_file():
+            shutil.copy2(tok / name, out / name)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from safetensors.torch import save_file
 
 from megalite.config import ParallelConfig, model_config_from_dict
 from megalite.errors import CheckpointError
+from megalite.interop.hf import HFTensors, copy_tokenizer, gathered_state
+from megalite.model import build_model
+from megalite.model.weights import load_full_state_dict
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
@@ -25,26 +28,14 @@ CONFIG = "model.json"
 def save_weights(model: torch.nn.Module, out_dir: Union[str, Path], tokenizer_dir: Optional[Union[str, Path]] = None,
                  write: Optional[bool] = None) -> Optional[Path]:
     """Gather the shards (collective over TP) and write model.json + model.safetensors on the writing rank."""
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    from megalite.interop.hf import TOKENIZER_FILES
-    from megalite.model.weights import full_state_dict
-
-    state = full_state_dict(model, model.group)
-    if write is None:
-        write = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if not write:
+    state = gathered_state(model, write)
+    if state is None:
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS), metadata={"format": "megalite"})
-    tok = Path(tokenizer_dir) if tokenizer_dir else None
-    if tok is not None and tok.is_dir():
-        for name in TOKENIZER_FILES:
-            if (tok / name).is_file():
-                shutil.copy2(tok / name, out / name)
+    copy_tokenizer(tokenizer_dir, out)
     return out
 
 
@@ -52,10 +43,6 @@ def load_weights(path: Union[str, Path], grid: Any = None, parallel_cfg: Optiona
                  dtype: Optional[torch.dtype] = None, device: Optional[Union[str, torch.device]] = None,
                  **overrides: Any) -> torch.nn.Module:
     """Build the model of a weights directory, holding this TP rank's shards (read one tensor at a time)."""
-    from megalite.interop.hf import HFTensors
-    from megalite.model import build_model
-    from megalite.model.weights import load_full_state_dict
-
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path}: expected {CONFIG} and {WEIGHTS} (written by `megalite convert`)")

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
-from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from megalite.config import ModelConfig, ParallelConfig, check_model
 from megalite.model import tensor_parallel_group
@@ -125,7 +124,7 @@ class HeadPipe(_Canonical, torch.nn.Module):
         initialize_parameters(self, seed, self.group, self.canonical_name)
 
     def canonical_name(self, name: str) -> str:
-        return "output"
+        return HEAD
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.loss_chunk_tokens:  # the loss function applies this head itself, chunk by chunk
@@ -172,18 +171,38 @@ class PipelineLoss:
                                self.head.sequence_parallel, self.loss_chunk_tokens, z_loss)
 
 
+HEAD = "output"  # the untied head's one parameter, under the whole model's name
+
+
+def layer_order(cfg: ModelConfig) -> list[str]:
+    """The pipeline's layers in order, each as the canonical name prefix of its parameters: 'embedding.',
+    'layers.0.', ..., 'final_norm.', then HEAD (untied) or 'embedding.' again (the tied copy on the last
+    stage, whose weight is the embedding's). The one description of layer order: `pipeline_specs` builds
+    from it and checkpoint consolidation reads DeepSpeed's per-layer files by it."""
+    last = "embedding." if cfg.tied_embeddings else HEAD
+    return ["embedding.", *(f"layers.{i}." for i in range(cfg.num_layers)), "final_norm.", last]
+
+
 def pipeline_specs(
     cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] = None, grid: Any = None, seed: int = 1234
 ) -> list:
     """LayerSpec/TiedLayerSpec list of the model for `deepspeed.pipe.PipelineModule`."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec  # DeepSpeed's own pipeline types: needed only here
+
     sp = bool(parallel_cfg and parallel_cfg.sequence_parallel)
-    if cfg.tied_embeddings:
-        first: Any = TiedLayerSpec("embed", EmbeddingPipe, cfg, sp, grid, seed, tied_weight_attr=["word.weight"])
-        last: Any = TiedLayerSpec("embed", EmbeddingPipe, cfg, sp, grid, seed, tied_weight_attr=["word.weight"])
-    else:
-        first, last = LayerSpec(EmbeddingPipe, cfg, sp, grid, seed), LayerSpec(HeadPipe, cfg, sp, grid, seed)
-    blocks = [LayerSpec(BlockPipe, cfg, sp, grid, seed, i) for i in range(cfg.num_layers)]
-    return [first, *blocks, LayerSpec(FinalNormPipe, cfg, sp, grid, seed), last]
+    specs: list = []
+    for prefix in layer_order(cfg):
+        if prefix == "embedding." and cfg.tied_embeddings:
+            specs.append(TiedLayerSpec("embed", EmbeddingPipe, cfg, sp, grid, seed, tied_weight_attr=["word.weight"]))
+        elif prefix == "embedding.":
+            specs.append(LayerSpec(EmbeddingPipe, cfg, sp, grid, seed))
+        elif prefix.startswith("layers."):
+            specs.append(LayerSpec(BlockPipe, cfg, sp, grid, seed, int(prefix.split(".")[1])))
+        elif prefix == "final_norm.":
+            specs.append(LayerSpec(FinalNormPipe, cfg, sp, grid, seed))
+        else:
+            specs.append(LayerSpec(HeadPipe, cfg, sp, grid, seed))
+    return specs
 
 
 def canonical_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -393,7 +393,7 @@ class Transformer(torch.nn.Module):
         ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.layers):
             if ckpt:
-                x = checkpoint(block, x, cos, sin, None, i, document_ids)
+                x = checkpoint(block, x, cos, sin, None, i, document_ids, dropout=self.config.hidden_dropout > 0)
             else:
                 x = block(x, cos, sin, kv_cache, i, document_ids)
         if kv_cache is not None:

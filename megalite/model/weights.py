@@ -1,12 +1,7 @@
-"""Initialisation, sharding and gathering of tensor-parallel weights.
+"""Initialisation of tensor-parallel weights, and whole-model state dicts gathered from or loaded into shards.
 
-Every parameter is described by attributes set where it is created:
-- `tensor_model_parallel` (bool, read by DeepSpeed's gradient clipping), `partition_dim`,
-  `partition_stride` (Megatron's names; stride is always 1 here);
-- `megalite_segments`: full sizes along `partition_dim` of fused blocks (e.g. [q, k, v] or
-  [gate, up]); each block is split evenly across TP ranks and a rank's shard is the concatenation of
-  its pieces, so the full (canonical, TP-independent) layout is simply the blocks one after another;
-- `megalite_init`: ("normal", std), ("zeros",) or ("ones",).
+How a parameter is sharded is `megalite.parallel.sharding`'s; how it is initialised is its attribute
+`megalite_init`: ("normal", std), ("zeros",) or ("ones",).
 
 Initialisation draws the FULL tensor from generators named after the parameter, the seed and the chunk
 (`INIT_CHUNK_ELEMENTS` elements each, drawn by parallel threads), then keeps this rank's shard: the same
@@ -22,63 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megalite.parallel.layers import set_init, set_tensor_parallel_attributes  # noqa: F401 - re-exported
 from megalite.parallel.mappings import Group, group_rank, group_size
-
-
-def is_tensor_parallel(param: torch.Tensor) -> bool:
-    """Whether the parameter holds a 1/TP shard."""
-    return bool(getattr(param, "tensor_model_parallel", False))
-
-
-def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
-    """Shape of the unsharded parameter."""
-    shape = list(param.shape)
-    if is_tensor_parallel(param):
-        shape[param.partition_dim] *= tp_size
-    return tuple(shape)
-
-
-def _segments(param: torch.Tensor, full_len: int) -> list[int]:
-    return param.megalite_segments or [full_len]
-
-
-def shard_tensor(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This rank's shard of `full` laid out like `param`."""
-    if not is_tensor_parallel(param) or size == 1:
-        return full
-    dim = param.partition_dim
-    pieces = []
-    for block in full.split(_segments(param, full.shape[dim]), dim=dim):
-        if block.shape[dim] % size:
-            raise ValueError(f"a block of size {block.shape[dim]} cannot be split across {size} ranks")
-        pieces.append(block.chunk(size, dim=dim)[rank])
-    return torch.cat(pieces, dim=dim).contiguous()
-
-
-def unshard_tensors(shards: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
-    """The full tensor from every rank's shard (in rank order)."""
-    if not is_tensor_parallel(param) or len(shards) == 1:
-        return shards[0]
-    dim, size = param.partition_dim, len(shards)
-    full_len = shards[0].shape[dim] * size
-    local_sizes = [s // size for s in _segments(param, full_len)]
-    split = [s.split(local_sizes, dim=dim) for s in shards]
-    blocks = [torch.cat([split[r][b] for r in range(size)], dim=dim) for b in range(len(local_sizes))]
-    return torch.cat(blocks, dim=dim)
-
-
-def gather_tensor(local: torch.Tensor, param: torch.Tensor, group: Group) -> torch.Tensor:
-    """All-gather `local` (the parameter or its gradient) to the full tensor on every TP rank."""
-    size = group_size(group)
-    if not is_tensor_parallel(param) or size == 1:
-        return local.detach().clone()
-    local = local.detach().contiguous()
-    shards = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(shards, local, group=group)
-    return unshard_tensors(shards, param)
+from megalite.parallel.sharding import full_shape, gather_tensor, shard_tensor
 
 
 def _generator(seed: int, name: str) -> torch.Generator:

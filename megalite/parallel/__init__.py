@@ -1,7 +1,12 @@
-"""Tensor/pipeline/data-parallel process grid, autograd collectives, parallel layers, CE, RNG."""
+"""Tensor/pipeline/data-parallel process grid, autograd collectives, parallel layers, CE, RNG, sharding.
+
+`ProcessGrid` is DeepSpeed's topology and is imported on first use, so the layers and the model that uses
+them work without DeepSpeed.
+"""
+
+from typing import Any
 
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megalite.parallel.grid import ProcessGrid
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megalite.parallel.mappings import (
     copy_to_tensor_parallel,
@@ -34,3 +39,11 @@ __all__ = [
     "model_parallel_rng",
     "model_parallel_seed",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ProcessGrid":  # DeepSpeed's topology underneath: import it only when a grid is wanted
+        from megalite.parallel.grid import ProcessGrid
+
+        return ProcessGrid
+    raise AttributeError(f"module 'megalite.parallel' has no attribute {name!r}")

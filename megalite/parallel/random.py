@@ -13,27 +13,44 @@ it on recompute, as `checkpoint` below does for the plain model.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
-from deepspeed.runtime.activation_checkpointing.checkpointing import get_cuda_rng_tracker
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"  # DeepSpeed's name for the stream
 
 
+# The model-parallel stream's seed, applied to the tracker when a dropout first needs it: a model without
+# dropout never touches the tracker, so building and running it does not import DeepSpeed.
+_pending_seed: int | None = None
+
+
 def get_rng_tracker() -> Any:
-    """DeepSpeed's model-parallel RNG tracker (one per process)."""
-    return get_cuda_rng_tracker()
+    """DeepSpeed's model-parallel RNG tracker (one per process), seeded by the last `model_parallel_seed`."""
+    global _pending_seed
+    # DeepSpeed's own tracker, so that its pipeline activation checkpointing restores it (DeepSpeed is heavy:
+    # imported when a dropout first draws from the stream).
+    from deepspeed.runtime.activation_checkpointing.checkpointing import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    if _pending_seed is not None:
+        tracker.reset()
+        tracker.add(MODEL_PARALLEL_RNG, _pending_seed)
+        _pending_seed = None
+    return tracker
 
 
 def model_parallel_seed(seed: int, tp_rank: int = 0, pp_rank: int = 0) -> None:
     """Seed the default stream (same across TP) and the model-parallel stream (different per TP rank)."""
+    global _pending_seed
     torch.manual_seed(seed + 100 * pp_rank)
-    tracker = get_rng_tracker()
-    tracker.reset()
-    tracker.add(MODEL_PARALLEL_RNG, seed + 2718 + 100 * pp_rank + tp_rank)
+    _pending_seed = seed + 2718 + 100 * pp_rank + tp_rank
+    if "deepspeed" in sys.modules:
+        # Training: seed now, before DeepSpeed's activation checkpointing first saves the tracker's states.
+        get_rng_tracker()
 
 
 @contextlib.contextmanager
@@ -50,8 +67,13 @@ def model_parallel_rng(enabled: bool = True) -> Iterator[None]:
         yield
 
 
-def checkpoint(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """Activation checkpointing whose recompute draws the same dropout masks in both RNG streams."""
+def checkpoint(fn: Callable[..., torch.Tensor], *args: Any, dropout: bool = True) -> torch.Tensor:
+    """Activation checkpointing whose recompute draws the same dropout masks in both RNG streams.
+
+    `dropout=False` (no dropout inside `fn`) skips the model-parallel stream, which then has nothing to replay.
+    """
+    if not dropout:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     # torch's checkpoint restores the default generators; the tracker's states we restore ourselves.
     saved: dict = {}
 

@@ -16,7 +16,7 @@
 #   MEGALITE_EVAL            1: evaluate the last checkpoint after a successful run (default 1)
 #   MEGALITE_MAX_RESTARTS    stop requeueing after this many restarts (default 50)
 #   MEGALITE_TASK_WAIT       seconds the other ranks get after the first one exits (srun --wait; default 300)
-#   MEGALITE_COMMAND         what each rank runs instead of `python -m megalite.slurm_cli` (the megalite CLI)
+#   MEGALITE_COMMAND         what each rank runs instead of `python -m megalite.commands.rank` (the megalite CLI)
 #   MASTER_ADDR, MASTER_PORT default: the first node's address, 29500 + job id % 10000
 #
 # Exit codes of `megalite train` (megalite/engine/signals.py): 0 done, 75 preempted and saved
@@ -62,7 +62,7 @@ PYEOF
 megalite_setup() {
     : "${SLURM_JOB_ID:?not inside a SLURM job: submit this script with sbatch}"
     MEGALITE_HOME=${MEGALITE_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
-    MEGALITE_SLURM_DIR="$MEGALITE_HOME/slurm"
+    MEGALITE_SLURM_DIR=${MEGALITE_SLURM_DIR:-$MEGALITE_HOME/slurm}
     if [[ -z "${MEGALITE_VENV:-}" && -x "$MEGALITE_HOME/.venv/bin/python" ]]; then
         MEGALITE_VENV="$MEGALITE_HOME/.venv"
     fi

@@ -1,6 +1,6 @@
 """Benchmark of `megalite prepare`: tokens/s with 1, 2, 4 workers and peak memory on ~50 MB and ~500 MB.
 
-    python -m megalite.data.bench_prepare --sizes-mb 50 500 --workers 1 2 4 --out out/bench-prepare
+    megalite bench prepare --sizes-mb 50 500 --workers 1 2 4 --out out/bench-prepare
 
 The corpus is JSON Lines of unique documents: the running interpreter's standard library files, each
 prefixed with a line naming its copy, cycled until the size is reached (so the text repeats every
@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from megalite.bench import write_json
 
 
 def make_corpus(path: Path, size_mb: float) -> tuple[int, int]:
@@ -95,7 +97,7 @@ def _one_run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Generate the corpora, run prepare for each size and worker count, print a table (and JSON)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="megalite bench prepare", description=__doc__.splitlines()[0])
     p.add_argument("--sizes-mb", type=float, nargs="+", default=[50, 500])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--out", default="out/bench-prepare")
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             n, b = make_corpus(corpus, size)
             print(f"wrote {corpus}: {n} documents, {b / 1e6:.1f} MB of text in {time.perf_counter() - t0:.1f}s")
         for w in args.workers:
-            cmd = [sys.executable, "-m", "megalite.data.bench_prepare", "--_run", "--corpus", str(corpus),
+            cmd = [sys.executable, "-m", "megalite.bench.prepare", "--_run", "--corpus", str(corpus),
                    "--prefix", str(out / f"p{size:g}-w{w}"), "--tokenizer", str(tok), "--workers", str(w)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
@@ -139,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['seconds']:7.1f} s  {r['tokens_per_s']:>10,.0f} tokens/s  "
                   f"peak MB: parent {r['parent_peak_mb']:4.0f}, each worker {r['worker_peak_mb']:4.0f}, "
                   f"all processes {r['total_peak_mb']:4.0f}", flush=True)
-        from megalite.data.tokenizer import sha256_file
+        from megalite.files import sha256_file
 
-        same = {sha256_file(out / f"p{size:g}-w{w}.bin") for w in args.workers}
+        same = {sha256_file(out / f"p{size:g}-w{w}.bin")[1] for w in args.workers}
         print(f"{size:g} MB: .bin identical across worker counts: {len(same) == 1}", flush=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    write_json(out / "results.json", {"vocab_size": args.vocab_size, "rows": rows})
     return 0
 
 

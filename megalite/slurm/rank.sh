@@ -23,8 +23,8 @@ trap '' USR1 USR2
 # TERM may come from a launcher that signals only its direct children: pass it on.
 trap 'forward TERM' TERM
 
-# The megalite CLI plus a clean process-group teardown at exit (megalite/slurm_cli.py: rank_main).
-read -r -a command <<<"${MEGALITE_COMMAND:-python -m megalite.slurm_cli}"
+# The megalite CLI plus a clean process-group teardown at exit (megalite/commands/rank.py).
+read -r -a command <<<"${MEGALITE_COMMAND:-python -m megalite.commands.rank}"
 "${command[@]}" "$@" &
 child=$!
 while :; do

@@ -10,29 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
+from megalite.checkpoint.paths import MANIFEST, checkpoint_root, committed_steps, read_latest
+from megalite.commands.output import emit, emit_json
+from megalite.errors import CheckpointError
 
-def _root(path: str) -> Path:
-    """The checkpoint root of a run directory, a checkpoint root, or a step directory."""
-    from megalite.engine.checkpoint import LATEST, MANIFEST
-
-    p = Path(path)
-    if (p / MANIFEST).is_file():
-        return p.parent
-    if (p / LATEST).is_file() or any(p.glob("step*")):
-        return p
-    if (p / "checkpoints").is_dir():
-        return p / "checkpoints"
-    raise FileNotFoundError(f"{p}: not a megalite run, checkpoint root or checkpoint (no {MANIFEST}, no 'latest')")
+HELP = "list a run's checkpoints, or verify one against its manifest"
 
 
 def _summary(step_dir: str) -> dict:
     """What a step directory's manifest says (not verified), or why it cannot be read."""
-    from megalite.engine.checkpoint import MANIFEST
-
     try:
         with open(os.path.join(step_dir, MANIFEST), encoding="utf-8") as f:
             m = json.load(f)
@@ -60,40 +49,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """List or verify; exit 0 when all is complete and intact, 2 otherwise."""
-    from megalite.engine.checkpoint import LATEST, CheckpointManager, verify_checkpoint
-    from megalite.errors import CheckpointError
+    from megalite.checkpoint.manager import verify_checkpoint
 
-    try:
-        root = _root(args.path)
-    except FileNotFoundError as e:
-        print(f"megalite checkpoint: {e}", file=sys.stderr)
-        return 2
-    steps = CheckpointManager(str(root)).committed_steps()
-    latest_file = root / LATEST
-    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    root = checkpoint_root(args.path)
+    steps = committed_steps(root)
+    latest = read_latest(root)
     if args.action == "list":
         rows = [{"path": path, "latest": os.path.basename(path) == latest, **_summary(path)} for _, path in steps]
         if args.json:
-            print(json.dumps({"root": str(root), "latest": latest, "checkpoints": rows}))
+            emit_json({"root": str(root), "latest": latest, "checkpoints": rows})
         else:
-            print(f"{root}: {len(rows)} checkpoint(s), latest -> {latest}")
+            emit(f"{root}: {len(rows)} checkpoint(s), latest -> {latest}")
             for r in rows:
                 mark = "*" if r["latest"] else " "
                 if "error" in r:
-                    print(f" {mark} {os.path.basename(r['path'])}: {r['error']}")
+                    emit(f" {mark} {os.path.basename(r['path'])}: {r['error']}")
                 else:
-                    print(f" {mark} {os.path.basename(r['path'])}: step {r['step']}, {r['files']} files, "
+                    emit(f" {mark} {os.path.basename(r['path'])}: step {r['step']}, {r['files']} files, "
                           f"{r['bytes'] / 1e6:.1f} MB, layout {r['layout']}")
         return 0 if rows and all("error" not in r for r in rows) else 2
-    if Path(args.path, "manifest.json").is_file():
+    if Path(args.path, MANIFEST).is_file():
         targets = [str(Path(args.path))]
     elif args.all:
         targets = [path for _, path in steps]
     else:
         targets = [str(root / latest)] if latest else [path for _, path in steps[:1]]
     if not targets:
-        print(f"megalite checkpoint: {root}: no checkpoints", file=sys.stderr)
-        return 2
+        raise CheckpointError(f"{root}: no checkpoints")
     results = []
     for target in targets:
         t0 = time.perf_counter()
@@ -105,11 +87,11 @@ def main(args: argparse.Namespace) -> int:
         except CheckpointError as e:
             results.append({"path": target, "ok": False, "problems": str(e)})
     if args.json:
-        print(json.dumps({"root": str(root), "results": results}))
+        emit_json({"root": str(root), "results": results})
     else:
         for r in results:
             if r["ok"]:
-                print(f"{r['path']}: OK - step {r['step']}, {r['bytes'] / 1e6:.1f} MB verified in {r['seconds']} s")
+                emit(f"{r['path']}: OK - step {r['step']}, {r['bytes'] / 1e6:.1f} MB verified in {r['seconds']} s")
             else:
-                print(r["problems"])
+                emit(r["problems"])
     return 0 if all(r["ok"] for r in results) else 2

@@ -1,6 +1,6 @@
-"""Crash-safe checkpoints: commit protocol, manifest, verified resume and safe loading.
+"""Crash-safe checkpoints: the commit protocol, verified resume and loading into a DeepSpeed engine.
 
-Every checkpoint read or write in megalite goes through this module.
+Every checkpoint read or write in megalite goes through the `megalite.checkpoint` package.
 
 On-disk layout under ROOT:
     ROOT/.tmp-step00000100/          being written (never loaded, removed by the next run)
@@ -37,416 +37,35 @@ MEGALITE_CKPT_FAULT_DIR (default ROOT) and fsyncs it, so a test can prove the po
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
 import os
-import pickle
-import platform
-import random
-import re
 import shutil
-import signal
-import subprocess
 import time
-import zipfile
 from typing import Any
 
-import numpy as np
-import torch
-
+from megalite.checkpoint.ds_engine import install_safe_loading, safe_engine
+from megalite.checkpoint.faults import fault
+from megalite.checkpoint.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    check_json,
+    git_commit,
+    manifest_body_hash,
+    versions,
+)
+from megalite.checkpoint.paths import DS_TAG, LATEST, MANIFEST, committed_steps, parse_step, step_dir_name
+from megalite.checkpoint.rng import rng_state, set_rng_state
+from megalite.checkpoint.safe_load import unsafe_globals
+from megalite.distributed import all_gather_objects, broadcast_object, scatter_objects
+from megalite.distributed import rank as global_rank
+from megalite.distributed import world_size as global_world_size
 from megalite.errors import CheckpointError
+from megalite.files import atomic_write_text, fsync_dir, sha256_file
 
 log = logging.getLogger("megalite.checkpoint")
 
-MANIFEST = "manifest.json"
-LATEST = "latest"
-DS_TAG = "ds"  # DeepSpeed's tag: its files live in STEPDIR/ds/
-FORMAT = "megalite-checkpoint"
-FORMAT_VERSION = 1
 RESUME_POLICIES = ("auto", "must", "never")
-FAULT_POINTS = ("before_shards", "between_shards", "before_manifest", "before_rename", "before_latest", "after_latest")
-FAULT_ENV = "MEGALITE_CKPT_FAULT"
-_STEP_RE = re.compile(r"^step(\d+)$")
-_HASH_CHUNK = 8 << 20
-
-
-# --------------------------------------------------------------------------- small helpers
-
-
-def step_dir_name(step: int) -> str:
-    """Directory name of the checkpoint of `step` (zero-padded so that names sort by step)."""
-    return f"step{int(step):08d}"
-
-
-def parse_step(name: str) -> int | None:
-    """The step of a committed checkpoint directory name, or None for anything else."""
-    m = _STEP_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def sha256_file(path: str) -> tuple[int, str]:
-    """Size and SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_HASH_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            h.update(chunk)
-    return size, h.hexdigest()
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename/creation inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Write `path` so that readers see the old content or the whole new content, durably."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def manifest_body_hash(manifest: dict) -> str:
-    """SHA-256 of the manifest without its own `body_sha256` field (detects a truncated or edited manifest)."""
-    body = {k: v for k, v in manifest.items() if k != "body_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank (identity without a process group)."""
-    import torch.distributed as dist
-
-    if _rank_world()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order."""
-    import torch.distributed as dist
-
-    world = _rank_world()[1]
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _scatter(objs: list[Any]) -> Any:
-    """Rank 0's objs[r] on rank r."""
-    import torch.distributed as dist
-
-    if _rank_world()[1] == 1:
-        return objs[0]
-    out: list[Any] = [None]
-    dist.scatter_object_list(out, objs if _rank_world()[0] == 0 else None, src=0)
-    return out[0]
-
-
-def _git_commit() -> str | None:
-    """The git commit of the megalite source tree, when it is a git checkout with commits."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
-
-
-def _versions() -> dict[str, str | None]:
-    import megalite
-
-    try:
-        import deepspeed
-
-        ds_version = deepspeed.__version__
-    except ImportError:  # loading tools may run without DeepSpeed
-        ds_version = None
-    return {
-        "megalite": megalite.__version__,
-        "torch": torch.__version__,
-        "deepspeed": ds_version,
-        "python": platform.python_version(),
-    }
-
-
-def _check_json(value: Any, where: str) -> Any:
-    """Round-trip `value` through JSON so that what we save is exactly what a resume gets back."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=True))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"{where} must be JSON-serialisable (dicts, lists, str, int, float, bool, None): {e}. "
-            "Convert tensors/arrays to lists or ints before saving."
-        ) from e
-
-
-# --------------------------------------------------------------------------- fault injection
-
-
-def _fault(point: str, default_dir: str) -> None:
-    """Test hook: at `point`, write a marker then SIGKILL this process or its process group."""
-    wanted = os.environ.get(FAULT_ENV)
-    if not wanted or wanted != point:
-        return
-    rank = _rank_world()[0]
-    if rank != int(os.environ.get("MEGALITE_CKPT_FAULT_RANK", "0")):
-        return
-    marker_dir = os.environ.get("MEGALITE_CKPT_FAULT_DIR", default_dir)
-    os.makedirs(marker_dir, exist_ok=True)
-    marker = os.path.join(marker_dir, f"fault-{point}-rank{rank}")
-    with open(marker, "w") as f:
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    if os.environ.get("MEGALITE_CKPT_FAULT_KILL", "self") == "group":
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-# --------------------------------------------------------------------------- RNG state
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"))
-
-
-def rng_state() -> dict:
-    """This process's RNG states (python, numpy, torch CPU, current CUDA device), JSON-serialisable."""
-    version, words, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": version, "state": _b64(np.asarray(words, dtype=np.uint32).tobytes()), "gauss": gauss},
-        "numpy": {
-            "name": np_name,
-            "keys": _b64(np.asarray(np_keys, dtype=np.uint32).tobytes()),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "gauss": float(np_gauss),
-        },
-        "torch": _b64(torch.get_rng_state().numpy().tobytes()),
-        "cuda": None,
-    }
-    # Only the current device, and only once CUDA is in use: get_rng_state_all() would create a context
-    # (and reserve memory) on every visible GPU of the node.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda_state = torch.cuda.get_rng_state().numpy().tobytes()
-        state["cuda"] = {"device": torch.cuda.current_device(), "state": _b64(cuda_state)}
-    return state
-
-
-def set_rng_state(d: dict) -> None:
-    """Restore RNG states produced by `rng_state()` (CUDA only when present on both sides)."""
-    py = d["python"]
-    words = tuple(int(w) for w in np.frombuffer(_unb64(py["state"]), dtype=np.uint32))
-    random.setstate((py["version"], words, py["gauss"]))
-    nps = d["numpy"]
-    keys = np.frombuffer(_unb64(nps["keys"]), dtype=np.uint32).copy()
-    np.random.set_state((nps["name"], keys, nps["pos"], nps["has_gauss"], nps["gauss"]))
-    torch.set_rng_state(torch.frombuffer(bytearray(_unb64(d["torch"])), dtype=torch.uint8))
-    cuda = d.get("cuda")
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(_unb64(cuda["state"])), dtype=torch.uint8))
-    elif cuda:
-        log.warning("checkpoint holds a CUDA RNG state but CUDA is not available here: not restored")
-
-
-# --------------------------------------------------------------------------- safe loading
-
-
-def safe_globals_allowlist() -> list[Any]:
-    """The non-tensor types DeepSpeed 0.19 pickles into its checkpoints (found by saving ZeRO 0-3, fp32/bf16)."""
-    allowed: list[Any] = []
-    candidates = [
-        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),  # fp16 runs on GPUs
-        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-        ("deepspeed.utils.tensor_fragment", "fragment_address"),
-    ]
-    import importlib
-
-    for module, name in candidates:
-        try:
-            allowed.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):  # a DeepSpeed without the type cannot have stored it
-            continue
-    return allowed
-
-
-def _refusal(path: str, err: BaseException) -> CheckpointError:
-    text = str(err)
-    lines = text.splitlines()
-    detail = next((line.strip() for line in lines if "Unsupported" in line or "GLOBAL" in line), "")
-    if not detail:
-        detail = lines[0] if lines else type(err).__name__
-    return CheckpointError(
-        f"{path}: refused to load: the file needs code outside megalite's allowlist of checkpoint types "
-        f"({detail}). Nothing from it was executed. Do not load this file unless you know who wrote it."
-    )
-
-
-def safe_torch_load(path: str, map_location: Any = None) -> Any:
-    """torch.load with weights_only=True and DeepSpeed's allowlisted types; CheckpointError names the file."""
-    try:
-        with torch.serialization.safe_globals(safe_globals_allowlist()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise _refusal(path, e) from None
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: checkpoint file is missing ({e})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint file ({type(e).__name__}: {e})") from None
-
-
-def unsafe_globals(path: str) -> list[str]:
-    """Pickle globals in a torch file outside the allowlist, read statically (nothing is executed)."""
-    if not zipfile.is_zipfile(path):
-        # Legacy (non-zip) torch files cannot be scanned statically: a weights_only load is the check.
-        safe_torch_load(path, map_location="cpu")
-        return []
-    with torch.serialization.safe_globals(safe_globals_allowlist()):
-        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-
-
-class _HashingWriter:
-    """File object that hashes bytes as torch.save writes them (so the hash is of what was written)."""
-
-    def __init__(self, path: str):
-        self._f = open(path, "wb")
-        self._h = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        n = self._f.write(view)
-        self._h.update(view[:n])
-        self.size += n
-        return n
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def close(self) -> tuple[int, str]:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        return self.size, self._h.hexdigest()
-
-
-def _base_engine_class() -> type:
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    return TorchCheckpointEngine
-
-
-def _make_safe_engine_class() -> type:
-    base = _base_engine_class()
-
-    class SafeCheckpointEngine(base):  # type: ignore[misc, valid-type]
-        """DeepSpeed checkpoint engine: hashes+fsyncs files as written, loads only with weights_only=True."""
-
-        megalite_safe = True
-
-        def __init__(self, zipfile_serialization: bool = True):
-            super().__init__(None)
-            self.name = "MegaliteSafeCheckpointEngine"
-            self.zipfile_serialization = zipfile_serialization
-            self.recording: dict[str, tuple[int, str]] | None = None
-            self.fault_dir = "."
-
-        def begin_recording(self, fault_dir: str) -> None:
-            self.recording = {}
-            self.fault_dir = fault_dir
-
-        def end_recording(self) -> dict[str, tuple[int, str]]:
-            written, self.recording = self.recording or {}, None
-            return written
-
-        def save(self, state_dict: Any, path: str) -> None:
-            if self.recording is not None and self.recording:
-                _fault("between_shards", self.fault_dir)
-            writer = _HashingWriter(path)
-            try:
-                torch.save(state_dict, writer, _use_new_zipfile_serialization=self.zipfile_serialization)
-            finally:
-                size, digest = writer.close()
-            if self.recording is not None:
-                self.recording[os.path.abspath(path)] = (size, digest)
-
-        def load(self, path: str, map_location: Any = None) -> Any:
-            return safe_torch_load(path, map_location=map_location)
-
-    return SafeCheckpointEngine
-
-
-_SAFE_ENGINE_CLASS: type | None = None
-
-
-def _safe_engine_class() -> type:
-    global _SAFE_ENGINE_CLASS
-    if _SAFE_ENGINE_CLASS is None:
-        _SAFE_ENGINE_CLASS = _make_safe_engine_class()
-    return _SAFE_ENGINE_CLASS
-
-
-def install_safe_loading(engine: Any) -> None:
-    """Replace the DeepSpeed engine's checkpoint engine by megalite's (weights_only loads, hashed saves)."""
-    current = getattr(engine, "checkpoint_engine", None)
-    if getattr(current, "megalite_safe", False):
-        return
-    if current is not None and type(current) is not _base_engine_class():
-        # Decoupled/fast/datastates engines write asynchronously: the commit protocol cannot vouch for them.
-        raise CheckpointError(
-            f"DeepSpeed config selects checkpoint engine {type(current).__name__}; megalite needs the default "
-            "torch engine (remove the DeepSpeed 'checkpoint' engine settings from the config)."
-        )
-    zip_ser = getattr(current, "zipfile_serialization", True) if current is not None else True
-    engine.checkpoint_engine = _safe_engine_class()(zipfile_serialization=bool(zip_ser))
-
-
-def _safe_engine(engine: Any) -> Any:
-    install_safe_loading(engine)
-    return engine.checkpoint_engine
-
-
-# --------------------------------------------------------------------------- the manager
 
 
 def _param_shapes(engine: Any) -> dict[str, list[int]]:
@@ -502,11 +121,11 @@ class CheckpointManager:
         self.root = os.path.abspath(root)
         self.keep = keep
         # All three go into manifest.json: fail now, on every rank, rather than halfway through a save.
-        self.layout = _check_json(dict(layout or {}), "checkpoint layout")
-        self.config = _check_json(dict(config or {}), "resolved config given to CheckpointManager")
+        self.layout = check_json(dict(layout or {}), "checkpoint layout")
+        self.config = check_json(dict(config or {}), "resolved config given to CheckpointManager")
         if model is None and isinstance(self.config.get("model"), dict):
             model = self.config["model"]
-        self.model = _check_json(dict(model or {}), "model shape given to CheckpointManager")
+        self.model = check_json(dict(model or {}), "model shape given to CheckpointManager")
         self.resume_report: list[str] = []  # why find_resume chose what it chose, for logs and tests
         self._verified: dict[str, str] = {}
 
@@ -514,7 +133,7 @@ class CheckpointManager:
 
     def save(self, engine: Any, step: int, client_state: dict) -> str:
         """Write and commit the checkpoint of `step` (collective over all ranks); returns its directory."""
-        rank, world = _rank_world()
+        rank, world = global_rank(), global_world_size()
         name = step_dir_name(step)
         tmp = os.path.join(self.root, f".tmp-{name}")
         final = os.path.join(self.root, name)
@@ -522,7 +141,7 @@ class CheckpointManager:
         # Phase 1: prepare the temporary directory and validate inputs; agree before anything is written.
         problem = None
         try:
-            local_client = _check_json(client_state, f"client_state passed to save(step={step}) on rank {rank}")
+            local_client = check_json(client_state, f"client_state passed to save(step={step}) on rank {rank}")
             if rank == 0:
                 os.makedirs(self.root, exist_ok=True)
                 if os.path.exists(tmp):  # left by a run killed while saving this same step
@@ -531,7 +150,7 @@ class CheckpointManager:
         except (CheckpointError, OSError) as e:
             problem = f"rank {rank}: {e}"
             local_client = None
-        problems = [p for p in _all_gather(problem) if p]
+        problems = [p for p in all_gather_objects(problem) if p]
         if problems:
             raise CheckpointError("checkpoint save aborted before writing: " + "; ".join(problems))
 
@@ -541,10 +160,10 @@ class CheckpointManager:
             "param_shapes": _param_shapes(engine),
             "layout": _engine_layout(engine, world),
         }
-        _fault("before_shards", self.root)
+        fault("before_shards", self.root)
 
         # Phase 2: DeepSpeed writes; our engine hashes and fsyncs each file as it is written.
-        safe = _safe_engine(engine)
+        safe = safe_engine(engine)
         safe.begin_recording(self.root)
         try:
             engine.save_checkpoint(tmp, tag=DS_TAG, client_state={}, save_latest=False)
@@ -553,7 +172,7 @@ class CheckpointManager:
         local["files"] = {os.path.relpath(p, tmp): list(v) for p, v in written.items()}
 
         # Phase 3: all ranks confirm; rank 0 writes the manifest and commits; everyone learns the outcome.
-        gathered = _all_gather(local)
+        gathered = all_gather_objects(local)
         outcome: tuple[str, str]
         if rank == 0:
             try:
@@ -562,7 +181,7 @@ class CheckpointManager:
                 outcome = ("error", f"{type(e).__name__}: {e}")
         else:
             outcome = ("", "")
-        outcome = _broadcast(outcome)
+        outcome = broadcast_object(outcome)
         if outcome[0] != "ok":
             raise CheckpointError(f"checkpoint save of step {step} to {final} failed on rank 0: {outcome[1]}")
         return outcome[1]
@@ -589,8 +208,8 @@ class CheckpointManager:
                     size, digest = sha256_file(os.path.join(dirpath, fn))
                     files[rel] = {"size": size, "sha256": digest, "rank": 0, "hashed": "after_write"}
             for d in dirnames:
-                _fsync_dir(os.path.join(dirpath, d))
-        _fsync_dir(tmp)
+                fsync_dir(os.path.join(dirpath, d))
+        fsync_dir(tmp)
 
         clients = [g["client_state"] for g in gathered]
         layout = dict(gathered[0]["layout"])
@@ -605,8 +224,8 @@ class CheckpointManager:
             "model": self.model,
             "param_shapes": [{"ranks": g["ranks"], "shapes": g["value"]}
                              for g in _group_by_value([g["param_shapes"] for g in gathered])],
-            "versions": _versions(),
-            "git_commit": _git_commit(),
+            "versions": versions(),
+            "git_commit": git_commit(),
             "config": self.config,
             "rng": [g["rng"] for g in gathered],
             "files": dict(sorted(files.items())),
@@ -617,17 +236,17 @@ class CheckpointManager:
             manifest["client_state_per_rank"] = clients
         manifest["body_sha256"] = manifest_body_hash(manifest)
 
-        _fault("before_manifest", self.root)
-        _atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
-        _fault("before_rename", self.root)
+        fault("before_manifest", self.root)
+        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+        fault("before_rename", self.root)
         if os.path.exists(final):
             # Re-saving a step (a 'never' run in an old root): move the old one out of the way atomically.
             self._discard(final)
         os.rename(tmp, final)
-        _fsync_dir(self.root)
-        _fault("before_latest", self.root)
-        _atomic_write_text(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
-        _fault("after_latest", self.root)
+        fsync_dir(self.root)
+        fault("before_latest", self.root)
+        atomic_write_text(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
+        fault("after_latest", self.root)
         self._prune(keep_also=os.path.basename(final))
         log.info("checkpoint step %d committed to %s (%d files)", step, final, len(files))
         return final
@@ -636,19 +255,12 @@ class CheckpointManager:
         """Remove a directory: first rename it out of the namespace so it can never be seen half deleted."""
         trash = os.path.join(self.root, f".trash-{os.path.basename(path)}-{os.getpid()}-{time.time_ns()}")
         os.rename(path, trash)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
     def committed_steps(self) -> list[tuple[int, str]]:
         """(step, dir) of committed-looking checkpoint directories, newest first (not yet verified)."""
-        if not os.path.isdir(self.root):
-            return []
-        found = []
-        for name in os.listdir(self.root):
-            step = parse_step(name)
-            if step is not None and os.path.isdir(os.path.join(self.root, name)):
-                found.append((step, os.path.join(self.root, name)))
-        return sorted(found, reverse=True)
+        return committed_steps(self.root)
 
     def _prune(self, keep_also: str) -> None:
         """Keep the newest `keep` checkpoints; .tmp-* directories (being written) are never touched."""
@@ -667,7 +279,7 @@ class CheckpointManager:
         if policy == "never":
             self._note("resume policy 'never': starting fresh")
             return None
-        rank, world = _rank_world()
+        rank, world = global_rank(), global_world_size()
         expected_model = dict(self.model if expected_model is None else expected_model)
 
         plan: dict[str, Any] = {"notes": [], "candidates": []}
@@ -676,7 +288,7 @@ class CheckpointManager:
                 plan = self._plan()
             except Exception as e:  # noqa: BLE001 - must reach the other ranks
                 plan = {"notes": [f"{self.root}: cannot list checkpoints: {type(e).__name__}: {e}"], "candidates": []}
-        plan = _broadcast(plan)
+        plan = broadcast_object(plan)
         for note in plan["notes"]:
             self._note(note)
 
@@ -690,12 +302,12 @@ class CheckpointManager:
                     header = {"problems": [f"{os.path.join(path, MANIFEST)}: {type(e).__name__}: {e}"]}
             else:
                 header = {}
-            header = _broadcast(header)
+            header = broadcast_object(header)
             problems = list(header.get("problems", []))
             mismatch = mismatch or bool(header.get("mismatch"))
             if not problems:
                 mine = _verify_share(path, header["files"], rank, world)
-                problems = sorted({p for ps in _all_gather(mine) for p in ps})
+                problems = sorted({p for ps in all_gather_objects(mine) for p in ps})
             if not problems:
                 self._note(f"resuming from {path} (step {header['step']}): manifest, sizes, hashes, layout verified")
                 self._verified[path] = header["body_sha256"]
@@ -719,7 +331,7 @@ class CheckpointManager:
 
     def _note(self, msg: str) -> None:
         self.resume_report.append(msg)
-        if _rank_world()[0] == 0:
+        if global_rank() == 0:
             level = logging.WARNING if msg.startswith(("rejected", "latest", self.root)) else logging.INFO
             log.log(level, msg)
 
@@ -796,7 +408,7 @@ class CheckpointManager:
 
     def load(self, engine: Any, path: str) -> dict:
         """Load a verified checkpoint into `engine` safely and restore this rank's RNG (collective)."""
-        rank, world = _rank_world()
+        rank, world = global_rank(), global_world_size()
         mpath = os.path.join(path, MANIFEST)
         shared: dict[str, Any] = {}
         per_rank: list[Any] = [None] * world
@@ -817,16 +429,16 @@ class CheckpointManager:
                           "has_per_rank_client": clients is not None}
             except (OSError, ValueError, KeyError, CheckpointError) as e:
                 shared = {"manifest": None, "error": f"{mpath}: cannot read manifest: {e}"}
-        shared = _broadcast(shared)
+        shared = broadcast_object(shared)
         if shared["error"]:
             raise CheckpointError(shared["error"])
-        mine_state = _scatter(per_rank)  # each rank gets only its own RNG/client state, not everyone's
+        mine_state = scatter_objects(per_rank)  # each rank gets only its own RNG/client state, not everyone's
         manifest = shared["manifest"]
         if self._verified.get(path) != manifest["body_sha256"]:
             # Not verified by find_resume: at least make sure no file can run code, agreed by all ranks.
             files = {rel: (meta["size"], meta["sha256"]) for rel, meta in manifest["files"].items()}
             mine = _verify_share(path, files, rank, world, hashes=False)
-            problems = sorted({p for ps in _all_gather(mine) for p in ps})
+            problems = sorted({p for ps in all_gather_objects(mine) for p in ps})
             if problems:
                 raise CheckpointError(f"{path}: refusing to load:\n" + "\n".join(problems))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "train a model with DeepSpeed"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `megalite train`."""
@@ -17,7 +19,7 @@ def main(args: argparse.Namespace) -> int:
     """Load the config (before any process group exists), then train."""
     from megalite import config
     from megalite.engine.launch import exit_now
-    from megalite.engine.loop import train
+    from megalite.engine.trainer import train
 
     cfg = config.load(args.config, args.overrides)
     exit_now(train(cfg))  # every file was closed by train(); skip the interpreter's finalisation

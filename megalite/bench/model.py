@@ -1,9 +1,9 @@
 """Model FLOPs utilisation of a whole training step, megalite's Triton kernels against the torch backend.
 
-    python scripts/bench_model.py --out DIR                 # GPU: gpt3-1.3b, bf16, seq 2048, one device
-    python scripts/bench_model.py --smoke --out DIR         # CPU: a tiny model, proves the harness works
+    megalite bench model --out DIR                 # GPU: gpt3-1.3b, bf16, seq 2048, one device
+    megalite bench model --smoke --out DIR         # CPU: a tiny model, proves the harness works
 
-Each kernel backend runs in its own process (`megalite.engine.loop.Run`, world of one, synthetic
+Each kernel backend runs in its own process (`megalite.engine.trainer.Trainer`, world of one, synthetic
 tokens) for a few steps; the first steps are warm-up (compilation, autotuning). MFU uses megalite's
 own FLOP count (6N + 12*L*d*T per token) and its per-device peak table. Writes model-bench.json and
 prints a markdown table with the speedup of each backend over `torch`.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from megalite.bench import PACKAGE, write_json
 
 
 def synthetic_data(prefix: Path, vocab: int, tokens: int) -> None:
@@ -44,12 +44,12 @@ def synthetic_data(prefix: Path, vocab: int, tokens: int) -> None:
 def worker(args: argparse.Namespace) -> None:
     """One backend: train, time each step, write the result."""
     from megalite import config
-    from megalite.engine.loop import Run
     from megalite.engine.metrics import device_peak_tflops, flops_per_token
+    from megalite.engine.trainer import Trainer
 
     raw = json.loads(args.worker_config)
     cfg = config.from_dict(config.expand_references(raw, None))
-    run = Run(cfg)
+    run = Trainer(cfg)
     times: list[float] = []
     original = run.train_step
 
@@ -82,8 +82,9 @@ def worker(args: argparse.Namespace) -> None:
     }))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    """`megalite bench model [options]`."""
+    parser = argparse.ArgumentParser(prog="megalite bench model", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt3-1.3b", help="a preset in configs/models/")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=4)
@@ -95,7 +96,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per backend")
     parser.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker_config:
         worker(args)
         return 0
@@ -103,7 +104,6 @@ def main() -> int:
         args.model, args.seq, args.micro_batch, args.steps, args.warmup, args.kernels = "tiny-gpt", 64, 2, 3, 1, ["torch"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(REPO))
     from megalite import config
 
     model = config.expand_references({"model": args.model}, None)["model"]
@@ -124,9 +124,9 @@ def main() -> int:
                           "zero_optimization": {"stage": 1}, **precision},
         }
         result = out / f"result-{kernels}.json"
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = {**os.environ, "PYTHONPATH": f"{PACKAGE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         try:
-            proc = subprocess.run([sys.executable, __file__, "--worker-config", json.dumps(raw), "--result",
+            proc = subprocess.run([sys.executable, "-m", "megalite.bench.model", "--worker-config", json.dumps(raw), "--result",
                                    str(result), "--warmup", str(args.warmup)], env=env, timeout=args.timeout,
                                   capture_output=True, text=True)
         except subprocess.TimeoutExpired:
@@ -149,7 +149,8 @@ def main() -> int:
         speed = f"{base['step_s'] / r['step_s']:.2f}x" if base else "n/a"
         lines.append(f"| {r['kernels']} | {r['step_s'] * 1000:.0f} ms | {r['tokens_per_s']:,.0f} | "
                      f"{r['tflops']:.1f} | {mfu} | {speed} |")
-    (out / "model-bench.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "model-bench.json", {"model": args.model, "seq": args.seq, "micro_batch": args.micro_batch,
+                                          "results": results})
     (out / "model-bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all("step_s" in r for r in results) else 1

@@ -1,0 +1,60 @@
+"""Every benchmark megalite has, one way to run them: `megalite bench NAME [options]`.
+
+    kernels     the Triton kernels against SDPA's backends, flash-attn, torch's and apex's norms (default)
+    model       a whole training step of a preset model, megalite's kernels against the torch backend (MFU)
+    overhead    megalite's training step against a hand-written DDP loop of the same model and data
+    init        building and initialising a preset model on the CPU
+    prepare     `megalite prepare` throughput and memory at several corpus sizes and worker counts
+    checkpoint  checkpoint save, verify and load time on two ranks
+
+Each writes JSON with the git commit and the machine (`run_info`) into its --out folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint")
+PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    """HEAD of the source checkout, with '+dirty' when it has changes; MEGALITE_COMMIT or 'unknown' otherwise."""
+    root = PACKAGE.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):  # an installed package, or a copied tree without .git
+        return os.environ.get("MEGALITE_COMMIT", "unknown")
+
+
+def run_info() -> dict[str, Any]:
+    """Where and when a benchmark ran: commit, machine, device, versions."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def write_json(path: str | os.PathLike, result: dict[str, Any]) -> Path:
+    """Write a benchmark's result with `run_info()` under the key "run"."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run": run_info(), **result}, indent=1) + "\n")
+    return path

@@ -1,0 +1,91 @@
+"""megalite's DeepSpeed checkpoint engine: hashes and fsyncs each file as DeepSpeed writes it, and loads only
+through the safe loader. DeepSpeed is imported when an engine is first made (it is the engine's base class)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from megalite.checkpoint.faults import fault
+from megalite.checkpoint.safe_load import safe_torch_load
+from megalite.errors import CheckpointError
+from megalite.files import HashingWriter
+
+
+def _base_engine_class() -> type:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    return TorchCheckpointEngine
+
+
+def _make_safe_engine_class() -> type:
+    base = _base_engine_class()
+
+    class SafeCheckpointEngine(base):  # type: ignore[misc, valid-type]
+        """DeepSpeed checkpoint engine: hashes+fsyncs files as written, loads only with weights_only=True."""
+
+        megalite_safe = True
+
+        def __init__(self, zipfile_serialization: bool = True):
+            super().__init__(None)
+            self.name = "MegaliteSafeCheckpointEngine"
+            self.zipfile_serialization = zipfile_serialization
+            self.recording: dict[str, tuple[int, str]] | None = None
+            self.fault_dir = "."
+
+        def begin_recording(self, fault_dir: str) -> None:
+            self.recording = {}
+            self.fault_dir = fault_dir
+
+        def end_recording(self) -> dict[str, tuple[int, str]]:
+            written, self.recording = self.recording or {}, None
+            return written
+
+        def save(self, state_dict: Any, path: str) -> None:
+            if self.recording is not None and self.recording:
+                fault("between_shards", self.fault_dir)
+            writer = HashingWriter(path)
+            try:
+                torch.save(state_dict, writer, _use_new_zipfile_serialization=self.zipfile_serialization)
+            finally:
+                size, digest = writer.close()
+            if self.recording is not None:
+                self.recording[os.path.abspath(path)] = (size, digest)
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return safe_torch_load(path, map_location=map_location)
+
+    return SafeCheckpointEngine
+
+
+_SAFE_ENGINE_CLASS: type | None = None
+
+
+def _safe_engine_class() -> type:
+    global _SAFE_ENGINE_CLASS
+    if _SAFE_ENGINE_CLASS is None:
+        _SAFE_ENGINE_CLASS = _make_safe_engine_class()
+    return _SAFE_ENGINE_CLASS
+
+
+def install_safe_loading(engine: Any) -> None:
+    """Replace the DeepSpeed engine's checkpoint engine by megalite's (weights_only loads, hashed saves)."""
+    current = getattr(engine, "checkpoint_engine", None)
+    if getattr(current, "megalite_safe", False):
+        return
+    if current is not None and type(current) is not _base_engine_class():
+        # Decoupled/fast/datastates engines write asynchronously: the commit protocol cannot vouch for them.
+        raise CheckpointError(
+            f"DeepSpeed config selects checkpoint engine {type(current).__name__}; megalite needs the default "
+            "torch engine (remove the DeepSpeed 'checkpoint' engine settings from the config)."
+        )
+    zip_ser = getattr(current, "zipfile_serialization", True) if current is not None else True
+    engine.checkpoint_engine = _safe_engine_class()(zipfile_serialization=bool(zip_ser))
+
+
+def safe_engine(engine: Any) -> Any:
+    install_safe_loading(engine)
+    return engine.checkpoint_engine
+

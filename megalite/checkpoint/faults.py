@@ -1,0 +1,38 @@
+"""Fault injection for the crash-safety tests: SIGKILL at a named point of the save protocol.
+
+MEGALITE_CKPT_FAULT=<point> (see FAULT_POINTS), MEGALITE_CKPT_FAULT_RANK (default 0) and
+MEGALITE_CKPT_FAULT_KILL=self|group (SIGKILL this process, or its whole process group). The rank that
+reaches the point first writes the marker file fault-<point>-rank<r> into MEGALITE_CKPT_FAULT_DIR
+(default the checkpoint root) and fsyncs it, so a test can prove the point was reached.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from megalite.distributed import rank as global_rank
+
+FAULT_POINTS = ("before_shards", "between_shards", "before_manifest", "before_rename", "before_latest", "after_latest")
+FAULT_ENV = "MEGALITE_CKPT_FAULT"
+
+
+def fault(point: str, default_dir: str) -> None:
+    """Test hook: at `point`, write a marker then SIGKILL this process or its process group."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted or wanted != point:
+        return
+    rank = global_rank()
+    if rank != int(os.environ.get("MEGALITE_CKPT_FAULT_RANK", "0")):
+        return
+    marker_dir = os.environ.get("MEGALITE_CKPT_FAULT_DIR", default_dir)
+    os.makedirs(marker_dir, exist_ok=True)
+    marker = os.path.join(marker_dir, f"fault-{point}-rank{rank}")
+    with open(marker, "w") as f:
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if os.environ.get("MEGALITE_CKPT_FAULT_KILL", "self") == "group":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+

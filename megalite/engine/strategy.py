@@ -1,0 +1,195 @@
+"""How a step runs: one object per parallelism strategy, the only place dense and pipeline runs differ.
+
+`DenseStrategy` drives DeepSpeed's engine micro-batch by micro-batch (forward, backward, step), with a
+tensor-parallel `Transformer`. `PipelineStrategy` hands a step's micro-batches to DeepSpeed's pipeline
+engine (`train_batch`), with the model as a `PipelineModule` of megalite's layer specs.
+
+Every step ends with all ranks agreeing on two flags: "a preemption signal arrived" and "a loss or
+gradient was not finite". The dense path carries both in the one small all-reduce it makes per
+micro-batch; the pipeline path makes one at the end of its step. Agreeing at the same boundary is what
+lets every rank save, skip or stop together instead of hanging in a collective.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megalite.config import Config
+from megalite.distributed import any_rank
+from megalite.engine.metrics import StepTimer
+from megalite.errors import MegaliteError
+from megalite.model import build_model, load_full_state_dict, tensor_parallel_group
+from megalite.model.pipeline import PipelineLoss, load_pipeline_state, pipeline_specs
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did, agreed by every rank."""
+
+    loss: float  # mean over the global batch; NaN when skipped
+    skipped: bool  # a non-finite loss or gradient: parameters and optimizer state untouched
+    preempted: bool  # a preemption signal reached some rank before the step's end
+
+
+class Strategy:
+    """The model, the step and the evaluation loss of one kind of parallelism."""
+
+    def __init__(self, cfg: Config, grid: Any, device: torch.device) -> None:
+        self.cfg, self.grid, self.device = cfg, grid, device
+        self.dp_size = grid.get_data_parallel_world_size()
+        self.grad_norm: float | None = None  # set where DeepSpeed keeps none (ZeRO-0 fp32)
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def load_full_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy a whole-model canonical state dict into this rank's shards (train.init_from)."""
+        raise NotImplementedError
+
+    def train_step(self, engine: Any, batches: Iterator[dict], timer: StepTimer, preempted: bool) -> StepOutcome:
+        raise NotImplementedError
+
+    def eval_loss(self, engine: Any, batch: dict) -> float:
+        raise NotImplementedError
+
+    def model_inputs(self, batch: dict) -> dict:
+        """The model's keyword inputs beyond ids and labels that the data options ask for."""
+        out = {}
+        if self.cfg.data.reset_position_ids:
+            out["position_ids"] = batch["position_ids"]
+        if self.cfg.data.reset_attention_mask:
+            out["document_ids"] = batch["document_ids"]
+        return out
+
+    def refused_by_deepspeed(self, engine: Any, skipped_before: int) -> bool:
+        """DeepSpeed skipped the last optimizer step for a non-finite gradient norm. Under fp16 its skips are
+        the loss scaler's normal search for a scale, not failures, so they are not counted."""
+        return engine.skipped_steps > skipped_before and self.cfg.precision != "fp16"
+
+
+class DenseStrategy(Strategy):
+    """Tensor parallelism (and sequence parallelism) under DeepSpeed's ZeRO engine, data parallel around it."""
+
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.cfg.model, self.cfg.parallel, self.grid, seed=self.cfg.train.seed)
+
+    def load_full_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        load_full_state_dict(model, state, tensor_parallel_group(self.grid))
+
+    def train_step(self, engine: Any, batches: Iterator[dict], timer: StepTimer, preempted: bool) -> StepOutcome:
+        losses = []
+        skipped = agreed_preempted = False
+        ga = self.cfg.gradient_accumulation_steps
+        timer.start()
+        for micro in range(ga):
+            batch = next(batches)
+            timer.lap("data")
+            if skipped:
+                continue  # the data of a skipped step is consumed all the same
+            loss = engine(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
+                          **self.model_inputs(batch))
+            timer.lap("forward")
+            # One all-reduce per micro-batch carries both flags, so the step boundary needs no extra one.
+            nonfinite, signalled = any_rank([not math.isfinite(loss.item()), preempted], self.device)
+            agreed_preempted |= signalled
+            if nonfinite:
+                skipped = True
+                if micro > 0:  # drop the gradients of the micro-batches already accumulated
+                    engine.optimizer.zero_grad()
+                    engine.micro_steps -= micro
+                continue
+            losses.append(loss.detach())
+            engine.backward(loss)
+            timer.lap("backward")
+            if micro == ga - 1 and engine.zero_optimization_stage() == 0 and self.cfg.precision == "fp32":
+                # DeepSpeed clips at ZeRO-0 fp32 but keeps no norm and applies a non-finite step: check it here.
+                self.grad_norm = self._stage0_grad_norm(engine)  # global (DP-reduced, TP-aware): same everywhere
+                if not math.isfinite(self.grad_norm):
+                    engine.zero_grad()
+                    engine.micro_steps -= micro
+                    skipped = True
+                    continue
+            skipped_before = engine.skipped_steps
+            engine.step()
+            timer.lap("optimizer")
+            if micro == ga - 1 and self.refused_by_deepspeed(engine, skipped_before):
+                skipped = True  # ZeRO's optimizers refuse a step whose gradient norm is not finite
+        if skipped:
+            return StepOutcome(float("nan"), True, agreed_preempted)
+        mean = torch.stack(losses).mean()
+        dist.all_reduce(mean, group=self.grid.get_data_parallel_group())
+        return StepOutcome(mean.item() / self.dp_size, False, agreed_preempted)
+
+    def _stage0_grad_norm(self, engine: Any) -> float:
+        """The global gradient norm, NaN when it is not finite (DeepSpeed's helper reports that as -1)."""
+        from deepspeed.runtime.utils import get_flattened_grad_norm, is_invalid_grad_norm
+
+        norm = float(get_flattened_grad_norm(list(engine.module.parameters()), mpu=self.grid))
+        return float("nan") if is_invalid_grad_norm(norm) else norm
+
+    def eval_loss(self, engine: Any, batch: dict) -> float:
+        return float(engine(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
+                            **self.model_inputs(batch)))
+
+
+class PipelineStrategy(Strategy):
+    """DeepSpeed's pipeline engine over megalite's layer specs (tensor parallelism inside each stage)."""
+
+    def build_model(self) -> torch.nn.Module:
+        from deepspeed.pipe import PipelineModule
+
+        cfg = self.cfg
+        loss_fn = PipelineLoss(cfg.model, self.grid)
+        model = PipelineModule(
+            layers=pipeline_specs(cfg.model, cfg.parallel, self.grid, seed=cfg.train.seed),
+            topology=self.grid.topology,
+            loss_fn=loss_fn,
+            # "uniform": the same number of Transformer blocks per stage; "parameters": balance weights.
+            partition_method="type:BlockPipe" if cfg.parallel.pipeline_partition == "uniform" else "parameters",
+            activation_checkpoint_interval=1 if cfg.model.activation_checkpointing else 0,
+            checkpointable_layers=["BlockPipe"],
+        )
+        loss_fn.bind(model)
+        return model
+
+    def load_full_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        load_pipeline_state(model, state, self.grid)
+
+    def train_step(self, engine: Any, batches: Iterator[dict], timer: StepTimer, preempted: bool) -> StepOutcome:
+        # train_batch runs forward, backward and the optimizer step in one call, so the skip hooks into
+        # DeepSpeed's ZeRO-1 optimizer: it refuses a step whose gradient norm is not finite (fp32, and bf16
+        # with bf16.check_grad_overflow, which megalite turns on) and counts it in engine.skipped_steps.
+        timer.start()
+        skipped_before = engine.skipped_steps
+        loss = float(engine.train_batch(data_iter=self._micro_batches(batches)))
+        timer.lap("pipeline")
+        skipped = self.refused_by_deepspeed(engine, skipped_before)
+        if not math.isfinite(loss) and not skipped:
+            raise MegaliteError(f"non-finite loss {loss} and DeepSpeed applied the step")
+        (agreed_preempted,) = any_rank([preempted], self.device)
+        return StepOutcome(float("nan") if skipped else loss, skipped, agreed_preempted)
+
+    def eval_loss(self, engine: Any, batch: dict) -> float:
+        return float(engine.eval_batch(iter([self._pipeline_batch(batch)]), num_micro_batches=1))
+
+    def _pipeline_batch(self, b: dict) -> tuple:
+        """((input_ids, position_ids[, document_ids]), (labels, loss_mask)) for the pipeline engine."""
+        inputs = (b["input_ids"], b["position_ids"])
+        if self.cfg.data.reset_attention_mask:
+            inputs += (b["document_ids"],)
+        return inputs, (b["labels"], b["loss_mask"])
+
+    def _micro_batches(self, batches: Iterator[dict]) -> Iterator[tuple]:
+        for _ in range(self.cfg.gradient_accumulation_steps):
+            yield self._pipeline_batch(next(batches))
+
+
+def strategy_for(cfg: Config, grid: Any, device: torch.device) -> Strategy:
+    """The strategy of a run's layout."""
+    return PipelineStrategy(cfg, grid, device) if cfg.parallel.pipeline > 1 else DenseStrategy(cfg, grid, device)

@@ -1,0 +1,311 @@
+"""One training run: set-up (process grid, data, model, DeepSpeed engine), then a short loop over steps.
+
+Set-up phases that can fail on some ranks only end with an agreement (`megalite.distributed.agree`), so
+every rank raises the failing rank's error instead of the others waiting in the next collective. The
+preemption handler is installed first, before anything slow: a signal during set-up or resume makes the
+run exit 75 (requeue) before its first step, with nothing new to save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megalite import kernels
+from megalite.checkpoint import CheckpointManager, model_signature, resolve_checkpoint
+from megalite.checkpoint.consolidate import load_full_weights
+from megalite.config import Config, ModelConfig, summary, validate
+from megalite.data import ResumableSampler, build_datasets
+from megalite.data.prepare import manifest_tokenizer
+from megalite.distributed import agree, any_rank
+from megalite.engine import launch, signals
+from megalite.engine.build import build_engine
+from megalite.engine.components import BatchStream, Checkpointer, Evaluator, MetricWindow, ProfilerWindow
+from megalite.engine.metrics import (
+    MetricSink,
+    StepTimer,
+    device_peak_tflops,
+    flops_per_token,
+    mean_document_length,
+    plot_losses,
+)
+from megalite.engine.preflight import run_preflight
+from megalite.engine.strategy import strategy_for
+from megalite.errors import CheckpointError, ConfigError, MegaliteError
+from megalite.interop.hf import load_hf_state
+from megalite.parallel import ProcessGrid
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch generators from the one config seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_layout(cfg: Config, world: int) -> dict:
+    """The parallel layout a checkpoint records and a resume must match."""
+    p = cfg.parallel
+    return {"tensor": p.tensor, "pipeline": p.pipeline, "data": world // (p.tensor * p.pipeline), "world_size": world}
+
+
+def initial_state(path: str, model: ModelConfig) -> Any:
+    """train.init_from: the canonical full weights of a megalite checkpoint (any layout) or a Hugging Face
+    directory, after checking that they fit `model` (the same fields a resume compares)."""
+    try:
+        resolve_checkpoint(path)
+        is_checkpoint = True
+    except CheckpointError:
+        is_checkpoint = False
+    if is_checkpoint:
+        source_cfg, state, _ = load_full_weights(path)
+        source_model = source_cfg.model
+    else:
+        source_model, state = load_hf_state(path, model.make_vocab_size_divisible_by)
+    mine, theirs = model_signature(model), model_signature(source_model)
+    for key, want in mine.items():
+        if theirs[key] != want:
+            raise ConfigError(f"train.init_from: {path} has model.{key}={theirs[key]!r} but the config says {want!r}")
+    return state
+
+
+class Trainer:
+    """Everything built for one run; `train()` drives it."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        # First: a signal during the slow set-up below must lead to a requeue, not a dead job.
+        self.preemption = signals.PreemptionFlag(cfg.train.preemption_signals)
+        try:
+            self._set_up()
+        except BaseException:
+            self.preemption.restore()
+            raise
+
+    def _set_up(self) -> None:
+        cfg = self.cfg
+        self.rank, self.world = launch.init_distributed(cfg.train.collective_timeout_s)
+        self.is_main = self.rank == 0
+        self.device = launch.device()
+        self.output_dir = Path(cfg.train.output_dir)
+        agree("configuration", self._check_config)
+        problems = run_preflight(cfg, self.world, self.rank)  # collective: every rank gets every problem
+        if problems:
+            raise ConfigError(problems)
+        kernels.set_backend(cfg.train.kernels)
+        seed_everything(cfg.train.seed)
+
+        self.grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
+        self.dp_rank, self.dp_size = self.grid.get_data_parallel_rank(), self.grid.get_data_parallel_world_size()
+        self.strategy = strategy_for(cfg, self.grid, self.device)
+        agree("building the data", self._build_data)
+        self.model = agree("building the model", self._build_model)
+        self.engine, self.schedule = agree("starting DeepSpeed", build_engine, self.model, cfg, self.grid, self.world)
+        self.checkpoints = CheckpointManager(
+            cfg.train.checkpoint_dir or str(self.output_dir / "checkpoints"),
+            keep=cfg.train.keep_checkpoints,
+            layout=run_layout(cfg, self.world),
+            config=cfg.to_dict(),
+            model=model_signature(cfg.model),
+        )
+        self.checkpointer = Checkpointer(cfg, self.checkpoints)
+        self.evaluator = Evaluator(cfg, self.strategy, self.valid_set, self.dp_rank, self.dp_size, self.device)
+        self.profiler = ProfilerWindow(cfg, self.output_dir)
+        self.timer = StepTimer(sync=self.device.type == "cuda")
+        self.step = 0
+        self.nonfinite_skipped = 0
+        self.consecutive_nonfinite = 0
+        self.preempted = False  # agreed by every rank at the last step boundary
+        self._progress: Any = None  # a tqdm bar on an interactive rank 0
+        self.sink = agree("opening the metric sinks", MetricSink, cfg, self.output_dir, self.is_main)
+
+    def _check_config(self) -> None:
+        validate(self.cfg, self.world)  # the world-size rules, now that it is known
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.train_set, self.valid_set, _ = build_datasets(
+            prefixes=cfg.data.prefixes, weights=cfg.data.weights, split=cfg.data.split,
+            seq_length=cfg.data.seq_length, seed=cfg.train.seed, cache_dir=cfg.data.cache_dir,
+            num_samples=(None, None, 0),  # training never reads the test split: a tiny one is not an error here
+            reset_position_ids=cfg.data.reset_position_ids, eod_mask_loss=cfg.data.eod_mask_loss,
+            reset_attention_mask=cfg.data.reset_attention_mask, vocab_size=cfg.model.vocab_size,
+        )
+        if self.train_set is None:
+            raise ConfigError(f"data.split: {cfg.data.split!r} leaves no training samples")
+        self.sampler = ResumableSampler(len(self.train_set), self.dp_rank, self.dp_size, cfg.micro_batch_size,
+                                        cfg.train.seed)
+        self.batches = BatchStream(self.train_set, self.sampler, self.device)
+        if self.is_main:  # keep the data's tokenizer with the run, so eval/generate/convert find it
+            source = manifest_tokenizer(cfg.data.prefixes[0])
+            if source and Path(source).is_file():
+                (self.output_dir / "tokenizer.json").write_bytes(Path(source).read_bytes())
+
+    def _build_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        model = self.strategy.build_model()
+        if cfg.train.init_from:
+            self.strategy.load_full_state(model, initial_state(cfg.train.init_from, cfg.model))
+        model = model.to(self.device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        return model.to(dtype) if dtype is not None else model
+
+    # ------------------------------------------------------------------ checkpoints
+    def client_state(self) -> dict:
+        consumed = self.step * self.cfg.global_batch_size(self.world)
+        return {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(consumed_samples=consumed),
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+
+    def save(self) -> str:
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(self.engine, self.step, self.client_state())
+        self.sink.log({"kind": "checkpoint", "step": self.step, "path": path, "seconds": time.perf_counter() - t0})
+        return path
+
+    def resume(self) -> None:
+        """Load the checkpoint train.resume asks for (collective), restoring step, sampler and counters."""
+        path = self.checkpoints.find_resume(self.cfg.train.resume, expected_model=model_signature(self.cfg.model))
+        if path is None:
+            if self.is_main and self.cfg.train.resume != "never":
+                print("megalite: no complete checkpoint to resume; starting fresh", file=sys.stderr, flush=True)
+            return
+        state = self.checkpoints.load(self.engine, path)["client_state"]
+        self.step = int(state["step"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self.sampler.load_state_dict(state["sampler"])
+        self.batches = BatchStream(self.train_set, self.sampler, self.device)
+        if self.is_main:
+            print(f"megalite: resumed from {path} at step {self.step}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self, timer: StepTimer) -> tuple[float, bool]:
+        """One optimizer step over gradient_accumulation micro-batches; returns (mean loss, skipped)."""
+        outcome = self.strategy.train_step(self.engine, self.batches, timer, self.preemption.is_set)
+        self.preempted = outcome.preempted
+        return outcome.loss, outcome.skipped
+
+    def train(self) -> int:
+        """Run to train.steps (or a preemption / failure); returns the process exit code."""
+        cfg = self.cfg
+        try:
+            self.resume()
+            (signalled,) = any_rank([self.preemption.is_set], self.device)
+            if signalled:  # during set-up or resume: nothing new to save, so requeue at once
+                self._say(f"preempted before step {self.step + 1}: exiting {signals.EXIT_PREEMPTED} to be requeued")
+                return self._finish(signals.EXIT_PREEMPTED)
+            window = self._start_metrics()
+            exit_code = signals.EXIT_OK
+            while self.step < cfg.train.steps:
+                self.profiler.before_step(self.step + 1)
+                loss, skipped = self.train_step(self.timer)
+                self.step += 1
+                self.profiler.after_step(self.step)
+                window.add(loss, skipped)
+                if skipped:
+                    self.nonfinite_skipped += 1
+                    self.consecutive_nonfinite += 1
+                    self.sink.log({"kind": "nonfinite", "step": self.step, "skipped_total": self.nonfinite_skipped})
+                    if cfg.train.nonfinite == "fail" or self.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
+                        # The weights are the last good ones (skipped steps never reach the optimizer); the
+                        # step count includes the skipped steps, so a resume does not replay their batches.
+                        self.save()
+                        self._say(f"step {self.step}: {self.consecutive_nonfinite} consecutive non-finite step(s) "
+                                  f"(train.nonfinite={cfg.train.nonfinite!r}); saved the last good weights, exiting "
+                                  f"{signals.EXIT_NONFINITE}")
+                        exit_code = signals.EXIT_NONFINITE
+                        break
+                else:
+                    self.consecutive_nonfinite = 0
+                if window.due(self.step):
+                    window.flush(self.step, self.schedule.get_last_lr()[0], self._grad_norm(), self._loss_scale(),
+                                 self.nonfinite_skipped, quiet=self._progress is not None)
+                self._advance_progress(loss)
+                if self.evaluator.due(self.step):
+                    self._evaluate()
+                if self.preempted:
+                    self.save()
+                    self._say(f"preempted: saved step {self.step}, exiting {signals.EXIT_PREEMPTED} to be requeued")
+                    exit_code = signals.EXIT_PREEMPTED
+                    break
+                if self.checkpointer.due(self.step):
+                    self.save()
+            return self._finish(exit_code)
+        finally:
+            self.preemption.restore()
+            self.profiler.close()
+            if self._progress is not None:
+                self._progress.close()
+
+    def _start_metrics(self) -> MetricWindow:
+        cfg = self.cfg
+        attended = None
+        if cfg.data.reset_attention_mask:  # documents shorten attention: count it from the first samples
+            attended = mean_document_length(self.train_set[i] for i in range(min(64, len(self.train_set))))
+        peak, peak_note = device_peak_tflops(cfg.precision)
+        if self.is_main:
+            info = summary(cfg, self.world)
+            print(f"megalite: {json.dumps(info)}", file=sys.stderr, flush=True)
+            self.sink.log({"kind": "start", "step": self.step, **info, "peak": peak_note})
+            if cfg.train.logging.progress_bar and sys.stderr.isatty():
+                from tqdm import tqdm
+
+                self._progress = tqdm(total=cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True)
+        return MetricWindow(cfg, self.sink, self.timer, self.world, flops_per_token(cfg, attended), peak,
+                            self.is_main)
+
+    def _advance_progress(self, loss: float) -> None:
+        if self._progress is not None:
+            self._progress.update(1)
+            self._progress.set_postfix(loss=f"{loss:.3f}")
+
+    def _evaluate(self) -> None:
+        result = self.evaluator.run(self.engine)
+        if result:
+            self.sink.log({"kind": "valid", "step": self.step, **result})
+            self._say(f"step {self.step} validation loss {result['loss']:.4f} perplexity {result['perplexity']:.2f}")
+
+    def _finish(self, exit_code: int) -> int:
+        if self.is_main:
+            self.sink.log({"kind": "end", "step": self.step, "exit_code": exit_code})
+            if self.cfg.train.logging.plot:
+                plot_losses(self.sink.records, self.output_dir / "loss.png")
+        self.sink.close()
+        return exit_code
+
+    def _say(self, message: str) -> None:
+        if self.is_main:
+            print(f"megalite: {message}", file=sys.stderr, flush=True)
+
+    def _grad_norm(self) -> float | None:
+        if self.strategy.grad_norm is not None:
+            return self.strategy.grad_norm
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def _loss_scale(self) -> float | None:
+        opt = self.engine.optimizer
+        scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+        return float(scale) if isinstance(scale, (int, float)) else None
+
+
+def train(cfg: Config) -> int:
+    """Build and run; every rank returns the same exit code."""
+    try:
+        return Trainer(cfg).train()
+    except MegaliteError as e:
+        print(f"megalite train (rank {os.environ.get('RANK', '?')}): error: {e}", file=sys.stderr, flush=True)
+        return signals.EXIT_CONFIG
