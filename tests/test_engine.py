@@ -215,6 +215,15 @@ def test_lr_schedules_follow_their_definitions():
     assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.5) and wsd(100) == 0.0
 
 
+def test_every_configured_optimizer_and_schedule_is_built():
+    """config names the optimizers and schedules (and validates their parameters); build implements each name."""
+    from megalite import config as cfg_mod
+    from megalite.engine import build
+
+    assert set(build.OPTIMIZER_BUILDERS) == set(cfg_mod.OPTIMIZERS)
+    assert set(build.SCHEDULES) == set(cfg_mod.SCHEDULERS)
+
+
 def test_optimizer_mapping_and_no_decay_groups():
     from megalite.engine.build import build_optimizer
     from megalite.model import build_model

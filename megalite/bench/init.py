@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg, seed=1)
     seconds = time.perf_counter() - t0
     n = sum(p.numel() for p in model.parameters())
-    threads = weights._init_threads()
+    threads = weights.init_threads()
     print(f"{args.preset}: {n / 1e9:.2f}B parameters, {threads} init threads, build_model {seconds:.1f} s")
     write_json(Path(args.out) / f"init-{args.preset}.json", {"preset": args.preset, "parameters": n,
                                                             "init_threads": threads, "seconds": seconds})

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megalite.bench import git_commit
+from megalite.bench import git_commit, run_info
 
 OPS = ("attention", "layer_norm", "rms_norm", "attention_docs")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -605,6 +605,7 @@ def run(args: argparse.Namespace) -> int:
         print("compiled", json.dumps(r), flush=True)
     meta = {
         "commit": git_commit(),
+        "machine": run_info()["machine"],
         "device": device_name,
         "torch": torch.__version__,
         "triton": triton.__version__,

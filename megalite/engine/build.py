@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from megalite.config import Config, resolve_deepspeed
+from megalite.config import OPTIMIZERS, SCHEDULERS, Config, resolve_deepspeed
 from megalite.errors import ConfigError
 from megalite.parallel import VocabParallelEmbedding
 
@@ -46,39 +46,49 @@ def build_optimizer(model: torch.nn.Module, spec: dict, offload: bool = False) -
     """AdamW, Adam or SGD from DeepSpeed's `optimizer` entry: torch's fused kernels on CUDA, DeepSpeed's
     vectorised CPU Adam when the step is offloaded (DeepSpeed requires it there; built on first use)."""
     kind = spec.get("type", "AdamW")
+    if kind not in OPTIMIZER_BUILDERS:
+        raise ConfigError(f"deepspeed.optimizer.type: {kind!r} is not one of {', '.join(OPTIMIZERS)}")
     params = dict(spec.get("params", {}))
     lr = float(params.pop("lr", 1e-3))
-    wd = float(params.pop("weight_decay", 0.0))
-    groups = parameter_groups(model, wd)
+    groups = parameter_groups(model, float(params.pop("weight_decay", 0.0)))
+    params.pop("torch_adam", None)  # DeepSpeed's switches for its own Adam; megalite always builds torch's
+    params.pop("adam_w_mode", None)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
     try:
-        if offload and kind in ("AdamW", "Adam"):
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            return DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=kind == "AdamW", **_adam_args(params))
-        if kind == "AdamW":
-            return torch.optim.AdamW(groups, lr=lr, fused=on_cuda or None, **_adam_args(params))
-        if kind == "Adam":  # classic Adam: weight decay is an L2 term added to the gradient
-            return torch.optim.Adam(groups, lr=lr, fused=on_cuda or None, **_adam_args(params))
-        if kind == "SGD":
-            return torch.optim.SGD(groups, lr=lr, momentum=float(params.pop("momentum", 0.9)),
-                                   nesterov=bool(params.pop("nesterov", False)), **params)
+        return OPTIMIZER_BUILDERS[kind](groups, lr, params, on_cuda, offload)
     except TypeError as e:
         raise ConfigError(f"deepspeed.optimizer.params: {e}") from None
-    raise ConfigError(f"deepspeed.optimizer.type: {kind!r} is not one of AdamW, Adam, SGD")
 
 
-def _adam_args(params: dict) -> dict:
-    out = {}
-    if "betas" in params:
-        out["betas"] = tuple(params.pop("betas"))
-    if "eps" in params:
-        out["eps"] = float(params.pop("eps"))
-    params.pop("torch_adam", None)
-    params.pop("adam_w_mode", None)
-    if params:
-        raise ConfigError(f"deepspeed.optimizer.params: unsupported keys {sorted(params)} for Adam/AdamW")
-    return out
+def _adam(decoupled: bool) -> Callable[..., torch.optim.Optimizer]:
+    def build(groups: list[dict], lr: float, params: dict, on_cuda: bool, offload: bool) -> torch.optim.Optimizer:
+        args = {}
+        if "betas" in params:
+            args["betas"] = tuple(params.pop("betas"))
+        if "eps" in params:
+            args["eps"] = float(params.pop("eps"))
+        if params:
+            raise ConfigError(f"deepspeed.optimizer.params: unsupported keys {sorted(params)} for Adam/AdamW")
+        if offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # DeepSpeed's op, built on first use
+
+            return DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=decoupled, **args)
+        # Adam: weight decay is an L2 term added to the gradient; AdamW: decoupled weight decay.
+        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+        return cls(groups, lr=lr, fused=on_cuda or None, **args)
+
+    return build
+
+
+def _sgd(groups: list[dict], lr: float, params: dict, on_cuda: bool, offload: bool) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=float(params.pop("momentum", 0.9)),
+                           nesterov=bool(params.pop("nesterov", False)), **params)
+
+
+# One builder per name of config.OPTIMIZERS (tests/test_engine.py checks the two lists are the same).
+OPTIMIZER_BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "AdamW": _adam(decoupled=True), "Adam": _adam(decoupled=False), "SGD": _sgd,
+}
 
 
 def lr_multiplier(spec: dict | None, total_steps: int) -> Callable[[int], float]:
@@ -91,6 +101,8 @@ def lr_multiplier(spec: dict | None, total_steps: int) -> Callable[[int], float]
     if not spec:
         return lambda step: 1.0
     kind = spec.get("type", "Constant")
+    if kind not in SCHEDULES:
+        raise ConfigError(f"deepspeed.scheduler.type: {kind!r} is not one of {', '.join(SCHEDULERS)}")
     p = spec.get("params", {})
     warmup = int(p.get("warmup_num_steps", 0))
     total = int(p.get("total_num_steps", total_steps))
@@ -101,38 +113,46 @@ def lr_multiplier(spec: dict | None, total_steps: int) -> Callable[[int], float]
             return start + (1.0 - start) * (step + 1) / warmup
         return None
 
-    if kind == "Constant":
-        return lambda step: 1.0
-    if kind == "WarmupLR":
-        return lambda step: warm(step) or 1.0
-    if kind == "WarmupDecayLR":
-        return lambda step: warm(step) or max(0.0, (total - step) / max(1, total - warmup))
-    if kind == "WarmupCosineLR":
-        floor = float(p.get("cos_min_ratio", 0.0))
+    after_warmup = SCHEDULES[kind](p, warmup, total)
+    return lambda step: w if (w := warm(step)) is not None else after_warmup(step)
 
-        def cosine(step: int) -> float:
-            w = warm(step)
-            if w is not None:
-                return w
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-        return cosine
-    if kind == "WarmupStableDecay":
-        floor = float(p.get("min_ratio", 0.0))
-        decay = int(p.get("decay_num_steps", round(float(p.get("decay_fraction", 0.1)) * total)))
+def _constant(p: dict, warmup: int, total: int) -> Callable[[int], float]:
+    return lambda step: 1.0
 
-        def wsd(step: int) -> float:
-            w = warm(step)
-            if w is not None:
-                return w
-            decay_start = total - decay
-            if step < decay_start:
-                return 1.0
-            return floor + (1.0 - floor) * max(0.0, (total - step) / max(1, decay))
 
-        return wsd
-    raise ConfigError(f"deepspeed.scheduler.type: {kind!r} is not supported")
+def _linear_decay(p: dict, warmup: int, total: int) -> Callable[[int], float]:
+    return lambda step: max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _cosine(p: dict, warmup: int, total: int) -> Callable[[int], float]:
+    floor = float(p.get("cos_min_ratio", 0.0))
+
+    def cosine(step: int) -> float:
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return cosine
+
+
+def _warmup_stable_decay(p: dict, warmup: int, total: int) -> Callable[[int], float]:
+    floor = float(p.get("min_ratio", 0.0))
+    decay = int(p.get("decay_num_steps", round(float(p.get("decay_fraction", 0.1)) * total)))
+
+    def wsd(step: int) -> float:
+        decay_start = total - decay
+        if step < decay_start:
+            return 1.0
+        return floor + (1.0 - floor) * max(0.0, (total - step) / max(1, decay))
+
+    return wsd
+
+
+# The multiplier after warm-up, one per name of config.SCHEDULERS (WarmupLR: constant after warm-up).
+SCHEDULES: dict[str, Callable[[dict, int, int], Callable[[int], float]]] = {
+    "Constant": _constant, "WarmupLR": _constant, "WarmupDecayLR": _linear_decay, "WarmupCosineLR": _cosine,
+    "WarmupStableDecay": _warmup_stable_decay,
+}
 
 
 def deepspeed_dict(cfg: Config, world_size: int) -> dict:

@@ -36,7 +36,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
 INIT_CHUNK_ELEMENTS = 1 << 22
 
 
-def _init_threads() -> int:
+def init_threads() -> int:
     """CPU threads for drawing initial values: this machine's cores shared among the node's ranks."""
     try:
         cores = len(os.sched_getaffinity(0))
@@ -65,7 +65,7 @@ def init_full(
         flat[start : start + INIT_CHUNK_ELEMENTS].normal_(0.0, kind[1], generator=_generator(seed, stream))
 
     chunks = range(-(-flat.numel() // INIT_CHUNK_ELEMENTS))
-    workers = min(len(chunks), threads or _init_threads())
+    workers = min(len(chunks), threads or init_threads())
     if workers <= 1:
         for i in chunks:
             fill(i)
