@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoint": ("megalite.engine.checkpoint_cli", "list a run's checkpoints, or verify one against its manifest"),
     "bench": ("megalite.kernels.bench_cli", "benchmark the kernels against the alternatives"),
     "preflight": ("megalite.engine.preflight", "check a cluster job before it starts"),
+    "plan": ("megalite.engine.plan", "memory, communication and step time of a layout, or search for the best one"),
     "slurm": ("megalite.slurm_cli", "write (and submit) a SLURM batch script"),
 }
 

@@ -37,5 +37,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         resolved = cfg.to_dict()
         resolved["deepspeed"] = cfg_mod.resolve_deepspeed(cfg, world)
+        from megalite.engine.plan import memory_breakdown  # issue 16: the plan's memory per GPU
+
+        derived["memory_per_gpu"] = memory_breakdown(cfg, world)
         print(json.dumps({"config": resolved, "derived": derived}, indent=2))
     return 0

@@ -417,6 +417,10 @@ class Run:
         if self.is_main:
             info = summary(cfg, self.world)
             print(f"megalite: {json.dumps(info)}", file=sys.stderr, flush=True)
+            from megalite.engine.plan import startup_report  # issue 16: the plan's memory per GPU at start-up
+
+            for line in startup_report(cfg, self.world, int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None):
+                print(f"megalite: {line}", file=sys.stderr, flush=True)
             self.log({"kind": "start", "step": self.step, **info, "peak": peak_note})
         bar = _progress(cfg, self.step, self.is_main)
         window_start, window_steps, window_losses = time.perf_counter(), 0, []
