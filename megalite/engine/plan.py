@@ -985,10 +985,6 @@ def plan(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8, *
     return _evaluate(cfg, layout, s, device, gpus_per_node, allowance_gib)
 
 
-def e_bytes(s: Settings) -> int:
-    return s.element
-
-
 def _evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_node: int,
               allowance_gib: float) -> Plan:
     if s.precision not in device.peak_tflops:
@@ -1009,17 +1005,16 @@ def _evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per
     pipeline_s = (m + p - 1) * slowest
     optimizer_s = max(value[2] for value in by_kind.values())
     # Data-parallel traffic. ZeRO-1/2 with overlap_comm reduce their gradient buckets during the backward (all but
-    # the last bucket's worth hides behind it); ZeRO-3's per-layer gathers and reduce-scatters are charged in full:
-    # with its prefetch assumed to hide them, the model over-predicts the ZeRO-3 rows of Narayanan et al. (2021),
-    # Table 2, by 40-55%, while charging them matches those rows (tests/test_plan.py). Everything else waits for
-    # the backward to finish.
+    # the last bucket's worth hides behind it). ZeRO-3's per-layer gathers and reduce-scatters are charged in full:
+    # the first version of this model let its prefetch hide them and over-predicted the ZeRO-3 rows of Narayanan
+    # et al. (2021), Table 2, by 40-55% (docs/plan.md says so). Everything else waits for the backward to finish.
     dp_exposed = 0.0
     for cs, t in zip(comms, times):
         exposed = 0.0
         for c in cs:
             seconds = transfer_seconds(c, device)
             if c.group == "DP" and c.kind == "all-reduce" and s.path == "zero" and s.overlap_comm:
-                last_bucket = min(1.0, s.reduce_bucket * e_bytes(s) / max(c.bytes, 1.0))
+                last_bucket = min(1.0, s.reduce_bucket * s.element / max(c.bytes, 1.0))
                 seconds = max(seconds * last_bucket, seconds - 2 / 3 * m * (t.matmul + t.attention + t.memory_bound))
             if c.group in ("DP", "tied embedding"):
                 exposed += seconds
@@ -1083,7 +1078,9 @@ def search(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8,
         except ConfigError:
             continue
         plans.append(_evaluate(new, layout, s, device, gpus_per_node, allowance_gib))
-    plans.sort(key=lambda p: (not p.fits, -p.tokens_per_s))
+    # Throughput to 4 significant digits, then the least memory: of layouts the model cannot tell apart in speed
+    # (micro-batch sizes, which it does not charge for), the one with the most headroom first.
+    plans.sort(key=lambda p: (not p.fits, -float(f"{p.tokens_per_s:.4g}"), p.peak_memory))
     return plans
 
 
@@ -1120,7 +1117,7 @@ def format_plan(p: Plan, source: str = "") -> str:
              f"{s.precision}, {s.optimizer}; DeepSpeed holds model states in {PATH_NAMES[s.path]}"]
     shown = _shown_stages(p)
     header = "".join(f"{'stage ' + str(i):>10}" for i in shown)
-    lines += ["", f"memory per GPU (GiB)                  {header}"]
+    lines += ["", f"memory per GPU (GiB)                      {header}"]
     keys: list[str] = []
     for i in shown:
         for k in p.memory[i].terms:
@@ -1128,20 +1125,21 @@ def format_plan(p: Plan, source: str = "") -> str:
                 keys.append(k)
     for k in keys:
         row = "".join(f"  {_gib(p.memory[i].terms.get(k, 0.0))}" for i in shown)
-        label = k if k != "activations" else "activations (in flight x one micro-batch)"
-        lines.append(f"  {label:<36}{row}")
-    lines.append(f"  {'micro-batches in flight':<36}" + "".join(f"  {p.memory[i].in_flight:8d}" for i in shown))
-    lines.append(f"  {'allocated peak':<36}" + "".join(f"  {_gib(p.memory[i].allocated)}" for i in shown))
-    lines.append(f"  {'+ allowance ' + str(p.allowance_gib) + ' GiB + ' + str(int(FRAGMENTATION * 100)) + '%':<36}"
+        label = k if k != "activations" else "activations (all in flight)"
+        lines.append(f"  {label:<40}{row}")
+    lines.append(f"  {'micro-batches in flight':<40}" + "".join(f"  {p.memory[i].in_flight:8d}" for i in shown))
+    lines.append(f"  {'allocated peak':<40}" + "".join(f"  {_gib(p.memory[i].allocated)}" for i in shown))
+    lines.append(f"  {'+ allowance ' + str(p.allowance_gib) + ' GiB + ' + str(int(FRAGMENTATION * 100)) + '%':<40}"
                  + "".join(f"  {_gib(p.memory[i].total(p.allowance_gib) - p.memory[i].allocated)}" for i in shown))
-    lines.append(f"  {'total':<36}" + "".join(f"  {_gib(p.memory[i].total(p.allowance_gib))}" for i in shown))
-    lines.append(f"  {'headroom on ' + f'{dev.memory_gib:.1f} GiB':<36}"
+    lines.append(f"  {'total':<40}" + "".join(f"  {_gib(p.memory[i].total(p.allowance_gib))}" for i in shown))
+    lines.append(f"  {'headroom on ' + f'{dev.memory_gib:.1f} GiB':<40}"
                  + "".join(f"  {_gib(dev.memory_gib * GiB - p.memory[i].total(p.allowance_gib))}" for i in shown))
     host = p.memory[0].host
     if host:
         lines.append("  offloaded to host memory: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in host.items()))
     worst = p.worst_stage()
-    detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in worst.activations_per_micro_batch.items())
+    detail = ", ".join(f"{k} {v / GiB:.2f}" if v >= 0.005 * GiB else f"{k} <0.01"
+                       for k, v in worst.activations_per_micro_batch.items())
     lines.append(f"  activations of one micro-batch on stage {worst.stage} (GiB): {detail}")
     if not p.fits:
         name, value = worst.biggest()
@@ -1156,8 +1154,8 @@ def format_plan(p: Plan, source: str = "") -> str:
                      f"{transfer_seconds(c, dev) * 1e3:>8.1f} ms")
     if not p.comms[busiest]:
         lines.append("  (none: a single GPU)")
-    lines.append("  TP and PP transfers are on the critical path; DP traffic overlaps the backward only with "
-                 "ZeRO-3 or overlap_comm")
+    lines.append("  TP and PP transfers are on the critical path; DP traffic waits for the backward, except ZeRO-1/2's "
+                 "gradient buckets with overlap_comm")
 
     t = max(p.times, key=lambda t: t.total)
     m = lay.accumulation
@@ -1171,10 +1169,11 @@ def format_plan(p: Plan, source: str = "") -> str:
               f"{p.model_tflops_per_gpu:.0f} model TFLOP/s per GPU, MFU {p.mfu:.1%} of {dev.peak_tflops[s.precision]:.0f}",
               "  (model FLOPs as the training log counts them: 6N + 12*L*d*T per token; the time model charges "
               "the output layer, recompute and attention as executed)",
-              "", f"constants: {dev.name}: " + "; ".join(f"{k}: {v}" for k, v in dev.sources),
+              "", f"constants of {dev.name}:"] + [f"  {k}: {v}" for k, v in dev.sources] + [
               f"efficiencies ({EFFICIENCY_SOURCE}): matmul {EFFICIENCY['matmul']:.3f} of peak, copy "
-              f"{EFFICIENCY['copy']:.3f} of HBM, norms {EFFICIENCY['norm_forward']:.2f}/{EFFICIENCY['norm_backward']:.2f}"
-              " forward/backward, flash attention by sequence length (EFFICIENCY['attention'])"]
+              f"{EFFICIENCY['copy']:.3f} of HBM bandwidth, norms {EFFICIENCY['norm_forward']:.2f} forward and "
+              f"{EFFICIENCY['norm_backward']:.2f} backward, flash attention {_attention_fraction(p.cfg.data.seq_length, p.cfg.model.head_dim):.3f}"
+              f" at {p.cfg.data.seq_length} tokens"]
     return "\n".join(lines)
 
 
