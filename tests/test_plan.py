@@ -238,6 +238,10 @@ ENGINE_VARIANTS = [
       for s in (1, 2, 3)),
     ("bf16 ZeRO-2 overlap_comm", {"deepspeed": {"bf16": {"enabled": True}, "zero_optimization": {
         "stage": 2, "overlap_comm": True, "reduce_bucket_size": 1_000_000}}}),
+    # every parameter partitioned (none persistent): gathered for the forward, the recompute and the backward
+    ("fp32 ZeRO-3 recompute accumulation 2", {"model": {"activation_checkpointing": True}, "deepspeed": {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}}),
     ("fp32 TP2", {"parallel": {"tensor": 2}, "deepspeed": {"zero_optimization": {"stage": 1}}}),
     ("bf16 TP2+SP accumulation 2", {"parallel": {"tensor": 2, "sequence_parallel": True}, "deepspeed": {
         "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 2}}),
@@ -314,10 +318,12 @@ def _group(call: tuple, result: dict) -> str:
 
 
 def test_engine_model_states_and_collectives(tmp_path: Path) -> None:
-    """Real DeepSpeed engines on 2 gloo ranks (ZeRO 0-3 in fp32 and bf16, overlap_comm, TP2, TP2+SP with
-    accumulation, PP2 with accumulation): the bytes the engine holds equal the plan's model states and buckets up
+    """Real DeepSpeed engines on 2 gloo ranks (ZeRO 0-3 in fp32 and bf16, overlap_comm, ZeRO-3 with recompute and
+    nothing persistent, TP2, TP2+SP with accumulation, PP2 with accumulation): the bytes the engine holds equal the plan's model states and buckets up
     to the scalars DeepSpeed and torch add (grad norm, loss, a 4-byte step counter per parameter tensor of a plain
-    torch optimizer; the decay/no-decay groups of this model need no alignment padding), and the payload of every collective in one step equals the plan's
+    torch optimizer; the decay/no-decay groups of this model need no alignment padding; with ZeRO-3 the fp32
+    copy of one group's gradient partition it flattens during the step, a transient the plan counts), and the
+    payload of every collective in one step equals the plan's
     figure per group and kind, once scalar control messages (16 bytes or less: flags, norms, the loss) are set
     aside."""
     write_token_dataset(str(tmp_path / "tok"))
@@ -335,6 +341,8 @@ def test_engine_model_states_and_collectives(tmp_path: Path) -> None:
                                                                                  plan.layout.pipeline)[stage].params)
             if plan.layout.pipeline > 1:  # at the step the pipeline still holds part of its buffers (receive buffers)
                 scalars += mem.terms["pipeline buffers"]
+            if plan.settings.path == "zero3":  # the fp32 copy of a group's gradients, flattened during the step
+                scalars += mem.terms["transient: fp32 gradients at the step"]
             assert 0 <= result["held"] - expected <= scalars, (name, rank, result["held"], expected)
             counted: dict[tuple[str, str], int] = {}
             control = 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -256,6 +257,8 @@ class Settings:
     overlap_comm: bool
     persistence_threshold: int  # ZeRO-3: parameters this small stay whole on every rank
     prefetch_bucket: int  # ZeRO-3, elements
+    max_live_parameters: int  # ZeRO-3: gathered elements kept before releasing
+    max_reuse_distance: int  # ZeRO-3: a gathered parameter used again within this many elements is kept
     offload_optimizer: bool
     attention: str  # triton | torch (megalite's kernels) | materialized (other systems: a T x T score matrix)
     platform: str = "cuda"  # cuda | cpu: where torch's own kernels run (they keep different tensors)
@@ -303,7 +306,9 @@ def settings(cfg: Config, attention: Optional[str] = None, platform: str = "cuda
         optimizer_state_bytes=state_bytes, reduce_bucket=int(zero.get("reduce_bucket_size", 5e8)),
         overlap_comm=bool(zero.get("overlap_comm", stage == 3)),
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 1e5)),
-        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 5e7)), offload_optimizer=offload,
+        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 5e7)),
+        max_live_parameters=int(zero.get("stage3_max_live_parameters", 1e9)),
+        max_reuse_distance=int(zero.get("stage3_max_reuse_distance", 1e9)), offload_optimizer=offload,
         attention=attention, platform=platform,
     )
 
@@ -419,7 +424,10 @@ _STAGES: dict[tuple, list[Stage]] = {}
 
 def stages(cfg: Config, tp: int, pp: int) -> list[Stage]:
     """The stages as DeepSpeed partitions megalite's pipeline layers (parallel.pipeline_partition)."""
-    key = (dataclasses.astuple(cfg.model), cfg.parallel.pipeline_partition, tp, pp)
+    m = cfg.model
+    shape = (m.padded_vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.kv_heads, m.ffn_size,
+             m.max_position_embeddings, m.norm, m.mlp, m.position, m.bias, m.tied_embeddings)
+    key = (shape, cfg.parallel.pipeline_partition, tp, pp)
     if key not in _STAGES:
         _STAGES[key] = _partition(cfg, tp, pp)
     return _STAGES[key]
@@ -587,7 +595,7 @@ class StageMemory:
     def _sum(self, keys: Any) -> float:
         return sum(self.terms[k] for k in keys)
 
-    @property
+    @functools.cached_property
     def allocated(self) -> float:
         """The caching allocator's peak (what torch.cuda.max_memory_allocated would show)."""
         transient = {k for k in self.terms if k.startswith("transient:")}
@@ -625,9 +633,11 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
     by_kind: dict[tuple, tuple] = {}
     for st in stages(cfg, tp, pp):
         if st.kind not in by_kind:
+            decay = sum(p.numel for p in st.params if p.decay)
+            persistent = sum(p.numel for p in st.params if p.numel <= s.persistence_threshold)
             by_kind[st.kind] = (model_state_bytes(st.params, dp, s), activation_bytes(cfg, layout, st, s),
-                                _numel(st.params))
-        states, per_micro, n_local = by_kind[st.kind]
+                                st.numel, decay, persistent)
+        states, per_micro, n_local, decay, persistent = by_kind[st.kind]
         terms = {k: v for k, (v, _) in states.items() if not k.startswith("host: ")}
         host = {k[6:]: v for k, (v, _) in states.items() if k.startswith("host: ")}
         built = {k for k, (_, b) in states.items() if b}
@@ -668,10 +678,13 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
             terms["transient: gradient reduce bucket"] = float(s.reduce_bucket * e * (2 if s.overlap_comm else 1))
         else:  # zero3: the reduce bucket is allocated whole at start; layers are gathered one or two at a time
             terms["ZeRO-3 reduce bucket"] = float(s.reduce_bucket * e)
-            largest = max(_numel(ps) for ps in layer_params(m, tp).values())
-            terms["transient: ZeRO-3 gathered parameters"] = float((2 * largest + min(s.prefetch_bucket, n_local)) * e)
+            # gathered parameters stay live up to stage3_max_live_parameters elements, plus the prefetch bucket
+            gathered = min(n_local - persistent, s.max_live_parameters) + min(s.prefetch_bucket, n_local - persistent)
+            terms["transient: ZeRO-3 gathered parameters"] = float(gathered * e)
         if s.path == "fp16_optimizer":  # FP16_Optimizer flattens the gradients into fp32 for the step
             terms["transient: fp32 gradients at the step"] = float(4 * n_local)
+        elif s.path == "zero3":  # ZeRO-3 flattens a parameter group's gradient partition into fp32 for the step
+            terms["transient: fp32 gradients at the step"] = float(4 * max(decay, n_local - decay) / dp)
         late = frozenset(k for k in terms if k.startswith("transient:") and ("bucket" in k or "at the step" in k))
         out.append(StageMemory(st.index, terms, built, in_flight, layout.accumulation, per_micro, host, late,
                                s.path == "zero" and s.zero_stage == 2))
@@ -692,12 +705,11 @@ def _ring(kind: str, n: int) -> float:
 class Collective:
     """The payload one GPU hands to one kind of collective in one step, and where it goes."""
 
-    group: str  # TP | DP | PP | tied embedding | control
+    group: str  # TP | DP | PP | tied embedding
     kind: str  # all-reduce | all-gather | reduce-scatter | send/recv
     bytes: float  # sum of the tensors handed to the calls (all-gather: output size; reduce-scatter: input size)
     ranks: int
     link: str  # NVLink | network
-    exposed: float = 1.0  # fraction on the critical path
 
 
 def links(layout: Layout, gpus_per_node: int) -> dict[str, str]:
@@ -706,8 +718,7 @@ def links(layout: Layout, gpus_per_node: int) -> dict[str, str]:
     g = gpus_per_node
     return {"TP": "NVLink" if tp <= g else "network", "DP": "NVLink" if tp * dp <= g else "network",
             "PP": "NVLink" if layout.world <= g else "network",
-            "tied embedding": "NVLink" if layout.world <= g else "network", "control": "network" if layout.world > g
-            else "NVLink"}
+            "tied embedding": "NVLink" if layout.world <= g else "network"}
 
 
 def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_per_node: int) -> list[Collective]:
@@ -765,10 +776,13 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
         elif s.path in ("bf16_optimizer", "zero"):
             add("DP", "all-reduce", n_local * e)
             add("DP", "all-gather", padded * e)
-        else:  # zero3: layers gathered for every forward and backward (small persistent ones once, after the
-            # step), gradients reduce-scattered every micro-batch
+        else:  # zero3: gradients reduce-scattered every micro-batch; small persistent parameters gathered once, after
+            # the step; the rest once per micro-batch when the stage's parameters fit within
+            # stage3_max_reuse_distance (kept from forward to backward), otherwise twice: for the forward, and for
+            # the backward (a recomputed layer's backward follows its recompute at once and reuses that gather)
             persistent = sum(p.numel for p in stage.params if p.numel <= s.persistence_threshold)
-            add("DP", "all-gather", (mb * 2 * (n_local - persistent) + persistent) * e)
+            gathers = 1 if n_local - persistent <= s.max_reuse_distance else 2
+            add("DP", "all-gather", (mb * gathers * (n_local - persistent) + persistent) * e)
             add("DP", "reduce-scatter", mb * n_local * e)
     if pp > 1:
         boundary = Ns * h * e
