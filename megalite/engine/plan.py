@@ -546,7 +546,7 @@ def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> 
 
     out: dict[str, float] = {}
     if layout.recompute:  # each block keeps only its input; one block's activations are rebuilt at a time
-        out["block inputs (recompute)"] = stage.blocks * Ns * h * e
+        out["block inputs (recompute)"] = stage.blocks * Ns * h * e + (N * 8 if docs and stage.blocks else 0)
     else:
         for key, value in layer.items():
             out[key] = stage.blocks * value
