@@ -2,8 +2,9 @@
 
 One cost model for `megalite plan`, `preflight`, the start of `train` and `config show`. It reads the
 run's own config objects and counts FLOPs with the training log's formula (`metrics.flops_per_token`),
-so the plan and the log agree on what a layout is. Pure arithmetic: nothing here imports torch or
-DeepSpeed, allocates, or talks to other processes.
+so the plan and the log agree on what a layout is. Pure arithmetic: it allocates nothing and talks to no
+other process; importing it imports neither torch nor DeepSpeed (`local_device` asks torch which GPU this is,
+and config validation checks DeepSpeed's ZeRO keys when DeepSpeed is installed).
 
 Memory, per GPU of each pipeline stage:
 - model states as DeepSpeed 0.19 holds them (which optimizer wrapper a config gets, which copies it
