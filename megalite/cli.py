@@ -26,6 +26,7 @@ COMMANDS = {
     "checkpoint": "checkpoint",
     "bench": "bench",
     "preflight": "preflight",
+    "plan": "plan",
     "slurm": "slurm",
 }
 

@@ -51,5 +51,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         resolved = cfg.to_dict()
         resolved["deepspeed"] = config.resolve_deepspeed(cfg, world)
+        from megalite.engine.plan import memory_breakdown  # the plan's memory per GPU (pure arithmetic)
+
+        derived["memory_per_gpu"] = memory_breakdown(cfg, world)
         emit(json.dumps({"config": resolved, "derived": derived}, indent=2))
     return 0

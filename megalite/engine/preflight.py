@@ -22,6 +22,7 @@ from pathlib import Path
 from megalite.config import Config, count_parameters, validate
 from megalite.distributed import all_gather_objects
 from megalite.distributed import rank as global_rank
+from megalite.engine import plan
 from megalite.errors import ConfigError
 
 
@@ -218,6 +219,22 @@ def check_collective(world_size: int, size_mb: float = 4.0, iters: int = 3,
     return [Check("collective", True, msg)]
 
 
+def check_memory(cfg: Config, world_size: int, env: dict[str, str] | None = None) -> list[Check]:
+    """The plan's memory per GPU on this node's GPU (`megalite plan`), with a warning naming the biggest term when
+    it exceeds the GPU's memory. A warning, not a failure: the plan is an estimate."""
+    device = plan.local_device()
+    if device is None:
+        return [Check("memory", True, "plan: skipped, no GPU in megalite's device table here "
+                                      "(`megalite plan RUN.json --world-size N --device ...` plans for one)")]
+    per_node = local_world_size(env) or world_size
+    try:
+        warning = plan.memory_warning(cfg, world_size, device, per_node)
+        summary = plan.memory_summary(cfg, world_size, device, per_node)
+    except Exception as e:  # noqa: BLE001 - an estimate never stops a job; it says why it is missing
+        return [Check("memory", True, f"plan: skipped ({e})")]
+    return [Check("memory", True, f"warning: {warning}" if warning else summary)]
+
+
 def _agree(checks: list[Check]) -> list[Check]:
     """Tell every rank which ranks failed, so all of them stop together instead of hanging in a collective."""
     failed = all_gather_objects(sum(not c.ok for c in checks))
@@ -235,6 +252,7 @@ def run_checks(cfg: Config, world_size: int, rank: int, *, collective: bool = Tr
     env = os.environ if env is None else env
     checks = check_layout(cfg, world_size)
     checks += check_devices(cfg, env)
+    checks += check_memory(cfg, world_size, env)  # issue 16: the plan's memory per GPU
     if int(env.get("LOCAL_RANK", "0") or 0) == 0:  # one disk check per node is enough
         checks += check_disk(cfg)
     if collective:

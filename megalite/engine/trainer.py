@@ -37,6 +37,7 @@ from megalite.engine.metrics import (
     mean_document_length,
     plot_losses,
 )
+from megalite.engine.plan import startup_report
 from megalite.engine.preflight import run_preflight
 from megalite.engine.strategy import strategy_for
 from megalite.errors import CheckpointError, ConfigError, MegaliteError
@@ -259,6 +260,8 @@ class Trainer:
         if self.is_main:
             info = summary(cfg, self.world)
             print(f"megalite: {json.dumps(info)}", file=sys.stderr, flush=True)
+            for line in startup_report(cfg, self.world, int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None):
+                print(f"megalite: {line}", file=sys.stderr, flush=True)  # the plan's memory per GPU
             self.sink.log({"kind": "start", "step": self.step, **info, "peak": peak_note})
             if cfg.train.logging.progress_bar and sys.stderr.isatty():
                 from tqdm import tqdm

@@ -1,0 +1,66 @@
+"""`megalite plan RUN.json --world-size N [--device D] [--search]`: memory, communication and step time per GPU
+of a layout before it runs (the cost model is megalite/engine/plan.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from megalite import config as cfg_mod
+from megalite.commands.output import emit
+from megalite.engine.plan import ALLOWANCE_GIB, DEVICES, format_plan, format_search, get_device, plan, search
+from megalite.errors import ConfigError
+
+HELP = "memory, communication and step time of a layout, or search for the best one"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `megalite plan`."""
+    parser.add_argument("config", help="run config JSON file")
+    parser.add_argument("--world-size", type=int, required=True, help="number of GPUs")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--device", default="h100-sxm", help=f"one of {', '.join(DEVICES)} (default h100-sxm)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. parallel.tensor=4 (repeatable)")
+    parser.add_argument("--search", action="store_true", help="plan every layout and print the best ten")
+    parser.add_argument("--json", action="store_true", help="print JSON (with --search: every layout)")
+    parser.add_argument("--top", type=int, default=10, help="rows of the --search table (default 10)")
+    for name, what in (("peak-tflops", "dense peak TFLOP/s for the training dtype"),
+                       ("memory-gib", "device memory in GiB"), ("hbm-tbps", "memory bandwidth in TB/s"),
+                       ("intra-node-gbps", "per-GPU NVLink bandwidth each way, GB/s"),
+                       ("inter-node-gbps", "per-GPU network bandwidth each way, GB/s")):
+        parser.add_argument(f"--{name}", type=float, default=None, help=f"override the device table: {what}")
+    parser.add_argument("--allowance-gib", type=float, default=ALLOWANCE_GIB,
+                        help=f"fixed memory allowance for the CUDA context and NCCL (default {ALLOWANCE_GIB})")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Load, plan, print. Bad input raises ConfigError (exit 2 through the CLI)."""
+    device = get_device(args.device).with_overrides(
+        peak_tflops=args.peak_tflops, memory_gib=args.memory_gib, hbm_tbps=args.hbm_tbps,
+        intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
+    for key in ("peak_tflops", "memory_gib", "hbm_tbps", "intra_node_gbps", "inter_node_gbps", "allowance_gib"):
+        value = getattr(args, key)
+        if value is not None and not (value > 0 or (key == "allowance_gib" and value == 0)):
+            raise ConfigError(f"--{key.replace('_', '-')}: must be > 0, got {value}")
+    cfg = cfg_mod.load(args.config, args.overrides)
+    if args.search:
+        start = time.perf_counter()
+        p0 = plan(cfg, args.world_size, device, args.gpus_per_node, allowance_gib=args.allowance_gib)  # checks input
+        plans = search(cfg, args.world_size, device, args.gpus_per_node, args.allowance_gib)
+        seconds = time.perf_counter() - start
+        if args.json:
+            emit(json.dumps({"config": str(args.config), "world_size": args.world_size, "device": device.name,
+                              "seconds": seconds, "layouts": [p.to_dict() for p in plans]}))
+        else:
+            emit(f"megalite plan --search: {args.config}, {args.world_size} x {device.name}, global batch "
+                  f"{p0.layout.micro_batch * p0.layout.accumulation * p0.layout.data} x {cfg.data.seq_length}")
+            emit(format_search(plans, args.top))
+            emit(f"({seconds:.1f} s; the config's own layout: {p0.layout.describe()}, "
+                  f"{p0.tokens_per_s / p0.layout.world:,.0f} tokens/s/GPU, "
+                  f"{'fits' if p0.fits else 'does not fit'})")
+        return 0
+    p = plan(cfg, args.world_size, device, args.gpus_per_node, allowance_gib=args.allowance_gib)
+    emit(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p, str(args.config)))
+    return 0

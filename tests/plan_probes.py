@@ -1,0 +1,153 @@
+"""Measurements the cost-model tests (tests/test_plan.py) compare `megalite plan` with, run inside ranks.
+
+- `saved_activation_bytes`: the bytes autograd saves for backward in one forward, counted with
+  `torch.autograd.graph.saved_tensors_hooks` (each storage once, parameters excluded).
+- `held_bytes`: every tensor storage reachable from a DeepSpeed engine (module, optimizer, buffers).
+- `CollectiveCounter`: wraps the torch.distributed functions megalite and DeepSpeed call and sums the payload
+  per process group and collective kind.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def saved_activation_bytes(model: torch.nn.Module, forward: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages autograd saves during `forward()` (the model's parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
+
+
+def held_bytes(root: Any) -> dict[int, int]:
+    """storage pointer -> bytes of every tensor reachable from `root` through attributes, containers,
+    `.grad` and ZeRO-3's `ds_tensor` (objects of deepspeed, torch.optim, torch.nn and megalite)."""
+    seen: set[int] = set()
+    out: dict[int, int] = {}
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr():
+                out[storage.data_ptr()] = storage.nbytes()
+            for extra in (obj.grad, getattr(obj, "ds_tensor", None)):
+                if extra is not None:
+                    stack.append(extra)
+            continue
+        if isinstance(obj, (str, bytes, int, float, bool, type(None), type, types.FunctionType, types.ModuleType)):
+            continue
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif isinstance(obj, torch.nn.Module) or (type(obj).__module__ or "").startswith(
+                ("deepspeed", "torch.optim", "megalite")):
+            stack.extend(getattr(obj, "__dict__", {}).values())
+    return out
+
+
+_WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
+            "reduce_scatter_tensor", "_reduce_scatter_base", "reduce", "broadcast", "send", "recv", "isend", "irecv")
+
+
+def _payload(name: str, args: tuple, kwargs: dict) -> int:
+    def nbytes(t: Any) -> int:
+        if isinstance(t, torch.Tensor):
+            return t.numel() * t.element_size()
+        return sum(nbytes(x) for x in t)
+
+    first = args[0] if args else next(iter(kwargs.values()))
+    if name == "all_gather":  # (tensor_list, tensor): the gathered size
+        return nbytes(args[0] if args else kwargs["tensor_list"])
+    if name == "reduce_scatter":  # (output, input_list): the input size
+        return nbytes(args[1] if len(args) > 1 else kwargs["input_list"])
+    if name in ("all_gather_into_tensor", "_all_gather_base"):  # (output, input)
+        return nbytes(args[0] if args else kwargs["output_tensor"])
+    if name in ("reduce_scatter_tensor", "_reduce_scatter_base"):  # (output, input)
+        return nbytes(args[1] if len(args) > 1 else kwargs.get("input", kwargs.get("input_tensor")))
+    return nbytes(first)
+
+
+KINDS = {"all_reduce": "all-reduce", "all_gather": "all-gather", "all_gather_into_tensor": "all-gather",
+         "_all_gather_base": "all-gather", "reduce_scatter": "reduce-scatter", "reduce_scatter_tensor": "reduce-scatter",
+         "_reduce_scatter_base": "reduce-scatter", "reduce": "reduce-scatter", "broadcast": "broadcast",
+         "send": "send/recv", "recv": "send/recv", "isend": "send/recv", "irecv": "send/recv"}
+
+
+class CollectiveCounter:
+    """Within the block, every collective call on this rank: (kind, ranks of its group, payload bytes)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[int, ...], int]] = []
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._depth = 0
+
+    def _wrap(self, name: str, fn: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self._depth:  # a collective implemented with another (send through isend): count the outer one
+                return fn(*args, **kwargs)
+            group = kwargs.get("group")
+            if group is None and name in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor",
+                                          "reduce_scatter", "all_gather", "_all_gather_base",
+                                          "_reduce_scatter_base") and len(args) > 2 and not isinstance(args[2], bool):
+                group = args[2]
+            if name in ("send", "recv", "isend", "irecv"):
+                ranks: tuple[int, ...] = ()  # point-to-point: no group
+            else:
+                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else \
+                    tuple(range(dist.get_world_size()))
+            self.calls.append((KINDS[name], ranks, _payload(name, args, kwargs)))
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return wrapper
+
+    def __enter__(self) -> CollectiveCounter:
+        import torch.distributed.distributed_c10d as c10d
+
+        originals = {name: getattr(dist, name) for name in _WRAPPED if hasattr(dist, name)}
+        wrapped = {name: self._wrap(name, fn) for name, fn in originals.items()}
+        for module in (dist, c10d):
+            for name, fn in wrapped.items():
+                if hasattr(module, name):
+                    self._saved.append((module, name, getattr(module, name)))
+                    setattr(module, name, fn)
+        try:  # DeepSpeed keeps its own references to two of them
+            import deepspeed.comm.comm as ds_comm
+
+            cdb = ds_comm.cdb
+            for attr, name in (("all_gather_function", "all_gather_into_tensor"),
+                               ("reduce_scatter_function", "reduce_scatter_tensor")):
+                if cdb is not None and hasattr(cdb, attr):
+                    self._saved.append((cdb, attr, getattr(cdb, attr)))
+                    setattr(cdb, attr, wrapped[name])
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for obj, name, fn in reversed(self._saved):
+            setattr(obj, name, fn)
+        self._saved.clear()

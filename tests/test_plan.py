@@ -1,0 +1,595 @@
+"""`megalite plan`: the cost model against published tables, DeepSpeed's own estimates, and what real runs on this
+machine hold, save and send.
+
+References, none of them the cost model itself:
+- Rajbhandari et al. 2019 (ZeRO), Figure 1: model states of a 7.5B model on 64 GPUs.
+- DeepSpeed's `estimate_zero2/3_model_states_mem_needs_all_cold`.
+- Korthikanti et al. 2022, per-layer activations sbh(34 + 5as/h), /t with tensor (and sequence) parallelism.
+- The bytes autograd saves in real forward passes (saved_tensors_hooks), the tensors a real DeepSpeed engine holds,
+  the payload of every torch.distributed call during a real step (tests/plan_probes.py).
+- Narayanan et al. 2021, Tables 1 and 2 (A100 throughput); torchtitan's Llama 3.1 8B on 8 H100; megalite's own
+  H200 step (kernels/results/h200-2026-11-30).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megalite import config as C
+from megalite.engine import plan as P
+from tests.distributed import run_ranks
+from tests.engine_utils import tiny_config, write_token_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+GiB = 2**30
+
+
+def _preset(name: str) -> dict:
+    return json.loads((C.CONFIGS_DIR / "models" / f"{name}.json").read_text())
+
+
+def _config(model: dict | str, world: int | None = None, **sections) -> C.Config:
+    model = _preset(model) if isinstance(model, str) else model
+    raw = {"model": model, "data": {"prefixes": ["x"], "seq_length": min(2048, model.get("max_position_embeddings",
+                                                                                       1024))},
+           "deepspeed": {"train_micro_batch_size_per_gpu": 1}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return _from_dict_on_paper(raw, world)
+
+
+def _from_dict_on_paper(raw: dict, world: int | None = None) -> C.Config:
+    """A validated config; attention dropout (which megalite's kernels refuse) is set afterwards, for the on-paper
+    models of Megatron-LM's runs, which had it."""
+    raw = copy.deepcopy(raw)
+    attention_dropout = raw["model"].pop("attention_dropout", 0.0)
+    cfg = C.from_dict(raw, world_size=world)
+    cfg.model = dataclasses.replace(cfg.model, attention_dropout=attention_dropout)
+    return cfg
+
+
+def _model_states(terms: dict[str, float]) -> float:
+    keys = ("parameters", "gradients", "fp32 gradients", "master weights", "optimizer states")
+    return sum(terms.get(k, 0.0) for k in keys)
+
+
+# ----------------------------------------------------------------------------- model states on paper
+
+
+def test_zero_paper_figure_1() -> None:
+    """7.5B parameters, mixed-precision Adam (K = 12), 64 GPUs: 120 / 31.4 / 16.6 / 1.9 GB per GPU."""
+    params = [P.Param("weights", 7_500_000_000, True)]
+    figures = []
+    for stage in (0, 1, 2, 3):
+        cfg = _config("gpt2-124m", deepspeed={"fp16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp16"},
+                                                  "zero_optimization": {"stage": stage}})
+        states = P.model_state_bytes(params, 64, P.settings(cfg))
+        figures.append(round(_model_states({k: v for k, (v, _) in states.items()}) / 1e9, 1))
+    assert figures == [120.0, 31.4, 16.6, 1.9]
+
+
+def _deepspeed_estimate(fn, *args, **kwargs) -> float:
+    """The per-GPU figure DeepSpeed prints for its no-offload row, in bytes (it prints GiB to 2 decimals)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fn(*args, **kwargs)
+    for line in out.getvalue().splitlines():
+        if "offload_optimizer=none" in line and ("offload_param" not in line or "offload_param=none" in line) \
+                and ("zero_init" not in line or "zero_init=1" in line):
+            return float(re.findall(r"([\d.]+)GB", line)[1]) * GiB
+    raise AssertionError(out.getvalue())
+
+
+@pytest.mark.parametrize("preset,tp,nodes", [("gpt2-1.5b", 1, 1), ("llama-8b", 1, 4), ("gpt3-13b", 4, 8)])
+def test_deepspeed_model_state_estimates(preset: str, tp: int, nodes: int) -> None:
+    """DeepSpeed's estimate_zero2/zero3 functions against the plan, on the parameters one model-parallel rank holds.
+
+    Conventions: DeepSpeed counts ZeRO-2 as 2 + 18/n bytes per parameter, the 18 including a 16-bit gradient
+    partition (2/n) that DeepSpeed 0.19 no longer keeps (its 16-bit gradients live in the reduce bucket, which the
+    plan counts separately); ZeRO-3 as 18/n plus 4 bytes per parameter of the largest layer (its gathered
+    parameters and gradients, which the plan counts as a transient). With those named, the figures agree to the
+    rounding of DeepSpeed's printout.
+    """
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    gpus = 8 * nodes // tp  # data-parallel ranks sharing one model-parallel rank's parameters
+    for stage in (2, 3):
+        cfg = _config(preset, world=8 * nodes, parallel={"tensor": tp},
+                      deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage": stage}})
+        s = P.settings(cfg)
+        params = P.stages(cfg, tp, 1)[0].params
+        n = P._numel(params)
+        ours = _model_states({k: v for k, (v, _) in P.model_state_bytes(params, gpus, s).items()})
+        if stage == 2:
+            theirs = _deepspeed_estimate(estimate_zero2_model_states_mem_needs_all_cold, n, gpus, 1)
+            ours += 2 * n / gpus
+        else:
+            largest = max(p.numel for p in params)
+            theirs = _deepspeed_estimate(estimate_zero3_model_states_mem_needs_all_cold, n, largest, gpus, 1)
+            persistent = sum(p.numel for p in params if p.numel <= s.persistence_threshold)
+            ours += 4 * largest - 2 * persistent  # DeepSpeed leaves out the whole copies of small parameters
+        assert abs(ours - theirs) <= 0.006 * GiB, (preset, stage, ours / GiB, theirs / GiB)
+
+
+# ----------------------------------------------------------------------------- activations on paper
+
+
+def test_korthikanti_formula_and_the_differences() -> None:
+    """Per-layer activations for the case the formula covers (a stored T x T softmax, dropout, fp16):
+    sbh(34 + 5as/h), sbh(10 + 24/t + 5as/(ht)) with TP, sbh(34/t + 5as/(ht)) with TP and SP. The plan adds the
+    norms' fp32 statistics (16 bytes per token), and with SP keeps the sequence-gathered qkv and fc inputs whole
+    (4sbh instead of 4sbh/t): megalite's column-parallel layer saves the gathered input, where Megatron saves its
+    shard and gathers it again in the backward."""
+    s_, b, h, a = 2048, 2, 1024, 16
+    model = {"vocab_size": 50304, "hidden_size": h, "num_layers": 1, "num_heads": a, "max_position_embeddings": s_,
+             "hidden_dropout": 0.1, "attention_dropout": 0.1}
+    for t, sp in ((1, False), (2, False), (4, False), (2, True), (4, True)):
+        cfg = _config(model, parallel={"tensor": t, "sequence_parallel": sp},
+                      deepspeed={"fp16": {"enabled": True}, "train_micro_batch_size_per_gpu": b})
+        layout = P.layout_of(cfg, t)
+        s = P.settings(cfg, attention="materialized")
+        layer = sum(P.activation_bytes(cfg, layout, P.Stage(0, 1, False, False, ()), s).values())
+        sbh = s_ * b * h
+        if sp:
+            paper = sbh * (34 / t + 5 * a * s_ / (h * t))
+            expected = paper + 4 * sbh * (1 - 1 / t) + 16 * s_ * b / t
+        else:
+            paper = sbh * (10 + 24 / t + 5 * a * s_ / (h * t))
+            expected = paper + 16 * s_ * b
+        assert layer == pytest.approx(expected, rel=1e-12), (t, sp, layer, paper)
+    # Flash attention (megalite's kernels) replaces the 5as^2b bytes of scores by the output and an fp32
+    # log-sum-exp per head: at 2k tokens and 16 heads, 5x less per layer.
+    cfg = _config({**model, "hidden_dropout": 0.0, "attention_dropout": 0.0},
+                  deepspeed={"fp16": {"enabled": True}, "train_micro_batch_size_per_gpu": b})
+    flash = sum(P.activation_bytes(cfg, P.layout_of(cfg, 1), P.Stage(0, 1, False, False, ()), P.settings(cfg))
+                .values())
+    assert flash < (34 + 5 * a * s_ / h) * s_ * b * h / 5
+
+
+# ----------------------------------------------------------------------------- activations against autograd
+
+GPT = dict(vocab_size=500, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=64,
+           make_vocab_size_divisible_by=8)
+LLAMA = dict(vocab_size=500, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64,
+             make_vocab_size_divisible_by=8, norm="rmsnorm", mlp="swiglu", position="rope", bias=False,
+             tied_embeddings=False, ffn_hidden_size=96)
+
+
+def _activation_case_config(case: dict) -> C.Config:
+    model = {**(GPT if case["family"] == "gpt" else LLAMA), "activation_checkpointing": case.get("recompute", False),
+             "loss_chunk_tokens": case.get("chunk", 0), "hidden_dropout": case.get("dropout", 0.0)}
+    ds = {"train_micro_batch_size_per_gpu": case["B"], "zero_optimization": {"stage": 1}}
+    if case.get("bf16"):
+        ds["bf16"] = {"enabled": True}
+    return C.from_dict({"model": model, "parallel": {"tensor": case["tp"], "sequence_parallel": case.get("sp", False)},
+                        "data": {"prefixes": ["x"], "seq_length": case["T"],
+                                 "reset_attention_mask": case.get("docs", False)},
+                        "train": {"kernels": case.get("backend", "torch")}, "deepspeed": ds})
+
+
+ACTIVATION_CASES = [
+    *(dict(family=f, tp=tp, sp=sp, recompute=rec, B=2, T=32) for f in ("gpt", "llama")
+      for tp, sp in ((1, False), (2, False), (2, True)) for rec in (False, True)),
+    *(dict(family=f, tp=2, sp=True, chunk=16, B=2, T=32) for f in ("gpt", "llama")),
+    *(dict(family=f, tp=1, chunk=16, B=2, T=32, bf16=True) for f in ("gpt", "llama")),
+    dict(family="gpt", tp=2, sp=False, B=2, T=32, dropout=0.1),
+    dict(family="gpt", tp=1, B=1, T=64, docs=True),
+    # megalite's Triton kernels (the GPU path; here under Triton's interpreter), with packed documents
+    dict(family="gpt", tp=1, B=1, T=64, backend="triton"),
+    dict(family="llama", tp=2, sp=True, B=1, T=64, backend="triton", docs=True),
+    dict(family="llama", tp=2, sp=True, recompute=True, B=1, T=64, backend="triton", docs=True),
+]
+
+
+def _count_saved_activations(cases: list[dict]) -> list[tuple[int, int]]:
+    """On each rank: (bytes autograd saves in one forward, parameters held) per case; TP2 cases across both ranks."""
+    import torch
+    import torch.distributed as dist
+
+    import megalite.kernels as K
+    from megalite.model.transformer import Transformer
+    from megalite.model.weights import initialize_parameters
+    from tests.plan_probes import saved_activation_bytes
+
+    out = []
+    for case in cases:
+        cfg = _activation_case_config(case)
+        group = dist.group.WORLD if case["tp"] == 2 else None
+        K.set_backend(case.get("backend", "torch"))
+        model = Transformer(cfg.model, cfg.parallel, group, dtype=torch.bfloat16 if case.get("bf16") else None)
+        initialize_parameters(model, 1, group)
+        model.train()
+        b, t = case["B"], case["T"]
+        ids = torch.randint(1, cfg.model.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))
+        extra = {}
+        if case.get("docs"):  # two packed documents per sample
+            extra["document_ids"] = (torch.arange(t) >= t // 3).long().unsqueeze(0).expand(b, t).contiguous()
+        saved = saved_activation_bytes(model, lambda m=model, x=ids, kw=extra: m(x, labels=x, **kw))
+        out.append((saved, sum(p.numel() for p in model.parameters())))
+    return out
+
+
+def test_activation_bytes_match_what_autograd_saves() -> None:
+    """The plan's activations per micro-batch against the bytes autograd saves in real forward passes on CPU, per
+    rank: TP1/TP2, with and without SP, with and without recompute, chunked loss, bf16, dropout, packed documents
+    (also with recompute), GPT and Llama, torch and Triton kernels. Within 10% each (the issue's bound; the
+    largest error, printed, is 0.5%)."""
+    results = run_ranks(_count_saved_activations, 2, ACTIVATION_CASES, timeout_s=300,
+                        env={"TRITON_INTERPRET": "1"})
+    worst = 0.0
+    for rank_results in results:
+        for case, (saved, numel) in zip(ACTIVATION_CASES, rank_results):
+            cfg = _activation_case_config(case)
+            stage = P.stages(cfg, case["tp"], 1)[0]
+            assert P._numel(stage.params) == numel, case  # the plan's parameter list is the model's
+            s = P.settings(cfg, platform="cpu")
+            planned = sum(P.activation_bytes(cfg, P.layout_of(cfg, case["tp"]), stage, s).values())
+            error = planned / saved - 1
+            worst = max(worst, abs(error))
+            assert abs(error) < 0.10, (case, saved, planned)
+    print(f"largest activation error over {len(ACTIVATION_CASES)} cases x 2 ranks: {worst:.2%}")
+
+
+# ----------------------------------------------------------------------------- DeepSpeed engines: states and traffic
+
+ENGINE_VARIANTS = [
+    *((f"fp32 ZeRO-{s}", {"deepspeed": {"zero_optimization": {"stage": s}}}) for s in (0, 1, 2, 3)),
+    *((f"bf16 ZeRO-{s}", {"deepspeed": {"bf16": {"enabled": True}, "zero_optimization": {"stage": s}}})
+      for s in (1, 2, 3)),
+    ("bf16 ZeRO-2 overlap_comm", {"deepspeed": {"bf16": {"enabled": True}, "zero_optimization": {
+        "stage": 2, "overlap_comm": True, "reduce_bucket_size": 1_000_000}}}),
+    # every parameter partitioned (none persistent): gathered for the forward, the recompute and the backward
+    ("fp32 ZeRO-3 recompute accumulation 2", {"model": {"activation_checkpointing": True}, "deepspeed": {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}}),
+    ("fp32 TP2", {"parallel": {"tensor": 2}, "deepspeed": {"zero_optimization": {"stage": 1}}}),
+    ("bf16 TP2+SP accumulation 2", {"parallel": {"tensor": 2, "sequence_parallel": True}, "deepspeed": {
+        "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 2}}),
+    # last: DeepSpeed cannot build a plain engine after a pipeline one in the same process
+    ("bf16 PP2 accumulation 3", {"parallel": {"pipeline": 2}, "deepspeed": {
+        "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 3}}),
+]
+
+
+def _engine_holdings_and_traffic(workdir: str, variants: list) -> dict:
+    """Per variant on this rank: the bytes reachable from the engine at the end of the backward (before the
+    gradient reduction) and inside the optimizer step of the second step, and every collective of that step."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from megalite.engine import signals
+    from megalite.engine.metrics import StepTimer
+    from megalite.engine.trainer import Trainer
+    from tests.plan_probes import CollectiveCounter, held_bytes
+
+    out = {}
+    for name, sections in variants:
+        run = Trainer(C.from_dict(tiny_config(f"{workdir}/tok", f"{workdir}/{name.replace(' ', '_')}", **sections)))
+        run.preemption = signals.PreemptionFlag([])
+        run.train_step(StepTimer(False))  # the first step creates the optimizer states
+        engine, snapshots = run.engine, []
+        basic = run.schedule.optimizer
+        step = basic.step
+
+        def stepped(*args, _step=step, _engine=engine, _snapshots=snapshots, **kwargs):
+            result = _step(*args, **kwargs)
+            _snapshots.append(sum(held_bytes(_engine).values()))
+            return result
+
+        basic.step = stepped
+        if not hasattr(engine, "_exec_reduce_grads"):  # the pipeline engine dispatches its own bound methods
+            reduce = engine.allreduce_gradients
+
+            def before_reduction(*args, _reduce=reduce, _engine=engine, _snapshots=snapshots, **kwargs):
+                _snapshots.append(sum(held_bytes(_engine).values()))
+                return _reduce(*args, **kwargs)
+
+            engine.allreduce_gradients = before_reduction
+        with CollectiveCounter() as counter:
+            run.train_step(StepTimer(False))
+        grid = run.grid
+        out[name] = {"held": max(snapshots), "calls": counter.calls, "tp": sorted(grid.tp_ranks),
+                     "dp": sorted(grid.dp_group), "stage": grid.get_pipe_parallel_rank()}
+        del run
+    return out
+
+
+def _expected_held(mem: P.StageMemory, s: P.Settings) -> float:
+    """What the plan says the engine holds at the end of the backward or in the step: model states, the ZeRO-3
+    bucket, and the ZeRO optimizer's reduce bucket (which ZeRO-2's gradients are inside of at that moment)."""
+    held = _model_states(mem.terms) + mem.terms.get("ZeRO-3 reduce bucket", 0.0)
+    if s.path == "zero":
+        held += mem.terms["transient: gradient reduce bucket"]
+        if s.zero_stage == 2:
+            held -= mem.terms["gradients"]
+    return held
+
+
+def _group(call: tuple, result: dict) -> str:
+    kind, ranks, _ = call
+    if kind == "send/recv":
+        return "PP"
+    if len(ranks) == 1:
+        return "single"
+    if list(ranks) == result["tp"] and len(result["tp"]) > 1:
+        return "TP"
+    if list(ranks) == result["dp"]:
+        return "DP"
+    return "PP" if len(result["dp"]) == 1 and len(result["tp"]) == 1 else "other"
+
+
+def test_engine_model_states_and_collectives(tmp_path: Path) -> None:
+    """Real DeepSpeed engines on 2 gloo ranks (ZeRO 0-3 in fp32 and bf16, overlap_comm, ZeRO-3 with recompute and
+    nothing persistent, TP2, TP2+SP with accumulation, PP2 with accumulation): the bytes the engine holds equal the plan's model states and buckets up
+    to the scalars DeepSpeed and torch add (grad norm, loss, a 4-byte step counter per parameter tensor of a plain
+    torch optimizer; the decay/no-decay groups of this model need no alignment padding; with ZeRO-3 the fp32
+    copy of one group's gradient partition it flattens during the step, a transient the plan counts), and the
+    payload of every collective in one step equals the plan's
+    figure per group and kind, once scalar control messages (16 bytes or less: flags, norms, the loss) are set
+    aside."""
+    write_token_dataset(str(tmp_path / "tok"))
+    results = run_ranks(_engine_holdings_and_traffic, 2, str(tmp_path), ENGINE_VARIANTS, timeout_s=400,
+                        collective_timeout_s=60)
+    for rank, rank_results in enumerate(results):
+        for name, sections in ENGINE_VARIANTS:
+            result = rank_results[name]
+            cfg = C.from_dict(tiny_config(str(tmp_path / "tok"), str(tmp_path / "x"), **sections))
+            plan = P.plan(cfg, 2, P.get_device("h100-sxm"), 2)
+            stage = result["stage"]
+            mem = plan.memory[stage]
+            expected = _expected_held(mem, plan.settings)
+            scalars = 64 + 4 * len(plan.memory[stage].terms) + 4 * len(P.stages(cfg, plan.layout.tensor,
+                                                                                 plan.layout.pipeline)[stage].params)
+            if plan.layout.pipeline > 1:  # at the step the pipeline still holds part of its buffers (receive buffers)
+                scalars += mem.terms["pipeline buffers"]
+            if plan.settings.path == "zero3":  # the fp32 copy of a group's gradients, flattened during the step
+                scalars += mem.terms["transient: fp32 gradients at the step"]
+            assert 0 <= result["held"] - expected <= scalars, (name, rank, result["held"], expected)
+            counted: dict[tuple[str, str], int] = {}
+            control = 0
+            for call in result["calls"]:
+                group = _group(call, result)
+                if call[2] <= 16 or group == "single":
+                    control += call[2]
+                    continue
+                key = (group, call[0])
+                counted[key] = counted.get(key, 0) + call[2]
+            planned = {(c.group if c.group != "tied embedding" else "PP", c.kind): c.bytes
+                       for c in plan.comms[stage]}
+            broadcast = counted.pop(("DP", "broadcast"), 0)  # ZeRO-3's small per-step broadcasts (not modeled)
+            assert broadcast <= 0.02 * sum(counted.values()), (name, broadcast)
+            assert counted == pytest.approx(planned, rel=1e-9), (name, rank, counted, planned)
+
+
+# ----------------------------------------------------------------------------- step time against published rows
+
+# Narayanan et al. 2021 ("Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM"),
+# A100 80GB (312 TFLOP/s), V = 51,200, s = 2048, fp16, activation recomputation. Table 1: (params, heads, hidden,
+# layers, TP, PP, GPUs, batch, TFLOP/s per GPU); its micro-batch is not printed: 1 is assumed, the setting of
+# the paper's Table 2 PTD-P runs (it matters only through the pipeline bubble).
+TABLE_1 = [(1.7, 24, 2304, 24, 1, 1, 32, 512, 137), (3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
+           (7.5, 32, 4096, 36, 4, 1, 128, 512, 142), (18.4, 48, 6144, 40, 8, 1, 256, 1024, 135),
+           (39.1, 64, 8192, 48, 8, 2, 512, 1536, 138), (76.1, 80, 10240, 60, 8, 4, 1024, 1792, 140),
+           (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148), (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155),
+           (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163), (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163)]
+# Table 2: ZeRO-3 without model parallelism and PTD-P (TP8 x PP12 / PP35), with their micro-batch sizes.
+TABLE_2 = [("ZeRO-3", 174.6, 96, 12288, 96, 1, 1, 384, 1536, 4, 144), ("ZeRO-3", 174.6, 96, 12288, 96, 1, 1, 768, 1536, 2, 88),
+           ("ZeRO-3", 174.6, 96, 12288, 96, 1, 1, 1536, 1536, 1, 44), ("ZeRO-3", 529.6, 128, 20480, 105, 1, 1, 640, 2560, 4, 138),
+           ("ZeRO-3", 529.6, 128, 20480, 105, 1, 1, 1120, 2240, 2, 98), ("ZeRO-3", 529.6, 128, 20480, 105, 1, 1, 2240, 2240, 1, 48),
+           ("PTD-P", 174.6, 96, 12288, 96, 8, 12, 384, 1536, 1, 153), ("PTD-P", 174.6, 96, 12288, 96, 8, 12, 768, 1536, 1, 149),
+           ("PTD-P", 174.6, 96, 12288, 96, 8, 12, 1536, 1536, 1, 141), ("PTD-P", 529.6, 128, 20480, 105, 8, 35, 560, 2240, 1, 171),
+           ("PTD-P", 529.6, 128, 20480, 105, 8, 35, 1120, 2240, 1, 167), ("PTD-P", 529.6, 128, 20480, 105, 8, 35, 2240, 2240, 1, 159)]
+
+
+def megatron_prediction(heads: int, h: int, layers: int, tp: int, pp: int, gpus: int, batch: int, micro: int,
+                        zero3: bool = False) -> float:
+    """The plan's TFLOP/s per GPU for one of the paper's runs, counted as the paper counts (its equation 3:
+    96 B s l h^2 (1 + s/6h + V/16lh), recomputation included) over the plan's step time. Megatron-LM of 2021 is
+    modelled as what it ran: fp16, a stored T x T softmax with dropout 0.1 on it and on the hidden states,
+    recomputation, no overlap of the data-parallel reduction (ZeRO-1's extra parameter all-gather at PP > 1, where
+    megalite requires ZeRO-1, is under 1% of these steps)."""
+    dp = gpus // (tp * pp)
+    stage = 3 if zero3 else (0 if pp == 1 else 1)
+    raw = {"model": {"vocab_size": 51200, "hidden_size": h, "num_layers": layers, "num_heads": heads,
+                     "max_position_embeddings": 2048, "hidden_dropout": 0.1, "attention_dropout": 0.1,
+                     "activation_checkpointing": True},
+           "parallel": {"tensor": tp, "pipeline": pp, "pipeline_partition": "uniform"},
+           "data": {"prefixes": ["x"], "seq_length": 2048},
+           "deepspeed": {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": batch // (dp * micro),
+                         "fp16": {"enabled": True}, "zero_optimization": {"stage": stage}}}
+    plan = P.plan(_from_dict_on_paper(raw), gpus, P.get_device("a100-80g"), 8, attention="materialized")
+    flops = 96 * batch * 2048 * layers * h * h * (1 + 2048 / (6 * h) + 51200 / (16 * layers * h))
+    return flops / plan.step_s / gpus / 1e12
+
+
+@pytest.mark.parametrize("row", TABLE_1, ids=[f"{r[0]}B-{r[6]}gpus" for r in TABLE_1])
+def test_megatron_table_1_within_25_percent(row: tuple) -> None:
+    _, heads, h, layers, tp, pp, gpus, batch, published = row
+    predicted = megatron_prediction(heads, h, layers, tp, pp, gpus, batch, 1)
+    assert abs(predicted / published - 1) < 0.25, (row, predicted)
+
+
+@pytest.mark.parametrize("row", TABLE_2, ids=[f"{r[0]}-{r[1]}B-{r[7]}gpus" for r in TABLE_2])
+def test_megatron_table_2_within_25_percent(row: tuple) -> None:
+    scheme, _, heads, h, layers, tp, pp, gpus, batch, micro, published = row
+    predicted = megatron_prediction(heads, h, layers, tp, pp, gpus, batch, micro, zero3=scheme == "ZeRO-3")
+    assert abs(predicted / published - 1) < 0.25, (row, predicted)
+
+
+def torchtitan_prediction() -> float:
+    """torchtitan's docs/performance.md, Table 1: Llama 3.1 8B on 8 H100 (96 GB HBM2e at 2.4 TB/s, 500 W power
+    limit), FSDP, bf16, local batch 2 x 8192 tokens, selective activation checkpointing: 5,762 tokens/s per GPU.
+    Modelled as ZeRO-3 on SDPA flash attention without recompute (megalite has no selective recompute), on an
+    H100 SXM entry with their memory and bandwidth."""
+    cfg = _config("llama-8b", data={"seq_length": 8192}, train={"kernels": "torch"},
+                  deepspeed={"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
+                             "zero_optimization": {"stage": 3}})
+    device = P.get_device("h100-sxm").with_overrides(memory_gib=96e9 / GiB, hbm_tbps=2.4)
+    return P.plan(cfg, 8, device, 8).tokens_per_s / 8
+
+
+@pytest.mark.xfail(strict=True, reason="the plan predicts about 9,500 tokens/s/GPU (+64%): it models neither the "
+                   "500 W power limit of those H100s nor torch eager's unfused norms, RoPE and SwiGLU nor selective "
+                   "recompute; no constant is fitted to close the gap")
+def test_torchtitan_llama3_8b_within_25_percent() -> None:
+    assert abs(torchtitan_prediction() / 5762 - 1) < 0.25
+
+
+def h200_gpt3_1p3b() -> P.Plan:
+    """kernels/results/h200-2026-11-30/model-triton.json: gpt3-1.3b, seq 2048, micro-batch 4, bf16, ZeRO-1, one
+    H200, Triton kernels: 183 ms per step, torch.cuda.max_memory_allocated 38.04 GiB."""
+    model = {**_preset("gpt3-1.3b"), "max_position_embeddings": 2048}
+    cfg = _config(model, train={"kernels": "triton"},
+                  deepspeed={"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
+                             "zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {}}})
+    return P.plan(cfg, 1, P.get_device("h200"), 1)
+
+
+def test_measured_h200_step() -> None:
+    """megalite's own GPU measurement: allocated memory within 5% (the plan's peak, before its allowance, is what
+    max_memory_allocated shows), step time within 25%."""
+    plan = h200_gpt3_1p3b()
+    assert abs(plan.memory[0].allocated / GiB / 38.04 - 1) < 0.05, plan.memory[0].allocated / GiB
+    assert abs(plan.step_s / 0.183 - 1) < 0.25, plan.step_s
+
+
+# ----------------------------------------------------------------------------- pieces, search, input errors
+
+
+def test_partition_is_deepspeeds() -> None:
+    from deepspeed.runtime.utils import partition_balanced, partition_uniform
+
+    rng = random.Random(0)
+    for _ in range(40):
+        weights = [rng.choice([0, 1, rng.randint(1, 10**6)]) for _ in range(rng.randint(1, 40))]
+        parts = rng.randint(1, 12)
+        assert P.partition_balanced(weights, parts) == partition_balanced(weights, parts), (weights, parts)
+        assert P.partition_uniform(len(weights), parts) == partition_uniform(len(weights), parts)
+
+
+def test_parameter_lists_match_the_configs_count() -> None:
+    for name in ("gpt2-124m", "llama-8b", "gpt3-13b", "llama-70b"):
+        m = C.ModelConfig(**_preset(name))
+        cfg = _config(name)
+        assert P._numel(P.stages(cfg, 1, 1)[0].params) == C.count_parameters(m)["total"]
+        # A pipeline holds every layer once, and the tied embedding twice.
+        piped = _config(name, parallel={"pipeline": 4}, deepspeed={"zero_optimization": {"stage": 1}})
+        stages = P.stages(piped, 1, 4)
+        tied = m.padded_vocab_size * m.hidden_size + (m.max_position_embeddings * m.hidden_size
+                                                      if m.position == "learned" else 0)
+        assert sum(P._numel(s.params) for s in stages) == C.count_parameters(m)["total"] + (
+            tied if m.tied_embeddings else 0)
+        assert sum(s.blocks for s in stages) == m.num_layers and stages[0].embedding and stages[-1].head
+
+
+def test_search_over_1024_gpus_is_fast_and_ranks_fitting_layouts() -> None:
+    cfg = C.load(REPO / "configs/runs/gpt3-13b-8nodes.json", ["model.hidden_size=12288", "model.num_layers=96",
+                                                               "model.num_heads=96"])
+    start = time.perf_counter()
+    plans = P.search(cfg, 1024, P.get_device("a100-80g"), 8)
+    seconds = time.perf_counter() - start
+    assert seconds < 10, seconds
+    fitting = [p for p in plans if p.fits]
+    assert len(plans) > 1000 and fitting
+    speeds = [float(f"{p.tokens_per_s:.4g}") for p in fitting]
+    assert speeds == sorted(speeds, reverse=True)
+    assert all(p.peak_memory <= 80 * GiB for p in fitting)
+    table = P.format_search(plans)
+    assert table.count("\n| ") == 11  # header and ten rows
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megalite.cli", "plan", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_bad_input_names_the_value(capsys: pytest.CaptureFixture) -> None:
+    """Exit code 2 and a message naming the value, through the `megalite` entry point (one case also as a real
+    process)."""
+    from megalite.cli import main
+
+    run = str(REPO / "configs/runs/llama-8b-4nodes.json")
+    cases = [
+        ((run, "--world-size", "6", "--gpus-per-node", "2"),
+         "world size 6 is not divisible by parallel.tensor x parallel.pipeline = 4 x 1"),
+        ((run, "--world-size", "32", "--set", "parallel.tensor=3"), "not divisible by parallel.tensor=3"),
+        ((run, "--world-size", "32", "--device", "b300"), "--device: unknown device 'b300'"),
+        ((run, "--world-size", "12", "--gpus-per-node", "8"), "--world-size: 12 is not a multiple of --gpus-per-node 8"),
+        ((run, "--world-size", "32", "--memory-gib", "-1"), "--memory-gib: must be > 0, got -1.0"),
+        ((run, "--world-size", "32", "--set", "deepspeed.zero_optimization.stage=0"),
+         "deepspeed.zero_optimization.stage: 0 with bf16 parameters and fp32 gradient accumulation is refused"),
+    ]
+    for args, fragment in cases:
+        assert main(["plan", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert f"megalite plan: error: {fragment}" in err or fragment in err, (args, err)
+    out = _cli(*cases[0][0])
+    assert out.returncode == 2 and cases[0][1] in out.stderr, out.stderr
+
+
+def test_plan_of_every_shipped_run_config() -> None:
+    worlds = {"demo-cpu": 2, "gpt2-124m-1node": 8, "gpt3-1.3b-2nodes": 16, "gpt3-13b-8nodes": 64,
+              "llama-8b-4nodes": 32}
+    assert set(worlds) == {p.stem for p in (REPO / "configs/runs").glob("*.json")}
+    for name, world in worlds.items():
+        cfg = C.load(REPO / "configs/runs" / f"{name}.json")
+        plan = P.plan(cfg, world, P.get_device("h100-sxm"), 8)
+        text = P.format_plan(plan, name)
+        for fragment in ("memory per GPU", "communication per step", "tokens/s", "MFU"):
+            assert fragment in text
+        assert plan.fits, name
+    out = _cli("configs/runs/llama-8b-4nodes.json", "--world-size", "32", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["layout"]["tensor"] == 4 and data["fits"] and data["memory_gib"][0]["total"] > 0
+
+
+def test_memory_summary_and_warning() -> None:
+    cfg = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json")
+    line = P.memory_summary(cfg, 16, P.get_device("a100-40g"))
+    assert line.startswith("plan: ") and "GiB per GPU of 40.0 GiB on NVIDIA A100 SXM 40GB" in line
+    assert P.memory_warning(cfg, 16, P.get_device("h200")) is None
+    big = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json", ["deepspeed.train_micro_batch_size_per_gpu=32"])
+    warning = P.memory_warning(big, 16, P.get_device("a100-40g"))
+    assert warning and "the biggest term is activations" in warning
+
+
+def test_preflight_train_and_config_show_report_the_plan(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """preflight's memory check, the lines `train` prints at start and `config show`'s memory summary, for a GPU
+    the device table knows (this machine has none: the lookup is replaced)."""
+    from megalite.commands import config as config_cli
+    from megalite.engine import preflight
+
+    cfg = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json")
+    monkeypatch.setattr(P, "local_device", lambda: None)
+    assert "skipped, no GPU" in preflight.check_memory(cfg, 16, env={})[0].message
+    assert P.startup_report(cfg, 16) == []
+    monkeypatch.setattr(P, "local_device", lambda: P.get_device("h100-sxm"))
+    (check,) = preflight.check_memory(cfg, 16, env={"LOCAL_WORLD_SIZE": "8"})
+    assert check.ok and check.message.startswith("plan: ") and "on NVIDIA H100 SXM" in check.message
+    assert P.startup_report(cfg, 16, 8) == [check.message]
+    big = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json", ["deepspeed.train_micro_batch_size_per_gpu=64"])
+    (check,) = preflight.check_memory(big, 16, env={"LOCAL_WORLD_SIZE": "8"})
+    assert check.ok and check.message.startswith("warning: the plan needs") and "biggest term is activations" \
+        in check.message
+    assert P.startup_report(big, 16, 8)[1] == check.message
+    args = argparse.Namespace(action="show", config=str(REPO / "configs/runs/gpt3-1.3b-2nodes.json"), world_size=16,
+                              overrides=[])
+    assert config_cli.main(args) == 0
+    shown = json.loads(capsys.readouterr().out)["derived"]["memory_per_gpu"]
+    assert shown["device"] == "NVIDIA H100 SXM" and shown["fits"] and shown["total_gib"] > shown["allocated_gib"] > 0
