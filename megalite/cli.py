@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except MegaliteError as e:
         print(f"megalite {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; 130 is the shell's code for SIGINT
+        print(f"megalite {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         output.set_result_stream(None)
 

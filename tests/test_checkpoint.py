@@ -75,7 +75,9 @@ def test_hashing_writer_matches_file(tmp_path):
     eng.begin_recording(str(tmp_path))
     path = str(tmp_path / "x.pt")
     eng.save({"w": torch.arange(1000.0), "n": 3}, path)
-    (size, digest), = eng.end_recording().values()
+    written, failures = eng.end_recording()
+    (size, digest), = written.values()
+    assert failures == []
     assert (size, digest) == sha256_file(path)
     assert eng.load(path)["n"] == 3
 
@@ -89,11 +91,13 @@ CHAIN = [
     [3, "before_manifest"],
     [3, "before_rename"],
     [3, "before_latest"],     # step 3 committed, latest still names step 2
-    [4, "after_latest"],      # resumes step 3; step 4 committed and latest updated; dies before pruning
-    [5, None],                # resumes step 4, saves 5, prunes to the last 2
+    [4, "after_latest"],      # resumes step 2 (latest); its save of step 3 commits, moves latest, dies before pruning
+    [5, None],                # resumes step 3, saves 4 and 5, prunes to the last 2
     [5, None, "straight"],    # the same 5 steps without any interruption, in another root
 ]
-EXPECTED_RESUME = [0, 2, 2, 2, 2, 2, 3, 4, 0]
+# `latest` is the only notion of newest: job 6 resumes step 2 (latest), not the step 3 committed by job 5 before it
+# was killed ahead of updating `latest`.
+EXPECTED_RESUME = [0, 2, 2, 2, 2, 2, 2, 3, 0]
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -141,7 +145,7 @@ def test_kill9_at_every_injection_point_resumes_last_complete(tmp_path):
     assert not any(OPTIM0 in f for f in results[2]["tmp_files"]), results[2]["tmp_files"]
     assert any(f.endswith(ck.MANIFEST) for f in results[4]["tmp_files"])
     assert "step00000003" in results[5]["dirs"] and "latest" in results[5]["dirs"]
-    assert any("newer" in line for line in results[6]["records"]["0"]["report"])
+    assert any("ignoring" in line and "step00000003" in line for line in results[6]["records"]["0"]["report"])
     # Leftovers are cleaned by the next run; pruning keeps the last 2.
     assert results[7]["dirs"] == ["latest", "step00000004", "step00000005"]
     assert (root / "latest").read_text().strip() == "step00000005"
@@ -310,13 +314,16 @@ def _checks_on_ranks(base: str) -> dict:
         res.update(report="\n".join(m.resume_report), seconds=time.perf_counter() - t)
         return res
 
+    # Each policy gets its own copy: a rejected checkpoint is quarantined (moved aside) by the first look at it.
     for name, (mutate, _, _) in CASES.items():
-        root = os.path.join(base, name)
+        roots = {policy: os.path.join(base, f"{name}-{policy}") for policy in ("auto", "must")}
         if rank == 0:
-            _copy_root(pristine, root)
-            mutate(root)
+            for root in roots.values():
+                _copy_root(pristine, root)
+                mutate(root)
         dist.barrier()
-        out["cases"][name] = {"auto": attempt(root, "auto"), "must": attempt(root, "must")}
+        out["cases"][name] = {policy: attempt(root, policy) for policy, root in roots.items()}
+        out["cases"][name]["quarantined"] = sorted(n for n in os.listdir(roots["auto"]) if n.startswith("rejected-"))
 
     out["cases"]["layout_mismatch"] = {"auto": attempt(pristine, "auto", layout=dict(LAYOUT, tp=2))}
     out["cases"]["model_mismatch"] = {"auto": attempt(pristine, "auto", model=dict(MODEL, hidden=64))}
@@ -324,20 +331,23 @@ def _checks_on_ranks(base: str) -> dict:
     out["cases"]["nothing"] = {"auto": attempt(empty, "auto"), "must": attempt(empty, "must")}
 
     # A real load after a fallback.
-    m = ck.CheckpointManager(os.path.join(base, "flipped_byte"), keep=3, layout=LAYOUT)
+    m = ck.CheckpointManager(os.path.join(base, "flipped_byte-auto"), keep=3, layout=LAYOUT)
     out["fallback_load_step"] = m.load(engine, m.find_resume("auto"))["step"]
 
     # The doctored checkpoint: payload planted, manifest re-signed (an attacker with write access).
-    root = os.path.join(base, "doctored")
+    root, probe = os.path.join(base, "doctored"), os.path.join(base, "doctored-probe")
     marker = os.path.join(base, "payload-ran")
     control = None
     if rank == 0:
         _copy_root(pristine, root)
         control = _doctor(root, marker)
+        _copy_root(root, probe)  # find_resume quarantines the doctored step: the direct loads below use this copy
+        control["target"] = control["target"].replace(root, probe)
     control = broadcast_object(control)
     dist.barrier()
     doc: dict = {"control": control, "auto": attempt(root, "auto")}
     doc["marker_after_find"] = os.path.exists(marker)
+    root = probe
     m = ck.CheckpointManager(root, keep=3, layout=LAYOUT)
     try:
         m.load(engine, os.path.join(root, "step00000002"))
@@ -417,6 +427,10 @@ def test_corruption_matrix(rank_results, name):
             assert mention in g["must"]["error"]
         else:
             assert g["must"].get("choice") == want
+    # Every rejected checkpoint was moved aside (quarantined), never deleted, never counted as a candidate again.
+    rejected = 0 if want == "step00000002" else 2 if want is None else 1
+    assert len(got[0]["quarantined"]) == rejected, got[0]["quarantined"]
+    assert all(q.startswith("rejected-step0000000") for q in got[0]["quarantined"])
 
 
 def test_mismatch_names_field_and_refuses(rank_results):

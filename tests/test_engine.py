@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,15 @@ def _model_parallel_variants(workdir: str) -> dict:
     ])
 
 
+def _dir_bytes(root: str, step: int) -> int:
+    """Bytes of the committed checkpoint of `step` under `root`."""
+    path = os.path.join(root, f"step{step:08d}")
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
 def _train_runs(workdir: str, variants: list[tuple[str, dict]]) -> dict:
     """Train each variant for STEPS steps; return per-variant losses, grad norms and final weights."""
+    from megalite.engine.preflight import checkpoint_bytes
     from megalite.engine.trainer import Trainer
 
     out = {}
@@ -91,6 +99,8 @@ def _train_runs(workdir: str, variants: list[tuple[str, dict]]) -> dict:
             "opt_numel": _optimizer_state_numel(run.engine),
             "params": _full_parameters(run),
             "num_params": sum(p.numel() for p in run.engine.module.parameters()),
+            "checkpoint_bytes": _dir_bytes(run.checkpoints.root, run.checkpoints.latest_step()),
+            "checkpoint_estimate": checkpoint_bytes(cfg),
         }
         del run
     return out
@@ -178,6 +188,9 @@ def test_zero_stages_match_plain_pytorch(workdir):
             if s >= 1:  # Adam's state is partitioned over the 2 data-parallel ranks
                 total = r["num_params"] if s < 3 else sum(v.numel() for v in r["params"].values())
                 assert abs(r["opt_numel"] - total / 2) <= 0.05 * total, (s, r["opt_numel"], total)
+            # preflight's size estimate against the bytes this run's checkpoint really has on disk
+            print(f"ZeRO-{s} fp32 checkpoint: {r['checkpoint_bytes']} bytes, estimate {r['checkpoint_estimate']}")
+            assert abs(r["checkpoint_estimate"] / r["checkpoint_bytes"] - 1) < 0.10, (s, r["checkpoint_bytes"])
         _assert_close_to_reference(rank_result["accumulate"], ref, "micro 1 x accumulation 2", logs=rank == 0)
 
 
@@ -270,6 +283,7 @@ def test_metrics_and_plot_written(workdir, tmp_path):
 
 def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
     """bf16 with fp32 master weights and fp32 accumulation; start from a Hugging Face checkpoint at TP2."""
+    from megalite.engine.preflight import checkpoint_bytes
     from megalite.engine.trainer import Trainer
     from megalite.interop.hf import load_hf_state
 
@@ -284,7 +298,17 @@ def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
     out["adam_state_dtypes"] = sorted({str(v.dtype) for st in inner.state.values() for v in st.values()
                                        if torch.is_tensor(v) and v.ndim > 0})
     out["data_types"] = [str(t) for t in run.engine.get_data_types()]
+    out["checkpoint_sizes"] = {1: (_dir_bytes(run.checkpoints.root, run.checkpoints.latest_step()),
+                                   checkpoint_bytes(run.cfg))}
     del run
+    for stage in (2, 3):  # the size estimate at the other ZeRO stages in bf16
+        raw = tiny_config(f"{workdir}/tok", f"{workdir}/bf16-zero{stage}", train={"steps": 2},
+                          deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage": stage}})
+        run = Trainer(C.from_dict(raw))
+        assert run.train() == 0
+        out["checkpoint_sizes"][stage] = (_dir_bytes(run.checkpoints.root, run.checkpoints.latest_step()),
+                                          checkpoint_bytes(run.cfg))
+        del run
 
     llama = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "num_kv_heads": 2,
              "tied_embeddings": False, "ffn_hidden_size": 64, "norm_eps": 1e-6}
@@ -370,6 +394,8 @@ def test_bf16_precision_policy_and_init_from_hf(workdir, tmp_path):
         if rank == 0:
             assert len(r["offload_losses"]) == STEPS and r["offload_losses"][-1] < r["offload_losses"][0]
         assert "train.init_from" in r["mismatch"] and "hidden_size" in r["mismatch"]
+        for stage, (real, estimate) in r["checkpoint_sizes"].items():  # preflight's estimate vs the bytes written
+            assert abs(estimate / real - 1) < 0.10, ("bf16", stage, real, estimate)
 
 
 def test_flops_count_the_attention_that_documents_leave():

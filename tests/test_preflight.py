@@ -79,9 +79,7 @@ def test_tasks_per_node_notation() -> None:
 def test_disk_space_against_checkpoint_estimate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _cfg(tmp_path)
     size = preflight.checkpoint_bytes(cfg)
-    params = config.count_parameters(cfg.model)["total"]
-    assert size == params * 12  # fp32 weights + two fp32 Adam moments
-    assert preflight.checkpoint_bytes(_cfg(tmp_path, deepspeed={"bf16": {"enabled": True}})) == params * 14
+    # The estimate against real checkpoints' bytes (ZeRO 0-3, fp32 and bf16) is tested in tests/test_engine.py.
     assert not _problems(preflight.check_disk(cfg))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - size, size))

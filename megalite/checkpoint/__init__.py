@@ -18,7 +18,7 @@ from typing import Any
 # Names are imported on first use (PEP 562): `megalite checkpoint list` and path lookups need no torch.
 _EXPORTS = {
     "CheckpointManager": "manager", "RESUME_POLICIES": "manager", "verify_checkpoint": "manager",
-    "model_signature": "manifest", "safe_torch_load": "safe_load",
+    "model_signature": "manifest", "run_identity": "manifest", "safe_torch_load": "safe_load",
     "DS_TAG": "paths", "LATEST": "paths", "MANIFEST": "paths", "checkpoint_root": "paths",
     "committed_steps": "paths", "resolve_checkpoint": "paths",
 }

@@ -139,7 +139,11 @@ def model_from_checkpoint(path: str | os.PathLike, grid=None) -> tuple[config_mo
     cfg, state, _ = load_full_weights(path)
     tp = grid.get_tensor_model_parallel_world_size() if grid is not None else 1
     model = build_model(cfg.model, ParallelConfig(tensor=tp), grid, seed=cfg.train.seed)
-    load_full_state_dict(model, state, tensor_parallel_group(grid))
+    try:
+        load_full_state_dict(model, state, tensor_parallel_group(grid))
+    except (KeyError, ValueError) as e:  # the stored config does not describe these weights
+        raise CheckpointError(f"{resolve_checkpoint(path) / MANIFEST}: the stored config does not match the "
+                              f"weights: {e}") from None
     model.eval()
     return cfg, model, resolve_checkpoint(path)
 

@@ -33,24 +33,34 @@ def _make_safe_engine_class() -> type:
             self.name = "MegaliteSafeCheckpointEngine"
             self.zipfile_serialization = zipfile_serialization
             self.recording: dict[str, tuple[int, str]] | None = None
+            self.failures: list[str] = []
             self.fault_dir = "."
 
         def begin_recording(self, fault_dir: str) -> None:
-            self.recording = {}
+            self.recording, self.failures = {}, []
             self.fault_dir = fault_dir
 
-        def end_recording(self) -> dict[str, tuple[int, str]]:
+        def end_recording(self) -> tuple[dict[str, tuple[int, str]], list[str]]:
+            """The files written since begin_recording (path -> size, SHA-256) and the writes that failed."""
             written, self.recording = self.recording or {}, None
-            return written
+            return written, self.failures
 
         def save(self, state_dict: Any, path: str) -> None:
             if self.recording is not None and self.recording:
                 fault("between_shards", self.fault_dir)
-            writer = HashingWriter(path)
             try:
-                torch.save(state_dict, writer, _use_new_zipfile_serialization=self.zipfile_serialization)
-            finally:
-                size, digest = writer.close()
+                writer = HashingWriter(path)
+                try:
+                    torch.save(state_dict, writer, _use_new_zipfile_serialization=self.zipfile_serialization)
+                finally:
+                    size, digest = writer.close()
+            except (OSError, RuntimeError) as e:
+                # A full disk. Recorded, not raised: DeepSpeed's save runs collectives after its writes, and a rank
+                # that left it early would leave the others waiting there. The manager reports it once all return.
+                self.failures.append(f"{path}: {e}")
+                if os.path.exists(path):
+                    os.unlink(path)
+                return
             if self.recording is not None:
                 self.recording[os.path.abspath(path)] = (size, digest)
 

@@ -51,10 +51,19 @@ from megalite.checkpoint.manifest import (
     FORMAT_VERSION,
     check_json,
     git_commit,
+    identity_difference,
     manifest_body_hash,
     versions,
 )
-from megalite.checkpoint.paths import DS_TAG, LATEST, MANIFEST, committed_steps, parse_step, step_dir_name
+from megalite.checkpoint.paths import (
+    DS_TAG,
+    LATEST,
+    MANIFEST,
+    committed_steps,
+    parse_step,
+    read_latest,
+    step_dir_name,
+)
 from megalite.checkpoint.rng import rng_state, set_rng_state
 from megalite.checkpoint.safe_load import unsafe_globals
 from megalite.distributed import all_gather_objects, broadcast_object, scatter_objects
@@ -115,6 +124,7 @@ class CheckpointManager:
         layout: dict | None = None,
         config: dict | None = None,
         model: dict | None = None,
+        identity: dict | None = None,
     ):
         if not isinstance(keep, int) or keep < 2:
             raise CheckpointError(f"checkpoint keep must be an integer >= 2 (got {keep!r}): one may be half written")
@@ -126,13 +136,18 @@ class CheckpointManager:
         if model is None and isinstance(self.config.get("model"), dict):
             model = self.config["model"]
         self.model = check_json(dict(model or {}), "model shape given to CheckpointManager")
+        # What makes a checkpoint this run's (manifest.run_identity): None accepts any run's checkpoints.
+        self.identity = check_json(identity, "run identity given to CheckpointManager") if identity else None
         self.resume_report: list[str] = []  # why find_resume chose what it chose, for logs and tests
         self._verified: dict[str, str] = {}
 
     # ------------------------------------------------------------------ save
 
-    def save(self, engine: Any, step: int, client_state: dict) -> str:
-        """Write and commit the checkpoint of `step` (collective over all ranks); returns its directory."""
+    def save(self, engine: Any, step: int, client_state: dict, needed_bytes: int = 0) -> str:
+        """Write and commit the checkpoint of `step` (collective over all ranks); returns its directory.
+
+        `needed_bytes` (an estimate of the checkpoint's size) is checked against the free space first, so a full disk
+        is found before anything is written; a disk that fills up during the write is caught too."""
         rank, world = global_rank(), global_world_size()
         name = step_dir_name(step)
         tmp = os.path.join(self.root, f".tmp-{name}")
@@ -146,13 +161,18 @@ class CheckpointManager:
                 os.makedirs(self.root, exist_ok=True)
                 if os.path.exists(tmp):  # left by a run killed while saving this same step
                     shutil.rmtree(tmp)
+                free = shutil.disk_usage(self.root).free
+                if needed_bytes > free:
+                    raise CheckpointError(f"not enough free space: the checkpoint needs about "
+                                          f"{needed_bytes / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free on {self.root}")
                 os.makedirs(tmp)
         except (CheckpointError, OSError) as e:
             problem = f"rank {rank}: {e}"
             local_client = None
         problems = [p for p in all_gather_objects(problem) if p]
         if problems:
-            raise CheckpointError("checkpoint save aborted before writing: " + "; ".join(problems))
+            raise CheckpointError(f"checkpoint save of step {step} to {final} failed before writing: "
+                                  + "; ".join(problems) + "; the previous checkpoint and `latest` are unchanged")
 
         local = {
             "rng": rng_state(),
@@ -162,13 +182,19 @@ class CheckpointManager:
         }
         fault("before_shards", self.root)
 
-        # Phase 2: DeepSpeed writes; our engine hashes and fsyncs each file as it is written.
+        # Phase 2: DeepSpeed writes; our engine hashes and fsyncs each file as it is written. A rank whose write
+        # fails (a full disk) reports it below instead of leaving the others waiting in the next collective.
         safe = safe_engine(engine)
         safe.begin_recording(self.root)
+        local["error"] = None
         try:
             engine.save_checkpoint(tmp, tag=DS_TAG, client_state={}, save_latest=False)
+        except Exception as e:  # noqa: BLE001 - shared with every rank, then raised everywhere
+            local["error"] = f"rank {rank}: {type(e).__name__}: {e}"
         finally:
-            written = safe.end_recording()
+            written, failures = safe.end_recording()
+        if failures and local["error"] is None:
+            local["error"] = f"rank {rank}: " + "; ".join(failures)
         local["files"] = {os.path.relpath(p, tmp): list(v) for p, v in written.items()}
 
         # Phase 3: all ranks confirm; rank 0 writes the manifest and commits; everyone learns the outcome.
@@ -176,15 +202,27 @@ class CheckpointManager:
         outcome: tuple[str, str]
         if rank == 0:
             try:
+                failed = [g["error"] for g in gathered if g["error"]]
+                if failed:
+                    raise CheckpointError("writing the files failed: " + "; ".join(failed))
                 outcome = ("ok", self._commit(step, tmp, final, gathered))
             except Exception as e:  # noqa: BLE001 - must reach the other ranks, who are waiting below
-                outcome = ("error", f"{type(e).__name__}: {e}")
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing half written stays; `latest` is untouched
+                outcome = ("error", f"{e}{self._free_space_note()}")
         else:
             outcome = ("", "")
         outcome = broadcast_object(outcome)
         if outcome[0] != "ok":
-            raise CheckpointError(f"checkpoint save of step {step} to {final} failed on rank 0: {outcome[1]}")
+            raise CheckpointError(f"checkpoint save of step {step} to {final} failed: {outcome[1]}; the previous "
+                                  "checkpoint and `latest` are unchanged")
         return outcome[1]
+
+    def _free_space_note(self) -> str:
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            return ""
+        return f" ({free / 2**20:.1f} MiB free on {self.root})"
 
     def _commit(self, step: int, tmp: str, final: str, gathered: list[dict]) -> str:
         """Rank 0: check the files, write the manifest, rename into place, update latest, prune."""
@@ -222,6 +260,7 @@ class CheckpointManager:
             "deepspeed_tag": DS_TAG,
             "layout": layout,
             "model": self.model,
+            "run_identity": self.identity,
             "param_shapes": [{"ranks": g["ranks"], "shapes": g["value"]}
                              for g in _group_by_value([g["param_shapes"] for g in gathered])],
             "versions": versions(),
@@ -258,16 +297,71 @@ class CheckpointManager:
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
+    def latest_step(self) -> int | None:
+        """The step `latest` names (None when there is none)."""
+        name = read_latest(self.root)
+        return parse_step(name) if name else None
+
     def committed_steps(self) -> list[tuple[int, str]]:
         """(step, dir) of committed-looking checkpoint directories, newest first (not yet verified)."""
         return committed_steps(self.root)
 
     def _prune(self, keep_also: str) -> None:
-        """Keep the newest `keep` checkpoints; .tmp-* directories (being written) are never touched."""
-        for _, path in self.committed_steps()[self.keep:]:
-            if os.path.basename(path) != keep_also:
+        """Keep the newest `keep` checkpoints up to the one just committed. Checkpoints newer than it belong to a
+        timeline this run abandoned by resuming from an older `latest` (a save killed before `latest` moved): they
+        go too, when they are this run's. Rejected and superseded checkpoints live elsewhere and never count;
+        .tmp-* directories (being written) are never touched."""
+        newest = parse_step(keep_also)
+        kept = 0
+        for step, path in self.committed_steps():
+            if os.path.basename(path) == keep_also:
+                kept += 1
+            elif step > newest:
+                if self._is_ours(path):
+                    log.info("removing %s: newer than `latest` %s, from an abandoned save", path, keep_also)
+                    self._discard(path)
+            elif kept < self.keep:
+                kept += 1
+            else:
                 log.info("removing old checkpoint %s (keep=%d)", path, self.keep)
                 self._discard(path)
+
+    def _is_ours(self, path: str) -> bool:
+        """Whether a checkpoint directory's manifest carries this run's identity (unreadable: no)."""
+        try:
+            with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+                return json.load(f).get("run_identity") == self.identity
+        except (OSError, ValueError):
+            return False
+
+    def _quarantine(self, path: str, problems: list[str]) -> str:
+        """Rank 0: move a checkpoint that failed verification out of the step namespace, with the reasons beside it,
+        so it is never loaded and never counts toward `keep` (nothing is deleted: a transient fault stays
+        recoverable by hand)."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = os.path.join(self.root, f"rejected-{os.path.basename(path)}-{stamp}-{os.getpid()}")
+        os.rename(path, target)
+        fsync_dir(self.root)
+        with open(os.path.join(target, "REJECTED.txt"), "w", encoding="utf-8") as f:
+            f.write("This checkpoint failed verification and was moved here by megalite:\n")
+            f.write("\n".join(problems) + "\n")
+        return target
+
+    def _move_aside(self) -> str | None:
+        """Rank 0, `resume: never`: move every committed checkpoint and `latest` of the root into
+        ROOT/superseded-TIME/, so this run's checkpoints cannot mix with an earlier run's (nothing is deleted)."""
+        steps = self.committed_steps()
+        latest = os.path.join(self.root, LATEST)
+        if not steps and not os.path.exists(latest):
+            return None
+        target = os.path.join(self.root, f"superseded-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}")
+        os.makedirs(target)
+        for _, path in steps:
+            os.rename(path, os.path.join(target, os.path.basename(path)))
+        if os.path.exists(latest):
+            os.rename(latest, os.path.join(target, LATEST))
+        fsync_dir(self.root)
+        return target
 
     # ------------------------------------------------------------------ resume
 
@@ -276,10 +370,21 @@ class CheckpointManager:
         if policy not in RESUME_POLICIES:
             raise CheckpointError(f"train.resume must be one of {RESUME_POLICIES}, got {policy!r}")
         self.resume_report = []
+        rank, world = global_rank(), global_world_size()
         if policy == "never":
+            moved: tuple[str | None, str | None] = (None, None)
+            if rank == 0:
+                try:
+                    moved = (self._move_aside(), None)
+                except OSError as e:
+                    moved = (None, f"{self.root}: cannot move the existing checkpoints aside: {e}")
+            moved = broadcast_object(moved)
+            if moved[1]:
+                raise CheckpointError(moved[1])
+            if moved[0]:
+                self._note(f"resume policy 'never': moved the checkpoints already in {self.root} to {moved[0]}")
             self._note("resume policy 'never': starting fresh")
             return None
-        rank, world = global_rank(), global_world_size()
         expected_model = dict(self.model if expected_model is None else expected_model)
 
         plan: dict[str, Any] = {"notes": [], "candidates": []}
@@ -314,11 +419,23 @@ class CheckpointManager:
                 return path
             for p in problems:
                 self._note(f"rejected {path}: {p}")
+            if not header.get("mismatch"):
+                # Corrupt or incomplete: quarantined, so it never counts toward `keep` nor is tried again.
+                where = None
+                if rank == 0:
+                    try:
+                        where = self._quarantine(path, problems)
+                    except OSError as e:
+                        where = f"not moved ({e})"
+                where = broadcast_object(where)
+                self._note(f"quarantined {path} -> {where}")
 
         if mismatch:
             raise CheckpointError(
-                f"{self.root}: no checkpoint matches this run's layout/model (see above): refusing to start fresh "
-                "over checkpoints of a different run; use a new checkpoint directory or resume: never.\n"
+                f"{self.root}: no checkpoint matches this run (see above): refusing to start fresh over another "
+                "run's checkpoints. To start a new run here anyway, set train.resume=never (the existing "
+                "checkpoints are moved to a superseded-* folder, nothing is deleted); or use another "
+                "train.checkpoint_dir; to start from those weights with a fresh optimizer, set train.init_from.\n"
                 + "\n".join(self.resume_report)
             )
         if policy == "must":
@@ -354,11 +471,17 @@ class CheckpointManager:
             if not latest_name:
                 notes.append(f"latest file {latest_path} is empty: using the newest complete checkpoint instead")
             elif parse_step(latest_name) is None or not os.path.isdir(os.path.join(self.root, latest_name)):
-                notes.append(f"latest file {latest_path} names {latest_name!r}, which does not exist: "
-                             "using the newest complete checkpoint instead")
-            elif committed and os.path.basename(committed[0][1]) != latest_name:
-                notes.append(f"latest file {latest_path} names {latest_name} but {committed[0][1]} is newer "
-                             "(killed before latest was updated): trying the newest first")
+                notes.append(f"latest file {latest_path} names {latest_name!r}, which is not a checkpoint directory "
+                             "of this root: using the newest complete checkpoint instead")
+            else:
+                # `latest` is the run's only notion of newest: a directory after it was committed by a save that
+                # was killed before `latest` moved, or belongs to something else; it is never resumed.
+                newest = parse_step(latest_name)
+                for step, path in committed:
+                    if step > newest:
+                        notes.append(f"ignoring {path}: newer than {latest_name}, which latest names (a save "
+                                     "interrupted before latest was updated)")
+                committed = [(step, path) for step, path in committed if step <= newest]
         elif committed:
             notes.append(f"latest file {latest_path} is missing: using the newest complete checkpoint")
         return {"notes": notes, "candidates": [path for _, path in committed]}
@@ -392,6 +515,8 @@ class CheckpointManager:
             have = manifest.get("model", {}).get(key)
             if have != want:
                 problems.append(f"{mpath}: field model.{key} is {have!r} but this run is configured with {want!r}")
+        if self.identity is not None and manifest.get("run_identity") != self.identity:
+            problems.append(f"{mpath}: a checkpoint of another run: {identity_difference(manifest.get('run_identity'), self.identity)}")
         if problems:
             return {"problems": problems, "mismatch": True}
         # Files in the directory that the manifest does not list could be picked up by DeepSpeed's globs.

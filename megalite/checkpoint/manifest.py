@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -72,3 +73,48 @@ def model_signature(model_cfg: Any) -> dict[str, Any]:
     keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size", "padded_vocab_size",
             "norm", "mlp", "position", "bias", "tied_embeddings")
     return {key: getattr(model_cfg, key) for key in keys}
+
+
+# Fields of a run that may change when it resumes (longer training, other logging, recompute to fit memory, more
+# data loader workers): everything else of the model and data sections, the seed and the optimizer type make a
+# run what it is. The layout is compared separately (and may change through elastic resume).
+RESUMABLE_MODEL_FIELDS = ("activation_checkpointing", "loss_chunk_tokens")
+RESUMABLE_DATA_FIELDS = ("num_workers", "cache_dir", "prefixes")  # prefixes by content below, not by path
+
+
+def run_identity(cfg: Any) -> dict[str, Any]:
+    """What makes checkpoints one run's: the seed, the model and data settings (the data by content, so a run
+    resumed from another working directory is the same run) and the optimizer type."""
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in RESUMABLE_MODEL_FIELDS}
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in RESUMABLE_DATA_FIELDS}
+    data["fingerprints"] = [data_fingerprint(p) for p in cfg.data.prefixes]
+    optimizer = (cfg.deepspeed.get("optimizer") or {}).get("type", "AdamW")
+    return check_json({"seed": cfg.train.seed, "model": model, "data": data, "optimizer": optimizer}, "run identity")
+
+
+def data_fingerprint(prefix: str) -> str:
+    """A cheap content fingerprint of a data prefix: the SHA-256 of its manifest (PREFIX.json, which records the
+    token and document counts and the tokenizer's hash), or the sizes of its .idx and .bin without one."""
+    manifest = f"{prefix}.json"
+    if os.path.isfile(manifest):
+        with open(manifest, "rb") as f:
+            return "manifest-sha256:" + hashlib.sha256(f.read()).hexdigest()
+    sizes = [os.path.getsize(f"{prefix}{ext}") if os.path.exists(f"{prefix}{ext}") else -1 for ext in (".idx", ".bin")]
+    return f"sizes:{sizes[0]},{sizes[1]}"
+
+
+def identity_difference(theirs: Any, mine: dict[str, Any]) -> str:
+    """The first field where a checkpoint's run identity differs from this run's, in words."""
+    if not isinstance(theirs, dict):
+        return "it records no run identity (written by an older megalite or another tool)"
+
+    def first(a: Any, b: Any, path: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                found = first(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+                if found:
+                    return found
+            return None
+        return None if a == b else f"{path} is {a!r} there but {b!r} in this run"
+
+    return first(theirs, mine, "") or "identical"

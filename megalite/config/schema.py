@@ -234,6 +234,14 @@ SCHEDULERS: dict[str, frozenset[str]] = {
                                     "decay_fraction", "min_ratio"}),
     "Constant": frozenset(),
 }
+# The kind of value each of those parameters takes: "positive" / "nonnegative" / "unit" (in [0, 1]) finite
+# numbers, "count" (an integer >= 0), "steps" (an integer > 0), "betas" (two numbers in [0, 1)), "bool".
+PARAMETER_KINDS: dict[str, str] = {
+    "lr": "positive", "eps": "positive", "weight_decay": "nonnegative", "momentum": "nonnegative",
+    "dampening": "nonnegative", "betas": "betas", "nesterov": "bool", "torch_adam": "bool", "adam_w_mode": "bool",
+    "warmup_num_steps": "count", "total_num_steps": "steps", "decay_num_steps": "count",
+    "warmup_min_ratio": "unit", "cos_min_ratio": "unit", "min_ratio": "unit", "decay_fraction": "unit",
+}
 OPTIMIZER_TYPES = tuple(OPTIMIZERS)
 SCHEDULER_TYPES = tuple(SCHEDULERS)
 

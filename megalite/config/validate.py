@@ -17,6 +17,7 @@ from megalite.config.schema import (
     DEEPSPEED_TOP_LEVEL_KEYS,
     OPTIMIZER_TYPES,
     OPTIMIZERS,
+    PARAMETER_KINDS,
     SCHEDULER_TYPES,
     SCHEDULERS,
     Config,
@@ -139,8 +140,8 @@ def _validate_deepspeed(ds: dict, errors: list[str]) -> None:
                 errors.append(f"deepspeed.{key}: must be a positive integer, got {v!r}")
     if "gradient_clipping" in ds:
         v = ds["gradient_clipping"]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            errors.append(f"deepspeed.gradient_clipping: must be a number >= 0, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            errors.append(f"deepspeed.gradient_clipping: must be a finite number >= 0 (0: no clipping), got {v!r}")
     _validate_component(ds, "optimizer", OPTIMIZERS, OPTIMIZER_TYPES, errors)
     _validate_component(ds, "scheduler", SCHEDULERS, SCHEDULER_TYPES, errors)
     zero = ds.get("zero_optimization", {})
@@ -184,8 +185,32 @@ def _validate_component(ds: dict, section: str, registry: dict[str, frozenset[st
             listed = ", ".join(sorted(allowed)) or "none"
             errors.append(f"deepspeed.{section}.params.{key}: not a parameter megalite's {kind} uses{hint}; "
                           f"valid: {listed}")
-    if "lr" in params:
-        _positive(errors, f"deepspeed.{section}.params.lr", params["lr"])
+        else:
+            _check_parameter(errors, f"deepspeed.{section}.params.{key}", PARAMETER_KINDS[key], params[key])
+
+
+def _check_parameter(errors: list[str], key: str, kind: str, value: Any) -> None:
+    """One optimizer or schedule parameter against its kind (schema.PARAMETER_KINDS)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            errors.append(f"{key}: expected true or false, got {value!r}")
+    elif kind == "betas":
+        if not (isinstance(value, list) and len(value) == 2 and all(number(b) and 0 <= b < 1 for b in value)):
+            errors.append(f"{key}: expected two numbers in [0, 1), e.g. [0.9, 0.95], got {value!r}")
+    elif kind in ("count", "steps"):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if kind == "steps" else 0):
+            errors.append(f"{key}: expected an integer {'> 0' if kind == 'steps' else '>= 0'}, got {value!r}")
+    elif not number(value):
+        errors.append(f"{key}: expected a finite number, got {value!r}")
+    elif kind == "positive" and value <= 0:
+        errors.append(f"{key}: must be > 0, got {value}")
+    elif kind == "nonnegative" and value < 0:
+        errors.append(f"{key}: must be >= 0, got {value}")
+    elif kind == "unit" and not 0 <= value <= 1:
+        errors.append(f"{key}: must be in [0, 1], got {value}")
 
 
 def _validate_zero_keys(zero: dict, errors: list[str]) -> None:
@@ -210,6 +235,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key in ("tensor", "pipeline"):
         _positive(errors, f"parallel.{key}", getattr(p, key))
     _positive(errors, "data.seq_length", d.seq_length)
+    # The shape and layout rules below divide by these numbers: they run only with sane ones (every other rule
+    # still runs, so all problems are reported at once).
+    numbers_ok = not errors
     _positive(errors, "data.num_workers", d.num_workers, allow_zero=True)
     for key in ("steps", "log_interval", "eval_steps", "max_consecutive_nonfinite", "collective_timeout_s"):
         _positive(errors, f"train.{key}", getattr(t, key))
@@ -220,13 +248,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for sig in t.preemption_signals if isinstance(t.preemption_signals, list) else []:
         if sig not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
             errors.append(not_one_of("train.preemption_signals", sig, ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")))
-    if errors:  # the shape rules below assume sane numbers
-        raise ConfigError(errors)
-
-    errors.extend(model_errors(m, p.tensor))
-    if m.num_layers < p.pipeline:
-        errors.append(f"model.num_layers: {m.num_layers} layers cannot fill parallel.pipeline={p.pipeline} stages")
-    if d.seq_length > m.max_position_embeddings:
+    if numbers_ok:
+        errors.extend(model_errors(m, p.tensor))
+        if m.num_layers < p.pipeline:
+            errors.append(f"model.num_layers: {m.num_layers} layers cannot fill parallel.pipeline={p.pipeline} stages")
+    if numbers_ok and d.seq_length > m.max_position_embeddings:
         errors.append(
             f"data.seq_length: {d.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}"
         )
@@ -264,7 +290,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if "train_micro_batch_size_per_gpu" not in ds:
         errors.append("deepspeed.train_micro_batch_size_per_gpu: required (megalite sizes its data loader by it)")
 
-    if world_size is not None:
+    if world_size is not None and numbers_ok:
         if world_size <= 0:
             errors.append(f"world size: must be > 0, got {world_size}")
         elif world_size % (p.tensor * p.pipeline):
@@ -272,7 +298,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
                 f"{p.tensor} x {p.pipeline}"
             )
-        elif "train_batch_size" in ds and not errors:
+        elif "train_batch_size" in ds and all(
+            isinstance(ds.get(k, 1), int) and not isinstance(ds.get(k, 1), bool) and ds.get(k, 1) > 0
+            for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+        ):
             expected = cfg.global_batch_size(world_size)
             if ds["train_batch_size"] != expected:
                 errors.append(

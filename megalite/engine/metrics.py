@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from megalite.config import Config, count_parameters
-from megalite.errors import ConfigError
+from megalite.errors import ConfigError, MegaliteError
+
+
+class MetricsError(MegaliteError):
+    """A metrics file cannot be written."""
 
 # Dense peak TFLOP/s per device for the training dtype (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {
@@ -133,7 +137,11 @@ class MetricSink:
             return
         self.records.append(record)
         if self._file:
-            self._file.write(json.dumps(record) + "\n")
+            try:
+                self._file.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: say which file, as a MegaliteError every rank reports the same way
+                raise MetricsError(f"train.logging.metrics_file: cannot write {self._file.name}: "
+                                   f"{e.strerror or e}") from None
         step = record.get("step", 0)
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb:
@@ -152,7 +160,21 @@ class MetricSink:
 
 
 def plot_losses(records: list[dict], path: Path) -> None:
-    """A PNG of training and validation loss against step."""
+    """A PNG of training and validation loss against step, written whole or not at all (temporary file, rename).
+    A failure (a full disk at the end of a run) is reported on stderr and does not fail the run."""
+    import sys
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        _draw_losses(records, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"megalite: warning: could not write the loss plot {path}: {e.strerror or e}; the metrics are in "
+              "metrics.jsonl", file=sys.stderr, flush=True)
+
+
+def _draw_losses(records: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

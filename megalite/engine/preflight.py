@@ -68,15 +68,24 @@ def local_world_size(env: dict[str, str] | None = None) -> int | None:
 # ----------------------------------------------------------------------------- estimates
 
 
+# Files every checkpoint carries besides the tensors: DeepSpeed's zero_to_fp32.py/zero_to_torch.py (40 KB at
+# ZeRO >= 1), the manifest (about 20 KB, more with many ranks and tensors) and each file's pickle framing.
+CHECKPOINT_OVERHEAD_BYTES = 64 << 10
+
+
 def checkpoint_bytes(cfg: Config) -> int:
-    """Estimated size of one checkpoint: weights in the training precision, fp32 master weights
-    when training in 16 bits, and the optimizer's fp32 state (Adam: two moments, SGD: momentum)."""
+    """Estimated size of one checkpoint, as DeepSpeed 0.19 writes it (measured for ZeRO 0-3, fp32 and bf16):
+    the module's weights in the training dtype (ZeRO-0/1/2; at ZeRO-3 they live only in the optimizer
+    partitions), the fp32 master weights DeepSpeed's ZeRO optimizers keep at every stage >= 1 (also when
+    training in fp32), and the optimizer's fp32 state (Adam: two moments, SGD: momentum)."""
     params = count_parameters(cfg.model)["total"]
-    mixed = cfg.precision in ("bf16", "fp16")
-    per_param = (2 if mixed else 4) + (4 if mixed else 0)
+    zero = cfg.deepspeed.get("zero_optimization", {}) if isinstance(cfg.deepspeed.get("zero_optimization"), dict) else {}
+    stage = zero.get("stage", 0) if isinstance(zero.get("stage", 0), int) else 0
     opt = cfg.deepspeed.get("optimizer") if isinstance(cfg.deepspeed.get("optimizer"), dict) else {}
-    per_param += 4 if opt.get("type") == "SGD" else 8
-    return params * per_param
+    module = 0 if stage == 3 else (2 if cfg.precision in ("bf16", "fp16") else 4)
+    master = 4 if stage >= 1 else 0
+    state = 4 if opt.get("type") == "SGD" else 8
+    return params * (module + master + state) + CHECKPOINT_OVERHEAD_BYTES
 
 
 def _dir_bytes(path: Path) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from megalite import kernels
-from megalite.checkpoint import CheckpointManager, model_signature, resolve_checkpoint
+from megalite.checkpoint import CheckpointManager, model_signature, resolve_checkpoint, run_identity
 from megalite.checkpoint.consolidate import load_full_weights
 from megalite.config import Config, ModelConfig, summary, validate
 from megalite.data import ResumableSampler, build_datasets
@@ -38,7 +38,7 @@ from megalite.engine.metrics import (
     plot_losses,
 )
 from megalite.engine.plan import startup_report
-from megalite.engine.preflight import run_preflight
+from megalite.engine.preflight import checkpoint_bytes, run_preflight
 from megalite.engine.strategy import strategy_for
 from megalite.errors import CheckpointError, ConfigError, MegaliteError
 from megalite.interop.hf import load_hf_state
@@ -116,12 +116,15 @@ class Trainer:
             layout=run_layout(cfg, self.world),
             config=cfg.to_dict(),
             model=model_signature(cfg.model),
+            identity=run_identity(cfg),
         )
         self.checkpointer = Checkpointer(cfg, self.checkpoints)
+        self.checkpoint_estimate = checkpoint_bytes(cfg)  # checked against the free space before each save
         self.evaluator = Evaluator(cfg, self.strategy, self.valid_set, self.dp_rank, self.dp_size, self.device)
         self.profiler = ProfilerWindow(cfg, self.output_dir)
         self.timer = StepTimer(sync=self.device.type == "cuda")
         self.step = 0
+        self.start_step = 0  # where this process began: 0, or the step it resumed at
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
         self.preempted = False  # agreed by every rank at the last step boundary
@@ -171,11 +174,43 @@ class Trainer:
             "nonfinite_skipped": self.nonfinite_skipped,
         }
 
-    def save(self) -> str:
+    def save(self) -> str | None:
+        """Save and commit the checkpoint of this step, unless the weights are not finite on some rank: a checkpoint
+        of NaN weights is never useful and would become the one a resume picks, so it is skipped (and said)."""
+        bad = self._first_nonfinite_parameter()
+        (any_bad,) = any_rank([bad is not None], self.device)
+        if any_bad:
+            previous = self.checkpoints.latest_step()
+            where, newest = bad or "on another rank", previous if previous is not None else "none"
+            self._say(f"step {self.step}: NOT saving a checkpoint: the weights are not finite ({where}); the newest "
+                      f"checkpoint stays step {newest}")
+            self.sink.log({"kind": "checkpoint_skipped", "step": self.step, "reason": "non-finite weights"})
+            return None
         t0 = time.perf_counter()
-        path = self.checkpoints.save(self.engine, self.step, self.client_state())
+        path = self.checkpoints.save(self.engine, self.step, self.client_state(), needed_bytes=self.checkpoint_estimate)
         self.sink.log({"kind": "checkpoint", "step": self.step, "path": path, "seconds": time.perf_counter() - t0})
         return path
+
+    def _save_last_good(self) -> None:
+        """Exit 76's save. Skipped steps never reach the optimizer, so the weights are those of the last good step
+        (and the step count includes the skipped steps, so a resume does not replay their batches), unless a step
+        that looked finite made them non-finite: then `save` keeps the previous checkpoint."""
+        reason = (f"{self.consecutive_nonfinite} consecutive non-finite step(s) at step {self.step} "
+                  f"(train.nonfinite={self.cfg.train.nonfinite!r}, max_consecutive_nonfinite="
+                  f"{self.cfg.train.max_consecutive_nonfinite})")
+        if self.save() is None:
+            self._say(f"{reason}; the weights were not saved (see above); exiting {signals.EXIT_NONFINITE}")
+        else:
+            self._say(f"{reason}; saved the last good weights as step {self.step}; exiting {signals.EXIT_NONFINITE}")
+
+    def _first_nonfinite_parameter(self) -> str | None:
+        """The name of this rank's first parameter (its ZeRO-3 partition) holding a NaN or inf, else None."""
+        for name, p in self.engine.module.named_parameters():
+            local = getattr(p, "ds_tensor", None)
+            tensor = local if local is not None and local.numel() else p
+            if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                return name
+        return None
 
     def resume(self) -> None:
         """Load the checkpoint train.resume asks for (collective), restoring step, sampler and counters."""
@@ -204,6 +239,7 @@ class Trainer:
         cfg = self.cfg
         try:
             self.resume()
+            self.start_step = self.step
             (signalled,) = any_rank([self.preemption.is_set], self.device)
             if signalled:  # during set-up or resume: nothing new to save, so requeue at once
                 self._say(f"preempted before step {self.step + 1}: exiting {signals.EXIT_PREEMPTED} to be requeued")
@@ -221,12 +257,7 @@ class Trainer:
                     self.consecutive_nonfinite += 1
                     self.sink.log({"kind": "nonfinite", "step": self.step, "skipped_total": self.nonfinite_skipped})
                     if cfg.train.nonfinite == "fail" or self.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
-                        # The weights are the last good ones (skipped steps never reach the optimizer); the
-                        # step count includes the skipped steps, so a resume does not replay their batches.
-                        self.save()
-                        self._say(f"step {self.step}: {self.consecutive_nonfinite} consecutive non-finite step(s) "
-                                  f"(train.nonfinite={cfg.train.nonfinite!r}); saved the last good weights, exiting "
-                                  f"{signals.EXIT_NONFINITE}")
+                        self._save_last_good()
                         exit_code = signals.EXIT_NONFINITE
                         break
                 else:
