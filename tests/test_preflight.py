@@ -142,3 +142,17 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path.write_text("{}")
     assert preflight_cli.main(parser.parse_args([str(path)])) == 2
     assert "INVALID" in capsys.readouterr().err
+
+
+def test_model_states_that_cannot_fit_fail_preflight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo in the model's size (hidden 100000: 480B parameters) is a memory failure naming the parameter count,
+    not a disk-space shortage, once the device is known; a model that fits passes."""
+    from megalite.engine import plan
+
+    monkeypatch.setattr(plan, "local_device", lambda: plan.get_device("h100-sxm"))
+    run = Path(__file__).resolve().parent.parent / "configs" / "runs" / "demo-cpu.json"
+    typo = config.load(run, ["model.hidden_size=100000", "model.num_heads=4"])
+    (check,) = preflight.check_memory(typo, 2, env={})
+    assert not check.ok and "the model states alone need" in check.message and "B parameters" in check.message
+    (ok,) = preflight.check_memory(config.load(run), 2, env={})
+    assert ok.ok, ok.message

@@ -353,3 +353,15 @@ def test_stored_config_that_disagrees_with_the_weights_is_a_checkpoint_error(ide
     out = _cli("eval", "--checkpoint", str(copy))
     assert out.returncode == 2 and "the stored config does not match the weights" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_a_root_without_latest_resolves_to_its_newest_checkpoint(identity, workdir, tmp_path):
+    """eval/generate/convert find a checkpoint root without `latest` as train does (the newest complete one)."""
+    from megalite.checkpoint import resolve_checkpoint
+
+    root = tmp_path / "root"
+    shutil.copytree(Path(workdir) / "quarantine" / "checkpoints", root)
+    (root / "latest").unlink()
+    assert resolve_checkpoint(root) == root / "step00000006"
+    out = _cli("eval", "--checkpoint", str(root), "--max-samples", "2")
+    assert out.returncode == 0 and "step00000006" in json.loads(out.stdout)["checkpoint"], out.stderr[-2000:]

@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from megalite.config import Config, ModelConfig, validate
+from megalite.config import Config, ModelConfig, count_parameters, validate
 from megalite.engine.metrics import flops_per_token
 from megalite.errors import ConfigError
 
@@ -1214,6 +1214,24 @@ def format_search(plans: list[Plan], limit: int = 10) -> str:
 def _memory_plan(cfg: Config, world_size: int, device: Device, gpus_per_node: int) -> Plan:
     return plan(cfg, world_size, device, min(gpus_per_node, world_size) if world_size <= gpus_per_node
                 else gpus_per_node)
+
+
+MODEL_STATE_TERMS = ("parameters", "gradients", "fp32 gradients", "master weights", "optimizer states")
+
+
+def model_states_overflow(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8) -> Optional[str]:
+    """A message when the model states alone (weights, gradients, master weights, optimizer states: known exactly,
+    unlike activations) of the fullest stage exceed `device`'s memory: a certain out-of-memory, often a typo in the
+    model's size. None when they fit."""
+    p = _memory_plan(cfg, world_size, device, gpus_per_node)
+    worst = max(p.memory, key=lambda sm: sum(sm.terms.get(k, 0.0) for k in MODEL_STATE_TERMS))
+    states = sum(worst.terms.get(k, 0.0) for k in MODEL_STATE_TERMS)
+    if states <= device.memory_gib * GiB:
+        return None
+    params = count_parameters(cfg.model)["total"]
+    return (f"the model states alone need {states / GiB:.1f} GiB per GPU ({params / 1e9:.3g}B parameters at "
+            f"{p.layout.describe()}) but {device.name} has {device.memory_gib:.1f} GiB: check the model's size "
+            "(model.hidden_size, num_layers, vocab_size) or shard it further (`megalite plan --search`)")
 
 
 def memory_summary(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8) -> str:

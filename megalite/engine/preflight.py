@@ -184,7 +184,8 @@ def check_disk(cfg: Config) -> list[Check]:
     free = shutil.disk_usage(base).free
     if free < needed:
         return [Check("disk", False, f"train.checkpoint_dir: {_gib(free)} free on {base} but about {_gib(needed)} "
-                      f"needed ({cfg.train.keep_checkpoints} + 1 checkpoints of about {_gib(size)}); free space, "
+                      f"needed ({cfg.train.keep_checkpoints} + 1 checkpoints of about {_gib(size)} for "
+                      f"{count_parameters(cfg.model)['total'] / 1e6:,.1f}M parameters); free space, "
                       "lower train.keep_checkpoints or point train.checkpoint_dir elsewhere")]
     return [Check("disk", True, f"{_gib(free)} free on {base}; a checkpoint is about {_gib(size)}")]
 
@@ -230,13 +231,17 @@ def check_collective(world_size: int, size_mb: float = 4.0, iters: int = 3,
 
 def check_memory(cfg: Config, world_size: int, env: dict[str, str] | None = None) -> list[Check]:
     """The plan's memory per GPU on this node's GPU (`megalite plan`), with a warning naming the biggest term when
-    it exceeds the GPU's memory. A warning, not a failure: the plan is an estimate."""
+    it exceeds the GPU's memory (a warning: activations are an estimate), and a failure when the model states alone
+    cannot fit (they are known exactly: a certain out-of-memory, often a typo in the model's size)."""
     device = plan.local_device()
     if device is None:
         return [Check("memory", True, "plan: skipped, no GPU in megalite's device table here "
                                       "(`megalite plan RUN.json --world-size N --device ...` plans for one)")]
     per_node = local_world_size(env) or world_size
     try:
+        overflow = plan.model_states_overflow(cfg, world_size, device, per_node)
+        if overflow:
+            return [Check("memory", False, overflow)]
         warning = plan.memory_warning(cfg, world_size, device, per_node)
         summary = plan.memory_summary(cfg, world_size, device, per_node)
     except Exception as e:  # noqa: BLE001 - an estimate never stops a job; it says why it is missing
