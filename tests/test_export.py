@@ -4,11 +4,13 @@ evaluation, and generation with and without the KV cache at TP1 and TP2."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,11 +35,17 @@ LAYOUTS = {
 # A Llama with GQA, untied.
 LLAMA = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "num_kv_heads": 2,
          "tied_embeddings": False}
+# The GPT family (tiny_config's defaults: LayerNorm, GELU, learned positions, biases, tied), for generation.
+GPT_RUN = "gpt_tp2_zero1"
 
 
 def _train_layouts(workdir: str) -> None:
     from megalite.engine.trainer import Trainer
 
+    raw = tiny_config(f"{workdir}/tok", f"{workdir}/{GPT_RUN}", train={"steps": STEPS}, parallel={"tensor": 2},
+                      deepspeed={"zero_optimization": {"stage": 1}})
+    if Trainer(C.from_dict(raw)).train() != 0:
+        raise RuntimeError(f"{GPT_RUN}: failed")
     for name, sections in LAYOUTS.items():  # pipeline last: DeepSpeed cannot build a plain engine after one
         raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name}", train={"steps": STEPS}, **sections)
         raw["model"].update(LLAMA)
@@ -153,30 +161,140 @@ def test_greedy_generation_cache_tp_and_transformers_agree(trained, tmp_path):
         assert "train.init_from" in rank_result["mismatch"] and "hidden_size" in rank_result["mismatch"]
 
 
-def test_eval_and_generate_cli(trained):
+def _write_word_tokenizer(run_dir: Path) -> None:
+    """The test vocabulary as words "t0" .. "t96" (t0 is the data's end of document), as the run's tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(97)}, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(run_dir / "tokenizer.json"))
+
+
+def _words(ids: list[int]) -> str:
+    return " ".join(f"t{i}" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> dict[str, Path]:
+    """The GPT run and the TP2 x PP2 Llama run with a tokenizer, exported by `megalite convert --to-hf`."""
+    from megalite.cli import main
+
+    out = {}
+    for run in (GPT_RUN, "tp2_pp2"):
+        _write_word_tokenizer(Path(trained) / run)
+        out[run] = tmp_path_factory.mktemp("hf") / run
+        assert main(["convert", "--checkpoint", f"{trained}/{run}", "--to-hf", str(out[run])]) == 0
+    return out
+
+
+def _plain_cross_entropy(hf_dir: Path, windows: torch.Tensor) -> tuple[float, float, int]:
+    """(mean loss, accuracy, tokens) of a transformers model predicting each window's tokens from the ones before:
+    windows (N, seq + 1) hold inputs [:-1] and labels [1:]."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(windows[:, :-1]).logits.double()
+    labels = windows[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             reduction="sum").item()
+    correct = int((logits.argmax(-1) == labels).sum())
+    return loss / labels.numel(), correct / labels.numel(), labels.numel()
+
+
+def test_eval_and_generate_cli(trained, exported):
+    """`megalite eval` against a plain cross-entropy of the exported model over the validation documents, packed
+    by hand (laid end to end in the run's document order, windows of seq_length + 1 sharing one token)."""
+    from megalite.checkpoint.consolidate import model_from_checkpoint
+    from megalite.data import IndexedDataset, build_datasets
+    from megalite.evaluate import evaluate_model
+
     out = subprocess.run([sys.executable, "-m", "megalite.cli", "eval", "--checkpoint", f"{trained}/tp2_pp2",
                           "--split", "valid"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(result) >= {"loss", "perplexity", "accuracy", "tokens"}
-    assert result["tokens"] > 0 and 0.0 <= result["accuracy"] <= 1.0
-    assert abs(result["perplexity"] - torch.tensor(result["loss"]).exp().item()) < 1e-3 * result["perplexity"]
+
+    prefix, seq = f"{trained}/tok", 16  # tiny_config: split 90,10,0, seq_length 16, seed 7
+    documents = IndexedDataset(prefix)
+    first_valid = round(0.9 * len(documents))
+    cfg, model, _ = model_from_checkpoint(f"{trained}/tp2_pp2")
+    _, valid, _ = build_datasets([prefix], None, "90,10,0", seq, 7, cache_dir=cfg.data.cache_dir)
+    order = [int(d) for d in valid.doc_idx]  # the sampler's shuffle of the documents (one epoch)
+    assert sorted(order) == list(range(first_valid, len(documents)))
+    stream = torch.from_numpy(np.concatenate([np.asarray(documents[d], dtype=np.int64) for d in order]))
+    windows = torch.stack([stream[j * seq: j * seq + seq + 1] for j in range((len(stream) - 1) // seq)])
+    loss, accuracy, tokens = _plain_cross_entropy(exported["tp2_pp2"], windows)
+    assert result["tokens"] == tokens
+    assert result["loss"] == pytest.approx(loss, rel=1e-5) and result["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    # The library: another batch size (one short batch), and max_samples (the first samples of the shuffle).
+    again = evaluate_model(model, valid, batch_size=3)
+    assert again["loss"] == pytest.approx(loss, rel=1e-5) and again["accuracy"] == result["accuracy"]
+    first_two = evaluate_model(model, valid, batch_size=8, max_samples=2)
+    loss2, accuracy2, tokens2 = _plain_cross_entropy(exported["tp2_pp2"], windows[np.array(valid.shuffle_idx[:2])])
+    assert first_two["tokens"] == tokens2 == 2 * seq
+    assert first_two["loss"] == pytest.approx(loss2, rel=1e-5) and first_two["accuracy"] == pytest.approx(accuracy2)
     bad = subprocess.run([sys.executable, "-m", "megalite.cli", "eval", "--checkpoint", f"{trained}/nowhere"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "not a megalite checkpoint" in bad.stderr
 
 
+def _cli_generate(capsys, *args: str) -> tuple[int, str, str]:
+    from megalite.cli import main
+
+    code = main(["generate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("run", [GPT_RUN, "tp2_pp2"])
+def test_greedy_generate_cli_equals_transformers(trained, exported, run, capsys, caplog):
+    """Greedy `megalite generate` (GPT family; Llama family from TP2 x PP2 shards) against transformers'
+    generate(do_sample=False) on the model `megalite convert --to-hf` exported: the same tokens, with both
+    stopping at the end-of-document token (the exported eos) or both running to the length asked."""
+    import transformers
+
+    from megalite.checkpoint.consolidate import model_from_checkpoint
+    from megalite.generate import generate_ids
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(exported[run]), dtype=torch.float32).eval()
+    assert hf.generation_config.eos_token_id == 0  # the data's end of document
+    checkpoint, prompt, n = f"{trained}/{run}", [5, 9, 13, 17, 21], 12
+    ids = torch.tensor([prompt])
+    greedy = ["--checkpoint", checkpoint, "--prompt", _words(prompt), "--max-new-tokens", str(n), "--temperature", "0"]
+    code, out, err = _cli_generate(capsys, *greedy)
+    assert code == 0, err
+    theirs = hf.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)[0].tolist()
+    assert out == _words(theirs) + "\n"
+    code, out, err = _cli_generate(capsys, *greedy, "--ignore-eod")
+    assert code == 0, err
+    full = hf.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)[0].tolist()
+    assert len(full) == len(prompt) + n and out == _words(full) + "\n"
+    # Stopping at an eos, checked where it happens: make the third new token the eos of both (they stop at its
+    # first appearance).
+    _, model, _ = model_from_checkpoint(checkpoint)
+    eos = full[len(prompt) + 2]
+    stopped = generate_ids(model, ids, n, eos_id=eos)[0].tolist()
+    assert stopped == full[: full.index(eos, len(prompt)) + 1]
+    assert stopped == hf.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos)[0].tolist()
+    # The context (max_position_embeddings 32): a prompt that fills it is refused; one that leaves 4 tokens
+    # gets 4, with a warning.
+    code, out, err = _cli_generate(capsys, "--checkpoint", checkpoint, "--prompt", _words(list(range(1, 33))))
+    assert code == 2 and out == "" and "the prompt is 32 tokens" in err and "is 32" in err, err
+    with caplog.at_level("WARNING", logger="megalite.generate"):
+        code, out, err = _cli_generate(capsys, "--checkpoint", checkpoint, "--prompt", _words(list(range(1, 29))),
+                                       "--max-new-tokens", "10", "--ignore-eod")
+    assert code == 0 and len(out.split()) == 32, err
+    assert "at most 4 new tokens, not 10" in caplog.text
+
+
 def test_command_stdout_is_the_result_alone(trained):
     """`megalite generate` prints the text and `megalite eval` one JSON object, nothing else, to stdout; library
     logs (DeepSpeed's among them) go to stderr, so a pipe or a redirect gets the result only."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from megalite.generate import generate_text
 
     run_dir = Path(trained) / "tp2_pp2"
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(97)}, unk_token="t1"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(run_dir / "tokenizer.json"))
+    _write_word_tokenizer(run_dir)
     expected = generate_text(str(run_dir), "t5 t6 t7", max_new_tokens=6, temperature=0.0)
     assert expected.startswith("t5 t6 t7") and len(expected.split()) == 9
     # Without DS_ACCELERATOR DeepSpeed logs "Setting accelerator to CPU" through its stdout logger at import.

@@ -21,8 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Print one JSON object: loss, perplexity, accuracy, tokens (and the unigram baseline if asked)."""
-    from megalite.evaluate import evaluate_checkpoint
+    from megalite.evaluate import check_eval_options, evaluate_checkpoint
 
+    check_eval_options(args.batch_size, args.max_samples, names={"batch_size": "--batch-size",
+                                                                  "max_samples": "--max-samples"})
     emit_json(evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.max_samples,
                                   args.unigram))
     return 0
