@@ -112,8 +112,9 @@ def _reference(workdir: str, global_batch: int, clip: float, data: dict | None =
 
     data: DOCUMENTS for packed documents (positions and document ids go to the model); model_options: ModelConfig
     fields to set (the z-loss)."""
+    from deepspeed.runtime import lr_schedules
+
     from megalite.data import ResumableSampler, build_datasets
-    from megalite.engine.build import lr_multiplier
     from megalite.model import build_model
 
     data = data or {}
@@ -130,7 +131,9 @@ def _reference(workdir: str, global_batch: int, clip: float, data: dict | None =
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": opt_params["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=opt_params["lr"], betas=tuple(opt_params["betas"]), eps=opt_params["eps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.deepspeed["scheduler"], STEPS))
+    # DeepSpeed's own class for the configured schedule, built here independently of megalite's build code.
+    spec = cfg.deepspeed["scheduler"]
+    sched = getattr(lr_schedules, spec["type"])(opt, total_num_steps=STEPS, **spec["params"])
     losses, norms = [], []
     for _ in range(STEPS):
         items = [train_set[i] for i in next(sampler)]
@@ -214,18 +217,75 @@ def test_tensor_and_pipeline_parallel_match_plain_pytorch(workdir):
             _assert_close_to_reference(r, expected, f"{name} rank {rank}", logs=rank == 0)
 
 
-def test_lr_schedules_follow_their_definitions():
-    from megalite.engine.build import lr_multiplier
+def _lr_sequence(scheduler, optimizer, steps: int) -> list[float]:
+    """The learning rate each of `steps` optimizer steps uses (the scheduler steps after each)."""
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: changes nothing, keeps torch's step order
+        scheduler.step()
+    return out
 
-    cosine = lr_multiplier({"type": "WarmupCosineLR", "params": {"warmup_num_steps": 10, "cos_min_ratio": 0.1}}, 110)
-    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
-    assert cosine(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert cosine(110) == pytest.approx(0.1)
-    linear = lr_multiplier({"type": "WarmupDecayLR", "params": {"warmup_num_steps": 0, "total_num_steps": 100}}, 5)
-    assert linear(0) == pytest.approx(1.0) and linear(50) == pytest.approx(0.5) and linear(100) == 0.0
-    wsd = lr_multiplier({"type": "WarmupStableDecay", "params": {"warmup_num_steps": 5, "decay_fraction": 0.2,
-                                                                 "min_ratio": 0.0}}, 100)
-    assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.5) and wsd(100) == 0.0
+
+def _dummy_optimizer(lr: float = 0.01) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def test_deepspeed_schedules_equal_deepspeeds_classes():
+    """Every DeepSpeed schedule megalite accepts gives, step by step, the learning rate DeepSpeed's class of the same
+    name gives for the same parameters (its defaults included: log warm-up, WarmupDecayLR's warmup_max_lr 0.001,
+    total_num_steps from train.steps when not given), over a grid of parameters."""
+    import inspect
+    import itertools
+
+    from deepspeed.runtime import lr_schedules
+
+    from megalite.config import DEEPSPEED_SCHEDULERS, SCHEDULERS
+    from megalite.engine.build import build_schedule
+
+    for name in DEEPSPEED_SCHEDULERS:  # megalite knows every parameter DeepSpeed's class takes, and no other
+        cls_params = set(inspect.signature(getattr(lr_schedules, name)).parameters)
+        assert SCHEDULERS[name] == cls_params - {"optimizer", "last_batch_iteration"}, name
+    grid = {
+        "WarmupLR": [{}, {"warmup_num_steps": 4}, {"warmup_num_steps": 7, "warmup_type": "linear"},
+                     {"warmup_num_steps": 5, "warmup_min_lr": 0.001, "warmup_max_lr": 0.02, "warmup_type": "log"}],
+        "WarmupDecayLR": [{"warmup_num_steps": w, "warmup_type": t, **lrs} for w, t, lrs in itertools.product(
+            (1, 3, 8), ("log", "linear"), ({}, {"warmup_min_lr": 0.002, "warmup_max_lr": 0.05}))],
+        "WarmupCosineLR": [{"warmup_num_steps": w, "warmup_type": t, **r} for w, t, r in itertools.product(
+            (1, 3, 8), ("log", "linear"), ({}, {"warmup_min_ratio": 0.1, "cos_min_ratio": 0.2}))],
+    }
+    for name, cases in grid.items():
+        for params, total in itertools.product(cases, (6, 20)):
+            ours = _dummy_optimizer()
+            mine = _lr_sequence(build_schedule(ours, {"type": name, "params": dict(params)}, total), ours, total + 3)
+            ref = _dummy_optimizer()
+            args = dict(params) if name == "WarmupLR" else {"total_num_steps": total, **params}
+            theirs = _lr_sequence(getattr(lr_schedules, name)(ref, **args), ref, total + 3)
+            assert mine == theirs, (name, params, total, mine, theirs)
+    # A few values written out: DeepSpeed's cosine starts at 0 (its first step uses last_batch_iteration -1), warms
+    # up logarithmically by default, and ends at cos_min_ratio.
+    opt = _dummy_optimizer(1.0)
+    seq = _lr_sequence(build_schedule(opt, {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 4,
+                                                                                  "cos_min_ratio": 0.1}}, 10), opt, 12)
+    assert seq[0] == 0.0 and seq[1] == 0.0 and seq[2] == pytest.approx(math.log(2) / math.log(4))
+    assert seq[-1] == pytest.approx(0.1)
+
+
+def test_megalite_schedules_follow_their_formulas():
+    """WarmupStableDecay and Constant against values computed by hand (the README's formulas)."""
+    from megalite.engine.build import build_schedule
+
+    opt = _dummy_optimizer(1.0)
+    wsd = {"type": "WarmupStableDecay", "params": {"warmup_num_steps": 2, "warmup_min_ratio": 0.5,
+                                                   "total_num_steps": 10, "decay_num_steps": 4, "min_ratio": 0.1}}
+    got = _lr_sequence(build_schedule(opt, wsd, 99), opt, 12)
+    # s = 0, 1: warm-up 0.5 + 0.5 (s+1)/2; s = 2..5: 1; s = 6..10: 0.1 + 0.9 (10 - s)/4; after: 0.1
+    want = [0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.775, 0.55, 0.325, 0.1, 0.1]
+    assert got == pytest.approx(want)
+    opt = _dummy_optimizer(0.3)
+    assert _lr_sequence(build_schedule(opt, {"type": "Constant"}, 5), opt, 5) == [0.3] * 5
+    opt = _dummy_optimizer(0.3)
+    assert _lr_sequence(build_schedule(opt, None, 5), opt, 3) == [0.3] * 3  # no scheduler: constant
 
 
 def test_every_configured_optimizer_and_schedule_is_built():
@@ -234,7 +294,8 @@ def test_every_configured_optimizer_and_schedule_is_built():
     from megalite.engine import build
 
     assert set(build.OPTIMIZER_BUILDERS) == set(cfg_mod.OPTIMIZERS)
-    assert set(build.SCHEDULES) == set(cfg_mod.SCHEDULERS)
+    assert set(build.SCHEDULES) | set(cfg_mod.DEEPSPEED_SCHEDULERS) == set(cfg_mod.SCHEDULERS)
+    assert not set(build.SCHEDULES) & set(cfg_mod.DEEPSPEED_SCHEDULERS)
 
 
 def test_optimizer_mapping_and_no_decay_groups():

@@ -39,7 +39,12 @@ def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
     from megalite.engine.trainer import Trainer
 
     train = {"steps": steps, **sections.pop("train", {})}
-    cfg = C.from_dict(tiny_config(f"{workdir}/tok", f"{workdir}/{name}", train=train, **sections))
+    raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name}", train=train, **sections)
+    # A schedule whose every step has a learning rate > 0 (DeepSpeed's cosine warm-up gives the first step 0), so
+    # "the weights changed" tells an applied step from a skipped one.
+    raw["deepspeed"]["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 2, "warmup_min_lr": 0.002,
+                                                                    "warmup_max_lr": 0.01, "warmup_type": "linear"}}
+    cfg = C.from_dict(raw)
     run = Trainer(cfg)
     trace = []
     original = run.train_step

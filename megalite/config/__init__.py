@@ -18,6 +18,7 @@ from megalite.config.load import (
     read_json,
 )
 from megalite.config.schema import (
+    DEEPSPEED_SCHEDULERS,
     DEEPSPEED_SECTION_KEYS,
     DEEPSPEED_TOP_LEVEL_KEYS,
     OPTIMIZER_TYPES,
@@ -36,7 +37,7 @@ from megalite.config.schema import (
 from megalite.config.validate import check_model, model_errors, rope_scaling_errors, validate
 
 __all__ = [
-    "CONFIGS_DIR", "DEEPSPEED_SECTION_KEYS", "DEEPSPEED_TOP_LEVEL_KEYS", "OPTIMIZERS", "OPTIMIZER_TYPES", "SCHEDULERS", "SCHEDULER_TYPES",
+    "CONFIGS_DIR", "DEEPSPEED_SCHEDULERS", "DEEPSPEED_SECTION_KEYS", "DEEPSPEED_TOP_LEVEL_KEYS", "OPTIMIZERS", "OPTIMIZER_TYPES", "SCHEDULERS", "SCHEDULER_TYPES",
     "Config", "DataConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RopeScalingConfig", "TrainConfig",
     "apply_overrides", "check_model", "count_parameters", "expand_references", "from_dict", "json_schema",
     "list_presets", "load", "model_config_from_dict", "model_errors", "parse_override", "read_json",

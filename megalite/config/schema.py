@@ -226,21 +226,27 @@ OPTIMIZERS: dict[str, frozenset[str]] = {
     "Adam": frozenset({"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode"}),
     "SGD": frozenset({"lr", "momentum", "nesterov", "weight_decay", "dampening"}),
 }
+# DeepSpeed's three schedules take DeepSpeed's own parameters (deepspeed.runtime.lr_schedules, 0.19) and are built
+# from DeepSpeed's classes; WarmupStableDecay and Constant are megalite's (formulas in the README).
+_DEEPSPEED_WARMUP = {"warmup_num_steps", "warmup_type"}
 SCHEDULERS: dict[str, frozenset[str]] = {
-    "WarmupLR": frozenset({"warmup_num_steps", "warmup_min_ratio"}),
-    "WarmupDecayLR": frozenset({"warmup_num_steps", "warmup_min_ratio", "total_num_steps"}),
-    "WarmupCosineLR": frozenset({"warmup_num_steps", "warmup_min_ratio", "total_num_steps", "cos_min_ratio"}),
+    "WarmupLR": frozenset(_DEEPSPEED_WARMUP | {"warmup_min_lr", "warmup_max_lr"}),
+    "WarmupDecayLR": frozenset(_DEEPSPEED_WARMUP | {"warmup_min_lr", "warmup_max_lr", "total_num_steps"}),
+    "WarmupCosineLR": frozenset(_DEEPSPEED_WARMUP | {"warmup_min_ratio", "cos_min_ratio", "total_num_steps"}),
     "WarmupStableDecay": frozenset({"warmup_num_steps", "warmup_min_ratio", "total_num_steps", "decay_num_steps",
                                     "decay_fraction", "min_ratio"}),
     "Constant": frozenset(),
 }
+DEEPSPEED_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 # The kind of value each of those parameters takes: "positive" / "nonnegative" / "unit" (in [0, 1]) finite
-# numbers, "count" (an integer >= 0), "steps" (an integer > 0), "betas" (two numbers in [0, 1)), "bool".
+# numbers, "count" (an integer >= 0), "steps" (an integer > 0), "betas" (two numbers in [0, 1)), "bool",
+# "warmup_type" ('log' or 'linear').
 PARAMETER_KINDS: dict[str, str] = {
     "lr": "positive", "eps": "positive", "weight_decay": "nonnegative", "momentum": "nonnegative",
     "dampening": "nonnegative", "betas": "betas", "nesterov": "bool", "torch_adam": "bool", "adam_w_mode": "bool",
     "warmup_num_steps": "count", "total_num_steps": "steps", "decay_num_steps": "count",
     "warmup_min_ratio": "unit", "cos_min_ratio": "unit", "min_ratio": "unit", "decay_fraction": "unit",
+    "warmup_min_lr": "nonnegative", "warmup_max_lr": "positive", "warmup_type": "warmup_type",
 }
 OPTIMIZER_TYPES = tuple(OPTIMIZERS)
 SCHEDULER_TYPES = tuple(SCHEDULERS)

@@ -13,6 +13,7 @@ from typing import Any
 
 from megalite.config.convert import not_one_of, suggest
 from megalite.config.schema import (
+    DEEPSPEED_SCHEDULERS,
     DEEPSPEED_SECTION_KEYS,
     DEEPSPEED_TOP_LEVEL_KEYS,
     OPTIMIZER_TYPES,
@@ -187,6 +188,9 @@ def _validate_component(ds: dict, section: str, registry: dict[str, frozenset[st
                           f"valid: {listed}")
         else:
             _check_parameter(errors, f"deepspeed.{section}.params.{key}", PARAMETER_KINDS[key], params[key])
+    if kind in DEEPSPEED_SCHEDULERS and params.get("warmup_num_steps", 1000) == 0:
+        errors.append(f"deepspeed.scheduler.params.warmup_num_steps: DeepSpeed's {kind} needs at least 1 warm-up "
+                      "step (it warms up over max(2, warmup_num_steps)); use Constant or WarmupStableDecay without one")
 
 
 def _check_parameter(errors: list[str], key: str, kind: str, value: Any) -> None:
@@ -197,6 +201,9 @@ def _check_parameter(errors: list[str], key: str, kind: str, value: Any) -> None
     if kind == "bool":
         if not isinstance(value, bool):
             errors.append(f"{key}: expected true or false, got {value!r}")
+    elif kind == "warmup_type":
+        if value not in ("log", "linear"):
+            errors.append(not_one_of(key, value, ("log", "linear"), quote=True))
     elif kind == "betas":
         if not (isinstance(value, list) and len(value) == 2 and all(number(b) and 0 <= b < 1 for b in value)):
             errors.append(f"{key}: expected two numbers in [0, 1), e.g. [0.9, 0.95], got {value!r}")

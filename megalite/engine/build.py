@@ -10,13 +10,12 @@ get no weight decay.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from megalite.config import OPTIMIZERS, SCHEDULERS, Config, resolve_deepspeed
+from megalite.config import DEEPSPEED_SCHEDULERS, OPTIMIZERS, SCHEDULERS, Config, resolve_deepspeed
 from megalite.errors import ConfigError
 from megalite.parallel import VocabParallelEmbedding
 
@@ -91,67 +90,62 @@ OPTIMIZER_BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
-def lr_multiplier(spec: dict | None, total_steps: int) -> Callable[[int], float]:
-    """The schedule as a function step -> multiplier of the base learning rate.
+def build_schedule(optimizer: torch.optim.Optimizer, spec: dict | None, total_steps: int) -> Any:
+    """The learning-rate schedule of DeepSpeed's `scheduler` entry, stepped once after every optimizer step.
 
-    Types and parameters follow DeepSpeed's names: WarmupLR, WarmupDecayLR (linear to zero),
-    WarmupCosineLR (cos_min_ratio), plus megalite's WarmupStableDecay (decay_num_steps or
-    decay_fraction, min_ratio) and Constant. `total_num_steps` defaults to train.steps.
+    WarmupLR, WarmupDecayLR and WarmupCosineLR are DeepSpeed's own classes with DeepSpeed's parameters and
+    defaults (warmup_type 'log', WarmupDecayLR's warmup_max_lr 0.001, ...), so a DeepSpeed config means here what
+    it means in DeepSpeed; `total_num_steps` defaults to train.steps. WarmupStableDecay and Constant are megalite's
+    (`lr_multiplier`, formulas in the README).
     """
-    if not spec:
-        return lambda step: 1.0
+    spec = spec or {"type": "Constant"}
     kind = spec.get("type", "Constant")
+    params = dict(spec.get("params", {}))
+    if kind in DEEPSPEED_SCHEDULERS:
+        from deepspeed.runtime import lr_schedules  # DeepSpeed's classes (DeepSpeed is imported by now anyway)
+
+        if kind != "WarmupLR":
+            params.setdefault("total_num_steps", total_steps)
+        return getattr(lr_schedules, kind)(optimizer, **params)
     if kind not in SCHEDULES:
         raise ConfigError(f"deepspeed.scheduler.type: {kind!r} is not one of {', '.join(SCHEDULERS)}")
-    p = spec.get("params", {})
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(spec, total_steps))
+
+
+def lr_multiplier(spec: dict, total_steps: int) -> Callable[[int], float]:
+    """megalite's own schedules as a function s -> multiplier of the base learning rate, where s is the number of
+    optimizer steps already taken (the first step uses s = 0)."""
+    kind = spec.get("type", "Constant")
+    if kind not in SCHEDULES:
+        raise ConfigError(f"deepspeed.scheduler.type: {kind!r} has no megalite formula (one of {', '.join(SCHEDULES)})")
+    return SCHEDULES[kind](spec.get("params", {}), total_steps)
+
+
+def _constant(p: dict, total_steps: int) -> Callable[[int], float]:
+    return lambda s: 1.0
+
+
+def _warmup_stable_decay(p: dict, total_steps: int) -> Callable[[int], float]:
     warmup = int(p.get("warmup_num_steps", 0))
-    total = int(p.get("total_num_steps", total_steps))
     start = float(p.get("warmup_min_ratio", 0.0))
-
-    def warm(step: int) -> float | None:
-        if warmup > 0 and step < warmup:
-            return start + (1.0 - start) * (step + 1) / warmup
-        return None
-
-    after_warmup = SCHEDULES[kind](p, warmup, total)
-    return lambda step: w if (w := warm(step)) is not None else after_warmup(step)
-
-
-def _constant(p: dict, warmup: int, total: int) -> Callable[[int], float]:
-    return lambda step: 1.0
-
-
-def _linear_decay(p: dict, warmup: int, total: int) -> Callable[[int], float]:
-    return lambda step: max(0.0, (total - step) / max(1, total - warmup))
-
-
-def _cosine(p: dict, warmup: int, total: int) -> Callable[[int], float]:
-    floor = float(p.get("cos_min_ratio", 0.0))
-
-    def cosine(step: int) -> float:
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return cosine
-
-
-def _warmup_stable_decay(p: dict, warmup: int, total: int) -> Callable[[int], float]:
+    total = int(p.get("total_num_steps", total_steps))
     floor = float(p.get("min_ratio", 0.0))
     decay = int(p.get("decay_num_steps", round(float(p.get("decay_fraction", 0.1)) * total)))
 
-    def wsd(step: int) -> float:
-        decay_start = total - decay
-        if step < decay_start:
+    def wsd(s: int) -> float:
+        if s < warmup:
+            return start + (1.0 - start) * (s + 1) / warmup
+        if s < total - decay:
             return 1.0
-        return floor + (1.0 - floor) * max(0.0, (total - step) / max(1, decay))
+        return floor + (1.0 - floor) * max(0.0, (total - s) / max(1, decay))
 
     return wsd
 
 
-# The multiplier after warm-up, one per name of config.SCHEDULERS (WarmupLR: constant after warm-up).
-SCHEDULES: dict[str, Callable[[dict, int, int], Callable[[int], float]]] = {
-    "Constant": _constant, "WarmupLR": _constant, "WarmupDecayLR": _linear_decay, "WarmupCosineLR": _cosine,
-    "WarmupStableDecay": _warmup_stable_decay,
+# megalite's own schedules; DeepSpeed's are its classes (config.DEEPSPEED_SCHEDULERS). Together they are
+# config.SCHEDULERS (tests/test_engine.py checks it).
+SCHEDULES: dict[str, Callable[[dict, int], Callable[[int], float]]] = {
+    "Constant": _constant, "WarmupStableDecay": _warmup_stable_decay,
 }
 
 
@@ -184,9 +178,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, grid: Any, world_size: int
 
     spec = copy.deepcopy(cfg.deepspeed.get("optimizer", {"type": "AdamW", "params": {"lr": 1e-3}}))
     optimizer = build_optimizer(model, spec, offload=offloads_optimizer(cfg.deepspeed))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_multiplier(cfg.deepspeed.get("scheduler"), cfg.train.steps)
-    )
+    schedule = build_schedule(optimizer, cfg.deepspeed.get("scheduler"), cfg.train.steps)
     is_pipeline = cfg.parallel.pipeline > 1
     engine, optimizer, _, schedule = deepspeed.initialize(
         model=model,
