@@ -6,6 +6,12 @@ JSON or Parquet file, a directory of them (walked in sorted order), a `datasets`
 `stdlib`: the running interpreter's standard library sources. Every reader yields one document at a
 time in a deterministic order. A JSON file whose top level is an array is streamed record by record; one
 whose top level is an object (`{"data": [...]}`) is read whole.
+
+Null text is one rule for every format: a record whose text is null (JSON `null`, a Parquet or `datasets`
+null) is yielded as None, and `prepare` drops it and counts it under `null_text` in the cleaning report. Text
+of another type (a number, bytes, a list) is a DataError naming the file and the record: its line in JSON
+Lines, its index in a JSON array, its row (from 0) in Parquet and `datasets`. A missing key or column is a
+DataError too (a wrong `--text-key`, not a gap in the data).
 """
 
 from __future__ import annotations
@@ -95,8 +101,8 @@ def file_kind(path: Path) -> str:
     return "text"
 
 
-def iter_source(src: Source, text_key: str = "text", blank_line_docs: bool = False) -> Iterator[str]:
-    """Yield the documents of one input, in a deterministic order."""
+def iter_source(src: Source, text_key: str = "text", blank_line_docs: bool = False) -> Iterator[str | None]:
+    """Yield the documents of one input, in a deterministic order; None for a record whose text is null."""
     if src.kind == "stdlib":
         for f in stdlib_files():
             yield from _read_text(f, False)
@@ -115,7 +121,7 @@ def iter_source(src: Source, text_key: str = "text", blank_line_docs: bool = Fal
         yield from iter_file(Path(src.path), text_key, blank_line_docs)
 
 
-def iter_file(path: Path, text_key: str, blank_line_docs: bool) -> Iterator[str]:
+def iter_file(path: Path, text_key: str, blank_line_docs: bool) -> Iterator[str | None]:
     """Yield the documents of one file."""
     kind = file_kind(path)
     if kind == "jsonl":
@@ -150,20 +156,25 @@ def _read_text(path: Path, blank_line_docs: bool) -> Iterator[str]:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
-def _text_of(record: object, text_key: str, where: str) -> str:
+def _check_text(value: object, text_key: str, where: str) -> str | None:
+    """`value` if it is text, None if it is null; DataError naming `where` for any other type."""
+    if value is None or isinstance(value, str):
+        return value
+    hint = " (decode the column to UTF-8 strings first)" if isinstance(value, (bytes, bytearray)) else ""
+    raise DataError(f"{where}: {text_key!r} is {type(value).__name__}, not a string{hint}")
+
+
+def _text_of(record: object, text_key: str, where: str) -> str | None:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with key {text_key!r}, got {type(record).__name__}")
     if text_key not in record:
         raise DataError(f"{where}: no key {text_key!r} (keys: {', '.join(map(str, record))}); use --text-key")
-    value = record[text_key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: {text_key!r} is {type(value).__name__}, not a string")
-    return value
+    return _check_text(record[text_key], text_key, where)
 
 
-def _read_jsonl(path: Path, text_key: str) -> Iterator[str]:
+def _read_jsonl(path: Path, text_key: str) -> Iterator[str | None]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -175,7 +186,7 @@ def _read_jsonl(path: Path, text_key: str) -> Iterator[str]:
             yield _text_of(record, text_key, f"{path}:{lineno}")
 
 
-def _read_json(path: Path, text_key: str) -> Iterator[str]:
+def _read_json(path: Path, text_key: str) -> Iterator[str | None]:
     try:
         with open(path, encoding="utf-8-sig") as f:
             first = f.read(4096).lstrip()
@@ -266,7 +277,7 @@ def json_array_items(f: TextIO, where: str) -> Iterator[object]:
         raise DataError(f"{where}: unexpected text after the JSON array's closing ']'")
 
 
-def _read_parquet(path: Path, text_key: str) -> Iterator[str]:
+def _read_parquet(path: Path, text_key: str) -> Iterator[str | None]:
     import pyarrow.parquet as pq
 
     try:
@@ -275,21 +286,23 @@ def _read_parquet(path: Path, text_key: str) -> Iterator[str]:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from e
     if text_key not in pf.schema_arrow.names:
         raise DataError(f"{path}: no column {text_key!r} (columns: {', '.join(pf.schema_arrow.names)}); use --text-key")
+    row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
         for value in batch.column(0).to_pylist():
-            if value is not None:
-                yield value
+            yield _check_text(value, text_key, f"{path}: row {row}")
+            row += 1
 
 
-def _iter_dataset(ds: object, text_key: str, where: str) -> Iterator[str]:
+def _iter_dataset(ds: object, text_key: str, where: str) -> Iterator[str | None]:
     names = getattr(ds, "column_names", None) or []
     if text_key not in names:
         raise DataError(f"{where}: no column {text_key!r} (columns: {', '.join(names)}); use --text-key")
     # Batches of a memory-mapped Arrow table: only one batch is materialised at a time.
+    row = 0
     for batch in ds.select_columns([text_key]).iter(batch_size=1024):
         for value in batch[text_key]:
-            if value is not None:
-                yield value
+            yield _check_text(value, text_key, f"{where}: row {row}")
+            row += 1
 
 
 def _pick_split(dd: object, split: str | None, where: str) -> object:
@@ -306,7 +319,7 @@ def _pick_split(dd: object, split: str | None, where: str) -> object:
     return dd[split]
 
 
-def _iter_saved(src: Source, text_key: str) -> Iterator[str]:
+def _iter_saved(src: Source, text_key: str) -> Iterator[str | None]:
     import datasets
 
     try:
@@ -318,7 +331,7 @@ def _iter_saved(src: Source, text_key: str) -> Iterator[str]:
     yield from _iter_dataset(ds, text_key, src.spec)
 
 
-def _iter_hub(src: Source, text_key: str) -> Iterator[str]:
+def _iter_hub(src: Source, text_key: str) -> Iterator[str | None]:
     import datasets
 
     try:
