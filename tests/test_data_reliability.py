@@ -199,8 +199,58 @@ def test_maximum_document_size_is_applied_before_tokenising(tmp_path: Path, toke
     assert parser.parse_args(["--input", "x", "--output-prefix", "y", "--max-chars", "none"]).max_chars is None
 
 
+def _blocks_reference(path: Path) -> list[str]:
+    """Blank-line blocks as the reader splits them without a maximum: whole lines, kept line ends."""
+    out, block = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        for line in f:
+            if line.strip(" \t\r\n\f\v"):
+                block.append(line)
+            elif block:
+                out.append("".join(block).rstrip("\r\n"))
+                block = []
+    return out + (["".join(block).rstrip("\r\n")] if block else [])
+
+
+def test_readers_count_over_long_documents_without_holding_them(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    from megalite.data.sources import Oversized, iter_file
+
+    # Blank-line blocks, read in pieces of max_chars + 2: every block at most max_chars long comes out exactly
+    # as without a maximum, every longer one as Oversized or as text the screen then drops (also when a piece
+    # boundary falls inside "\r\n", a lone "\r", or a long whitespace line).
+    rng = random.Random(3)
+    for _ in range(300):
+        text = "".join(rng.choice(["a", "b c", " ", "\n", "\r", "\r\n", "\n\n", "\t", "xyz"])
+                       for _ in range(rng.randrange(0, 60)))
+        path = tmp_path / "blocks.txt"
+        path.write_bytes(text.encode())
+        ref = _blocks_reference(path)
+        assert list(iter_file(path, "text", True)) == ref, repr(text)
+        m = rng.randrange(1, 12)
+        got = ["OVER" if isinstance(b, Oversized) or len(b) > m else b for b in iter_file(path, "text", True, m)]
+        assert got == ["OVER" if len(b) > m else b for b in ref], (repr(text), m)
+    # One document per file: a file of more than 4 x max_chars bytes is counted, not read whole.
+    (tmp_path / "big.txt").write_text("é" * 50, encoding="utf-8")  # 100 bytes, 50 characters
+    assert list(iter_file(tmp_path / "big.txt", "text", False, 20)) == [Oversized(50)]
+    assert list(iter_file(tmp_path / "big.txt", "text", False, 30)) == ["é" * 50]  # 100 <= 4 x 30: read
+    # JSON Lines: a line longer than 12 x max_chars + the slack for other fields is counted, not parsed.
+    from megalite.data import sources
+
+    line = json.dumps({"text": "z" * 5000})
+    (tmp_path / "a.jsonl").write_text('{"text": "short"}\n' + line + '\n{"text": null}\n')
+    limit_chars = sources.JSON_MAX_EXPANSION * 100 + sources.JSON_RECORD_SLACK
+    assert len(line) <= limit_chars  # under the line limit: parsed (the screen drops it)
+    assert list(iter_file(tmp_path / "a.jsonl", "text", False, 100)) == ["short", "z" * 5000, None]
+    monkeypatch.setattr(sources, "JSON_RECORD_SLACK", 10)
+    assert list(iter_file(tmp_path / "a.jsonl", "text", False, 100)) == ["short", Oversized(len(line) + 1), None]
+
+
 def test_a_huge_single_line_document_keeps_memory_bounded(tmp_path: Path, tokenizer_file: str) -> None:  # noqa: F811
-    """An 8M-character one-line document (tokenising it would take about 1.5 GB) with the default maximum."""
+    """One-line documents of 8M characters (parsed, then dropped: tokenising it would take about 1.5 GB) and 14M
+    characters (beyond what a JSON line can hold for a text of the default maximum: counted unread)."""
     from tests.memory import peak_anon_growth
 
     docs = make_docs(50, seed=9)
@@ -208,12 +258,13 @@ def test_a_huge_single_line_document_keeps_memory_bounded(tmp_path: Path, tokeni
         for d in docs[:25]:
             f.write(json.dumps({"text": d}) + "\n")
         f.write(json.dumps({"text": "x1 " * 2_700_000}) + "\n")
+        f.write(json.dumps({"text": "y2 " * 4_700_000}) + "\n")
         for d in docs[25:]:
             f.write(json.dumps({"text": d}) + "\n")
     growth, m = peak_anon_growth(lambda: prepare([str(tmp_path / "in.jsonl")], str(tmp_path / "p"),
                                                  tokenizer=tokenizer_file))
-    assert m["cleaning"]["report"]["removed_documents"]["max_length"] == 1 and m["num_documents"] == 50
-    assert growth < 120 * 2**20, f"prepare grew by {growth / 2**20:.0f} MB"
+    assert m["cleaning"]["report"]["removed_documents"]["max_length"] == 2 and m["num_documents"] == 50
+    assert growth < 100 * 2**20, f"prepare grew by {growth / 2**20:.0f} MB"
 
 
 # ------------------------------------------------------------------ item 11: a full disk during prepare

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-chars", type=_max_chars, default=DEFAULT_MAX_CHARS, metavar="N|none",
                         help=f"drop documents longer than N characters, as read (before any cleaning or "
                         f"tokenising) and after cleaning; counted in the report (default {DEFAULT_MAX_CHARS:,}: "
-                        "tokenising costs about 120-190 bytes of memory per character; 'none': no limit)")
+                        "tokenising costs about 120-200 bytes of memory per character; 'none': no limit)")
     parser.add_argument("--no-dedup", action="store_true", help="keep exact duplicate documents")
     parser.add_argument("--max-documents", type=int, default=None, help="read only the first N input documents")
     parser.add_argument("--batch-docs", type=int, default=256, help="documents per worker batch")

@@ -12,6 +12,8 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 
+from megalite.data.sources import Document, Oversized
+
 # C0/C1 control characters except tab and newline; lone surrogates cannot be encoded as UTF-8 at all.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 _TRAILING_SPACE = re.compile(r"[ \t\f\v\u00a0]+\n")
@@ -20,9 +22,10 @@ _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 STEPS = ("null_text", "normalize", "control", "whitespace", "min_length", "max_length", "dedup")
 
 # The default maximum document size, in characters. Tokenising one document costs about 120 bytes of memory
-# per character (code, prose) and up to 190 (base64-like text, one token per character) with the byte-level
-# BPE of `tokenizers`, so a 50 MB document needs 6-9 GB; at 1,000,000 characters a worker peaks near 165 MB
-# (230 MB for base64-like text). The largest file of the built-in corpus (pydoc_data/topics.py) has 756k.
+# per character (code, prose) and about 200 (base64-like text, one token per character) with the byte-level
+# BPE of `tokenizers` (a 50 MB one-line document made prepare peak at 5.8 GB); at 1,000,000 characters a
+# worker peaks near 160 MB (220 MB for base64-like text), the prepare benchmark's bound (megalite/data/README.md
+# has the measurements). The largest file of the built-in corpus (pydoc_data/topics.py) has 756k.
 DEFAULT_MAX_CHARS = 1_000_000
 
 # 16 bytes of BLAKE2b: collisions are negligible (2^-64 at 4 billion documents) and the set stays small.
@@ -103,24 +106,26 @@ def digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=DIGEST_SIZE).digest()
 
 
-def screen(text: str | None, cfg: CleanConfig, report: CleanReport) -> str | None:
+def screen(text: Document, cfg: CleanConfig, report: CleanReport) -> str | None:
     """The checks that need no cleaning, as the document was read: null text (a missing value in a Parquet,
     `datasets` or JSON record) and the maximum size. None when the document is dropped (and counted)."""
     if text is None:
         report.input_documents += 1
         report.removed_documents["null_text"] += 1
         return None
-    if cfg.max_chars is not None and len(text) > cfg.max_chars:
-        # Before cleaning and tokenising: a huge document is never copied, sent to a worker or tokenised.
+    # Before cleaning and tokenising: a huge document is never copied, sent to a worker or tokenised (the
+    # line-based readers do not even hold it: they count it and hand over an Oversized).
+    chars = text.chars if isinstance(text, Oversized) else len(text)
+    if isinstance(text, Oversized) or (cfg.max_chars is not None and chars > cfg.max_chars):
         report.input_documents += 1
-        report.input_chars += len(text)
+        report.input_chars += chars
         report.removed_documents["max_length"] += 1
-        report.removed_chars["max_length"] += len(text)
+        report.removed_chars["max_length"] += chars
         return None
     return text
 
 
-def clean_and_filter(text: str | None, cfg: CleanConfig, report: CleanReport) -> str | None:
+def clean_and_filter(text: Document, cfg: CleanConfig, report: CleanReport) -> str | None:
     """Screen, clean and length-filter one document; None when it is dropped (dedup is separate)."""
     if screen(text, cfg, report) is None:
         return None

@@ -34,7 +34,7 @@ from megalite.data.indexed import (
     read_manifest,
     token_dtype,
 )
-from megalite.data.sources import Source, iter_source, resolve
+from megalite.data.sources import Document, Source, iter_source, resolve
 from megalite.data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info, train_bpe
 from megalite.errors import DataError
 from megalite.files import atomic_write_text, fsync_dir, sha256_file
@@ -57,12 +57,13 @@ def iter_documents(
     blank_line_docs: bool,
     max_documents: int | None,
     counts: dict[str, int] | None = None,
-) -> Iterator[str | None]:
-    """Every document of every source in order (None for null text); DataError for a source that yields none."""
+    max_chars: int | None = None,
+) -> Iterator[Document]:
+    """Every document of every source in order (see `sources.iter_source`); DataError for a source with none."""
     total = 0
     for src in sources:
         n = 0
-        for doc in iter_source(src, text_key, blank_line_docs):
+        for doc in iter_source(src, text_key, blank_line_docs, max_chars):
             if max_documents is not None and total >= max_documents:
                 break
             n += 1
@@ -248,7 +249,7 @@ def _prepare(
             scratch = CleanReport()
 
             def training_texts() -> Iterator[str]:
-                for doc in iter_documents(sources, text_key, blank_line_docs, max_documents):
+                for doc in iter_documents(sources, text_key, blank_line_docs, max_documents, None, cfg.max_chars):
                     c = clean_and_filter(doc, cfg, scratch)
                     if c is not None and (dedup is None or not dedup.seen(digest(c))):
                         yield c
@@ -319,7 +320,7 @@ def _write_data(
     dedup = Deduplicator() if cfg.dedup else None
     counts: dict[str, int] = {}
     # Null text and over-long documents are dropped here, as read: they never reach a worker.
-    docs = (d for d in iter_documents(sources, text_key, blank_line_docs, max_documents, counts)
+    docs = (d for d in iter_documents(sources, text_key, blank_line_docs, max_documents, counts, cfg.max_chars)
             if screen(d, cfg, report) is not None)
     # A stale manifest must not describe new .bin/.idx files if this run dies half-way.
     if os.path.exists(manifest_path(output_prefix)):
