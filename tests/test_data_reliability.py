@@ -301,6 +301,10 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path: Path, small_d
     _raises(lambda: prepare([str(tmp_path / "in.jsonl")], str(small_disk / "q"), tokenizer=tokenizer_file),
             str(small_disk / "q"), "no space left")
     assert sorted(os.listdir(small_disk)) == ["filler"]
+    # ... or when a trained tokenizer is saved.
+    _raises(lambda: prepare([str(tmp_path / "in.jsonl")], str(small_disk / "t"), vocab_size=300, max_documents=200),
+            str(small_disk / "t"), "no space left")
+    assert sorted(os.listdir(small_disk)) == ["filler"]
     # A writer whose index no longer fits: the temporary files go too.
     os.unlink(small_disk / "filler")
     with pytest.raises(OSError):

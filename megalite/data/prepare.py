@@ -37,7 +37,7 @@ from megalite.data.indexed import (
 from megalite.data.sources import Document, Source, iter_source, resolve
 from megalite.data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info, train_bpe
 from megalite.errors import DataError
-from megalite.files import atomic_write_text, fsync_dir, sha256_file
+from megalite.files import atomic_write_text, sha256_file
 
 MANIFEST_FORMAT = "megalite-indexed/1"
 DEFAULT_VOCAB_SIZE = 8192
@@ -258,13 +258,14 @@ def _prepare(
             del dedup
             if scratch.input_documents - sum(scratch.removed_documents.values()) <= 0:
                 raise DataError(f"{', '.join(inputs)}: zero documents left after cleaning\n{scratch.summary()}")
-            tok.save(tok_tmp)
+            with open(tok_tmp, "w", encoding="utf-8") as f:  # what tok.save writes, but a full disk is an OSError
+                f.write(tok.to_str(pretty=True))
             tok_file = tok_tmp
             trained = True
         info = tokenizer_info(tok, eod_token, source=tokenizer or tok_out)
         del tok
-        manifest = _write_data(sources, output_prefix, tok_file, info, text_key, workers, blank_line_docs, cfg,
-                               max_documents, batch_docs, batch_chars, progress, created)
+        manifest, report = _write_data(sources, output_prefix, tok_file, info, text_key, workers, blank_line_docs,
+                                       cfg, max_documents, batch_docs, batch_chars, progress, created)
         manifest.update({
             # Relative to the manifest's folder, so the prepared data can be moved as a whole.
             "tokenizer_file": os.path.basename(tok_out),
@@ -285,8 +286,6 @@ def _prepare(
             os.unlink(tok_tmp)
     manifest["cleaning"] = manifest.pop("cleaning")  # keep the manifest's key order: cleaning last
     atomic_write_text(manifest_path(output_prefix), json.dumps(manifest, indent=2) + "\n")
-    fsync_dir(os.path.dirname(os.path.abspath(output_prefix)))
-    report = CleanReport(**manifest["cleaning"]["report"])
     seconds = time.perf_counter() - t0
     print(report.summary(), file=sys.stderr)
     n_docs, n_tokens = manifest["num_documents"], manifest["num_tokens"]
@@ -312,8 +311,9 @@ def _write_data(
     batch_chars: int,
     progress: bool,
     created: list[str],
-) -> dict:
-    """Clean, de-duplicate, tokenise and write PREFIX.bin/.idx; the manifest without its tokenizer fields."""
+) -> tuple[dict, CleanReport]:
+    """Clean, de-duplicate, tokenise and write PREFIX.bin/.idx: (the manifest without its tokenizer fields,
+    the cleaning report)."""
     inputs = [s.spec for s in sources]
     dtype = token_dtype(info.vocab_size)
     report = CleanReport()
@@ -372,7 +372,7 @@ def _write_data(
         if writer.num_documents == 0:
             raise DataError(f"{', '.join(inputs)}: zero documents left after cleaning\n{report.summary()}")
     created += [bin_path(output_prefix), idx_path(output_prefix)]
-    return {
+    manifest = {
         "format": MANIFEST_FORMAT,
         "inputs": [{"input": s.spec, "kind": s.kind, "documents": counts.get(s.spec, 0)} for s in sources],
         "text_key": text_key,
@@ -383,6 +383,7 @@ def _write_data(
         "dtype": dtype.name,
         "cleaning": {"config": asdict(cfg), "report": report.to_dict()},
     }
+    return manifest, report
 
 
 def manifest_tokenizer(prefix: str | os.PathLike) -> str | None:
