@@ -74,7 +74,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, split: str = "
     dataset = sets[which]
     if dataset is None:
         raise DataError(f"data.split {cfg.data.split!r} gives the {split} set a share of 0 for {prefixes}; "
-                        f"evaluate another split (--split) or data whose run gave {split} a share")
+                        "evaluate another split (--split)")
     result = {"checkpoint": str(step_dir), "split": split,
               **evaluate_model(model, dataset, batch_size, max_samples)}
     if unigram:
