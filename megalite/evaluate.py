@@ -91,13 +91,17 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, split: str = "
     check_eval_options(batch_size, max_samples)  # before the (slow) load
     cfg, model, step_dir = model_from_checkpoint(checkpoint)
     prefixes = [data] if data else cfg.data.prefixes
+    which = SPLITS[split]
+    # Only the evaluated split is built: an empty other split is no error here, and an error names this one.
+    only = tuple(None if i == which else 0 for i in range(3))
     sets = build_datasets(prefixes, None if data else cfg.data.weights, cfg.data.split, cfg.data.seq_length,
-                          cfg.train.seed, cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size,
-                          reset_position_ids=cfg.data.reset_position_ids, eod_mask_loss=cfg.data.eod_mask_loss,
-                          reset_attention_mask=cfg.data.reset_attention_mask)
-    dataset = sets[SPLITS[split]]
+                          cfg.train.seed, num_samples=only, cache_dir=cfg.data.cache_dir,
+                          vocab_size=cfg.model.vocab_size, reset_position_ids=cfg.data.reset_position_ids,
+                          eod_mask_loss=cfg.data.eod_mask_loss, reset_attention_mask=cfg.data.reset_attention_mask)
+    dataset = sets[which]
     if dataset is None:
-        raise DataError(f"split {cfg.data.split!r} has no {split} set for {prefixes}")
+        raise DataError(f"data.split {cfg.data.split!r} gives the {split} set a share of 0 for {prefixes}; "
+                        "evaluate another split (--split)")
     result = {"checkpoint": str(step_dir), "split": split,
               **evaluate_model(model, dataset, batch_size, max_samples)}
     if unigram:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megalite.data.clean import CleanConfig
+from megalite.data.clean import DEFAULT_MAX_CHARS, CleanConfig
 from megalite.data.prepare import DEFAULT_VOCAB_SIZE, prepare
 
 HELP = "clean, tokenize and index a corpus (Megatron .bin/.idx)"
@@ -27,12 +27,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normalize", default="NFC", choices=["NFC", "NFKC", "NFD", "NFKD", "none"],
                         help="Unicode normalisation")
     parser.add_argument("--min-chars", type=int, default=1, help="drop documents shorter than this after cleaning")
-    parser.add_argument("--max-chars", type=int, default=None, help="drop documents longer than this")
+    parser.add_argument("--max-chars", type=_max_chars, default=DEFAULT_MAX_CHARS, metavar="N|none",
+                        help=f"drop documents longer than N characters, as read (before any cleaning or "
+                        f"tokenising) and after cleaning; counted in the report (default {DEFAULT_MAX_CHARS:,}: "
+                        "tokenising costs about 120-200 bytes of memory per character; 'none': no limit)")
     parser.add_argument("--no-dedup", action="store_true", help="keep exact duplicate documents")
     parser.add_argument("--max-documents", type=int, default=None, help="read only the first N input documents")
     parser.add_argument("--batch-docs", type=int, default=256, help="documents per worker batch")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")
+
+
+def _max_chars(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'none'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1 (or 'none' for no limit)")
+    return value
 
 
 def main(args: argparse.Namespace) -> int:

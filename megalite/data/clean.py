@@ -12,12 +12,21 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 
+from megalite.data.sources import Document, Oversized
+
 # C0/C1 control characters except tab and newline; lone surrogates cannot be encoded as UTF-8 at all.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 _TRAILING_SPACE = re.compile(r"[ \t\f\v\u00a0]+\n")
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 
-STEPS = ("normalize", "control", "whitespace", "min_length", "max_length", "dedup")
+STEPS = ("null_text", "normalize", "control", "whitespace", "min_length", "max_length", "dedup")
+
+# The default maximum document size, in characters. Tokenising one document costs about 120 bytes of memory
+# per character (code, prose) and about 200 (base64-like text, one token per character) with the byte-level
+# BPE of `tokenizers` (a 50 MB one-line document made prepare peak at 5.8 GB); at 1,000,000 characters a
+# worker peaks near 160 MB (220 MB for base64-like text), the prepare benchmark's bound (megalite/data/README.md
+# has the measurements). The largest file of the built-in corpus (pydoc_data/topics.py) has 756k.
+DEFAULT_MAX_CHARS = 1_000_000
 
 # 16 bytes of BLAKE2b: collisions are negligible (2^-64 at 4 billion documents) and the set stays small.
 DIGEST_SIZE = 16
@@ -31,7 +40,7 @@ class CleanConfig:
     remove_control: bool = True
     normalize_whitespace: bool = True
     min_chars: int = 1
-    max_chars: int | None = None
+    max_chars: int | None = DEFAULT_MAX_CHARS  # None: no limit (memory then grows with the longest document)
     dedup: bool = True
 
 
@@ -97,8 +106,29 @@ def digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=DIGEST_SIZE).digest()
 
 
-def clean_and_filter(text: str, cfg: CleanConfig, report: CleanReport) -> str | None:
-    """Clean one document and apply the length filters; None when it is dropped (dedup is separate)."""
+def screen(text: Document, cfg: CleanConfig, report: CleanReport) -> str | None:
+    """The checks that need no cleaning, as the document was read: null text (a missing value in a Parquet,
+    `datasets` or JSON record) and the maximum size. None when the document is dropped (and counted)."""
+    if text is None:
+        report.input_documents += 1
+        report.removed_documents["null_text"] += 1
+        return None
+    # Before cleaning and tokenising: a huge document is never copied, sent to a worker or tokenised (the
+    # line-based readers do not even hold it: they count it and hand over an Oversized).
+    chars = text.chars if isinstance(text, Oversized) else len(text)
+    if isinstance(text, Oversized) or (cfg.max_chars is not None and chars > cfg.max_chars):
+        report.input_documents += 1
+        report.input_chars += chars
+        report.removed_documents["max_length"] += 1
+        report.removed_chars["max_length"] += chars
+        return None
+    return text
+
+
+def clean_and_filter(text: Document, cfg: CleanConfig, report: CleanReport) -> str | None:
+    """Screen, clean and length-filter one document; None when it is dropped (dedup is separate)."""
+    if screen(text, cfg, report) is None:
+        return None
     report.input_documents += 1
     report.input_chars += len(text)
     text = clean_text(text, cfg, report)
@@ -106,7 +136,7 @@ def clean_and_filter(text: str, cfg: CleanConfig, report: CleanReport) -> str | 
         report.removed_documents["min_length"] += 1
         report.removed_chars["min_length"] += len(text)
         return None
-    if cfg.max_chars is not None and len(text) > cfg.max_chars:
+    if cfg.max_chars is not None and len(text) > cfg.max_chars:  # cleaning can lengthen (NFKC, NFD)
         report.removed_documents["max_length"] += 1
         report.removed_chars["max_length"] += len(text)
         return None

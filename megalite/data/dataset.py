@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megalite.data.indexed import IndexedDataset
-from megalite.data.prepare import read_manifest
+from megalite.data.indexed import IndexedDataset, bin_path, idx_path, manifest_path, read_manifest
 from megalite.distributed import rank as global_rank
 from megalite.errors import DataError
 
@@ -355,10 +354,24 @@ class BlendedDataset(torch.utils.data.Dataset):
 
 
 def _open_prefix(prefix: str, eod_token_id: int | None, vocab_size: int | None) -> tuple[IndexedDataset, int, dict]:
+    files = [idx_path(prefix), bin_path(prefix), manifest_path(prefix)]
+    if not any(os.path.exists(f) for f in files):
+        folder = os.path.dirname(os.path.abspath(prefix))
+        where = "" if os.path.isdir(folder) else f"; the folder {folder} does not exist either"
+        raise DataError(
+            f"{prefix}: data prefix not found: none of {', '.join(os.path.basename(f) for f in files)} exists"
+            f"{where}. Check data.prefixes (a prefix is the path without extension) or write it with "
+            f"`megalite prepare --output-prefix {prefix}`"
+        )
+    indexed = IndexedDataset(prefix)  # a missing or damaged .idx/.bin is named before the manifest is asked
     manifest = read_manifest(prefix) or {}
     eod = eod_token_id if eod_token_id is not None else manifest.get("eod_token_id")
     if eod is None:
-        raise DataError(f"{prefix}.json: no manifest with eod_token_id; pass eod_token_id (data.eod_token_id)")
+        why = "has no eod_token_id" if manifest else "does not exist (data prepared by another tool?)"
+        raise DataError(
+            f"{manifest_path(prefix)}: the manifest {why}; the end-of-document token id is needed: "
+            'write it there as {"eod_token_id": N} (`megalite prepare` writes this manifest)'
+        )
     data_vocab = manifest.get("vocab_size")
     if vocab_size is not None:
         ids = [i for i in (data_vocab and data_vocab - 1, eod, manifest.get("bos_token_id")) if i is not None]
@@ -368,7 +381,7 @@ def _open_prefix(prefix: str, eod_token_id: int | None, vocab_size: int | None) 
                 f"{max(ids)}, beyond the model's vocabulary of {vocab_size}; raise model.vocab_size to at least "
                 f"{max(ids) + 1} or prepare the data with a smaller tokenizer"
             )
-    return IndexedDataset(prefix), int(eod), manifest
+    return indexed, int(eod), manifest
 
 
 def build_datasets(
@@ -419,8 +432,9 @@ def build_datasets(
             lo, hi = split_ranges(split_w, len(ds))[s]
             if hi <= lo:
                 raise DataError(
-                    f"{prefix}: split {split!r} leaves the {name} set empty ({len(ds)} documents in all); "
-                    "use more documents or a larger share for it"
+                    f"{prefix}: split {split!r} leaves the {name} set empty: its share, {split_w[s]:.2%} of the "
+                    f"{len(ds)} documents ({split_w[s] * len(ds):.2f}), rounds to no document; use more documents "
+                    f"or a larger {name} share in data.split"
                 )
             parts.append((ds, eod, np.arange(lo, hi, dtype=np.int64)))
 

@@ -13,6 +13,7 @@ so document_indices is simply 0..S.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from megalite.errors import DataError
+from megalite.files import fsync_dir
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -40,6 +42,8 @@ CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 # Copying the temporary lengths file into the index in chunks keeps the writer's memory constant.
 _CHUNK = 1 << 20
+# Entries checked per step when an index is opened: about 40 MB of temporaries whatever the index size.
+_CHECK_CHUNK = 1 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -63,6 +67,26 @@ def bin_path(prefix: str | os.PathLike) -> str:
     return f"{os.fspath(prefix)}.bin"
 
 
+def manifest_path(prefix: str | os.PathLike) -> str:
+    """The manifest (`PREFIX.json`) of a prefix."""
+    return f"{os.fspath(prefix)}.json"
+
+
+def read_manifest(prefix: str | os.PathLike) -> dict | None:
+    """The manifest of a prefix, or None when there is none (data prepared by another tool)."""
+    path = manifest_path(prefix)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: a manifest is a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
 class IndexedDatasetWriter:
     """Streams documents into `PREFIX.bin`/`PREFIX.idx`; memory stays constant whatever the corpus size.
 
@@ -81,8 +105,13 @@ class IndexedDatasetWriter:
         self._bin = open(self._bin_tmp, "wb")
         # Sequence lengths go to a side file (4 bytes per document) instead of a Python list, because the
         # index needs the counts in its header before the lengths: memory is then independent of the corpus.
-        fd, self._len_tmp = tempfile.mkstemp(prefix=Path(self.prefix).name + ".", suffix=".lengths",
-                                             dir=Path(self.prefix).parent)
+        try:
+            fd, self._len_tmp = tempfile.mkstemp(prefix=Path(self.prefix).name + ".", suffix=".lengths",
+                                                 dir=Path(self.prefix).parent)
+        except BaseException:
+            self._bin.close()
+            os.unlink(self._bin_tmp)
+            raise
         self._lengths = os.fdopen(fd, "wb")
         self.num_documents = 0
         self.num_tokens = 0
@@ -106,8 +135,16 @@ class IndexedDatasetWriter:
         self.num_tokens += int(tokens.size)
 
     def finalize(self) -> None:
-        """Write the index and move both files into place."""
-        self._bin.close()
+        """Write the index, make both files durable and move them into place (`.bin` first, `.idx` last).
+        On any error (a full disk above all) the temporary files are removed before the error propagates."""
+        try:
+            self._finalize()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finalize(self) -> None:
+        _close_durably(self._bin)
         self._lengths.close()
         n = self.num_documents
         itemsize = self.dtype.itemsize
@@ -130,18 +167,27 @@ class IndexedDatasetWriter:
                 offset = int(ends[-1])
             for start in range(0, n + 1, _CHUNK):
                 out.write(np.arange(start, min(n + 1, start + _CHUNK), dtype=np.int64).tobytes())
+            out.flush()
+            os.fsync(out.fileno())
         os.unlink(self._len_tmp)
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(idx_tmp, idx_path(self.prefix))
+        fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
         self._closed = True
 
     def abort(self) -> None:
-        """Close and remove the temporary files."""
+        """Close and remove the temporary files. Never raises: closing flushes buffered bytes, which fails
+        again on a full disk, and the files must go all the same."""
         for f in (self._bin, self._lengths):
-            f.close()
+            try:
+                f.close()
+            except OSError:
+                pass
         for p in (self._bin_tmp, self._len_tmp, idx_path(self.prefix) + ".tmp"):
-            if os.path.exists(p):
+            try:
                 os.unlink(p)
+            except OSError:  # already gone (or renamed into place by finalize)
+                pass
         self._closed = True
 
     def __enter__(self) -> IndexedDatasetWriter:
@@ -154,14 +200,94 @@ class IndexedDatasetWriter:
             self.finalize()
 
 
+def check_index(
+    prefix: str,
+    dtype: np.dtype,
+    lengths: np.ndarray,
+    pointers: np.ndarray,
+    document_indices: np.ndarray,
+    bin_size: int,
+) -> None:
+    """Check an index body against itself, its `.bin` size and the prefix's manifest; DataError naming the
+    file and the first bad entry.
+
+    Every length is positive; each pointer is the sum of the lengths before it times the dtype's size; the
+    last pointer plus its length is exactly the `.bin` size; document indices start at 0, increase and end
+    at the sequence count; the manifest's dtype, document and token counts (when it has them) match. Numpy
+    over chunks of `_CHECK_CHUNK` entries: linear in the number of sequences, constant memory.
+    """
+    ipath, bpath = idx_path(prefix), bin_path(prefix)
+    itemsize = dtype.itemsize
+    redo = "the index is damaged or belongs to other data: re-run `megalite prepare`"
+    s = lengths.size
+    offset = 0  # byte offset in .bin where the next sequence must start
+    for lo in range(0, s, _CHECK_CHUNK):
+        chunk = lengths[lo : lo + _CHECK_CHUNK].astype(np.int64)
+        bad = np.flatnonzero(chunk <= 0)
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{ipath}: sequence {lo + i} has length {int(chunk[i])} (must be positive); {redo}")
+        ends = np.cumsum(chunk) * itemsize + offset
+        starts = ends - chunk * itemsize
+        bad = np.flatnonzero(pointers[lo : lo + _CHECK_CHUNK] != starts)
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(
+                f"{ipath}: sequence {lo + i} points at byte {int(pointers[lo + i])} of {os.path.basename(bpath)}, "
+                f"but the lengths before it ({dtype.name}, {itemsize} bytes a token) put it at byte "
+                f"{int(starts[i])}; {redo}"
+            )
+        offset = int(ends[-1])
+    if bin_size != offset:
+        which = "shorter" if bin_size < offset else "longer"
+        raise DataError(
+            f"{bpath}: data file is {which} than its index says ({bin_size} bytes, index needs exactly {offset}); "
+            "it is truncated, has bytes appended or belongs to another index: re-run `megalite prepare`"
+        )
+    d = document_indices
+    if int(d[0]) != 0:
+        raise DataError(f"{ipath}: document index 0 is {int(d[0])} (must be 0); {redo}")
+    for lo in range(0, d.size - 1, _CHECK_CHUNK):
+        step = np.diff(d[lo : lo + _CHECK_CHUNK + 1])
+        bad = np.flatnonzero(step <= 0)
+        if bad.size:
+            i = lo + int(bad[0]) + 1
+            raise DataError(
+                f"{ipath}: document index {i} is {int(d[i])}, not above the one before it ({int(d[i - 1])}); {redo}"
+            )
+    if int(d[-1]) != s:
+        raise DataError(f"{ipath}: last document index {int(d[-1])} != sequence count {s}; {redo}")
+    manifest = read_manifest(prefix)
+    if manifest is None:
+        return
+    mpath = manifest_path(prefix)
+    if "dtype" in manifest and manifest["dtype"] != dtype.name:
+        raise DataError(
+            f"{ipath}: token dtype {dtype.name} (code {CODE_OF_DTYPE[dtype]} in the header) but {mpath} says "
+            f"{manifest['dtype']!r}; {redo}"
+        )
+    tokens = offset // itemsize
+    for key, have in (("num_documents", s), ("num_tokens", tokens)):
+        if key in manifest and manifest[key] != have:
+            raise DataError(f"{ipath}: {have} {key[4:]} in the index but {mpath} says {key} = {manifest[key]}; {redo}")
+
+
+def _close_durably(f) -> None:  # noqa: ANN001 - a binary file object
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
 class IndexedDataset:
     """A memory-mapped reader of a Megatron indexed dataset: `ds[i]` is document/sequence i's token array.
 
-    Opening validates the header, version, dtype, the index size and that `.bin` holds exactly the
-    bytes the index points to, so a damaged file fails here with its name and not later in training.
+    Opening checks the whole index against itself, the `.bin` and the manifest (`check_index`), so a damaged,
+    mismatched or foreign file fails here with its name and the first bad entry, not later in training.
+    `verify=False` skips the body checks (the header is always checked): a DataLoader worker re-opening a
+    dataset its parent already checked uses it.
     """
 
-    def __init__(self, prefix: str | os.PathLike):
+    def __init__(self, prefix: str | os.PathLike, verify: bool = True):
         self.prefix = os.fspath(prefix)
         ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
         for p in (ipath, bpath):
@@ -182,23 +308,21 @@ class IndexedDataset:
         self.sequence_count, self.document_count = struct.unpack("<QQ", header[18:34])
         s, d = self.sequence_count, self.document_count
         expected = HEADER_SIZE + 4 * s + 8 * s + 8 * d
-        if size < expected:
-            raise DataError(f"{ipath}: index is truncated ({size} bytes, its header needs {expected})")
+        if size != expected:
+            raise DataError(
+                f"{ipath}: index is {size} bytes but its header ({s} sequences, {d} document boundaries) needs "
+                f"{expected}: it is {'truncated' if size < expected else 'damaged'}; re-run `megalite prepare`"
+            )
         if d < 1:
             raise DataError(f"{ipath}: index has no document boundaries")
         self._idx = np.memmap(ipath, mode="r", dtype=np.uint8)
         self.sequence_lengths = np.frombuffer(self._idx, dtype=np.int32, count=s, offset=HEADER_SIZE)
         self.sequence_pointers = np.frombuffer(self._idx, dtype=np.int64, count=s, offset=HEADER_SIZE + 4 * s)
         self.document_indices = np.frombuffer(self._idx, dtype=np.int64, count=d, offset=HEADER_SIZE + 12 * s)
-        if int(self.document_indices[-1]) != s:
-            raise DataError(f"{ipath}: last document index {int(self.document_indices[-1])} != sequence count {s}")
-        need = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if s else 0
         have = os.path.getsize(bpath)
-        if have < need:
-            raise DataError(
-                f"{bpath}: data file is shorter than its index says ({have} bytes, index needs {need}); "
-                "it is truncated or belongs to another index: re-run `megalite prepare`"
-            )
+        if verify:
+            check_index(self.prefix, self.dtype, self.sequence_lengths, self.sequence_pointers,
+                        self.document_indices, have)
         # An empty memmap is an error in numpy, and a zero-document dataset is legal to open.
         self._bin = np.memmap(bpath, mode="r", dtype=self.dtype) if have else np.zeros(0, dtype=self.dtype)
 
@@ -207,7 +331,7 @@ class IndexedDataset:
         return {"prefix": self.prefix}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["prefix"])
+        self.__init__(state["prefix"], verify=False)  # checked when the original was opened
 
     def __len__(self) -> int:
         return self.sequence_count

@@ -11,6 +11,7 @@ Heavy libraries (tokenizers, datasets, pyarrow) are imported inside functions so
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -24,20 +25,22 @@ from typing import Any
 
 import numpy as np
 
-from megalite.data.clean import CleanConfig, CleanReport, Deduplicator, clean_and_filter, digest
-from megalite.data.indexed import IndexedDatasetWriter, bin_path, idx_path, token_dtype
-from megalite.data.sources import Source, iter_source, resolve
+from megalite.data.clean import CleanConfig, CleanReport, Deduplicator, clean_and_filter, digest, screen
+from megalite.data.indexed import (
+    IndexedDatasetWriter,
+    bin_path,
+    idx_path,
+    manifest_path,
+    read_manifest,
+    token_dtype,
+)
+from megalite.data.sources import Document, Source, iter_source, resolve
 from megalite.data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info, train_bpe
 from megalite.errors import DataError
-from megalite.files import sha256_file
+from megalite.files import atomic_write_text, sha256_file
 
 MANIFEST_FORMAT = "megalite-indexed/1"
 DEFAULT_VOCAB_SIZE = 8192
-
-
-def manifest_path(prefix: str | os.PathLike) -> str:
-    """The manifest of a prefix."""
-    return f"{os.fspath(prefix)}.json"
 
 
 def tokenizer_path(prefix: str | os.PathLike) -> str:
@@ -54,12 +57,13 @@ def iter_documents(
     blank_line_docs: bool,
     max_documents: int | None,
     counts: dict[str, int] | None = None,
-) -> Iterator[str]:
-    """Every document of every source in order; DataError for a source that yields none."""
+    max_chars: int | None = None,
+) -> Iterator[Document]:
+    """Every document of every source in order (see `sources.iter_source`); DataError for a source with none."""
     total = 0
     for src in sources:
         n = 0
-        for doc in iter_source(src, text_key, blank_line_docs):
+        for doc in iter_source(src, text_key, blank_line_docs, max_chars):
             if max_documents is not None and total >= max_documents:
                 break
             n += 1
@@ -74,9 +78,14 @@ def iter_documents(
 
 
 def _batches(docs: Iterable[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    """Batches of at most `max_docs` documents and `max_chars` characters (or one longer document alone):
+    a worker's memory follows the larger of a batch and the longest document, never their sum."""
     batch: list[str] = []
     chars = 0
     for d in docs:
+        if batch and chars + len(d) > max_chars:
+            yield batch
+            batch, chars = [], 0
         batch.append(d)
         chars += len(d)
         if len(batch) >= max_docs or chars >= max_chars:
@@ -160,8 +169,12 @@ def prepare(
     batch_chars: int = 1 << 18,
     progress: bool | None = None,
 ) -> dict:
-    """Run the whole pipeline; return the manifest (also written to PREFIX.json). DataError on bad input."""
-    t0 = time.perf_counter()
+    """Run the whole pipeline; return the manifest (also written to PREFIX.json). DataError on bad input.
+
+    A failure (bad input, a full disk, an interrupt) leaves no partial file: temporary files are removed, and
+    so are the outputs this run had already moved into place. A full disk is a DataError naming the output
+    and the free space.
+    """
     cfg = clean or CleanConfig()
     if workers < 1:
         raise DataError(f"--workers {workers}: need at least 1")
@@ -169,44 +182,146 @@ def prepare(
         raise DataError("no --input given")
     if tokenizer is not None and vocab_size is not None:
         raise DataError("give either --tokenizer or --vocab-size, not both")
+    if cfg.min_chars < 0:
+        raise DataError(f"--min-chars {cfg.min_chars}: must be 0 or more")
+    if cfg.max_chars is not None and cfg.max_chars < max(1, cfg.min_chars):
+        raise DataError(f"--max-chars {cfg.max_chars}: must be at least 1 and at least --min-chars {cfg.min_chars}")
     if progress is None:
         progress = sys.stderr.isatty()
     sources = [resolve(s) for s in inputs]  # missing inputs fail here, before any slow work
-    out = Path(output_prefix)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    created: list[str] = []  # files this run moved into place, removed again if it fails later
+    try:
+        return _prepare(sources, output_prefix, tokenizer, vocab_size, text_key, workers, blank_line_docs, cfg,
+                        eod_token, max_documents, batch_docs, batch_chars, progress, created)
+    except BaseException as e:
+        for path in created:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            folder = os.path.dirname(os.path.abspath(output_prefix))
+            free = shutil.disk_usage(folder).free
+            raise DataError(
+                f"{output_prefix}.bin/.idx/.json/.tokenizer.json: no space left on the device of {folder} while "
+                f"writing the prepared data; this run's partial files were removed, which leaves "
+                f"{free / 2**20:.1f} MiB free there. Free some space or choose another --output-prefix."
+            ) from e
+        raise
+
+
+def _prepare(
+    sources: list[Source],
+    output_prefix: str,
+    tokenizer: str | None,
+    vocab_size: int | None,
+    text_key: str,
+    workers: int,
+    blank_line_docs: bool,
+    cfg: CleanConfig,
+    eod_token: str | None,
+    max_documents: int | None,
+    batch_docs: int,
+    batch_chars: int,
+    progress: bool,
+    created: list[str],
+) -> dict:
+    t0 = time.perf_counter()
+    inputs = [s.spec for s in sources]
     tok_out = tokenizer_path(output_prefix)
+    # The tokenizer goes to a temporary name too, so a failed run leaves no tokenizer without its data.
+    tok_tmp = f"{tok_out}.tmp-{os.getpid()}"
 
     # Tokenizer: copied byte for byte (its hash then matches the user's file) or trained on a stream.
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-        if os.path.abspath(tokenizer) != os.path.abspath(tok_out):
-            shutil.copyfile(tokenizer, tok_out)
-        trained = False
-    else:
-        vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
-        dedup = Deduplicator() if cfg.dedup else None
-        scratch = CleanReport()
+    try:
+        if tokenizer is not None:
+            tok = load_tokenizer(tokenizer)
+            if os.path.abspath(tokenizer) != os.path.abspath(tok_out):
+                shutil.copyfile(tokenizer, tok_tmp)
+                tok_file = tok_tmp
+            else:
+                tok_file = tok_out
+            trained = False
+        else:
+            vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
+            dedup = Deduplicator() if cfg.dedup else None
+            scratch = CleanReport()
 
-        def training_texts() -> Iterator[str]:
-            for doc in iter_documents(sources, text_key, blank_line_docs, max_documents):
-                c = clean_and_filter(doc, cfg, scratch)
-                if c is not None and (dedup is None or not dedup.seen(digest(c))):
-                    yield c
+            def training_texts() -> Iterator[str]:
+                for doc in iter_documents(sources, text_key, blank_line_docs, max_documents, None, cfg.max_chars):
+                    c = clean_and_filter(doc, cfg, scratch)
+                    if c is not None and (dedup is None or not dedup.seen(digest(c))):
+                        yield c
 
-        tok = train_bpe(training_texts(), vocab_size, show_progress=progress)
-        del dedup
-        if scratch.input_documents - sum(scratch.removed_documents.values()) <= 0:
-            raise DataError(f"{', '.join(inputs)}: zero documents left after cleaning\n{scratch.summary()}")
-        tok.save(tok_out)
-        trained = True
-    info = tokenizer_info(tok, eod_token, source=tokenizer or tok_out)
-    del tok
+            tok = train_bpe(training_texts(), vocab_size, show_progress=progress)
+            del dedup
+            if scratch.input_documents - sum(scratch.removed_documents.values()) <= 0:
+                raise DataError(f"{', '.join(inputs)}: zero documents left after cleaning\n{scratch.summary()}")
+            with open(tok_tmp, "w", encoding="utf-8") as f:  # what tok.save writes, but a full disk is an OSError
+                f.write(tok.to_str(pretty=True))
+            tok_file = tok_tmp
+            trained = True
+        info = tokenizer_info(tok, eod_token, source=tokenizer or tok_out)
+        del tok
+        manifest, report = _write_data(sources, output_prefix, tok_file, info, text_key, workers, blank_line_docs,
+                                       cfg, max_documents, batch_docs, batch_chars, progress, created)
+        manifest.update({
+            # Relative to the manifest's folder, so the prepared data can be moved as a whole.
+            "tokenizer_file": os.path.basename(tok_out),
+            "tokenizer_sha256": sha256_file(tok_file)[1],
+            "tokenizer_source": os.path.abspath(tokenizer) if tokenizer else None,
+            "tokenizer_trained": trained,
+            "vocab_size": info.vocab_size,
+            "eod_token_id": info.eod_token_id,
+            "bos_token_id": info.bos_token_id,
+        })
+        if tok_file == tok_tmp:
+            with open(tok_tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tok_tmp, tok_out)
+            created.append(tok_out)
+    finally:
+        if os.path.exists(tok_tmp):
+            os.unlink(tok_tmp)
+    manifest["cleaning"] = manifest.pop("cleaning")  # keep the manifest's key order: cleaning last
+    atomic_write_text(manifest_path(output_prefix), json.dumps(manifest, indent=2) + "\n")
+    seconds = time.perf_counter() - t0
+    print(report.summary(), file=sys.stderr)
+    n_docs, n_tokens = manifest["num_documents"], manifest["num_tokens"]
+    print(
+        f"wrote {output_prefix}.bin/.idx/.json: {n_docs} documents, {n_tokens} tokens "
+        f"({manifest['dtype']}) in {seconds:.1f}s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s)",
+        file=sys.stderr,
+    )
+    return manifest
+
+
+def _write_data(
+    sources: list[Source],
+    output_prefix: str,
+    tok_file: str,
+    info: TokenizerInfo,
+    text_key: str,
+    workers: int,
+    blank_line_docs: bool,
+    cfg: CleanConfig,
+    max_documents: int | None,
+    batch_docs: int,
+    batch_chars: int,
+    progress: bool,
+    created: list[str],
+) -> tuple[dict, CleanReport]:
+    """Clean, de-duplicate, tokenise and write PREFIX.bin/.idx: (the manifest without its tokenizer fields,
+    the cleaning report)."""
+    inputs = [s.spec for s in sources]
     dtype = token_dtype(info.vocab_size)
-
     report = CleanReport()
     dedup = Deduplicator() if cfg.dedup else None
     counts: dict[str, int] = {}
-    docs = iter_documents(sources, text_key, blank_line_docs, max_documents, counts)
+    # Null text and over-long documents are dropped here, as read: they never reach a worker.
+    docs = (d for d in iter_documents(sources, text_key, blank_line_docs, max_documents, counts, cfg.max_chars)
+            if screen(d, cfg, report) is not None)
     # A stale manifest must not describe new .bin/.idx files if this run dies half-way.
     if os.path.exists(manifest_path(output_prefix)):
         os.unlink(manifest_path(output_prefix))
@@ -235,7 +350,7 @@ def prepare(
             bar.update(rep.input_documents)
             bar.set_postfix(tokens=writer.num_tokens, refresh=False)
 
-        initargs = (tok_out, info, cfg, dtype.str)
+        initargs = (tok_file, info, cfg, dtype.str)
         batches = _batches(docs, batch_docs, batch_chars)
         if workers == 1:
             _init_worker(*initargs)
@@ -256,8 +371,7 @@ def prepare(
         bar.close()
         if writer.num_documents == 0:
             raise DataError(f"{', '.join(inputs)}: zero documents left after cleaning\n{report.summary()}")
-    seconds = time.perf_counter() - t0
-
+    created += [bin_path(output_prefix), idx_path(output_prefix)]
     manifest = {
         "format": MANIFEST_FORMAT,
         "inputs": [{"input": s.spec, "kind": s.kind, "documents": counts.get(s.spec, 0)} for s in sources],
@@ -266,41 +380,10 @@ def prepare(
         "num_tokens": writer.num_tokens,
         "bin": os.path.basename(bin_path(output_prefix)),
         "idx": os.path.basename(idx_path(output_prefix)),
-        # Relative to the manifest's folder, so the prepared data can be moved as a whole.
-        "tokenizer_file": os.path.basename(tok_out),
-        "tokenizer_sha256": sha256_file(tok_out)[1],
-        "tokenizer_source": os.path.abspath(tokenizer) if tokenizer else None,
-        "tokenizer_trained": trained,
-        "vocab_size": info.vocab_size,
-        "eod_token_id": info.eod_token_id,
-        "bos_token_id": info.bos_token_id,
         "dtype": dtype.name,
         "cleaning": {"config": asdict(cfg), "report": report.to_dict()},
     }
-    tmp = manifest_path(output_prefix) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, manifest_path(output_prefix))
-    print(report.summary(), file=sys.stderr)
-    print(
-        f"wrote {output_prefix}.bin/.idx/.json: {writer.num_documents} documents, {writer.num_tokens} tokens "
-        f"({dtype.name}) in {seconds:.1f}s ({writer.num_tokens / max(seconds, 1e-9):,.0f} tokens/s)",
-        file=sys.stderr,
-    )
-    return manifest
-
-
-def read_manifest(prefix: str | os.PathLike) -> dict | None:
-    """The manifest of a prefix, or None when there is none (data prepared by another tool)."""
-    path = manifest_path(prefix)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable manifest ({e})") from e
+    return manifest, report
 
 
 def manifest_tokenizer(prefix: str | os.PathLike) -> str | None:
