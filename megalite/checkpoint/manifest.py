@@ -92,15 +92,26 @@ def run_identity(cfg: Any) -> dict[str, Any]:
     return check_json({"seed": cfg.train.seed, "model": model, "data": data, "optimizer": optimizer}, "run identity")
 
 
+# The fields of a data manifest (PREFIX.json) that decide the tokens a run reads; other fields (the cleaning
+# report, settings added by later versions of `prepare`) may differ for the same data.
+DATA_FINGERPRINT_FIELDS = ("num_documents", "num_tokens", "dtype", "vocab_size", "eod_token_id", "bos_token_id",
+                           "tokenizer_sha256")
+
+
 def data_fingerprint(prefix: str) -> str:
-    """A cheap content fingerprint of a data prefix: the SHA-256 of its manifest (PREFIX.json, which records the
-    token and document counts and the tokenizer's hash), or the sizes of its .idx and .bin without one."""
-    manifest = f"{prefix}.json"
-    if os.path.isfile(manifest):
-        with open(manifest, "rb") as f:
-            return "manifest-sha256:" + hashlib.sha256(f.read()).hexdigest()
+    """A cheap content fingerprint of a data prefix: the token-deciding fields of its manifest and the sizes of its
+    .idx and .bin files (without a manifest, the sizes alone)."""
     sizes = [os.path.getsize(f"{prefix}{ext}") if os.path.exists(f"{prefix}{ext}") else -1 for ext in (".idx", ".bin")]
-    return f"sizes:{sizes[0]},{sizes[1]}"
+    fields: dict[str, Any] = {}
+    if os.path.isfile(f"{prefix}.json"):
+        try:
+            with open(f"{prefix}.json", encoding="utf-8") as f:
+                manifest = json.load(f)
+            fields = {k: manifest.get(k) for k in DATA_FINGERPRINT_FIELDS} if isinstance(manifest, dict) else {}
+        except (OSError, ValueError):
+            fields = {}
+    body = json.dumps({"sizes": sizes, **fields}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
 
 def identity_difference(theirs: Any, mine: dict[str, Any]) -> str:
