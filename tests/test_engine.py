@@ -191,6 +191,9 @@ def test_zero_stages_match_plain_pytorch(workdir):
             if s >= 1:  # Adam's state is partitioned over the 2 data-parallel ranks
                 total = r["num_params"] if s < 3 else sum(v.numel() for v in r["params"].values())
                 assert abs(r["opt_numel"] - total / 2) <= 0.05 * total, (s, r["opt_numel"], total)
+            # ZeRO-0's norm (megalite's float64 one) is the norm ZeRO-1/2/3 report
+            for a, b in zip(r["grad_norms"], rank_result["zero1"]["grad_norms"]):
+                assert abs(a - b) <= 1e-6 * b, (s, a, b)
             # preflight's size estimate against the bytes this run's checkpoint really has on disk
             print(f"ZeRO-{s} fp32 checkpoint: {r['checkpoint_bytes']} bytes, estimate {r['checkpoint_estimate']}")
             assert abs(r["checkpoint_estimate"] / r["checkpoint_bytes"] - 1) < 0.10, (s, r["checkpoint_bytes"])
@@ -286,6 +289,25 @@ def test_megalite_schedules_follow_their_formulas():
     assert _lr_sequence(build_schedule(opt, {"type": "Constant"}, 5), opt, 5) == [0.3] * 5
     opt = _dummy_optimizer(0.3)
     assert _lr_sequence(build_schedule(opt, None, 5), opt, 3) == [0.3] * 3  # no scheduler: constant
+
+
+def test_zero0_gradient_norm_is_accurate_where_torchs_cpu_norm_is_not():
+    """Why ZeRO-0 drifted from ZeRO-1/3 (issue 14 item 12): torch's CPU fp32 norm of a large tensor accumulates an
+    error that grows with its size, and DeepSpeed's ZeRO-0 clipping took per-parameter fp32 norms. megalite's
+    ZeRO-0 norm (also used to clip) sums squares in float64."""
+    from megalite.engine.strategy import clip_gradients, global_grad_norm
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(10_000_000))
+    p.grad = torch.randn(10_000_000) * 1e-3
+    exact = float(p.grad.double().norm())
+    assert abs(float(p.grad.norm()) / exact - 1) > 1e-5  # positive control: torch's fp32 norm is off here
+    assert abs(global_grad_norm([p], None) / exact - 1) < 1e-12
+    clip_gradients([p], exact, 0.5 * exact)
+    assert float(p.grad.double().norm()) == pytest.approx(0.5 * exact, rel=1e-6)
+    q = torch.nn.Parameter(torch.zeros(3))
+    q.grad = torch.tensor([1.0, float("nan"), 0.0])
+    assert math.isnan(global_grad_norm([q], None))
 
 
 def test_every_configured_optimizer_and_schedule_is_built():

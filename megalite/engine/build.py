@@ -161,6 +161,9 @@ def deepspeed_dict(cfg: Config, world_size: int) -> dict:
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
         ds["bf16"].setdefault("check_grad_overflow", True)
     zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) == 0 and cfg.precision == "fp32" and cfg.parallel.pipeline == 1:
+        # megalite clips at ZeRO-0 itself, with its float64 global norm (engine.strategy.DenseStrategy).
+        ds["gradient_clipping"] = 0.0
     if zero.get("stage", 0) == 3:
         # Full weights in the model-states file at every save: `convert`, `eval` and `generate` read them there.
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)

@@ -13,7 +13,7 @@ lets every rank save, skip or stop together instead of hanging in a collective.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,14 +107,15 @@ class DenseStrategy(Strategy):
             losses.append(loss.detach())
             engine.backward(loss)
             timer.lap("backward")
-            if micro == ga - 1 and engine.zero_optimization_stage() == 0 and self.cfg.precision == "fp32":
-                # DeepSpeed clips at ZeRO-0 fp32 but keeps no norm and applies a non-finite step: check it here.
-                self.grad_norm = self._stage0_grad_norm(engine)  # global (DP-reduced, TP-aware): same everywhere
+            if micro == ga - 1 and self.clips_itself(engine):
+                # DeepSpeed's ZeRO-0 keeps no norm and applies a non-finite step; megalite checks and clips here.
+                self.grad_norm = global_grad_norm(engine.module.parameters(), self.grid)  # same on every rank
                 if not math.isfinite(self.grad_norm):
                     engine.zero_grad()
                     engine.micro_steps -= micro
                     skipped = True
                     continue
+                clip_gradients(engine.module.parameters(), self.grad_norm, self.cfg.deepspeed.get("gradient_clipping", 0))
             skipped_before = engine.skipped_steps
             engine.step()
             timer.lap("optimizer")
@@ -126,12 +127,10 @@ class DenseStrategy(Strategy):
         dist.all_reduce(mean, group=self.grid.get_data_parallel_group())
         return StepOutcome(mean.item() / self.dp_size, False, agreed_preempted)
 
-    def _stage0_grad_norm(self, engine: Any) -> float:
-        """The global gradient norm, NaN when it is not finite (DeepSpeed's helper reports that as -1)."""
-        from deepspeed.runtime.utils import get_flattened_grad_norm, is_invalid_grad_norm
-
-        norm = float(get_flattened_grad_norm(list(engine.module.parameters()), mpu=self.grid))
-        return float("nan") if is_invalid_grad_norm(norm) else norm
+    def clips_itself(self, engine: Any) -> bool:
+        """ZeRO-0 in fp32: DeepSpeed's optimizer wrapper keeps no gradient norm, so megalite computes it (to skip a
+        non-finite step and to log it) and clips with it (engine.build turns DeepSpeed's clipping off there)."""
+        return engine.zero_optimization_stage() == 0 and self.cfg.precision == "fp32"
 
     def eval_loss(self, engine: Any, batch: dict) -> float:
         return float(engine(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
@@ -193,3 +192,37 @@ class PipelineStrategy(Strategy):
 def strategy_for(cfg: Config, grid: Any, device: torch.device) -> Strategy:
     """The strategy of a run's layout."""
     return PipelineStrategy(cfg, grid, device) if cfg.parallel.pipeline > 1 else DenseStrategy(cfg, grid, device)
+
+
+def global_grad_norm(parameters: Iterable[torch.nn.Parameter], grid: Any) -> float:
+    """The L2 norm of the whole model's gradient: tensor-parallel shards summed over the TP group, replicated
+    parameters counted once, accumulated in float64 (NaN when not finite).
+
+    float64 because torch's CPU fp32 norm of a large tensor accumulates error with its size (relative 1e-5 at 1M
+    elements, 4e-4 at 10M): DeepSpeed's ZeRO-0 clipping, which takes per-parameter fp32 norms, logged and clipped
+    with a norm 1.5e-5 below the true one for the demo's embedding, and the runs drifted from ZeRO-1/3's.
+    """
+    tp_rank = grid.get_tensor_model_parallel_rank() if grid is not None else 0
+    total = None
+    for p in parameters:
+        if p.grad is None or not (tp_rank == 0 or getattr(p, "tensor_model_parallel", False)):
+            continue
+        square = p.grad.detach().double().pow(2).sum()
+        total = square if total is None else total + square
+    if total is None:
+        return 0.0
+    if grid is not None and grid.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=grid.get_tensor_model_parallel_group())
+    norm = float(total.sqrt())
+    return norm if math.isfinite(norm) else float("nan")
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], norm: float, max_norm: float) -> None:
+    """Scale the gradients so that their global norm is at most `max_norm` (torch's and DeepSpeed's rule, with
+    their 1e-6 guard); no-op for max_norm 0."""
+    if max_norm and max_norm > 0:
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in parameters:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
