@@ -72,8 +72,13 @@ def _hf_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_convert_any_layout_gives_the_same_hf_model(trained, tmp_path):
-    from megalite.checkpoint.consolidate import load_full_weights
+    """For every layout: the exported Hugging Face model's logits equal megalite's own logits for the same
+    checkpoint (fp32, 1e-5), and the exported tensors are exactly the merged shards (renamed, padding stripped)."""
+    from safetensors.torch import load_file
+
+    from megalite.checkpoint.consolidate import load_full_weights, model_from_checkpoint
     from megalite.interop.export import export_hf
+    from megalite.interop.hf import megalite_to_hf_state
 
     ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(3))
     logits = {}
@@ -82,10 +87,19 @@ def test_convert_any_layout_gives_the_same_hf_model(trained, tmp_path):
         assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
         logits[name] = _hf_logits(out, ids)
         assert logits[name].shape == (2, 11, 97), "vocabulary padding must be stripped"
-    for name in LAYOUTS:
+        cfg, model, _ = model_from_checkpoint(f"{trained}/{name}")
+        with torch.no_grad():
+            ours = model(ids, gather_logits=True)[..., :97]
+        torch.testing.assert_close(logits[name], ours, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: exported vs megalite logits: {m}")
+        _, state, _ = load_full_weights(f"{trained}/{name}")
+        expected, exported = megalite_to_hf_state(cfg.model, state), load_file(str(out / "model.safetensors"))
+        assert set(expected) == set(exported), name
+        for key, tensor in expected.items():
+            assert torch.equal(exported[key], tensor), (name, key)
+    for name in LAYOUTS:  # and the layouts agree with each other (the same training, other shardings)
         torch.testing.assert_close(logits[name], logits["tp1_zero2"], atol=2e-4, rtol=1e-4,
                                    msg=lambda m, name=name: f"{name} vs tp1_zero2: {m}")
-    # The exported weights are the checkpoint's own: compare with our merge of the shards directly.
     _, state, manifest = load_full_weights(f"{trained}/tp2_pp2")
     assert manifest["layout"]["tensor"] == 2 and manifest["layout"]["pipeline"] == 2
     assert state["output"].shape == (100, 32)  # padded vocabulary, full (unsharded) rows
