@@ -30,8 +30,33 @@ def workdir(tmp_path_factory) -> str:
     return str(d)
 
 
-def _param_checksum(run) -> float:
-    return float(sum(p.detach().double().sum() for p in run.engine.module.parameters()))
+def _param_checksum(run) -> str:
+    """A digest of every bit of this rank's training state: the module's parameters and the optimizer's tensors
+    (its parameters, the fp32 master partitions under ZeRO, and their Adam moments)."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def add(t: torch.Tensor) -> None:
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+    for p in run.engine.module.parameters():
+        add(p)
+    opt = run.engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # ZeRO wraps a torch optimizer holding the fp32 partitions
+    for group in inner.param_groups:
+        for p in group["params"]:
+            add(p)
+            for value in inner.state.get(p, {}).values():
+                if torch.is_tensor(value):
+                    add(value)
+    return h.hexdigest()
+
+
+def _full_weights(run) -> dict[str, torch.Tensor]:
+    from megalite.model import full_state_dict, tensor_parallel_group
+
+    return {k: v.detach().clone() for k, v in full_state_dict(run.engine.module, tensor_parallel_group(run.grid)).items()}
 
 
 def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
@@ -46,7 +71,8 @@ def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
                                                                     "warmup_max_lr": 0.01, "warmup_type": "linear"}}
     cfg = C.from_dict(raw)
     run = Trainer(cfg)
-    trace = []
+    trace: list[dict] = []
+    last_good: dict = {}
     original = run.train_step
 
     def traced(timer):
@@ -56,14 +82,26 @@ def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
         loss, skipped = original(timer)
         trace.append({"step": run.step + 1, "loss": loss, "skipped": skipped, "before": before,
                       "after": _param_checksum(run)})
+        if not skipped and run.cfg.parallel.pipeline == 1:
+            last_good["weights"] = _full_weights(run)
         return loss, skipped
 
     run.train_step = traced
     code = run.train()
+    metrics = Path(run.output_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    saved_equal = None
+    steps = [s for s, _ in run.checkpoints.committed_steps()]
+    if code == EXIT_NONFINITE and steps and "weights" in last_good:  # the "last good" save against the weights
+        from megalite.checkpoint.consolidate import load_full_weights
+
+        _, saved, _ = load_full_weights(run.checkpoints.root)
+        saved_equal = all(torch.equal(saved[k], v.float()) for k, v in last_good["weights"].items())
     return {"exit": code, "trace": trace, "step": run.step, "skipped": run.nonfinite_skipped,
             # optimizer steps applied (DeepSpeed counts a step it refused in both numbers)
             "global_steps": run.engine.global_steps - run.engine.skipped_steps,
-            "checkpoints": [s for s, _ in run.checkpoints.committed_steps()]}
+            "checkpoints": steps, "nonfinite_logged": [r["step"] for r in records if r.get("kind") == "nonfinite"],
+            "saved_equals_last_good": saved_equal}
 
 
 def _nan_on_rank_one(at_steps: set[int]):
@@ -161,8 +199,11 @@ def test_failures_on_one_rank_reach_every_rank(workdir):
         assert skip["exit"] == 0 and skip["skipped"] == 1 and skip["step"] == 5
         assert skip["global_steps"] == 4, "the skipped step must not reach the optimizer"
         third = skip["trace"][2]
-        assert third["skipped"] and third["after"] == third["before"], "weights changed in a skipped step"
+        # A skipped step leaves every bit of the state as it was: weights, master weights and Adam moments.
+        assert third["skipped"] and third["after"] == third["before"], "state changed in a skipped step"
         assert all(t["after"] != t["before"] for t in skip["trace"] if not t["skipped"])
+        if rank == 0:
+            assert skip["nonfinite_logged"] == [3], "the skip must be in metrics.jsonl"
         if rank == 0:
             assert all(t["loss"] == t["loss"] for t in skip["trace"] if not t["skipped"])  # finite after the skip
 
@@ -175,9 +216,12 @@ def test_failures_on_one_rank_reach_every_rank(workdir):
         fail = r["fail"]
         assert fail["exit"] == EXIT_NONFINITE and fail["step"] == 3 and fail["checkpoints"] == [3]
         assert fail["global_steps"] == 2 and fail["trace"][-1]["after"] == fail["trace"][-1]["before"]
+        assert fail["saved_equals_last_good"] is True  # the saved weights are exactly those after step 2
         persist = r["persist"]
         assert persist["exit"] == EXIT_NONFINITE and persist["skipped"] == 2 and persist["checkpoints"] == [4]
-        assert persist["global_steps"] == 2
+        assert persist["global_steps"] == 2 and persist["saved_equals_last_good"] is True
+        if rank == 0:
+            assert fail["nonfinite_logged"] == [3] and persist["nonfinite_logged"] == [3, 4]
 
         pp_skip = r["pp_skip"]
         assert pp_skip["exit"] == 0 and pp_skip["skipped"] == 1 and pp_skip["global_steps"] == 4

@@ -32,6 +32,7 @@ def _run(workdir: str, out: str, steps: int, **train) -> dict:
     code = trainer.train()
     root = Path(trainer.checkpoints.root)
     return {"exit": code, "start": trainer.start_step, "report": trainer.checkpoints.resume_report,
+            "losses": [r["loss"] for r in trainer.sink.records if r.get("kind") == "train"],
             "steps": [s for s, _ in trainer.checkpoints.committed_steps()],
             "entries": sorted(os.listdir(root)) if root.is_dir() else []}
 
@@ -49,8 +50,9 @@ def _identity_and_quarantine(workdir: str) -> dict:
     run = f"{workdir}/run"
     # The sequence: a finished run (seed 1234) with checkpoints 2 and 4 ...
     out["old"] = _run(workdir, run, 4, seed=1234, checkpoint_interval=2)
-    # ... a new run (seed 999) with resume: never in the same directory ...
+    # ... a new run (seed 999) with resume: never in the same directory (its losses: those of a fresh run) ...
     out["never"] = _run(workdir, run, 3, seed=999, resume="never")
+    out["fresh"] = _run(workdir, f"{workdir}/fresh", 3, seed=999)
     # ... then that run continues with resume: auto: it must resume its own step 3, not the old run's step 4.
     out["auto"] = _run(workdir, run, 6, seed=999)
     # The old run's settings over the new run's checkpoints: refused, naming the difference and what to do.
@@ -89,6 +91,7 @@ def test_never_moves_another_runs_checkpoints_aside_and_auto_resumes_its_own(ide
         assert res["old"]["steps"] == [4, 2]
         never = res["never"]
         assert never["start"] == 0 and never["steps"] == [3, 2]
+        assert never["losses"] == res["fresh"]["losses"]  # started from step 1, not from the old weights
         assert any("moved the checkpoints already in" in line for line in never["report"]), never["report"]
         auto = res["auto"]
         assert auto["start"] == 3, auto["report"]  # its own latest, never the old run's newer step 4
