@@ -107,11 +107,12 @@ def _train_runs(workdir: str, variants: list[tuple[str, dict]]) -> dict:
 
 
 def _reference(workdir: str, global_batch: int, clip: float, data: dict | None = None,
-               model_options: dict | None = None) -> dict:
+               model_options: dict | None = None, deepspeed: dict | None = None) -> dict:
     """A plain PyTorch loop on one process: same model init, data order, AdamW groups, schedule, clipping.
 
     data: DOCUMENTS for packed documents (positions and document ids go to the model); model_options: ModelConfig
-    fields to set (the z-loss)."""
+    fields to set (the z-loss); deepspeed: the run's DeepSpeed section when not tiny_config's (optimizer and
+    schedule parameters are read from it)."""
     from deepspeed.runtime import lr_schedules
 
     from megalite.data import ResumableSampler, build_datasets
@@ -119,6 +120,8 @@ def _reference(workdir: str, global_batch: int, clip: float, data: dict | None =
 
     data = data or {}
     raw = tiny_config(f"{workdir}/tok", f"{workdir}/reference", data=data, model=model_options or {})
+    if deepspeed is not None:
+        raw["deepspeed"] = deepspeed
     cfg = C.from_dict(raw)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, C.ParallelConfig(), None, seed=cfg.train.seed)
@@ -364,6 +367,11 @@ def test_metrics_and_plot_written(workdir, tmp_path):
     assert traces and traces[0].stat().st_size > 1000, "the profiler window must write a trace"
 
 
+REPO = Path(__file__).resolve().parent.parent
+OFFLOAD_ADAM = {**json.loads((REPO / "configs" / "deepspeed" / "zero3_offload.json").read_text()),
+                "bf16": {"enabled": False}, "data_types": {}}
+
+
 def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
     """bf16 with fp32 master weights and fp32 accumulation; start from a Hugging Face checkpoint at TP2."""
     from megalite.engine.preflight import checkpoint_bytes
@@ -410,6 +418,14 @@ def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
     out["offload_exit"] = run.train()
     out["offload"] = bool(run.engine.zero_cpu_offload())
     out["offload_losses"] = [r["loss"] for r in run.sink.records if r.get("kind") == "train"]
+    del run
+
+    # The shipped ZeRO-3 offload config (parameters and optimizer on the CPU, AdamW as DeepSpeed's CPU Adam, built
+    # on first use), in fp32 so that it can be held to the plain loop's losses.
+    run = Trainer(C.from_dict(tiny_config(f"{workdir}/tok", f"{workdir}/offload-adam", deepspeed=OFFLOAD_ADAM)))
+    out["adam_offload_exit"] = run.train()
+    out["adam_offload_optimizer"] = type(getattr(run.engine.optimizer, "optimizer", run.engine.optimizer)).__name__
+    out["adam_offload_losses"] = [r["loss"] for r in run.sink.records if r.get("kind") == "train"]
     del run
 
     # init_from into a pipeline (last: no plain engine can be built in this process afterwards).
@@ -476,6 +492,13 @@ def test_bf16_precision_policy_and_init_from_hf(workdir, tmp_path):
         assert r["offload_exit"] == 0 and r["offload"]
         if rank == 0:
             assert len(r["offload_losses"]) == STEPS and r["offload_losses"][-1] < r["offload_losses"][0]
+        assert r["adam_offload_exit"] == 0 and r["adam_offload_optimizer"] == "DeepSpeedCPUAdam"
+        if rank == 0:  # DeepSpeed's CPU Adam with parameters offloaded: the plain AdamW loop's losses
+            offload_ref = _reference(workdir, global_batch=2 * OFFLOAD_ADAM["train_micro_batch_size_per_gpu"],
+                                     clip=OFFLOAD_ADAM["gradient_clipping"], deepspeed=OFFLOAD_ADAM)
+            assert len(r["adam_offload_losses"]) == STEPS
+            for a, b in zip(r["adam_offload_losses"], offload_ref["losses"]):
+                assert abs(a - b) < 1e-5, (r["adam_offload_losses"], offload_ref["losses"])
         assert "train.init_from" in r["mismatch"] and "hidden_size" in r["mismatch"]
         for stage, (real, estimate) in r["checkpoint_sizes"].items():  # preflight's estimate vs the bytes written
             assert abs(estimate / real - 1) < 0.10, ("bf16", stage, real, estimate)

@@ -71,7 +71,14 @@ def _adam(decoupled: bool) -> Callable[..., torch.optim.Optimizer]:
         if offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # DeepSpeed's op, built on first use
 
-            return DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=decoupled, **args)
+            try:
+                return DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=decoupled, **args)
+            except Exception as e:  # noqa: BLE001 - the JIT build of the op failed: say so at start-up
+                raise ConfigError(
+                    "deepspeed.zero_optimization.offload_optimizer: DeepSpeed's CPU Adam (the optimizer an offloaded "
+                    f"Adam/AdamW step needs) could not be built on this machine: {type(e).__name__}: {e}. It is "
+                    "compiled on first use and needs a C++ compiler and ninja; or train without offload_optimizer"
+                ) from None
         # Adam: weight decay is an L2 term added to the gradient; AdamW: decoupled weight decay.
         cls = torch.optim.AdamW if decoupled else torch.optim.Adam
         return cls(groups, lr=lr, fused=on_cuda or None, **args)
