@@ -10,7 +10,9 @@ also when called again after a crash: `start()` first clears what a previous run
 
 Usage: `cluster = SlurmCluster(); reason = cluster.start()` (None when it is up, else why
 not: not root, packages cannot be installed, ...); `cluster.env()` is the environment that
-points `sbatch`/`scontrol` at it; `cluster.stop()`.
+points `sbatch`/`scontrol` at it; `cluster.stop()`. A test that cannot get a cluster calls
+`unavailable(reason)`: a skip, or a failure naming the reason when MEGALITE_REQUIRE_SLURM=1 (.ci/run
+sets it, so an apt outage or a broken harness cannot leave CI green).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import NoReturn
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "iproute2", "shellcheck"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel", "munged", "munge", "ip",
@@ -42,6 +45,17 @@ SBIN_DIRS = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
 # One cluster per machine (fixed names and addresses): a second test session waits for the first.
 LOCK_FILE = Path(f"{SCRATCH}.lock")
 LOCK_WAIT_S = 300.0
+# Set to 1 (.ci/run does) to make a missing cluster a test failure instead of a skip.
+REQUIRE_ENV = "MEGALITE_REQUIRE_SLURM"
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the calling test (SLURM cannot run here, for `reason`), or fail it when MEGALITE_REQUIRE_SLURM=1."""
+    import pytest
+
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_ENV}=1: the SLURM tests must run here, so this is a failure)", pytrace=False)
+    pytest.skip(reason)
 
 
 def _which(name: str) -> str | None:

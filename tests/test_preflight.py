@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 from collections import namedtuple
 from pathlib import Path
 
@@ -87,13 +88,35 @@ def test_disk_space_against_checkpoint_estimate(tmp_path: Path, monkeypatch: pyt
     assert bad and "train.checkpoint_dir" in bad[0] and "lower train.keep_checkpoints" in bad[0]
 
 
+def test_checkpoint_dir_under_a_file(tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    notes.write_text("a file where a folder of the path should be")
+    with pytest.raises(NotADirectoryError):  # what the first save would meet
+        (notes / "ck").mkdir(parents=True)
+    for ckpt_dir in (notes / "ck", notes):
+        problems = _problems(preflight.check_disk(_cfg(tmp_path, train={"checkpoint_dir": str(ckpt_dir)})))
+        assert problems == [f"train.checkpoint_dir: cannot create {ckpt_dir}: {notes} is a file, not a directory"]
+
+
 def test_unwritable_checkpoint_dir(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root writes anywhere")
+    """A folder this user cannot write: mode 0500, or for root (whom modes do not stop) a read-only mount."""
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    cfg = _cfg(tmp_path, train={"checkpoint_dir": str(locked / "ck")})
-    assert "is not writable" in _problems(preflight.check_disk(cfg))[0]
+    as_root = os.geteuid() == 0
+    if as_root:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(locked)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            pytest.skip(f"root but cannot mount a read-only tmpfs: {r.stderr.strip()}")
+    try:
+        with pytest.raises(OSError):  # the folder is really unwritable for this user
+            (locked / "probe").mkdir()
+        cfg = _cfg(tmp_path, train={"checkpoint_dir": str(locked / "ck")})
+        problems = _problems(preflight.check_disk(cfg))
+    finally:
+        if as_root:
+            subprocess.run(["umount", str(locked)], check=False)
+    assert problems == [f"train.checkpoint_dir: cannot create or write {locked / 'ck'} ({locked} is not writable)"]
 
 
 def _ranks_preflight(raw: dict, fail_rank: int | None) -> list[str]:

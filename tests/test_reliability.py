@@ -101,7 +101,8 @@ def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
             # optimizer steps applied (DeepSpeed counts a step it refused in both numbers)
             "global_steps": run.engine.global_steps - run.engine.skipped_steps,
             "checkpoints": steps, "nonfinite_logged": [r["step"] for r in records if r.get("kind") == "nonfinite"],
-            "saved_equals_last_good": saved_equal}
+            "saved_equals_last_good": saved_equal,
+            "signal": run.preemption.received}  # the signal this rank's handler caught, if any
 
 
 def _nan_on_rank_one(at_steps: set[int]):
@@ -127,11 +128,16 @@ def _nan_grad_on_rank_one(at_step: int):
     return hook
 
 
-def _signal_rank_one_at(step_to_signal: int):
+def _signal_rank_one_at(step_to_signal: int, sig: signal.Signals):
     def hook(run, step):
         if torch.distributed.get_rank() == 1 and step == step_to_signal:
-            signal.raise_signal(signal.SIGTERM)  # handled by megalite: sets the flag only
+            signal.raise_signal(sig)  # handled by megalite: sets the flag only (the default would kill)
     return hook
+
+
+# Which preemption signal each stop-and-resume case sends: SIGTERM (scancel, preemption) and SIGUSR1 (the
+# batch scripts' warning before the time limit) take the same path; each is covered by dense and parallel cases.
+STOP_SIGNALS = {1: signal.SIGTERM, 2: signal.SIGUSR1, 3: signal.SIGTERM, "tp2": signal.SIGUSR1, "pp2": signal.SIGTERM}
 
 
 def _failure_scenarios(workdir: str) -> dict:
@@ -168,12 +174,12 @@ def _failure_scenarios(workdir: str) -> dict:
     finally:
         dataset_module.build_datasets = real
     out["broken_seconds"] = time.monotonic() - start
-    # SIGTERM to rank 1 only at step 3: all ranks save at step 3 and exit 75; a resume finishes the run
-    # with the same losses as an uninterrupted one (exact resume, RNG and data position included).
+    # SIGTERM or SIGUSR1 (STOP_SIGNALS) to rank 1 only at step 3: all ranks save at step 3 and exit 75; a resume
+    # finishes the run with the same losses as an uninterrupted one (exact resume, RNG and data position included).
     for stage in (1, 2, 3):
         ds = {"zero_optimization": {"stage": stage}}
         straight = _train(workdir, f"straight{stage}", 6, deepspeed=ds, model={"hidden_dropout": 0.1})
-        stopped = _train(workdir, f"resumed{stage}", 6, _signal_rank_one_at(3), deepspeed=ds,
+        stopped = _train(workdir, f"resumed{stage}", 6, _signal_rank_one_at(3, STOP_SIGNALS[stage]), deepspeed=ds,
                          model={"hidden_dropout": 0.1})
         resumed = _train(workdir, f"resumed{stage}", 6, deepspeed=ds, model={"hidden_dropout": 0.1})
         out[f"zero{stage}"] = {"straight": straight, "stopped": stopped, "resumed": resumed}
@@ -182,8 +188,8 @@ def _failure_scenarios(workdir: str) -> dict:
     for name, parallel in (("tp2", {"tensor": 2}), ("pp2", {"pipeline": 2})):
         ds = {"zero_optimization": {"stage": 1}}
         straight = _train(workdir, f"straight-{name}", 6, deepspeed=ds, parallel=parallel, model={"hidden_dropout": 0.1})
-        stopped = _train(workdir, f"resumed-{name}", 6, _signal_rank_one_at(3), deepspeed=ds, parallel=parallel,
-                         model={"hidden_dropout": 0.1})
+        stopped = _train(workdir, f"resumed-{name}", 6, _signal_rank_one_at(3, STOP_SIGNALS[name]), deepspeed=ds,
+                         parallel=parallel, model={"hidden_dropout": 0.1})
         resumed = _train(workdir, f"resumed-{name}", 6, deepspeed=ds, parallel=parallel, model={"hidden_dropout": 0.1})
         out[name] = {"straight": straight, "stopped": stopped, "resumed": resumed}
     # A NaN on the last pipeline stage: train_batch runs the whole step, DeepSpeed's ZeRO-1 refuses it.
@@ -230,6 +236,9 @@ def test_failures_on_one_rank_reach_every_rank(workdir):
             case = r[f"zero{stage}"] if isinstance(stage, int) else r[stage]
             assert case["stopped"]["exit"] == EXIT_PREEMPTED and case["stopped"]["step"] == 3
             assert case["stopped"]["checkpoints"] == [3]
+            # Rank 1 caught the signal; rank 0 caught none and stopped at the same boundary (the agreement).
+            assert case["stopped"]["signal"] == (STOP_SIGNALS[stage].name if rank == 1 else None), stage
+            assert case["straight"]["signal"] is None and case["resumed"]["signal"] is None
             assert case["resumed"]["exit"] == 0 and case["resumed"]["step"] == 6
             assert [t["step"] for t in case["resumed"]["trace"]] == [4, 5, 6]
             if rank == 0:

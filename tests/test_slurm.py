@@ -4,12 +4,16 @@ All jobs are submitted at once (two run side by side: one CPU per node each) and
 waits for its own: srun (with preflight), torchrun and the deepspeed launcher each train over
 both nodes, evaluate and exit 0; a fourth job, written by `megalite slurm --submit`, is sent
 USR1, saves, requeues itself, resumes and ends with the same final loss as the uninterrupted run.
+Three more jobs, whose ranks only exit with a given code (MEGALITE_COMMAND replaces the megalite CLI;
+seconds each), take the scripts' other ends: a failing rank (1) and too many non-finite steps (76)
+are never requeued, and a job that keeps being preempted (75) is requeued MEGALITE_MAX_RESTARTS times.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine_utils import tiny_config, write_token_dataset
-from tests.slurm_cluster import NODE_IFNAME, SlurmCluster, ensure_installed
+from tests.slurm_cluster import NODE_IFNAME, REQUIRE_ENV, SlurmCluster, ensure_installed, unavailable
 
 pytestmark = pytest.mark.slurm
 
@@ -30,6 +34,7 @@ SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
 HELPERS = sorted((REPO / "slurm").glob("*.sh"))
 STEPS = 200  # ~10 ms each: long enough for a signal to land mid-run, short enough for CI
 JOB_TIMEOUT_S = 240
+MAX_RESTARTS = 2  # for the job whose ranks always exit 75
 
 
 @dataclass
@@ -46,7 +51,7 @@ def cluster():
     c = SlurmCluster()
     reason = c.start()
     if reason:
-        pytest.skip(f"no SLURM cluster: {reason}")
+        unavailable(f"no SLURM cluster: {reason}")
     yield c
     c.stop()
 
@@ -87,14 +92,39 @@ def _submit_generated(cluster: SlurmCluster, work: Path, name: str, env: dict[st
     return Job(m.group(1), log, work / f"run-{name}")
 
 
+# MEGALITE_COMMAND for the exit-code jobs: rank N exits with the N-th of MEGALITE_TEST_EXIT_CODES, at once.
+FAKE_RANK = """#!/bin/bash
+read -r -a codes <<<"$MEGALITE_TEST_EXIT_CODES"
+rank=${RANK:-${SLURM_PROCID:-0}}
+echo "fake rank $rank of restart ${SLURM_RESTART_COUNT:-0} on $(hostname): $* -> exit ${codes[$rank]}" >&2
+exit "${codes[$rank]}"
+"""
+
+
+def _fake_rank_env(work: Path, env: dict[str, str], codes: str, **extra: str) -> dict[str, str]:
+    fake = work / "fake-rank.sh"
+    if not fake.exists():
+        fake.write_text(FAKE_RANK)
+        fake.chmod(0o755)
+    return dict(env, MEGALITE_COMMAND=str(fake), MEGALITE_TEST_EXIT_CODES=codes, **extra)
+
+
 @pytest.fixture(scope="module")
 def jobs(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
     work = tmp_path_factory.mktemp("slurm")
     write_token_dataset(str(work / "data"))
     env = _job_env(cluster)
     submitted = {
-        "srun": _sbatch(cluster, work, REPO / "slurm/train-srun.sbatch", "srun", dict(env, MEGALITE_PREFLIGHT="1")),
+        # The longest job (train, save, requeue, resume) first; then the exit-code jobs, which take seconds.
         "preempt": _submit_generated(cluster, work, "preempt", env),
+        # Rank 1 fails while rank 0 reports a preemption: the failure decides, nothing is requeued.
+        "fail1": _sbatch(cluster, work, REPO / "slurm/train-srun.sbatch", "fail1", _fake_rank_env(work, env, "75 1")),
+        # torchrun reports a worker's non-zero exit as 1: the job must still end with the ranks' own 76.
+        "nonfinite": _sbatch(cluster, work, REPO / "slurm/train-torchrun.sbatch", "nonfinite",
+                             _fake_rank_env(work, env, "76 76")),
+        "max_restarts": _sbatch(cluster, work, REPO / "slurm/train-srun.sbatch", "max_restarts",
+                                _fake_rank_env(work, env, "75 75", MEGALITE_MAX_RESTARTS=str(MAX_RESTARTS))),
+        "srun": _sbatch(cluster, work, REPO / "slurm/train-srun.sbatch", "srun", dict(env, MEGALITE_PREFLIGHT="1")),
         "torchrun": _sbatch(cluster, work, REPO / "slurm/train-torchrun.sbatch", "torchrun", env),
         "deepspeed": _sbatch(cluster, work, REPO / "slurm/train-deepspeed.sbatch", "deepspeed", env),
     }
@@ -152,7 +182,7 @@ def test_scripts_pass_shellcheck(tmp_path: Path) -> None:
     if not shutil.which("shellcheck"):
         reason = ensure_installed()
         if not shutil.which("shellcheck"):
-            pytest.skip(f"no shellcheck: {reason}")
+            unavailable(f"no shellcheck: {reason}")
     from megalite.commands import slurm as slurm_cli
     from megalite.engine.slurm import render
 
@@ -217,6 +247,98 @@ def test_deepspeed_launcher_script(cluster: SlurmCluster, jobs: dict[str, Job]) 
     assert "--node_rank=0" in log and "--node_rank=1" in log  # each node ran its own launcher (no ssh)
     assert _final_train_loss(jobs["deepspeed"].output_dir) == pytest.approx(
         _final_train_loss(jobs["srun"].output_dir), rel=1e-6, abs=0)
+
+
+def _rank_exit_codes(job: Job) -> dict[int, list[str]]:
+    """What slurm/rank.sh left per attempt (SLURM_RESTART_COUNT): each rank's exit code, rank 0 first."""
+    attempts = sorted((job.output_dir / "slurm" / job.id).glob("attempt-*"), key=lambda d: int(d.name.split("-")[1]))
+    return {int(d.name.split("-")[1]): [(d / f"rank-{r}.rc").read_text().strip() for r in range(2)] for d in attempts}
+
+
+def _check_not_requeued(cluster: SlurmCluster, job: Job, code: int) -> str:
+    info = _wait(cluster, job)
+    log = _log(job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == f"{code}:0", f"{info}\n{log[-4000:]}"
+    assert info["Restarts"] == "0", f"{info}\n{log[-4000:]}"
+    assert re.findall(r"SLURM_RESTART_COUNT=(\d+)", log) == ["0"], log[-4000:]  # one attempt only
+    assert f"training failed with exit code {code}: not requeueing" in log, log[-4000:]
+    assert "requeueing job" not in log
+    # Each rank ran what MEGALITE_COMMAND named, with the arguments `megalite` would get, on its own node.
+    ran = sorted(re.findall(rf"fake rank (\d) of restart 0 on (n\d): train \S+/{job.log.stem}\.json -> exit", log))
+    assert ran == [("0", "n1"), ("1", "n2")], log[-4000:]
+    return log
+
+
+def test_failing_rank_is_not_requeued(cluster: SlurmCluster, jobs: dict[str, Job]) -> None:
+    log = _check_not_requeued(cluster, jobs["fail1"], 1)
+    assert "2 of 2 ranks reported: 0 done, 1 preempted, first failure 1" in log
+    assert _rank_exit_codes(jobs["fail1"]) == {0: ["75", "1"]}
+
+
+def test_nonfinite_exit_is_not_requeued_under_torchrun(cluster: SlurmCluster, jobs: dict[str, Job]) -> None:
+    log = _check_not_requeued(cluster, jobs["nonfinite"], 76)
+    # torchrun turned the workers' 76 into 1; the ranks' own codes decide.
+    assert "step exit code 1; 2 of 2 ranks reported: 0 done, 0 preempted, first failure 76" in log, log[-4000:]
+    assert _rank_exit_codes(jobs["nonfinite"]) == {0: ["76", "76"]}
+
+
+def test_requeues_stop_at_max_restarts(cluster: SlurmCluster, jobs: dict[str, Job]) -> None:
+    job = jobs["max_restarts"]
+    info = _wait(cluster, job)
+    log = _log(job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0", f"{info}\n{log[-4000:]}"
+    assert info["Restarts"] == str(MAX_RESTARTS), f"{info}\n{log[-4000:]}"
+    assert re.findall(r"SLURM_RESTART_COUNT=(\d+)", log) == [str(n) for n in range(MAX_RESTARTS + 1)], log[-4000:]
+    requeued = re.findall(rf"preempted and saved: requeueing job {job.id} \(restart (\d+)\)", log)
+    assert requeued == [str(n) for n in range(1, MAX_RESTARTS + 1)], log[-4000:]
+    assert (f"preempted, but restart {MAX_RESTARTS} reached MEGALITE_MAX_RESTARTS={MAX_RESTARTS}: not requeueing"
+            in log), log[-4000:]
+    assert _rank_exit_codes(job) == {n: ["75", "75"] for n in range(MAX_RESTARTS + 1)}
+
+
+# A forced start failure in a pytest of its own: the cluster fixture must skip, or fail under the switch.
+FORCED_START_FAILURE = """
+import sys
+import pytest
+import tests.slurm_cluster as harness
+harness.SlurmCluster.start = lambda self, timeout_s=60.0: "forced start failure (test)"
+sys.exit(pytest.main(["-q", "-rsE", "-p", "no:cacheprovider", "tests/test_slurm.py::test_torchrun_script"]))
+"""
+
+
+def test_required_switch_turns_a_missing_cluster_into_a_failure() -> None:
+    base = {k: v for k, v in os.environ.items() if k != REQUIRE_ENV}
+    runs = {required: subprocess.Popen([sys.executable, "-c", FORCED_START_FAILURE], cwd=REPO, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       env=dict(base, **({REQUIRE_ENV: "1"} if required else {})))
+            for required in (False, True)}
+    out = {required: proc.communicate(timeout=120)[0] for required, proc in runs.items()}
+    assert runs[False].returncode == 0 and "1 skipped" in out[False], out[False]
+    assert "no SLURM cluster: forced start failure (test)" in out[False]
+    assert runs[True].returncode == 1 and "1 error" in out[True], out[True]
+    assert f"no SLURM cluster: forced start failure (test) ({REQUIRE_ENV}=1: the SLURM tests must run" in out[True]
+
+
+def test_ci_runs_make_test_with_the_switch(tmp_path: Path) -> None:
+    """.ci/run -> `make test` -> pytest gets MEGALITE_REQUIRE_SLURM=1 (a stand-in venv records what pytest would)."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.fail("no make: .ci/run needs it")
+    venv, bin_dir, record = tmp_path / "venv", tmp_path / "bin", tmp_path / "pytest-call"
+    (venv / "bin").mkdir(parents=True)
+    bin_dir.mkdir()
+    scripts = {venv / "bin/python": f'#!/bin/sh\necho "{REQUIRE_ENV}=${REQUIRE_ENV} $*" >{record}\n',
+               venv / "bin/ruff": "#!/bin/sh\n",
+               bin_dir / "make": f'#!/bin/sh\nexec {make} "$@" VENV={venv}\n'}
+    for path, text in scripts.items():
+        path.write_text(text)
+        path.chmod(0o755)
+    (venv / ".installed").touch()  # newer than the lock file: no install
+    env = {k: v for k, v in os.environ.items() if k != REQUIRE_ENV}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    r = subprocess.run([str(REPO / ".ci/run")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert record.read_text().split() == [f"{REQUIRE_ENV}=1", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"]
 
 
 def test_cluster_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -175,6 +175,8 @@ def check_disk(cfg: Config) -> list[Check]:
     """Free space where checkpoints go against keep_checkpoints + 1 checkpoints of the estimated size."""
     ckpt_dir = Path(cfg.train.checkpoint_dir or Path(cfg.train.output_dir) / "checkpoints")
     base = _existing_ancestor(ckpt_dir)
+    if not base.is_dir():  # os.access below says yes to a writable file (and to anything for root)
+        return [Check("disk", False, f"train.checkpoint_dir: cannot create {ckpt_dir}: {base} is a file, not a directory")]
     if not os.access(base, os.W_OK):
         return [Check("disk", False, f"train.checkpoint_dir: cannot create or write {ckpt_dir} ({base} is not writable)")]
     size = checkpoint_bytes(cfg)
