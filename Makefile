@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# DeepSpeed's JIT-built ops (CPU Adam for optimizer offload) are kept with the virtual environment.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch-extensions
 
 .PHONY: install test lint demo bench-smoke gpu-check gpu-wheels clean
 
