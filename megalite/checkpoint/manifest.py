@@ -9,11 +9,14 @@ import os
 import platform
 import re
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import megalite
+from megalite.checkpoint.paths import MANIFEST
+from megalite.config import Config, from_dict
 from megalite.errors import CheckpointError
 
 FORMAT = "megalite-checkpoint"
@@ -129,3 +132,15 @@ def identity_difference(theirs: Any, mine: dict[str, Any]) -> str:
         return None if a == b else f"{path} is {a!r} there but {b!r} in this run"
 
     return first(theirs, mine, "") or "identical"
+
+
+def checkpoint_config(manifest: dict, step_dir: Path) -> Config:
+    """The resolved run config stored in the manifest."""
+    raw = dict(manifest.get("config") or {})
+    if not raw:
+        raise CheckpointError(f"{step_dir / MANIFEST}: no config stored")
+    raw.pop("source", None)
+    try:
+        return from_dict(raw)
+    except Exception as e:  # noqa: BLE001 - a stored config that no longer validates is a checkpoint problem
+        raise CheckpointError(f"{step_dir / MANIFEST}: stored config does not load: {e}") from None

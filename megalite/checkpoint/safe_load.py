@@ -42,11 +42,12 @@ def _refusal(path: str, err: BaseException) -> CheckpointError:
     )
 
 
-def safe_torch_load(path: str, map_location: Any = None) -> Any:
-    """torch.load with weights_only=True and DeepSpeed's allowlisted types; CheckpointError names the file."""
+def safe_torch_load(path: str, map_location: Any = None, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True and DeepSpeed's allowlisted types; CheckpointError names the file.
+    `mmap` maps the file instead of reading it (tensors are read on access)."""
     try:
         with torch.serialization.safe_globals(safe_globals_allowlist()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise _refusal(path, e) from None
     except FileNotFoundError as e:

@@ -17,22 +17,7 @@ import torch
 
 from megalite.config import DEEPSPEED_SCHEDULERS, OPTIMIZERS, SCHEDULERS, Config, resolve_deepspeed
 from megalite.errors import ConfigError
-from megalite.parallel import VocabParallelEmbedding
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices decay; norms, biases and embedding tables do not.
-
-    Embeddings are found by module type, not by name: a PipelineModule names its layers by index.
-    """
-    embedding_types = (torch.nn.Embedding, VocabParallelEmbedding)
-    tables = {id(p) for m in model.modules() if isinstance(m, embedding_types) for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or id(p) in tables else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+from megalite.model.weights import parameter_groups
 
 
 def offloads_optimizer(ds: dict) -> bool:

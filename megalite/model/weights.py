@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from megalite.parallel.layers import set_init, set_tensor_parallel_attributes  # noqa: F401 - re-exported
+from megalite.parallel.layers import VocabParallelEmbedding, set_init, set_tensor_parallel_attributes  # noqa: F401
 from megalite.parallel.mappings import Group, group_rank, group_size
 from megalite.parallel.sharding import full_shape, gather_tensor, shard_tensor
 
@@ -140,3 +140,18 @@ def load_full_state_dict(
 def parameter_names(module: torch.nn.Module) -> Iterable[str]:
     """Names of the module's parameters (the canonical checkpoint keys)."""
     return (n for n, _ in module.named_parameters())
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices decay; norms, biases and embedding tables do not.
+
+    Embeddings are found by module type, not by name: a PipelineModule names its layers by index.
+    """
+    embedding_types = (torch.nn.Embedding, VocabParallelEmbedding)
+    tables = {id(p) for m in model.modules() if isinstance(m, embedding_types) for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or id(p) in tables else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

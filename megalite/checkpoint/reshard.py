@@ -1,0 +1,259 @@
+"""The whole-model training state of a checkpoint of any layout, read one parameter at a time.
+
+A megalite checkpoint holds DeepSpeed's files for its layout: per tensor-parallel rank (and pipeline stage) the
+module's weights, and per data-parallel rank a partition of the optimizer's flat fp32 buffers (ZeRO-1/2: each
+parameter a fragment of a flat group; ZeRO-3: each parameter split evenly across the ranks; ZeRO-0: the torch
+optimizer's own state). `TrainingState` maps every canonical (TP-independent) parameter name to where its pieces
+are and assembles, for one parameter at a time, the full fp32 master weight, its optimizer moments and step:
+data-parallel pieces concatenated, tensor-parallel shards merged by the model's own sharding description. Files
+are memory-mapped, so a parameter's assembly touches its own bytes only: no process ever holds the whole state.
+
+The files are verified against the manifest (sizes, SHA-256, pickle globals) before any of them is deserialised,
+and loaded without running code (the safe loader's allowlist).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megalite.checkpoint.manager import verify_checkpoint
+from megalite.checkpoint.manifest import checkpoint_config
+from megalite.checkpoint.paths import MANIFEST, resolve_checkpoint
+from megalite.checkpoint.safe_load import safe_torch_load
+from megalite.config import Config, ParallelConfig
+from megalite.errors import CheckpointError
+from megalite.model.pipeline import HEAD, layer_order
+from megalite.model.transformer import Transformer
+from megalite.model.weights import parameter_groups
+from megalite.parallel.sharding import unshard_tensors
+
+MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")  # Adam's two, SGD's one
+
+
+@dataclass
+class ParameterState:
+    """One parameter's full (unsharded) training state."""
+
+    fp32: torch.Tensor  # the fp32 master weight
+    moments: dict[str, torch.Tensor] = field(default_factory=dict)  # exp_avg, exp_avg_sq (Adam) or momentum_buffer
+    step: float | None = None  # the optimizer's step count (Adam)
+
+
+@dataclass
+class _Piece:
+    """Where one data-parallel piece of a local (TP-shard) parameter lives."""
+
+    file: str
+    kind: str  # "zero12": a fragment of flat group `group`; "zero3": a padded partition; "torch": whole tensors
+    group: int = 0
+    start: int = 0
+    numel: int = 0
+    name: str = ""  # the file's own name of the parameter ("torch" pieces)
+    index: int = -1  # the torch optimizer's index of the parameter ("torch" pieces)
+
+
+class TrainingState:
+    """Read-only access to a verified checkpoint's full training state, by canonical parameter name."""
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
+        self.step_dir = resolve_checkpoint(path)
+        self.manifest = verify_checkpoint(str(self.step_dir)) if verify else _read_manifest(self.step_dir)
+        self.config: Config = checkpoint_config(self.manifest, self.step_dir)
+        layout = self.manifest.get("layout", {})
+        self.tensor, self.pipeline = int(layout.get("tensor", 1)), int(layout.get("pipeline", 1))
+        self.data = int(layout.get("data", 1))
+        self.zero_stage = int(layout.get("zero_stage", 0))
+        self.ds_dir = self.step_dir / self.manifest.get("deepspeed_tag", "ds")
+        self._files: dict[str, Any] = {}
+        # The unsharded model on the meta device: how each parameter's TP shards fit together.
+        self._reference = dict(Transformer(self.config.model, ParallelConfig(), None, device="meta").named_parameters())
+        self._pieces: dict[str, list[list[_Piece]]] = {}  # canonical name -> per TP rank -> DP pieces in order
+        self._shapes: dict[str, list[torch.Size]] = {}  # canonical name -> per TP rank local shape
+        for stage in range(self.pipeline):
+            for tp_rank in range(self.tensor):
+                self._index(stage, tp_rank)
+        missing = sorted(set(self._reference) - set(self._pieces))
+        if missing:
+            raise CheckpointError(f"{self.ds_dir}: no optimizer state for parameters {missing[:4]}")
+
+    # ------------------------------------------------------------------ public
+    def names(self) -> list[str]:
+        """Canonical parameter names, in the model's order."""
+        return list(self._reference)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The full fp32 master weight of parameter `name`."""
+        return self.parameter(name, moments=False).fp32
+
+    def parameter(self, name: str, moments: bool = True) -> ParameterState:
+        """The full fp32 weight, moments and step of parameter `name` (assembled from its pieces)."""
+        if name not in self._pieces:
+            raise CheckpointError(f"{self.step_dir}: no parameter {name!r}")
+        shards = [self._local(name, tp, moments) for tp in range(self.tensor)]
+        ref = self._reference[name]
+        merge = (lambda ts: unshard_tensors(ts, ref)) if self.tensor > 1 else (lambda ts: ts[0])
+        moments = {k: merge([s.moments[k] for s in shards]) for k in shards[0].moments}
+        return ParameterState(merge([s.fp32 for s in shards]), moments, shards[0].step)
+
+    def model_states(self) -> dict:
+        """DeepSpeed's model-states file of rank 0 (scheduler state, global step counters)."""
+        return self._load(self._model_states_file(0))
+
+    # ------------------------------------------------------------------ indexing
+    def _mp(self, stage: int, tp_rank: int) -> int:
+        # DeepSpeed numbers model-parallel ranks within a data-parallel replica: stage-major, then TP rank.
+        return stage * self.tensor + tp_rank
+
+    def _model_states_file(self, mp: int, dp: int = 0) -> str:
+        if self.zero_stage == 3:
+            return str(self.ds_dir / f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt")
+        return str(self.ds_dir / f"mp_rank_{mp:02d}_model_states.pt")
+
+    def _optim_files(self, mp: int) -> list[str]:
+        files = []
+        for dp in range(self.data):
+            found = glob.glob(str(self.ds_dir / f"*zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"))
+            if len(found) != 1:
+                raise CheckpointError(f"{self.ds_dir}: expected one optimizer file of data-parallel rank {dp}, "
+                                      f"model-parallel rank {mp}; found {found}")
+            files.append(found[0])
+        return files
+
+    def _canonical(self, local: str) -> str | None:
+        """The whole model's name of a name in a pipeline stage's module (None: a copy that is not the source)."""
+        if self.pipeline == 1:
+            return local
+        if local.startswith("tied_modules.embed."):
+            return "embedding." + local[len("tied_modules.embed."):]
+        index, _, rest = local.partition(".")
+        prefix = layer_order(self.config.model)[int(index)]
+        return HEAD if prefix == HEAD else prefix + rest
+
+    def _add(self, canonical: str | None, tp_rank: int, pieces: list[_Piece], shape: torch.Size) -> None:
+        if canonical is None:
+            return
+        entry = self._pieces.setdefault(canonical, [None] * self.tensor)  # type: ignore[list-item]
+        if entry[tp_rank] is None:  # the first stage that holds it (the tied embedding: stage 0)
+            entry[tp_rank] = pieces
+            self._shapes.setdefault(canonical, [None] * self.tensor)[tp_rank] = shape  # type: ignore[list-item]
+
+    def _index(self, stage: int, tp_rank: int) -> None:
+        mp = self._mp(stage, tp_rank)
+        states = self._load(self._model_states_file(mp))
+        shapes = states.get("param_shapes") or []
+        if self.zero_stage == 0:
+            module = states.get("module") or {}
+            optimizer = states.get("optimizer") or {}
+            order = [i for g in optimizer.get("param_groups", []) for i in g["params"]]
+            names = _zero0_parameter_order(self.config, module)
+            if len(names) != len(order):
+                raise CheckpointError(f"{self._model_states_file(mp)}: {len(order)} optimizer entries for "
+                                      f"{len(names)} parameters")
+            for index, local in zip(order, names):
+                self._add(self._canonical(local), tp_rank,
+                          [_Piece(self._model_states_file(mp), "torch", name=local, index=index)], module[local].shape)
+            return
+        files = self._optim_files(mp)
+        if self.zero_stage in (1, 2):
+            merged_shapes = {k: v for group in shapes for k, v in group.items()}
+            per_name: dict[str, list[_Piece]] = {}
+            for file in files:
+                sd = self._load(file)["optimizer_state_dict"]
+                for group, mapping in enumerate(sd["param_slice_mappings"]):
+                    for local, fragment in mapping.items():
+                        per_name.setdefault(local, []).append(
+                            _Piece(file, "zero12", group, int(fragment.start), int(fragment.numel)))
+            for local, pieces in per_name.items():
+                self._add(self._canonical(local), tp_rank, pieces, merged_shapes[local])
+            return
+        # ZeRO-3: parameters in param_shapes order, each split into `data` padded partitions, back to back across
+        # the rank's flat groups.
+        offset = 0
+        group_bounds = _group_bounds(self._load(files[0])["optimizer_state_dict"]["fp32_flat_groups"])
+        for local, shape in ((k, v) for group in shapes for k, v in group.items()):
+            part = math.ceil(shape.numel() / self.data)
+            group_index, start = _locate(group_bounds, offset)
+            pieces = [_Piece(f, "zero3", group_index, start, part) for f in files]
+            self._add(self._canonical(local), tp_rank, pieces, shape)
+            offset += part
+
+    # ------------------------------------------------------------------ reading
+    def _load(self, path: str) -> Any:
+        if path not in self._files:
+            self._files[path] = safe_torch_load(path, map_location="cpu", mmap=True)
+        return self._files[path]
+
+    def _local(self, name: str, tp_rank: int, with_moments: bool = True) -> ParameterState:
+        """One TP rank's shard of the parameter: its data-parallel pieces put back together."""
+        pieces = self._pieces[name][tp_rank]
+        shape = self._shapes[name][tp_rank]
+        numel = shape.numel()
+        if pieces[0].kind == "torch":
+            piece = pieces[0]
+            sd = self._load(piece.file)
+            state = sd["optimizer"]["state"].get(piece.index, {})
+            moments = {k: v.clone() for k, v in state.items() if k in MOMENTS and with_moments}
+            step = float(state["step"]) if "step" in state else None
+            return ParameterState(sd["module"][piece.name].float().clone(), moments, step)
+        fp32_parts: list[torch.Tensor] = []
+        moment_parts: dict[str, list[torch.Tensor]] = {}
+        step = None
+        for piece in pieces:
+            sd = self._load(piece.file)["optimizer_state_dict"]
+            if piece.kind == "zero12":
+                flat = sd["single_partition_of_fp32_groups"][piece.group]
+                state = sd["base_optimizer_state"]["state"][piece.group]
+            else:
+                flat = sd["fp32_flat_groups"][piece.group]
+                state = sd["optimizer_state_dict"]["state"][piece.group]
+            fp32_parts.append(flat.narrow(0, piece.start, piece.numel))
+            for key, value in state.items():
+                if key in MOMENTS and with_moments:
+                    moment_parts.setdefault(key, []).append(value.narrow(0, piece.start, piece.numel))
+                elif key == "step":
+                    step = float(value)
+
+        def whole(parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(parts)[:numel].clone().view(shape)
+
+        return ParameterState(whole(fp32_parts), {k: whole(v) for k, v in moment_parts.items()}, step)
+
+
+def _group_bounds(flat_groups: list[torch.Tensor]) -> list[int]:
+    bounds = [0]
+    for flat in flat_groups:
+        bounds.append(bounds[-1] + flat.numel())
+    return bounds
+
+
+def _locate(bounds: list[int], offset: int) -> tuple[int, int]:
+    """(group, offset within it) of a position in the concatenation of a rank's flat groups."""
+    for group in range(len(bounds) - 1):
+        if bounds[group] <= offset < bounds[group + 1]:
+            return group, offset - bounds[group]
+    raise CheckpointError(f"ZeRO-3 partition offset {offset} is outside the flat groups ({bounds[-1]} elements)")
+
+
+def _zero0_parameter_order(cfg: Config, module: dict) -> list[str]:
+    """The order in which megalite gave ZeRO-0's torch optimizer its parameters (model.parameter_groups on the
+    same model), as names of the checkpoint's module."""
+    model = Transformer(cfg.model, ParallelConfig(), None, device="meta")
+    ids = {id(p): n for n, p in model.named_parameters()}
+    order = [ids[id(p)] for group in parameter_groups(model, 0.0) for p in group["params"]]
+    unknown = [n for n in order if n not in module]
+    if unknown:
+        raise CheckpointError(f"checkpoint module lacks parameters {unknown[:4]}")
+    return order
+
+
+def _read_manifest(step_dir: Path) -> dict:
+    with open(step_dir / MANIFEST, encoding="utf-8") as f:
+        return json.load(f)
