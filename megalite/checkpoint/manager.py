@@ -125,6 +125,7 @@ class CheckpointManager:
         config: dict | None = None,
         model: dict | None = None,
         identity: dict | None = None,
+        relayout: bool = False,
     ):
         if not isinstance(keep, int) or keep < 2:
             raise CheckpointError(f"checkpoint keep must be an integer >= 2 (got {keep!r}): one may be half written")
@@ -136,6 +137,9 @@ class CheckpointManager:
         if model is None and isinstance(self.config.get("model"), dict):
             model = self.config["model"]
         self.model = check_json(dict(model or {}), "model shape given to CheckpointManager")
+        # Whether a checkpoint of another layout may be resumed (resharded by the caller): then layout differences
+        # are noted, not rejected.
+        self.relayout = relayout
         # What makes a checkpoint this run's (manifest.run_identity): None accepts any run's checkpoints.
         self.identity = check_json(identity, "run identity given to CheckpointManager") if identity else None
         self.resume_report: list[str] = []  # why find_resume chose what it chose, for logs and tests
@@ -509,7 +513,7 @@ class CheckpointManager:
         problems = []
         for key, want in sorted(self.layout.items()):
             have = manifest.get("layout", {}).get(key)
-            if have != want:
+            if have != want and not self.relayout:
                 problems.append(f"{mpath}: field layout.{key} is {have!r} but this run is configured with {want!r}")
         for key, want in sorted(expected_model.items()):
             have = manifest.get("model", {}).get(key)

@@ -143,6 +143,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: Literal["auto", "must", "never"] = "auto"
     init_from: Optional[str] = None  # weights to start from: a Hugging Face directory or a megalite checkpoint
+    # Resuming a checkpoint written with another global batch size: continue from its sample position, with the
+    # schedule by step (refused unless set).
+    allow_batch_change: bool = False
     kernels: Literal["auto", "torch", "triton", "apex"] = "auto"
     nonfinite: Literal["skip", "fail"] = "skip"
     max_consecutive_nonfinite: int = 5

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from megalite import kernels
-from megalite.checkpoint import CheckpointManager, model_signature, resolve_checkpoint, run_identity
+from megalite.checkpoint import MANIFEST, CheckpointManager, model_signature, resolve_checkpoint, run_identity
 from megalite.checkpoint.consolidate import load_full_weights
+from megalite.checkpoint.reshard import TrainingState
 from megalite.config import Config, ModelConfig, summary, validate
 from megalite.data import ResumableSampler, build_datasets
 from megalite.data.prepare import manifest_tokenizer
@@ -29,6 +30,7 @@ from megalite.distributed import agree, any_rank
 from megalite.engine import launch, signals
 from megalite.engine.build import build_engine
 from megalite.engine.components import BatchStream, Checkpointer, Evaluator, MetricWindow, ProfilerWindow
+from megalite.engine.elastic import load_training_state
 from megalite.engine.metrics import (
     MetricSink,
     StepTimer,
@@ -43,6 +45,7 @@ from megalite.engine.strategy import strategy_for
 from megalite.errors import CheckpointError, ConfigError, MegaliteError
 from megalite.interop.hf import load_hf_state
 from megalite.parallel import ProcessGrid
+from megalite.parallel.random import model_parallel_seed
 
 
 def seed_everything(seed: int) -> None:
@@ -53,9 +56,22 @@ def seed_everything(seed: int) -> None:
 
 
 def run_layout(cfg: Config, world: int) -> dict:
-    """The parallel layout a checkpoint records and a resume must match."""
+    """The layout a checkpoint records: the parallel degrees, ZeRO stage, compute precision and global batch."""
     p = cfg.parallel
-    return {"tensor": p.tensor, "pipeline": p.pipeline, "data": world // (p.tensor * p.pipeline), "world_size": world}
+    zero = cfg.deepspeed.get("zero_optimization") or {}
+    return {"tensor": p.tensor, "pipeline": p.pipeline, "data": world // (p.tensor * p.pipeline), "world_size": world,
+            "zero_stage": int(zero.get("stage", 0)), "precision": cfg.precision,
+            "global_batch": cfg.global_batch_size(world)}
+
+
+# What makes two layouts the same for DeepSpeed's own loader; any difference is resharded (elastic resume).
+LAYOUT_KEYS = ("tensor", "pipeline", "data", "zero_stage", "precision")
+
+
+def layout_changes(saved: dict, mine: dict) -> list[str]:
+    """The differences between a checkpoint's layout and this run's, in words ([] when DeepSpeed can load it)."""
+    return [f"{key} {saved[key]} -> {mine[key]}" for key in LAYOUT_KEYS
+            if key in saved and saved[key] != mine.get(key)]
 
 
 def initial_state(path: str, model: ModelConfig) -> Any:
@@ -117,6 +133,7 @@ class Trainer:
             config=cfg.to_dict(),
             model=model_signature(cfg.model),
             identity=run_identity(cfg),
+            relayout=True,  # another layout is resharded (elastic resume), not refused
         )
         self.checkpointer = Checkpointer(cfg, self.checkpoints)
         self.checkpoint_estimate = checkpoint_bytes(cfg)  # checked against the free space before each save
@@ -124,6 +141,7 @@ class Trainer:
         self.profiler = ProfilerWindow(cfg, self.output_dir)
         self.timer = StepTimer(sync=self.device.type == "cuda")
         self.step = 0
+        self.consumed_samples = 0  # the global count of samples this run has consumed (the sampler's position)
         self.start_step = 0  # where this process began: 0, or the step it resumed at
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
@@ -167,10 +185,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict:
-        consumed = self.step * self.cfg.global_batch_size(self.world)
         return {
             "step": self.step,
-            "sampler": self.sampler.state_dict(consumed_samples=consumed),
+            "sampler": self.sampler.state_dict(consumed_samples=self.consumed_samples),
             "nonfinite_skipped": self.nonfinite_skipped,
         }
 
@@ -213,19 +230,55 @@ class Trainer:
         return None
 
     def resume(self) -> None:
-        """Load the checkpoint train.resume asks for (collective), restoring step, sampler and counters."""
+        """Load the checkpoint train.resume asks for (collective), restoring step, sampler and counters; a checkpoint
+        of another layout (parallel degrees, ZeRO stage, precision) is resharded into this one."""
         path = self.checkpoints.find_resume(self.cfg.train.resume, expected_model=model_signature(self.cfg.model))
         if path is None:
             if self.is_main and self.cfg.train.resume != "never":
                 print("megalite: no complete checkpoint to resume; starting fresh", file=sys.stderr, flush=True)
             return
-        state = self.checkpoints.load(self.engine, path)["client_state"]
+        saved = _manifest_layout(path)
+        changes = layout_changes(saved, run_layout(self.cfg, self.world))
+        if changes:
+            state = self._resume_elastic(path, saved, changes)
+        else:
+            state = self.checkpoints.load(self.engine, path)["client_state"]
         self.step = int(state["step"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         self.sampler.load_state_dict(state["sampler"])
+        self.consumed_samples = self.sampler.consumed_samples
         self.batches = BatchStream(self.train_set, self.sampler, self.device)
-        if self.is_main:
-            print(f"megalite: resumed from {path} at step {self.step}", file=sys.stderr, flush=True)
+        self._say(f"resumed from {path} at step {self.step}")
+
+    def _resume_elastic(self, path: str, saved: dict, changes: list[str]) -> dict:
+        """Reshard a checkpoint of another layout into this engine: weights, optimizer state, schedule position;
+        returns its client state (step, sampler, counters)."""
+        mine = run_layout(self.cfg, self.world)
+        if saved.get("global_batch", mine["global_batch"]) != mine["global_batch"] and not self.cfg.train.allow_batch_change:
+            raise ConfigError(
+                f"train.allow_batch_change: {path} was trained with a global batch of {saved['global_batch']} samples, "
+                f"this run's is {mine['global_batch']}; keep the global batch (change micro-batch x accumulation x data "
+                "parallel together), or set train.allow_batch_change=true to continue from its sample position with "
+                "the schedule by step")
+        t0 = time.perf_counter()
+        source = TrainingState(path, verify=False)  # find_resume verified every file against the manifest
+        restored = load_training_state(self.engine, self.grid, source)
+        ds_state = source.model_states()
+        _restore_schedule(self.schedule, ds_state.get("lr_scheduler") or {})
+        for counter in ("global_steps", "global_samples", "skipped_steps"):
+            if counter in ds_state:
+                setattr(self.engine, counter, int(ds_state[counter]))
+        client = source.manifest.get("client_state") or source.manifest.get("client_state_per_rank", [{}])[0]
+        # RNG streams are per rank and the ranks changed: re-seed every stream from the seed and the step.
+        seed = self.cfg.train.seed + 1_000_003 * int(client["step"])
+        seed_everything(seed)
+        model_parallel_seed(seed, self.grid.get_tensor_model_parallel_rank(),
+                            self.grid.get_pipe_parallel_rank())
+        self._say(f"elastic resume of {path}: layout {', '.join(changes)}; resharded {restored['parameters']} "
+                  f"parameters with their optimizer state (step {restored['optimizer_step']}) and the schedule in "
+                  f"{time.perf_counter() - t0:.1f} s")
+        self.sink.log({"kind": "reshard", "step": int(client["step"]), "from": saved, "to": mine, "changes": changes})
+        return client
 
     # ------------------------------------------------------------------ the loop
     def train_step(self, timer: StepTimer) -> tuple[float, bool]:
@@ -250,6 +303,7 @@ class Trainer:
                 self.profiler.before_step(self.step + 1)
                 loss, skipped = self.train_step(self.timer)
                 self.step += 1
+                self.consumed_samples += self.cfg.global_batch_size(self.world)  # skipped steps consume data too
                 self.profiler.after_step(self.step)
                 window.add(loss, skipped)
                 if skipped:
@@ -334,6 +388,24 @@ class Trainer:
         opt = self.engine.optimizer
         scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
         return float(scale) if isinstance(scale, (int, float)) else None
+
+
+def _manifest_layout(path: str) -> dict:
+    """The layout a (verified) checkpoint's manifest records."""
+    with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+        return json.load(f).get("layout", {})
+
+
+def _restore_schedule(schedule: Any, state: dict) -> None:
+    """Put a learning-rate schedule at a saved position and set the learning rate it gives there."""
+    if not state:
+        return
+    schedule.load_state_dict(state)
+    if hasattr(schedule, "last_batch_iteration"):  # DeepSpeed's classes: re-step at the saved position
+        schedule.step(schedule.last_batch_iteration)
+    else:  # torch's LambdaLR
+        for group, lr in zip(schedule.optimizer.param_groups, schedule.get_last_lr()):
+            group["lr"] = lr
 
 
 def train(cfg: Config) -> int:
