@@ -189,9 +189,12 @@ def full_state_of(engine: Any, grid: Any) -> dict[str, ParameterState]:
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     keys = _state_template(inner)
     group = tensor_parallel_group(grid)
+    link_moments = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if stage < 3 and link_moments is not None and inner.state:
+        link_moments()  # DeepSpeed links moment fragments only after its first step; a loaded state has none yet
     out = {}
     for name, param in canonical_named_parameters(engine.module):
-        if stage == 0:
+        if stage == 0 and getattr(param, "_hp_mapping", None) is None:  # plain fp32 ZeRO-0: the module is the master
             fp32 = param.detach().float()
             moments = {k: inner.state[param][k] for k in keys} if param in inner.state else {}
         else:
@@ -200,3 +203,15 @@ def full_state_of(engine: Any, grid: Any) -> dict[str, ParameterState]:
         out[name] = ParameterState(gather_tensor(fp32, param, group),
                                    {k: gather_tensor(v, param, group) for k, v in moments.items() if v is not None})
     return out
+
+
+def restore_schedule(schedule: Any, state: dict) -> None:
+    """Put a learning-rate schedule at a saved position and set the learning rate it gives there."""
+    if not state:
+        return
+    schedule.load_state_dict(state)
+    if hasattr(schedule, "last_batch_iteration"):  # DeepSpeed's classes: re-step at the saved position
+        schedule.step(schedule.last_batch_iteration)
+    else:  # torch's LambdaLR
+        for group, lr in zip(schedule.optimizer.param_groups, schedule.get_last_lr()):
+            group["lr"] = lr

@@ -30,7 +30,7 @@ from megalite.distributed import agree, any_rank
 from megalite.engine import launch, signals
 from megalite.engine.build import build_engine
 from megalite.engine.components import BatchStream, Checkpointer, Evaluator, MetricWindow, ProfilerWindow
-from megalite.engine.elastic import load_training_state
+from megalite.engine.elastic import load_training_state, restore_schedule
 from megalite.engine.metrics import (
     MetricSink,
     StepTimer,
@@ -237,8 +237,15 @@ class Trainer:
             if self.is_main and self.cfg.train.resume != "never":
                 print("megalite: no complete checkpoint to resume; starting fresh", file=sys.stderr, flush=True)
             return
-        saved = _manifest_layout(path)
-        changes = layout_changes(saved, run_layout(self.cfg, self.world))
+        saved = _manifest_layout(path)  # model shape and optimizer type were checked by find_resume (run identity)
+        mine = run_layout(self.cfg, self.world)
+        if saved.get("global_batch", mine["global_batch"]) != mine["global_batch"] and not self.cfg.train.allow_batch_change:
+            raise ConfigError(
+                f"train.allow_batch_change: {path} was trained with a global batch of {saved['global_batch']} samples, "
+                f"this run's is {mine['global_batch']}; keep the global batch (change micro-batch x accumulation x data "
+                "parallel together), or set train.allow_batch_change=true to continue from its sample position with "
+                "the schedule by step")
+        changes = layout_changes(saved, mine)
         if changes:
             state = self._resume_elastic(path, saved, changes)
         else:
@@ -253,18 +260,11 @@ class Trainer:
     def _resume_elastic(self, path: str, saved: dict, changes: list[str]) -> dict:
         """Reshard a checkpoint of another layout into this engine: weights, optimizer state, schedule position;
         returns its client state (step, sampler, counters)."""
-        mine = run_layout(self.cfg, self.world)
-        if saved.get("global_batch", mine["global_batch"]) != mine["global_batch"] and not self.cfg.train.allow_batch_change:
-            raise ConfigError(
-                f"train.allow_batch_change: {path} was trained with a global batch of {saved['global_batch']} samples, "
-                f"this run's is {mine['global_batch']}; keep the global batch (change micro-batch x accumulation x data "
-                "parallel together), or set train.allow_batch_change=true to continue from its sample position with "
-                "the schedule by step")
         t0 = time.perf_counter()
         source = TrainingState(path, verify=False)  # find_resume verified every file against the manifest
         restored = load_training_state(self.engine, self.grid, source)
         ds_state = source.model_states()
-        _restore_schedule(self.schedule, ds_state.get("lr_scheduler") or {})
+        restore_schedule(self.schedule, ds_state.get("lr_scheduler") or {})
         for counter in ("global_steps", "global_samples", "skipped_steps"):
             if counter in ds_state:
                 setattr(self.engine, counter, int(ds_state[counter]))
@@ -277,7 +277,8 @@ class Trainer:
         self._say(f"elastic resume of {path}: layout {', '.join(changes)}; resharded {restored['parameters']} "
                   f"parameters with their optimizer state (step {restored['optimizer_step']}) and the schedule in "
                   f"{time.perf_counter() - t0:.1f} s")
-        self.sink.log({"kind": "reshard", "step": int(client["step"]), "from": saved, "to": mine, "changes": changes})
+        self.sink.log({"kind": "reshard", "step": int(client["step"]), "from": saved, "to": run_layout(self.cfg, self.world),
+                       "changes": changes})
         return client
 
     # ------------------------------------------------------------------ the loop
@@ -394,18 +395,6 @@ def _manifest_layout(path: str) -> dict:
     """The layout a (verified) checkpoint's manifest records."""
     with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
         return json.load(f).get("layout", {})
-
-
-def _restore_schedule(schedule: Any, state: dict) -> None:
-    """Put a learning-rate schedule at a saved position and set the learning rate it gives there."""
-    if not state:
-        return
-    schedule.load_state_dict(state)
-    if hasattr(schedule, "last_batch_iteration"):  # DeepSpeed's classes: re-step at the saved position
-        schedule.step(schedule.last_batch_iteration)
-    else:  # torch's LambdaLR
-        for group, lr in zip(schedule.optimizer.param_groups, schedule.get_last_lr()):
-            group["lr"] = lr
 
 
 def train(cfg: Config) -> int:

@@ -1,0 +1,127 @@
+"""`megalite checkpoint reshard`: a checkpoint rewritten for another layout, without training.
+
+The target world (tensor x pipeline x data processes) is started on this machine (CPU, gloo), each rank builds its
+part of the target DeepSpeed engine, loads the source's full state one parameter at a time (the same code as an
+elastic resume: `megalite.engine.elastic`) and the ranks save it through the commit protocol (manifest, hashes,
+`latest`). The result is a complete checkpoint of the target layout that resumes with DeepSpeed's own loader; it
+keeps the source's run identity, step, sample position, counters and schedule. No data is read.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megalite.checkpoint import CheckpointManager, model_signature, resolve_checkpoint
+from megalite.checkpoint.manager import verify_checkpoint
+from megalite.checkpoint.reshard import TrainingState
+from megalite.config import Config, from_dict
+from megalite.engine import launch
+from megalite.engine.build import build_engine
+from megalite.engine.elastic import load_training_state, restore_schedule
+from megalite.engine.strategy import strategy_for
+from megalite.engine.trainer import run_layout
+from megalite.errors import CheckpointError, ConfigError
+from megalite.parallel import ProcessGrid
+
+
+def target_config(source: Config, source_world: int, tensor: int, pipeline: int, data: int,
+                  zero: int | None = None) -> Config:
+    """The source's config at the target layout, with the same global batch (micro-batch kept where it divides)."""
+    raw = copy.deepcopy(source.to_dict())
+    raw.pop("source", None)
+    raw["parallel"]["tensor"], raw["parallel"]["pipeline"] = tensor, pipeline
+    ds = raw["deepspeed"]
+    if zero is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = zero
+    batch = source.global_batch_size(source_world)
+    micro = source.micro_batch_size
+    if batch % (micro * data):
+        micro = 1
+    if batch % (micro * data):
+        raise ConfigError(f"--data {data}: the global batch of {batch} samples is not divisible by {data} data-parallel "
+                          "ranks")
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = batch // (micro * data)
+    ds.pop("train_batch_size", None)
+    return from_dict(raw, world_size=tensor * pipeline * data)
+
+
+def reshard(source: str | os.PathLike, out: str | os.PathLike, tensor: int, pipeline: int, data: int,
+            zero: int | None = None) -> str:
+    """Write the checkpoint `source` for the layout tensor x pipeline x data (ZeRO stage `zero`, default the source's)
+    under the checkpoint root `out`; returns the new step directory."""
+    step_dir = resolve_checkpoint(source)
+    manifest = verify_checkpoint(str(step_dir))  # every file against its hash, before anything is deserialised
+    src = TrainingState(step_dir, verify=False)
+    world = tensor * pipeline * data
+    cfg = target_config(src.config, int(manifest["layout"].get("world_size", 1)), tensor, pipeline, data, zero)
+    out = Path(out).absolute()
+    if (out / "latest").exists() or any(out.glob("step*")):
+        raise CheckpointError(f"{out}: already holds checkpoints; reshard into an empty directory")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, str(step_dir), cfg.to_dict(), str(out), errors))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    codes = [p.exitcode for p in procs]
+    if failures or any(codes):
+        raise CheckpointError(f"reshard of {step_dir} to {out} failed (exit codes {codes}): " + "; ".join(failures))
+    return str(resolve_checkpoint(out))
+
+
+def _rank(rank: int, world: int, port: int, source: str, raw: dict, out: str, errors: Any) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        _reshard_rank(source, raw, out)
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        sys.exit(1)
+
+
+def _reshard_rank(source: str, raw: dict, out: str) -> None:
+    cfg = from_dict(raw)
+    launch.init_distributed(timedelta(minutes=10).total_seconds())
+    world = dist.get_world_size()
+    grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
+    strategy = strategy_for(cfg, grid, launch.device())
+    model = strategy.build_model().to(launch.device())
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.precision)
+    if dtype:
+        model = model.to(getattr(torch, dtype))
+    engine, schedule = build_engine(model, cfg, grid, world)
+    src = TrainingState(source, verify=False)
+    load_training_state(engine, grid, src)
+    ds_state = src.model_states()
+    restore_schedule(schedule, ds_state.get("lr_scheduler") or {})
+    for counter in ("global_steps", "global_samples", "skipped_steps"):
+        if counter in ds_state:
+            setattr(engine, counter, int(ds_state[counter]))
+    manifest = src.manifest
+    client = manifest.get("client_state") or manifest.get("client_state_per_rank", [{}])[0]
+    manager = CheckpointManager(out, keep=cfg.train.keep_checkpoints, layout=run_layout(cfg, world),
+                                config=cfg.to_dict(), model=model_signature(cfg.model),
+                                identity=manifest.get("run_identity"))
+    manager.save(engine, int(client["step"]), client)
+    dist.barrier()
+    dist.destroy_process_group()
