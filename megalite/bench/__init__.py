@@ -6,6 +6,7 @@
     init        building and initialising a preset model on the CPU
     prepare     `megalite prepare` throughput and memory at several corpus sizes and worker counts
     checkpoint  checkpoint save, verify and load time on two ranks
+    reshard     offline reshard of a TP2 x PP2 checkpoint to DP4: time and peak memory against saving it
 
 Each writes JSON with the git commit and the machine (`run_info`) into its --out folder.
 """
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint")
+BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint", "reshard")
 PACKAGE = Path(__file__).resolve().parent.parent
 
 

@@ -63,8 +63,13 @@ def main(args: argparse.Namespace) -> int:
         for name in ("tensor", "pipeline", "data"):
             if getattr(args, name) < 1:
                 raise CheckpointError(f"--{name}: must be >= 1, got {getattr(args, name)}")
-        written = reshard(args.path, args.out, args.tensor, args.pipeline, args.data, args.zero)
-        emit(f"wrote {written}: layout TP{args.tensor} x PP{args.pipeline} x DP{args.data}")
+        report: dict = {}
+        written = reshard(args.path, args.out, args.tensor, args.pipeline, args.data, args.zero, report=report)
+        ranks = report.get("ranks") or [{}]
+        load_s = max(r.get("load_s", 0.0) for r in ranks)
+        peak = max(r.get("peak_rss", 0) for r in ranks)
+        emit(f"wrote {written}: layout TP{args.tensor} x PP{args.pipeline} x DP{args.data}; state moved in "
+             f"{load_s:.1f} s, peak memory of a rank {peak / 2**30:.2f} GiB")
         return 0
     from megalite.checkpoint.manager import verify_checkpoint
 

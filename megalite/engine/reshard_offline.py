@@ -13,6 +13,7 @@ import copy
 import os
 import socket
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,10 @@ def target_config(source: Config, source_world: int, tensor: int, pipeline: int,
 
 
 def reshard(source: str | os.PathLike, out: str | os.PathLike, tensor: int, pipeline: int, data: int,
-            zero: int | None = None) -> str:
+            zero: int | None = None, report: dict | None = None) -> str:
     """Write the checkpoint `source` for the layout tensor x pipeline x data (ZeRO stage `zero`, default the source's)
-    under the checkpoint root `out`; returns the new step directory."""
+    under the checkpoint root `out`; returns the new step directory. `report`, when given, receives each rank's
+    phase times and peak resident memory (after building its engine, and at the end)."""
     step_dir = resolve_checkpoint(source)
     manifest = verify_checkpoint(str(step_dir))  # every file against its hash, before anything is deserialised
     src = TrainingState(step_dir, verify=False)
@@ -72,34 +74,55 @@ def reshard(source: str | os.PathLike, out: str | os.PathLike, tensor: int, pipe
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, str(step_dir), cfg.to_dict(), str(out), errors))
+    results = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, str(step_dir), cfg.to_dict(), str(out), results))
              for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
+    failures, ranks = [], {}
+    while not results.empty():
+        kind, rank, value = results.get()
+        if kind == "error":
+            failures.append(f"rank {rank}: {value}")
+        else:
+            ranks[rank] = value
+    if report is not None:
+        report["ranks"] = [ranks[r] for r in sorted(ranks)]
     codes = [p.exitcode for p in procs]
     if failures or any(codes):
         raise CheckpointError(f"reshard of {step_dir} to {out} failed (exit codes {codes}): " + "; ".join(failures))
     return str(resolve_checkpoint(out))
 
 
-def _rank(rank: int, world: int, port: int, source: str, raw: dict, out: str, errors: Any) -> None:
+def _rank(rank: int, world: int, port: int, source: str, raw: dict, out: str, results: Any) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        _reshard_rank(source, raw, out)
+        results.put(("report", rank, _reshard_rank(source, raw, out)))
     except BaseException as e:  # noqa: BLE001 - reported by the parent
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        results.put(("error", rank, f"{type(e).__name__}: {e}"))
         sys.exit(1)
 
 
-def _reshard_rank(source: str, raw: dict, out: str) -> None:
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux VmHWM; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reshard_rank(source: str, raw: dict, out: str) -> dict:
+    t0 = time.perf_counter()
     cfg = from_dict(raw)
     launch.init_distributed(timedelta(minutes=10).total_seconds())
     world = dist.get_world_size()
@@ -110,8 +133,10 @@ def _reshard_rank(source: str, raw: dict, out: str) -> None:
     if dtype:
         model = model.to(getattr(torch, dtype))
     engine, schedule = build_engine(model, cfg, grid, world)
+    built, built_rss = time.perf_counter(), _peak_rss_bytes()
     src = TrainingState(source, verify=False)
     load_training_state(engine, grid, src)
+    loaded = time.perf_counter()
     ds_state = src.model_states()
     restore_schedule(schedule, ds_state.get("lr_scheduler") or {})
     for counter in ("global_steps", "global_samples", "skipped_steps"):
@@ -123,5 +148,8 @@ def _reshard_rank(source: str, raw: dict, out: str) -> None:
                                 config=cfg.to_dict(), model=model_signature(cfg.model),
                                 identity=manifest.get("run_identity"))
     manager.save(engine, int(client["step"]), client)
+    saved = time.perf_counter()
     dist.barrier()
     dist.destroy_process_group()
+    return {"build_s": round(built - t0, 2), "load_s": round(loaded - built, 2), "save_s": round(saved - loaded, 2),
+            "peak_rss_after_build": built_rss, "peak_rss": _peak_rss_bytes()}
