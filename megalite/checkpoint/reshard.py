@@ -69,7 +69,8 @@ class TrainingState:
         self.config: Config = checkpoint_config(self.manifest, self.step_dir)
         layout = self.manifest.get("layout", {})
         self.tensor, self.pipeline = int(layout.get("tensor", 1)), int(layout.get("pipeline", 1))
-        self.data = int(layout.get("data", 1))
+        # ZeRO partitions over every rank holding a replica of the weights: data x context (megalite.parallel.grid).
+        self.data = int(layout.get("data", 1)) * int(layout.get("context", 1))
         self.zero_stage = int(layout.get("zero_stage", 0))
         self.ds_dir = self.step_dir / self.manifest.get("deepspeed_tag", "ds")
         self._files: dict[str, Any] = {}

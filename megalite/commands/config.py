@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["check", "show", "schema"],
                         help="check: validate; show: print the resolved config; schema: print or write the JSON Schema")
     parser.add_argument("config", nargs="?", help="run config JSON file (check, show); output file (schema, optional)")
-    parser.add_argument("--world-size", type=int, default=None, help="number of processes (default: tensor x pipeline)")
+    parser.add_argument("--world-size", type=int, default=None, help="number of processes (default: tensor x context x pipeline)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. train.steps=100 (repeatable)")
 
@@ -39,12 +39,13 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         emit(f"{args.config}: INVALID\n{e}")
         return 2
-    world = args.world_size or cfg.parallel.tensor * cfg.parallel.pipeline
+    world = args.world_size or cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.context
     derived = config.summary(cfg, world)
     if args.action == "check":
         emit(
             f"{args.config}: OK - {derived['parameters'] / 1e6:.1f}M parameters, world {world} = "
-            f"TP{derived['tensor_parallel']} x PP{derived['pipeline_parallel']} x DP{derived['data_parallel']}, "
+            f"TP{derived['tensor_parallel']} x CP{derived['context_parallel']} x PP{derived['pipeline_parallel']} x "
+            f"DP{derived['data_parallel']}, "
             f"global batch {derived['global_batch_size']} ({derived['tokens_per_step']} tokens/step), "
             f"{derived['precision']}, ZeRO-{derived['zero_stage']}"
         )

@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"megalite preflight: {args.config}: INVALID\n{e}", file=sys.stderr)
         return 2
-    rank, world = 0, args.world_size or cfg.parallel.tensor * cfg.parallel.pipeline
+    rank, world = 0, args.world_size or cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.context
     distributed = launched > 1
     if distributed:
         from megalite.engine import launch

@@ -46,7 +46,10 @@ def summary(cfg: Config, world_size: int) -> dict:
         "world_size": world_size,
         "data_parallel": cfg.dp_size(world_size),
         "tensor_parallel": cfg.parallel.tensor,
+        "context_parallel": cfg.parallel.context,
         "pipeline_parallel": cfg.parallel.pipeline,
+        # Global ranks: TP innermost (adjacent ranks), then CP, then DP, then PP (megalite.parallel.grid).
+        "rank_order": "tensor, context, data, pipeline (innermost first)",
         "global_batch_size": gb,
         "tokens_per_step": gb * cfg.data.seq_length,
         "padded_vocab_size": cfg.model.padded_vocab_size,

@@ -91,10 +91,13 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Tensor and pipeline degrees; data parallelism is whatever the world size leaves."""
+    """Tensor, context and pipeline degrees; data parallelism is whatever the world size leaves."""
 
     tensor: int = 1
     pipeline: int = 1
+    # Context parallelism (DeepSpeed-Ulysses): each sequence split into `context` contiguous chunks over a group of
+    # ranks; attention all-to-alls to the whole sequence with heads / (tensor x context) heads per rank.
+    context: int = 1
     sequence_parallel: bool = False
     pipeline_partition: Literal["parameters", "uniform"] = "parameters"
 
@@ -171,7 +174,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def dp_size(self, world_size: int) -> int:
-        return world_size // (self.parallel.tensor * self.parallel.pipeline)
+        return world_size // (self.parallel.tensor * self.parallel.pipeline * self.parallel.context)
 
     @property
     def micro_batch_size(self) -> int:

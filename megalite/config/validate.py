@@ -109,11 +109,46 @@ def model_errors(m: ModelConfig, tensor: int = 1) -> list[str]:
     return errors
 
 
-def check_model(m: ModelConfig, tensor: int = 1) -> None:
-    """Raise ConfigError with every shape rule `m` breaks at tensor-parallel degree `tensor`."""
+def kv_replication(kv_heads: int, context: int) -> int | None:
+    """Copies of each (tensor-parallel rank's) key/value head that context parallelism's all-to-all needs: 1 when
+    the heads split evenly over the context ranks, context / kv_heads when fewer heads than ranks divide them (each
+    head is replicated, Megatron's rule; DeepSpeed's own layer refuses fewer heads than ranks), None otherwise."""
+    if kv_heads % context == 0:
+        return 1
+    if context % kv_heads == 0:
+        return context // kv_heads
+    return None
+
+
+def context_errors(m: ModelConfig, tensor: int, context: int, seq_length: int | None = None,
+                   sequence_parallel: bool = False) -> list[str]:
+    """The rules of context parallelism (`parallel.context`) for a model at tensor-parallel degree `tensor`."""
+    if context == 1:
+        return []
+    errors = []
+    if m.num_heads % (tensor * context):
+        errors.append(f"model.num_heads: {m.num_heads} is not divisible by parallel.tensor x parallel.context = "
+                      f"{tensor} x {context} (each context rank attends with whole query heads)")
+    if m.kv_heads % tensor == 0 and kv_replication(m.kv_heads // tensor, context) is None:
+        errors.append(
+            f"model.num_kv_heads: {m.kv_heads} key/value heads ({m.kv_heads // tensor} per tensor-parallel rank) "
+            f"cannot be spread over parallel.context={context}: per tensor-parallel rank they must be a multiple of "
+            "it, or divide it (then each is replicated over context / kv_heads ranks)")
+    if seq_length is not None:
+        unit = context * tensor if sequence_parallel and tensor > 1 else context
+        if seq_length % unit:
+            what = "parallel.context x parallel.tensor (sequence parallelism)" if unit != context else "parallel.context"
+            errors.append(f"data.seq_length: {seq_length} is not divisible by {what} = {unit} (every rank holds an "
+                          "equal contiguous chunk of each sequence)")
+    return errors
+
+
+def check_model(m: ModelConfig, tensor: int = 1, context: int = 1) -> None:
+    """Raise ConfigError with every shape rule `m` breaks at tensor-parallel degree `tensor` (and context-parallel
+    degree `context`)."""
     errors = _model_number_errors(m)
     if not errors:
-        errors = model_errors(m, tensor)
+        errors = model_errors(m, tensor) + context_errors(m, tensor, context)
     if errors:
         raise ConfigError(errors)
 
@@ -239,7 +274,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     m, p, d, t, ds = cfg.model, cfg.parallel, cfg.data, cfg.train, cfg.deepspeed
 
     errors.extend(_model_number_errors(m))
-    for key in ("tensor", "pipeline"):
+    for key in ("tensor", "pipeline", "context"):
         _positive(errors, f"parallel.{key}", getattr(p, key))
     _positive(errors, "data.seq_length", d.seq_length)
     # The shape and layout rules below divide by these numbers: they run only with sane ones (every other rule
@@ -257,6 +292,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             errors.append(not_one_of("train.preemption_signals", sig, ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")))
     if numbers_ok:
         errors.extend(model_errors(m, p.tensor))
+        errors.extend(context_errors(m, p.tensor, p.context, d.seq_length, p.sequence_parallel))
         if m.num_layers < p.pipeline:
             errors.append(f"model.num_layers: {m.num_layers} layers cannot fill parallel.pipeline={p.pipeline} stages")
     if numbers_ok and d.seq_length > m.max_position_embeddings:
@@ -294,16 +330,22 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "ZeRO-0 pipeline path miscounts the gradient norm of replicated and tied weights and cannot skip "
             "non-finite steps; use ZeRO-1 (stage 1)"
         )
+    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+    if isinstance(p.context, int) and p.context > 1 and stage == 3 and zero.get("reduce_scatter", True) is False:
+        errors.append(
+            "deepspeed.zero_optimization.reduce_scatter: false is refused with parallel.context > 1 at ZeRO-3: "
+            "DeepSpeed 0.19.8 then averages gradients over the context ranks in some buckets and sums them in others "
+            "(by bucket size); leave it true (megalite.engine.build.context_grad_scale)")
     if "train_micro_batch_size_per_gpu" not in ds:
         errors.append("deepspeed.train_micro_batch_size_per_gpu: required (megalite sizes its data loader by it)")
 
     if world_size is not None and numbers_ok:
         if world_size <= 0:
             errors.append(f"world size: must be > 0, got {world_size}")
-        elif world_size % (p.tensor * p.pipeline):
+        elif world_size % (p.tensor * p.pipeline * p.context):
             errors.append(
-                f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
-                f"{p.tensor} x {p.pipeline}"
+                f"world size {world_size} is not divisible by parallel.tensor x parallel.context x parallel.pipeline "
+                f"= {p.tensor} x {p.context} x {p.pipeline}"
             )
         elif "train_batch_size" in ds and all(
             isinstance(ds.get(k, 1), int) and not isinstance(ds.get(k, 1), bool) and ds.get(k, 1) > 0

@@ -141,12 +141,37 @@ SCHEDULES: dict[str, Callable[[dict, int], Callable[[int], float]]] = {
 }
 
 
+def context_grad_scale(cfg: Config) -> float:
+    """The factor on each context rank's loss gradient that makes DeepSpeed's gradient reduction come out as the
+    gradient of the whole micro-batch's loss (megalite.parallel.context).
+
+    DeepSpeed sums the context ranks' gradients and averages over data-parallel replicas (it divides by the
+    sequence-data-parallel size over the sequence-parallel size) at ZeRO-0, ZeRO-1/2 and in ZeRO-3's contiguous
+    path: factor 1. Two places average over data x context instead, so the factor is the context size there: the
+    pipeline engine (it knows no context group; its data axis holds the data x context ranks), and ZeRO-3's
+    reduce-scatter path (DeepSpeed 0.19.8 `__avg_scatter_grads`, taken with `reduce_scatter: true`, the default,
+    or a bucket larger than `reduce_bucket_size`: it never multiplies back by the sequence-parallel size; megalite
+    refuses `reduce_scatter: false` with context parallelism at ZeRO-3 so that the path is always this one).
+    Measured: tests/test_context_parallel.py holds every case to the one-process loop.
+    """
+    cp = cfg.parallel.context
+    zero = cfg.deepspeed.get("zero_optimization") or {}
+    if cp > 1 and (cfg.parallel.pipeline > 1 or zero.get("stage", 0) == 3):
+        return float(cp)
+    return 1.0
+
+
 def deepspeed_dict(cfg: Config, world_size: int) -> dict:
     """DeepSpeed's config without the entries megalite turns into objects itself."""
     ds = resolve_deepspeed(cfg, world_size)
     ds.pop("optimizer", None)
     ds.pop("scheduler", None)
     ds.setdefault("steps_per_print", 10**9)  # megalite logs; DeepSpeed's own print is noise
+    if cfg.parallel.pipeline > 1 and cfg.parallel.context > 1:
+        # DeepSpeed's pipeline engine knows no context group: its data axis holds data x context ranks, each of which
+        # it counts as a data-parallel replica in its batch arithmetic (the context ranks of one replica read the same
+        # samples; megalite.parallel.grid).
+        ds["train_batch_size"] *= cfg.parallel.context
     if cfg.precision == "bf16":
         # Gradients accumulate and reduce in fp32; fp32 master weights and optimizer state. A step whose
         # gradient norm is not finite is skipped by DeepSpeed itself (the pipeline engine relies on it).
@@ -175,12 +200,31 @@ def build_engine(model: torch.nn.Module, cfg: Config, grid: Any, world_size: int
     optimizer = build_optimizer(model, spec, offload=offloads_optimizer(cfg.deepspeed))
     schedule = build_schedule(optimizer, cfg.deepspeed.get("scheduler"), cfg.train.steps)
     is_pipeline = cfg.parallel.pipeline > 1
+    ds_config = deepspeed_dict(cfg, world_size)
+    if cfg.parallel.context > 1 and ds_config["zero_optimization"].get("stage", 0) == 3:
+        partition_over_replicas(model, ds_config, grid)
     engine, optimizer, _, schedule = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_dict(cfg, world_size),
+        config=ds_config,
         mpu=None if is_pipeline else grid,  # a PipelineModule brings its own topology
         dist_init_required=False,
     )
     return engine, schedule
+
+
+def partition_over_replicas(model: torch.nn.Module, ds_config: dict, grid: Any) -> None:
+    """ZeRO-3 with context parallelism: partition the parameters over data x context ranks before DeepSpeed does.
+
+    DeepSpeed 0.19.8's ZeRO-3 partitions a model's parameters over `mpu.get_data_parallel_group()` (the data ranks
+    only) but reduce-scatters their gradients and keeps the optimizer's partitions over the sequence-data-parallel
+    group (data x context): the two disagree, and the gradients come out wrong without an error (the mismatch
+    DeepSpeed issue 6582 reports as a size error). Partitioning the parameters here, with DeepSpeed's own
+    `zero.Init` over the sequence-data-parallel group, makes DeepSpeed keep them as they are (it converts only
+    parameters that are not partitioned yet), so every ZeRO-3 structure uses the one group.
+    """
+    import deepspeed
+
+    deepspeed.zero.Init(module=model, data_parallel_group=grid.get_sequence_data_parallel_group(),
+                        config_dict_or_path=ds_config, mpu=grid)

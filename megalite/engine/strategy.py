@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megalite.config import Config
 from megalite.distributed import any_rank
+from megalite.engine.build import context_grad_scale
 from megalite.engine.metrics import StepTimer
 from megalite.errors import MegaliteError
 from megalite.model import build_model, load_full_state_dict, tensor_parallel_group
@@ -77,7 +78,9 @@ class DenseStrategy(Strategy):
     """Tensor parallelism (and sequence parallelism) under DeepSpeed's ZeRO engine, data parallel around it."""
 
     def build_model(self) -> torch.nn.Module:
-        return build_model(self.cfg.model, self.cfg.parallel, self.grid, seed=self.cfg.train.seed)
+        model = build_model(self.cfg.model, self.cfg.parallel, self.grid, seed=self.cfg.train.seed)
+        model.context_grad_scale = context_grad_scale(self.cfg)
+        return model
 
     def load_full_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         load_full_state_dict(model, state, tensor_parallel_group(self.grid))
@@ -145,6 +148,7 @@ class PipelineStrategy(Strategy):
 
         cfg = self.cfg
         loss_fn = PipelineLoss(cfg.model, self.grid)
+        loss_fn.context_grad_scale = context_grad_scale(cfg)
         model = PipelineModule(
             layers=pipeline_specs(cfg.model, cfg.parallel, self.grid, seed=cfg.train.seed),
             topology=self.grid.topology,

@@ -59,17 +59,20 @@ def run_layout(cfg: Config, world: int) -> dict:
     """The layout a checkpoint records: the parallel degrees, ZeRO stage, compute precision and global batch."""
     p = cfg.parallel
     zero = cfg.deepspeed.get("zero_optimization") or {}
-    return {"tensor": p.tensor, "pipeline": p.pipeline, "data": world // (p.tensor * p.pipeline), "world_size": world,
+    return {"tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "data": cfg.dp_size(world),
+            "world_size": world,
             "zero_stage": int(zero.get("stage", 0)), "precision": cfg.precision,
             "global_batch": cfg.global_batch_size(world)}
 
 
 # What makes two layouts the same for DeepSpeed's own loader; any difference is resharded (elastic resume).
-LAYOUT_KEYS = ("tensor", "pipeline", "data", "zero_stage", "precision")
+LAYOUT_KEYS = ("tensor", "pipeline", "context", "data", "zero_stage", "precision")
+LAYOUT_DEFAULTS = {"context": 1}  # layouts recorded before context parallelism existed
 
 
 def layout_changes(saved: dict, mine: dict) -> list[str]:
     """The differences between a checkpoint's layout and this run's, in words ([] when DeepSpeed can load it)."""
+    saved = {**LAYOUT_DEFAULTS, **saved}
     return [f"{key} {saved[key]} -> {mine[key]}" for key in LAYOUT_KEYS
             if key in saved and saved[key] != mine.get(key)]
 
@@ -120,7 +123,8 @@ class Trainer:
         kernels.set_backend(cfg.train.kernels)
         seed_everything(cfg.train.seed)
 
-        self.grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
+        self.grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline,
+                                context=cfg.parallel.context)
         self.dp_rank, self.dp_size = self.grid.get_data_parallel_rank(), self.grid.get_data_parallel_world_size()
         self.strategy = strategy_for(cfg, self.grid, self.device)
         agree("building the data", self._build_data)

@@ -20,6 +20,13 @@ def tensor_parallel_group(grid: Any) -> Optional[torch.distributed.ProcessGroup]
     return grid.get_tensor_model_parallel_group()
 
 
+def context_parallel_group(grid: Any) -> Optional[torch.distributed.ProcessGroup]:
+    """The context-parallel process group of `grid`, or None when there is no grid or CP is 1."""
+    if grid is None or getattr(grid, "get_sequence_parallel_world_size", lambda: 1)() == 1:
+        return None
+    return grid.get_sequence_parallel_group()
+
+
 def build_model(
     model_cfg: ModelConfig,
     parallel_cfg: Optional[ParallelConfig] = None,
@@ -37,8 +44,12 @@ def build_model(
     tp = grid.get_tensor_model_parallel_world_size() if grid is not None else 1
     if parallel_cfg.tensor != tp:
         raise ConfigError(f"parallel.tensor={parallel_cfg.tensor} but the process grid has tensor parallelism {tp}")
+    cp = grid.get_sequence_parallel_world_size() if grid is not None else 1
+    if grid is not None and parallel_cfg.context != cp:
+        raise ConfigError(f"parallel.context={parallel_cfg.context} but the process grid has context parallelism {cp}")
     group = tensor_parallel_group(grid)
-    model = Transformer(model_cfg, parallel_cfg, group, device=device, dtype=dtype)
+    model = Transformer(model_cfg, parallel_cfg, group, device=device, dtype=dtype,
+                        context_group=context_parallel_group(grid))
     if torch.device(device or "cpu").type != "meta":
         initialize_parameters(model, seed, group)
     tp_rank = grid.get_tensor_model_parallel_rank() if grid is not None else 0
@@ -52,6 +63,7 @@ __all__ = [
     "Transformer",
     "KVCache",
     "tensor_parallel_group",
+    "context_parallel_group",
     "full_state_dict",
     "full_grads",
     "load_full_state_dict",

@@ -12,6 +12,10 @@ with the same seed holds exactly the weights of `build_model` at any PP and TP d
     module = PipelineModule(specs, topology=grid.topology, loss_fn=PipelineLoss(model_cfg, grid),
                             partition_method="type:BlockPipe")
 Batches are ((input_ids, position_ids), (labels, loss_mask)); position_ids may be omitted (input_ids alone).
+
+With context parallelism every rank of a context group gets the whole sequence's batch; the embedding keeps this
+rank's chunk of ids and positions (the hidden states and positions between stages are the chunk's, the document
+ids the whole sequence's) and the loss keeps the chunk's labels and mask.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Optional, Union
 import torch
 
 from megalite.config import ModelConfig, ParallelConfig, check_model
-from megalite.model import tensor_parallel_group
+from megalite.model import context_parallel_group, tensor_parallel_group
 from megalite.model.transformer import (
     Block,
     Embedding,
@@ -35,6 +39,7 @@ from megalite.model.transformer import (
     training_z_loss,
 )
 from megalite.model.weights import initialize_parameters, load_full_tensors, set_init, set_tensor_parallel_attributes
+from megalite.parallel.context import context_chunk
 from megalite.parallel.mappings import group_size
 
 # (hidden, position_ids) or (hidden, position_ids, document_ids): what passes between pipeline stages.
@@ -57,7 +62,8 @@ class EmbeddingPipe(_Canonical, Embedding):
 
     def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int) -> None:
         group = tensor_parallel_group(grid)
-        check_model(cfg, group_size(group))
+        self.context_group = context_parallel_group(grid)
+        check_model(cfg, group_size(group), group_size(self.context_group))
         super().__init__(cfg, group, sp)
         self.max_positions = cfg.max_position_embeddings
         self.loss_chunk_tokens = cfg.loss_chunk_tokens
@@ -74,6 +80,7 @@ class EmbeddingPipe(_Canonical, Embedding):
         b, t = ids.shape
         if pos is None:
             pos = torch.arange(t, device=ids.device).unsqueeze(0).expand(b, t)
+        ids, pos = context_chunk(ids, self.context_group), context_chunk(pos, self.context_group)
         return (super().forward(ids, pos), pos, *docs)
 
 
@@ -82,7 +89,7 @@ class BlockPipe(_Canonical, Block):
 
     def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int, index: int) -> None:
         group = tensor_parallel_group(grid)
-        super().__init__(cfg, group, sp)
+        super().__init__(cfg, group, sp, context_group=context_parallel_group(grid))
         self.canonical_prefix = f"layers.{index}."
         self.rope_config = cfg if cfg.position == "rope" else None
         initialize_parameters(self, seed, group, self.canonical_name)
@@ -147,6 +154,10 @@ class PipelineLoss:
 
     def __init__(self, cfg: ModelConfig, grid: Any = None) -> None:
         self.vocab_size, self.group = cfg.vocab_size, tensor_parallel_group(grid)
+        self.context_group = context_parallel_group(grid)
+        # How the engine combines the context ranks' gradients: 1 when it sums them, cp when it averages them
+        # (megalite.parallel.context; the engine sets it: megalite.engine.build.context_grad_scale).
+        self.context_grad_scale = 1.0
         self.loss_chunk_tokens, self.z_loss = cfg.loss_chunk_tokens, cfg.z_loss
         self.head: Optional[Union[HeadPipe, EmbeddingPipe]] = None
         self.__name__ = "PipelineLoss"
@@ -161,14 +172,17 @@ class PipelineLoss:
         mask: Optional[torch.Tensor] = None
         if not isinstance(labels, torch.Tensor):
             labels, mask = labels[0], labels[1]
+        labels = context_chunk(labels, self.context_group)
+        mask = context_chunk(mask, self.context_group) if mask is not None else None
         z_loss = training_z_loss(self.z_loss)
+        cp = {"context_group": self.context_group, "context_grad_scale": self.context_grad_scale}
         if not self.loss_chunk_tokens:
-            return lm_loss(outputs, labels, mask, self.vocab_size, self.group, z_loss)
+            return lm_loss(outputs, labels, mask, self.vocab_size, self.group, z_loss, **cp)
         if self.head is None:
             raise RuntimeError("PipelineLoss with loss_chunk_tokens needs bind(pipeline_module) before use")
         weight = self.head.weight if isinstance(self.head, HeadPipe) else self.head.word.weight
         return lm_loss_chunked(outputs, weight, labels, mask, self.vocab_size, self.group,
-                               self.head.sequence_parallel, self.loss_chunk_tokens, z_loss)
+                               self.head.sequence_parallel, self.loss_chunk_tokens, z_loss, **cp)
 
 
 HEAD = "output"  # the untied head's one parameter, under the whole model's name

@@ -4,7 +4,9 @@ Layout, said once: activations between blocks are (B, T, H), batch first. With s
 parallelism they are (B, T/tp, H) -- each TP rank holds a contiguous chunk of the sequence --
 between the row-parallel exit of one attention/MLP and the column-parallel entry of the next,
 so norms, dropout and residual adds run on 1/tp of the tokens. Attention tensors are (B, heads, T, D).
-Logits are this rank's vocabulary slice (B, T, Vp/tp) unless gathered.
+Logits are this rank's vocabulary slice (B, T, Vp/tp) unless gathered. With context parallelism (a context
+group of cp ranks) every T above is this rank's contiguous chunk T/cp of the sequence, except inside attention
+(megalite.parallel.context) and in the document ids, which are the whole sequence's.
 
 Attention and norms go through `megalite.kernels` only, so the kernel backend is one switch.
 """
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from megalite import kernels
 from megalite.config import ModelConfig, ParallelConfig, check_model
 from megalite.errors import DataError
+from megalite.parallel.context import ContextParallelAttention, context_chunk, context_parallel_mean, gather_context
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import (
     ColumnParallelLinear,
@@ -126,9 +129,11 @@ class KVCache:
 
 
 class Attention(torch.nn.Module):
-    """Causal self-attention, heads split across TP ranks (whole KV heads per rank)."""
+    """Causal self-attention, heads split across TP ranks (whole KV heads per rank); with a context group, over the
+    whole sequence of which this rank holds a chunk."""
 
-    def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None) -> None:
+    def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None,
+                 context_group: Group = None) -> None:
         super().__init__()
         tp = group_size(group)
         self.head_dim = cfg.head_dim
@@ -143,6 +148,9 @@ class Attention(torch.nn.Module):
             q, cfg.hidden_size, bias=cfg.bias, group=group, sequence_parallel=sequence_parallel,
             init_std=out_std, device=device, dtype=dtype,
         )
+        self.context = None  # attention over a sequence split across the context group
+        if group_size(context_group) > 1:
+            self.context = ContextParallelAttention(kernels.attention, context_group, self.heads, self.kv_heads)
 
     def forward(
         self,
@@ -163,7 +171,8 @@ class Attention(torch.nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         scale = 1.0 / math.sqrt(d)
         if cache is None:
-            y = kernels.attention(q, k, v, causal=True, scale=scale, document_ids=document_ids)
+            attend = kernels.attention if self.context is None else self.context
+            y = attend(q, k, v, causal=True, scale=scale, document_ids=document_ids)
         else:
             y = self._cached(q, k, v, cache, layer, scale)
         y = y.transpose(1, 2).reshape(b, t, self.heads * d)  # (B, T, h*D)
@@ -213,10 +222,11 @@ class MLP(torch.nn.Module):
 class Block(torch.nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None) -> None:
+    def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None,
+                 context_group: Group = None) -> None:
         super().__init__()
         self.norm1 = Norm(cfg, group, sequence_parallel, device, dtype)
-        self.attention = Attention(cfg, group, sequence_parallel, device, dtype)
+        self.attention = Attention(cfg, group, sequence_parallel, device, dtype, context_group)
         self.norm2 = Norm(cfg, group, sequence_parallel, device, dtype)
         self.mlp = MLP(cfg, group, sequence_parallel, device, dtype)
         self.dropout = cfg.hidden_dropout
@@ -281,7 +291,8 @@ class Embedding(torch.nn.Module):
 
 
 class Transformer(torch.nn.Module):
-    """The decoder-only language model holding this TP rank's shards."""
+    """The decoder-only language model holding this TP rank's shards (and, with a context group, working on this
+    rank's chunk of each sequence)."""
 
     def __init__(
         self,
@@ -290,16 +301,22 @@ class Transformer(torch.nn.Module):
         group: Group = None,
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
+        context_group: Group = None,
     ) -> None:
         super().__init__()
         parallel = parallel or ParallelConfig()
-        check_model(cfg, group_size(group))  # config owns the rules
+        check_model(cfg, group_size(group), group_size(context_group))  # config owns the rules
         self.config, self.parallel_config, self.group = cfg, parallel, group
+        self.context_group = context_group if group_size(context_group) > 1 else None
+        # How the engine combines the context ranks' gradients: 1 when it sums them, cp when it averages them
+        # (megalite.parallel.context; the engine sets it: megalite.engine.build.context_grad_scale).
+        self.context_grad_scale = 1.0
         self.tp_size, self.tp_rank = group_size(group), group_rank(group)
         sp = parallel.sequence_parallel and self.tp_size > 1
         self.sequence_parallel = sp
         self.embedding = Embedding(cfg, group, sp, device, dtype)
-        self.layers = torch.nn.ModuleList(Block(cfg, group, sp, device, dtype) for _ in range(cfg.num_layers))
+        self.layers = torch.nn.ModuleList(Block(cfg, group, sp, device, dtype, self.context_group)
+                                          for _ in range(cfg.num_layers))
         self.final_norm = Norm(cfg, group, sp, device, dtype)
         if cfg.tied_embeddings:
             self.register_parameter("output", None)
@@ -337,7 +354,8 @@ class Transformer(torch.nn.Module):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """fp32 mean cross-entropy over tokens with a nonzero mask (labels < 0 are ignored too), plus the
         z-loss term while training (model.z_loss)."""
-        return lm_loss(logits, labels, loss_mask, self.config.vocab_size, self.group, training_z_loss(self.config.z_loss))
+        return lm_loss(logits, labels, loss_mask, self.config.vocab_size, self.group, training_z_loss(self.config.z_loss),
+                       self.context_group, self.context_grad_scale)
 
     def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         """An empty cache for incremental decoding of up to `max_len` positions."""
@@ -365,7 +383,8 @@ class Transformer(torch.nn.Module):
     ) -> torch.Tensor:
         """Loss (fp32 scalar) when `labels` is given, else logits (B, T, Vp/tp), or (B, T, Vp) if gathered.
 
-        With `kv_cache`, positions continue from `kv_cache.length` (or `start_pos`, which rewinds the cache
+        With a context group every rank passes the whole sequence (every input (B, T)); the model keeps this rank's
+        chunk, and returns the loss over all the sequence's tokens, or the whole sequence's logits. With `kv_cache`, positions continue from `kv_cache.length` (or `start_pos`, which rewinds the cache
         to that length first) and the cache is advanced by T. `document_ids` (B, T) confines attention to
         runs of equal ids (packed documents; data.reset_attention_mask).
         """
@@ -374,18 +393,26 @@ class Transformer(torch.nn.Module):
         b, t = input_ids.shape
         if kv_cache is not None and self.sequence_parallel:
             raise ValueError("incremental decoding with a KV cache needs parallel.sequence_parallel off")
+        if kv_cache is not None and self.context_group is not None:
+            raise ValueError("incremental decoding with a KV cache runs at parallel.context=1")
         if document_ids is not None and (kv_cache is not None or tuple(document_ids.shape) != (b, t)):
             raise DataError(f"document_ids must be (batch, seq) = {(b, t)} and not used with a KV cache, got "
                             f"{tuple(document_ids.shape)}")
-        if self.sequence_parallel and t % self.tp_size:
-            raise DataError(f"sequence length {t} must be divisible by parallel.tensor={self.tp_size} "
-                            "with sequence parallelism")
+        cp = group_size(self.context_group)
+        if t % cp or (self.sequence_parallel and (t // cp) % self.tp_size):
+            raise DataError(f"sequence length {t} must be divisible by parallel.context={cp}"
+                            + (f" x parallel.tensor={self.tp_size} with sequence parallelism" if self.sequence_parallel
+                               else ""))
         if kv_cache is not None and start_pos is not None:
             if not 0 <= start_pos <= kv_cache.length:
                 raise ValueError(f"start_pos {start_pos} is outside the cached 0..{kv_cache.length} positions")
             kv_cache.length = start_pos
         start = kv_cache.length if kv_cache is not None else 0
         position_ids = self.positions(input_ids, position_ids, start)
+        if self.context_group is not None:  # this rank's chunk; attention sees the whole sequence's document ids
+            input_ids, position_ids = context_chunk(input_ids, self.context_group), context_chunk(position_ids, self.context_group)
+            labels = context_chunk(labels, self.context_group) if labels is not None else None
+            loss_mask = context_chunk(loss_mask, self.context_group) if loss_mask is not None else None
         x = self.embedding(input_ids, position_ids)  # (B, T, H) or (B, T/tp, H)
         cos = sin = None
         if self.config.position == "rope":
@@ -402,10 +429,10 @@ class Transformer(torch.nn.Module):
         if labels is not None and self.config.loss_chunk_tokens:
             return lm_loss_chunked(x, self.output_weight(), labels, loss_mask, self.config.vocab_size, self.group,
                                    self.sequence_parallel, self.config.loss_chunk_tokens,
-                                   training_z_loss(self.config.z_loss))
+                                   training_z_loss(self.config.z_loss), self.context_group, self.context_grad_scale)
         logits = self.logits(x, gather=gather_logits and labels is None)
         if labels is None:
-            return logits
+            return logits if self.context_group is None else gather_context(logits, self.context_group)
         return self.loss(logits, labels, loss_mask)
 
 
@@ -448,12 +475,13 @@ def training_z_loss(z_loss: float) -> float:
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor], vocab_size: int,
-            group: Group, z_loss: float = 0.0) -> torch.Tensor:
+            group: Group, z_loss: float = 0.0, context_group: Group = None,
+            context_grad_scale: float = 1.0) -> torch.Tensor:
     """fp32 mean cross-entropy (+ z_loss * lse^2) of vocab-parallel logits over tokens with a nonzero mask;
-    labels < 0 are ignored."""
+    labels < 0 are ignored. With a context group: over the tokens of every rank's chunk (each counted once)."""
     mask = _token_mask(labels, loss_mask, vocab_size)
     per_token = vocab_parallel_cross_entropy(logits, labels.clamp(min=0), group, z_loss)  # (B, T) fp32
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return context_parallel_mean((per_token * mask).sum(), mask.sum(), context_group, context_grad_scale)
 
 
 def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -464,7 +492,7 @@ def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
 
 def lm_loss_chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor],
                     vocab_size: int, group: Group, sequence_parallel: bool, chunk_tokens: int,
-                    z_loss: float = 0.0) -> torch.Tensor:
+                    z_loss: float = 0.0, context_group: Group = None, context_grad_scale: float = 1.0) -> torch.Tensor:
     """`lm_loss(lm_logits(h, ...))` computed `chunk_tokens` tokens at a time, each chunk's logits recomputed in
     the backward: the (tokens, Vp/tp) logits and their fp32 softmax never exist whole (model.loss_chunk_tokens).
     """
@@ -479,4 +507,4 @@ def lm_loss_chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
             _chunk_loss_sum, h[start:end], weight, labels[start:end], mask[start:end], vocab_size, group, z_loss,
             use_reentrant=False,
         )
-    return total / mask.sum().clamp(min=1.0)
+    return context_parallel_mean(total, mask.sum(), context_group, context_grad_scale)

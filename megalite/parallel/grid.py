@@ -1,11 +1,20 @@
-"""The process grid: tensor (TP), pipeline (PP) and data (DP) ranks and their groups.
+"""The process grid: tensor (TP), context (CP), pipeline (PP) and data (DP) ranks and their groups.
 
 Built on DeepSpeed's own `PipeModelDataParallelTopology` and `PipelineParallelGrid`, so one object
-is both the `mpu` handed to `deepspeed.initialize` (ZeRO then shards over data-parallel ranks only)
-and the source of the topology a `PipelineModule` is built with (`grid.topology`).
+is both the `mpu` handed to `deepspeed.initialize` (ZeRO then shards over data x context ranks, the
+ranks that hold replicas of the same weights) and the source of the topology a `PipelineModule` is
+built with (`grid.topology`).
 
-Rank layout (DeepSpeed's, row-major over axes pipe, data, model): TP ranks are adjacent global
-ranks, so tensor-parallel traffic stays inside a node.
+Rank layout (DeepSpeed's, row-major over axes pipe, data, model), with context parallelism carved out
+of DeepSpeed's `data` axis: global rank = ((pipe x data + dp) x context + cp) x tensor + tp. TP ranks are
+adjacent global ranks (innermost), then CP, then DP, then PP (outermost), so tensor- and then
+context-parallel traffic stays inside a node where they fit. DeepSpeed's `data` axis (size data x context)
+is what it calls the sequence-data-parallel group: every rank in it holds the same weights.
+
+The mpu answers DeepSpeed's Ulysses questions (`get_sequence_parallel_*`: the CP group;
+`get_sequence_data_parallel_*`: data x context), so ZeRO partitions and reduces gradients over data x
+context and sums (not averages) the context ranks' contributions; `get_data_parallel_*` is the pure
+data-parallel group (batch arithmetic, the sampler, loss averages).
 """
 
 from __future__ import annotations
@@ -28,21 +37,51 @@ def _init_deepspeed_comm() -> None:
 
 
 class ProcessGrid(PipelineParallelGrid):
-    """TP x PP x DP process groups with the full DeepSpeed `mpu` interface."""
+    """TP x CP x PP x DP process groups with the full DeepSpeed `mpu` interface (Ulysses included)."""
 
-    def __init__(self, tensor: int = 1, pipeline: int = 1) -> None:
+    def __init__(self, tensor: int = 1, pipeline: int = 1, context: int = 1) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ProcessGrid needs torch.distributed to be initialised first")
         world = dist.get_world_size()
-        if tensor < 1 or pipeline < 1 or world % (tensor * pipeline):
+        if tensor < 1 or pipeline < 1 or context < 1 or world % (tensor * pipeline * context):
             raise ConfigError(
-                f"world size {world} is not divisible by parallel.tensor x parallel.pipeline = {tensor} x {pipeline}"
+                f"world size {world} is not divisible by parallel.tensor x parallel.context x parallel.pipeline = "
+                f"{tensor} x {context} x {pipeline}"
             )
         _init_deepspeed_comm()
-        topo = PipeModelDataParallelTopology(num_pp=pipeline, num_mp=tensor, num_dp=world // (tensor * pipeline))
+        replicas = world // (tensor * pipeline)  # DeepSpeed's data axis: data x context
+        topo = PipeModelDataParallelTopology(num_pp=pipeline, num_mp=tensor, num_dp=replicas)
         super().__init__(topology=topo)
         # DeepSpeed creates the TP (slice) group; keep its global ranks for broadcasts.
         self.tp_ranks: list[int] = list(self.slice_group)
+        self.cp_size = context
+        self._build_context_groups(tensor, pipeline, context, replicas // context)
+
+    def _build_context_groups(self, tensor: int, pipeline: int, context: int, data: int) -> None:
+        """The context groups and the pure data-parallel groups inside DeepSpeed's data axis (every rank creates
+        every group, in the same order, as torch.distributed requires)."""
+        coord = self._topo.get_coord(self.global_rank)
+        self.cp_rank, self.pure_dp_rank = coord.data % context, coord.data // context
+        if context == 1:  # DeepSpeed's data axis is the data-parallel group; no new groups
+            self.cp_proc_group, self.cp_ranks = None, [self.global_rank]
+            self.pure_dp_proc_group, self.pure_dp_ranks = self.dp_proc_group, list(self.dp_group)
+            return
+
+        def rank(pipe: int, replica: int, tp: int) -> int:
+            return self._topo.get_rank(pipe=pipe, data=replica, model=tp)
+
+        for pipe in range(pipeline):
+            for tp in range(tensor):
+                for dp in range(data):
+                    ranks = [rank(pipe, dp * context + cp, tp) for cp in range(context)]
+                    group = dist.new_group(ranks=ranks)
+                    if self.global_rank in ranks:
+                        self.cp_proc_group, self.cp_ranks = group, ranks
+                for cp in range(context):
+                    ranks = [rank(pipe, dp * context + cp, tp) for dp in range(data)]
+                    group = dist.new_group(ranks=ranks)
+                    if self.global_rank in ranks:
+                        self.pure_dp_proc_group, self.pure_dp_ranks = group, ranks
 
     # ---- the names megalite uses
     @property
@@ -70,8 +109,45 @@ class ProcessGrid(PipelineParallelGrid):
     def dp_size(self) -> int:
         return self.get_data_parallel_world_size()
 
-    # `dp_group` / `pp_group` stay DeepSpeed's lists of global ranks; the process groups are
-    # `dp_proc_group` / `pp_proc_group` (DeepSpeed's attributes) and `tp_group`.
+    # `dp_group` / `pp_group` stay DeepSpeed's lists of global ranks of its own axes (data x context for
+    # `dp_group`); the process groups are `dp_proc_group` / `pp_proc_group` (DeepSpeed's attributes), `tp_group`,
+    # `cp_group` (None without context parallelism) and `get_data_parallel_group()` (data only).
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        return self.cp_proc_group
+
+    # ---- data parallelism: the data axis alone (DeepSpeed's `data` axis is data x context)
+    def get_data_parallel_rank(self) -> int:
+        return self.pure_dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return len(self.pure_dp_ranks)
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.pure_dp_proc_group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.pure_dp_ranks)
+
+    # ---- DeepSpeed's Ulysses mpu interface: the context group, and data x context (the replicas ZeRO shards over)
+    def get_sequence_parallel_group(self) -> dist.ProcessGroup | None:
+        return self.cp_proc_group
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.cp_size
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.cp_rank
+
+    def get_sequence_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.dp_proc_group
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.data_parallel_size
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.data_parallel_id
 
     @property
     def pp_rank(self) -> int:
@@ -97,5 +173,5 @@ class ProcessGrid(PipelineParallelGrid):
     def __repr__(self) -> str:
         return (
             f"ProcessGrid(rank={self.global_rank}, tp={self.tp_rank}/{self.tp_size}, "
-            f"pp={self.pp_rank}/{self.pp_size}, dp={self.dp_rank}/{self.dp_size})"
+            f"cp={self.cp_rank}/{self.cp_size}, pp={self.pp_rank}/{self.pp_size}, dp={self.dp_rank}/{self.dp_size})"
         )
