@@ -343,10 +343,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if world_size <= 0:
             errors.append(f"world size: must be > 0, got {world_size}")
         elif world_size % (p.tensor * p.pipeline * p.context):
-            errors.append(
-                f"world size {world_size} is not divisible by parallel.tensor x parallel.context x parallel.pipeline "
-                f"= {p.tensor} x {p.context} x {p.pipeline}"
-            )
+            if p.context == 1:
+                errors.append(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
+                              f"{p.tensor} x {p.pipeline}")
+            else:
+                errors.append(f"world size {world_size} is not divisible by parallel.tensor x parallel.context x "
+                              f"parallel.pipeline = {p.tensor} x {p.context} x {p.pipeline}")
         elif "train_batch_size" in ds and all(
             isinstance(ds.get(k, 1), int) and not isinstance(ds.get(k, 1), bool) and ds.get(k, 1) > 0
             for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")

@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from megalite.config import Config, ModelConfig, count_parameters, validate
+from megalite.config import Config, ModelConfig, context_errors, count_parameters, kv_replication, validate
 from megalite.engine.metrics import flops_per_token
 from megalite.errors import ConfigError
 
@@ -186,14 +186,22 @@ class Layout:
     sequence_parallel: bool
     recompute: bool
     loss_chunk_tokens: int
+    context: int = 1  # context parallelism: each sequence split over this many ranks (Ulysses)
 
     @property
     def world(self) -> int:
-        return self.tensor * self.pipeline * self.data
+        return self.tensor * self.pipeline * self.data * self.context
+
+    @property
+    def replicas(self) -> int:
+        """Ranks holding the same weights, over which ZeRO partitions and gradients reduce: data x context."""
+        return self.data * self.context
 
     def describe(self) -> str:
         parts = [f"TP{self.tensor}{'+SP' if self.sequence_parallel else ''}", f"PP{self.pipeline}",
                  f"DP{self.data}", f"ZeRO-{self.zero_stage}", f"micro-batch {self.micro_batch} x {self.accumulation}"]
+        if self.context > 1:
+            parts.insert(1, f"CP{self.context}")
         if self.recompute:
             parts.append("recompute")
         if self.loss_chunk_tokens:
@@ -214,7 +222,7 @@ def layout_of(cfg: Config, world_size: int) -> Layout:
         zero_stage=int((cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0)),
         micro_batch=cfg.micro_batch_size, accumulation=cfg.gradient_accumulation_steps,
         sequence_parallel=p.sequence_parallel and p.tensor > 1, recompute=cfg.model.activation_checkpointing,
-        loss_chunk_tokens=cfg.model.loss_chunk_tokens,
+        loss_chunk_tokens=cfg.model.loss_chunk_tokens, context=p.context,
     )
 
 
@@ -222,7 +230,7 @@ def with_layout(cfg: Config, layout: Layout) -> Config:
     """A copy of `cfg` laid out as `layout` (same model, data and settings otherwise)."""
     new = copy.copy(cfg)
     new.parallel = dataclasses.replace(cfg.parallel, tensor=layout.tensor, pipeline=layout.pipeline,
-                                       sequence_parallel=layout.sequence_parallel)
+                                       sequence_parallel=layout.sequence_parallel, context=layout.context)
     new.model = dataclasses.replace(cfg.model, activation_checkpointing=layout.recompute,
                                     loss_chunk_tokens=layout.loss_chunk_tokens)
     ds = dict(cfg.deepspeed)
@@ -510,11 +518,17 @@ def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> 
     output and an fp32 log-sum-exp per head (flash attention: no T x T matrix); the MLP its pre- and
     post-activation (SwiGLU: the fused gate/up output, silu(gate) and the product); the loss an fp32 softmax
     over this rank's vocabulary slice, or with loss chunks only what the chunks are recomputed from.
+
+    With context parallelism (cp ranks) every per-token term is this rank's chunk of B x T / cp tokens. Attention
+    keeps what its all-to-alls deliver instead of the qkv output and RoPE's rotated q and k: q, k and v over the
+    whole sequence with heads / cp each (kv heads replicated when fewer than cp), the same bytes as the chunk's
+    q, k, v, and the projection keeps the output all-to-all's result; the document mask of the torch path stays
+    T x T.
     """
     m, d = cfg.model, cfg.data
-    e, tp = s.element, layout.tensor
+    e, tp, cp = s.element, layout.tensor, layout.context
     h, T, B = m.hidden_size, d.seq_length, layout.micro_batch
-    N = B * T
+    N = B * T // cp  # this rank's tokens
     Ns = N // tp if layout.sequence_parallel else N
     heads, kvh, hd, f_l = m.num_heads // tp, m.kv_heads // tp, m.head_dim, m.ffn_size // tp
     v_l = m.padded_vocab_size // tp
@@ -523,13 +537,19 @@ def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> 
     if m.norm == "rmsnorm" and s.attention != "triton" and s.platform == "cpu":
         norm += Ns * h * (8 - e)  # torch's CPU rms_norm keeps the input and the normalised input in fp32
     rope = m.position == "rope"
-    rope_tables = 2 * B * T * hd * e  # cos and sin, (B, 1, T, D)
+    rope_tables = 2 * N * hd * e  # cos and sin, (B, 1, T / cp, D)
     pipelined = layout.pipeline > 1
     docs = d.reset_attention_mask
 
-    attn = N * h * e + N * (heads + 2 * kvh) * hd * e  # qkv input, qkv output
-    if rope:
-        attn += N * (heads + kvh) * hd * e + (rope_tables if pipelined else 0)  # each pipeline block has its tables
+    if cp == 1:
+        attn = N * h * e + N * (heads + 2 * kvh) * hd * e  # qkv input, qkv output
+        if rope:
+            attn += N * (heads + kvh) * hd * e
+    else:  # qkv input; the all-to-alls' q, k, v (kv heads replicated to a multiple of cp); the output all-to-all's
+        # result, which the projection keeps (without CP its input is a view of the kernel's output)
+        attn = N * h * e + N * (2 * heads + 2 * kvh * (kv_replication(kvh, cp) or 1)) * hd * e
+    if rope and pipelined:
+        attn += rope_tables  # each pipeline block has its tables
     if s.attention == "materialized":  # the T x T softmax per head, with dropout its mask and output; the context
         drop = m.attention_dropout > 0
         attn += B * heads * T * T * (e + (mask + e if drop else 0)) + N * heads * hd * e
@@ -537,7 +557,7 @@ def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> 
         attn += N * heads * hd * e + N * heads * 4  # output, fp32 log-sum-exp
     if docs:
         # int32 document bounds per token; SDPA gets the boolean mask and keeps it as an additive float mask
-        attn += 2 * N * 4 if s.attention == "triton" else B * T * T * e
+        attn += 2 * B * T * 4 if s.attention == "triton" else B * T * T * e  # the whole sequence's, with CP too
     mlp = N * h * e + (4 if m.mlp == "swiglu" else 2) * N * f_l * e
     layer = {"norms": 2 * norm, "attention": attn, "mlp": mlp}
     if m.hidden_dropout > 0:
@@ -545,7 +565,7 @@ def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> 
 
     out: dict[str, float] = {}
     if layout.recompute:  # each block keeps only its input; one block's activations are rebuilt at a time
-        out["block inputs (recompute)"] = stage.blocks * Ns * h * e + (N * 8 if docs and stage.blocks else 0)
+        out["block inputs (recompute)"] = stage.blocks * Ns * h * e + (B * T * 8 if docs and stage.blocks else 0)
     else:
         for key, value in layer.items():
             out[key] = stage.blocks * value
@@ -622,9 +642,9 @@ class StageMemory:
 def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
     """Per-GPU memory of every pipeline stage."""
     m = cfg.model
-    tp, pp, dp = layout.tensor, layout.pipeline, layout.data
+    tp, pp, dp = layout.tensor, layout.pipeline, layout.replicas  # ZeRO partitions over data x context
     e = s.element
-    N = layout.micro_batch * cfg.data.seq_length
+    N = layout.micro_batch * cfg.data.seq_length // layout.context  # this rank's tokens
     Ns = N // tp if layout.sequence_parallel else N
     v_l = m.padded_vocab_size // tp
     per_layer = None
@@ -647,12 +667,13 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
             # the hidden states (the first stage also holds the token ids); the stage's output, which autograd does
             # not keep (the last stage's output is its logits, or with loss chunks the hidden states the loss keeps);
             # the last stage's labels and token weights. Plus one gradient receive buffer (_grad_layer_buf).
-            ids = N * 8 * (2 if cfg.data.reset_attention_mask else 1) + (N * 8 if st.embedding else 0)
+            whole = N * layout.context  # token ids, labels and document ids are the whole sequence's on each rank
+            ids = N * 8 + (whole * 8 if cfg.data.reset_attention_mask else 0) + (whole * 8 if st.embedding else 0)
             if not st.head:
                 output = Ns * m.hidden_size * e
             else:
                 output = 0 if layout.loss_chunk_tokens else N * v_l * e
-            labels = N * 12 if st.head else 0
+            labels = whole * 12 if st.head else 0
             terms["pipeline buffers"] = float(max(2, in_flight) * (ids + output + labels)
                                               + Ns * m.hidden_size * e + N * 8)
         if st.head:
@@ -697,14 +718,15 @@ def _ring(kind: str, n: int) -> float:
     """Bytes each rank moves per byte of payload in NCCL's ring algorithms."""
     if n <= 1:
         return 0.0
-    return 2 * (n - 1) / n if kind == "all-reduce" else (n - 1) / n if kind in ("all-gather", "reduce-scatter") else 1.0
+    return 2 * (n - 1) / n if kind == "all-reduce" else (n - 1) / n if kind in ("all-gather", "reduce-scatter",
+                                                                                 "all-to-all") else 1.0
 
 
 @dataclass
 class Collective:
     """The payload one GPU hands to one kind of collective in one step, and where it goes."""
 
-    group: str  # TP | DP | PP | tied embedding
+    group: str  # TP | CP | DP (data x context: the ZeRO group) | PP | tied embedding
     kind: str  # all-reduce | all-gather | reduce-scatter | send/recv
     bytes: float  # sum of the tensors handed to the calls (all-gather: output size; reduce-scatter: input size)
     ranks: int
@@ -712,10 +734,12 @@ class Collective:
 
 
 def links(layout: Layout, gpus_per_node: int) -> dict[str, str]:
-    """Which link each group's traffic crosses, from DeepSpeed's placement (model, then data, then pipe axis)."""
-    tp, dp = layout.tensor, layout.data
+    """Which link each group's traffic crosses, from DeepSpeed's placement (model, then data, then pipe axis; context
+    ranks inside the data axis, next to the tensor-parallel ones)."""
+    tp, dp, cp = layout.tensor, layout.data, layout.context
     g = gpus_per_node
-    return {"TP": "NVLink" if tp <= g else "network", "DP": "NVLink" if tp * dp <= g else "network",
+    return {"TP": "NVLink" if tp <= g else "network", "CP": "NVLink" if tp * cp <= g else "network",
+            "DP": "NVLink" if tp * cp * dp <= g else "network",
             "PP": "NVLink" if layout.world <= g else "network",
             "tied embedding": "NVLink" if layout.world <= g else "network"}
 
@@ -723,9 +747,9 @@ def links(layout: Layout, gpus_per_node: int) -> dict[str, str]:
 def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_per_node: int) -> list[Collective]:
     """Payload per step for one GPU of `stage`, per group and collective kind, as megalite and DeepSpeed call them."""
     m = cfg.model
-    tp, pp, dp = layout.tensor, layout.pipeline, layout.data
+    tp, pp, dp, cp = layout.tensor, layout.pipeline, layout.replicas, layout.context
     e, h = s.element, m.hidden_size
-    N = layout.micro_batch * cfg.data.seq_length
+    N = layout.micro_batch * cfg.data.seq_length // cp  # this rank's tokens
     Ns = N // tp if layout.sequence_parallel else N
     mb = layout.accumulation
     where = links(layout, gpus_per_node)
@@ -763,6 +787,12 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
             ce = N * 4 * 3  # fp32 max, then (target logit, sum of exponentials) together
             add("TP", "all-reduce", mb * ce * (2 if layout.loss_chunk_tokens else 1))  # chunks recompute theirs
 
+    if cp > 1 and stage.blocks:
+        # Ulysses: per block, q, k, v (kv heads replicated to a multiple of cp) and the output all-to-all forward (and
+        # again in a recompute), their gradients backward. The loss adds two scalar all-reduces per micro-batch.
+        heads, kvh = m.num_heads // tp, m.kv_heads // tp
+        per_pass = N * (2 * heads + 2 * kvh * (kv_replication(kvh, cp) or 1)) * m.head_dim * e
+        add("CP", "all-to-all", mb * stage.blocks * per_pass * ((2 if layout.recompute else 1) + 1))
     n_local = _numel(stage.params)
     if dp > 1:
         decay = sum(p.numel for p in stage.params if p.decay)
@@ -786,14 +816,15 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
     if pp > 1:
         boundary = Ns * h * e
         sends = (0 if stage.index == pp - 1 else 1) + (0 if stage.index == 0 else 1)
-        ids = N * 8 * (2 if cfg.data.reset_attention_mask else 1)  # position (and document) ids travel along
+        # position ids (this rank's chunk) and document ids (the whole sequence's) travel along
+        ids = N * 8 + (N * cp * 8 if cfg.data.reset_attention_mask else 0)
         add("PP", "send/recv", mb * sends * (2 * boundary + ids))
         if m.tied_embeddings and (stage.embedding or stage.head):
             grad = s.grad_accum if s.path == "bf16_optimizer" else e  # BF16_Optimizer reduces its fp32 copy
             add("tied embedding", "all-reduce", m.padded_vocab_size // tp * h * grad)
     result = []
     for (group, kind), nbytes in out.items():
-        ranks = {"TP": tp, "DP": dp, "PP": 2, "tied embedding": 2}[group]
+        ranks = {"TP": tp, "CP": cp, "DP": dp, "PP": 2, "tied embedding": 2}[group]
         result.append(Collective(group, kind, nbytes, ranks, where[group]))
     return result
 
@@ -841,12 +872,13 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
                comms: list[Collective]) -> StageTime:
     """One micro-batch's forward and backward on one GPU of `stage`."""
     m = cfg.model
-    e, tp = s.element, layout.tensor
+    e, tp, cp = s.element, layout.tensor, layout.context
     h, T, B = m.hidden_size, cfg.data.seq_length, layout.micro_batch
-    N = B * T
+    N = B * T // cp  # this rank's tokens
     Ns = N // tp if layout.sequence_parallel else N
     heads, kvh, hd = m.num_heads // tp, m.kv_heads // tp, m.head_dim
     f_l, v_l = m.ffn_size // tp, m.padded_vocab_size // tp
+    att_heads = heads // cp  # attention runs over the whole sequence with heads / cp per rank
     L = stage.blocks
     fwd = 2 if layout.recompute else 1  # forward passes over each block
     peak = device.peak(s.precision)
@@ -859,14 +891,14 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     attention = 0.0
     scores = 0.0  # bytes of score-matrix traffic (materialized attention only)
     if s.attention == "materialized":  # QK^T and AV as matmuls over the whole T x T, softmax in memory
-        att_flops = 4 * B * T * T * heads * hd * (2 + fwd) * L
+        att_flops = 4 * B * T * T * att_heads * hd * (2 + fwd) * L
         matmul += att_flops / (EFFICIENCY["matmul"] * peak)
         drop = m.attention_dropout > 0
         per_score = fwd * (4 * e + (2 * e + 1 if drop else 0)) + 7 * e + (2 * e + 1 if drop else 0)
-        scores = B * heads * T * T * per_score * L
+        scores = B * att_heads * T * T * per_score * L
         flops += att_flops
     elif L:
-        att_flops = 2 * B * T * T * heads * hd * (2.5 + fwd) * L  # causal: half the 4*B*H*T^2*D of full attention
+        att_flops = 2 * B * T * T * att_heads * hd * (2.5 + fwd) * L  # causal: half the 4*B*H*T^2*D of full attention
         attention = att_flops / (_attention_fraction(T, hd) * peak)
         flops += att_flops
 
@@ -880,8 +912,8 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     copy = 2 * N * heads * hd * e * (fwd + 1) if s.attention == "materialized" else 0
     dropout = 2 * (2 * Ns * h * e + Ns * h) * (fwd + 1) if m.hidden_dropout > 0 else 0
     pointwise = (act + residual + rope + bias + copy + dropout) * L + scores
-    tp_bytes = sum(c.bytes for c in comms if c.group == "TP") / layout.accumulation
-    pointwise += 2 * tp_bytes  # megalite's collectives copy their input (clone, chunk, cat)
+    tp_bytes = sum(c.bytes for c in comms if c.group in ("TP", "CP")) / layout.accumulation
+    pointwise += 2 * tp_bytes  # megalite's collectives copy their input (clone, chunk, cat; the all-to-all's permutes)
     if stage.embedding:
         pointwise += 4 * Ns * h * e
     if stage.head:
@@ -890,7 +922,8 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     hbm = device.hbm_tbps * 1e12
     memory_bound = (norm_fwd * L / (EFFICIENCY["norm_forward"] * hbm) + norm_bwd * L / (EFFICIENCY["norm_backward"] * hbm)
                     + pointwise / (EFFICIENCY["copy"] * hbm))
-    tp_comm = sum(transfer_seconds(c, device) for c in comms if c.group == "TP") / layout.accumulation
+    # Context-parallel all-to-alls sit on the critical path like TP's collectives: charged with them.
+    tp_comm = sum(transfer_seconds(c, device) for c in comms if c.group in ("TP", "CP")) / layout.accumulation
     pp_comm = sum(transfer_seconds(c, device) for c in comms if c.group == "PP") / layout.accumulation
     return StageTime(matmul, attention, memory_bound, tp_comm, pp_comm, flops)
 
@@ -898,7 +931,7 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
 def optimizer_seconds(stage: Stage, layout: Layout, s: Settings, device: Device) -> float:
     """The optimizer step and its gradient bookkeeping: memory-bound passes over the states this GPU owns."""
     n = _numel(stage.params)
-    owned = n if s.path in ("none", "bf16_ddp", "fp16_optimizer") else n / layout.data
+    owned = n if s.path in ("none", "bf16_ddp", "fp16_optimizer") else n / layout.replicas
     per_owned = 28 + (6 if s.element != 4 else 0)  # Adam: read/write master and moments, read gradient; copy back
     if s.optimizer_state_bytes == 4:
         per_owned = 20
@@ -1052,17 +1085,20 @@ def candidate_layouts(cfg: Config, world_size: int, gpus_per_node: int) -> list[
     m = cfg.model
     base = layout_of(cfg, world_size)
     global_batch = base.micro_batch * base.accumulation * base.data
+    cp = base.context  # the search keeps the config's context-parallel degree
     chunk = m.loss_chunk_tokens or 4096
     precision = cfg.precision
     accum = settings(cfg).grad_accum
     out = []
-    for tp in _divisors(min(world_size, gpus_per_node)):
+    for tp in _divisors(min(world_size // cp, gpus_per_node)):
         if any(x % tp for x in (m.num_heads, m.kv_heads, m.ffn_size, m.padded_vocab_size)):
             continue
-        for pp in _divisors(world_size // tp):
+        if context_errors(m, tp, cp, cfg.data.seq_length):
+            continue
+        for pp in _divisors(world_size // (tp * cp)):
             if pp > m.num_layers:
                 continue
-            dp = world_size // (tp * pp)
+            dp = world_size // (tp * pp * cp)
             if global_batch % dp:
                 continue
             per_replica = global_batch // dp
@@ -1071,12 +1107,12 @@ def candidate_layouts(cfg: Config, world_size: int, gpus_per_node: int) -> list[
             else:
                 zeros = [z for z in (0, 1, 2, 3) if z or (4 if precision == "fp32" else 2) == accum]
             for micro in _divisors(per_replica):
-                if cfg.data.seq_length % tp:
+                if (cfg.data.seq_length // cp) % tp:
                     continue
                 for zero, rec, chunked in itertools.product(zeros, (False, True), (False, True)):
                     for sp in ((False, True) if tp > 1 else (False,)):
                         out.append(Layout(tp, pp, dp, zero, micro, per_replica // micro, sp, rec,
-                                          chunk if chunked else 0))
+                                          chunk if chunked else 0, cp))
     return out
 
 
@@ -1174,7 +1210,8 @@ def format_plan(p: Plan, source: str = "") -> str:
     m = lay.accumulation
     lines += ["", "time per step (slowest stage, per micro-batch x (m + p - 1), plus optimizer and DP)",
               f"  matmul {t.matmul * 1e3:.1f} ms, attention {t.attention * 1e3:.1f} ms, memory-bound "
-              f"{t.memory_bound * 1e3:.1f} ms, TP {t.tp_comm * 1e3:.1f} ms, PP {t.pp_comm * 1e3:.1f} ms "
+              f"{t.memory_bound * 1e3:.1f} ms, {'TP+CP' if lay.context > 1 else 'TP'} {t.tp_comm * 1e3:.1f} ms, "
+              f"PP {t.pp_comm * 1e3:.1f} ms "
               f"= {t.total * 1e3:.1f} ms per micro-batch",
               f"  pipeline bubble (p - 1)/(m + p - 1) = {lay.pipeline - 1}/{m + lay.pipeline - 1} = {p.bubble:.1%}; "
               f"optimizer {p.optimizer_s * 1e3:.1f} ms; exposed DP {p.dp_exposed_s * 1e3:.1f} ms",

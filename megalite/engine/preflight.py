@@ -114,7 +114,7 @@ def _gib(n: float) -> str:
 
 
 def check_layout(cfg: Config, world_size: int) -> list[Check]:
-    """World size against tensor x pipeline x data, and the batch arithmetic (config.validate's rules)."""
+    """World size against tensor x context x pipeline x data, and the batch arithmetic (config.validate's rules)."""
     p = cfg.parallel
     try:
         validate(cfg, world_size)
@@ -122,7 +122,8 @@ def check_layout(cfg: Config, world_size: int) -> list[Check]:
         return [Check("layout", False, msg) for msg in e.problems]
     dp = cfg.dp_size(world_size)
     return [
-        Check("layout", True, f"world size {world_size} = tensor {p.tensor} x pipeline {p.pipeline} x data {dp}"),
+        Check("layout", True, f"world size {world_size} = tensor {p.tensor} x "
+                              + (f"context {p.context} x " if p.context > 1 else "") + f"pipeline {p.pipeline} x data {dp}"),
         Check("batch", True, f"global batch {cfg.global_batch_size(world_size)} = micro {cfg.micro_batch_size} x "
                              f"gradient accumulation {cfg.gradient_accumulation_steps} x data parallel {dp}"),
     ]

@@ -1,6 +1,6 @@
 """`megalite checkpoint reshard`: a checkpoint rewritten for another layout, without training.
 
-The target world (tensor x pipeline x data processes) is started on this machine (CPU, gloo), each rank builds its
+The target world (tensor x context x pipeline x data processes) is started on this machine (CPU, gloo), each rank builds its
 part of the target DeepSpeed engine, loads the source's full state one parameter at a time (the same code as an
 elastic resume: `megalite.engine.elastic`) and the ranks save it through the commit protocol (manifest, hashes,
 `latest`). The result is a complete checkpoint of the target layout that resumes with DeepSpeed's own loader; it
@@ -36,11 +36,12 @@ from megalite.parallel import ProcessGrid
 
 
 def target_config(source: Config, source_world: int, tensor: int, pipeline: int, data: int,
-                  zero: int | None = None) -> Config:
+                  zero: int | None = None, context: int = 1) -> Config:
     """The source's config at the target layout, with the same global batch (micro-batch kept where it divides)."""
     raw = copy.deepcopy(source.to_dict())
     raw.pop("source", None)
     raw["parallel"]["tensor"], raw["parallel"]["pipeline"] = tensor, pipeline
+    raw["parallel"]["context"] = context
     ds = raw["deepspeed"]
     if zero is not None:
         ds.setdefault("zero_optimization", {})["stage"] = zero
@@ -54,19 +55,20 @@ def target_config(source: Config, source_world: int, tensor: int, pipeline: int,
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = batch // (micro * data)
     ds.pop("train_batch_size", None)
-    return from_dict(raw, world_size=tensor * pipeline * data)
+    return from_dict(raw, world_size=tensor * pipeline * data * context)
 
 
 def reshard(source: str | os.PathLike, out: str | os.PathLike, tensor: int, pipeline: int, data: int,
-            zero: int | None = None, report: dict | None = None) -> str:
-    """Write the checkpoint `source` for the layout tensor x pipeline x data (ZeRO stage `zero`, default the source's)
-    under the checkpoint root `out`; returns the new step directory. `report`, when given, receives each rank's
-    phase times and peak resident memory (after building its engine, and at the end)."""
+            zero: int | None = None, report: dict | None = None, context: int = 1) -> str:
+    """Write the checkpoint `source` for the layout tensor x context x pipeline x data (ZeRO stage `zero`, default the
+    source's) under the checkpoint root `out`; returns the new step directory. `report`, when given, receives each
+    rank's phase times and peak resident memory (after building its engine, and at the end)."""
     step_dir = resolve_checkpoint(source)
     manifest = verify_checkpoint(str(step_dir))  # every file against its hash, before anything is deserialised
     src = TrainingState(step_dir, verify=False)
-    world = tensor * pipeline * data
-    cfg = target_config(src.config, int(manifest["layout"].get("world_size", 1)), tensor, pipeline, data, zero)
+    world = tensor * pipeline * data * context
+    cfg = target_config(src.config, int(manifest["layout"].get("world_size", 1)), tensor, pipeline, data, zero,
+                        context)
     out = Path(out).absolute()
     if (out / "latest").exists() or any(out.glob("step*")):
         raise CheckpointError(f"{out}: already holds checkpoints; reshard into an empty directory")
@@ -126,7 +128,7 @@ def _reshard_rank(source: str, raw: dict, out: str) -> dict:
     cfg = from_dict(raw)
     launch.init_distributed(timedelta(minutes=10).total_seconds())
     world = dist.get_world_size()
-    grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
+    grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, context=cfg.parallel.context)
     strategy = strategy_for(cfg, grid, launch.device())
     model = strategy.build_model().to(launch.device())
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.precision)

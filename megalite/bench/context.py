@@ -1,0 +1,192 @@
+"""Activation memory per rank of one long-sequence micro-batch under context parallelism (parallel.context = c).
+
+    megalite bench context [--seq 8192] [--contexts 1 2 4] [--backward] [--out out/bench-context]
+
+For each c: c CPU processes over gloo (`ProcessGrid(context=c)`), each building the same small Llama-family model
+(hidden 256, 4 layers, 8 query and 4 key/value heads, SwiGLU 768, RoPE, vocabulary 8192, untied) and running one
+micro-batch of 1 x seq tokens (the loss, torch kernels): every rank holds seq / c tokens outside attention and runs
+attention over the whole sequence with 8 / c heads. Per rank it reports the bytes autograd saves for the backward
+(`torch.autograd.graph.saved_tensors_hooks`, each storage once, parameters excluded), the peak growth of resident
+anonymous memory during the forward (or forward + backward with --backward; glibc told to return every block
+over 1 MiB, so freed memory leaves), the time, and `megalite plan`'s activation estimate for the same layout.
+Writes DIR/context.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from megalite.bench import write_json
+
+MODEL = {"vocab_size": 8192, "hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4,
+         "ffn_hidden_size": 768, "norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False,
+         "tied_embeddings": False, "make_vocab_size_divisible_by": 128}
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak_growth(fn: Any) -> tuple[int, Any]:
+    """Largest growth of this process's anonymous memory while `fn()` runs (sampled every millisecond)."""
+    base, peak, done = _rss_anon(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon() - base)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    return peak[0], result
+
+
+def run_config(seq: int, context: int) -> Any:
+    """The run config of one measurement (also what the plan is asked about)."""
+    from megalite import config as C
+
+    raw = {"model": {**MODEL, "max_position_embeddings": seq}, "parallel": {"context": context},
+           "data": {"prefixes": ["unused"], "seq_length": seq},
+           "train": {"kernels": "torch"},
+           "deepspeed": {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}}}
+    return C.from_dict(raw, world_size=context)
+
+
+def _rank(rank: int, world: int, port: int, seq: int, backward: bool, results: Any) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=30))
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of DeepSpeed's CPU comm op
+        from megalite import kernels
+        from megalite.model import build_model
+        from megalite.parallel import ProcessGrid
+
+        kernels.set_backend("torch")
+        cfg = run_config(seq, world)
+        grid = ProcessGrid(context=world) if world > 1 else None
+        model = build_model(cfg.model, cfg.parallel, grid, seed=1)
+        model.train()
+        ids = torch.randint(1, cfg.model.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        def step() -> float:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(ids, labels=ids)
+            if backward:
+                loss.backward()
+            return float(loss)
+
+        dist.barrier()
+        t0 = time.perf_counter()
+        growth, loss = _peak_growth(step)
+        seconds = time.perf_counter() - t0
+        results.put(("ok", rank, {"saved_bytes": sum(storages.values()), "peak_growth_bytes": growth,
+                                  "seconds": round(seconds, 2), "loss": loss}))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        results.put(("error", rank, f"{type(e).__name__}: {e}"))
+        sys.exit(1)
+
+
+def measure(seq: int, context: int, backward: bool) -> list[dict]:
+    """Every rank's figures for one context-parallel degree."""
+    import multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_rank, args=(r, context, port, seq, backward, results)) for r in range(context)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    out: dict[int, dict] = {}
+    errors = []
+    while not results.empty():
+        kind, rank, value = results.get()
+        if kind == "error":
+            errors.append(f"rank {rank}: {value}")
+        else:
+            out[rank] = value
+    if errors or len(out) != context:
+        raise RuntimeError(f"context {context}: " + ("; ".join(errors) or f"exit codes {[p.exitcode for p in procs]}"))
+    return [out[r] for r in range(context)]
+
+
+def planned_activation_bytes(seq: int, context: int) -> float:
+    """`megalite plan`'s activations of one micro-batch on one rank (CPU kernels) for the same layout."""
+    from megalite.engine import plan as P
+
+    cfg = run_config(seq, context)
+    layout = P.layout_of(cfg, context)
+    stage = P.stages(cfg, 1, 1)[0]
+    return sum(P.activation_bytes(cfg, layout, stage, P.settings(cfg, platform="cpu")).values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="megalite bench context", description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=8192, help="sequence length of the micro-batch (default 8192)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1, 2, 4], help="context-parallel degrees")
+    ap.add_argument("--backward", action="store_true", help="also run the backward (peak of forward + backward)")
+    ap.add_argument("--out", default="out/bench-context", help="results folder (default: out/bench-context)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "1048576"  # children: freed blocks over 1 MiB go back to the system
+    rows = []
+    for c in args.contexts:
+        ranks = measure(args.seq, c, args.backward)
+        rows.append({"context": c, "tokens_per_rank": args.seq // c,
+                     "saved_bytes_per_rank": max(r["saved_bytes"] for r in ranks),
+                     "peak_growth_bytes_per_rank": max(r["peak_growth_bytes"] for r in ranks),
+                     "planned_bytes_per_rank": planned_activation_bytes(args.seq, c),
+                     "seconds": max(r["seconds"] for r in ranks), "loss": ranks[0]["loss"], "ranks": ranks})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "ranks"}), flush=True)
+    base = rows[0]
+    for row in rows:
+        row["saved_vs_first"] = round(row["saved_bytes_per_rank"] / base["saved_bytes_per_rank"], 3)
+        row["peak_vs_first"] = round(row["peak_growth_bytes_per_rank"] / max(1, base["peak_growth_bytes_per_rank"]), 3)
+        row["plan_over_saved"] = round(row["planned_bytes_per_rank"] / row["saved_bytes_per_rank"], 3)
+    result = {"seq": args.seq, "model": MODEL, "micro_batch": 1, "backward": args.backward, "kernels": "torch",
+              "rows": rows}
+    print(json.dumps([{k: v for k, v in r.items() if k != "ranks"} for r in rows], indent=1))
+    write_json(Path(args.out) / "context.json", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
