@@ -150,7 +150,9 @@ def _model_checks(grids: dict) -> list[str]:
             extra = {"document_ids": docs} if use_docs else {}
             ref = build_model(cfg, seed=11)
             ref_logits = ref(ids, **extra).detach()
-            ref_loss = ref(ids, labels=labels, loss_mask=mask, **extra)
+            with torch.no_grad():
+                ref_eval = ref.eval()(ids, labels=labels, loss_mask=mask, **extra)
+            ref_loss = ref.train()(ids, labels=labels, loss_mask=mask, **extra)
             ref_loss.backward()
             ref_grads = full_grads(ref)
             for name, (grid, sp) in grids.items():
@@ -160,7 +162,10 @@ def _model_checks(grids: dict) -> list[str]:
                 where = f"{family} {name} docs={use_docs}"
                 logits = model(ids, gather_logits=True, **extra).detach()
                 torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5, msg=where)
-                loss = model(ids, labels=labels, loss_mask=mask, **extra)
+                with torch.no_grad():  # evaluation at the run's CP: the same loss as one process
+                    torch.testing.assert_close(model.eval()(ids, labels=labels, loss_mask=mask, **extra), ref_eval,
+                                               rtol=1e-6, atol=1e-6, msg=where)
+                loss = model.train()(ids, labels=labels, loss_mask=mask, **extra)
                 torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-6, atol=1e-6, msg=where)
                 loss.backward()
                 grads = full_grads(model, tensor_parallel_group(grid))
@@ -302,3 +307,96 @@ def test_context_parallel_checkpoints_export_like_cp1(two_ranks, workdir, tmp_pa
     torch.testing.assert_close(logits["cp2_to_cp1"], logits["cp2_straight"], atol=2e-4, rtol=1e-4)
     layout = json.loads(next((tmp_path / "cp2_straight").glob("config.json")).read_text())
     assert layout["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_offline_reshard_into_context_parallelism(two_ranks, workdir, tmp_path):
+    """`megalite checkpoint reshard --context 2` of the CP1 x DP2 checkpoint: the written CP2 checkpoint holds the
+    source's weights and Adam moments bit for bit (ZeRO-1 partitions over data x context ranks)."""
+    from megalite.checkpoint.reshard import TrainingState
+    from megalite.engine.reshard_offline import reshard
+
+    written = reshard(f"{workdir}/cp2_to_cp1", tmp_path / "cp2", 1, 1, 1, context=2)
+    source, target = TrainingState(f"{workdir}/cp2_to_cp1"), TrainingState(written)
+    assert target.manifest["layout"]["context"] == 2 and target.data == 2  # two ZeRO partitions
+    assert source.manifest["layout"]["context"] == 1
+    for name in source.names():
+        a, b = source.parameter(name), target.parameter(name)
+        assert torch.equal(a.fp32, b.fp32), name
+        assert set(a.moments) == set(b.moments) == {"exp_avg", "exp_avg_sq"}
+        for key in a.moments:
+            assert torch.equal(a.moments[key], b.moments[key]), (name, key)
+
+
+# ----------------------------------------------------------------------------- rules and arithmetic (one process)
+
+
+def _cfg(world: int, **sections):
+    from megalite import config as C
+    from tests.engine_utils import tiny_config
+
+    return C.from_dict(tiny_config("data", "out", **sections), world_size=world)
+
+
+@pytest.mark.parametrize("sections,world,fragment", [
+    ({"parallel": {"context": 8}}, 8, "model.num_heads: 4 is not divisible by parallel.tensor x parallel.context = 1 x 8"),
+    ({"parallel": {"context": 2, "tensor": 2}, "model": {"num_heads": 2}}, 4,
+     "model.num_heads: 2 is not divisible by parallel.tensor x parallel.context = 2 x 2"),
+    ({"parallel": {"context": 4}, "model": {"num_heads": 12, "num_kv_heads": 6, "hidden_size": 48}}, 4,
+     "model.num_kv_heads: 6 key/value heads (6 per tensor-parallel rank) cannot be spread over parallel.context=4"),
+    ({"parallel": {"context": 3}, "model": {"num_heads": 3, "hidden_size": 48}}, 3,
+     "data.seq_length: 16 is not divisible by parallel.context = 3"),
+    ({"parallel": {"context": 2, "tensor": 2, "sequence_parallel": True}, "model": {"num_heads": 4},
+      "data": {"seq_length": 6}}, 4,
+     "data.seq_length: 6 is not divisible by parallel.context x parallel.tensor (sequence parallelism) = 4"),
+    ({"parallel": {"context": 2}}, 3,
+     "world size 3 is not divisible by parallel.tensor x parallel.context x parallel.pipeline = 1 x 2 x 1"),
+    ({"parallel": {"context": 0}}, 1, "parallel.context: must be > 0, got 0"),
+    ({"parallel": {"context": 2}, "deepspeed": {"zero_optimization": {"stage": 3, "reduce_scatter": False}}}, 2,
+     "deepspeed.zero_optimization.reduce_scatter: false is refused with parallel.context > 1 at ZeRO-3"),
+])
+def test_context_rules_name_key_and_value(sections, world, fragment):
+    """Config validation (before any process group) refuses what context parallelism cannot split."""
+    from megalite.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        _cfg(world, **sections)
+    assert fragment in str(exc.value), str(exc.value)
+
+
+def test_context_arithmetic_layout_and_plan():
+    """Data parallelism is what tensor x context x pipeline leave; the batch, tokens per step (each token once), the
+    checkpoint layout, DeepSpeed's batch for the pipeline engine, the gradient scale, and the plan's memory."""
+    from megalite.config import kv_replication, summary
+    from megalite.engine import plan as P
+    from megalite.engine.build import context_grad_scale, deepspeed_dict
+    from megalite.engine.trainer import layout_changes, run_layout
+
+    assert [kv_replication(k, c) for k, c in ((4, 2), (2, 4), (1, 4), (6, 4), (3, 2))] == [1, 2, 4, None, None]
+    cfg = _cfg(8, parallel={"context": 2, "tensor": 2})
+    info = summary(cfg, 8)
+    assert (info["data_parallel"], info["context_parallel"], info["global_batch_size"]) == (2, 2, 4)
+    assert info["tokens_per_step"] == 4 * 16 and info["rank_order"].startswith("tensor, context, data")
+    layout = run_layout(cfg, 8)
+    assert (layout["context"], layout["data"], layout["world_size"]) == (2, 2, 8)
+    assert layout_changes({"tensor": 2, "data": 2, "pipeline": 1}, layout) == ["context 1 -> 2"]  # before CP existed
+    assert layout_changes(layout, layout) == []
+    assert context_grad_scale(cfg) == 1.0  # ZeRO-0..2: DeepSpeed sums the context ranks' shares
+    assert context_grad_scale(_cfg(4, parallel={"context": 2}, deepspeed={"zero_optimization": {"stage": 3}})) == 2.0
+    pipe = _cfg(8, parallel={"context": 2, "pipeline": 2}, deepspeed={"zero_optimization": {"stage": 1}})
+    assert context_grad_scale(pipe) == 2.0 and deepspeed_dict(pipe, 8)["train_batch_size"] == 2 * 2 * 2
+    # The plan: per-rank activations of a long sequence fall to about 1/c; the CP all-to-all appears.
+    base = {"model": {"num_layers": 2, "max_position_embeddings": 8192}, "data": {"seq_length": 8192},
+            "deepspeed": {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}}}
+    acts = {}
+    for c in (1, 2, 4):
+        cfg_c = _cfg(c, **{**base, "parallel": {"context": c}})
+        p = P.plan(cfg_c, c, P.get_device("h200"))
+        acts[c] = p.memory[0].activations_per_micro_batch
+        groups = {(x.group, x.kind): x for x in p.comms[0]}
+        assert (("CP", "all-to-all") in groups) == (c > 1)
+        if c > 1:
+            assert groups[("CP", "all-to-all")].ranks == c and groups[("DP", "all-reduce")].ranks == c
+        assert p.layout.describe().startswith(f"TP1, CP{c}" if c > 1 else "TP1, PP1")
+    for c in (2, 4):
+        ratio = sum(acts[c].values()) / sum(acts[1].values())
+        assert 0.9 / c < ratio < 1.1 / c, (c, ratio)

@@ -10,6 +10,12 @@ attention over the whole sequence with 8 / c heads. Per rank it reports the byte
 anonymous memory during the forward (or forward + backward with --backward; glibc told to return every block
 over 1 MiB, so freed memory leaves), the time, and `megalite plan`'s activation estimate for the same layout.
 Writes DIR/context.json.
+
+    megalite bench context --plan-longest [--preset gpt3-1.3b] [--device h200]
+
+prints instead `megalite plan`'s longest sequence of one micro-batch that fits, for the preset at c = 1 on one GPU
+and at c = 8 on eight (bf16, ZeRO-1, activation recompute, 4096-token loss chunks, megalite's attention kernel,
+model.max_position_embeddings raised to the sequence): arithmetic only, no GPU needed.
 """
 
 from __future__ import annotations
@@ -158,13 +164,49 @@ def planned_activation_bytes(seq: int, context: int) -> float:
     return sum(P.activation_bytes(cfg, layout, stage, P.settings(cfg, platform="cpu")).values())
 
 
+def plan_longest(preset: str, device_name: str, context: int) -> dict:
+    """The longest sequence (a multiple of 1024 x context) whose one micro-batch fits on `context` GPUs at CP `context`,
+    by the plan."""
+    from megalite import config as C
+    from megalite.engine import plan as P
+
+    device = P.get_device(device_name)
+
+    def fits(seq: int) -> tuple[bool, float]:
+        raw = {"model": {"preset": preset, "max_position_embeddings": seq, "activation_checkpointing": True,
+                         "loss_chunk_tokens": 4096},
+               "parallel": {"context": context}, "data": {"prefixes": ["unused"], "seq_length": seq},
+               "train": {"kernels": "triton"},
+               "deepspeed": {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+                             "zero_optimization": {"stage": 1}}}
+        cfg = C.from_dict(C.expand_references(raw, None), world_size=context)
+        p = P.plan(cfg, context, device, gpus_per_node=8)
+        return p.fits, p.peak_memory / P.GiB
+
+    unit = 1024 * context
+    lo, hi = 0, unit
+    while fits(hi)[0]:
+        lo, hi = hi, hi * 2
+    while hi - lo > unit:
+        mid = (lo + hi) // 2 // unit * unit
+        lo, hi = (mid, hi) if fits(mid)[0] else (lo, mid)
+    return {"preset": preset, "device": device.name, "context": context, "gpus": context, "longest_seq": lo,
+            "memory_gib_at_longest": round(fits(lo)[1], 1) if lo else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="megalite bench context", description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=8192, help="sequence length of the micro-batch (default 8192)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1, 2, 4], help="context-parallel degrees")
     ap.add_argument("--backward", action="store_true", help="also run the backward (peak of forward + backward)")
     ap.add_argument("--out", default="out/bench-context", help="results folder (default: out/bench-context)")
+    ap.add_argument("--plan-longest", action="store_true", help="print the plan's longest sequence at c = 1 and 8")
+    ap.add_argument("--preset", default="gpt3-1.3b", help="model preset for --plan-longest")
+    ap.add_argument("--device", default="h200", help="device of the plan for --plan-longest")
     args = ap.parse_args(argv)
+    if args.plan_longest:
+        print(json.dumps([plan_longest(args.preset, args.device, c) for c in (1, 8)], indent=1))
+        return 0
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "1048576"  # children: freed blocks over 1 MiB go back to the system
     rows = []
