@@ -1230,8 +1230,9 @@ def format_plan(p: Plan, source: str = "") -> str:
 def format_search(plans: list[Plan], limit: int = 10) -> str:
     """The best `limit` layouts as a table."""
     fitting = [p for p in plans if p.fits]
+    cp = plans[0].layout.context if plans else 1
     lines = [f"{len(plans)} layouts planned, {len(fitting)} fit in memory; the best {min(limit, len(fitting))} by "
-             "predicted throughput:",
+             "predicted throughput" + (f" (all at the config's context parallelism {cp})" if cp > 1 else "") + ":",
              "| rank | TP | SP | PP | DP | ZeRO | micro x acc | recompute | loss chunks | memory GiB | step s | "
              "tokens/s/GPU | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rank, p in enumerate(fitting[:limit], 1):
