@@ -4,7 +4,8 @@ Two multi-process launches carry every distributed check:
 - 4 ranks: attention under CP2 and CP4 against full-sequence float64 attention (forward and backward, odd chunk
   sizes, causal and not, documents crossing chunk boundaries, GQA with replicated kv heads, the Triton kernel once);
   the model's loss, logits and gradients at CP4, CP2 x TP2 (+SP) and CP2 x DP2 against one process; training at
-  CP4, CP2 x TP2, CP2 x DP2 (ZeRO-1 and ZeRO-3) and CP2 x PP2 against the plain PyTorch loop of tests/test_engine.py.
+  CP4, CP2 x TP2, CP2 x DP2 (ZeRO-1 and ZeRO-3) and CP2 x PP2 (Llama; GPT with tied embeddings and documents)
+  against the plain PyTorch loop of tests/test_engine.py.
 - 2 ranks: CP2 at ZeRO-3 with packed documents, exact resume of a CP2 run, elastic resume CP2 -> CP1 x DP2, and
   checkpoints for the Hugging Face export checks.
 Llama family (GQA with 2 kv heads, RoPE, SwiGLU, untied) and GPT family (learned positions, tied), with and without
@@ -40,6 +41,9 @@ FOUR_RANK_RUNS = [
     ("cp2pp2_llama", "llama", False, {"parallel": {"context": 2, "pipeline": 2}, "model": {"activation_checkpointing": True},
                                       "deepspeed": {**ZERO1, "train_micro_batch_size_per_gpu": 2,
                                                     "gradient_accumulation_steps": 2}}),
+    # Tied embeddings across the stages, documents ids (the whole sequence's) passed between them.
+    ("cp2pp2_gpt_docs", "gpt", True, {"parallel": {"context": 2, "pipeline": 2},
+                                      "deepspeed": {**ZERO1, "train_micro_batch_size_per_gpu": 4}}),
 ]
 SCHEDULE_STEPS = 6  # the resume checks' schedule length, fixed so that a 3-step run has the 6-step schedule
 
@@ -231,7 +235,7 @@ def test_context_parallel_attention_model_and_training_match_one_process(workdir
         for name, family, docs, _ in FOUR_RANK_RUNS:
             _assert_close_to_reference(r["runs"][name], refs[(family, docs)], f"{name} rank {rank}", logs=rank == 0)
         assert r["runs"]["cp2dp2_gpt_zero3"]["stage"] == 3
-        assert r["runs"]["cp2pp2_llama"]["engine"] == "PipelineEngine"
+        assert r["runs"]["cp2pp2_llama"]["engine"] == r["runs"]["cp2pp2_gpt_docs"]["engine"] == "PipelineEngine"
 
 
 # ----------------------------------------------------------------------------- resume, elastic resume, checkpoints
