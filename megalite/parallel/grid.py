@@ -13,8 +13,9 @@ is what it calls the sequence-data-parallel group: every rank in it holds the sa
 
 The mpu answers DeepSpeed's Ulysses questions (`get_sequence_parallel_*`: the CP group;
 `get_sequence_data_parallel_*`: data x context), so ZeRO partitions and reduces gradients over data x
-context and sums (not averages) the context ranks' contributions; `get_data_parallel_*` is the pure
-data-parallel group (batch arithmetic, the sampler, loss averages).
+context and, mostly, sums the context ranks' contributions (megalite.engine.build.context_grad_scale says
+where DeepSpeed averages them instead); `get_data_parallel_*` is the pure data-parallel group (batch
+arithmetic, the sampler, loss averages).
 """
 
 from __future__ import annotations
