@@ -67,9 +67,9 @@ def main(args: argparse.Namespace) -> int:
         written = reshard(args.path, args.out, args.tensor, args.pipeline, args.data, args.zero, report=report)
         ranks = report.get("ranks") or [{}]
         load_s = max(r.get("load_s", 0.0) for r in ranks)
-        peak = max(r.get("peak_rss", 0) for r in ranks)
+        peak = max(r.get("reshard_peak_bytes", 0) - r.get("engine_bytes", 0) for r in ranks)
         emit(f"wrote {written}: layout TP{args.tensor} x PP{args.pipeline} x DP{args.data}; state moved in "
-             f"{load_s:.1f} s, peak memory of a rank {peak / 2**30:.2f} GiB")
+             f"{load_s:.1f} s using at most {peak / 2**20:.0f} MiB per rank beyond its engine")
         return 0
     from megalite.checkpoint.manager import verify_checkpoint
 

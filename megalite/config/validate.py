@@ -23,6 +23,7 @@ from megalite.config.schema import (
     SCHEDULERS,
     Config,
     ModelConfig,
+    nvme_offload,
 )
 from megalite.errors import ConfigError
 
@@ -252,6 +253,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _positive(errors, f"train.{key}", getattr(t, key), allow_zero=True)
     if isinstance(t.keep_checkpoints, int) and t.keep_checkpoints < 2:
         errors.append(f"train.keep_checkpoints: must be >= 2 (one may be mid-write), got {t.keep_checkpoints}")
+    if t.checkpoint_async is True and isinstance(ds, dict) and nvme_offload(ds):
+        errors.append("train.checkpoint_async: true cannot be combined with NVMe offload (deepspeed "
+                      "zero_optimization.offload_*.device 'nvme'): that state is swapped to disk, not held in memory "
+                      "to snapshot; set it to false or leave it unset")
     for sig in t.preemption_signals if isinstance(t.preemption_signals, list) else []:
         if sig not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
             errors.append(not_one_of("train.preemption_signals", sig, ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")))
