@@ -1,4 +1,5 @@
-"""Shared helpers for the Triton kernels: launch counters, output allocation, interpreter detection.
+"""Shared helpers for the Triton kernels: launches and their counters, output allocation, interpreter
+detection, tile choices shared by the norm kernels.
 
 This module never imports triton, so `megalite.kernels` imports on machines without it.
 """
@@ -9,6 +10,8 @@ import contextlib
 import os
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -16,6 +19,36 @@ import torch
 CALLS: Counter[str] = Counter()
 
 _poison = False
+_recorded: list[Launch] | None = None
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a launcher made it: the kernel (a JITFunction or an Autotuner) and its arguments."""
+
+    kernel: Any
+    args: tuple
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
+    """`kernel[grid](*args, **kwargs)`; inside `recording_launches()` the launch is only recorded."""
+    if _recorded is not None:
+        _recorded.append(Launch(kernel, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording_launches() -> Iterator[list[Launch]]:
+    """Within this block launchers record their launches instead of running them (no GPU needed): the
+    resource report compiles exactly what the launchers would launch."""
+    global _recorded
+    old, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = old
 
 
 def interpreting() -> bool:
@@ -49,6 +82,12 @@ def poison_outputs() -> Iterator[None]:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (>= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """A (M, N) view of `t` over its last dimension with unit column stride (copies only when needed)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def num_sms(device: torch.device) -> int:

@@ -475,7 +475,7 @@ def attention_fwd(
     block_d = max(16, _common.next_pow2(d))
     grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
     doc_start, doc_end = docs if docs is not None else (lse, lse)  # unread without HAS_DOCS
-    _kernel("fwd", block_d, q.dtype)[grid](
+    _common.launch(_kernel("fwd", block_d, q.dtype), grid,
         q, k, v, o, lse, doc_start, doc_end,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         heads, heads // kvh, tq, tk, d, scale * LOG2E, _common.next_pow2(tq), _common.next_pow2(tk),
@@ -508,20 +508,20 @@ def attention_bwd(
     block_d = max(16, _common.next_pow2(d))
     delta = _common.empty((bsz, heads, tq), torch.float32, q.device)
     block_m = 64 if INTERPRET else max(16, min(128, 8192 // block_d))
-    _attn_bwd_delta_kernel[(triton.cdiv(tq, block_m), bsz * heads)](
+    _common.launch(_attn_bwd_delta_kernel, (triton.cdiv(tq, block_m), bsz * heads),
         o, do, delta, heads, tq, d, *o.stride(), *do.stride(), BLOCK_M=block_m, BLOCK_D=block_d
     )
     upcast, precision = _upcast(q.dtype), _precision(q.dtype)
     doc_start, doc_end = docs if docs is not None else (lse, lse)  # unread without HAS_DOCS
     grid = lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), bsz * kvh)
-    _kernel("dkdv", block_d, q.dtype)[grid](
+    _common.launch(_kernel("dkdv", block_d, q.dtype), grid,
         q, k, v, do, lse, delta, dk, dv, doc_start, doc_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         heads, kvh, heads // kvh, tq, tk, d, scale * LOG2E, scale, _common.next_pow2(tq), _common.next_pow2(tk),
         CAUSAL=causal, UPCAST=upcast, PRECISION=precision, HAS_DOCS=docs is not None, BLOCK_D=block_d,
     )  # fmt: skip
     grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
-    _kernel("dq", block_d, q.dtype)[grid](
+    _common.launch(_kernel("dq", block_d, q.dtype), grid,
         q, k, v, do, lse, delta, dq, doc_start, doc_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         heads, heads // kvh, tq, tk, d, scale * LOG2E, scale, _common.next_pow2(tq), _common.next_pow2(tk),

@@ -105,7 +105,7 @@ def layer_norm_fwd(
     if m == 0:
         return y, mean, rstd
     block_m, block_n, warps = _blocks(n, x2.device)
-    _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+    _common.launch(_layer_norm_fwd_kernel, (triton.cdiv(m, block_m),),
         x2, weight, bias if bias is not None else weight, y, mean, rstd,
         m, n, x2.stride(0), y.stride(0), eps,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
@@ -132,7 +132,7 @@ def layer_norm_bwd(
         dw_part.zero_()
         db_part.zero_()
     else:
-        _layer_norm_bwd_kernel[(progs,)](
+        _common.launch(_layer_norm_bwd_kernel, (progs,),
             x2, weight, dy2, dx, mean, rstd, dw_part, db_part,
             m, n, x2.stride(0), dy2.stride(0), dx.stride(0), rows_per_prog,
             HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,

@@ -73,7 +73,7 @@ def rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     if m == 0:
         return y, rstd
     block_m, block_n, warps = _blocks(n, x2.device)
-    _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+    _common.launch(_rms_norm_fwd_kernel, (triton.cdiv(m, block_m),),
         x2, weight, y, rstd, m, n, x2.stride(0), y.stride(0), eps,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
@@ -95,7 +95,7 @@ def rms_norm_bwd(
     if m == 0:
         dw_part.zero_()
     else:
-        _rms_norm_bwd_kernel[(progs,)](
+        _common.launch(_rms_norm_bwd_kernel, (progs,),
             x2, weight, dy2, dx, rstd, dw_part,
             m, n, x2.stride(0), dy2.stride(0), dx.stride(0), rows_per_prog,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
