@@ -8,7 +8,7 @@ LDL and STL (local memory = spills), as a markdown table and optionally JSON. Ex
 kernel spills (stack, local memory or LDL/STL), 2 if a kernel fails to compile.
 
     python kernels/compile_check.py [--arch 80,90] [--dtype bf16,fp16] [--head-dims 64,128,80,96,256]
-                                    [--widths 256,...,16384] [--generic] [--sample] [--json FILE]
+                                    [--widths 256,...,16384] [--generic] [--sample] [--summary] [--json FILE]
 
 --generic compiles without argument specialisation (no 16-byte alignment, no unit strides), as a launch
 with odd strides or offsets would. --sample compiles each tile once per architecture, kernel, dtype and
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default="", help="only kernels whose name contains one of these (e.g. dkdv,fwd)")
     parser.add_argument("--generic", action="store_true", help="no argument specialisation (odd strides)")
     parser.add_argument("--sample", action="store_true", help="each tile once, variants in turn (CI)")
+    parser.add_argument("--summary", action="store_true", help="one row per tile: the worst of its variants")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count)")
     parser.add_argument("--json", type=Path, help="also write every row and the versions here")
     args = parser.parse_args(argv)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compile failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
-    print(resources.markdown(rows))
+    print(resources.summary_markdown(rows) if args.summary else resources.markdown(rows))
     spilling = [r for r in rows if not r["spill_free"]]
     versions = resources.versions()
     print(f"\n{len(rows)} kernels, {len(spilling)} spilling; triton {versions['triton']}; {seconds:.0f} s")

@@ -20,6 +20,7 @@ CALLS: Counter[str] = Counter()
 
 _poison = False
 _recorded: list[Launch] | None = None
+_recording_arch = 0
 
 
 @dataclass
@@ -40,15 +41,27 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
 
 
 @contextlib.contextmanager
-def recording_launches() -> Iterator[list[Launch]]:
-    """Within this block launchers record their launches instead of running them (no GPU needed): the
-    resource report compiles exactly what the launchers would launch."""
-    global _recorded
-    old, _recorded = _recorded, []
+def recording_launches(arch: int = 90) -> Iterator[list[Launch]]:
+    """Within this block launchers record their launches instead of running them (no GPU needed), choosing
+    tiles for compute capability `arch`: the resource report compiles exactly what they would launch."""
+    global _recorded, _recording_arch
+    old = _recorded, _recording_arch
+    _recorded, _recording_arch = [], arch
     try:
         yield _recorded
     finally:
-        _recorded = old
+        _recorded, _recording_arch = old
+
+
+def capability(device: torch.device) -> int:
+    """Compute capability as one number (80, 86, 90, ...): the device's, or the one being recorded for;
+    0 for a CPU tensor under the interpreter."""
+    if _recorded is not None:
+        return _recording_arch
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 0
 
 
 def interpreting() -> bool:
@@ -77,6 +90,37 @@ def poison_outputs() -> Iterator[None]:
         yield
     finally:
         _poison = old
+
+
+MAX_NORM_WIDTH = 65536  # LayerNorm/RMSNorm: one row must fit a program's registers
+# Rows wider than this are handled in two halves by the norm backwards: a program keeps fp32 weight-gradient
+# sums for its whole width, and those plus a 16384-wide row do not fit its registers.
+NORM_SPLIT_WIDTH = 8192
+
+
+@dataclass(frozen=True)
+class NormTiles:
+    """How a norm kernel covers rows: BLOCK_M rows of BLOCK_N columns per step, or (split) one row as two
+    halves of BLOCK_N columns."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    split: bool = False
+
+
+def norm_tiles(n: int, interpret: bool, backward: bool = False) -> NormTiles:
+    """The tiles for rows of width n (forward, or backward); `interpret`: Triton's CPU interpreter, which
+    wants few, large programs."""
+    if n > MAX_NORM_WIDTH:
+        raise ValueError(f"norm width {n} exceeds the fused kernel's limit of {MAX_NORM_WIDTH}")
+    block_n = next_pow2(n)
+    split = backward and block_n > NORM_SPLIT_WIDTH
+    if split:
+        block_n //= 2
+    # Several rows per program keep narrow rows efficient.
+    block_m = 1 if split else max(1, min(64 if interpret else 16, (65536 if interpret else 4096) // block_n))
+    return NormTiles(block_m, block_n, min(max(block_m * block_n // 256, 1), 16), split)
 
 
 def next_pow2(n: int) -> int:

@@ -50,8 +50,10 @@ KIND = {
     "_attn_bwd_dq_kernel": "attn dq",
     "_layer_norm_fwd_kernel": "layernorm fwd",
     "_layer_norm_bwd_kernel": "layernorm bwd",
+    "_layer_norm_bwd_split_kernel": "layernorm bwd (split)",
     "_rms_norm_fwd_kernel": "rmsnorm fwd",
     "_rms_norm_bwd_kernel": "rmsnorm bwd",
+    "_rms_norm_bwd_split_kernel": "rmsnorm bwd (split)",
 }
 SASS_OPS = ("HGMMA", "HMMA", "LDL", "STL")
 
@@ -104,10 +106,11 @@ def norm_cases(dtypes: Iterable[str], widths: Iterable[int]) -> list[Case]:
     return [Case(op, dt, n) for op, dt, n in itertools.product(("layer_norm", "rms_norm"), dtypes, widths)]
 
 
-def _record(case: Case) -> list[_common.Launch]:
-    """The launches of one forward and backward of `case`, on small CPU tensors, nothing run."""
+def _record(case: Case, arch: int) -> list[_common.Launch]:
+    """The launches of one forward and backward of `case` on a GPU of compute capability `arch`, made on
+    small CPU tensors, nothing run."""
     dtype = DTYPES[case.dtype]
-    with _common.recording_launches() as launches:
+    with _common.recording_launches(arch) as launches:
         if case.op == "attention":
             b, h, kvh, t, d = 2, 4, 2, 256, case.size
             # The model's layout: (B, T, H, D) storage seen as (B, H, T, D).
@@ -147,25 +150,33 @@ def _generic(fn: Any, signature: dict, constexprs: dict, attrs: dict) -> tuple[d
 def jobs_for(case: Case, archs: Iterable[int], generic: bool = False) -> list[Job]:
     """The compilations `case` needs on each architecture: one per launch and autotune config."""
     jobs = []
-    for launch in _record(case):
-        autotuned = isinstance(launch.kernel, Autotuner)
-        configs = launch.kernel.configs if autotuned else [None]
-        fn = launch.kernel.fn if autotuned else launch.kernel
-        for arch, config in itertools.product(archs, configs):
-            kwargs = dict(launch.kwargs)
-            if config is not None:
-                kwargs.update(config.all_kwargs())
-            backend = make_backend(GPUTarget("cuda", arch, 32))
-            binder = create_function_from_signature(fn.signature, fn.params, backend)
-            bound, specialization, options = binder(*launch.args, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-            if generic:
-                signature, constexprs, attrs = _generic(fn, signature, constexprs, attrs)
-            blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}
-            jobs.append(Job(
-                case, fn.fn.__module__, fn.fn.__name__, signature, constexprs, attrs, dict(options.__dict__), arch,
-                {**blocks, "num_warps": options.num_warps, "num_stages": options.num_stages},
-            ))  # fmt: skip
+    for arch in archs:
+        for launch in _record(case, arch):
+            jobs += _launch_jobs(case, arch, launch, generic)
+    return jobs
+
+
+def _launch_jobs(case: Case, arch: int, launch: _common.Launch, generic: bool) -> list[Job]:
+    """One job per autotune config of a recorded launch, specialised by Triton's own launch-time rules."""
+    autotuned = isinstance(launch.kernel, Autotuner)
+    configs = launch.kernel.configs if autotuned else [None]
+    fn = launch.kernel.fn if autotuned else launch.kernel
+    jobs = []
+    for config in configs:
+        kwargs = dict(launch.kwargs)
+        if config is not None:
+            kwargs.update(config.all_kwargs())
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, specialization, options = binder(*launch.args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        if generic:
+            signature, constexprs, attrs = _generic(fn, signature, constexprs, attrs)
+        blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}
+        jobs.append(Job(
+            case, fn.fn.__module__, fn.fn.__name__, signature, constexprs, attrs, dict(options.__dict__), arch,
+            {**blocks, "num_warps": options.num_warps, "num_stages": options.num_stages},
+        ))  # fmt: skip
     return jobs
 
 
@@ -266,5 +277,26 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary_markdown(rows: list[dict[str, Any]]) -> str:
+    """One row per (architecture, kernel, dtype, size, tile): the worst of its attention variants (most
+    registers, stack, LDL/STL; fewest tensor-core instructions)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        tile = f"{r.get('BLOCK_M', '')} x {r.get('BLOCK_N', '')}, {r['num_warps']}, {r['num_stages']}".replace(" x ,", ",")
+        groups.setdefault((r["arch"], r["kernel"], r["dtype"], r["size"], tile), []).append(r)
+    head = "| arch | kernel | dtype | head dim / width | tile (M x N, warps, stages) | variants | registers | " \
+           "stack B | LDL / STL | HGMMA / HMMA |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (arch, kernel, dtype, size, tile), group in groups.items():
+        stack = max(r["stack"] for r in group)
+        mma = f"{min(r['hgmma'] for r in group)} / {min(r['hmma'] for r in group)}"
+        lines.append(
+            f"| {arch} | {kernel} | {dtype} | {size} | {tile} | {len(group)} | {max(r['registers'] for r in group)} | "
+            f"{'**' + str(stack) + '**' if stack else 0} | {max(r['ldl'] for r in group)} / "
+            f"{max(r['stl'] for r in group)} | {mma} |"
+        )
+    return "\n".join(lines)
+
+
 __all__ = ["Case", "Job", "analyse_cubin", "attention_cases", "compile_job", "jobs_for", "markdown", "norm_cases",
-           "run_jobs", "sample_variants", "versions"]
+           "run_jobs", "sample_variants", "summary_markdown", "versions"]
