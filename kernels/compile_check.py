@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megalite.kernels import resources  # noqa: E402
 
 WIDTHS = "256,1024,2048,4096,8192,16384"
+
+
+def _commit() -> str:
+    """HEAD of this checkout, with "+dirty" when the kernels differ from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "megalite/kernels"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def _ints(text: str) -> list[int]:
@@ -74,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(rows)} kernels, {len(spilling)} spilling; triton {versions['triton']}; {seconds:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {**versions, "generic": args.generic, "seconds": round(seconds, 1), "rows": rows}
+        report = {**versions, "commit": _commit(), "generic": args.generic, "seconds": round(seconds, 1), "rows": rows}
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 1 if spilling else 0
 

@@ -93,15 +93,15 @@ def poison_outputs() -> Iterator[None]:
 
 
 MAX_NORM_WIDTH = 65536  # LayerNorm/RMSNorm: one row must fit a program's registers
-# Rows wider than this are handled in two halves by the norm backwards: a program keeps fp32 weight-gradient
-# sums for its whole width, and those plus a 16384-wide row do not fit its registers.
+# Rows wider than this are split in two halves by the norm backwards, one program per half: a program keeps
+# fp32 weight-gradient sums for its columns, and sums for 16384 columns plus the row do not fit its registers.
 NORM_SPLIT_WIDTH = 8192
 
 
 @dataclass(frozen=True)
 class NormTiles:
-    """How a norm kernel covers rows: BLOCK_M rows of BLOCK_N columns per step, or (split) one row as two
-    halves of BLOCK_N columns."""
+    """How a norm kernel covers rows: BLOCK_M rows of BLOCK_N columns per step, or (split, backward) two
+    programs per row, one for each half of BLOCK_N columns."""
 
     block_m: int
     block_n: int
@@ -120,7 +120,10 @@ def norm_tiles(n: int, interpret: bool, backward: bool = False) -> NormTiles:
         block_n //= 2
     # Several rows per program keep narrow rows efficient.
     block_m = 1 if split else max(1, min(64 if interpret else 16, (65536 if interpret else 4096) // block_n))
-    return NormTiles(block_m, block_n, min(max(block_m * block_n // 256, 1), 16), split)
+    # 8 elements of a tile per thread (16 in the backward, whose 16-warp tiles of 4096 elements put a value in
+    # local memory on sm_80 with Triton 3.9), at most 16 warps.
+    per_thread = 16 if backward and not split else 8
+    return NormTiles(block_m, block_n, min(max(block_m * block_n // (32 * per_thread), 1), 16), split)
 
 
 def next_pow2(n: int) -> int:

@@ -425,6 +425,7 @@ TILES: dict[tuple[str, int, int], list[tuple[int, int, int, int]]] = {
 # Tiles that spill with packed documents (their per-row document bounds), used only without them.
 TILES_WITHOUT_DOCS: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
     ("fwd", 128, 90): {(128, 128, 8, 3)},
+    ("fwd", 128, 80): {(128, 64, 8, 3)},
 }
 # fp32 tiles take twice the shared memory and IEEE dots run without tensor cores: small tiles.
 TILES_FP32: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {

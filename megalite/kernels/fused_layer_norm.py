@@ -83,7 +83,7 @@ def _layer_norm_bwd_kernel(
 
 
 @triton.jit
-def _layer_norm_bwd_half(x_row, dy_row, W, cols, N, mean, rstd):
+def _layer_norm_bwd_part(x_row, dy_row, W, cols, N, mean, rstd):
     """x-hat, w*dy and dy (fp32, zero past the row's end) of one row over the columns `cols`."""
     cmask = cols < N
     x = tl.load(x_row + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -99,46 +99,37 @@ def _layer_norm_bwd_split_kernel(
     M, N, stride_x, stride_dy, stride_dx, rows_per_prog,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """The backward for rows of more than one register tile: each row as two halves of BLOCK_N columns. The
-    first pass over the halves adds to the weight-gradient sums and the row's two reductions; the second
-    writes dx, reading the first half again (from cache) so that only one half is ever held."""
+    """The backward for rows wider than one register tile, grid (programs, 2): program (p, h) walks the rows
+    of range p, reads both halves of each row for the row's two reductions, and writes dx and keeps the
+    weight-gradient sums for half h only (sums for the whole width would fill half the register file)."""
     pid = tl.program_id(0)
-    cols_a = tl.arange(0, BLOCK_N)
-    cols_b = BLOCK_N + cols_a
-    dw_a = tl.zeros([BLOCK_N], dtype=tl.float32)
-    dw_b = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db_a = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    half = tl.program_id(1)
+    own = half * BLOCK_N + tl.arange(0, BLOCK_N)
+    other = (1 - half) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_prog
     for i in range(0, tl.minimum(rows_per_prog, M - row_start)):
         row = row_start + i
         x_row = X + row * stride_x
         dy_row = DY + row * stride_dy
-        dx_row = DX + row * stride_dx
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
-        xhat, wdy, dy = _layer_norm_bwd_half(x_row, dy_row, W, cols_a, N, mean, rstd)
-        dw_a += dy * xhat
+        xhat, wdy, _ = _layer_norm_bwd_part(x_row, dy_row, W, other, N, mean, rstd)
+        s1 = tl.sum(xhat * wdy, axis=0)
+        s2 = tl.sum(wdy, axis=0)
+        xhat, wdy, dy = _layer_norm_bwd_part(x_row, dy_row, W, own, N, mean, rstd)
+        dw += dy * xhat
         if HAS_BIAS:
-            db_a += dy
-        c1 = tl.sum(xhat * wdy, axis=0)
-        c2 = tl.sum(wdy, axis=0)
-        xhat, wdy, dy = _layer_norm_bwd_half(x_row, dy_row, W, cols_b, N, mean, rstd)
-        dw_b += dy * xhat
-        if HAS_BIAS:
-            db_b += dy
-        c1 = (c1 + tl.sum(xhat * wdy, axis=0)) / N
-        c2 = (c2 + tl.sum(wdy, axis=0)) / N
+            db += dy
+        # s + t == t + s exactly, so both programs of a row compute the same c1, c2.
+        c1 = (s1 + tl.sum(xhat * wdy, axis=0)) / N
+        c2 = (s2 + tl.sum(wdy, axis=0)) / N
         dx = (wdy - (xhat * c1 + c2)) * rstd
-        tl.store(dx_row + cols_b, dx.to(DX.dtype.element_ty), mask=cols_b < N)
-        xhat, wdy, dy = _layer_norm_bwd_half(x_row, dy_row, W, cols_a, N, mean, rstd)
-        dx = (wdy - (xhat * c1 + c2)) * rstd
-        tl.store(dx_row + cols_a, dx.to(DX.dtype.element_ty), mask=cols_a < N)
-    tl.store(DW_PART + pid * N + cols_a, dw_a, mask=cols_a < N)
-    tl.store(DW_PART + pid * N + cols_b, dw_b, mask=cols_b < N)
+        tl.store(DX + row * stride_dx + own, dx.to(DX.dtype.element_ty), mask=own < N)
+    tl.store(DW_PART + pid * N + own, dw, mask=own < N)
     if HAS_BIAS:
-        tl.store(DB_PART + pid * N + cols_a, db_a, mask=cols_a < N)
-        tl.store(DB_PART + pid * N + cols_b, db_b, mask=cols_b < N)
+        tl.store(DB_PART + pid * N + own, db, mask=own < N)
 
 
 def layer_norm_fwd(
@@ -182,7 +173,7 @@ def layer_norm_bwd(
         args = (x2, weight, dy2, dx, mean, rstd, dw_part, db_part, m, n, x2.stride(0), dy2.stride(0), dx.stride(0),
                 rows_per_prog)
         if tiles.split:
-            _common.launch(_layer_norm_bwd_split_kernel, (progs,), *args,
+            _common.launch(_layer_norm_bwd_split_kernel, (progs, 2), *args,
                 HAS_BIAS=has_bias, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
             )  # fmt: skip
         else:

@@ -2,7 +2,7 @@
 
 Same structure as fused_layer_norm.py without the mean and the bias: the forward keeps rstd in fp32;
 the backward writes dx and fp32 per-program partials of dy*xhat, summed afterwards in a fixed
-order (no atomics), so dw is deterministic; rows wider than 8192 take the split backward (two halves).
+order (no atomics), so dw is deterministic; rows wider than 8192 take the split backward (two programs per row range, one per half).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _rms_norm_bwd_kernel(
 
 
 @triton.jit
-def _rms_norm_bwd_half(x_row, dy_row, W, cols, N, rstd):
+def _rms_norm_bwd_part(x_row, dy_row, W, cols, N, rstd):
     """x-hat, w*dy and dy (fp32, zero past the row's end) of one row over the columns `cols`."""
     cmask = cols < N
     x = tl.load(x_row + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -82,30 +82,27 @@ def _rms_norm_bwd_split_kernel(
     M, N, stride_x, stride_dy, stride_dx, rows_per_prog,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """The backward for rows of more than one register tile, as fused_layer_norm's split backward."""
+    """The backward for rows wider than one register tile, grid (programs, 2), as fused_layer_norm's: program
+    (p, h) reads whole rows for the reduction and writes dx and the weight-gradient sums of half h."""
     pid = tl.program_id(0)
-    cols_a = tl.arange(0, BLOCK_N)
-    cols_b = BLOCK_N + cols_a
-    dw_a = tl.zeros([BLOCK_N], dtype=tl.float32)
-    dw_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    half = tl.program_id(1)
+    own = half * BLOCK_N + tl.arange(0, BLOCK_N)
+    other = (1 - half) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_prog
     for i in range(0, tl.minimum(rows_per_prog, M - row_start)):
         row = row_start + i
         x_row = X + row * stride_x
         dy_row = DY + row * stride_dy
-        dx_row = DX + row * stride_dx
         rstd = tl.load(RSTD + row)
-        xhat, wdy, dy = _rms_norm_bwd_half(x_row, dy_row, W, cols_a, N, rstd)
-        dw_a += dy * xhat
-        c1 = tl.sum(xhat * wdy, axis=0)
-        xhat, wdy, dy = _rms_norm_bwd_half(x_row, dy_row, W, cols_b, N, rstd)
-        dw_b += dy * xhat
-        c1 = (c1 + tl.sum(xhat * wdy, axis=0)) / N
-        tl.store(dx_row + cols_b, ((wdy - xhat * c1) * rstd).to(DX.dtype.element_ty), mask=cols_b < N)
-        xhat, wdy, dy = _rms_norm_bwd_half(x_row, dy_row, W, cols_a, N, rstd)
-        tl.store(dx_row + cols_a, ((wdy - xhat * c1) * rstd).to(DX.dtype.element_ty), mask=cols_a < N)
-    tl.store(DW_PART + pid * N + cols_a, dw_a, mask=cols_a < N)
-    tl.store(DW_PART + pid * N + cols_b, dw_b, mask=cols_b < N)
+        xhat, wdy, _ = _rms_norm_bwd_part(x_row, dy_row, W, other, N, rstd)
+        s1 = tl.sum(xhat * wdy, axis=0)
+        xhat, wdy, dy = _rms_norm_bwd_part(x_row, dy_row, W, own, N, rstd)
+        dw += dy * xhat
+        c1 = (s1 + tl.sum(xhat * wdy, axis=0)) / N  # the same in both programs of a row: s + t == t + s
+        dx = (wdy - xhat * c1) * rstd
+        tl.store(DX + row * stride_dx + own, dx.to(DX.dtype.element_ty), mask=own < N)
+    tl.store(DW_PART + pid * N + own, dw, mask=own < N)
 
 
 def rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +137,7 @@ def rms_norm_bwd(
     else:
         args = (x2, weight, dy2, dx, rstd, dw_part, m, n, x2.stride(0), dy2.stride(0), dx.stride(0), rows_per_prog)
         if tiles.split:
-            _common.launch(_rms_norm_bwd_split_kernel, (progs,), *args, BLOCK_N=tiles.block_n,
+            _common.launch(_rms_norm_bwd_split_kernel, (progs, 2), *args, BLOCK_N=tiles.block_n,
                            num_warps=tiles.num_warps)
         else:
             _common.launch(_rms_norm_bwd_kernel, (progs,), *args,
