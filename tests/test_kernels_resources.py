@@ -7,8 +7,9 @@ architecture with the attention variants (causal or not, packed documents or not
 on any stack, local memory or LDL/STL instruction. It also checks that the attention main loops use the
 tensor cores (HGMMA on sm_90, HMMA on sm_80) and that every shipped tile was compiled.
 
-Cost: about 90 compiles; a cold Triton cache (TRITON_CACHE_DIR, default ~/.triton/cache) takes one to two
-minutes on 2 cores, a warm one about 10 s (see kernels/README.md).
+Cost: 72 compiles in 2 processes. With a cold Triton cache (TRITON_CACHE_DIR, default ~/.triton/cache)
+about 80 s of CPU (about 45 s on 2 idle cores; 160-180 s measured on the shared 2-core machine); with a
+warm one (compiled kernels and their cuobjdump analyses cached) about 10 s of CPU, 22 s measured.
 """
 
 from __future__ import annotations
@@ -55,11 +56,15 @@ def test_no_kernel_spills(report):
 
 
 def test_attention_main_loops_use_tensor_cores(report):
-    """HGMMA (warpgroup MMA) on sm_90, HMMA on sm_80, in every forward, dk/dv and dq kernel."""
+    """Every forward, dk/dv and dq kernel multiplies on the tensor cores: HMMA on sm_80; on sm_90 HGMMA
+    (warpgroup MMA) only, no dot left on the older HMMA path."""
     for r in report["rows"]:
         if r["kernel"] in ("attn fwd", "attn dk/dv", "attn dq"):
-            op = "hgmma" if r["arch"] == "sm_90" else "hmma"
-            assert r[op] > 0, f"{r['arch']} {r['kernel']} {r['size']} {r['variant']}: no {op.upper()}: {r}"
+            name = f"{r['arch']} {r['kernel']} {r['size']} {r['variant']} {r.get('BLOCK_M')}x{r.get('BLOCK_N')}"
+            if r["arch"] == "sm_90":
+                assert r["hgmma"] > 0 and r["hmma"] == 0, f"{name}: HGMMA {r['hgmma']}, HMMA {r['hmma']}"
+            else:
+                assert r["hmma"] > 0, f"{name}: no HMMA"
 
 
 def test_every_shipped_tile_compiled(report):
