@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(rows)} kernels, {len(spilling)} spilling; triton {versions['triton']}; {seconds:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {**versions, "commit": _commit(), "generic": args.generic, "seconds": round(seconds, 1), "rows": rows}
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        head = {**versions, "commit": _commit(), "generic": args.generic, "seconds": round(seconds, 1)}
+        # One row per line: compact, and diffs between two reports stay readable.
+        body = ",\n".join(json.dumps(r, sort_keys=True) for r in rows)
+        args.json.write_text(json.dumps(head)[:-1] + ', "rows": [\n' + body + "\n]}\n")
     return 1 if spilling else 0
 
 
