@@ -53,14 +53,20 @@ def recording_launches(arch: int = 90) -> Iterator[list[Launch]]:
         _recorded, _recording_arch = old
 
 
+_capabilities: dict[int, int] = {}
+
+
 def capability(device: torch.device) -> int:
     """Compute capability as one number (80, 86, 90, ...): the device's, or the one being recorded for;
     0 for a CPU tensor under the interpreter."""
     if _recorded is not None:
         return _recording_arch
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _capabilities:  # asked at every launch; the answer never changes
+            major, minor = torch.cuda.get_device_capability(index)
+            _capabilities[index] = 10 * major + minor
+        return _capabilities[index]
     return 0
 
 
