@@ -8,7 +8,7 @@ on any stack, local memory or LDL/STL instruction. It also checks that the atten
 tensor cores (HGMMA on sm_90, HMMA on sm_80) and that every shipped tile was compiled.
 
 Cost: 72 compiles in 2 processes. With a cold Triton cache (TRITON_CACHE_DIR, default ~/.triton/cache)
-about 80 s of CPU (about 45 s on 2 idle cores; 160-180 s measured on the shared 2-core machine); with a
+about 80 s of CPU (estimated 45 s on 2 idle cores; 160-240 s measured on the shared 2-core machine); with a
 warm one (compiled kernels and their cuobjdump analyses cached) about 10 s of CPU, 22 s measured.
 """
 
