@@ -80,6 +80,16 @@ LEFT=$((BUDGET - $(elapsed)))
 ((LEFT < 60)) && LEFT=60
 echo "== bench: budget ${LEFT}s (t=$(elapsed)s)"
 TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT --kill-after=15 $((LEFT + 25)) $PY -m megalite.bench kernels --out "$RESULTS" --time-budget "$LEFT" || STATUS=1
+# Registers and spills of every kernel the benchmark compiled, as the device's Triton built them (issue 20:
+# kernels/compile_check.py predicts none spill at head dims <= 128 and widths <= 16384).
+$PY - "$RESULTS/results.json" <<'PYEOF' || true
+import json, sys
+rows = json.load(open(sys.argv[1])).get("compiled", [])
+spilling = [r for r in rows if r.get("spills")]
+print(f"== compiled kernels: {len(rows)}, with spills: {len(spilling)}")
+for r in spilling:
+    print("   spills:", r)
+PYEOF
 echo "== gpu-check done in $(elapsed)s, status $STATUS; results in $RESULTS"
 ls -l "$RESULTS"
 if [[ -n "${OUT:-}" ]]; then
