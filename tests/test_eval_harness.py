@@ -315,3 +315,13 @@ def test_train_eval_tasks_config_is_validated():
     for expected in ("train.eval_tasks.tasks: give at least one", "train.eval_tasks.limit: must be > 0, got 0",
                      "train.eval_tasks: not available with parallel.pipeline=2"):
         assert expected in text, text
+    raw = tiny_config("data", "out", train={"eval_tasks": {"tasks": ["hellaswag"], "num_fewshot": -1}},
+                      parallel={"tensor": 2, "sequence_parallel": True})
+    with pytest.raises(ConfigError) as e:
+        C.from_dict(raw)
+    text = str(e.value)
+    for expected in ("train.eval_tasks.num_fewshot: must be >= 0, got -1",
+                     "train.eval_tasks: not available with parallel.sequence_parallel at parallel.tensor=2"):
+        assert expected in text, text
+    C.from_dict(tiny_config("data", "out", train={"eval_tasks": {"tasks": ["hellaswag"], "limit": 5}},
+                            parallel={"tensor": 2}))  # a valid one

@@ -46,12 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_mode(args: argparse.Namespace) -> None:
-    """Refuse options of the other mode, naming them."""
+    """Refuse options of the other mode, naming them, and bad harness numbers (before anything loads)."""
     other = TASKS_ONLY if args.tasks is None else DATA_ONLY
     given = [flag for key, flag in other.items() if getattr(args, key) not in (None, False)]
     if given:
         where = "only with --tasks" if args.tasks is None else "not with --tasks (they measure the run's data)"
         raise ConfigError(f"{', '.join(given)}: {where}")
+    problems = []
+    if args.limit is not None and not args.limit > 0:
+        problems.append(f"--limit {args.limit:g}: must be > 0 (a number of examples, or a fraction below 1)")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        problems.append(f"--num-fewshot {args.num_fewshot}: must be >= 0")
+    if problems:
+        raise ConfigError(problems)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,13 +86,6 @@ def _main_tasks(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
         raise ConfigError(f"--tasks {args.tasks!r}: no task names")
-    problems = []
-    if args.limit is not None and not args.limit > 0:
-        problems.append(f"--limit {args.limit:g}: must be > 0 (a number of examples, or a fraction below 1)")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        problems.append(f"--num-fewshot {args.num_fewshot}: must be >= 0")
-    if problems:
-        raise ConfigError(problems)
     require_lm_eval()
     from lm_eval.utils import handle_non_serializable, make_table, setup_logging
 
