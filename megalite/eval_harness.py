@@ -186,6 +186,9 @@ def harness_cli(argv: list[str] | None = None) -> None:
         ok = True
     except FollowerDone as done:
         sys.exit(done.code)
+    except MegaliteError as e:  # bad input (checkpoint, tokenizer, model arguments, task data): one line, exit 2
+        print(f"python -m megalite.eval_harness: error: {e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         while _HARNESS_DRIVERS:
             _HARNESS_DRIVERS.pop().close(ok)

@@ -259,8 +259,9 @@ def test_cli_table_limit_fewshot_and_result_file(trained, tmp_path):
         assert prompt.count("\n\n") == 2 and prompt.endswith(sample["doc"]["question"])  # two examples first
 
 
-def test_unknown_task_and_missing_data_are_named(trained, capsys):
+def test_unknown_task_and_missing_data_are_named(trained, capsys, monkeypatch):
     from megalite.cli import main as cli
+    from megalite.eval_harness import harness_cli
 
     base = ["eval", "--checkpoint", str(trained / "gpt"), "--include-path", str(trained / "tasks")]
     assert cli([*base, "--tasks", "megalite_mcc"]) == 2
@@ -270,6 +271,12 @@ def test_unknown_task_and_missing_data_are_named(trained, capsys):
     err = capsys.readouterr().err
     assert "task 'megalite_missing': its data could not be loaded" in err and "--include-path" in err, err
     assert "Traceback" not in err
+    monkeypatch.setattr(sys, "argv", ["python -m megalite.eval_harness"])  # harness_cli sets the harness's argv
+    with pytest.raises(SystemExit) as e:  # the harness's own command line: one line and exit 2 as well
+        harness_cli(["--model", "megalite", "--model_args", f"checkpoint={trained / 'nowhere'}", "--tasks",
+                     "megalite_mc", "--include_path", str(trained / "tasks")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: " in err and "not a megalite checkpoint" in err, err[-2000:]
 
 
 def test_the_harness_own_command_line_runs_the_megalite_model(trained):
