@@ -27,6 +27,7 @@ from megalite.config.schema import (
     SCHEDULERS,
     Config,
     DataConfig,
+    EvalTasksConfig,
     LoggingConfig,
     ModelConfig,
     ParallelConfig,
@@ -38,7 +39,7 @@ from megalite.config.validate import check_model, model_errors, rope_scaling_err
 
 __all__ = [
     "CONFIGS_DIR", "DEEPSPEED_SCHEDULERS", "DEEPSPEED_SECTION_KEYS", "DEEPSPEED_TOP_LEVEL_KEYS", "OPTIMIZERS", "OPTIMIZER_TYPES", "SCHEDULERS", "SCHEDULER_TYPES",
-    "Config", "DataConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RopeScalingConfig", "TrainConfig",
+    "Config", "DataConfig", "EvalTasksConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RopeScalingConfig", "TrainConfig",
     "apply_overrides", "check_model", "count_parameters", "expand_references", "from_dict", "json_schema",
     "list_presets", "load", "model_config_from_dict", "model_errors", "parse_override", "read_json",
     "resolve_deepspeed", "rope_scaling_errors", "summary", "validate",

@@ -129,6 +129,18 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalTasksConfig:
+    """lm-evaluation-harness tasks run at each evaluation of a training run (needs the `eval` extra); each task's
+    main metric is logged next to the validation loss."""
+
+    tasks: list[str] = field(default_factory=list)  # harness task, group or tag names, e.g. ["hellaswag"]
+    limit: Optional[int] = None  # at most this many examples per task (None: all)
+    num_fewshot: Optional[int] = None  # None: each task's own default
+    include_path: Optional[str] = None  # a folder of the user's own task YAMLs
+    batch_size: int = 8
+
+
+@dataclass
 class TrainConfig:
     """The training loop: length, evaluation, checkpoints, resilience, logging."""
 
@@ -155,6 +167,7 @@ class TrainConfig:
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     collective_timeout_s: float = 600.0
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval_tasks: Optional[EvalTasksConfig] = None  # downstream tasks at each evaluation (None: none)
 
 
 def nvme_offload(deepspeed: dict) -> bool:

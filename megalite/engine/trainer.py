@@ -29,7 +29,14 @@ from megalite.data.prepare import manifest_tokenizer
 from megalite.distributed import agree, any_rank
 from megalite.engine import launch, signals
 from megalite.engine.build import build_engine
-from megalite.engine.components import BatchStream, Checkpointer, Evaluator, MetricWindow, ProfilerWindow
+from megalite.engine.components import (
+    BatchStream,
+    Checkpointer,
+    Evaluator,
+    MetricWindow,
+    ProfilerWindow,
+    TaskEvaluator,
+)
 from megalite.engine.elastic import load_training_state, restore_schedule
 from megalite.engine.metrics import (
     MetricSink,
@@ -151,6 +158,9 @@ class Trainer:
         self.preempted = False  # agreed by every rank at the last step boundary
         self._progress: Any = None  # a tqdm bar on an interactive rank 0
         self.sink = agree("opening the metric sinks", MetricSink, cfg, self.output_dir, self.is_main)
+        self.task_evaluator = None  # train.eval_tasks: the harness's tasks at each evaluation
+        if cfg.train.eval_tasks is not None:
+            self.task_evaluator = agree("loading train.eval_tasks", TaskEvaluator, cfg, self.is_main)
 
     def _check_config(self) -> None:
         validate(self.cfg, self.world)  # the world-size rules, now that it is known
@@ -406,6 +416,13 @@ class Trainer:
         if result:
             self.sink.log({"kind": "valid", "step": self.step, **result})
             self._say(f"step {self.step} validation loss {result['loss']:.4f} perplexity {result['perplexity']:.2f}")
+        if self.task_evaluator is not None:
+            t0 = time.perf_counter()
+            scores = self.task_evaluator.run(self.engine.module)  # every rank; the scores on rank 0
+            if self.is_main:
+                self.sink.log({"kind": "eval_tasks", "step": self.step, **scores,
+                               "seconds": time.perf_counter() - t0})
+                self._say(f"step {self.step} tasks " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
     def _finish(self, exit_code: int) -> int:
         self._finish_background_save()  # every exit path above saved synchronously; this is a safety net
