@@ -44,6 +44,34 @@ def report(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def other_dtypes(tmp_path_factory) -> dict:
+    """fp16 and fp32 at head dim 128 and one norm width: every tile compiles for both architectures (issue 14);
+    fp16 is spill-free like bf16, fp32 (IEEE dots, larger tiles of registers) is only required to compile."""
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("resources-dtypes") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable, str(ROOT / "kernels" / "compile_check.py"), "--arch", ",".join(map(str, ARCHS)),
+        "--dtype", "fp16,fp32", "--head-dims", "128", "--widths", "4096", "--sample", "--json", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode in (0, 1), f"compile_check failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_fp16_and_fp32_compile_for_both_architectures(other_dtypes):
+    rows = other_dtypes["rows"]
+    for dtype in ("fp16", "fp32"):
+        for arch in ARCHS:
+            kernels = {r["kernel"] for r in rows if r["dtype"] == dtype and r["arch"] == f"sm_{arch}"}
+            assert {"attn fwd", "attn dk/dv", "attn dq"} <= kernels, (dtype, arch, kernels)
+    spilling = [f"{r['arch']} {r['kernel']} {r.get('BLOCK_M')}x{r.get('BLOCK_N')}: stack {r['stack']} B"
+                for r in rows if r["dtype"] == "fp16" and not r["spill_free"]]
+    assert not spilling, spilling
+
+
 def test_no_kernel_spills(report):
     spilling = [r for r in report["rows"] if not r["spill_free"]]
     lines = [

@@ -279,26 +279,33 @@ def _attn_bwd_dkdv_kernel(
     # The whole group of q heads sharing this kv head, summed here: GQA without repeated k/v and no atomics.
     # One flat loop over (head of the group, query block) per part, not a loop over heads around a loop over
     # blocks: the nested form keeps more values live across the inner loop and spills.
-    n_masked = tl.maximum(tl.cdiv(tl.minimum(mid, TQ) - lo, BLOCK_M), 0)
-    for i in range(0, GROUP * n_masked):
-        g = i // n_masked
-        h = kvh * GROUP + g
-        bh = b * H + h
-        dk, dv = _attn_bwd_dkdv_block(
-            dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * TQ, DELTA + bh * TQ,
-            lo + (i - g * n_masked) * BLOCK_M, offs_m0, offs_n, offs_d, d_mask, sqm, sqd, sdom, sdod, TQ, diag,
-            qk_scale, doc_lo, doc_hi, True, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
-        )  # fmt: skip
-    if not HAS_DOCS:
-        n_full = tl.maximum(tl.cdiv(TQ - mid, BLOCK_M), 0)
-        for i in range(0, GROUP * n_full):
-            g = i // n_full
+    # The software pipeliner computes the addresses of the next iterations before it knows whether they run
+    # (also when a loop runs 0 times): the head index is clamped and the divisor kept >= 1 so that every such
+    # address stays inside q/do/lse/delta. A division by 0 there gave garbage heads and an illegal memory
+    # access on an H200 (Triton 3.6) for non-causal attention, whose masked loop is empty.
+    if CAUSAL or HAS_DOCS:  # without either, no key block has a masked part
+        n_masked = tl.maximum(tl.cdiv(tl.minimum(mid, TQ) - lo, BLOCK_M), 0)
+        masked_blocks = tl.maximum(n_masked, 1)
+        for i in range(0, GROUP * n_masked):
+            g = tl.minimum(i // masked_blocks, GROUP - 1)
             h = kvh * GROUP + g
             bh = b * H + h
             dk, dv = _attn_bwd_dkdv_block(
                 dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * TQ, DELTA + bh * TQ,
-                mid + (i - g * n_full) * BLOCK_M, offs_m0, offs_n, offs_d, d_mask, sqm, sqd, sdom, sdod, TQ, diag,
-                qk_scale, doc_lo, doc_hi, False, CAUSAL, UPCAST, PRECISION, False,
+                lo + (i - g * masked_blocks) * BLOCK_M, offs_m0, offs_n, offs_d, d_mask, sqm, sqd, sdom, sdod, TQ,
+                diag, qk_scale, doc_lo, doc_hi, True, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
+            )  # fmt: skip
+    if not HAS_DOCS:
+        n_full = tl.maximum(tl.cdiv(TQ - mid, BLOCK_M), 0)
+        full_blocks = tl.maximum(n_full, 1)
+        for i in range(0, GROUP * n_full):
+            g = tl.minimum(i // full_blocks, GROUP - 1)
+            h = kvh * GROUP + g
+            bh = b * H + h
+            dk, dv = _attn_bwd_dkdv_block(
+                dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * TQ, DELTA + bh * TQ,
+                mid + (i - g * full_blocks) * BLOCK_M, offs_m0, offs_n, offs_d, d_mask, sqm, sqd, sdom, sdod, TQ,
+                diag, qk_scale, doc_lo, doc_hi, False, CAUSAL, UPCAST, PRECISION, False,
             )  # fmt: skip
     dk = dk * sm_scale
     tl.store(
