@@ -1,20 +1,27 @@
 #!/usr/bin/env python3
-"""Compile every Triton kernel for a GPU target without a GPU (catches what the interpreter hides).
+"""Resource report: compile every Triton kernel for a GPU target on a machine without a GPU.
 
-The interpreter accepts code that the compiler rejects (dot shapes, dtype mixes, constexpr misuse) and
-says nothing about shared memory. `triton.compile` for an explicit target needs no driver, so this runs
-on the CPU machine:
+For every kernel the launchers can start (attention forward, delta, dk/dv, dq with every autotune config;
+LayerNorm/RMSNorm forward and backward per row width), every dtype, head dim / width and architecture,
+prints registers and stack bytes per thread, dynamic shared memory and the SASS counts of HGMMA, HMMA,
+LDL and STL (local memory = spills), as a markdown table and optionally JSON. Exits 1 if any compiled
+kernel spills (stack, local memory or LDL/STL), 2 if a kernel fails to compile.
 
-    python kernels/compile_check.py [--dtype bf16|fp16|fp32] [--all-configs] [--arch 90]
+    python kernels/compile_check.py [--arch 80,90] [--dtype bf16,fp16] [--head-dims 64,128,80,96,256]
+                                    [--widths 256,...,16384] [--generic] [--sample] [--summary] [--json FILE]
 
-Prints each kernel's compile time and shared memory; exits non-zero at the first failure. Takes minutes
-on 2 cores (each config compiles in 2-10 s); not part of `make test`.
+--generic compiles without argument specialisation (no 16-byte alignment, no unit strides), as a launch
+with odd strides or offsets would. --sample compiles each tile once per architecture, kernel, dtype and
+size, taking the causal/documents variants in turn (the CI test's choice). Compiled kernels are cached
+by Triton (TRITON_CACHE_DIR); a cold full run takes minutes on 2 cores (each compile 1-10 s).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,64 +29,70 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from megalite.kernels import resources  # noqa: E402
 
-from megalite.kernels import flash_attention as fa  # noqa: E402
-from megalite.kernels import fused_layer_norm as ln  # noqa: E402
-from megalite.kernels import fused_rms_norm as rn  # noqa: E402
+WIDTHS = "256,1024,2048,4096,8192,16384"
 
 
-def compile_one(fn, target, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> None:
-    """Compile one specialisation; integer arguments not named in `types` are i32."""
-    names = fn.arg_names
-    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    t0 = time.time()
-    kernel = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
-    print(
-        f"ok {fn.__name__:24s} {constexprs} warps={num_warps} stages={num_stages} "
-        f"{time.time() - t0:.1f}s shared={kernel.metadata.shared}",
-        flush=True,
-    )
+def _commit() -> str:
+    """HEAD of this checkout, with "+dirty" when the kernels differ from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "megalite/kernels"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
-def main() -> int:
+def _ints(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s]
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the first")
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
-    args = parser.parse_args()
-    target = GPUTarget("cuda", args.arch, 32)
-    ptr, fp32 = f"*{args.dtype}", args.dtype == "fp32"
-    types = {n: ptr for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ", "X", "W", "B", "Y", "DY", "DX")}
-    types.update({n: "*fp32" for n in ("LSE", "DELTA", "MEAN", "RSTD", "DW_PART", "DB_PART")})
-    types.update(DOC_START="*i32", DOC_END="*i32")
-    types.update(qk_scale="fp32", sm_scale="fp32", eps="fp32")
-    kernels = {"fwd": fa._attn_fwd_kernel, "dkdv": fa._attn_bwd_dkdv_kernel, "dq": fa._attn_bwd_dq_kernel}
-    for block_d in (64, 128, 256):
-        for causal, docs in ((False, False), (True, False), (False, True), (True, True)):
-            for kind, fn in kernels.items():
-                configs = fa._configs(kind, block_d, fp32)
-                for cfg in configs if args.all_configs else configs[:1]:
-                    constexprs = dict(
-                        CAUSAL=causal, UPCAST=False, PRECISION="ieee" if fp32 else "tf32", HAS_DOCS=docs,
-                        BLOCK_D=block_d, **cfg.kwargs,
-                    )
-                    compile_one(fn, target, types, constexprs, cfg.num_warps, cfg.num_stages)
-        compile_one(fa._attn_bwd_delta_kernel, target, types, dict(BLOCK_M=64, BLOCK_D=block_d), 4, 3)
-    for width in (1000, 4096, 16384, 65536):
-        block_m, block_n, warps = ln._blocks(width, None)
-        for fn, extra in (
-            (ln._layer_norm_fwd_kernel, {"HAS_BIAS": True}),
-            (ln._layer_norm_bwd_kernel, {"HAS_BIAS": True}),
-            (rn._rms_norm_fwd_kernel, {}),
-            (rn._rms_norm_bwd_kernel, {}),
-        ):
-            compile_one(fn, target, types, dict(BLOCK_M=block_m, BLOCK_N=block_n, **extra), warps, 3)
-    print("all kernels compiled")
-    return 0
+    parser.add_argument("--arch", default="80,90", help="CUDA compute capabilities, e.g. 80,90")
+    parser.add_argument("--dtype", default="bf16,fp16", help="bf16, fp16, fp32 (comma-separated)")
+    parser.add_argument("--head-dims", default="64,128,80,96,256", help="attention head dims ('' for none)")
+    parser.add_argument("--widths", default=WIDTHS, help="norm row widths ('' for none)")
+    parser.add_argument("--variants", default="full,causal,full docs,causal docs",
+                        help="attention variants to compile (comma-separated)")
+    parser.add_argument("--kernels", default="", help="only kernels whose name contains one of these (e.g. dkdv,fwd)")
+    parser.add_argument("--generic", action="store_true", help="no argument specialisation (odd strides)")
+    parser.add_argument("--sample", action="store_true", help="each tile once, variants in turn (CI)")
+    parser.add_argument("--summary", action="store_true", help="one row per tile: the worst of its variants")
+    parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count)")
+    parser.add_argument("--json", type=Path, help="also write every row and the versions here")
+    args = parser.parse_args(argv)
+    archs, dtypes = _ints(args.arch), [d for d in args.dtype.split(",") if d]
+    variants = {v.strip() for v in args.variants.split(",")}
+    cases = [c for c in resources.attention_cases(dtypes, _ints(args.head_dims)) if c.variant in variants]
+    cases += resources.norm_cases(dtypes, _ints(args.widths))
+    t0 = time.perf_counter()
+    jobs = [job for case in cases for job in resources.jobs_for(case, archs, generic=args.generic)]
+    if args.kernels:
+        jobs = [j for j in jobs if any(k in j.name for k in args.kernels.split(","))]
+    if args.sample:
+        jobs = resources.sample_variants(jobs)
+    try:
+        rows = resources.run_jobs(jobs, args.workers)
+    except Exception as e:  # noqa: BLE001 - report which kernel failed, then fail
+        print(f"compile failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - t0
+    print(resources.summary_markdown(rows) if args.summary else resources.markdown(rows))
+    spilling = [r for r in rows if not r["spill_free"]]
+    versions = resources.versions()
+    print(f"\n{len(rows)} kernels, {len(spilling)} spilling; triton {versions['triton']}; {seconds:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        head = {**versions, "commit": _commit(), "generic": args.generic, "seconds": round(seconds, 1)}
+        # One row per line: compact, and diffs between two reports stay readable.
+        body = ",\n".join(json.dumps(r, sort_keys=True) for r in rows)
+        args.json.write_text(json.dumps(head)[:-1] + ', "rows": [\n' + body + "\n]}\n")
+    return 1 if spilling else 0
 
 
 if __name__ == "__main__":

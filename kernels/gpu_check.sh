@@ -66,20 +66,34 @@ run_tests() {  # name, timeout seconds, pytest args...
 # One kernel config per launch in the tests: each autotune config compiles once per specialisation, which
 # would spend the budget on compilation; the benchmark below autotunes.
 export MEGALITE_AUTOTUNE=0
+# GPU_CHECK_QUICK=1 (a session with little device time left): shorter test limits, no model benchmark.
+QUICK="${GPU_CHECK_QUICK:-0}"
 run_tests bf16 140 -k "bfloat16"
-run_tests rest 140 -k "not bfloat16"
+run_tests rest $((QUICK == 1 ? 100 : 140)) -k "not bfloat16"
 unset MEGALITE_AUTOTUNE
 
 # 3. A whole training step: gpt3-1.3b in bf16 on this one GPU, Triton kernels against the torch backend (MFU).
-echo "== model bench (t=$(elapsed)s)"
-timeout --signal=INT --kill-after=15 170 $PY -m megalite.bench model --out "$RESULTS/model" --steps 8 --warmup 3 \
-  --timeout 90 || STATUS=1
+if ((QUICK != 1)); then
+  echo "== model bench (t=$(elapsed)s)"
+  timeout --signal=INT --kill-after=15 170 $PY -m megalite.bench model --out "$RESULTS/model" --steps 8 --warmup 3 \
+    --timeout 90 || STATUS=1
+fi
 
 # 4. Kernel benchmark with whatever time is left (it stops starting measurements at the budget; 25 s to finish).
 LEFT=$((BUDGET - $(elapsed)))
 ((LEFT < 60)) && LEFT=60
 echo "== bench: budget ${LEFT}s (t=$(elapsed)s)"
 TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT --kill-after=15 $((LEFT + 25)) $PY -m megalite.bench kernels --out "$RESULTS" --time-budget "$LEFT" || STATUS=1
+# Registers and spills of every kernel the benchmark compiled, as the device's Triton built them (issue 20:
+# kernels/compile_check.py predicts none spill at head dims <= 128 and widths <= 16384).
+$PY - "$RESULTS/results.json" <<'PYEOF' || true
+import json, sys
+rows = json.load(open(sys.argv[1])).get("compiled", [])
+spilling = [r for r in rows if r.get("spills")]
+print(f"== compiled kernels: {len(rows)}, with spills: {len(spilling)}")
+for r in spilling:
+    print("   spills:", r)
+PYEOF
 echo "== gpu-check done in $(elapsed)s, status $STATUS; results in $RESULTS"
 ls -l "$RESULTS"
 if [[ -n "${OUT:-}" ]]; then

@@ -39,21 +39,21 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank `src`'s `obj` on every rank."""
+def broadcast_object(obj: T, src: int = 0, group: Any = None) -> T:
+    """Rank `src`'s `obj` on every rank (of `group`, default all; `src` is a global rank)."""
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
-def all_gather_objects(obj: T) -> list[T]:
-    """Every rank's `obj`, in rank order."""
+def all_gather_objects(obj: T, group: Any = None) -> list[T]:
+    """Every rank's `obj`, in rank order (of `group`, default all)."""
     if not is_distributed():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

@@ -1,7 +1,9 @@
 """Runs a chain of 2-rank training jobs for the kill -9 tests, each resuming from what the last one left.
 
-    python tests/ckpt_job.py ROOT OUT_DIR CHAIN_JSON
+    python tests/ckpt_job.py ROOT OUT_DIR CHAIN_JSON [async]
     CHAIN_JSON: [[steps, fault_point_or_null(, subdir of ROOT)], ...]
+    async: save with CheckpointManager.save_async (a background thread writes and commits while the next step
+    trains; the job waits for the last one before it ends), so the faults fire in that thread.
 
 Process tree: this runner (a child subreaper, so it reaps whatever a job leaves) imports torch and
 DeepSpeed once, then for each job forks a job leader that starts a new session/process group and forks
@@ -28,7 +30,7 @@ REPO = os.path.dirname(HERE)
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def rank_main(root: str, record_dir: str, steps: int) -> None:
+def rank_main(root: str, record_dir: str, steps: int, background: bool = False) -> None:
     """Resume from ROOT if possible, then train up to `steps`, saving after every step."""
     import torch
 
@@ -41,7 +43,7 @@ def rank_main(root: str, record_dir: str, steps: int) -> None:
     seed_all(1000 + rank)
     engine = build_engine(stage=1, seed=7)
     layout = {"tp": 1, "pp": 1, "dp": 2, "world_size": 2}
-    mgr = CheckpointManager(root, keep=2, layout=layout, config={"model": MODEL})
+    mgr = CheckpointManager(root, keep=2, layout=layout, config={"model": MODEL}, background=background)
     path = mgr.find_resume("auto")
     start = mgr.load(engine, path)["client_state"]["consumed"] if path else 0
     record = {"resumed_from": start, "path": path, "report": mgr.resume_report, "losses": {}}
@@ -50,10 +52,14 @@ def rank_main(root: str, record_dir: str, steps: int) -> None:
         record["losses"][step] = train_step(engine, step)
         with open(out, "w") as f:
             json.dump(record, f)
-        mgr.save(engine, step, {"consumed": step})
+        if background:
+            mgr.save_async(engine, step, {"consumed": step})
+        else:
+            mgr.save(engine, step, {"consumed": step})
+    mgr.wait()
 
 
-def job_leader(root: str, record_dir: str, steps: int, fault: str | None) -> int:
+def job_leader(root: str, record_dir: str, steps: int, fault: str | None, background: bool = False) -> int:
     """In a new process group: fork 2 ranks, wait; if one fails, SIGKILL the other."""
     from tests.distributed import free_port
 
@@ -71,7 +77,7 @@ def job_leader(root: str, record_dir: str, steps: int, fault: str | None) -> int
                 os.environ.pop("MEGALITE_CKPT_FAULT", None)
                 if fault:
                     os.environ["MEGALITE_CKPT_FAULT"] = fault
-                rank_main(root, record_dir, steps)
+                rank_main(root, record_dir, steps, background)
             except BaseException:  # noqa: BLE001 - report and exit non-zero, never fall back into the leader
                 traceback.print_exc()
                 code = 1
@@ -102,7 +108,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def run_chain(root: str, out_dir: str, chain: list) -> list[dict]:
+def run_chain(root: str, out_dir: str, chain: list, background: bool = False) -> list[dict]:
     """Run each job of the chain in turn; return what happened to each."""
     results = []
     base = root
@@ -115,7 +121,7 @@ def run_chain(root: str, out_dir: str, chain: list) -> list[dict]:
         if leader == 0:
             code = 1
             try:
-                code = job_leader(root, record_dir, steps, fault)
+                code = job_leader(root, record_dir, steps, fault, background)
             finally:
                 os._exit(code)
         status = None
@@ -165,6 +171,7 @@ def run_chain(root: str, out_dir: str, chain: list) -> list[dict]:
 def main() -> None:
     """Entry point: ROOT OUT_DIR CHAIN_JSON."""
     root, out_dir, chain = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    background = sys.argv[4:5] == ["async"]
     sys.path.insert(0, REPO)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -177,7 +184,7 @@ def main() -> None:
     import megalite.checkpoint  # noqa: F401
     import tests.ckpt_common  # noqa: F401
 
-    results = run_chain(root, out_dir, chain)
+    results = run_chain(root, out_dir, chain, background)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
 

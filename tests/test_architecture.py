@@ -31,8 +31,12 @@ ALLOWED: dict[str, set[str]] = {
     "engine": MIDDLE | {"checkpoint", "interop"},
     "evaluate": MIDDLE | {"checkpoint", "interop", "engine"},
     "generate": MIDDLE | {"checkpoint", "interop", "engine"},
-    "bench": MIDDLE | {"checkpoint", "interop", "engine", "evaluate", "generate"},
-    "commands": MIDDLE | {"checkpoint", "interop", "engine", "evaluate", "generate", "bench", "commands", "cli"},
+    # The harness's model over checkpoints (its request handling is engine.downstream, which training runs too;
+    # loading a checkpoint at TP N is generate's).
+    "eval_harness": MIDDLE | {"checkpoint", "interop", "engine", "generate"},
+    "bench": MIDDLE | {"checkpoint", "interop", "engine", "evaluate", "generate", "eval_harness"},
+    "commands": MIDDLE | {"checkpoint", "interop", "engine", "evaluate", "generate", "eval_harness", "bench",
+                          "commands", "cli"},
     "cli": {"errors", "commands"},
 }
 # Where a function-local import of a megalite module is allowed: the commands and benchmarks keep

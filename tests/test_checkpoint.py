@@ -156,6 +156,55 @@ def test_kill9_at_every_injection_point_resumes_last_complete(tmp_path):
     _check_cli(root, tmp_path)
 
 
+# The same on the asynchronous path: the save's snapshot is taken on the training thread, then a background thread
+# writes, hashes and commits while the next step trains. A kill at any point leaves the previous complete checkpoint.
+ASYNC_CHAIN = [
+    [2, None],
+    [3, "after_snapshot"],    # snapshot in host memory, nothing written yet
+    [3, "between_shards"],    # in the background thread, files half written
+    [3, "before_manifest"],
+    [3, "before_rename"],
+    [3, "before_latest"],
+    [4, "after_latest"],      # committed by the background thread while step 4 trains
+    [5, None],
+]
+ASYNC_EXPECTED_RESUME = [0, 2, 2, 2, 2, 2, 2, 3]
+
+
+def test_kill9_during_an_asynchronous_save_resumes_last_complete(tmp_path):
+    root, out = tmp_path / "root", tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu")
+    env.pop("MEGALITE_CKPT_FAULT", None)
+    cmd = [sys.executable, os.path.join(REPO, "tests", "ckpt_job.py"), str(root), str(out), json.dumps(ASYNC_CHAIN),
+           "async"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _processes_mentioning(str(root)) == [], "orphaned job processes"
+    results = json.loads((out / "results.json").read_text())
+    losses: dict[int, dict[str, list[float]]] = {0: {}, 1: {}}
+    for job, want, (steps, fault, *_) in zip(results, ASYNC_EXPECTED_RESUME, ASYNC_CHAIN):
+        where = f"async job {steps=} {fault=}"
+        assert job["leftover_pids"] == [], where
+        assert job["status"] == (-9 if fault else 0), (where, job["status"])
+        assert job["markers"] == ([f"fault-{fault}-rank0"] if fault else []), where
+        for rank in (0, 1):
+            rec = job["records"][str(rank)]
+            assert rec["resumed_from"] == want, (where, rank, rec["report"])
+            for step, loss in rec["losses"].items():
+                losses[rank].setdefault(step, []).append(loss)
+    assert any(f.endswith(ck.MANIFEST) for f in results[4]["tmp_files"])  # killed before the rename
+    assert "step00000003" in results[5]["dirs"] and "latest" in results[5]["dirs"]
+    assert results[7]["dirs"] == ["latest", "step00000004", "step00000005"]
+    assert (root / "latest").read_text().strip() == "step00000005"
+    for rank in (0, 1):
+        for step, seen in losses[rank].items():
+            assert len(set(seen)) == 1, (rank, step, seen)
+    from megalite.checkpoint.manager import verify_checkpoint
+
+    assert verify_checkpoint(str(root / "step00000005"))["step"] == 5
+
+
 def _check_cli(root, tmp_path) -> None:
     """`megalite checkpoint list|verify` on the chain's final checkpoints, then on a copy with one flipped byte."""
     from megalite.commands import checkpoint as checkpoint_cli

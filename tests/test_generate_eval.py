@@ -103,6 +103,10 @@ def test_bad_eval_options_are_config_errors():
     (["generate", "--prompt", "x", "--max-new-tokens", "-5"], "--max-new-tokens -5"),
     (["eval", "--batch-size", "0"], "--batch-size 0"),
     (["eval", "--max-samples", "0"], "--max-samples 0"),
+    (["eval", "--limit", "3"], "--limit: only with --tasks"),  # silently ignored otherwise
+    (["eval", "--tasks", "x", "--unigram"], "--unigram: not with --tasks"),
+    (["eval", "--tasks", "x", "--limit", "0"], "--limit 0: must be > 0"),
+    (["eval", "--tasks", "x", "--num-fewshot", "-1"], "--num-fewshot -1: must be >= 0"),
 ])
 def test_cli_bad_options_exit_2_naming_the_option(argv, named, tmp_path, capsys):
     """Checked before any checkpoint is read: the checkpoint here does not even exist."""

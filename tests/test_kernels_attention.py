@@ -77,12 +77,12 @@ def _assert_rule(name: str, ours: torch.Tensor, theirs: torch.Tensor, ref: torch
 
 def check(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None = None, torch_sdpa=None,
-    document_ids: torch.Tensor | None = None, grad_factor: float = 3.0,
+    document_ids: torch.Tensor | None = None, grad_factor: float = 3.0, out_factor: float = 2.0,
 ) -> torch.Tensor:
     """Our forward and gradients vs float64, bounded by torch's own error; returns our output.
 
     torch_sdpa: a context manager choosing torch's SDPA backend for the comparison (default: torch's choice).
-    grad_factor: the gradients' multiple of torch's error.
+    grad_factor, out_factor: the gradients' and the output's multiple of torch's error.
     """
     do = torch.randn(q.shape, dtype=torch.float64, device=q.device)
     with _common.poison_outputs():
@@ -91,7 +91,7 @@ def check(
         o_t, grads_t = _run(lambda q, k, v: K.attention_torch(q, k, v, causal, scale, document_ids), q, k, v, do)
     o_r, grads_r = _run(lambda q, k, v: reference(q, k, v, causal, scale, document_ids), q, k, v, do)
     assert o.shape == q.shape and o.dtype == q.dtype
-    _assert_rule("o", o, o_t, o_r, 2.0)
+    _assert_rule("o", o, o_t, o_r, out_factor)
     for name, g, g_t, g_r in zip(("dq", "dk", "dv"), grads, grads_t, grads_r):
         assert g.shape == g_t.shape and g.dtype == g_t.dtype
         _assert_rule(name, g, g_t, g_r, grad_factor)
@@ -187,7 +187,7 @@ def test_attention_unequal_blocks(triton_backend, monkeypatch, blocks):
     from megalite.kernels import flash_attention
 
     config = triton.Config({"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}, num_warps=4, num_stages=1)
-    monkeypatch.setattr(flash_attention, "_configs", lambda kind, block_d, fp32=False: [config])
+    monkeypatch.setattr(flash_attention, "autotune_configs", lambda *args: [config])
     monkeypatch.setattr(flash_attention, "_tuned", {})
     seed(blocks)
     for tq, tk in ((50, 50), (37, 70), (70, 37)):
@@ -286,7 +286,10 @@ def test_attention_gpu_fp32_tf32(triton_backend, tf32):
     With TF32 the gradients get 5x torch's error, not 3x: the flash backward's delta = rowsum(o * do) is
     fp32 while dp = do @ v^T is a TF32 dot, and their mismatch (TF32's 2^-11 rounding of do and v) enters
     ds = p * (dp - delta); the math backend takes its row sum from the same dp. On an H200 (2026-11-30,
-    Triton 3.6) dq's error was 4.0x torch's (0.00536 against 0.00134), dk/dv within 3x."""
+    Triton 3.6) dq's error was 4.0x torch's (0.00536 against 0.00134), dk/dv within 3x. The output gets 3x,
+    not 2x: p is rounded to TF32 for p @ v after the online rescaling, a rounding the math backend applies to
+    the final softmax instead; on the H200 (2026-11-30, Triton 3.6, the issue-20 tiles) o's error was 2.3x
+    torch's (0.00291 against 0.00127) at one seed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     old = torch.backends.cuda.matmul.allow_tf32
@@ -294,7 +297,8 @@ def test_attention_gpu_fp32_tf32(triton_backend, tf32):
     try:
         seed(6)
         sdpa = (lambda: sdpa_kernel(SDPBackend.MATH)) if tf32 else None
-        check(*qkv(1, 4, 2, 1024, 1024, 128, device="cuda"), True, torch_sdpa=sdpa, grad_factor=5.0 if tf32 else 3.0)
+        check(*qkv(1, 4, 2, 1024, 1024, 128, device="cuda"), True, torch_sdpa=sdpa, grad_factor=5.0 if tf32 else 3.0,
+              out_factor=3.0 if tf32 else 2.0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 
@@ -320,3 +324,31 @@ def test_attention_gpu_long_sequence(triton_backend, causal):
     seed(8)
     q, k, v = qkv(1, 2, 1, 16384, 16384, 128, dtype=torch.bfloat16, device="cuda")
     check(q, k, v, causal)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_gpu_every_autotune_config(triton_backend, monkeypatch, head_dim, dtype):
+    """Training autotunes among every config, but `make gpu-check` runs with MEGALITE_AUTOTUNE=0 (the first
+    only): force each config in turn, the i-th of every kernel kind, against the float64 reference, causal and
+    with packed documents."""
+    from megalite.kernels import _common, flash_attention
+
+    monkeypatch.setenv("MEGALITE_AUTOTUNE", "1")
+    original = flash_attention.autotune_configs
+    arch = _common.capability(torch.device("cuda"))
+    count = max(len(original(kind, head_dim, dtype, arch, docs)) for kind in ("fwd", "dkdv", "dq")
+                for docs in (False, True))
+    for i in range(count):
+        def only(kind, block_d, dt, a, docs=False, i=i):  # noqa: ANN001, ANN202
+            configs = original(kind, block_d, dt, a, docs)
+            return [configs[i % len(configs)]]
+
+        monkeypatch.setattr(flash_attention, "autotune_configs", only)
+        monkeypatch.setattr(flash_attention, "_tuned", {})
+        seed(head_dim, str(dtype), i)
+        check(*qkv(1, 4, 2, 777, 777, head_dim, dtype=dtype, device="cuda"), True)
+        check(*qkv(2, 4, 4, 640, 640, head_dim, dtype=dtype, device="cuda"), False,
+              document_ids=random_documents(2, 640, "cuda"))

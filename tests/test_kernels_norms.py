@@ -75,7 +75,8 @@ def _check(op: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, ep
     assert calls.get(f"{op}_fwd", 0) >= 1 and calls.get(f"{op}_bwd", 0) >= 1, f"Triton path did not run: {calls}"
 
 
-SHAPES = [(7, 1000), (3, 5, 4096), (1, 1), (2, 3, 17), (2, 16384)]
+# 16384 and 12000 take the split backward (two programs per row, one per half; 12000: a ragged second half).
+SHAPES = [(7, 1000), (3, 5, 4096), (1, 1), (2, 3, 17), (2, 16384), (3, 12000)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

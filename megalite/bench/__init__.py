@@ -7,6 +7,7 @@
     prepare     `megalite prepare` throughput and memory at several corpus sizes and worker counts
     checkpoint  checkpoint save, verify and load time on two ranks
     reshard     offline reshard of a TP2 x PP2 checkpoint to DP4: time and peak memory against saving it
+    eval-harness loglikelihood requests/s of the lm-evaluation-harness model against the harness's HF backend
     context     activation memory per rank of one 8k-token micro-batch at context parallelism 1, 2, 4
 
 Each writes JSON with the git commit and the machine (`run_info`) into its --out folder.
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint", "reshard", "context")
+BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint", "reshard", "eval_harness", "context")
 PACKAGE = Path(__file__).resolve().parent.parent
 
 

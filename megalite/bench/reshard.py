@@ -4,10 +4,12 @@
 
 Trains one step of --preset at TP2 x PP2 (ZeRO-1, fp32, AdamW, 4 CPU processes over gloo) on random tokens and
 saves it (the save time is the trainer's own `checkpoint` record), then runs `megalite checkpoint reshard` to
-TP1 x PP1 x DP4 in a child process and reads the peak resident memory of its largest process (Linux reports the
-largest waited-for descendant). That peak is compared with one target rank's own shard (full fp32 module plus a
-quarter of the fp32 master weights and Adam moments) and with the whole training state: resharding streams one
-parameter at a time, so the peak should sit near the shard, far below the state. Writes DIR/reshard.json.
+TP1 x PP1 x DP4 in a child process. Each rank reports its anonymous resident memory (RssAnon, sampled every 10 ms)
+after building its engine and at its peak while the state is moved: resharding streams one parameter at a time, so
+the difference should stay near the full state of the largest parameter (the tied embedding), far below the whole
+training state, which no rank ever holds. The peak less the engine less the Adam moments of the rank's partition
+(which the reshard creates: the finished shard) is the transient; the target is one parameter's full state.
+Writes DIR/reshard.json.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=128, help="sequence length of the one training step")
     ap.add_argument("--root", default="/tmp/reshard-bench", help="work directory (removed before and after)")
     ap.add_argument("--out", default="out/bench-reshard", help="results folder (default: out/bench-reshard)")
+    ap.add_argument("--keep", action="store_true", help="keep the source and target checkpoints under --root")
     args = ap.parse_args(argv)
 
     from megalite import config as C
@@ -106,24 +109,31 @@ def main(argv: list[str] | None = None) -> int:
     target = root / "target"
     report = _offline_reshard(source, target, env)
     ranks = report["ranks"]
-    peak = max(r["peak_rss"] for r in ranks)
-    engine_peak = max(r["peak_rss_after_build"] for r in ranks)
     shard = params * 4 + params * 12 // 4  # one DP4 ZeRO-1 rank: fp32 module + a quarter of master and moments
     largest = count_parameters(cfg.model)["embedding"]  # bounds the largest single parameter (tied vocab x hidden)
+    extra = max(r["reshard_peak_bytes"] - r["engine_bytes"] for r in ranks)
+    moments = params * 8 // 4  # the Adam moments of a DP4 rank's partition, created by the reshard (fp32)
     result = {
         "preset": args.preset, "parameters": params, "from": "TP2 x PP2 x DP1, ZeRO-1", "to": "TP1 x PP1 x DP4, ZeRO-1",
         "checkpoint_bytes": _dir_bytes(source), "training_state_bytes": params * 12,
         "train_one_step_and_save_s": round(train_s, 1), "save_s": round(save_s, 2),
         "reshard_s": round(report["seconds"], 1), "reshard_over_save": round(report["seconds"] / save_s, 2),
         "state_move_s": max(r["load_s"] for r in ranks), "target_save_s": max(r["save_s"] for r in ranks),
-        "rank_peak_rss_bytes": peak, "rank_peak_rss_after_engine_build_bytes": engine_peak,
-        "target_rank_shard_bytes": shard, "largest_parameter_state_bytes_bound": largest * 12,
-        "peak_over_training_state": round(peak / (params * 12), 2),
+        "target_rank_shard_bytes": shard, "largest_parameter_state_bytes": largest * 12,
+        "engine_bytes": max(r["engine_bytes"] for r in ranks),
+        "reshard_peak_bytes": max(r["reshard_peak_bytes"] for r in ranks),
+        "reshard_extra_bytes": extra, "partition_moments_bytes": moments,
+        "transient_bytes": extra - moments,  # beyond the rank's own finished shard
+        "transient_over_largest_parameter": round((extra - moments) / (largest * 12), 2),
+        "reshard_peak_over_training_state": round(max(r["reshard_peak_bytes"] for r in ranks) / (params * 12), 2),
+        "memory_note": "anonymous resident memory (RssAnon) sampled every 10 ms; the memory-mapped source pages are "
+                       "page cache, not counted",
         "ranks": ranks,
     }
     print(json.dumps(result, indent=1))
     write_json(Path(args.out) / "reshard.json", result)
-    shutil.rmtree(root, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -8,9 +8,9 @@ from megalite.bench import BENCHMARKS
 
 
 def split_name(argv: list[str]) -> tuple[str, list[str]]:
-    """(benchmark name, its arguments); without a name, the kernel benchmark."""
-    if argv and argv[0] in BENCHMARKS:
-        return argv[0], argv[1:]
+    """(benchmark name, its arguments); without a name, the kernel benchmark. `eval-harness` is `eval_harness`."""
+    if argv and argv[0].replace("-", "_") in BENCHMARKS:
+        return argv[0].replace("-", "_"), argv[1:]
     return "kernels", argv
 
 

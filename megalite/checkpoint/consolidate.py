@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,8 +17,10 @@ from megalite.checkpoint.manifest import MANIFEST
 from megalite.checkpoint.paths import resolve_checkpoint
 from megalite.checkpoint.reshard import TrainingState
 from megalite.config import Config, ParallelConfig
+from megalite.data.indexed import read_manifest
 from megalite.data.prepare import manifest_tokenizer
-from megalite.errors import CheckpointError
+from megalite.data.tokenizer import load_tokenizer, tokenizer_info
+from megalite.errors import CheckpointError, DataError
 from megalite.model import build_model, load_full_state_dict, tensor_parallel_group
 
 
@@ -55,3 +58,29 @@ def find_tokenizer(step_dir: Path, cfg: Config, explicit: str | None = None) -> 
             return str(c)
     raise CheckpointError(f"{step_dir}: no tokenizer found (looked at {', '.join(map(str, candidates))}); "
                           "pass --tokenizer")
+
+
+def run_tokenizer(cfg: Config, step_dir: Path | None = None,
+                  explicit: str | None = None) -> tuple[Any, int | None, int | None]:
+    """(tokenizer, end-of-document id, beginning-of-sequence id) of a run: the tokenizer of a checkpoint
+    (`find_tokenizer`) or, without `step_dir`, of a live run's data (or `explicit`). The ids are the ones the
+    data's manifest records, else the tokenizer's own special tokens (None where it has none)."""
+    if step_dir is not None:
+        path = find_tokenizer(step_dir, cfg, explicit)
+    else:
+        candidates = [explicit] if explicit else [manifest_tokenizer(p) for p in cfg.data.prefixes]
+        path = next((c for c in candidates if c and os.path.isfile(c)), None)
+        if path is None:
+            raise DataError(f"data.prefixes {cfg.data.prefixes}: no tokenizer found (no manifest names an existing "
+                            "tokenizer file)")
+    tokenizer = load_tokenizer(path)
+    for prefix in cfg.data.prefixes:  # the ids the model was trained with
+        info = read_manifest(prefix) or {}
+        if info.get("eod_token_id") is not None:
+            bos = info.get("bos_token_id")
+            return tokenizer, int(info["eod_token_id"]), None if bos is None else int(bos)
+    try:
+        found = tokenizer_info(tokenizer, source=str(path))
+    except DataError:  # none of the usual end-of-document names
+        return tokenizer, None, None
+    return tokenizer, found.eod_token_id, found.bos_token_id

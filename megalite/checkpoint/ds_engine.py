@@ -10,6 +10,7 @@ import torch
 
 from megalite.checkpoint.faults import fault
 from megalite.checkpoint.safe_load import safe_torch_load
+from megalite.checkpoint.snapshot import host_snapshot
 from megalite.errors import CheckpointError
 from megalite.files import HashingWriter
 
@@ -35,17 +36,38 @@ def _make_safe_engine_class() -> type:
             self.recording: dict[str, tuple[int, str]] | None = None
             self.failures: list[str] = []
             self.fault_dir = "."
+            # Snapshot mode (asynchronous saves): save() copies the state into host memory and queues it; the
+            # background writer calls write_snapshots() later.
+            self.snapshots: list[tuple[Any, str]] | None = None
 
-        def begin_recording(self, fault_dir: str) -> None:
+        def begin_recording(self, fault_dir: str, snapshot: bool = False) -> None:
             self.recording, self.failures = {}, []
             self.fault_dir = fault_dir
+            self.snapshots = [] if snapshot else None
 
         def end_recording(self) -> tuple[dict[str, tuple[int, str]], list[str]]:
             """The files written since begin_recording (path -> size, SHA-256) and the writes that failed."""
             written, self.recording = self.recording or {}, None
             return written, self.failures
 
+        def take_snapshots(self) -> list[tuple[Any, str]]:
+            """The (state, path) pairs queued in snapshot mode; leaves snapshot mode."""
+            taken, self.snapshots = self.snapshots or [], None
+            return taken
+
+        def preserves_storage_sharing(self) -> bool:
+            # DeepSpeed clones tensors before save() when the engine would keep storage sharing (torch.save does);
+            # a snapshot copies every tensor compactly itself, so that clone would only copy twice.
+            return self.snapshots is None
+
         def save(self, state_dict: Any, path: str) -> None:
+            if self.snapshots is not None:
+                self.snapshots.append((host_snapshot(state_dict), path))
+                return
+            self.write(state_dict, path)
+
+        def write(self, state_dict: Any, path: str) -> None:
+            """Write, hash and fsync one file; a failure is recorded (see end_recording), not raised."""
             if self.recording is not None and self.recording:
                 fault("between_shards", self.fault_dir)
             try:

@@ -1,7 +1,8 @@
 """Fault injection for the crash-safety tests: SIGKILL at a named point of the save protocol.
 
 MEGALITE_CKPT_FAULT=<point> (see FAULT_POINTS), MEGALITE_CKPT_FAULT_RANK (default 0) and
-MEGALITE_CKPT_FAULT_KILL=self|group (SIGKILL this process, or its whole process group). The rank that
+MEGALITE_CKPT_FAULT_KILL=self|group|delay (SIGKILL this process, or its whole process group; or sleep
+MEGALITE_CKPT_FAULT_DELAY_S seconds there, a slow file system). The rank that
 reaches the point first writes the marker file fault-<point>-rank<r> into MEGALITE_CKPT_FAULT_DIR
 (default the checkpoint root) and fsyncs it, so a test can prove the point was reached.
 """
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from megalite.distributed import rank as global_rank
 
-FAULT_POINTS = ("before_shards", "between_shards", "before_manifest", "before_rename", "before_latest", "after_latest")
+FAULT_POINTS = ("before_shards", "after_snapshot", "between_shards", "before_manifest", "before_rename", "before_latest",
+                "after_latest")
 FAULT_ENV = "MEGALITE_CKPT_FAULT"
 
 
@@ -32,7 +35,11 @@ def fault(point: str, default_dir: str) -> None:
         f.write(f"{os.getpid()}\n")
         f.flush()
         os.fsync(f.fileno())
-    if os.environ.get("MEGALITE_CKPT_FAULT_KILL", "self") == "group":
+    action = os.environ.get("MEGALITE_CKPT_FAULT_KILL", "self")
+    if action == "delay":  # a slow file system: hold this point for MEGALITE_CKPT_FAULT_DELAY_S seconds
+        time.sleep(float(os.environ.get("MEGALITE_CKPT_FAULT_DELAY_S", "2")))
+        return
+    if action == "group":
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 

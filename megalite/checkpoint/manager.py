@@ -16,6 +16,13 @@ marked so), writes manifest.json (temp file + fsync + os.replace), renames the d
 fsyncs ROOT, updates `latest` the same way and prunes to the newest `keep` checkpoints. Rank 0 then
 broadcasts the outcome so that every rank returns or raises together.
 
+Asynchronous saves (save_async) run the same protocol in two halves. On the training thread, phase 1 as above,
+then DeepSpeed's save_checkpoint with megalite's engine in snapshot mode: each state dict DeepSpeed hands it is
+copied into host memory (no tensor shared with training) instead of written; that copy is the only stall. A
+background thread then writes and hashes the files and runs phase 3 (confirm, manifest, rename, `latest`, prune)
+over a process group of its own, so its collectives never interleave with training's. At most one save is in
+flight: the next save (or wait()) first finishes it; a failure is raised there, on every rank alike.
+
 Resume (collective): rank 0 lists candidates and reads their manifests; every rank hashes a share of
 the files and scans their pickles for globals outside the allowlist; the problems are all-gathered, so
 every rank reaches the same decision from the same data and a corrupt file cannot make ranks disagree.
@@ -41,8 +48,13 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
+
+import torch.distributed as dist
 
 from megalite.checkpoint.ds_engine import install_safe_loading, safe_engine
 from megalite.checkpoint.faults import fault
@@ -66,7 +78,8 @@ from megalite.checkpoint.paths import (
 )
 from megalite.checkpoint.rng import rng_state, set_rng_state
 from megalite.checkpoint.safe_load import unsafe_globals
-from megalite.distributed import all_gather_objects, broadcast_object, scatter_objects
+from megalite.checkpoint.snapshot import snapshot_bytes
+from megalite.distributed import all_gather_objects, broadcast_object, is_distributed, scatter_objects
 from megalite.distributed import rank as global_rank
 from megalite.distributed import world_size as global_world_size
 from megalite.errors import CheckpointError
@@ -114,6 +127,23 @@ def _group_by_value(values: list[Any]) -> list[dict[str, Any]]:
     return groups
 
 
+@dataclass
+class PendingSave:
+    """A checkpoint being written in the background (CheckpointManager.save_async)."""
+
+    step: int
+    path: str  # the step directory it commits to
+    snapshot_s: float  # how long training stalled: DeepSpeed's save with every tensor copied to host memory
+    snapshot_bytes: int  # host memory the snapshot holds until written
+    thread: threading.Thread | None = None
+    outcome: tuple[str, str] | None = None  # ("ok", directory) or ("error", message), once finished
+    write_s: float | None = None  # background: write, hash, confirm and commit
+    waited_s: float | None = None  # how long wait() blocked the training thread
+
+    def done(self) -> bool:
+        return self.thread is not None and not self.thread.is_alive()
+
+
 class CheckpointManager:
     """Saves, finds, verifies and loads megalite checkpoints under one root directory."""
 
@@ -126,6 +156,8 @@ class CheckpointManager:
         model: dict | None = None,
         identity: dict | None = None,
         relayout: bool = False,
+        background: bool = False,
+        background_timeout_s: float = 3600.0,
     ):
         if not isinstance(keep, int) or keep < 2:
             raise CheckpointError(f"checkpoint keep must be an integer >= 2 (got {keep!r}): one may be half written")
@@ -143,6 +175,12 @@ class CheckpointManager:
         # What makes a checkpoint this run's (manifest.run_identity): None accepts any run's checkpoints.
         self.identity = check_json(identity, "run identity given to CheckpointManager") if identity else None
         self.resume_report: list[str] = []  # why find_resume chose what it chose, for logs and tests
+        # Background saves (save_async) confirm and commit over a process group of their own (gloo: the objects
+        # are small), so their collectives never interleave with the training thread's. Creating it is collective.
+        self._group = None
+        if background and is_distributed():
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=background_timeout_s))
+        self._pending: PendingSave | None = None
         self._verified: dict[str, str] = {}
 
     # ------------------------------------------------------------------ save
@@ -151,13 +189,98 @@ class CheckpointManager:
         """Write and commit the checkpoint of `step` (collective over all ranks); returns its directory.
 
         `needed_bytes` (an estimate of the checkpoint's size) is checked against the free space first, so a full disk
-        is found before anything is written; a disk that fills up during the write is caught too."""
+        is found before anything is written; a disk that fills up during the write is caught too. A background save
+        still in flight is finished first."""
+        self.wait()
+        tmp, final, local = self._prepare(engine, step, client_state, needed_bytes)
+        fault("before_shards", self.root)
+
+        # Phase 2: DeepSpeed writes; our engine hashes and fsyncs each file as it is written. A rank whose write
+        # fails (a full disk) reports it below instead of leaving the others waiting in the next collective.
+        safe = safe_engine(engine)
+        safe.begin_recording(self.root)
+        local["error"] = None
+        try:
+            engine.save_checkpoint(tmp, tag=DS_TAG, client_state={}, save_latest=False)
+        except Exception as e:  # noqa: BLE001 - shared with every rank, then raised everywhere
+            local["error"] = f"rank {global_rank()}: {type(e).__name__}: {e}"
+        finally:
+            written, failures = safe.end_recording()
+        self._record_files(local, tmp, written, failures)
+        return self._raise_unless_committed(step, final, self._confirm_and_commit(step, tmp, final, local))
+
+    def save_async(self, engine: Any, step: int, client_state: dict, needed_bytes: int = 0) -> PendingSave:
+        """Snapshot the checkpoint of `step` into host memory and return; a background thread writes, hashes and
+        commits it with the same protocol as `save` (collective: every rank calls it at the same step).
+
+        Needs `background=True` at construction. A save still in flight is finished first (at most one in flight);
+        `wait()` finishes this one and raises if it failed."""
+        if self._group is None and is_distributed():
+            raise CheckpointError("save_async needs a CheckpointManager made with background=True")
+        self.wait()
+        t0 = time.perf_counter()
+        tmp, final, local = self._prepare(engine, step, client_state, needed_bytes)
+        fault("before_shards", self.root)
+        safe = safe_engine(engine)
+        safe.begin_recording(self.root, snapshot=True)
+        local["error"] = None
+        try:
+            engine.save_checkpoint(tmp, tag=DS_TAG, client_state={}, save_latest=False)
+        except Exception as e:  # noqa: BLE001 - shared with every rank by the background commit
+            local["error"] = f"rank {global_rank()}: {type(e).__name__}: {e}"
+        finally:
+            snapshots = safe.take_snapshots()
+            copied, _ = safe.end_recording()  # files DeepSpeed wrote outside the snapshot: none so far
+        fault("after_snapshot", self.root)
+        pending = PendingSave(step=step, path=final, snapshot_s=time.perf_counter() - t0,
+                              snapshot_bytes=sum(snapshot_bytes(state) for state, _ in snapshots))
+        pending.thread = threading.Thread(target=self._write_in_background, name=f"megalite-save-{step}",
+                                          args=(pending, safe, snapshots, tmp, local, copied), daemon=True)
+        self._pending = pending
+        pending.thread.start()
+        return pending
+
+    def _write_in_background(self, pending: PendingSave, safe: Any, snapshots: list, tmp: str, local: dict,
+                             copied: dict) -> None:
+        """The background half of save_async: write the snapshots, then confirm and commit over the checkpoint
+        group (its own process group, so these collectives never interleave with training's)."""
+        t0 = time.perf_counter()
+        try:
+            safe.begin_recording(self.root)
+            for state, path in snapshots:
+                safe.write(state, path)
+            snapshots.clear()  # the host copy is no longer needed
+            written, failures = safe.end_recording()
+            self._record_files(local, tmp, {**copied, **written}, failures)
+            pending.outcome = self._confirm_and_commit(pending.step, tmp, pending.path, local, group=self._group)
+        except BaseException as e:  # noqa: BLE001 - surfaces in wait() on the training thread
+            pending.outcome = ("error", f"rank {global_rank()}: {type(e).__name__}: {e}")
+        pending.write_s = time.perf_counter() - t0
+
+    @property
+    def in_flight(self) -> PendingSave | None:
+        """The background save not yet waited for (it may have finished)."""
+        return self._pending
+
+    def wait(self) -> PendingSave | None:
+        """Finish the background save in flight, if any: block until it is committed (or failed) and return it;
+        raises CheckpointError, on every rank alike, when it failed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        t0 = time.perf_counter()
+        pending.thread.join()
+        pending.waited_s = time.perf_counter() - t0
+        self._raise_unless_committed(pending.step, pending.path, pending.outcome or ("error", "no outcome"))
+        return pending
+
+    def _prepare(self, engine: Any, step: int, client_state: dict, needed_bytes: int) -> tuple[str, str, dict]:
+        """Phase 1 (collective): validate inputs and create the temporary directory; agree before anything is
+        written. Returns the temporary and final directories and this rank's record for the manifest."""
         rank, world = global_rank(), global_world_size()
         name = step_dir_name(step)
         tmp = os.path.join(self.root, f".tmp-{name}")
         final = os.path.join(self.root, name)
-
-        # Phase 1: prepare the temporary directory and validate inputs; agree before anything is written.
         problem = None
         try:
             local_client = check_json(client_state, f"client_state passed to save(step={step}) on rank {rank}")
@@ -177,34 +300,26 @@ class CheckpointManager:
         if problems:
             raise CheckpointError(f"checkpoint save of step {step} to {final} failed before writing: "
                                   + "; ".join(problems) + "; the previous checkpoint and `latest` are unchanged")
-
         local = {
             "rng": rng_state(),
             "client_state": local_client,
             "param_shapes": _param_shapes(engine),
             "layout": _engine_layout(engine, world),
         }
-        fault("before_shards", self.root)
+        return tmp, final, local
 
-        # Phase 2: DeepSpeed writes; our engine hashes and fsyncs each file as it is written. A rank whose write
-        # fails (a full disk) reports it below instead of leaving the others waiting in the next collective.
-        safe = safe_engine(engine)
-        safe.begin_recording(self.root)
-        local["error"] = None
-        try:
-            engine.save_checkpoint(tmp, tag=DS_TAG, client_state={}, save_latest=False)
-        except Exception as e:  # noqa: BLE001 - shared with every rank, then raised everywhere
-            local["error"] = f"rank {rank}: {type(e).__name__}: {e}"
-        finally:
-            written, failures = safe.end_recording()
+    @staticmethod
+    def _record_files(local: dict, tmp: str, written: dict, failures: list[str]) -> None:
         if failures and local["error"] is None:
-            local["error"] = f"rank {rank}: " + "; ".join(failures)
+            local["error"] = f"rank {global_rank()}: " + "; ".join(failures)
         local["files"] = {os.path.relpath(p, tmp): list(v) for p, v in written.items()}
 
-        # Phase 3: all ranks confirm; rank 0 writes the manifest and commits; everyone learns the outcome.
-        gathered = all_gather_objects(local)
+    def _confirm_and_commit(self, step: int, tmp: str, final: str, local: dict, group: Any = None) -> tuple[str, str]:
+        """Phase 3 (collective over `group`): all ranks confirm; rank 0 writes the manifest and commits; every rank
+        gets the same outcome, ("ok", directory) or ("error", message)."""
+        gathered = all_gather_objects(local, group=group)
         outcome: tuple[str, str]
-        if rank == 0:
+        if global_rank() == 0:
             try:
                 failed = [g["error"] for g in gathered if g["error"]]
                 if failed:
@@ -215,7 +330,10 @@ class CheckpointManager:
                 outcome = ("error", f"{e}{self._free_space_note()}")
         else:
             outcome = ("", "")
-        outcome = broadcast_object(outcome)
+        return broadcast_object(outcome, group=group)
+
+    @staticmethod
+    def _raise_unless_committed(step: int, final: str, outcome: tuple[str, str]) -> str:
         if outcome[0] != "ok":
             raise CheckpointError(f"checkpoint save of step {step} to {final} failed: {outcome[1]}; the previous "
                                   "checkpoint and `latest` are unchanged")

@@ -7,6 +7,8 @@ optimizer's own state). `TrainingState` maps every canonical (TP-independent) pa
 are and assembles, for one parameter at a time, the full fp32 master weight, its optimizer moments and step:
 data-parallel pieces concatenated, tensor-parallel shards merged by the model's own sharding description. Files
 are memory-mapped, so a parameter's assembly touches its own bytes only: no process ever holds the whole state.
+A piece that is already whole comes back as a view of the mapped file (read-only use; writes would stay private
+to the process); joining pieces costs one copy of the parameter.
 
 The files are verified against the manifest (sizes, SHA-256, pickle globals) before any of them is deserialised,
 and loaded without running code (the safe loader's allowlist).
@@ -78,12 +80,17 @@ class TrainingState:
         self._reference = dict(Transformer(self.config.model, ParallelConfig(), None, device="meta").named_parameters())
         self._pieces: dict[str, list[list[_Piece]]] = {}  # canonical name -> per TP rank -> DP pieces in order
         self._shapes: dict[str, list[torch.Size]] = {}  # canonical name -> per TP rank local shape
-        for stage in range(self.pipeline):
-            for tp_rank in range(self.tensor):
-                self._index(stage, tp_rank)
-        missing = sorted(set(self._reference) - set(self._pieces))
-        if missing:
-            raise CheckpointError(f"{self.ds_dir}: no optimizer state for parameters {missing[:4]}")
+        try:
+            for stage in range(self.pipeline):
+                for tp_rank in range(self.tensor):
+                    self._index(stage, tp_rank)
+            missing = sorted(set(self._reference) - set(self._pieces))
+            if missing:
+                raise CheckpointError(f"{self.ds_dir}: no optimizer state for parameters {missing[:4]}")
+        except (CheckpointError, KeyError, ValueError, IndexError) as e:
+            # The files verified against the manifest, so the stored config (the model it describes) is what is off.
+            raise CheckpointError(f"{self.step_dir / MANIFEST}: the stored config does not match the weights: "
+                                  f"{e}") from None
 
     # ------------------------------------------------------------------ public
     def names(self) -> list[str]:
@@ -201,9 +208,9 @@ class TrainingState:
             piece = pieces[0]
             sd = self._load(piece.file)
             state = sd["optimizer"]["state"].get(piece.index, {})
-            moments = {k: v.clone() for k, v in state.items() if k in MOMENTS and with_moments}
+            moments = {k: v for k, v in state.items() if k in MOMENTS and with_moments}  # memory-mapped views
             step = float(state["step"]) if "step" in state else None
-            return ParameterState(sd["module"][piece.name].float().clone(), moments, step)
+            return ParameterState(sd["module"][piece.name].float(), moments, step)
         fp32_parts: list[torch.Tensor] = []
         moment_parts: dict[str, list[torch.Tensor]] = {}
         step = None
@@ -223,7 +230,16 @@ class TrainingState:
                     step = float(value)
 
         def whole(parts: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat(parts)[:numel].clone().view(shape)
+            if len(parts) == 1:  # a view of the memory-mapped file: page cache, no copy
+                return parts[0].narrow(0, 0, numel).view(shape)
+            # One copy out of the memory-mapped pieces, up to numel (ZeRO-3 pads the last partition).
+            out = torch.empty(numel, dtype=parts[0].dtype)
+            filled = 0
+            for part in parts:
+                take = min(part.numel(), numel - filled)
+                out.narrow(0, filled, take).copy_(part.narrow(0, 0, take))
+                filled += take
+            return out.view(shape)
 
         return ParameterState(whole(fp32_parts), {k: whole(v) for k, v in moment_parts.items()}, step)
 

@@ -69,10 +69,10 @@ def main(args: argparse.Namespace) -> int:
                           context=args.context)
         ranks = report.get("ranks") or [{}]
         load_s = max(r.get("load_s", 0.0) for r in ranks)
-        peak = max(r.get("peak_rss", 0) for r in ranks)
+        peak = max(r.get("reshard_peak_bytes", 0) - r.get("engine_bytes", 0) for r in ranks)
         cp = f" x CP{args.context}" if args.context > 1 else ""
         emit(f"wrote {written}: layout TP{args.tensor}{cp} x PP{args.pipeline} x DP{args.data}; state moved in "
-             f"{load_s:.1f} s, peak memory of a rank {peak / 2**30:.2f} GiB")
+             f"{load_s:.1f} s using at most {peak / 2**20:.0f} MiB per rank beyond its engine")
         return 0
     from megalite.checkpoint.manager import verify_checkpoint
 

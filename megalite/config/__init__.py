@@ -27,6 +27,7 @@ from megalite.config.schema import (
     SCHEDULERS,
     Config,
     DataConfig,
+    EvalTasksConfig,
     LoggingConfig,
     ModelConfig,
     ParallelConfig,
@@ -45,8 +46,9 @@ from megalite.config.validate import (
 
 __all__ = [
     "CONFIGS_DIR", "DEEPSPEED_SCHEDULERS", "DEEPSPEED_SECTION_KEYS", "DEEPSPEED_TOP_LEVEL_KEYS", "OPTIMIZERS", "OPTIMIZER_TYPES", "SCHEDULERS", "SCHEDULER_TYPES",
-    "Config", "DataConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RopeScalingConfig", "TrainConfig",
-    "apply_overrides", "check_model", "context_errors", "count_parameters", "expand_references", "from_dict", "json_schema",
-    "kv_replication", "list_presets", "load", "model_config_from_dict", "model_errors", "parse_override", "read_json",
+    "Config", "DataConfig", "EvalTasksConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RopeScalingConfig",
+    "TrainConfig", "apply_overrides", "check_model", "context_errors", "count_parameters", "expand_references",
+    "from_dict", "json_schema", "kv_replication", "list_presets", "load", "model_config_from_dict", "model_errors",
+    "parse_override", "read_json",
     "resolve_deepspeed", "rope_scaling_errors", "summary", "validate",
 ]

@@ -132,6 +132,18 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalTasksConfig:
+    """lm-evaluation-harness tasks run at each evaluation of a training run (needs the `eval` extra); each task's
+    main metric is logged next to the validation loss."""
+
+    tasks: list[str] = field(default_factory=list)  # harness task, group or tag names, e.g. ["hellaswag"]
+    limit: Optional[int] = None  # at most this many examples per task (None: all)
+    num_fewshot: Optional[int] = None  # None: each task's own default
+    include_path: Optional[str] = None  # a folder of the user's own task YAMLs
+    batch_size: int = 8
+
+
+@dataclass
 class TrainConfig:
     """The training loop: length, evaluation, checkpoints, resilience, logging."""
 
@@ -144,6 +156,9 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0: only at the end
     checkpoint_dir: Optional[str] = None  # None: <output_dir>/checkpoints
     keep_checkpoints: int = 2
+    # Write checkpoints in the background: training stalls only while the state is copied to host memory.
+    # None (auto): on, except with NVMe offload (that state is not in memory to copy).
+    checkpoint_async: Optional[bool] = None
     resume: Literal["auto", "must", "never"] = "auto"
     init_from: Optional[str] = None  # weights to start from: a Hugging Face directory or a megalite checkpoint
     # Resuming a checkpoint written with another global batch size: continue from its sample position, with the
@@ -155,6 +170,13 @@ class TrainConfig:
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     collective_timeout_s: float = 600.0
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval_tasks: Optional[EvalTasksConfig] = None  # downstream tasks at each evaluation (None: none)
+
+
+def nvme_offload(deepspeed: dict) -> bool:
+    """Whether a DeepSpeed config swaps optimizer state or parameters to NVMe."""
+    zero = deepspeed.get("zero_optimization") or {}
+    return any((zero.get(key) or {}).get("device") == "nvme" for key in ("offload_optimizer", "offload_param"))
 
 
 @dataclass
@@ -186,6 +208,13 @@ class Config:
 
     def global_batch_size(self, world_size: int) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.dp_size(world_size)
+
+    @property
+    def checkpoint_async(self) -> bool:
+        """Whether checkpoints are written in the background (train.checkpoint_async, resolved)."""
+        if self.train.checkpoint_async is not None:
+            return self.train.checkpoint_async
+        return not nvme_offload(self.deepspeed)
 
     @property
     def precision(self) -> str:

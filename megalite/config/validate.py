@@ -22,7 +22,10 @@ from megalite.config.schema import (
     SCHEDULER_TYPES,
     SCHEDULERS,
     Config,
+    EvalTasksConfig,
     ModelConfig,
+    ParallelConfig,
+    nvme_offload,
 )
 from megalite.errors import ConfigError
 
@@ -151,6 +154,37 @@ def check_model(m: ModelConfig, tensor: int = 1, context: int = 1) -> None:
         errors = model_errors(m, tensor) + context_errors(m, tensor, context)
     if errors:
         raise ConfigError(errors)
+
+
+def eval_tasks_errors(e: EvalTasksConfig | None, parallel: ParallelConfig) -> list[str]:
+    """Problems with `train.eval_tasks` that need no harness (task names are checked against the harness's own
+    index when the run starts)."""
+    if e is None:
+        return []
+    errors = []
+    if not isinstance(e.tasks, list) or not e.tasks:
+        errors.append("train.eval_tasks.tasks: give at least one lm-evaluation-harness task name, e.g. [\"hellaswag\"]")
+    else:
+        errors += [f"train.eval_tasks.tasks[{i}]: empty task name" for i, name in enumerate(e.tasks)
+                   if isinstance(name, str) and not name.strip()]
+    if e.limit is not None:
+        _positive(errors, "train.eval_tasks.limit", e.limit)
+    if e.num_fewshot is not None:
+        _positive(errors, "train.eval_tasks.num_fewshot", e.num_fewshot, allow_zero=True)
+    _positive(errors, "train.eval_tasks.batch_size", e.batch_size)
+    if parallel.pipeline > 1:
+        errors.append(f"train.eval_tasks: not available with parallel.pipeline={parallel.pipeline} (the harness runs the "
+                      "whole model on each tensor-parallel group); evaluate the saved checkpoint with `megalite eval "
+                      "--tasks`")
+    if parallel.context > 1:
+        errors.append(f"train.eval_tasks: not available with parallel.context={parallel.context} (the harness's "
+                      "requests have any length and generation uses the KV cache, which runs at context 1); "
+                      "evaluate the saved checkpoint with `megalite eval --tasks`, which reads it at any layout")
+    if parallel.sequence_parallel and parallel.tensor > 1:
+        errors.append("train.eval_tasks: not available with parallel.sequence_parallel at parallel.tensor="
+                      f"{parallel.tensor} (the harness's requests have any length, and generation uses the KV cache, "
+                      "which sequence parallelism does not); evaluate the saved checkpoint with `megalite eval --tasks`")
+    return errors
 
 
 def _validate_deepspeed(ds: dict, errors: list[str]) -> None:
@@ -287,6 +321,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _positive(errors, f"train.{key}", getattr(t, key), allow_zero=True)
     if isinstance(t.keep_checkpoints, int) and t.keep_checkpoints < 2:
         errors.append(f"train.keep_checkpoints: must be >= 2 (one may be mid-write), got {t.keep_checkpoints}")
+    if t.checkpoint_async is True and isinstance(ds, dict) and nvme_offload(ds):
+        errors.append("train.checkpoint_async: true cannot be combined with NVMe offload (deepspeed "
+                      "zero_optimization.offload_*.device 'nvme'): that state is swapped to disk, not held in memory "
+                      "to snapshot; set it to false or leave it unset")
     for sig in t.preemption_signals if isinstance(t.preemption_signals, list) else []:
         if sig not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
             errors.append(not_one_of("train.preemption_signals", sig, ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")))
@@ -312,6 +350,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ValueError
     except ValueError:
         errors.append(f"data.split: {d.split!r} must be three non-negative numbers with train > 0, e.g. '949,50,1'")
+    errors.extend(eval_tasks_errors(t.eval_tasks, p))
     if (t.logging.profile_start_step is None) != (t.logging.profile_end_step is None):
         errors.append("train.logging.profile_start_step and profile_end_step must be given together")
     elif t.logging.profile_start_step is not None and t.logging.profile_end_step <= t.logging.profile_start_step:

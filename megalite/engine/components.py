@@ -1,5 +1,6 @@
-"""The parts of a training run that decide for themselves when they act: evaluation, checkpoints, the
-metric window and the profiler. The trainer calls each once per step; each knows its own interval."""
+"""The parts of a training run that decide for themselves when they act: evaluation (validation loss, and the
+downstream tasks of `train.eval_tasks`), checkpoints, the metric window and the profiler. The trainer calls each
+once per step; each knows its own interval."""
 
 from __future__ import annotations
 
@@ -15,9 +16,20 @@ import torch
 import torch.distributed as dist
 
 from megalite.checkpoint import CheckpointManager
+from megalite.checkpoint.consolidate import run_tokenizer
 from megalite.config import Config
 from megalite.data import ResumableSampler, collate
+from megalite.engine.downstream import (
+    find_tasks,
+    live_model_class,
+    load_tasks,
+    main_metrics,
+    preserved_rng,
+    require_lm_eval,
+    run_tasks,
+)
 from megalite.engine.metrics import MetricSink, StepTimer
+from megalite.errors import ConfigError, MegaliteError
 
 
 class BatchStream:
@@ -70,6 +82,52 @@ class Evaluator:
         dist.all_reduce(mean, group=self.strategy.grid.get_data_parallel_group())
         loss = mean.item() / self.dp_size
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+class TaskEvaluator:
+    """`train.eval_tasks`: lm-evaluation-harness tasks on the live model, at each evaluation (megalite.engine.downstream).
+
+    The tasks are resolved and their data loaded at start, so an unknown task or missing data fails before step 1.
+    Every rank takes part in a run (rank 0 drives the harness, the others serve its model calls); the model's
+    train/eval mode and Python's, numpy's and torch's random states are left as they were (the harness seeds them).
+    """
+
+    def __init__(self, cfg: Config, is_main: bool) -> None:
+        require_lm_eval()
+        self.settings = cfg.train.eval_tasks
+        self.seed = cfg.train.seed
+        self.tokenizer, self.eod, self.bos = run_tokenizer(cfg)
+        if self.eod is None:
+            raise ConfigError("train.eval_tasks: the data's tokenizer has no end-of-document token, which the harness "
+                              "needs as the end of text")
+        self.manager, self.names = None, []
+        if is_main:
+            self.manager, self.names = find_tasks(self.settings.tasks, self.settings.include_path,
+                                                  where="train.eval_tasks.tasks")
+            load_tasks(self.manager, self.names)  # data problems now, not at the first evaluation
+
+    def run(self, model: torch.nn.Module) -> dict[str, float]:
+        """{"task/metric": score} of each task's main metric on rank 0, {} on the other ranks."""
+        was_training = model.training
+        model.eval()
+        lm = live_model_class().for_model(model, self.tokenizer, self.eod, self.bos,
+                                          batch_size=self.settings.batch_size, seed=self.seed)
+        try:
+            with preserved_rng():
+                if not lm.calls.is_driver:
+                    if not lm.calls.serve():
+                        raise MegaliteError("train.eval_tasks failed on rank 0 (its error is reported there)")
+                    return {}
+                ok = False
+                try:
+                    results = run_tasks(lm, self.manager, self.names, num_fewshot=self.settings.num_fewshot,
+                                        limit=self.settings.limit, bootstrap_iters=0)
+                    ok = True
+                finally:
+                    lm.calls.close(ok)
+                return main_metrics(results, self.names)
+        finally:
+            model.train(was_training)
 
 
 class Checkpointer:

@@ -62,10 +62,9 @@ def load_training_state(engine: Any, grid: Any, source: TrainingState) -> dict[s
                                   f"expects {tuple(getattr(param, 'ds_shape', param.shape))}")
         moments = {k: shard_tensor(v, param, tp_rank, tp_size) if tp_size > 1 else v for k, v in state.moments.items()}
         _write_parameter(engine, stage, inner, param, local, moments)
+        del state, local, moments  # before the next parameter is assembled: one full state at a time
     if step is not None:
         _set_step(inner, step)
-    if stage in (1, 2):
-        optimizer.update_lp_params()  # the module's (16-bit or fp32) weights from the master weights
     return {"optimizer_step": step, "parameters": count}
 
 
@@ -146,6 +145,9 @@ def _write_parameter(engine: Any, stage: int, inner: torch.optim.Optimizer, para
             return
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+        # ZeRO-1/2: every rank holds the whole module weight. Written here from the full fp32 weight (the cast
+        # DeepSpeed's update_lp_params would do), so no all-gather of the module is needed afterwards.
+        param.data.copy_(local.to(param.dtype))
         safe_set_full_fp32_param(param, local)
         for key in keys:
             safe_set_full_optimizer_state(param, moments[key], key)
@@ -191,7 +193,10 @@ def full_state_of(engine: Any, grid: Any) -> dict[str, ParameterState]:
     group = tensor_parallel_group(grid)
     link_moments = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if stage < 3 and link_moments is not None and inner.state:
-        link_moments()  # DeepSpeed links moment fragments only after its first step; a loaded state has none yet
+        # DeepSpeed (0.19.8) links the moment fragments once, right after the first parameter group's first step,
+        # so the other groups' links stay empty for the whole run (and a loaded state has none): link them again.
+        engine.optimizer._hp_optimizer_states_linked = False
+        link_moments()
     out = {}
     for name, param in canonical_named_parameters(engine.module):
         if stage == 0 and getattr(param, "_hp_mapping", None) is None:  # plain fp32 ZeRO-0: the module is the master

@@ -15,9 +15,13 @@ from megalite.errors import ConfigError, MegaliteError
 class MetricsError(MegaliteError):
     """A metrics file cannot be written."""
 
-# Dense peak TFLOP/s per device for the training dtype (vendor datasheets, without sparsity).
+# Dense peak TFLOP/s per device for the training dtype (vendor datasheets, without sparsity), matched in this
+# order against the device name without spaces: the H100 PCIe ("NVIDIA H100 PCIe") and NVL cards have lower
+# peaks than the SXM module ("NVIDIA H100 80GB HBM3"), so they come before the plain "H100".
 PEAK_TFLOPS = {
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
     "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
     "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2},
@@ -61,9 +65,14 @@ def device_peak_tflops(precision: str) -> tuple[float | None, str]:
 
     if not torch.cuda.is_available():
         return None, "CPU: no peak table (MFU not reported)"
-    name = torch.cuda.get_device_name()
+    return peak_tflops_of(torch.cuda.get_device_name(), precision)
+
+
+def peak_tflops_of(name: str, precision: str) -> tuple[float | None, str]:
+    """The peak of the device called `name` (as torch reports it) for a dtype, and where it came from."""
+    compact = name.replace(" ", "").lower()
     for key, peaks in PEAK_TFLOPS.items():
-        if key in name.replace(" ", ""):
+        if key.lower() in compact:
             peak = peaks.get(precision)
             return peak, f"{name}: {peak} TFLOP/s dense {precision}"
     return None, f"{name}: not in megalite's peak table (MFU not reported)"

@@ -29,7 +29,14 @@ from megalite.data.prepare import manifest_tokenizer
 from megalite.distributed import agree, any_rank
 from megalite.engine import launch, signals
 from megalite.engine.build import build_engine
-from megalite.engine.components import BatchStream, Checkpointer, Evaluator, MetricWindow, ProfilerWindow
+from megalite.engine.components import (
+    BatchStream,
+    Checkpointer,
+    Evaluator,
+    MetricWindow,
+    ProfilerWindow,
+    TaskEvaluator,
+)
 from megalite.engine.elastic import load_training_state, restore_schedule
 from megalite.engine.metrics import (
     MetricSink,
@@ -138,6 +145,9 @@ class Trainer:
             model=model_signature(cfg.model),
             identity=run_identity(cfg),
             relayout=True,  # another layout is resharded (elastic resume), not refused
+            background=cfg.checkpoint_async,
+            # A background commit waits for the slowest rank's write, which may take far longer than a collective.
+            background_timeout_s=max(3600.0, cfg.train.collective_timeout_s),
         )
         self.checkpointer = Checkpointer(cfg, self.checkpoints)
         self.checkpoint_estimate = checkpoint_bytes(cfg)  # checked against the free space before each save
@@ -152,6 +162,9 @@ class Trainer:
         self.preempted = False  # agreed by every rank at the last step boundary
         self._progress: Any = None  # a tqdm bar on an interactive rank 0
         self.sink = agree("opening the metric sinks", MetricSink, cfg, self.output_dir, self.is_main)
+        self.task_evaluator = None  # train.eval_tasks: the harness's tasks at each evaluation
+        if cfg.train.eval_tasks is not None:
+            self.task_evaluator = agree("loading train.eval_tasks", TaskEvaluator, cfg, self.is_main)
 
     def _check_config(self) -> None:
         validate(self.cfg, self.world)  # the world-size rules, now that it is known
@@ -195,9 +208,14 @@ class Trainer:
             "nonfinite_skipped": self.nonfinite_skipped,
         }
 
-    def save(self) -> str | None:
+    def save(self, background: bool = False) -> str | None:
         """Save and commit the checkpoint of this step, unless the weights are not finite on some rank: a checkpoint
-        of NaN weights is never useful and would become the one a resume picks, so it is skipped (and said)."""
+        of NaN weights is never useful and would become the one a resume picks, so it is skipped (and said).
+
+        `background`: snapshot the state into host memory and let a background thread write and commit it
+        (train.checkpoint_async); otherwise return once committed. Either way a save still in flight is committed
+        first, so at most one is in flight and they commit in order."""
+        self._finish_background_save()
         bad = self._first_nonfinite_parameter()
         (any_bad,) = any_rank([bad is not None], self.device)
         if any_bad:
@@ -207,10 +225,40 @@ class Trainer:
                       f"checkpoint stays step {newest}")
             self.sink.log({"kind": "checkpoint_skipped", "step": self.step, "reason": "non-finite weights"})
             return None
+        if background:
+            pending = self.checkpoints.save_async(self.engine, self.step, self.client_state(),
+                                                  needed_bytes=self.checkpoint_estimate)
+            self.sink.log({"kind": "checkpoint", "step": self.step, "path": pending.path, "mode": "async",
+                           "seconds": pending.snapshot_s, "snapshot_bytes": pending.snapshot_bytes})
+            return pending.path
         t0 = time.perf_counter()
         path = self.checkpoints.save(self.engine, self.step, self.client_state(), needed_bytes=self.checkpoint_estimate)
-        self.sink.log({"kind": "checkpoint", "step": self.step, "path": path, "seconds": time.perf_counter() - t0})
+        self.sink.log({"kind": "checkpoint", "step": self.step, "path": path, "mode": "sync",
+                       "seconds": time.perf_counter() - t0})
         return path
+
+    def _finish_background_save(self) -> None:
+        """Commit the background save in flight, if any (every rank at the same step: a failure raises everywhere)."""
+        pending = self.checkpoints.in_flight
+        if pending is None:
+            return
+        already_done = pending.done()
+        self.checkpoints.wait()
+        self._log_written(pending, waited_s=0.0 if already_done else pending.waited_s or 0.0)
+
+    def _poll_background_save(self) -> None:
+        """Log a background save that finished, without waiting. A failed one is left for the next save, which every
+        rank reaches at the same step (ranks see the thread finish at different steps)."""
+        pending = self.checkpoints.in_flight
+        if pending is not None and pending.done() and pending.outcome and pending.outcome[0] == "ok":
+            self.checkpoints.wait()
+            self._log_written(pending, waited_s=0.0)
+
+    def _log_written(self, pending: Any, waited_s: float) -> None:
+        self.sink.log({"kind": "checkpoint_written", "step": pending.step, "path": pending.path,
+                       "write_seconds": pending.write_s, "waited_seconds": waited_s, "at_step": self.step})
+        if waited_s > 1.0:
+            self._say(f"step {self.step}: waited {waited_s:.1f} s for the background save of step {pending.step}")
 
     def _save_last_good(self) -> None:
         """Exit 76's save. Skipped steps never reach the optimizer, so the weights are those of the last good step
@@ -333,7 +381,9 @@ class Trainer:
                     exit_code = signals.EXIT_PREEMPTED
                     break
                 if self.checkpointer.due(self.step):
-                    self.save()
+                    self.save(background=self.cfg.checkpoint_async and self.step < cfg.train.steps)
+                else:
+                    self._poll_background_save()
             return self._finish(exit_code)
         finally:
             self.preemption.restore()
@@ -370,8 +420,16 @@ class Trainer:
         if result:
             self.sink.log({"kind": "valid", "step": self.step, **result})
             self._say(f"step {self.step} validation loss {result['loss']:.4f} perplexity {result['perplexity']:.2f}")
+        if self.task_evaluator is not None:
+            t0 = time.perf_counter()
+            scores = self.task_evaluator.run(self.engine.module)  # every rank; the scores on rank 0
+            if self.is_main:
+                self.sink.log({"kind": "eval_tasks", "step": self.step, **scores,
+                               "seconds": time.perf_counter() - t0})
+                self._say(f"step {self.step} tasks " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
     def _finish(self, exit_code: int) -> int:
+        self._finish_background_save()  # every exit path above saved synchronously; this is a safety net
         if self.is_main:
             self.sink.log({"kind": "end", "step": self.step, "exit_code": exit_code})
             if self.cfg.train.logging.plot:

@@ -36,13 +36,12 @@ _SIZES = ["H", "GROUP", "TQ", "TK", "TQ_BUCKET", "TK_BUCKET"]
 @triton.jit
 def _attn_fwd_block(
     acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-    skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base,
+    skn, skd, svn, svd, TK, diag, qk_scale, doc_lo, doc_hi,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):  # fmt: skip
     """One BLOCK_N step of the online softmax; MASK=False for blocks every row sees in full.
 
-    With HAS_DOCS, doc_q holds the rows' document starts and doc_base points at the keys' (same document
-    = same start).
+    With HAS_DOCS, each row sees the keys of its document, [doc_lo, doc_hi) (a document is a contiguous run).
     """
     cols = start_n + offs_n
     n_mask = cols < TK
@@ -54,12 +53,7 @@ def _attn_fwd_block(
         v = v.to(tl.float32)
     s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
     if MASK:
-        valid = n_mask[None, :]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
-        if HAS_DOCS:
-            doc_k = tl.load(doc_base + cols, mask=n_mask, other=-2)
-            valid = valid & (doc_q[:, None] == doc_k[None, :])
+        valid = _visible_keys(cols, offs_m, n_mask, diag, doc_lo, doc_hi, CAUSAL, HAS_DOCS)
         s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with no valid key so far has m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
@@ -72,19 +66,36 @@ def _attn_fwd_block(
 
 
 @triton.jit
+def _visible_keys(cols, rows, n_mask, diag, doc_lo, doc_hi, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """(rows x cols) mask of the keys each query row sees (forward and dq)."""
+    if HAS_DOCS:  # the row's document; causal: up to the row itself, which lies inside its document
+        valid = cols[None, :] >= doc_lo[:, None]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None] + diag)
+        else:
+            valid = valid & (cols[None, :] < doc_hi[:, None])
+    else:
+        valid = n_mask[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None] + diag)
+    return valid
+
+
+@triton.jit
 def _query_block_keys(
     DOC_START, DOC_END, b, pid_m, offs_m, m_mask, TQ, TK, diag,
     CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The keys a block of queries visits (forward and dq): [lo, full) whole blocks every row sees, no mask;
-    [full, hi) masked. Also the rows' document starts and the keys' (unused without HAS_DOCS)."""
-    doc_base = DOC_START
-    doc_q = offs_m
+    [full, hi) masked. Also each row's document [doc_lo, doc_hi) (unused without HAS_DOCS; rows past TQ get
+    an empty one)."""
+    doc_lo = offs_m
+    doc_hi = offs_m
     if HAS_DOCS:  # packed documents (TQ == TK): only the keys of the block's documents, all masked
-        doc_base = DOC_START + b * TK
-        doc_q = tl.load(doc_base + offs_m, mask=m_mask, other=-1)
+        doc_lo = tl.load(DOC_START + b * TK + offs_m, mask=m_mask, other=0)
+        doc_hi = tl.load(DOC_END + b * TK + offs_m, mask=m_mask, other=0)
         last = tl.minimum((pid_m + 1) * BLOCK_M, TQ) - 1
-        lo = (tl.load(doc_base + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N  # the first row's document start
+        lo = (tl.load(DOC_START + b * TK + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N  # the first row's document start
         full = lo
         if CAUSAL:
             hi = last + 1
@@ -100,7 +111,7 @@ def _query_block_keys(
             full = TK
         # Whole blocks below `full` need no mask; the rest (diagonal, ragged end) are masked.
         full = (tl.minimum(full, tl.maximum(hi, 0)) // BLOCK_N) * BLOCK_N
-    return lo, full, hi, doc_q, doc_base
+    return lo, full, hi, doc_lo, doc_hi
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -134,18 +145,18 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full, hi, doc_q, doc_base = _query_block_keys(
+    lo, full, hi, doc_lo, doc_hi = _query_block_keys(
         DOC_START, DOC_END, b, pid_m, offs_m, m_mask, TQ, TK, diag, CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N
     )
     for start_n in range(lo, full, BLOCK_N):
         acc, l_i, m_i = _attn_fwd_block(
             acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-            skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, False, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
+            skn, skd, svn, svd, TK, diag, qk_scale, doc_lo, doc_hi, False, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
         )  # fmt: skip
     for start_n in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _attn_fwd_block(
             acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-            skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
+            skn, skd, svn, svd, TK, diag, qk_scale, doc_lo, doc_hi, True, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
         )  # fmt: skip
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
@@ -182,7 +193,7 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _attn_bwd_dkdv_block(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_m0, offs_n, offs_d, d_mask,
-    sqm, sqd, sdom, sdod, TQ, diag, qk_scale, doc_k, doc_base,
+    sqm, sqd, sdom, sdod, TQ, diag, qk_scale, doc_lo, doc_hi,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):  # fmt: skip
     """Add one BLOCK_M block of queries to dk, dv of a key block; MASK=False where every query sees every key.
@@ -204,9 +215,11 @@ def _attn_bwd_dkdv_block(
         if CAUSAL:
             # Mask before exp2: a masked logit can exceed the row's lse by enough to overflow.
             st = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, st, float("-inf"))
-        if HAS_DOCS:
-            doc_q = tl.load(doc_base + offs_m, mask=m_mask, other=-1)
-            st = tl.where(doc_k[:, None] == doc_q[None, :], st, float("-inf"))
+        if HAS_DOCS:  # the queries of each key's document [doc_lo, doc_hi); causal ones start at the key
+            valid = offs_m[None, :] < doc_hi[:, None]
+            if not CAUSAL:
+                valid = valid & (offs_m[None, :] >= doc_lo[:, None])
+            st = tl.where(valid, st, float("-inf"))
     pt = tl.exp2(st - lse[None, :])
     dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -244,15 +257,16 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     diag = TK - TQ
-    doc_base = DOC_START
-    doc_k = offs_n
+    doc_lo = offs_n
+    doc_hi = offs_n
     if HAS_DOCS:  # packed documents (TQ == TK): only the queries of the block's documents, all masked
-        doc_base = DOC_START + b * TK
-        doc_k = tl.load(doc_base + offs_n, mask=n_mask, other=-2)
+        # Keys past TK get an empty document: they see no query (and are never stored).
+        doc_lo = tl.load(DOC_START + b * TK + offs_n, mask=n_mask, other=0)
+        doc_hi = tl.load(DOC_END + b * TK + offs_n, mask=n_mask, other=0)
         if CAUSAL:
             lo = start_n
         else:
-            lo = tl.load(doc_base + start_n)  # the first key's document start
+            lo = tl.load(DOC_START + b * TK + start_n)  # the first key's document start
         lo = (lo // BLOCK_M) * BLOCK_M
         mid = tl.load(DOC_END + b * TK + tl.minimum(start_n + BLOCK_N, TK) - 1)  # the last key's document end
     elif CAUSAL:
@@ -263,24 +277,36 @@ def _attn_bwd_dkdv_kernel(
         lo = 0
         mid = 0
     # The whole group of q heads sharing this kv head, summed here: GQA without repeated k/v and no atomics.
-    for g in range(0, GROUP):
-        h = kvh * GROUP + g
-        bh = b * H + h
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdob + h * sdoh
-        for start_m in range(lo, tl.minimum(mid, TQ), BLOCK_M):
+    # One flat loop over (head of the group, query block) per part, not a loop over heads around a loop over
+    # blocks: the nested form keeps more values live across the inner loop and spills.
+    # The software pipeliner computes the addresses of the next iterations before it knows whether they run
+    # (also when a loop runs 0 times): the head index is clamped and the divisor kept >= 1 so that every such
+    # address stays inside q/do/lse/delta. A division by 0 there gave garbage heads and an illegal memory
+    # access on an H200 (Triton 3.6) for non-causal attention, whose masked loop is empty.
+    if CAUSAL or HAS_DOCS:  # without either, no key block has a masked part
+        n_masked = tl.maximum(tl.cdiv(tl.minimum(mid, TQ) - lo, BLOCK_M), 0)
+        masked_blocks = tl.maximum(n_masked, 1)
+        for i in range(0, GROUP * n_masked):
+            g = tl.minimum(i // masked_blocks, GROUP - 1)
+            h = kvh * GROUP + g
+            bh = b * H + h
             dk, dv = _attn_bwd_dkdv_block(
-                dk, dv, k, v, q_base, do_base, LSE + bh * TQ, DELTA + bh * TQ, start_m, offs_m0, offs_n, offs_d,
-                d_mask, sqm, sqd, sdom, sdod, TQ, diag, qk_scale, doc_k, doc_base, True, CAUSAL, UPCAST, PRECISION,
-                HAS_DOCS,
+                dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * TQ, DELTA + bh * TQ,
+                lo + (i - g * masked_blocks) * BLOCK_M, offs_m0, offs_n, offs_d, d_mask, sqm, sqd, sdom, sdod, TQ,
+                diag, qk_scale, doc_lo, doc_hi, True, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
             )  # fmt: skip
-        if not HAS_DOCS:
-            for start_m in range(mid, TQ, BLOCK_M):
-                dk, dv = _attn_bwd_dkdv_block(
-                    dk, dv, k, v, q_base, do_base, LSE + bh * TQ, DELTA + bh * TQ, start_m, offs_m0, offs_n, offs_d,
-                    d_mask, sqm, sqd, sdom, sdod, TQ, diag, qk_scale, doc_k, doc_base, False, CAUSAL, UPCAST,
-                    PRECISION, False,
-                )  # fmt: skip
+    if not HAS_DOCS:
+        n_full = tl.maximum(tl.cdiv(TQ - mid, BLOCK_M), 0)
+        full_blocks = tl.maximum(n_full, 1)
+        for i in range(0, GROUP * n_full):
+            g = tl.minimum(i // full_blocks, GROUP - 1)
+            h = kvh * GROUP + g
+            bh = b * H + h
+            dk, dv = _attn_bwd_dkdv_block(
+                dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * TQ, DELTA + bh * TQ,
+                mid + (i - g * full_blocks) * BLOCK_M, offs_m0, offs_n, offs_d, d_mask, sqm, sqd, sdom, sdod, TQ,
+                diag, qk_scale, doc_lo, doc_hi, False, CAUSAL, UPCAST, PRECISION, False,
+            )  # fmt: skip
     dk = dk * sm_scale
     tl.store(
         DK + b * sdkb + kvh * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
@@ -297,7 +323,7 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_block(
     dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
-    skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base,
+    skn, skd, svn, svd, TK, diag, qk_scale, doc_lo, doc_hi,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):  # fmt: skip
     """Add one BLOCK_N block of keys to dq; MASK=False for blocks every row sees in full."""
@@ -311,12 +337,7 @@ def _attn_bwd_dq_block(
         v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASK:
-        valid = n_mask[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
-        if HAS_DOCS:
-            doc_k = tl.load(doc_base + offs_n, mask=n_mask, other=-2)
-            valid = valid & (doc_q[:, None] == doc_k[None, :])
+        valid = _visible_keys(offs_n, offs_m, n_mask, diag, doc_lo, doc_hi, CAUSAL, HAS_DOCS)
         s = tl.where(valid, s, float("-inf"))  # before exp2, so masked logits cannot overflow
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -357,18 +378,18 @@ def _attn_bwd_dq_kernel(
     v_base = V + b * svb + kvh * svh
     diag = TK - TQ
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full, hi, doc_q, doc_base = _query_block_keys(
+    lo, full, hi, doc_lo, doc_hi = _query_block_keys(
         DOC_START, DOC_END, b, pid_m, offs_m, m_mask, TQ, TK, diag, CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N
     )
     for start_n in range(lo, full, BLOCK_N):
         dq = _attn_bwd_dq_block(
             dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
-            skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, False, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
+            skn, skd, svn, svd, TK, diag, qk_scale, doc_lo, doc_hi, False, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
         )  # fmt: skip
     for start_n in range(full, hi, BLOCK_N):
         dq = _attn_bwd_dq_block(
             dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask,
-            skn, skd, svn, svd, TK, diag, qk_scale, doc_q, doc_base, True, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
+            skn, skd, svn, svd, TK, diag, qk_scale, doc_lo, doc_hi, True, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
         )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
@@ -380,52 +401,81 @@ def _attn_bwd_dq_kernel(
 
 # --- launch configuration -------------------------------------------------------------------
 
-_tuned: dict[tuple[str, int, bool], object] = {}
+_tuned: dict[tuple, object] = {}
+
+# Tiles (BLOCK_M, BLOCK_N, warps, stages) autotuning chooses from, per kernel, head-dim bucket and GPU
+# generation (80: Ampere/Ada mma.sync; 90: Hopper and newer, warpgroup MMA). For bf16/fp16 at head dims up to
+# 128 every one compiles without register spills on sm_80 and sm_90 with Triton 3.6 and 3.9, causal or not,
+# with documents or not (`kernels/compile_check.py` reports it; tests/test_kernels_resources.py keeps it so).
+# dk/dv holds BLOCK_N keys and two fp32 BLOCK_N x D accumulators, so at head dim 128 it needs 8 warps even for
+# 64-key tiles; dq holds BLOCK_M queries, the forward BLOCK_M queries and an fp32 accumulator. Head dim 256:
+# dk/dv on sm_90 has no spill-free tile with warpgroup MMA (which needs 64 keys per warpgroup); 32-key tiles
+# (mma.sync, no spills) and 16 x 64 (warpgroup MMA, about 30 spilled values) are both offered to autotuning.
+TILES: dict[tuple[str, int, int], list[tuple[int, int, int, int]]] = {
+    ("fwd", 64, 90): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    ("fwd", 64, 80): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 8, 4)],
+    ("fwd", 128, 90): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    ("fwd", 128, 80): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
+    ("fwd", 256, 90): [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+    ("fwd", 256, 80): [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    ("dkdv", 64, 90): [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
+    ("dkdv", 64, 80): [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3)],
+    ("dkdv", 128, 90): [(32, 64, 8, 3), (32, 128, 8, 3), (16, 128, 8, 3)],
+    ("dkdv", 128, 80): [(32, 64, 8, 3), (64, 64, 8, 3), (16, 128, 8, 3)],
+    ("dkdv", 256, 90): [(32, 32, 8, 2), (16, 32, 8, 2), (16, 64, 8, 2)],
+    ("dkdv", 256, 80): [(32, 32, 8, 2), (16, 32, 8, 2), (16, 64, 8, 2)],
+    ("dq", 64, 90): [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
+    ("dq", 64, 80): [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
+    ("dq", 128, 90): [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
+    ("dq", 128, 80): [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3)],
+    ("dq", 256, 90): [(64, 32, 8, 2), (64, 16, 8, 2), (128, 32, 8, 2)],
+    ("dq", 256, 80): [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+}
+# Tiles that spill with packed documents (their per-row document bounds), used only without them.
+TILES_WITHOUT_DOCS: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
+    ("fwd", 128, 90): {(128, 128, 8, 3)},
+    ("fwd", 128, 80): {(128, 64, 8, 3)},
+}
+# fp32 tiles take twice the shared memory and IEEE dots run without tensor cores: small tiles.
+TILES_FP32: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
+    ("fwd", 64): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    ("dkdv", 64): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    ("dq", 64): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    ("fwd", 256): [(32, 32, 4, 2), (32, 16, 4, 2)],
+    ("dkdv", 256): [(16, 32, 4, 2), (32, 32, 4, 2)],
+    ("dq", 256): [(32, 32, 4, 2), (32, 16, 4, 2)],
+}
 
 
-def _configs(kind: str, block_d: int, fp32: bool = False) -> list[triton.Config]:
-    """Candidate tiles (BLOCK_M, BLOCK_N, warps, stages); one fixed config under the interpreter."""
-    if INTERPRET:  # multi-config autotune needs a driver
+def autotune_configs(kind: str, block_d: int, dtype: torch.dtype, arch: int, docs: bool = False) -> list[triton.Config]:
+    """The configs autotuning tries for kernel `kind` ("fwd", "dkdv", "dq") at a padded head dim, dtype and
+    compute capability (80, 86, 90, ...), with packed documents or not; one fixed config under the
+    interpreter (autotuning needs a driver).
+    `MEGALITE_AUTOTUNE=0` keeps only the first (quick GPU test runs: each config compiles per specialisation)."""
+    if INTERPRET:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    if fp32:
-        # fp32 tiles take twice the shared memory and IEEE dots run without tensor cores: small tiles.
-        if block_d <= 64:
-            shapes = [(64, 32, 4, 2), (32, 32, 4, 2)]
-        else:
-            shapes = [(32, 32, 4, 2), (32, 16, 4, 2)] if kind != "dkdv" else [(16, 32, 4, 2), (32, 32, 4, 2)]
-    elif kind == "fwd":
-        if block_d <= 64:
-            shapes = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
-        elif block_d <= 128:
-            shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-        else:
-            shapes = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)]
-    elif kind == "dkdv":  # BLOCK_N keys held; BLOCK_M queries streamed
-        if block_d <= 128:
-            shapes = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]
-        else:
-            shapes = [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)]
-    else:  # dq: BLOCK_M queries held; BLOCK_N keys streamed
-        if block_d <= 128:
-            shapes = [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)]
-        else:
-            shapes = [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)]
+    if dtype == torch.float32:
+        shapes = TILES_FP32[(kind, 64 if block_d <= 64 else 256)]
+    else:
+        key = (kind, 64 if block_d <= 64 else 128 if block_d <= 128 else 256, 90 if arch >= 90 else 80)
+        shapes = [t for t in TILES[key] if not (docs and t in TILES_WITHOUT_DOCS.get(key, ()))]
     if os.environ.get("MEGALITE_AUTOTUNE", "1") == "0":
-        shapes = shapes[:1]  # skip tuning (each config compiles once per specialisation): quick GPU test runs
+        shapes = shapes[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _kernel(kind: str, block_d: int, dtype: torch.dtype):  # noqa: ANN202 - a triton Autotuner
-    """The autotuned launcher for `kind`, a head-dim bucket and fp32-or-not, built once."""
-    fp32 = dtype == torch.float32
-    key = (kind, block_d, fp32)
+def _kernel(kind: str, block_d: int, dtype: torch.dtype, device: torch.device, docs: bool):  # noqa: ANN202
+    """The autotuned launcher (a triton Autotuner) for `kind`, a head-dim bucket, fp32-or-not, the device's
+    generation and documents or not, built once."""
+    arch = _common.capability(device)
+    key = (kind, block_d, dtype == torch.float32, arch, docs)
     if key not in _tuned:
         fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
         # Tuned per power-of-two bucket of the lengths (TQ_BUCKET, TK_BUCKET: unused by the kernels), so
         # varying lengths (generation) do not retune every call; also per head dim, causality and dtype.
         # Outputs are fully overwritten by every run, so benchmarking configs needs no reset.
         keys = ["TQ_BUCKET", "TK_BUCKET", "D", "CAUSAL", "PRECISION", "HAS_DOCS"]
-        _tuned[key] = triton.autotune(configs=_configs(kind, block_d, fp32), key=keys)(fn)
+        _tuned[key] = triton.autotune(configs=autotune_configs(kind, block_d, dtype, arch, docs), key=keys)(fn)
     return _tuned[key]
 
 
@@ -475,7 +525,7 @@ def attention_fwd(
     block_d = max(16, _common.next_pow2(d))
     grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
     doc_start, doc_end = docs if docs is not None else (lse, lse)  # unread without HAS_DOCS
-    _kernel("fwd", block_d, q.dtype)[grid](
+    _common.launch(_kernel("fwd", block_d, q.dtype, q.device, docs is not None), grid,
         q, k, v, o, lse, doc_start, doc_end,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         heads, heads // kvh, tq, tk, d, scale * LOG2E, _common.next_pow2(tq), _common.next_pow2(tk),
@@ -508,20 +558,20 @@ def attention_bwd(
     block_d = max(16, _common.next_pow2(d))
     delta = _common.empty((bsz, heads, tq), torch.float32, q.device)
     block_m = 64 if INTERPRET else max(16, min(128, 8192 // block_d))
-    _attn_bwd_delta_kernel[(triton.cdiv(tq, block_m), bsz * heads)](
+    _common.launch(_attn_bwd_delta_kernel, (triton.cdiv(tq, block_m), bsz * heads),
         o, do, delta, heads, tq, d, *o.stride(), *do.stride(), BLOCK_M=block_m, BLOCK_D=block_d
     )
     upcast, precision = _upcast(q.dtype), _precision(q.dtype)
     doc_start, doc_end = docs if docs is not None else (lse, lse)  # unread without HAS_DOCS
     grid = lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), bsz * kvh)
-    _kernel("dkdv", block_d, q.dtype)[grid](
+    _common.launch(_kernel("dkdv", block_d, q.dtype, q.device, docs is not None), grid,
         q, k, v, do, lse, delta, dk, dv, doc_start, doc_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         heads, kvh, heads // kvh, tq, tk, d, scale * LOG2E, scale, _common.next_pow2(tq), _common.next_pow2(tk),
         CAUSAL=causal, UPCAST=upcast, PRECISION=precision, HAS_DOCS=docs is not None, BLOCK_D=block_d,
     )  # fmt: skip
     grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
-    _kernel("dq", block_d, q.dtype)[grid](
+    _common.launch(_kernel("dq", block_d, q.dtype, q.device, docs is not None), grid,
         q, k, v, do, lse, delta, dq, doc_start, doc_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         heads, heads // kvh, tq, tk, d, scale * LOG2E, scale, _common.next_pow2(tq), _common.next_pow2(tk),

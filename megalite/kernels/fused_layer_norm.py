@@ -15,7 +15,7 @@ import triton.language as tl
 
 from megalite.kernels import _common
 
-MAX_WIDTH = 65536  # one row must fit a program's registers
+MAX_WIDTH = _common.MAX_NORM_WIDTH
 INTERPRET = _common.interpreting()  # as triton.jit decided at this import
 
 
@@ -82,16 +82,54 @@ def _layer_norm_bwd_kernel(
         tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0), mask=cmask)
 
 
-def _blocks(n: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of width n."""
-    if n > MAX_WIDTH:
-        raise ValueError(f"norm width {n} exceeds the fused kernel's limit of {MAX_WIDTH}")
-    block_n = _common.next_pow2(n)
-    # Several rows per program keep narrow rows efficient; the interpreter wants few, large programs.
-    budget = 65536 if INTERPRET else 4096
-    block_m = max(1, min(64 if INTERPRET else 16, budget // block_n))
-    num_warps = min(max(block_m * block_n // 256, 1), 16)
-    return block_m, block_n, num_warps
+@triton.jit
+def _layer_norm_bwd_part(x_row, dy_row, W, cols, N, mean, rstd):
+    """x-hat, w*dy and dy (fp32, zero past the row's end) of one row over the columns `cols`."""
+    cmask = cols < N
+    x = tl.load(x_row + cols, mask=cmask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_row + cols, mask=cmask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
+    return xhat, w * dy, dy
+
+
+@triton.jit(do_not_specialize=["M", "rows_per_prog"])
+def _layer_norm_bwd_split_kernel(
+    X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART,
+    M, N, stride_x, stride_dy, stride_dx, rows_per_prog,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The backward for rows wider than one register tile, grid (programs, 2): program (p, h) walks the rows
+    of range p, reads both halves of each row for the row's two reductions, and writes dx and keeps the
+    weight-gradient sums for half h only (sums for the whole width would fill half the register file)."""
+    pid = tl.program_id(0)
+    half = tl.program_id(1)
+    own = half * BLOCK_N + tl.arange(0, BLOCK_N)
+    other = (1 - half) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_prog
+    for i in range(0, tl.minimum(rows_per_prog, M - row_start)):
+        row = row_start + i
+        x_row = X + row * stride_x
+        dy_row = DY + row * stride_dy
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat, wdy, _ = _layer_norm_bwd_part(x_row, dy_row, W, other, N, mean, rstd)
+        s1 = tl.sum(xhat * wdy, axis=0)
+        s2 = tl.sum(wdy, axis=0)
+        xhat, wdy, dy = _layer_norm_bwd_part(x_row, dy_row, W, own, N, mean, rstd)
+        dw += dy * xhat
+        if HAS_BIAS:
+            db += dy
+        # s + t == t + s exactly, so both programs of a row compute the same c1, c2.
+        c1 = (s1 + tl.sum(xhat * wdy, axis=0)) / N
+        c2 = (s2 + tl.sum(wdy, axis=0)) / N
+        dx = (wdy - (xhat * c1 + c2)) * rstd
+        tl.store(DX + row * stride_dx + own, dx.to(DX.dtype.element_ty), mask=own < N)
+    tl.store(DW_PART + pid * N + own, dw, mask=own < N)
+    if HAS_BIAS:
+        tl.store(DB_PART + pid * N + own, db, mask=own < N)
 
 
 def layer_norm_fwd(
@@ -104,11 +142,11 @@ def layer_norm_fwd(
     rstd = _common.empty((m,), torch.float32, x2.device)
     if m == 0:
         return y, mean, rstd
-    block_m, block_n, warps = _blocks(n, x2.device)
-    _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+    tiles = _common.norm_tiles(n, INTERPRET)
+    _common.launch(_layer_norm_fwd_kernel, (triton.cdiv(m, tiles.block_m),),
         x2, weight, bias if bias is not None else weight, y, mean, rstd,
         m, n, x2.stride(0), y.stride(0), eps,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
     )  # fmt: skip
     _common.count("layer_norm_fwd")
     return y, mean, rstd
@@ -120,11 +158,11 @@ def layer_norm_bwd(
     """Launch the backward. Returns dx, dw and db (None without bias), dw/db in the weight's dtype."""
     m, n = x2.shape
     dx = _common.empty((m, n), x2.dtype, x2.device)
-    block_m, block_n, warps = _blocks(n, x2.device)
+    tiles = _common.norm_tiles(n, INTERPRET, backward=True)
     # Enough programs to fill the GPU, each with a contiguous row range and one fp32 partial row.
-    progs = max(1, min(triton.cdiv(m, block_m), 4 * _common.num_sms(x2.device)))
+    progs = max(1, min(triton.cdiv(m, tiles.block_m), 4 * _common.num_sms(x2.device)))
     rows_per_prog = triton.cdiv(max(m, 1), progs)
-    rows_per_prog = triton.cdiv(rows_per_prog, block_m) * block_m
+    rows_per_prog = triton.cdiv(rows_per_prog, tiles.block_m) * tiles.block_m
     progs = max(1, triton.cdiv(m, rows_per_prog))
     dw_part = _common.empty((progs, n), torch.float32, x2.device)
     db_part = _common.empty((progs, n), torch.float32, x2.device) if has_bias else dw_part
@@ -132,21 +170,20 @@ def layer_norm_bwd(
         dw_part.zero_()
         db_part.zero_()
     else:
-        _layer_norm_bwd_kernel[(progs,)](
-            x2, weight, dy2, dx, mean, rstd, dw_part, db_part,
-            m, n, x2.stride(0), dy2.stride(0), dx.stride(0), rows_per_prog,
-            HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        )  # fmt: skip
+        args = (x2, weight, dy2, dx, mean, rstd, dw_part, db_part, m, n, x2.stride(0), dy2.stride(0), dx.stride(0),
+                rows_per_prog)
+        if tiles.split:
+            _common.launch(_layer_norm_bwd_split_kernel, (progs, 2), *args,
+                HAS_BIAS=has_bias, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
+            )  # fmt: skip
+        else:
+            _common.launch(_layer_norm_bwd_kernel, (progs,), *args,
+                HAS_BIAS=has_bias, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
+            )  # fmt: skip
         _common.count("layer_norm_bwd")
     dw = dw_part.sum(0).to(weight.dtype)
     db = db_part.sum(0).to(weight.dtype) if has_bias else None
     return dx, dw, db
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A (M, N) view with unit column stride (copies only when needed)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -156,7 +193,7 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
         if weight.shape != (x.shape[-1],) or (bias is not None and bias.shape != weight.shape):
             raise ValueError(f"layer_norm: weight/bias must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
-        x2 = _rows(x)
+        x2 = _common.rows(x)
         weight = weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
         y, mean, rstd = layer_norm_fwd(x2, weight, bias, eps)
@@ -167,7 +204,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         x2, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_bwd(_rows(dy), x2, weight, ctx.has_bias, mean, rstd)
+        dx, dw, db = layer_norm_bwd(_common.rows(dy), x2, weight, ctx.has_bias, mean, rstd)
         return dx.view(dy.shape), dw, db, None
 
 

@@ -54,9 +54,17 @@ def unshard_tensors(shards: list[torch.Tensor], param: torch.Tensor) -> torch.Te
     dim, size = param.partition_dim, len(shards)
     full_len = shards[0].shape[dim] * size
     local_sizes = [s // size for s in _segments(param, full_len)]
-    split = [s.split(local_sizes, dim=dim) for s in shards]
-    blocks = [torch.cat([split[r][b] for r in range(size)], dim=dim) for b in range(len(local_sizes))]
-    return torch.cat(blocks, dim=dim)
+    shape = list(shards[0].shape)
+    shape[dim] = full_len
+    # One allocation, the pieces copied into place (a resharding moves the largest parameters through here).
+    out = torch.empty(shape, dtype=shards[0].dtype, device=shards[0].device)
+    offset = 0
+    for block, local in enumerate(local_sizes):
+        start = sum(local_sizes[:block])
+        for shard in shards:
+            out.narrow(dim, offset, local).copy_(shard.narrow(dim, start, local))
+            offset += local
+    return out
 
 
 def gather_tensor(local: torch.Tensor, param: torch.Tensor, group: Group) -> torch.Tensor:

@@ -1,0 +1,200 @@
+"""EleutherAI's lm-evaluation-harness on megalite checkpoints, without converting them.
+
+`MegaliteLM` is the harness's `LM` over a checkpoint of any layout (the request handling is
+megalite.engine.downstream's `HarnessLMBase`, shared with `train.eval_tasks` in a training run). It is
+registered in the harness under the name "megalite"; `megalite eval --tasks` (`evaluate_checkpoint_tasks`) and
+`python -m megalite.eval_harness` (the harness's own command line, `harness_cli`) use it. Under N processes the
+model runs at tensor-parallel N; rank 0 drives the harness, the other ranks serve its model calls.
+
+lm_eval is imported inside functions only (through megalite.engine.downstream): it is a heavy optional
+dependency (the `eval` extra), and `import megalite` / `megalite --help` must stay fast and work without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megalite.checkpoint import MANIFEST
+from megalite.engine.downstream import (  # noqa: F401 - re-exported: the harness-facing API lives here for users
+    DATA_HINT,
+    INSTALL_HINT,
+    HarnessLMBase,
+    ModelCalls,
+    find_tasks,
+    load_tasks,
+    main_metrics,
+    require_lm_eval,
+    run_tasks,
+)
+from megalite.errors import ConfigError, MegaliteError
+from megalite.generate import load_for_inference
+
+MODEL_NAME = "megalite"  # the name under which the harness finds the model (`--model megalite`)
+
+_HARNESS_DRIVERS: list[ModelCalls] = []  # rank 0's models built by the harness itself, released by harness_cli
+
+
+class FollowerDone(SystemExit):
+    """Raised on ranks > 0 when the harness built the model itself (`--model megalite` under N processes): those
+    ranks have served rank 0's model calls to the end and must not run the harness a second time."""
+
+
+class MegaliteLMBase(HarnessLMBase):
+    """The methods of `MegaliteLM`; `model_class()` combines them with the harness's `TemplateLM`.
+
+    Built by the harness (`--model megalite --model_args checkpoint=DIR[,tokenizer=F,dtype=bfloat16,
+    max_length=N,seed=S]`), directly, or over a model already loaded with `for_model`. `checkpoint` is a step
+    directory, a checkpoint root or a run directory of any layout.
+    """
+
+    def __init__(self, checkpoint: str | None = None, tokenizer: str | None = None, batch_size: int | str = 8,
+                 max_batch_size: int | None = None, device: str | None = None, dtype: str | None = None,
+                 max_length: int | str | None = None, seed: int | str = 1234, **unused: Any) -> None:
+        super().__init__()  # the harness's LM state (TemplateLM's __init__)
+        if unused:
+            raise ConfigError(f"--model_args: unknown argument(s) {sorted(unused)} for the megalite model; known: "
+                              "checkpoint, tokenizer, dtype, max_length, seed")
+        if checkpoint is None:
+            raise ConfigError("--model_args: the megalite model needs checkpoint=DIR")
+        loaded = load_for_inference(checkpoint, tokenizer, _dtype(dtype))
+        self._setup(loaded.model, loaded.tokenizer, loaded.eod_token_id, loaded.bos_token_id, batch_size,
+                    max_length, seed)
+        self.step_dir = loaded.step_dir
+        if not self.calls.is_driver:
+            # Built by the harness on every rank (its own command line under torchrun): the other ranks serve rank 0
+            # and end here instead of running the harness again.
+            ok = self.calls.serve()
+            raise FollowerDone(0 if ok else 1)
+        if self.calls.world > 1:
+            import atexit
+
+            _HARNESS_DRIVERS.append(self.calls)
+            atexit.register(self.calls.close)  # a bare `lm_eval` run has no other place to release the other ranks
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "", "float32", "fp32", "auto"):
+        return None
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"dtype {name!r} is not one of float32, bfloat16, float16")
+    return table[name]
+
+
+_MODEL_CLASS: type | None = None
+
+
+def model_class() -> type:
+    """`MegaliteLM`: `MegaliteLMBase` on the harness's `TemplateLM`, registered as "megalite" (imports lm_eval)."""
+    global _MODEL_CLASS
+    if _MODEL_CLASS is None:
+        require_lm_eval()
+        import lm_eval.models  # noqa: F401 - the built-in backends first: the harness loads them only into an empty registry
+        from lm_eval.api.model import TemplateLM
+        from lm_eval.api.registry import register_model
+
+        cls = type("MegaliteLM", (MegaliteLMBase, TemplateLM), {"__module__": __name__, "__doc__": MegaliteLMBase.__doc__})
+        register_model(MODEL_NAME)(cls)
+        _MODEL_CLASS = cls
+    return _MODEL_CLASS
+
+
+def __getattr__(name: str) -> Any:
+    # `megalite.eval_harness:MegaliteLM` (the entry point) and `from megalite.eval_harness import MegaliteLM`
+    # build the class on first use, so importing this module needs no lm_eval.
+    if name == "MegaliteLM":
+        return model_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------- `megalite eval --tasks`
+
+
+def result_document(results: dict, step_dir: Path | None, names: list[str], lm: Any, limit: Any,
+                    num_fewshot: int | None) -> dict:
+    """The JSON result: the harness's scores with what they were measured on."""
+    import lm_eval
+
+    manifest = json.loads((Path(step_dir) / MANIFEST).read_text()) if step_dir is not None else {}
+    return {
+        "checkpoint": str(step_dir) if step_dir else None,
+        "step": manifest.get("step"),
+        "manifest_body_sha256": manifest.get("body_sha256"),
+        "harness": {"name": "lm-eval", "version": lm_eval.__version__},
+        "tasks": names,
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "batch_size": lm.batch_size,
+        "tensor_parallel": lm.calls.world,
+        "results": results.get("results", {}),
+        "groups": results.get("groups", {}),
+        "versions": results.get("versions", {}),
+        "n-shot": results.get("n-shot", {}),
+        "n-samples": results.get("n-samples", {}),
+        "higher_is_better": results.get("higher_is_better", {}),
+        "main_metrics": main_metrics(results, names),
+        **({"samples": results["samples"]} if "samples" in results else {}),
+    }
+
+
+def evaluate_checkpoint_tasks(checkpoint: str | os.PathLike, tasks: list[str], include_path: str | None = None,
+                              num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 8,
+                              tokenizer: str | None = None, dtype: str | None = None, seed: int = 1234,
+                              log_samples: bool = False) -> tuple[dict, dict] | None:
+    """The harness's `tasks` on a checkpoint of any layout, at TP N under N processes: on rank 0 (the harness's
+    results, the result document), None on the other ranks (they serve rank 0's model calls meanwhile)."""
+    require_lm_eval()
+    loaded = load_for_inference(checkpoint, tokenizer, _dtype(dtype))
+    lm = model_class().for_model(loaded.model, loaded.tokenizer, loaded.eod_token_id, loaded.bos_token_id,
+                                 batch_size=batch_size, seed=seed, step_dir=loaded.step_dir)
+    if not lm.calls.is_driver:
+        if not lm.calls.serve():
+            raise MegaliteError("the evaluation failed on rank 0 (its error is reported there)")
+        return None
+    ok = False
+    try:
+        manager, resolved = find_tasks(tasks, include_path)
+        results = run_tasks(lm, manager, resolved, num_fewshot=num_fewshot, limit=limit, log_samples=log_samples)
+        ok = True
+    finally:
+        lm.calls.close(ok)
+    return results, result_document(results, loaded.step_dir, resolved, lm, limit, num_fewshot)
+
+
+# ----------------------------------------------------------------------------- the harness's own command line
+
+
+def harness_cli(argv: list[str] | None = None) -> None:
+    """`python -m megalite.eval_harness ARGS`: the harness's own command line (every `lm_eval run` option) with
+    the megalite model registered, e.g. `--model megalite --model_args checkpoint=DIR --tasks hellaswag`. Under
+    torchrun every rank runs it; ranks > 0 serve rank 0's model calls and end when it is done."""
+    require_lm_eval()
+    model_class()
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    ok = False
+    try:
+        cli_evaluate()
+        ok = True
+    except FollowerDone as done:
+        sys.exit(done.code)
+    except MegaliteError as e:  # bad input (checkpoint, tokenizer, model arguments, task data): one line, exit 2
+        print(f"python -m megalite.eval_harness: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        while _HARNESS_DRIVERS:
+            _HARNESS_DRIVERS.pop().close(ok)
+
+
+if __name__ == "__main__":
+    from megalite import eval_harness as _module  # the importable module, not this __main__ copy
+
+    _module.harness_cli()

@@ -1,0 +1,199 @@
+"""Asynchronous checkpoints (train.checkpoint_async): training goes on while a background thread writes and commits.
+
+Per layout (ZeRO 1-3, TP2, PP2; 2 ranks, fp32, gloo): a run saving asynchronously every 2 steps has the losses of a
+run that does not save; its step-4 checkpoint, written in the background, resumes to the same losses. The snapshot
+is isolated from later steps; at most one save is in flight; a preemption during a slow background write commits
+it and then the current step. The kill -9 matrix of the asynchronous path is in tests/test_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from megalite import config as C
+from tests.distributed import run_ranks
+from tests.engine_utils import tiny_config, write_token_dataset
+
+LAYOUTS = {
+    "z1": {"deepspeed": {"zero_optimization": {"stage": 1}}},
+    "z2": {"deepspeed": {"zero_optimization": {"stage": 2}}},
+    "z3": {"deepspeed": {"zero_optimization": {"stage": 3}}},
+    "tp2": {"parallel": {"tensor": 2}, "deepspeed": {"zero_optimization": {"stage": 1},
+                                                     "train_micro_batch_size_per_gpu": 4}},
+    # Pipelines last: DeepSpeed cannot build a plain engine in a process that has built a PipelineModule.
+    "pp2": {"parallel": {"pipeline": 2}, "deepspeed": {"zero_optimization": {"stage": 1},
+                                                       "train_micro_batch_size_per_gpu": 2,
+                                                       "gradient_accumulation_steps": 2}},
+}
+
+
+def _trainer(workdir: str, name: str, layout: dict, steps: int, **train):
+    from megalite.engine.trainer import Trainer
+
+    raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name}", train={"steps": steps, **train},
+                      **json.loads(json.dumps(layout)))
+    return Trainer(C.from_dict(raw))
+
+
+def _records(trainer, kind: str) -> list[dict]:
+    return [r for r in trainer.sink.records if r.get("kind") == kind]
+
+
+def _run(workdir: str, name: str, layout: dict, steps: int, **train) -> dict:
+    trainer = _trainer(workdir, name, layout, steps, **train)
+    code = trainer.train()
+    return {"exit": code, "start": trainer.start_step, "losses": [r["loss"] for r in _records(trainer, "train")],
+            "saves": [(r["step"], r["mode"]) for r in _records(trainer, "checkpoint")],
+            "written": [r["step"] for r in _records(trainer, "checkpoint_written")]}
+
+
+def _layouts(workdir: str, names: list[str]) -> dict:
+    import torch.distributed as dist
+
+    out = {}
+    for name in names:
+        layout = LAYOUTS[name]
+        ref = _run(workdir, f"{name}-ref", layout, 6, checkpoint_interval=0, checkpoint_async=False)
+        bg = _run(workdir, f"{name}-async", layout, 6, checkpoint_interval=2, checkpoint_async=True)
+        # As if the job had died after step 4's background save committed: step 6 never happened.
+        if dist.get_rank() == 0:
+            root = f"{workdir}/{name}-async/checkpoints"
+            shutil.copytree(root, f"{workdir}/{name}-resume/checkpoints")
+            shutil.rmtree(f"{workdir}/{name}-resume/checkpoints/step00000006")
+            with open(f"{workdir}/{name}-resume/checkpoints/latest", "w") as f:
+                f.write("step00000004\n")
+        dist.barrier()
+        resumed = _run(workdir, f"{name}-resume", layout, 6, checkpoint_interval=2, checkpoint_async=True,
+                       resume="must")
+        out[name] = {"ref": ref, "async": bg, "resumed": resumed}
+    return out
+
+
+def _isolation(workdir: str) -> dict:
+    """Snapshot, then change every weight and moment before the background write: the files hold the snapshot.
+    A second save while the first is in flight waits for it (at most one in flight)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from megalite.checkpoint.reshard import TrainingState
+    from megalite.engine.elastic import canonical_named_parameters, full_state_of
+
+    os.environ.update(MEGALITE_CKPT_FAULT="between_shards", MEGALITE_CKPT_FAULT_KILL="delay",
+                      MEGALITE_CKPT_FAULT_DELAY_S="1", MEGALITE_CKPT_FAULT_DIR=f"{workdir}/markers")
+    try:
+        trainer = _trainer(workdir, "isolation", LAYOUTS["z1"], 2, checkpoint_interval=0, checkpoint_async=True)
+        trainer.train()
+        engine, grid = trainer.engine, trainer.grid
+        before = full_state_of(engine, grid)
+        first = trainer.checkpoints.save_async(engine, 100, trainer.client_state())
+        returned_before_written = not first.done()
+        for name, param in canonical_named_parameters(engine.module):  # what the next optimizer step would do
+            safe_set_full_fp32_param(param, before[name].fp32 + 1.0)
+            for key, value in before[name].moments.items():
+                safe_set_full_optimizer_state(param, value + 1.0, key)
+        after = full_state_of(engine, grid)
+        second = trainer.checkpoints.save_async(engine, 101, trainer.client_state())
+        first_done_when_second_started = first.done() and first.outcome == ("ok", first.path)
+        trainer.checkpoints.wait()
+    finally:
+        for key in ("MEGALITE_CKPT_FAULT", "MEGALITE_CKPT_FAULT_KILL", "MEGALITE_CKPT_FAULT_DELAY_S",
+                    "MEGALITE_CKPT_FAULT_DIR"):
+            os.environ.pop(key, None)
+
+    def worst(saved_path: str, expected: dict) -> float:
+        saved, diff = TrainingState(saved_path), 0.0
+        for name, state in expected.items():
+            theirs = saved.parameter(name)
+            diff = max(diff, float((theirs.fp32 - state.fp32).abs().max()))
+            for key, value in state.moments.items():
+                diff = max(diff, float((theirs.moments[key] - value).abs().max()))
+        return diff
+
+    return {"returned_before_written": returned_before_written, "first_done": first_done_when_second_started,
+            "first_vs_before": worst(first.path, before), "second_vs_after": worst(second.path, after),
+            "first_vs_after": worst(first.path, after), "snapshot_bytes": first.snapshot_bytes}
+
+
+def _preempted(workdir: str) -> dict:
+    """SIGUSR1 while step 2's background write is held up (a slow file system): the run commits it, saves step 3
+    and exits 75."""
+    os.environ.update(MEGALITE_CKPT_FAULT="before_manifest", MEGALITE_CKPT_FAULT_KILL="delay",
+                      MEGALITE_CKPT_FAULT_DELAY_S="3", MEGALITE_CKPT_FAULT_DIR=f"{workdir}/markers-preempt")
+    try:
+        trainer = _trainer(workdir, "preempt", LAYOUTS["z1"], 6, checkpoint_interval=2, checkpoint_async=True)
+        original = trainer.train_step
+        signalled: dict = {}
+
+        def step(timer):
+            if trainer.step == 2:  # during step 3, while step 2 is being written
+                signalled["at"] = time.perf_counter()
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return original(timer)
+
+        trainer.train_step = step
+        code = trainer.train()
+        seconds = time.perf_counter() - signalled["at"]
+    finally:
+        for key in ("MEGALITE_CKPT_FAULT", "MEGALITE_CKPT_FAULT_KILL", "MEGALITE_CKPT_FAULT_DELAY_S",
+                    "MEGALITE_CKPT_FAULT_DIR"):
+            os.environ.pop(key, None)
+    root = f"{workdir}/preempt/checkpoints"
+    return {"exit": code, "seconds_to_exit": seconds, "latest": open(f"{root}/latest").read().strip(),
+            "dirs": sorted(d for d in os.listdir(root) if d.startswith("step")),
+            "saves": [(r["step"], r["mode"]) for r in _records(trainer, "checkpoint")],
+            "written": [(r["step"], r["waited_seconds"]) for r in _records(trainer, "checkpoint_written")]}
+
+
+def _launch(workdir: str) -> dict:
+    out = _layouts(workdir, ["z1", "z2", "z3", "tp2"])
+    out["isolation"] = _isolation(workdir)
+    out["preempted"] = _preempted(workdir)
+    out.update(_layouts(workdir, ["pp2"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("async")
+    write_token_dataset(str(d / "tok"))
+    return run_ranks(_launch, 2, str(d), timeout_s=500, collective_timeout_s=90)[0] | {"workdir": str(d)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_async_saves_change_nothing_and_resume_exactly(results, layout):
+    ref, bg, resumed = (results[layout][k] for k in ("ref", "async", "resumed"))
+    assert ref["exit"] == bg["exit"] == resumed["exit"] == 0
+    assert bg["saves"] == [(2, "async"), (4, "async"), (6, "sync")], bg["saves"]  # the end waits: sync
+    assert sorted(bg["written"]) == [2, 4]
+    assert bg["losses"] == ref["losses"]  # bit for bit: the snapshot does not disturb training
+    assert resumed["start"] == 4
+    assert resumed["losses"] == ref["losses"][4:]
+
+
+def test_snapshot_is_isolated_from_later_changes(results):
+    iso = results["isolation"]
+    assert iso["returned_before_written"]  # the training thread got control back before the write finished
+    assert iso["first_vs_before"] == 0.0  # step 100's files hold the state at its snapshot
+    assert 0.99 < iso["first_vs_after"] < 1.01  # not the state changed afterwards (every value + 1)
+    assert iso["second_vs_after"] == 0.0
+    assert iso["first_done"]  # the second save waited for the first: one in flight
+    assert iso["snapshot_bytes"] > 0
+
+
+def test_preemption_during_a_background_write_commits_it_then_the_current_step(results):
+    run = results["preempted"]
+    assert run["exit"] == 75
+    assert run["saves"] == [(2, "async"), (3, "sync")]
+    (step, waited), = run["written"]
+    assert step == 2 and waited > 0.5  # the preemption save waited for the slow background write
+    assert run["latest"] == "step00000003" and run["dirs"] == ["step00000002", "step00000003"]
+    from megalite.checkpoint.manager import verify_checkpoint
+
+    for d in run["dirs"]:
+        verify_checkpoint(os.path.join(results["workdir"], "preempt", "checkpoints", d))
+    assert run["seconds_to_exit"] < 60
