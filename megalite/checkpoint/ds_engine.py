@@ -10,7 +10,7 @@ import torch
 
 from megalite.checkpoint.faults import fault
 from megalite.checkpoint.safe_load import safe_torch_load
-from megalite.checkpoint.snapshot import host_snapshot
+from megalite.checkpoint.snapshot import SnapshotBuffers, host_snapshot
 from megalite.errors import CheckpointError
 from megalite.files import HashingWriter
 
@@ -39,6 +39,7 @@ def _make_safe_engine_class() -> type:
             # Snapshot mode (asynchronous saves): save() copies the state into host memory and queues it; the
             # background writer calls write_snapshots() later.
             self.snapshots: list[tuple[Any, str]] | None = None
+            self.buffers = SnapshotBuffers()  # host memory reused by the next snapshot once a write is done
 
         def begin_recording(self, fault_dir: str, snapshot: bool = False) -> None:
             self.recording, self.failures = {}, []
@@ -62,7 +63,7 @@ def _make_safe_engine_class() -> type:
 
         def save(self, state_dict: Any, path: str) -> None:
             if self.snapshots is not None:
-                self.snapshots.append((host_snapshot(state_dict), path))
+                self.snapshots.append((host_snapshot(state_dict, buffers=self.buffers), path))
                 return
             self.write(state_dict, path)
 

@@ -249,7 +249,8 @@ class CheckpointManager:
             safe.begin_recording(self.root)
             for state, path in snapshots:
                 safe.write(state, path)
-            snapshots.clear()  # the host copy is no longer needed
+                safe.buffers.give_back(state)  # written: the next snapshot may copy into it
+            snapshots.clear()
             written, failures = safe.end_recording()
             self._record_files(local, tmp, {**copied, **written}, failures)
             pending.outcome = self._confirm_and_commit(pending.step, tmp, pending.path, local, group=self._group)

@@ -5,6 +5,11 @@ tensors into pinned host memory, so the copy is one DMA and a later `torch.save`
 compact per tensor, like DeepSpeed's own `clone_tensors_for_torch_save`: a view into a flat buffer becomes a tensor
 of its own elements, so the files hold the same values in no more bytes. The same tensor object reached twice is
 copied once, so aliases inside one state dict stay aliases.
+
+The host buffers are kept from one snapshot to the next (`SnapshotBuffers`): a rank's checkpoint has the same
+tensors at every save, and copying into memory already mapped (and pinned) costs a fraction of allocating it
+again, whose page faults (or cudaHostAlloc) dominated the stall. The price is that one copy of the rank's
+checkpoint state stays in host memory between saves, as in torch.distributed.checkpoint's cached staging.
 """
 
 from __future__ import annotations
@@ -39,18 +44,57 @@ def snapshot_bytes(obj: Any) -> int:
     return total
 
 
-def host_snapshot(obj: Any, pin: bool | None = None) -> Any:
+class SnapshotBuffers:
+    """Host tensors of earlier snapshots, free to be copied into again, by shape, dtype and pinning.
+
+    Not thread-safe: the training thread takes (in a snapshot) and the background writer gives back (after its
+    write), and a new snapshot starts only after the previous write has finished."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        free = self._free.get((tuple(shape), dtype, pin))
+        if free:
+            return free.pop()
+        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
+
+    def give_back(self, snapshot: Any) -> None:
+        """Return every tensor of a snapshot that nothing reads any more (its files are written)."""
+        seen: set[int] = set()
+
+        def walk(o: Any) -> None:
+            if isinstance(o, torch.Tensor):
+                if id(o) not in seen and o.is_contiguous() and o.storage_offset() == 0:
+                    seen.add(id(o))
+                    self._free.setdefault((tuple(o.shape), o.dtype, o.is_pinned()), []).append(o)
+            elif isinstance(o, dict):
+                for v in o.values():
+                    walk(v)
+            elif isinstance(o, (list, tuple)):
+                for v in o:
+                    walk(v)
+
+        walk(snapshot)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self._free.values() for t in ts)
+
+
+def host_snapshot(obj: Any, pin: bool | None = None, buffers: SnapshotBuffers | None = None) -> Any:
     """A deep copy of `obj` whose tensors live in (pinned, for CUDA sources) host memory and share nothing with
-    the originals. Containers are rebuilt with their types; other leaves are deep-copied unless immutable."""
+    the originals. Containers are rebuilt with their types; other leaves are deep-copied unless immutable.
+    Tensors are copied into `buffers`' free tensors where the shape and dtype match."""
     memo: dict[int, Any] = {}
     pin = torch.cuda.is_available() if pin is None else pin
+    buffers = buffers if buffers is not None else SnapshotBuffers()
 
     def copy_tensor(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        if t.device.type == "cpu":
-            return t.clone(memory_format=torch.contiguous_format)
-        out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-        out.copy_(t, non_blocking=pin)
+        on_host = t.device.type == "cpu"
+        out = buffers.take(t.shape, t.dtype, pin and not on_host)
+        out.copy_(t, non_blocking=pin and not on_host)
         return out
 
     def walk(o: Any) -> Any:
