@@ -16,6 +16,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _clean_env() -> dict[str, str]:
+    """The environment without PYTHONPATH: a source tree on it would be imported instead of the installed wheel."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(TRITON_INTERPRET="1", DS_ACCELERATOR="cpu")
+    return env
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """A fresh virtual environment holding the megalite wheel; its dependencies come from this environment's
@@ -26,28 +33,26 @@ def installed(tmp_path_factory) -> Path:
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     (wheel,) = (tmp / "dist").glob("megalite-*.whl")
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, env=_clean_env())
     purelib = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
                                    "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip())
+                                  capture_output=True, text=True, check=True, env=_clean_env()).stdout.strip())
     deps = [p for p in site.getsitepackages() if Path(p).is_dir()] or [sysconfig.get_paths()["purelib"]]
     (purelib / "megalite-test-deps.pth").write_text("\n".join(deps) + "\n")
     install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                              str(wheel)], capture_output=True, text=True, timeout=300)
+                              str(wheel)], capture_output=True, text=True, timeout=300, env=_clean_env())
     assert install.returncode == 0, install.stderr[-2000:]
     return venv
 
 
 def _run(venv: Path, cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(TRITON_INTERPRET="1", DS_ACCELERATOR="cpu")
     return subprocess.run([str(venv / "bin" / "megalite"), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=_clean_env())
 
 
 def test_installed_wheel_runs_without_the_source_tree(installed: Path, tmp_path: Path):
     where = subprocess.run([str(installed / "bin" / "python"), "-c", "import megalite; print(megalite.__file__)"],
-                           capture_output=True, text=True, cwd=tmp_path, check=True).stdout.strip()
+                           capture_output=True, text=True, cwd=tmp_path, check=True, env=_clean_env()).stdout.strip()
     assert str(installed) in where and str(REPO) not in where, where
 
     run = tmp_path / "run.json"  # a preset model and a shipped DeepSpeed file, both found by name
