@@ -1,7 +1,6 @@
 """Measurements the cost-model tests (tests/test_plan.py) compare `megalite plan` with, run inside ranks.
 
-- `saved_activation_bytes`: the bytes autograd saves for backward in one forward, counted with
-  `torch.autograd.graph.saved_tensors_hooks` (each storage once, parameters excluded).
+(`megalite.memory.saved_activation_bytes` counts the bytes autograd saves for backward in one forward.)
 - `held_bytes`: every tensor storage reachable from a DeepSpeed engine (module, optimizer, buffers).
 - `CollectiveCounter`: wraps the torch.distributed functions megalite and DeepSpeed call and sums the payload
   per process group and collective kind.
@@ -15,22 +14,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-
-def saved_activation_bytes(model: torch.nn.Module, forward: Callable[[], Any]) -> int:
-    """Bytes of the distinct storages autograd saves during `forward()` (the model's parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(storages.values())
 
 
 def held_bytes(root: Any) -> dict[int, int]:

@@ -14,11 +14,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "megalite"
 
 # Each unit (a subpackage or a top-level module of megalite) and the units it may import. Commands ->
 # engine -> {interop, checkpoint, data, model} -> {parallel, kernels} -> {distributed, files, config, errors}.
-BASE = {"errors", "files", "distributed", "config"}
+BASE = {"errors", "files", "distributed", "config", "memory"}
 LOWER = BASE | {"parallel", "kernels"}
 MIDDLE = LOWER | {"model", "data"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "memory": set(),
     "files": {"errors"},
     "distributed": {"errors"},
     "config": {"errors", "files"},

@@ -118,19 +118,21 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def test_kill9_at_every_injection_point_resumes_last_complete(tmp_path):
+def _run_chain(tmp_path, chain: list, expected_resume: list[int], *mode: str) -> tuple[list[dict], dict]:
+    """Run tests/ckpt_job.py's chain of jobs (each killed at its fault point or finishing); check each job's exit,
+    fault marker, leftover processes and resume step; return the jobs' results and every rank's losses by step."""
     root, out = tmp_path / "root", tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu")
     env.pop("MEGALITE_CKPT_FAULT", None)
-    cmd = [sys.executable, os.path.join(REPO, "tests", "ckpt_job.py"), str(root), str(out), json.dumps(CHAIN)]
+    cmd = [sys.executable, os.path.join(REPO, "tests", "ckpt_job.py"), str(root), str(out), json.dumps(chain), *mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _processes_mentioning(str(root)) == [], "orphaned job processes"
     results = json.loads((out / "results.json").read_text())
     losses: dict[int, dict[str, list[float]]] = {0: {}, 1: {}}
-    for job, want, (steps, fault, *_) in zip(results, EXPECTED_RESUME, CHAIN):
-        where = f"job {steps=} {fault=}"
+    for job, want, (steps, fault, *_) in zip(results, expected_resume, chain):
+        where = f"{' '.join(mode)} job {steps=} {fault=}"
         assert job["leftover_pids"] == [], where
         assert job["status"] == (-9 if fault else 0), (where, job["status"])
         assert job["markers"] == ([f"fault-{fault}-rank0"] if fault else []), where
@@ -139,6 +141,19 @@ def test_kill9_at_every_injection_point_resumes_last_complete(tmp_path):
             assert rec["resumed_from"] == want, (where, rank, rec["report"])
             for step, loss in rec["losses"].items():
                 losses[rank].setdefault(step, []).append(loss)
+    return results, losses
+
+
+def _assert_same_losses(losses: dict) -> None:
+    """Every interrupted-and-resumed step reproduced the uninterrupted run's loss exactly (fp32)."""
+    for rank in (0, 1):
+        for step, seen in losses[rank].items():
+            assert len(set(seen)) == 1, (rank, step, seen)
+
+
+def test_kill9_at_every_injection_point_resumes_last_complete(tmp_path):
+    root = tmp_path / "root"
+    results, losses = _run_chain(tmp_path, CHAIN, EXPECTED_RESUME)
     # The partially written directory of each interrupted save is never committed nor loaded.
     assert results[1]["tmp_files"] == []
     assert "ds/mp_rank_00_model_states.pt" in "".join(results[2]["tmp_files"])
@@ -149,10 +164,7 @@ def test_kill9_at_every_injection_point_resumes_last_complete(tmp_path):
     # Leftovers are cleaned by the next run; pruning keeps the last 2.
     assert results[7]["dirs"] == ["latest", "step00000004", "step00000005"]
     assert (root / "latest").read_text().strip() == "step00000005"
-    # Every interrupted-and-resumed step reproduced the uninterrupted run's loss exactly (fp32).
-    for rank in (0, 1):
-        for step, seen in losses[rank].items():
-            assert len(set(seen)) == 1, (rank, step, seen)
+    _assert_same_losses(losses)
     _check_cli(root, tmp_path)
 
 
@@ -172,34 +184,13 @@ ASYNC_EXPECTED_RESUME = [0, 2, 2, 2, 2, 2, 2, 3]
 
 
 def test_kill9_during_an_asynchronous_save_resumes_last_complete(tmp_path):
-    root, out = tmp_path / "root", tmp_path / "out"
-    out.mkdir()
-    env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu")
-    env.pop("MEGALITE_CKPT_FAULT", None)
-    cmd = [sys.executable, os.path.join(REPO, "tests", "ckpt_job.py"), str(root), str(out), json.dumps(ASYNC_CHAIN),
-           "async"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert _processes_mentioning(str(root)) == [], "orphaned job processes"
-    results = json.loads((out / "results.json").read_text())
-    losses: dict[int, dict[str, list[float]]] = {0: {}, 1: {}}
-    for job, want, (steps, fault, *_) in zip(results, ASYNC_EXPECTED_RESUME, ASYNC_CHAIN):
-        where = f"async job {steps=} {fault=}"
-        assert job["leftover_pids"] == [], where
-        assert job["status"] == (-9 if fault else 0), (where, job["status"])
-        assert job["markers"] == ([f"fault-{fault}-rank0"] if fault else []), where
-        for rank in (0, 1):
-            rec = job["records"][str(rank)]
-            assert rec["resumed_from"] == want, (where, rank, rec["report"])
-            for step, loss in rec["losses"].items():
-                losses[rank].setdefault(step, []).append(loss)
+    root = tmp_path / "root"
+    results, losses = _run_chain(tmp_path, ASYNC_CHAIN, ASYNC_EXPECTED_RESUME, "async")
     assert any(f.endswith(ck.MANIFEST) for f in results[4]["tmp_files"])  # killed before the rename
     assert "step00000003" in results[5]["dirs"] and "latest" in results[5]["dirs"]
     assert results[7]["dirs"] == ["latest", "step00000004", "step00000005"]
     assert (root / "latest").read_text().strip() == "step00000005"
-    for rank in (0, 1):
-        for step, seen in losses[rank].items():
-            assert len(set(seen)) == 1, (rank, step, seen)
+    _assert_same_losses(losses)
     from megalite.checkpoint.manager import verify_checkpoint
 
     assert verify_checkpoint(str(root / "step00000005"))["step"] == 5

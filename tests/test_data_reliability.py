@@ -251,7 +251,7 @@ def test_readers_count_over_long_documents_without_holding_them(tmp_path: Path,
 def test_a_huge_single_line_document_keeps_memory_bounded(tmp_path: Path, tokenizer_file: str) -> None:  # noqa: F811
     """One-line documents of 8M characters (parsed, then dropped: tokenising it would take about 1.5 GB) and 14M
     characters (beyond what a JSON line can hold for a text of the default maximum: counted unread)."""
-    from tests.memory import peak_anon_growth
+    from megalite.memory import peak_anon_growth
 
     docs = make_docs(50, seed=9)
     with open(tmp_path / "in.jsonl", "w") as f:

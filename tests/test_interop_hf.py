@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megalite.memory import peak_anon_growth
 from tests.distributed import run_ranks
-from tests.memory import peak_anon_growth
 
 VOCAB = 300
 

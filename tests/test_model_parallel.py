@@ -171,7 +171,7 @@ _CHUNK_MEMORY = """
 import json, sys, torch
 from megalite.config import ModelConfig
 from megalite.model import build_model
-from tests.memory import peak_anon_growth
+from megalite.memory import peak_anon_growth
 shape = dict(vocab_size=32000, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=1024)
 ids = torch.randint(0, 32000, (2, 1024), generator=torch.Generator().manual_seed(0))
 out = {}

@@ -201,9 +201,9 @@ def _count_saved_activations(cases: list[dict]) -> list[tuple[int, int]]:
     import torch.distributed as dist
 
     import megalite.kernels as K
+    from megalite.memory import saved_activation_bytes
     from megalite.model.transformer import Transformer
     from megalite.model.weights import initialize_parameters
-    from tests.plan_probes import saved_activation_bytes
 
     out = []
     for case in cases:

@@ -25,7 +25,6 @@ import json
 import os
 import socket
 import sys
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -36,33 +35,6 @@ from megalite.bench import write_json
 MODEL = {"vocab_size": 8192, "hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4,
          "ffn_hidden_size": 768, "norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False,
          "tied_embeddings": False, "make_vocab_size_divisible_by": 128}
-
-
-def _rss_anon() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _peak_growth(fn: Any) -> tuple[int, Any]:
-    """Largest growth of this process's anonymous memory while `fn()` runs (sampled every millisecond)."""
-    base, peak, done = _rss_anon(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_anon() - base)
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        result = fn()
-    finally:
-        done.set()
-        thread.join()
-    return peak[0], result
 
 
 def run_config(seq: int, context: int) -> Any:
@@ -89,6 +61,7 @@ def _rank(rank: int, world: int, port: int, seq: int, backward: bool, results: A
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of DeepSpeed's CPU comm op
         from megalite import kernels
+        from megalite.memory import count_saved_bytes, peak_anon_growth
         from megalite.model import build_model
         from megalite.parallel import ProcessGrid
 
@@ -98,17 +71,11 @@ def _rank(rank: int, world: int, port: int, seq: int, backward: bool, results: A
         model = build_model(cfg.model, cfg.parallel, grid, seed=1)
         model.train()
         ids = torch.randint(1, cfg.model.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return t
+        saved = None
 
         def step() -> float:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            nonlocal saved
+            with count_saved_bytes(model) as saved:
                 loss = model(ids, labels=ids)
             if backward:
                 loss.backward()
@@ -116,9 +83,9 @@ def _rank(rank: int, world: int, port: int, seq: int, backward: bool, results: A
 
         dist.barrier()
         t0 = time.perf_counter()
-        growth, loss = _peak_growth(step)
+        growth, loss = peak_anon_growth(step)
         seconds = time.perf_counter() - t0
-        results.put(("ok", rank, {"saved_bytes": sum(storages.values()), "peak_growth_bytes": growth,
+        results.put(("ok", rank, {"saved_bytes": saved.bytes, "peak_growth_bytes": growth,
                                   "seconds": round(seconds, 2), "loss": loss}))
         dist.barrier()
         dist.destroy_process_group()

@@ -22,17 +22,13 @@ import torch
 _IMMUTABLE = (int, float, bool, str, bytes, type(None), complex, torch.dtype, torch.device, torch.Size)
 
 
-def snapshot_bytes(obj: Any) -> int:
-    """The tensor bytes a snapshot of `obj` holds (each tensor object once)."""
-    seen: set[int] = set()
-    total = 0
+def _unique_tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors inside nested dicts, lists and tuples, each tensor object once."""
+    seen: dict[int, torch.Tensor] = {}
 
     def walk(o: Any) -> None:
-        nonlocal total
         if isinstance(o, torch.Tensor):
-            if id(o) not in seen:
-                seen.add(id(o))
-                total += o.numel() * o.element_size()
+            seen.setdefault(id(o), o)
         elif isinstance(o, dict):
             for v in o.values():
                 walk(v)
@@ -41,7 +37,12 @@ def snapshot_bytes(obj: Any) -> int:
                 walk(v)
 
     walk(obj)
-    return total
+    return list(seen.values())
+
+
+def snapshot_bytes(obj: Any) -> int:
+    """The tensor bytes a snapshot of `obj` holds (each tensor object once)."""
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(obj))
 
 
 class SnapshotBuffers:
@@ -61,21 +62,9 @@ class SnapshotBuffers:
 
     def give_back(self, snapshot: Any) -> None:
         """Return every tensor of a snapshot that nothing reads any more (its files are written)."""
-        seen: set[int] = set()
-
-        def walk(o: Any) -> None:
-            if isinstance(o, torch.Tensor):
-                if id(o) not in seen and o.is_contiguous() and o.storage_offset() == 0:
-                    seen.add(id(o))
-                    self._free.setdefault((tuple(o.shape), o.dtype, o.is_pinned()), []).append(o)
-            elif isinstance(o, dict):
-                for v in o.values():
-                    walk(v)
-            elif isinstance(o, (list, tuple)):
-                for v in o:
-                    walk(v)
-
-        walk(snapshot)
+        for t in _unique_tensors(snapshot):
+            if t.is_contiguous() and t.storage_offset() == 0:
+                self._free.setdefault((tuple(t.shape), t.dtype, t.is_pinned()), []).append(t)
 
     @property
     def nbytes(self) -> int:

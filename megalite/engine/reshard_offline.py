@@ -33,6 +33,7 @@ from megalite.engine.elastic import load_training_state, restore_schedule
 from megalite.engine.strategy import strategy_for
 from megalite.engine.trainer import run_layout
 from megalite.errors import CheckpointError, ConfigError
+from megalite.memory import rss_anon_bytes
 from megalite.parallel import ProcessGrid
 
 
@@ -120,16 +121,7 @@ class AnonymousMemory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def now() -> int:
-        try:
-            with open("/proc/self/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
+    now = staticmethod(rss_anon_bytes)
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
