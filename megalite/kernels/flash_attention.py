@@ -228,6 +228,35 @@ def _attn_bwd_dkdv_block(
     return dk, dv
 
 
+@triton.jit
+def _attn_bwd_dkdv_part(
+    dk, dv, k, v, Q, DO, LSE, DELTA, b, kvh, H, GROUP, start_m, n_blocks, offs_m0, offs_n, offs_d, d_mask,
+    sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod, TQ, diag, qk_scale, doc_lo, doc_hi,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):  # fmt: skip
+    """Add `n_blocks` query blocks from `start_m`, of every q head sharing this kv head, to dk and dv.
+
+    One flat loop over (head of the group, query block), not a loop over heads around a loop over blocks: the
+    nested form keeps more values live across the inner loop and spills. The software pipeliner computes the
+    addresses of the next iterations before it knows whether they run (also when the loop runs 0 times): the
+    head index is clamped and the divisor kept >= 1 so that every such address stays inside q/do/lse/delta. A
+    division by 0 there gave garbage heads and an illegal memory access on an H200 (Triton 3.6) for non-causal
+    attention, whose masked part is empty.
+    """
+    blocks = tl.maximum(n_blocks, 1)
+    for i in range(0, GROUP * n_blocks):
+        g = tl.minimum(i // blocks, GROUP - 1)
+        h = kvh * GROUP + g
+        bh = b * H + h
+        dk, dv = _attn_bwd_dkdv_block(
+            dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * TQ, DELTA + bh * TQ,
+            start_m + (i - g * blocks) * BLOCK_M, offs_m0, offs_n, offs_d, d_mask, sqm, sqd, sdom, sdod, TQ, diag,
+            qk_scale, doc_lo, doc_hi, MASK, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
+        )  # fmt: skip
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=[*_SIZES, "KVH"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
@@ -277,36 +306,20 @@ def _attn_bwd_dkdv_kernel(
         lo = 0
         mid = 0
     # The whole group of q heads sharing this kv head, summed here: GQA without repeated k/v and no atomics.
-    # One flat loop over (head of the group, query block) per part, not a loop over heads around a loop over
-    # blocks: the nested form keeps more values live across the inner loop and spills.
-    # The software pipeliner computes the addresses of the next iterations before it knows whether they run
-    # (also when a loop runs 0 times): the head index is clamped and the divisor kept >= 1 so that every such
-    # address stays inside q/do/lse/delta. A division by 0 there gave garbage heads and an illegal memory
-    # access on an H200 (Triton 3.6) for non-causal attention, whose masked loop is empty.
     if CAUSAL or HAS_DOCS:  # without either, no key block has a masked part
         n_masked = tl.maximum(tl.cdiv(tl.minimum(mid, TQ) - lo, BLOCK_M), 0)
-        masked_blocks = tl.maximum(n_masked, 1)
-        for i in range(0, GROUP * n_masked):
-            g = tl.minimum(i // masked_blocks, GROUP - 1)
-            h = kvh * GROUP + g
-            bh = b * H + h
-            dk, dv = _attn_bwd_dkdv_block(
-                dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * TQ, DELTA + bh * TQ,
-                lo + (i - g * masked_blocks) * BLOCK_M, offs_m0, offs_n, offs_d, d_mask, sqm, sqd, sdom, sdod, TQ,
-                diag, qk_scale, doc_lo, doc_hi, True, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
-            )  # fmt: skip
+        dk, dv = _attn_bwd_dkdv_part(
+            dk, dv, k, v, Q, DO, LSE, DELTA, b, kvh, H, GROUP, lo, n_masked, offs_m0, offs_n, offs_d, d_mask,
+            sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod, TQ, diag, qk_scale, doc_lo, doc_hi,
+            BLOCK_M, True, CAUSAL, UPCAST, PRECISION, HAS_DOCS,
+        )  # fmt: skip
     if not HAS_DOCS:
         n_full = tl.maximum(tl.cdiv(TQ - mid, BLOCK_M), 0)
-        full_blocks = tl.maximum(n_full, 1)
-        for i in range(0, GROUP * n_full):
-            g = tl.minimum(i // full_blocks, GROUP - 1)
-            h = kvh * GROUP + g
-            bh = b * H + h
-            dk, dv = _attn_bwd_dkdv_block(
-                dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * TQ, DELTA + bh * TQ,
-                mid + (i - g * full_blocks) * BLOCK_M, offs_m0, offs_n, offs_d, d_mask, sqm, sqd, sdom, sdod, TQ,
-                diag, qk_scale, doc_lo, doc_hi, False, CAUSAL, UPCAST, PRECISION, False,
-            )  # fmt: skip
+        dk, dv = _attn_bwd_dkdv_part(
+            dk, dv, k, v, Q, DO, LSE, DELTA, b, kvh, H, GROUP, mid, n_full, offs_m0, offs_n, offs_d, d_mask,
+            sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod, TQ, diag, qk_scale, doc_lo, doc_hi,
+            BLOCK_M, False, CAUSAL, UPCAST, PRECISION, False,
+        )  # fmt: skip
     dk = dk * sm_scale
     tl.store(
         DK + b * sdkb + kvh * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
