@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from megalite.config import Config, ModelConfig, context_errors, count_parameters, kv_replication, validate
-from megalite.engine.metrics import flops_per_token
+from megalite.engine.metrics import PEAK_TFLOPS, flops_per_token
 from megalite.errors import ConfigError
 
 GiB = 2**30
@@ -74,23 +74,24 @@ class Device:
 
 _NVL4 = "NVLink 4: 900 GB/s per GPU both directions together (NVIDIA H100/H200 datasheets), 450 GB/s each way"
 _NDR = "one 400 Gb/s NDR adapter per GPU (DGX H100/H200 reference design): 50 GB/s each way"
+# Peaks come from the one table the training log's MFU uses (engine/metrics.py), so plan and log agree.
 DEVICES: dict[str, Device] = {
     "h200": Device(
-        "NVIDIA H200 SXM", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, 140.4, 4.8, 450.0, 50.0,
+        "NVIDIA H200 SXM", dict(PEAK_TFLOPS["H200"]), 140.4, 4.8, 450.0, 50.0,
         (("peak_tflops", "NVIDIA H200 datasheet: 989 TFLOPS dense BF16/FP16 (1979 with sparsity), 67 FP32"),
          ("memory_gib", "141 GB HBM3e; the driver reports 143771 MiB = 140.4 GiB"),
          ("hbm_tbps", "NVIDIA H200 datasheet: 4.8 TB/s"),
          ("intra_node_gbps", _NVL4), ("inter_node_gbps", _NDR)),
     ),
     "h100-sxm": Device(
-        "NVIDIA H100 SXM", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, 79.6, 3.35, 450.0, 50.0,
+        "NVIDIA H100 SXM", dict(PEAK_TFLOPS["H100"]), 79.6, 3.35, 450.0, 50.0,
         (("peak_tflops", "NVIDIA H100 datasheet (SXM): 989 TFLOPS dense BF16/FP16, 67 FP32"),
          ("memory_gib", "80 GB HBM3; the driver reports 81559 MiB = 79.6 GiB"),
          ("hbm_tbps", "NVIDIA H100 datasheet (SXM): 3.35 TB/s"),
          ("intra_node_gbps", _NVL4), ("inter_node_gbps", _NDR)),
     ),
     "h100-pcie": Device(
-        "NVIDIA H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}, 79.6, 2.0, 64.0, 50.0,
+        "NVIDIA H100 PCIe", dict(PEAK_TFLOPS["H100PCIe"]), 79.6, 2.0, 64.0, 50.0,
         (("peak_tflops", "NVIDIA H100 datasheet (PCIe): 756 TFLOPS dense BF16/FP16, 51 FP32"),
          ("memory_gib", "80 GB HBM2e; 81559 MiB = 79.6 GiB"),
          ("hbm_tbps", "NVIDIA H100 datasheet (PCIe): 2.0 TB/s"),
@@ -98,7 +99,7 @@ DEVICES: dict[str, Device] = {
          ("inter_node_gbps", _NDR)),
     ),
     "a100-80g": Device(
-        "NVIDIA A100 SXM 80GB", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 80.0, 2.039, 300.0, 25.0,
+        "NVIDIA A100 SXM 80GB", dict(PEAK_TFLOPS["A100"]), 80.0, 2.039, 300.0, 25.0,
         (("peak_tflops", "NVIDIA A100 datasheet: 312 TFLOPS dense BF16/FP16, 19.5 FP32"),
          ("memory_gib", "80 GB HBM2e; the driver reports 81920 MiB = 80.0 GiB"),
          ("hbm_tbps", "NVIDIA A100 datasheet (80GB SXM): 2.039 TB/s"),
@@ -106,7 +107,7 @@ DEVICES: dict[str, Device] = {
          ("inter_node_gbps", "one 200 Gb/s HDR adapter per GPU (DGX A100): 25 GB/s each way")),
     ),
     "a100-40g": Device(
-        "NVIDIA A100 SXM 40GB", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 40.0, 1.555, 300.0, 25.0,
+        "NVIDIA A100 SXM 40GB", dict(PEAK_TFLOPS["A100"]), 40.0, 1.555, 300.0, 25.0,
         (("peak_tflops", "NVIDIA A100 datasheet: 312 TFLOPS dense BF16/FP16, 19.5 FP32"),
          ("memory_gib", "40 GB HBM2; the driver reports 40960 MiB = 40.0 GiB"),
          ("hbm_tbps", "NVIDIA A100 datasheet (40GB SXM): 1.555 TB/s"),
