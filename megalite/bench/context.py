@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -96,28 +95,11 @@ def _rank(rank: int, world: int, port: int, seq: int, backward: bool, results: A
 
 def measure(seq: int, context: int, backward: bool) -> list[dict]:
     """Every rank's figures for one context-parallel degree."""
-    import multiprocessing as mp
+    from megalite.distributed import spawn_local_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_rank, args=(r, context, port, seq, backward, results)) for r in range(context)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    out: dict[int, dict] = {}
-    errors = []
-    while not results.empty():
-        kind, rank, value = results.get()
-        if kind == "error":
-            errors.append(f"rank {rank}: {value}")
-        else:
-            out[rank] = value
+    out, errors, codes = spawn_local_ranks(_rank, context, seq, backward)
     if errors or len(out) != context:
-        raise RuntimeError(f"context {context}: " + ("; ".join(errors) or f"exit codes {[p.exitcode for p in procs]}"))
+        raise RuntimeError(f"context {context}: " + ("; ".join(errors) or f"exit codes {codes}"))
     return [out[r] for r in range(context)]
 
 

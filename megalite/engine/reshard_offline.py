@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import sys
 import threading
 import time
@@ -21,12 +20,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megalite.checkpoint import CheckpointManager, model_signature, resolve_checkpoint
 from megalite.checkpoint.manager import verify_checkpoint
 from megalite.checkpoint.reshard import TrainingState
 from megalite.config import Config, from_dict
+from megalite.distributed import spawn_local_ranks
 from megalite.engine import launch
 from megalite.engine.build import build_engine
 from megalite.engine.elastic import load_training_state, restore_schedule
@@ -74,27 +73,9 @@ def reshard(source: str | os.PathLike, out: str | os.PathLike, tensor: int, pipe
     out = Path(out).absolute()
     if (out / "latest").exists() or any(out.glob("step*")):
         raise CheckpointError(f"{out}: already holds checkpoints; reshard into an empty directory")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, str(step_dir), cfg.to_dict(), str(out), results))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    failures, ranks = [], {}
-    while not results.empty():
-        kind, rank, value = results.get()
-        if kind == "error":
-            failures.append(f"rank {rank}: {value}")
-        else:
-            ranks[rank] = value
+    ranks, failures, codes = spawn_local_ranks(_rank, world, str(step_dir), cfg.to_dict(), str(out))
     if report is not None:
         report["ranks"] = [ranks[r] for r in sorted(ranks)]
-    codes = [p.exitcode for p in procs]
     if failures or any(codes):
         raise CheckpointError(f"reshard of {step_dir} to {out} failed (exit codes {codes}): " + "; ".join(failures))
     return str(resolve_checkpoint(out))
