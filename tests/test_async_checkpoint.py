@@ -246,3 +246,16 @@ def test_checkpoint_benchmark_runs(tmp_path):
         assert len(r["runs"]["sync"]["stall_s"]) == len(r["runs"]["async"]["stall_s"]) == 2
         assert r["runs"]["none"]["stall_s"] == [] and r["runs"]["none"]["steps_per_s"] > 0
     assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())  # removed after the run
+
+
+def test_nvme_offload_turns_asynchronous_saves_off_and_refuses_them():
+    """Offloaded-to-NVMe state lives in files DeepSpeed swaps, not in memory a snapshot could copy: unset means
+    off there (on elsewhere), and an explicit true is a ConfigError naming the key."""
+    from megalite.errors import ConfigError
+
+    nvme = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp/nvme"}}}
+    assert C.from_dict(tiny_config("data", "out")).checkpoint_async is True
+    assert C.from_dict(tiny_config("data", "out", deepspeed=nvme)).checkpoint_async is False
+    assert C.from_dict(tiny_config("data", "out", train={"checkpoint_async": False})).checkpoint_async is False
+    with pytest.raises(ConfigError, match=r"train\.checkpoint_async: true cannot be combined with NVMe offload"):
+        C.from_dict(tiny_config("data", "out", deepspeed=nvme, train={"checkpoint_async": True}))
