@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from megalite.checkpoint import MANIFEST
+from megalite.dtypes import torch_dtype
 from megalite.engine.downstream import (  # noqa: F401 - re-exported: the harness-facing API lives here for users
     DATA_HINT,
     INSTALL_HINT,
@@ -79,12 +80,8 @@ class MegaliteLMBase(HarnessLMBase):
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    if name in (None, "", "float32", "fp32", "auto"):
-        return None
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ConfigError(f"dtype {name!r} is not one of float32, bfloat16, float16")
-    return table[name]
+    """The harness's `dtype=` model argument: None/"auto" keeps the checkpoint's weights as they load."""
+    return None if name in (None, "", "auto") else torch_dtype(name, "dtype")
 
 
 _MODEL_CLASS: type | None = None

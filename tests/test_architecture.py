@@ -14,16 +14,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "megalite"
 
 # Each unit (a subpackage or a top-level module of megalite) and the units it may import. Commands ->
 # engine -> {interop, checkpoint, data, model} -> {parallel, kernels} -> {distributed, files, config, errors}.
-BASE = {"errors", "files", "distributed", "config", "memory"}
+BASE = {"errors", "files", "distributed", "config", "memory", "dtypes"}
 LOWER = BASE | {"parallel", "kernels"}
 MIDDLE = LOWER | {"model", "data"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "memory": set(),
+    "dtypes": {"errors"},
     "files": {"errors"},
     "distributed": {"errors"},
-    "config": {"errors", "files"},
-    "kernels": {"errors"},
+    "config": {"errors", "files", "dtypes"},
+    "kernels": {"errors", "dtypes"},
     "parallel": BASE,
     "model": LOWER,
     "data": BASE,

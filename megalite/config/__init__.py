@@ -6,6 +6,7 @@ so it holds under `python -O`. Checks that need hardware run at training start (
 """
 
 from megalite.config.derived import count_parameters, resolve_deepspeed, summary
+from megalite.config.layout import STATE_AXES, Layout
 from megalite.config.load import (
     CONFIGS_DIR,
     apply_overrides,
@@ -46,7 +47,7 @@ from megalite.config.validate import (
 
 __all__ = [
     "CONFIGS_DIR", "DEEPSPEED_SCHEDULERS", "DEEPSPEED_SECTION_KEYS", "DEEPSPEED_TOP_LEVEL_KEYS", "OPTIMIZERS", "OPTIMIZER_TYPES", "SCHEDULERS", "SCHEDULER_TYPES",
-    "Config", "DataConfig", "EvalTasksConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RopeScalingConfig",
+    "Config", "DataConfig", "Layout", "STATE_AXES", "EvalTasksConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RopeScalingConfig",
     "TrainConfig", "apply_overrides", "check_model", "context_errors", "count_parameters", "expand_references",
     "from_dict", "json_schema", "kv_replication", "list_presets", "load", "model_config_from_dict", "model_errors",
     "parse_override", "read_json",

@@ -56,5 +56,5 @@ def summary(cfg: Config, world_size: int) -> dict:
         "parameters": counts["total"],
         "non_embedding_parameters": counts["non_embedding"],
         "precision": cfg.precision,
-        "zero_stage": cfg.deepspeed.get("zero_optimization", {}).get("stage", 0),
+        "zero_stage": cfg.zero_stage,
     }

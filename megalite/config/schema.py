@@ -13,7 +13,11 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
+
+from megalite.config.layout import Layout
+from megalite.dtypes import torch_dtype
 
 # ----------------------------------------------------------------------------- sections
 
@@ -218,11 +222,33 @@ class Config:
 
     @property
     def precision(self) -> str:
+        """'bf16', 'fp16' or 'fp32': the DeepSpeed section that is enabled."""
         if self.deepspeed.get("bf16", {}).get("enabled"):
             return "bf16"
         if self.deepspeed.get("fp16", {}).get("enabled"):
             return "fp16"
         return "fp32"
+
+    @property
+    def torch_dtype(self) -> Any:
+        """The torch dtype the model's weights and activations use (torch is imported on use)."""
+        return torch_dtype(self.precision)
+
+    @property
+    def zero_stage(self) -> int:
+        """deepspeed.zero_optimization.stage (0 when absent; validate names a bad value, this never raises)."""
+        zero = self.deepspeed.get("zero_optimization")
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+        return stage if isinstance(stage, int) and not isinstance(stage, bool) else 0
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Where this run's checkpoints live: train.checkpoint_dir, else OUTPUT_DIR/checkpoints."""
+        return Path(self.train.checkpoint_dir or Path(self.train.output_dir) / "checkpoints")
+
+    def layout(self, world_size: int) -> Layout:
+        """The run's layout at `world_size` (megalite.config.layout)."""
+        return Layout.of(self, world_size)
 
 
 

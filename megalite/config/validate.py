@@ -357,7 +357,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         errors.append("train.logging.profile_end_step must be after profile_start_step")
 
     _validate_deepspeed(ds, errors)
-    stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds.get("zero_optimization"), dict) else 0
+    stage = cfg.zero_stage
     if p.pipeline > 1 and stage in (2, 3):
         errors.append(
             f"deepspeed.zero_optimization.stage: ZeRO-{stage} cannot be combined with parallel.pipeline={p.pipeline} "

@@ -155,8 +155,7 @@ def context_grad_scale(cfg: Config) -> float:
     Measured: tests/test_context_parallel.py holds every case to the one-process loop.
     """
     cp = cfg.parallel.context
-    zero = cfg.deepspeed.get("zero_optimization") or {}
-    if cp > 1 and (cfg.parallel.pipeline > 1 or zero.get("stage", 0) == 3):
+    if cp > 1 and (cfg.parallel.pipeline > 1 or cfg.zero_stage == 3):
         return float(cp)
     return 1.0
 
@@ -178,14 +177,14 @@ def deepspeed_dict(cfg: Config, world_size: int) -> dict:
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
         ds["bf16"].setdefault("check_grad_overflow", True)
     zero = ds.setdefault("zero_optimization", {})
-    if zero.get("stage", 0) == 0 and cfg.precision == "fp32" and cfg.parallel.pipeline == 1:
+    if cfg.zero_stage == 0 and cfg.precision == "fp32" and cfg.parallel.pipeline == 1:
         # megalite clips at ZeRO-0 itself, with its float64 global norm (engine.strategy.DenseStrategy).
         ds["gradient_clipping"] = 0.0
-    if zero.get("stage", 0) == 3:
+    if cfg.zero_stage == 3:
         # Full weights in the model-states file at every save: `convert`, `eval` and `generate` read them there.
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     opt_type = cfg.deepspeed.get("optimizer", {}).get("type", "AdamW")
-    if opt_type == "SGD" and ds.get("zero_optimization", {}).get("stage", 0) > 0:
+    if opt_type == "SGD" and cfg.zero_stage > 0:
         ds["zero_allow_untested_optimizer"] = True
         if offloads_optimizer(ds):
             ds["zero_force_ds_cpu_optimizer"] = False  # DeepSpeed has no CPU SGD: torch's runs on the CPU
@@ -201,7 +200,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, grid: Any, world_size: int
     schedule = build_schedule(optimizer, cfg.deepspeed.get("scheduler"), cfg.train.steps)
     is_pipeline = cfg.parallel.pipeline > 1
     ds_config = deepspeed_dict(cfg, world_size)
-    if cfg.parallel.context > 1 and ds_config["zero_optimization"].get("stage", 0) == 3:
+    if cfg.parallel.context > 1 and cfg.zero_stage == 3:
         partition_over_replicas(model, ds_config, grid)
     engine, optimizer, _, schedule = deepspeed.initialize(
         model=model,

@@ -79,8 +79,7 @@ def checkpoint_bytes(cfg: Config) -> int:
     partitions), the fp32 master weights DeepSpeed's ZeRO optimizers keep at every stage >= 1 (also when
     training in fp32), and the optimizer's fp32 state (Adam: two moments, SGD: momentum)."""
     params = count_parameters(cfg.model)["total"]
-    zero = cfg.deepspeed.get("zero_optimization", {}) if isinstance(cfg.deepspeed.get("zero_optimization"), dict) else {}
-    stage = zero.get("stage", 0) if isinstance(zero.get("stage", 0), int) else 0
+    stage = cfg.zero_stage
     opt = cfg.deepspeed.get("optimizer") if isinstance(cfg.deepspeed.get("optimizer"), dict) else {}
     module = 0 if stage == 3 else (2 if cfg.precision in ("bf16", "fp16") else 4)
     master = 4 if stage >= 1 else 0
@@ -174,7 +173,7 @@ def check_devices(cfg: Config, env: dict[str, str] | None = None) -> list[Check]
 
 def check_disk(cfg: Config) -> list[Check]:
     """Free space where checkpoints go against keep_checkpoints + 1 checkpoints of the estimated size."""
-    ckpt_dir = Path(cfg.train.checkpoint_dir or Path(cfg.train.output_dir) / "checkpoints")
+    ckpt_dir = cfg.checkpoint_root
     base = _existing_ancestor(ckpt_dir)
     if not base.is_dir():  # os.access below says yes to a writable file (and to anything for root)
         return [Check("disk", False, f"train.checkpoint_dir: cannot create {ckpt_dir}: {base} is a file, not a directory")]

@@ -18,7 +18,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from megalite.checkpoint import CheckpointManager, model_signature, resolve_checkpoint
@@ -130,9 +129,7 @@ def _reshard_rank(source: str, raw: dict, out: str) -> dict:
     grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, context=cfg.parallel.context)
     strategy = strategy_for(cfg, grid, launch.device())
     model = strategy.build_model().to(launch.device())
-    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.precision)
-    if dtype:
-        model = model.to(getattr(torch, dtype))
+    model = model.to(cfg.torch_dtype)
     engine, schedule = build_engine(model, cfg, grid, world)
     built = time.perf_counter()
     memory.end_phase("build")

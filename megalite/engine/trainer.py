@@ -197,8 +197,7 @@ class Trainer:
         if cfg.train.init_from:
             self.strategy.load_full_state(model, initial_state(cfg.train.init_from, cfg.model))
         model = model.to(self.device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        return model.to(dtype) if dtype is not None else model
+        return model.to(cfg.torch_dtype)
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict:

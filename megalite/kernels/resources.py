@@ -40,12 +40,13 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.cache import get_cache_manager
 from triton.runtime.jit import create_function_from_signature
 
+from megalite.dtypes import torch_dtype
 from megalite.kernels import _common
 from megalite.kernels import flash_attention as fa
 from megalite.kernels import fused_layer_norm as ln
 from megalite.kernels import fused_rms_norm as rn
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {name: torch_dtype(name) for name in ("bf16", "fp16", "fp32")}
 KIND = {
     "_attn_fwd_kernel": "attn fwd",
     "_attn_bwd_delta_kernel": "attn delta",
