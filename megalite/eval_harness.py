@@ -12,7 +12,6 @@ dependency (the `eval` extra), and `import megalite` / `megalite --help` must st
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from megalite.checkpoint import MANIFEST
+from megalite.checkpoint.manifest import read_manifest
 from megalite.dtypes import torch_dtype
 from megalite.engine.downstream import (  # noqa: F401 - re-exported: the harness-facing API lives here for users
     DATA_HINT,
@@ -118,7 +117,7 @@ def result_document(results: dict, step_dir: Path | None, names: list[str], lm: 
     """The JSON result: the harness's scores with what they were measured on."""
     import lm_eval
 
-    manifest = json.loads((Path(step_dir) / MANIFEST).read_text()) if step_dir is not None else {}
+    manifest = read_manifest(step_dir) if step_dir is not None else {}
     return {
         "checkpoint": str(step_dir) if step_dir else None,
         "step": manifest.get("step"),

@@ -81,7 +81,8 @@ def _isolation(workdir: str) -> dict:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     from megalite.checkpoint.reshard import TrainingState
-    from megalite.engine.elastic import canonical_named_parameters, full_state_of
+    from megalite.engine.elastic import full_state_of
+    from megalite.model.pipeline import canonical_parameters
 
     os.environ.update(MEGALITE_CKPT_FAULT="between_shards", MEGALITE_CKPT_FAULT_KILL="delay",
                       MEGALITE_CKPT_FAULT_DELAY_S="1", MEGALITE_CKPT_FAULT_DIR=f"{workdir}/markers")
@@ -90,16 +91,16 @@ def _isolation(workdir: str) -> dict:
         trainer.train()
         engine, grid = trainer.engine, trainer.grid
         before = full_state_of(engine, grid)
-        first = trainer.checkpoints.save_async(engine, 100, trainer.client_state())
+        first = trainer.checkpoints.store.save_async(engine, 100, trainer.client_state())
         returned_before_written = not first.done()
-        for name, param in canonical_named_parameters(engine.module):  # what the next optimizer step would do
+        for name, param in canonical_parameters(engine.module).items():  # what the next optimizer step would do
             safe_set_full_fp32_param(param, before[name].fp32 + 1.0)
             for key, value in before[name].moments.items():
                 safe_set_full_optimizer_state(param, value + 1.0, key)
         after = full_state_of(engine, grid)
-        second = trainer.checkpoints.save_async(engine, 101, trainer.client_state())
+        second = trainer.checkpoints.store.save_async(engine, 101, trainer.client_state())
         first_done_when_second_started = first.done() and first.outcome == ("ok", first.path)
-        trainer.checkpoints.wait()
+        trainer.checkpoints.store.wait()
     finally:
         for key in ("MEGALITE_CKPT_FAULT", "MEGALITE_CKPT_FAULT_KILL", "MEGALITE_CKPT_FAULT_DELAY_S",
                     "MEGALITE_CKPT_FAULT_DIR"):

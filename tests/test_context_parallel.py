@@ -370,20 +370,21 @@ def test_context_rules_name_key_and_value(sections, world, fragment):
 def test_context_arithmetic_layout_and_plan():
     """Data parallelism is what tensor x context x pipeline leave; the batch, tokens per step (each token once), the
     checkpoint layout, DeepSpeed's batch for the pipeline engine, the gradient scale, and the plan's memory."""
-    from megalite.config import kv_replication, summary
+    from megalite.config import Layout, kv_replication, summary
     from megalite.engine import plan as P
     from megalite.engine.build import context_grad_scale, deepspeed_dict
-    from megalite.engine.trainer import layout_changes, run_layout
 
     assert [kv_replication(k, c) for k, c in ((4, 2), (2, 4), (1, 4), (6, 4), (3, 2))] == [1, 2, 4, None, None]
     cfg = _cfg(8, parallel={"context": 2, "tensor": 2})
     info = summary(cfg, 8)
     assert (info["data_parallel"], info["context_parallel"], info["global_batch_size"]) == (2, 2, 4)
     assert info["tokens_per_step"] == 4 * 16 and info["rank_order"].startswith("tensor, context, data")
-    layout = run_layout(cfg, 8)
-    assert (layout["context"], layout["data"], layout["world_size"]) == (2, 2, 8)
-    assert layout_changes({"tensor": 2, "data": 2, "pipeline": 1}, layout) == ["context 1 -> 2"]  # before CP existed
-    assert layout_changes(layout, layout) == []
+    layout = cfg.layout(8)
+    assert (layout.context, layout.data, layout.world) == (2, 2, 8)
+    before_cp = Layout.from_manifest({"tensor": 2, "data": 2, "pipeline": 1, "zero_stage": layout.zero_stage,
+                                      "precision": layout.precision, "global_batch": 4})  # written before CP existed
+    assert layout.changes(before_cp) == ["context 1 -> 2"]
+    assert layout.changes(Layout.from_manifest(layout.to_manifest())) == []
     assert context_grad_scale(cfg) == 1.0  # ZeRO-0..2: DeepSpeed sums the context ranks' shares
     assert context_grad_scale(_cfg(4, parallel={"context": 2}, deepspeed={"zero_optimization": {"stage": 3}})) == 2.0
     pipe = _cfg(8, parallel={"context": 2, "pipeline": 2}, deepspeed={"zero_optimization": {"stage": 1}})

@@ -99,7 +99,7 @@ def _train_runs(workdir: str, variants: list[tuple[str, dict]]) -> dict:
             "opt_numel": _optimizer_state_numel(run.engine),
             "params": _full_parameters(run),
             "num_params": sum(p.numel() for p in run.engine.module.parameters()),
-            "checkpoint_bytes": _dir_bytes(run.checkpoints.root, run.checkpoints.latest_step()),
+            "checkpoint_bytes": _dir_bytes(run.checkpoints.store.root, run.checkpoints.store.latest_step()),
             "checkpoint_estimate": checkpoint_bytes(cfg),
         }
         del run
@@ -389,7 +389,7 @@ def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
     out["adam_state_dtypes"] = sorted({str(v.dtype) for st in inner.state.values() for v in st.values()
                                        if torch.is_tensor(v) and v.ndim > 0})
     out["data_types"] = [str(t) for t in run.engine.get_data_types()]
-    out["checkpoint_sizes"] = {1: (_dir_bytes(run.checkpoints.root, run.checkpoints.latest_step()),
+    out["checkpoint_sizes"] = {1: (_dir_bytes(run.checkpoints.store.root, run.checkpoints.store.latest_step()),
                                    checkpoint_bytes(run.cfg))}
     del run
     for stage in (2, 3):  # the size estimate at the other ZeRO stages in bf16
@@ -397,7 +397,7 @@ def _bf16_and_init_from(workdir: str, hf_dir: str) -> dict:
                           deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage": stage}})
         run = Trainer(C.from_dict(raw))
         assert run.train() == 0
-        out["checkpoint_sizes"][stage] = (_dir_bytes(run.checkpoints.root, run.checkpoints.latest_step()),
+        out["checkpoint_sizes"][stage] = (_dir_bytes(run.checkpoints.store.root, run.checkpoints.store.latest_step()),
                                           checkpoint_bytes(run.cfg))
         del run
 

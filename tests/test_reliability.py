@@ -91,11 +91,11 @@ def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
     metrics = Path(run.output_dir) / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     saved_equal = None
-    steps = [s for s, _ in run.checkpoints.committed_steps()]
+    steps = [s for s, _ in run.checkpoints.store.committed_steps()]
     if code == EXIT_NONFINITE and steps and "weights" in last_good:  # the "last good" save against the weights
         from megalite.checkpoint.consolidate import load_full_weights
 
-        _, saved, _ = load_full_weights(run.checkpoints.root)
+        _, saved, _ = load_full_weights(run.checkpoints.store.root)
         saved_equal = all(torch.equal(saved[k], v.float()) for k, v in last_good["weights"].items())
     return {"exit": code, "trace": trace, "step": run.step, "skipped": run.nonfinite_skipped,
             # optimizer steps applied (DeepSpeed counts a step it refused in both numbers)

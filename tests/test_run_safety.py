@@ -30,10 +30,10 @@ def _run(workdir: str, out: str, steps: int, **train) -> dict:
     raw = tiny_config(f"{workdir}/tok", out, train={"steps": steps, "checkpoint_interval": 1, **train})
     trainer = Trainer(C.from_dict(raw))
     code = trainer.train()
-    root = Path(trainer.checkpoints.root)
-    return {"exit": code, "start": trainer.start_step, "report": trainer.checkpoints.resume_report,
+    root = Path(trainer.checkpoints.store.root)
+    return {"exit": code, "start": trainer.start_step, "report": trainer.checkpoints.store.resume_report,
             "losses": [r["loss"] for r in trainer.sink.records if r.get("kind") == "train"],
-            "steps": [s for s, _ in trainer.checkpoints.committed_steps()],
+            "steps": [s for s, _ in trainer.checkpoints.store.committed_steps()],
             "entries": sorted(os.listdir(root)) if root.is_dir() else []}
 
 
@@ -138,6 +138,7 @@ def _signal_during_startup(workdir: str) -> dict:
     """SIGTERM on rank 1 at each phase of set-up and resume: every rank exits 75 before its first step."""
     import torch.distributed as dist
 
+    from megalite.checkpoint.manager import CheckpointManager
     from megalite.engine import trainer as T
     from megalite.engine.strategy import DenseStrategy
 
@@ -147,7 +148,7 @@ def _signal_during_startup(workdir: str) -> dict:
         "data": (T, "build_datasets"),
         "model": (DenseStrategy, "build_model"),
         "engine": (T, "build_engine"),
-        "resume": (T.CheckpointManager, "find_resume"),
+        "resume": (CheckpointManager, "find_resume"),
     }
     for phase, (owner, name) in phases.items():
         real = getattr(owner, name)
@@ -224,7 +225,7 @@ def _nan_weights(workdir: str) -> dict:
 
     trainer.train_step = step
     code = trainer.train()
-    return {"exit": code, "steps": [s for s, _ in trainer.checkpoints.committed_steps()]}
+    return {"exit": code, "steps": [s for s, _ in trainer.checkpoints.store.committed_steps()]}
 
 
 def test_nonfinite_weights_are_never_saved_as_last_good(workdir, capfd):
@@ -260,7 +261,7 @@ def _full_disk(workdir: str, disk: str) -> dict:
         raw["model"].update(hidden_size=256, num_layers=2)  # 1.6M parameters: 19 MB per fp32 ZeRO-0 checkpoint
         trainer = Trainer(C.from_dict(raw))
         if case == "write":
-            trainer.checkpoint_estimate = 0
+            trainer.checkpoints.needed_bytes = 0
         try:
             trainer.train()
             error = "no error"

@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
         return out
 
     run.train_step = timed
-    run.save = lambda background=False: None  # the final checkpoint (17 GB for 1.3B with AdamW) would fill the GPU machine's disk
+    run.checkpoints.save = lambda step, last=False: None  # the final checkpoint (17 GB for 1.3B with AdamW) would fill the GPU machine's disk
     code = run.train()
     steady = times[args.warmup:] or times
     step_s = statistics.median(steady)

@@ -1,13 +1,22 @@
 """Checkpoints: every read and write of training state goes through this package.
 
-    paths        step directory names, `latest`, and finding a checkpoint from any path a user gives
-    manifest     the manifest's format, hash, and the model fields a checkpoint must match
-    manager      the commit protocol (save), verified resume, loading into a DeepSpeed engine, verify
-    ds_engine    megalite's DeepSpeed checkpoint engine (hash + fsync as written, safe loads)
+    paths        step directory names, `latest`, and the one resolver from any path a user gives to a step directory
+    manifest     the manifest's format and hash, `read_manifest` (the one parser), run identity and model fields
+    manager      CheckpointManager, the object over one checkpoint root, made of:
+      commit       the commit protocol: synchronous and asynchronous (snapshot + background write) saves, pruning
+      resume       choosing the checkpoint to resume: verification on every rank, quarantine, `resume: never`
+      load         a verified checkpoint into a DeepSpeed engine of the same layout
+    verify       file sizes, hashes and pickle globals against the manifest (resume and `checkpoint verify`)
+    reshard      TrainingState: a checkpoint's full training state by canonical parameter name, any layout
+    consolidate  full, unsharded weights (and a model) from a checkpoint of any layout
+    snapshot     host copies of state dicts for asynchronous saves, with reused buffers
+    ds_engine    megalite's DeepSpeed checkpoint engine (hash + fsync as written, snapshot mode, safe loads)
     safe_load    torch.load(weights_only=True) with an allowlist; static pickle scan
     rng          RNG states as JSON
     faults       fault injection points for the crash-safety tests
-    consolidate  full, unsharded weights from a checkpoint of any layout
+
+The training loop's own checkpoint object (when to save, the non-finite guard, sync or async, the restore after a
+reshard) is megalite.engine.checkpointer.
 """
 
 from __future__ import annotations
@@ -17,8 +26,8 @@ from typing import Any
 
 # Names are imported on first use (PEP 562): `megalite checkpoint list` and path lookups need no torch.
 _EXPORTS = {
-    "CheckpointManager": "manager", "RESUME_POLICIES": "manager", "verify_checkpoint": "manager",
-    "model_signature": "manifest", "run_identity": "manifest", "safe_torch_load": "safe_load",
+    "CheckpointManager": "manager", "RESUME_POLICIES": "resume", "verify_checkpoint": "verify",
+    "model_signature": "manifest", "read_manifest": "manifest", "manifest_layout": "manifest", "run_identity": "manifest", "safe_torch_load": "safe_load",
     "DS_TAG": "paths", "LATEST": "paths", "MANIFEST": "paths", "checkpoint_root": "paths",
     "committed_steps": "paths", "resolve_checkpoint": "paths",
 }

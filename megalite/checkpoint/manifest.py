@@ -12,11 +12,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import megalite
 from megalite.checkpoint.paths import MANIFEST
-from megalite.config import Config, from_dict
+from megalite.config import Config, Layout, from_dict
 from megalite.errors import CheckpointError
 
 FORMAT = "megalite-checkpoint"
@@ -43,7 +41,9 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict[str, str | None]:
-    """Versions of the packages that wrote a checkpoint."""
+    """Versions of the packages that wrote a checkpoint (torch on use: reading manifests needs no torch)."""
+    import torch
+
     try:
         import deepspeed
 
@@ -56,6 +56,35 @@ def versions() -> dict[str, str | None]:
         "deepspeed": ds_version,
         "python": platform.python_version(),
     }
+
+
+def read_manifest(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a step directory, parsed and self-consistent: a JSON object of this format and version whose
+    body hash matches. The one place that parses manifest.json; CheckpointError naming the file and field."""
+    path = Path(step_dir) / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (incomplete checkpoint, never loaded)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON (truncated or corrupt): {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: field format is not {FORMAT!r}")
+    if manifest.get("body_sha256") != manifest_body_hash(manifest):
+        raise CheckpointError(f"{path}: field body_sha256 does not match the manifest's content (edited or corrupt)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: field format_version is {manifest.get('format_version')!r}, this megalite "
+                              f"reads {FORMAT_VERSION}")
+    return manifest
+
+
+def manifest_layout(manifest: dict[str, Any]) -> Layout:
+    """The layout a manifest records (megalite.config.Layout)."""
+    return Layout.from_manifest(manifest.get("layout") or {})
 
 
 def check_json(value: Any, where: str) -> Any:

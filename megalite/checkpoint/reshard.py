@@ -17,27 +17,32 @@ and loaded without running code (the safe loader's allowlist).
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from megalite.checkpoint.manager import verify_checkpoint
-from megalite.checkpoint.manifest import checkpoint_config
+from megalite.checkpoint.manifest import checkpoint_config, manifest_layout, read_manifest
 from megalite.checkpoint.paths import MANIFEST, resolve_checkpoint
 from megalite.checkpoint.safe_load import safe_torch_load
+from megalite.checkpoint.verify import verify_checkpoint
 from megalite.config import Config, ParallelConfig
 from megalite.errors import CheckpointError
-from megalite.model.pipeline import HEAD, layer_order
+from megalite.model.pipeline import canonical_name
 from megalite.model.transformer import Transformer
 from megalite.model.weights import parameter_groups
 from megalite.parallel.sharding import unshard_tensors
 
-MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")  # Adam's two, SGD's one
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+SGD_MOMENTS = ("momentum_buffer",)
+MOMENTS = ADAM_MOMENTS + SGD_MOMENTS  # what a checkpoint's optimizer state may hold per parameter
+
+
+def moment_keys(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
+    """The per-parameter state keys of a torch optimizer: SGD's momentum, else Adam's two moments."""
+    return SGD_MOMENTS if isinstance(optimizer, torch.optim.SGD) else ADAM_MOMENTS
 
 
 @dataclass
@@ -67,13 +72,13 @@ class TrainingState:
 
     def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
         self.step_dir = resolve_checkpoint(path)
-        self.manifest = verify_checkpoint(str(self.step_dir)) if verify else _read_manifest(self.step_dir)
+        self.manifest = verify_checkpoint(self.step_dir) if verify else read_manifest(self.step_dir)
         self.config: Config = checkpoint_config(self.manifest, self.step_dir)
-        layout = self.manifest.get("layout", {})
-        self.tensor, self.pipeline = int(layout.get("tensor", 1)), int(layout.get("pipeline", 1))
+        self.layout = manifest_layout(self.manifest)
+        self.tensor, self.pipeline = self.layout.tensor, self.layout.pipeline
         # ZeRO partitions over every rank holding a replica of the weights: data x context (megalite.parallel.grid).
-        self.data = int(layout.get("data", 1)) * int(layout.get("context", 1))
-        self.zero_stage = int(layout.get("zero_stage", 0))
+        self.data = self.layout.replicas
+        self.zero_stage = self.layout.zero_stage
         self.ds_dir = self.step_dir / self.manifest.get("deepspeed_tag", "ds")
         self._files: dict[str, Any] = {}
         # The unsharded model on the meta device: how each parameter's TP shards fit together.
@@ -135,19 +140,11 @@ class TrainingState:
             files.append(found[0])
         return files
 
-    def _canonical(self, local: str) -> str | None:
-        """The whole model's name of a name in a pipeline stage's module (None: a copy that is not the source)."""
-        if self.pipeline == 1:
-            return local
-        if local.startswith("tied_modules.embed."):
-            return "embedding." + local[len("tied_modules.embed."):]
-        index, _, rest = local.partition(".")
-        prefix = layer_order(self.config.model)[int(index)]
-        return HEAD if prefix == HEAD else prefix + rest
+    def _canonical(self, local: str) -> str:
+        """The whole model's name of a name in the checkpoint's module (a pipeline stage's, or the whole model's)."""
+        return canonical_name(local, self.config.model) if self.pipeline > 1 else local
 
-    def _add(self, canonical: str | None, tp_rank: int, pieces: list[_Piece], shape: torch.Size) -> None:
-        if canonical is None:
-            return
+    def _add(self, canonical: str, tp_rank: int, pieces: list[_Piece], shape: torch.Size) -> None:
         entry = self._pieces.setdefault(canonical, [None] * self.tensor)  # type: ignore[list-item]
         if entry[tp_rank] is None:  # the first stage that holds it (the tied embedding: stage 0)
             entry[tp_rank] = pieces
@@ -270,7 +267,3 @@ def _zero0_parameter_order(cfg: Config, module: dict) -> list[str]:
         raise CheckpointError(f"checkpoint module lacks parameters {unknown[:4]}")
     return order
 
-
-def _read_manifest(step_dir: Path) -> dict:
-    with open(step_dir / MANIFEST, encoding="utf-8") as f:
-        return json.load(f)

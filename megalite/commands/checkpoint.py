@@ -8,12 +8,12 @@ checked without starting a job. Exit status 0 when everything asked about is com
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
-from megalite.checkpoint.paths import MANIFEST, checkpoint_root, committed_steps, read_latest
+from megalite.checkpoint.manifest import read_manifest
+from megalite.checkpoint.paths import MANIFEST, checkpoint_root, committed_steps, read_latest, resolve_checkpoint
 from megalite.commands.output import emit, emit_json
 from megalite.errors import CheckpointError
 
@@ -21,17 +21,16 @@ HELP = "list a run's checkpoints, or verify one against its manifest"
 
 
 def _summary(step_dir: str) -> dict:
-    """What a step directory's manifest says (not verified), or why it cannot be read."""
+    """What a step directory's manifest says (its files not verified), or why it cannot be read."""
+    if not os.path.isfile(os.path.join(step_dir, MANIFEST)):
+        return {"error": f"no {MANIFEST}: incomplete (never loaded)"}
     try:
-        with open(os.path.join(step_dir, MANIFEST), encoding="utf-8") as f:
-            m = json.load(f)
+        m = read_manifest(step_dir)
         layout = m.get("layout", {})
         return {"step": m.get("step"), "bytes": sum(int(v["size"]) for v in m.get("files", {}).values()),
                 "files": len(m.get("files", {})), "layout": {k: layout.get(k) for k in sorted(layout)},
                 "saved_unix": m.get("created_unix"), "git_commit": m.get("git_commit")}
-    except FileNotFoundError:
-        return {"error": f"no {MANIFEST}: incomplete (never loaded)"}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
         return {"error": f"unreadable {MANIFEST}: {e}"}
 
 
@@ -74,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         emit(f"wrote {written}: layout TP{args.tensor}{cp} x PP{args.pipeline} x DP{args.data}; state moved in "
              f"{load_s:.1f} s using at most {peak / 2**20:.0f} MiB per rank beyond its engine")
         return 0
-    from megalite.checkpoint.manager import verify_checkpoint
+    from megalite.checkpoint.verify import verify_checkpoint
 
     root = checkpoint_root(args.path)
     steps = committed_steps(root)
@@ -93,14 +92,12 @@ def main(args: argparse.Namespace) -> int:
                     emit(f" {mark} {os.path.basename(r['path'])}: step {r['step']}, {r['files']} files, "
                           f"{r['bytes'] / 1e6:.1f} MB, layout {r['layout']}")
         return 0 if rows and all("error" not in r for r in rows) else 2
-    if Path(args.path, MANIFEST).is_file():
-        targets = [str(Path(args.path))]
-    elif args.all:
+    if args.all and not Path(args.path, MANIFEST).is_file():
         targets = [path for _, path in steps]
+        if not targets:
+            raise CheckpointError(f"{root}: no checkpoints")
     else:
-        targets = [str(root / latest)] if latest else [path for _, path in steps[:1]]
-    if not targets:
-        raise CheckpointError(f"{root}: no checkpoints")
+        targets = [str(resolve_checkpoint(args.path))]
     results = []
     for target in targets:
         t0 = time.perf_counter()

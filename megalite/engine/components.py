@@ -1,5 +1,5 @@
 """The parts of a training run that decide for themselves when they act: evaluation (validation loss, and the
-downstream tasks of `train.eval_tasks`), checkpoints, the metric window and the profiler. The trainer calls each
+downstream tasks of `train.eval_tasks`), the metric window and the profiler. The trainer calls each
 once per step; each knows its own interval."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megalite.checkpoint import CheckpointManager
 from megalite.checkpoint.consolidate import run_tokenizer
 from megalite.config import Config
 from megalite.data import ResumableSampler, collate
@@ -128,17 +127,6 @@ class TaskEvaluator:
                 return main_metrics(results, self.names)
         finally:
             model.train(was_training)
-
-
-class Checkpointer:
-    """When to save (every `train.checkpoint_interval` steps and at the end), and the run's checkpoint state."""
-
-    def __init__(self, cfg: Config, manager: CheckpointManager) -> None:
-        self.cfg, self.manager = cfg, manager
-
-    def due(self, step: int) -> bool:
-        every = self.cfg.train.checkpoint_interval
-        return bool(every and step % every == 0) or step == self.cfg.train.steps
 
 
 class MetricWindow:

@@ -15,29 +15,15 @@ Only one parameter's full state is held at a time, next to the rank's own shards
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from megalite.checkpoint.reshard import ParameterState, TrainingState
+from megalite.checkpoint.reshard import ParameterState, TrainingState, moment_keys
 from megalite.errors import CheckpointError
 from megalite.model import tensor_parallel_group
+from megalite.model.pipeline import canonical_parameters
 from megalite.parallel.sharding import gather_tensor, shard_tensor
-
-
-def canonical_named_parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """Every parameter of this rank's module under the whole model's name (a pipeline stage's layers map their
-    names; the last stage's tied copy of the embedding is named like the embedding)."""
-    found = False
-    for sub in module.modules():
-        rename = getattr(sub, "canonical_name", None)
-        if callable(rename) and isinstance(sub, torch.nn.Module):
-            found = True
-            for name, p in sub.named_parameters():
-                yield rename(name), p
-    if not found:
-        yield from module.named_parameters()
 
 
 def load_training_state(engine: Any, grid: Any, source: TrainingState) -> dict[str, Any]:
@@ -52,7 +38,7 @@ def load_training_state(engine: Any, grid: Any, source: TrainingState) -> dict[s
     step = None
     count = 0
     _create_optimizer_state(engine, stage, inner)
-    for name, param in canonical_named_parameters(module):
+    for name, param in canonical_parameters(module).items():
         state = source.parameter(name)
         count += 1
         step = state.step if state.step is not None else step
@@ -69,11 +55,6 @@ def load_training_state(engine: Any, grid: Any, source: TrainingState) -> dict[s
 
 
 # ----------------------------------------------------------------------------- optimizer state
-
-
-def _state_template(inner: torch.optim.Optimizer) -> tuple[str, ...]:
-    """The per-parameter state keys of the optimizer kind."""
-    return ("momentum_buffer",) if isinstance(inner, torch.optim.SGD) else ("exp_avg", "exp_avg_sq")
 
 
 def _flat_partitions(engine: Any, stage: int) -> list[torch.Tensor]:
@@ -98,7 +79,7 @@ def _lp_groups(engine: Any) -> list[list[torch.nn.Parameter]]:
 def _new_state(inner: torch.optim.Optimizer, tensor: torch.Tensor) -> dict[str, Any]:
     """A zero optimizer state for `tensor` in the optimizer's own format (filled in below)."""
     state: dict[str, Any] = {key: torch.zeros_like(tensor, memory_format=torch.preserve_format)
-                             for key in _state_template(inner)}
+                             for key in moment_keys(inner)}
     if not isinstance(inner, torch.optim.SGD):
         group = inner.param_groups[0]
         if type(inner).__name__ == "DeepSpeedCPUAdam":
@@ -129,7 +110,7 @@ def _create_optimizer_state(engine: Any, stage: int, inner: torch.optim.Optimize
 
 def _write_parameter(engine: Any, stage: int, inner: torch.optim.Optimizer, param: torch.nn.Parameter,
                      local: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
-    keys = _state_template(inner)
+    keys = moment_keys(inner)
     missing = [k for k in keys if k not in moments]
     if missing:
         raise CheckpointError(f"the checkpoint has no optimizer state {missing} for this optimizer "
@@ -189,7 +170,7 @@ def full_state_of(engine: Any, grid: Any) -> dict[str, ParameterState]:
 
     stage = engine.zero_optimization_stage()
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    keys = _state_template(inner)
+    keys = moment_keys(inner)
     group = tensor_parallel_group(grid)
     link_moments = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if stage < 3 and link_moments is not None and inner.state:
@@ -198,7 +179,7 @@ def full_state_of(engine: Any, grid: Any) -> dict[str, ParameterState]:
         engine.optimizer._hp_optimizer_states_linked = False
         link_moments()
     out = {}
-    for name, param in canonical_named_parameters(engine.module):
+    for name, param in canonical_parameters(engine.module).items():
         if stage == 0 and getattr(param, "_hp_mapping", None) is None:  # plain fp32 ZeRO-0: the module is the master
             fp32 = param.detach().float()
             moments = {k: inner.state[param][k] for k in keys} if param in inner.state else {}
@@ -220,3 +201,18 @@ def restore_schedule(schedule: Any, state: dict) -> None:
     else:  # torch's LambdaLR
         for group, lr in zip(schedule.optimizer.param_groups, schedule.get_last_lr()):
             group["lr"] = lr
+
+
+def restore_resharded(engine: Any, schedule: Any, grid: Any, source: TrainingState) -> tuple[dict, dict[str, Any]]:
+    """A checkpoint of another layout continued in `engine` (collective): weights and optimizer state, the schedule's
+    position and DeepSpeed's step counters. Returns the source's client state (step, sampler, counters) and what
+    `load_training_state` restored. Elastic resume and the offline reshard both restore through this."""
+    restored = load_training_state(engine, grid, source)
+    ds_state = source.model_states()
+    restore_schedule(schedule, ds_state.get("lr_scheduler") or {})
+    for counter in ("global_steps", "global_samples", "skipped_steps"):
+        if counter in ds_state:
+            setattr(engine, counter, int(ds_state[counter]))
+    manifest = source.manifest
+    client = manifest.get("client_state") or manifest.get("client_state_per_rank", [{}])[0]
+    return client, restored

@@ -21,15 +21,14 @@ from typing import Any
 import torch.distributed as dist
 
 from megalite.checkpoint import CheckpointManager, model_signature, resolve_checkpoint
-from megalite.checkpoint.manager import verify_checkpoint
 from megalite.checkpoint.reshard import TrainingState
+from megalite.checkpoint.verify import verify_checkpoint
 from megalite.config import Config, from_dict
 from megalite.distributed import spawn_local_ranks
 from megalite.engine import launch
 from megalite.engine.build import build_engine
-from megalite.engine.elastic import load_training_state, restore_schedule
+from megalite.engine.elastic import restore_resharded
 from megalite.engine.strategy import strategy_for
-from megalite.engine.trainer import run_layout
 from megalite.errors import CheckpointError, ConfigError
 from megalite.memory import rss_anon_bytes
 from megalite.parallel import ProcessGrid
@@ -64,11 +63,10 @@ def reshard(source: str | os.PathLike, out: str | os.PathLike, tensor: int, pipe
     source's) under the checkpoint root `out`; returns the new step directory. `report`, when given, receives each
     rank's phase times and peak resident memory (after building its engine, and at the end)."""
     step_dir = resolve_checkpoint(source)
-    manifest = verify_checkpoint(str(step_dir))  # every file against its hash, before anything is deserialised
+    verify_checkpoint(step_dir)  # every file against its hash, before anything is deserialised
     src = TrainingState(step_dir, verify=False)
     world = tensor * pipeline * data * context
-    cfg = target_config(src.config, int(manifest["layout"].get("world_size", 1)), tensor, pipeline, data, zero,
-                        context)
+    cfg = target_config(src.config, src.layout.world, tensor, pipeline, data, zero, context)
     out = Path(out).absolute()
     if (out / "latest").exists() or any(out.glob("step*")):
         raise CheckpointError(f"{out}: already holds checkpoints; reshard into an empty directory")
@@ -134,19 +132,12 @@ def _reshard_rank(source: str, raw: dict, out: str) -> dict:
     built = time.perf_counter()
     memory.end_phase("build")
     src = TrainingState(source, verify=False)
-    load_training_state(engine, grid, src)
+    client, _ = restore_resharded(engine, schedule, grid, src)
     loaded = time.perf_counter()
     memory.end_phase("reshard")
-    ds_state = src.model_states()
-    restore_schedule(schedule, ds_state.get("lr_scheduler") or {})
-    for counter in ("global_steps", "global_samples", "skipped_steps"):
-        if counter in ds_state:
-            setattr(engine, counter, int(ds_state[counter]))
-    manifest = src.manifest
-    client = manifest.get("client_state") or manifest.get("client_state_per_rank", [{}])[0]
-    manager = CheckpointManager(out, keep=cfg.train.keep_checkpoints, layout=run_layout(cfg, world),
+    manager = CheckpointManager(out, keep=cfg.train.keep_checkpoints, layout=cfg.layout(world),
                                 config=cfg.to_dict(), model=model_signature(cfg.model),
-                                identity=manifest.get("run_identity"))
+                                identity=src.manifest.get("run_identity"))
     manager.save(engine, int(client["step"]), client)
     saved = time.perf_counter()
     memory.end_phase("save")

@@ -78,9 +78,8 @@ class DenseStrategy(Strategy):
     """Tensor parallelism (and sequence parallelism) under DeepSpeed's ZeRO engine, data parallel around it."""
 
     def build_model(self) -> torch.nn.Module:
-        model = build_model(self.cfg.model, self.cfg.parallel, self.grid, seed=self.cfg.train.seed)
-        model.context_grad_scale = context_grad_scale(self.cfg)
-        return model
+        return build_model(self.cfg.model, self.cfg.parallel, self.grid, seed=self.cfg.train.seed,
+                           context_grad_scale=context_grad_scale(self.cfg))
 
     def load_full_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         load_full_state_dict(model, state, tensor_parallel_group(self.grid))
@@ -147,8 +146,7 @@ class PipelineStrategy(Strategy):
         from deepspeed.pipe import PipelineModule
 
         cfg = self.cfg
-        loss_fn = PipelineLoss(cfg.model, self.grid)
-        loss_fn.context_grad_scale = context_grad_scale(cfg)
+        loss_fn = PipelineLoss(cfg.model, self.grid, context_grad_scale(cfg))
         model = PipelineModule(
             layers=pipeline_specs(cfg.model, cfg.parallel, self.grid, seed=cfg.train.seed),
             topology=self.grid.topology,

@@ -34,6 +34,7 @@ def build_model(
     seed: int = 1234,
     device: Optional[torch.device | str] = None,
     dtype: Optional[torch.dtype] = None,
+    context_grad_scale: float = 1.0,
 ) -> Transformer:
     """This TP rank's shards of the model, initialised identically whatever the TP degree.
 
@@ -49,7 +50,7 @@ def build_model(
         raise ConfigError(f"parallel.context={parallel_cfg.context} but the process grid has context parallelism {cp}")
     group = tensor_parallel_group(grid)
     model = Transformer(model_cfg, parallel_cfg, group, device=device, dtype=dtype,
-                        context_group=context_parallel_group(grid))
+                        context_group=context_parallel_group(grid), context_grad_scale=context_grad_scale)
     if torch.device(device or "cpu").type != "meta":
         initialize_parameters(model, seed, group)
     tp_rank = grid.get_tensor_model_parallel_rank() if grid is not None else 0

@@ -44,15 +44,17 @@ from megalite.parallel.mappings import group_size
 
 # (hidden, position_ids) or (hidden, position_ids, document_ids): what passes between pipeline stages.
 Activations = tuple[torch.Tensor, ...]
+HEAD = "output"  # the untied head's one parameter, under the whole model's name
 
 
 class _Canonical:
-    """Mixin: map this layer's parameter names to the whole model's names."""
+    """Mixin: map this layer's parameter names to the whole model's names (its prefix is its entry of
+    `layer_order`)."""
 
     canonical_prefix = ""
 
     def canonical_name(self, name: str) -> str:
-        return self.canonical_prefix + name
+        return _whole_model_name(self.canonical_prefix, name)
 
 
 class EmbeddingPipe(_Canonical, Embedding):
@@ -119,6 +121,8 @@ class FinalNormPipe(_Canonical, Norm):
 class HeadPipe(_Canonical, torch.nn.Module):
     """Untied output projection: hidden -> this rank's logits (B, T, Vp/tp)."""
 
+    canonical_prefix = HEAD
+
     def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int) -> None:
         super().__init__()
         self.group, self.vocab_size = tensor_parallel_group(grid), cfg.vocab_size
@@ -129,9 +133,6 @@ class HeadPipe(_Canonical, torch.nn.Module):
         set_tensor_parallel_attributes(self.weight, True, 0)
         set_init(self.weight, "normal", cfg.init_std)
         initialize_parameters(self, seed, self.group, self.canonical_name)
-
-    def canonical_name(self, name: str) -> str:
-        return HEAD
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.loss_chunk_tokens:  # the loss function applies this head itself, chunk by chunk
@@ -152,12 +153,12 @@ class PipelineLoss:
     the output layer chunk by chunk (`lm_loss_chunked`); `bind(module)` tells it where that layer is.
     """
 
-    def __init__(self, cfg: ModelConfig, grid: Any = None) -> None:
+    def __init__(self, cfg: ModelConfig, grid: Any = None, context_grad_scale: float = 1.0) -> None:
         self.vocab_size, self.group = cfg.vocab_size, tensor_parallel_group(grid)
         self.context_group = context_parallel_group(grid)
         # How the engine combines the context ranks' gradients: 1 when it sums them, cp when it averages them
-        # (megalite.parallel.context; the engine sets it: megalite.engine.build.context_grad_scale).
-        self.context_grad_scale = 1.0
+        # (megalite.parallel.context; the engine's value: megalite.engine.build.context_grad_scale).
+        self.context_grad_scale = context_grad_scale
         self.loss_chunk_tokens, self.z_loss = cfg.loss_chunk_tokens, cfg.z_loss
         self.head: Optional[Union[HeadPipe, EmbeddingPipe]] = None
         self.__name__ = "PipelineLoss"
@@ -183,9 +184,6 @@ class PipelineLoss:
         weight = self.head.weight if isinstance(self.head, HeadPipe) else self.head.word.weight
         return lm_loss_chunked(outputs, weight, labels, mask, self.vocab_size, self.group,
                                self.head.sequence_parallel, self.loss_chunk_tokens, z_loss, **cp)
-
-
-HEAD = "output"  # the untied head's one parameter, under the whole model's name
 
 
 def layer_order(cfg: ModelConfig) -> list[str]:
@@ -219,8 +217,28 @@ def pipeline_specs(
     return specs
 
 
+TIED_EMBEDDING = "tied_modules.embed."  # DeepSpeed's name of the TiedLayerSpec "embed" in a PipelineModule
+
+
+def _whole_model_name(prefix: str, name: str) -> str:
+    """A layer's parameter under the whole model's name: its `layer_order` prefix, then its own name (the untied head
+    has one parameter, the whole model's HEAD)."""
+    return HEAD if prefix == HEAD else prefix + name
+
+
+def canonical_name(name: str, cfg: ModelConfig) -> str:
+    """The whole model's name of the parameter a PipelineModule of `cfg` calls `name` (its state dict and DeepSpeed's
+    optimizer files use these names): layer i's parameters (`{i}.…`) take `layer_order(cfg)[i]` as prefix, the tied
+    embedding's (`tied_modules.embed.…`) 'embedding.'."""
+    if name.startswith(TIED_EMBEDDING):
+        return "embedding." + name[len(TIED_EMBEDDING):]
+    index, _, rest = name.partition(".")
+    return _whole_model_name(layer_order(cfg)[int(index)], rest)
+
+
 def canonical_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """This stage's parameters under the whole model's names (the tied embedding once).
+    """This rank's parameters under the whole model's names: a pipeline stage's layers map theirs (the tied
+    embedding once), a Transformer's already are.
 
     With tied embeddings the last stage holds a copy of the whole embedding module; only its `word.weight`
     is used (and kept equal by DeepSpeed), so take `embedding.position.weight` from stage 0.
@@ -230,7 +248,7 @@ def canonical_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Paramete
         if isinstance(sub, _Canonical):
             for name, p in sub.named_parameters():
                 out.setdefault(sub.canonical_name(name), p)
-    return out
+    return out or dict(module.named_parameters())
 
 
 @torch.no_grad()

@@ -302,6 +302,7 @@ class Transformer(torch.nn.Module):
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
         context_group: Group = None,
+        context_grad_scale: float = 1.0,
     ) -> None:
         super().__init__()
         parallel = parallel or ParallelConfig()
@@ -309,8 +310,8 @@ class Transformer(torch.nn.Module):
         self.config, self.parallel_config, self.group = cfg, parallel, group
         self.context_group = context_group if group_size(context_group) > 1 else None
         # How the engine combines the context ranks' gradients: 1 when it sums them, cp when it averages them
-        # (megalite.parallel.context; the engine sets it: megalite.engine.build.context_grad_scale).
-        self.context_grad_scale = 1.0
+        # (megalite.parallel.context; the engine's value: megalite.engine.build.context_grad_scale).
+        self.context_grad_scale = context_grad_scale
         self.tp_size, self.tp_rank = group_size(group), group_rank(group)
         sp = parallel.sequence_parallel and self.tp_size > 1
         self.sequence_parallel = sp

@@ -13,14 +13,23 @@ it on recompute, as `checkpoint` below does for the plain model.
 from __future__ import annotations
 
 import contextlib
+import random
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.utils.checkpoint
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"  # DeepSpeed's name for the stream
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's default generators from the one config seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 # The model-parallel stream's seed, applied to the tracker when a dropout first needs it: a model without
