@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `megalite` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:  # a command that must act before the other modules load (train: signals)
+        early = getattr(importlib.import_module(f"megalite.commands.{COMMANDS[argv[0]]}"), "at_process_start", None)
+        if early is not None:
+            early()
     parser = build_parser()
     if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
         # Each benchmark parses its own options (`megalite bench NAME --help` lists them).

@@ -324,3 +324,77 @@ def test_missing_metrics_package_is_a_clear_error_on_every_rank(workdir, tmp_pat
     assert out.returncode != 0
     assert out.stderr.count("train.logging.tensorboard_dir") >= 2, out.stderr[-3000:]  # both ranks say why
     assert time.monotonic() - start < 120
+
+
+def _catching_sigterm(pids: list[int]) -> list[int]:
+    """The Python processes among `pids` that catch SIGTERM (a handler installed: bit 15 of SigCgt)."""
+    found = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if comm.startswith("python") and caught >> (signal.SIGTERM - 1) & 1:
+            found.append(pid)
+    return found
+
+
+def _start_and_signal(command: list[str], delay_s: float, env: dict, ranks_of: str | None = None) -> subprocess.Popen:
+    """Start `command` in its own process group and send SIGTERM `delay_s` after it starts: to the process; or, with
+    `ranks_of` (a launcher's config path), `delay_s` after both of its Python ranks ran their first line (megalite
+    catches the signal from there on), to the whole group (as `scancel` signals every process of a job step)."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    if ranks_of is None:
+        time.sleep(delay_s)
+        proc.send_signal(signal.SIGTERM)
+        return proc
+    deadline = time.monotonic() + 120
+    while len(_catching_sigterm(_processes_mentioning(ranks_of))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # until both Python ranks run their first line (the shells trap TERM too: excluded)
+    time.sleep(delay_s)
+    os.killpg(proc.pid, signal.SIGTERM)
+    return proc
+
+
+def test_preemption_at_any_moment_of_startup_requeues(workdir, tmp_path):
+    """SIGTERM from the first moments of `megalite train` (imports, set-up, resume) to its first steps: exit 75 (the
+    batch scripts requeue it), never death by the signal (143). Plain `megalite train` at several moments after it
+    starts; under torchrun and the deepspeed launcher (each rank through slurm/rank.sh, as the batch scripts run them)
+    the signal goes to every process, as scancel sends it, 0.1 s after the ranks' first line."""
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
+           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}  # rank.sh runs `python` from PATH
+    runs: dict[str, tuple[subprocess.Popen, Path | None]] = {}
+    for delay in (0.3, 1.5, 3.0):
+        path = tmp_path / f"plain-{delay}.json"
+        path.write_text(json.dumps(tiny_config(f"{workdir}/tok", str(tmp_path / f"plain-{delay}"),
+                                               train={"steps": 1000})))
+        runs[f"plain@{delay}s"] = (_start_and_signal([sys.executable, "-m", "megalite.cli", "train", str(path)],
+                                                     delay, env), None)
+    rank_sh = REPO / "megalite" / "slurm" / "rank.sh"
+    launchers = {
+        "torchrun": [str(bindir / "torchrun"), "--nproc-per-node", "2", "--max-restarts", "0", "--master-port",
+                     str(_free_port()), "--no-python", str(rank_sh)],
+        "deepspeed": [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "--no_python",
+                      "--no_local_rank", str(rank_sh)],
+    }
+    for name, launcher in launchers.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(tiny_config(f"{workdir}/tok", str(tmp_path / name), train={"steps": 1000})))
+        state = tmp_path / f"{name}-state"
+        state.mkdir()
+        runs[name] = (_start_and_signal([*launcher, "train", str(path)], 0.1, {**env, "MEGALITE_STATE_DIR": str(state)},
+                                        ranks_of=str(path)), state)
+    for name, (proc, state) in runs.items():
+        output, _ = proc.communicate(timeout=180)
+        if state is None:
+            assert proc.returncode == EXIT_PREEMPTED, (name, proc.returncode, output[-3000:])
+        else:  # a launcher's own code is not the ranks' (torchrun reports 75 as 1): each rank leaves its own
+            deadline = time.monotonic() + 60  # the deepspeed runner dies of the signal; its ranks finish on their own
+            while len(list(state.glob("rank-*.rc"))) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            codes = sorted(int(p.read_text()) for p in state.glob("rank-*.rc"))
+            assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], (name, codes, output[-3000:])

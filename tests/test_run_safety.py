@@ -25,10 +25,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _run(workdir: str, out: str, steps: int, **train) -> dict:
     """One Trainer run on every rank; returns its exit code, the report and the root's listing (rank 0's view)."""
+    from megalite.checkpoint.paths import committed_steps
+    from megalite.engine.signals import EXIT_PREEMPTED, PreemptedDuringSetUp
     from megalite.engine.trainer import Trainer
 
     raw = tiny_config(f"{workdir}/tok", out, train={"steps": steps, "checkpoint_interval": 1, **train})
-    trainer = Trainer(C.from_dict(raw))
+    try:
+        trainer = Trainer(C.from_dict(raw))
+    except PreemptedDuringSetUp as e:  # every rank stopped at the same set-up phase, before anything was saved
+        root = Path(out) / "checkpoints"
+        return {"exit": EXIT_PREEMPTED, "stopped_at": str(e), "steps": [s for s, _ in committed_steps(root)]}
     code = trainer.train()
     root = Path(trainer.checkpoints.store.root)
     return {"exit": code, "start": trainer.start_step, "report": trainer.checkpoints.store.resume_report,
@@ -167,10 +173,14 @@ def _signal_during_startup(workdir: str) -> dict:
 
 
 def test_preemption_during_startup_exits_75_without_saving(workdir):
+    # A signal during a set-up phase stops every rank at the end of that phase, not after the whole set-up.
+    stops = {"preflight": "preflight", "data": "building the data", "model": "building the model",
+             "engine": "starting DeepSpeed"}
     for res in run_ranks(_signal_during_startup, 2, workdir, timeout_s=300, collective_timeout_s=60):
         for phase, r in res.items():
             assert r["exit"] == 75, (phase, r)
             assert r["steps"] == [], (phase, r)  # nothing new to save before the first step
+            assert r.get("stopped_at") == stops.get(phase), (phase, r)  # resume: after set-up, before step 1
 
 
 def test_nonfinite_optimizer_settings_are_config_errors():

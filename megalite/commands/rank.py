@@ -7,7 +7,6 @@ import traceback
 from typing import NoReturn
 
 from megalite import cli
-from megalite.engine.launch import exit_now
 
 
 def rank_main(argv: list[str] | None = None) -> NoReturn:
@@ -20,6 +19,9 @@ def rank_main(argv: list[str] | None = None) -> NoReturn:
     except BaseException:  # noqa: BLE001 - report like the interpreter would, then exit the same quick way
         traceback.print_exc()
         code = 1
+    # Imported after the command: `megalite train` catches preemption signals before torch loads.
+    from megalite.engine.launch import exit_now
+
     exit_now(code)
 
 

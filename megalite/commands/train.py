@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from megalite.engine.signals import catch_preemption_early
+
 HELP = "train a model with DeepSpeed"
+
+
+def at_process_start() -> None:
+    """Before anything else of the process (megalite.cli calls it first): a preemption signal during the slow imports
+    and set-up must lead to a requeue (exit 75), not a dead job."""
+    catch_preemption_early()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -78,8 +78,9 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        # First: a signal during the slow set-up below must lead to a requeue, not a dead job.
-        self.preemption = signals.PreemptionFlag(cfg.train.preemption_signals)
+        # First: a signal during the slow set-up below must lead to a requeue, not a dead job (`megalite train` caught
+        # the default signals already, before its imports; this takes that flag over).
+        self.preemption = signals.preemption_flag(cfg.train.preemption_signals)
         try:
             self._set_up()
         except BaseException:
@@ -92,8 +93,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = launch.device()
         self.output_dir = Path(cfg.train.output_dir)
-        agree("configuration", self._check_config)
-        problems = run_preflight(cfg, self.world, self.rank)  # collective: every rank gets every problem
+        self._phase("configuration", self._check_config)
+        problems = self._phase("preflight", run_preflight, cfg, self.world, self.rank)  # every rank gets every problem
         if problems:
             raise ConfigError(problems)
         kernels.set_backend(cfg.train.kernels)
@@ -103,10 +104,11 @@ class Trainer:
                                 context=cfg.parallel.context)
         self.dp_rank, self.dp_size = self.grid.get_data_parallel_rank(), self.grid.get_data_parallel_world_size()
         self.strategy = strategy_for(cfg, self.grid, self.device)
-        agree("building the data", self._build_data)
-        self.model = agree("building the model", self._build_model)
-        self.engine, self.schedule = agree("starting DeepSpeed", build_engine, self.model, cfg, self.grid, self.world)
-        self.sink = agree("opening the metric sinks", MetricSink, cfg, self.output_dir, self.is_main)
+        self._phase("building the data", self._build_data)
+        self.model = self._phase("building the model", self._build_model)
+        self.engine, self.schedule = self._phase("starting DeepSpeed", build_engine, self.model, cfg, self.grid,
+                                                 self.world)
+        self.sink = self._phase("opening the metric sinks", MetricSink, cfg, self.output_dir, self.is_main)
         self._say = say_on_rank0(self.is_main)
         self.checkpoints = Checkpointer(cfg, self.world, self.engine, self.schedule, self.grid, self.device,
                                         self.client_state, self.sink, self._say)
@@ -124,7 +126,17 @@ class Trainer:
         self._progress: Any = None  # a tqdm bar on an interactive rank 0
         self.task_evaluator = None  # train.eval_tasks: the harness's tasks at each evaluation
         if cfg.train.eval_tasks is not None:
-            self.task_evaluator = agree("loading train.eval_tasks", TaskEvaluator, cfg, self.is_main)
+            self.task_evaluator = self._phase("loading train.eval_tasks", TaskEvaluator, cfg, self.is_main)
+
+    def _phase(self, name: str, fn: Any, *args: Any) -> Any:
+        """One set-up phase on every rank: a failure on any rank raises on all (`agree`); then, when a preemption
+        signal reached any rank, every rank stops here (nothing to save yet: the job is requeued at once instead of
+        finishing a set-up that may take minutes)."""
+        result = agree(name, fn, *args)
+        (signalled,) = any_rank([self.preemption.is_set], self.device)
+        if signalled:
+            raise signals.PreemptedDuringSetUp(name)
+        return result
 
     def _check_config(self) -> None:
         validate(self.cfg, self.world)  # the world-size rules, now that it is known
@@ -307,6 +319,11 @@ def train(cfg: Config) -> int:
     """Build and run; every rank returns the same exit code."""
     try:
         return Trainer(cfg).train()
+    except signals.PreemptedDuringSetUp as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megalite: preempted during set-up ({e}): exiting {signals.EXIT_PREEMPTED} to be requeued",
+                  file=sys.stderr, flush=True)
+        return signals.EXIT_PREEMPTED
     except MegaliteError as e:
         print(f"megalite train (rank {os.environ.get('RANK', '?')}): error: {e}", file=sys.stderr, flush=True)
         return signals.EXIT_CONFIG
