@@ -24,22 +24,18 @@ from megalite.checkpoint import MANIFEST, CheckpointManager, model_signature, re
 from megalite.checkpoint.consolidate import load_full_weights
 from megalite.checkpoint.reshard import TrainingState
 from megalite.config import Config, ModelConfig, summary, validate
-from megalite.data import ResumableSampler, build_datasets
+from megalite.data import BatchStream, ResumableSampler, build_datasets
 from megalite.data.prepare import manifest_tokenizer
 from megalite.distributed import agree, any_rank
 from megalite.engine import launch, signals
 from megalite.engine.build import build_engine
-from megalite.engine.components import (
-    BatchStream,
-    Checkpointer,
-    Evaluator,
-    MetricWindow,
-    ProfilerWindow,
-    TaskEvaluator,
-)
+from megalite.engine.components import Checkpointer
 from megalite.engine.elastic import load_training_state, restore_schedule
+from megalite.engine.evaluation import Evaluator, TaskEvaluator
 from megalite.engine.metrics import (
     MetricSink,
+    MetricWindow,
+    ProfilerWindow,
     StepTimer,
     device_peak_tflops,
     flops_per_token,
