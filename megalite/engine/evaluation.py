@@ -13,7 +13,8 @@ import torch.distributed as dist
 from megalite.checkpoint.consolidate import run_tokenizer
 from megalite.config import Config
 from megalite.data import BatchStream, ResumableSampler
-from megalite.engine.downstream import (
+from megalite.errors import ConfigError, MegaliteError
+from megalite.eval_harness import (
     find_tasks,
     live_model_class,
     load_tasks,
@@ -22,7 +23,6 @@ from megalite.engine.downstream import (
     require_lm_eval,
     run_tasks,
 )
-from megalite.errors import ConfigError, MegaliteError
 
 
 class Evaluator:
@@ -57,7 +57,7 @@ class Evaluator:
 
 
 class TaskEvaluator:
-    """`train.eval_tasks`: lm-evaluation-harness tasks on the live model, at each evaluation (megalite.engine.downstream).
+    """`train.eval_tasks`: lm-evaluation-harness tasks on the live model, at each evaluation (megalite.eval_harness).
 
     The tasks are resolved and their data loaded at start, so an unknown task or missing data fails before step 1.
     Every rank takes part in a run (rank 0 drives the harness, the others serve its model calls); the model's

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megalite import kernels
+from megalite import kernels, launch
 from megalite.checkpoint import MANIFEST, CheckpointManager, model_signature, resolve_checkpoint, run_identity
 from megalite.checkpoint.consolidate import load_full_weights
 from megalite.checkpoint.reshard import TrainingState
@@ -27,7 +27,7 @@ from megalite.config import Config, ModelConfig, summary, validate
 from megalite.data import BatchStream, ResumableSampler, build_datasets
 from megalite.data.prepare import manifest_tokenizer
 from megalite.distributed import agree, any_rank
-from megalite.engine import launch, signals
+from megalite.engine import signals
 from megalite.engine.build import build_engine
 from megalite.engine.components import Checkpointer
 from megalite.engine.elastic import load_training_state, restore_schedule
