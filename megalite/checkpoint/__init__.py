@@ -2,8 +2,11 @@
 
     paths        step directory names, `latest`, and finding a checkpoint from any path a user gives
     manifest     the manifest's format, hash, and the model fields a checkpoint must match
-    manager      the commit protocol (save), verified resume, loading into a DeepSpeed engine, verify
-    ds_engine    megalite's DeepSpeed checkpoint engine (hash + fsync as written, safe loads)
+    manager      the commit protocol (save, also in the background), verified resume, loading into a DeepSpeed
+                 engine, verify
+    ds_engine    megalite's DeepSpeed checkpoint engine (hash + fsync as written, safe loads, host snapshots)
+    snapshot     host-memory copies of the checkpoint state, for asynchronous saves
+    reshard      `TrainingState`: a checkpoint of any layout's full training state, one parameter at a time
     safe_load    torch.load(weights_only=True) with an allowlist; static pickle scan
     rng          RNG states as JSON
     faults       fault injection points for the crash-safety tests
