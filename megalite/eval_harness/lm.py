@@ -35,7 +35,6 @@ def require_lm_eval() -> Any:
     return lm_eval
 
 
-
 class HarnessLMBase:
     """The harness's `LM` methods over a megalite model in memory; `live_model_class()` (and megalite.eval_harness's
     `MegaliteLM`, which also loads checkpoints) combine them with the harness's `TemplateLM`. Build one with
