@@ -14,7 +14,8 @@ warning on stderr. Generation stops early at the end-of-document token of the ru
 of an exported Hugging Face model), which ends the text; `stop_at_eod=False` continues past it.
 
 The sampler itself (`generate_ids`, `sample_next`, ...) is megalite.model.sampling, re-exported here; this
-module loads checkpoints for inference (`load_for_inference`, also used by megalite.eval_harness).
+module loads checkpoints for inference (`load_for_inference`, also used by megalite.eval_harness). It imports
+nothing of the engine (process start-up is megalite.launch), so the harness and, through it, training can use it.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from typing import Any
 
 import torch
 
+from megalite import launch
 from megalite.checkpoint.consolidate import model_from_checkpoint, run_tokenizer
 from megalite.config import Config
-from megalite.engine import launch
 from megalite.errors import DataError
 from megalite.model.sampling import (  # noqa: F401 - re-exported: megalite.generate is where users find them
     PYTHON_NAMES,

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from megalite import config as C
-from tests.distributed import run_ranks
-from tests.engine_utils import tiny_config, write_token_dataset
+from tests.helpers.distributed import run_ranks
+from tests.helpers.engine_utils import tiny_config, write_token_dataset
 
 LAYOUTS = {
     "z1": {"deepspeed": {"zero_optimization": {"stage": 1}}},

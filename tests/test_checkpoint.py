@@ -1,7 +1,7 @@
 """Checkpoint module: commit protocol under kill -9, corruption matrix, exact resume, safe loading.
 
 Launches (each costs seconds on 2 cores, so each carries many checks):
-- one subprocess chain (tests/ckpt_job.py) of 2-rank jobs killed with SIGKILL at every fault point;
+- one subprocess chain (tests/helpers/ckpt_job.py) of 2-rank jobs killed with SIGKILL at every fault point;
 - one run_ranks launch doing exact resume for ZeRO 1/2/3, the corruption matrix, the doctored file
   and resume 'must' with nothing to resume.
 """
@@ -25,7 +25,7 @@ from megalite.checkpoint.rng import rng_state, set_rng_state
 from megalite.distributed import broadcast_object
 from megalite.errors import CheckpointError
 from megalite.files import sha256_file
-from tests.distributed import run_ranks
+from tests.helpers.distributed import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUT = {"tp": 1, "pp": 1, "dp": 2, "world_size": 2}
@@ -119,13 +119,13 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 def _run_chain(tmp_path, chain: list, expected_resume: list[int], *mode: str) -> tuple[list[dict], dict]:
-    """Run tests/ckpt_job.py's chain of jobs (each killed at its fault point or finishing); check each job's exit,
+    """Run tests/helpers/ckpt_job.py's chain of jobs (each killed at its fault point or finishing); check each job's exit,
     fault marker, leftover processes and resume step; return the jobs' results and every rank's losses by step."""
     root, out = tmp_path / "root", tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu")
     env.pop("MEGALITE_CKPT_FAULT", None)
-    cmd = [sys.executable, os.path.join(REPO, "tests", "ckpt_job.py"), str(root), str(out), json.dumps(chain), *mode]
+    cmd = [sys.executable, os.path.join(REPO, "tests", "helpers", "ckpt_job.py"), str(root), str(out), json.dumps(chain), *mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _processes_mentioning(str(root)) == [], "orphaned job processes"
@@ -254,7 +254,7 @@ def _write(path: str, text: str) -> None:
 
 def _doctor(root: str, marker: str) -> dict:
     """Rank 0: plant an exec payload in step 2's model states and re-sign the manifest; run the positive control."""
-    from tests.ckpt_common import Payload
+    from tests.helpers.ckpt_common import Payload
 
     step = os.path.join(root, "step00000002")
     target = os.path.join(step, MODEL_STATES)
@@ -297,7 +297,7 @@ def _checks_on_ranks(base: str) -> dict:
     """Runs on each of 2 ranks: exact resume for ZeRO 1/2/3, then the corruption matrix and safe loading."""
     import torch.distributed as dist
 
-    from tests.ckpt_common import (
+    from tests.helpers.ckpt_common import (
         MODEL,
         build_engine,
         build_pipe_engine,

@@ -19,8 +19,8 @@ import json
 import pytest
 import torch
 
-from tests.distributed import run_ranks
-from tests.engine_utils import write_token_dataset
+from tests.helpers.distributed import run_ranks
+from tests.helpers.engine_utils import write_token_dataset
 from tests.test_engine import CHUNKED_Z, DOCUMENTS, _assert_close_to_reference, _reference, _train_runs
 
 LLAMA = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "num_kv_heads": 2,
@@ -336,7 +336,7 @@ def test_offline_reshard_into_context_parallelism(two_ranks, workdir, tmp_path):
 
 def _cfg(world: int, **sections):
     from megalite import config as C
-    from tests.engine_utils import tiny_config
+    from tests.helpers.engine_utils import tiny_config
 
     return C.from_dict(tiny_config("data", "out", **sections), world_size=world)
 

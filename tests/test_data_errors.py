@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megalite.data.prepare import prepare
-from tests.distributed import run_ranks
+from tests.helpers.distributed import run_ranks
 from tests.test_data_prepare import make_docs, tokenizer_file  # noqa: F401 - a shared fixture
 
 FAST_S = 10.0  # "within seconds": generous for a loaded 2-core machine

@@ -318,7 +318,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path: Path, small_d
 
 def test_a_missing_prefix_is_named_as_missing(tmp_path: Path) -> None:
     from megalite.data import build_datasets
-    from tests.engine_utils import write_token_dataset
+    from tests.helpers.engine_utils import write_token_dataset
 
     missing = str(tmp_path / "nodata" / "corpus")
     _raises(lambda: build_datasets([missing], None, "9,1,0", 8, 1), "corpus: data prefix not found",
@@ -334,7 +334,7 @@ def test_eval_names_the_split_that_is_empty(tmp_path: Path, monkeypatch: pytest.
     from megalite import config as C
     from megalite import evaluate
     from megalite.model import build_model
-    from tests.engine_utils import tiny_config, write_token_dataset
+    from tests.helpers.engine_utils import tiny_config, write_token_dataset
 
     prefix = write_token_dataset(str(tmp_path / "tok"), num_docs=40)
     # 949,50,1 of 40 documents: valid gets 2, test 0.04 -> none.

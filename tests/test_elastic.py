@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from megalite import config as C
-from tests.distributed import run_ranks
-from tests.engine_utils import tiny_config, write_token_dataset
+from tests.helpers.distributed import run_ranks
+from tests.helpers.engine_utils import tiny_config, write_token_dataset
 
 LLAMA = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "num_kv_heads": 2,
          "tied_embeddings": False, "ffn_hidden_size": 64}

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from megalite import config as C
-from tests.distributed import run_ranks
-from tests.engine_utils import init_from_report, tiny_config, write_token_dataset
+from tests.helpers.distributed import run_ranks
+from tests.helpers.engine_utils import init_from_report, tiny_config, write_token_dataset
 
 STEPS = 10
 

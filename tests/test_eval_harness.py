@@ -20,8 +20,8 @@ import pytest
 pytest.importorskip("lm_eval", reason="the `eval` extra (lm-eval) is not installed")
 
 from megalite import config as C  # noqa: E402
-from tests.distributed import run_ranks  # noqa: E402
-from tests.engine_utils import tiny_config  # noqa: E402
+from tests.helpers.distributed import run_ranks  # noqa: E402
+from tests.helpers.engine_utils import tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 100

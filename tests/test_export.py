@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from megalite import config as C
-from tests.distributed import run_ranks
-from tests.engine_utils import init_from_report, tiny_config, write_token_dataset
+from tests.helpers.distributed import run_ranks
+from tests.helpers.engine_utils import init_from_report, tiny_config, write_token_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -123,8 +123,8 @@ def test_deepspeed_zero_to_fp32_recovers_the_exported_weights(trained):
 
 def _generate_tp2(checkpoint: str, prompt: list[int], n: int, trained: str) -> dict:
     from megalite.checkpoint.consolidate import load_full_weights, model_from_checkpoint
-    from megalite.engine.launch import init_distributed
     from megalite.generate import generate_ids
+    from megalite.launch import init_distributed
     from megalite.parallel import ProcessGrid
 
     init_distributed()

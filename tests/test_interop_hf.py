@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megalite.memory import peak_anon_growth
-from tests.distributed import run_ranks
+from tests.helpers.distributed import run_ranks
 
 VOCAB = 300
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megalite.config import ModelConfig, ParallelConfig
-from tests.distributed import run_ranks
+from tests.helpers.distributed import run_ranks
 
 GPT = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=64,
            norm="layernorm", mlp="gelu", position="learned", bias=True, tied_embeddings=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megalite.config import ModelConfig
-from tests.distributed import run_ranks
+from tests.helpers.distributed import run_ranks
 from tests.test_model_parallel import GPT, LLAMA
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.distributed import run_ranks
+from tests.helpers.distributed import run_ranks
 
 
 class _MLP(torch.nn.Module):

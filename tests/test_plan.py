@@ -6,7 +6,7 @@ References, none of them the cost model itself:
 - DeepSpeed's `estimate_zero2/3_model_states_mem_needs_all_cold`.
 - Korthikanti et al. 2022, per-layer activations sbh(34 + 5as/h), /t with tensor (and sequence) parallelism.
 - The bytes autograd saves in real forward passes (saved_tensors_hooks), the tensors a real DeepSpeed engine holds,
-  the payload of every torch.distributed call during a real step (tests/plan_probes.py).
+  the payload of every torch.distributed call during a real step (tests/helpers/plan_probes.py).
 - Narayanan et al. 2021, Tables 1 and 2 (A100 throughput); torchtitan's Llama 3.1 8B on 8 H100; megalite's own
   H200 step (kernels/results/h200-2026-11-30).
 """
@@ -30,8 +30,8 @@ import pytest
 
 from megalite import config as C
 from megalite.engine import plan as P
-from tests.distributed import run_ranks
-from tests.engine_utils import tiny_config, write_token_dataset
+from tests.helpers.distributed import run_ranks
+from tests.helpers.engine_utils import tiny_config, write_token_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -274,7 +274,7 @@ def _engine_holdings_and_traffic(workdir: str, variants: list) -> dict:
     from megalite.engine import signals
     from megalite.engine.metrics import StepTimer
     from megalite.engine.trainer import Trainer
-    from tests.plan_probes import CollectiveCounter, held_bytes
+    from tests.helpers.plan_probes import CollectiveCounter, held_bytes
 
     out = {}
     for name, sections in variants:

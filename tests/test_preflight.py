@@ -14,8 +14,8 @@ import pytest
 from megalite import config
 from megalite.commands import preflight as preflight_cli
 from megalite.engine import preflight
-from tests.distributed import run_ranks
-from tests.engine_utils import tiny_config
+from tests.helpers.distributed import run_ranks
+from tests.helpers.engine_utils import tiny_config
 
 
 def _cfg(tmp_path: Path, **sections) -> config.Config:

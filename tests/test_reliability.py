@@ -17,8 +17,8 @@ import torch
 
 from megalite import config as C
 from megalite.engine.signals import EXIT_NONFINITE, EXIT_PREEMPTED
-from tests.distributed import run_ranks
-from tests.engine_utils import tiny_config, write_token_dataset
+from tests.helpers.distributed import run_ranks
+from tests.helpers.engine_utils import tiny_config, write_token_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -303,7 +303,7 @@ def test_sigterm_to_torchrun_saves_and_leaves_no_orphans(workdir, tmp_path):
 
 
 def _free_port() -> int:
-    from tests.distributed import free_port
+    from tests.helpers.distributed import free_port
 
     return free_port()
 

@@ -17,8 +17,8 @@ import torch
 
 from megalite import config as C
 from megalite.errors import ConfigError
-from tests.distributed import run_ranks
-from tests.engine_utils import tiny_config, write_token_dataset
+from tests.helpers.distributed import run_ranks
+from tests.helpers.engine_utils import tiny_config, write_token_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""The slurm/ batch scripts against a real two-node SLURM (tests/slurm_cluster.py), on CPU.
+"""The slurm/ batch scripts against a real two-node SLURM (tests/helpers/slurm_cluster.py), on CPU.
 
 All jobs are submitted at once (two run side by side: one CPU per node each) and every test
 waits for its own: srun (with preflight), torchrun and the deepspeed launcher each train over
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_utils import tiny_config, write_token_dataset
-from tests.slurm_cluster import NODE_IFNAME, REQUIRE_ENV, SlurmCluster, ensure_installed, unavailable
+from tests.helpers.engine_utils import tiny_config, write_token_dataset
+from tests.helpers.slurm_cluster import NODE_IFNAME, REQUIRE_ENV, SlurmCluster, ensure_installed, unavailable
 
 pytestmark = pytest.mark.slurm
 
@@ -300,7 +300,7 @@ def test_requeues_stop_at_max_restarts(cluster: SlurmCluster, jobs: dict[str, Jo
 FORCED_START_FAILURE = """
 import sys
 import pytest
-import tests.slurm_cluster as harness
+import tests.helpers.slurm_cluster as harness
 harness.SlurmCluster.start = lambda self, timeout_s=60.0: "forced start failure (test)"
 sys.exit(pytest.main(["-q", "-rsE", "-p", "no:cacheprovider", "tests/test_slurm.py::test_torchrun_script"]))
 """
@@ -342,7 +342,7 @@ def test_ci_runs_make_test_with_the_switch(tmp_path: Path) -> None:
 
 
 def test_cluster_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tests.slurm_cluster as harness
+    import tests.helpers.slurm_cluster as harness
 
     monkeypatch.setattr(harness.os, "geteuid", lambda: 1000)
     cluster = SlurmCluster()

@@ -33,7 +33,7 @@ def _rank(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from megalite.checkpoint import CheckpointManager
-    from megalite.engine.launch import init_distributed
+    from megalite.launch import init_distributed
 
     init_distributed(300)
     width = 2048

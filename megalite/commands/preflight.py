@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     rank, world = 0, args.world_size or cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.context
     distributed = launched > 1
     if distributed:
-        from megalite.engine import launch
+        from megalite import launch
 
         rank, world = launch.init_distributed(args.timeout)
     try:

@@ -11,7 +11,7 @@ from megalite import cli
 
 def rank_main(argv: list[str] | None = None) -> NoReturn:
     """One rank under the batch scripts (`python -m megalite.commands.rank SUBCOMMAND ...`, see slurm/rank.sh):
-    the `megalite` command, then a quick exit with its code (see megalite.engine.launch.exit_now)."""
+    the `megalite` command, then a quick exit with its code (see megalite.launch.exit_now)."""
     try:
         code = int(cli.main(argv) or 0)
     except SystemExit as e:  # argparse errors and --help
@@ -20,7 +20,7 @@ def rank_main(argv: list[str] | None = None) -> NoReturn:
         traceback.print_exc()
         code = 1
     # Imported after the command: `megalite train` catches preemption signals before torch loads.
-    from megalite.engine.launch import exit_now
+    from megalite.launch import exit_now
 
     exit_now(code)
 

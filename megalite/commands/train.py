@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Load the config (before any process group exists), then train."""
     from megalite import config
-    from megalite.engine.launch import exit_now
     from megalite.engine.trainer import train
+    from megalite.launch import exit_now
 
     cfg = config.load(args.config, args.overrides)
     exit_now(train(cfg))  # every file was closed by train(); skip the interpreter's finalisation

@@ -15,6 +15,7 @@ _EXPORTS = {
     "BlendedDataset": "megalite.data.dataset",
     "collate": "megalite.data.dataset",
     "ResumableSampler": "megalite.data.sampler",
+    "BatchStream": "megalite.data.stream",
     "IndexedDataset": "megalite.data.indexed",
     "IndexedDatasetWriter": "megalite.data.indexed",
     "prepare": "megalite.data.prepare",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,115 @@ def _draw_losses(records: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the training log's window and profiler
+# torch and numpy are imported inside these functions: the planner (megalite plan) imports this module for its peak
+# table and stays torch- and numpy-free.
+
+
+class MetricWindow:
+    """Training records every `train.logging` interval: loss, learning rate, gradient norm, throughput, MFU."""
+
+    def __init__(self, cfg: Config, sink: MetricSink, timer: StepTimer, world: int, flops_per_token: float,
+                 peak_tflops: float | None, is_main: bool) -> None:
+        self.cfg, self.sink, self.timer, self.world, self.is_main = cfg, sink, timer, world, is_main
+        self.flops_per_token, self.peak = flops_per_token, peak_tflops
+        self.tokens_per_step = cfg.global_batch_size(world) * cfg.data.seq_length
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.steps, self.losses = time.perf_counter(), 0, []
+
+    def add(self, loss: float, skipped: bool) -> None:
+        self.steps += 1
+        if not skipped:
+            self.losses.append(loss)
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.train.log_interval == 0 or step == self.cfg.train.steps
+
+    def flush(self, step: int, lr: float, grad_norm: float | None, loss_scale: float | None,
+              nonfinite_skipped: int, quiet: bool) -> dict:
+        """Log the window's record and start a new window."""
+        import numpy as np
+
+        elapsed = time.perf_counter() - self.start
+        tflops = self.flops_per_token * self.tokens_per_step * self.steps / elapsed / self.world / 1e12
+        record = {
+            "kind": "train", "step": step,
+            "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "loss_scale": loss_scale,
+            "tokens_per_s": self.tokens_per_step * self.steps / elapsed,
+            "step_time_s": elapsed / self.steps,
+            "breakdown_s": {k: v / self.steps for k, v in self.timer.pop().items()},
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "nonfinite_skipped": nonfinite_skipped,
+            "memory_gb": memory_gb(),
+        }
+        self.sink.log(record)
+        if self.is_main and not quiet:
+            print(format_record(record), file=sys.stderr, flush=True)
+        self._reset()
+        return record
+
+
+class ProfilerWindow:
+    """A torch profiler trace of steps train.logging.profile_start_step..profile_end_step."""
+
+    def __init__(self, cfg: Config, output_dir: Path) -> None:
+        self.first, self.last = cfg.train.logging.profile_start_step, cfg.train.logging.profile_end_step
+        self.output_dir = output_dir
+        self._profiler: Any = None
+
+    def before_step(self, step: int) -> None:
+        if self.first is not None and step == self.first:
+            import torch
+            import torch.distributed as dist
+
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            trace_dir = self.output_dir / "profile"
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            self._profiler = torch.profiler.profile(
+                activities=activities,
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(str(trace_dir),
+                                                                         worker_name=f"rank{dist.get_rank()}"),
+            )
+            self._profiler.start()
+
+    def after_step(self, step: int) -> None:
+        if self._profiler is not None and step == self.last:
+            self.close()
+
+    def close(self) -> None:
+        if self._profiler is not None:
+            self._profiler.stop()
+            self._profiler = None
+
+
+def memory_gb() -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on the CPU, in GiB."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def format_record(r: dict) -> str:
+    """One log line of a training record."""
+    parts = [f"step {r['step']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
+    if r["grad_norm"] is not None:
+        parts.append(f"grad_norm {r['grad_norm']:.3f}")
+    parts += [f"{r['tokens_per_s']:.0f} tok/s", f"{r['step_time_s'] * 1000:.0f} ms/step",
+              f"{r['tflops_per_device']:.3f} TFLOP/s/device"]
+    if r["mfu"] is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    return "megalite: " + " | ".join(parts)

@@ -1,9 +1,9 @@
 """Preflight: the checks that need the job's hardware, before a long run (`megalite preflight`).
 
 `config.validate` covers what a login node can check. Here, on the ranks themselves: the world
-size against tensor x pipeline x data, the batch arithmetic, GPUs per node against the ranks
-started there, fp16/bf16 support of the device, free disk for checkpoints against an estimate of
-their size, and a timed all_reduce across all ranks. Every problem is one line naming what to
+size against tensor x context x pipeline x data, the batch arithmetic, GPUs per node against the
+ranks started there, fp16/bf16 support of the device, the plan's memory per GPU against the device's,
+free disk for checkpoints against an estimate of their size, and a timed all_reduce across all ranks. Every problem is one line naming what to
 change. `megalite train` calls `run_preflight` on every rank at start.
 
 Run it on every rank of the job (e.g. `srun megalite preflight run.json`) to test the network;

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megalite import launch
 from megalite.checkpoint import CheckpointManager, model_signature, resolve_checkpoint
 from megalite.checkpoint.reshard import TrainingState
 from megalite.checkpoint.verify import verify_checkpoint
 from megalite.config import Config, from_dict
 from megalite.distributed import spawn_local_ranks
-from megalite.engine import launch
 from megalite.engine.build import build_engine
 from megalite.engine.elastic import restore_resharded
 from megalite.engine.strategy import strategy_for

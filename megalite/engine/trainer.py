@@ -19,25 +19,21 @@ from typing import Any
 
 import torch
 
-from megalite import kernels
+from megalite import kernels, launch
 from megalite.checkpoint import model_signature, resolve_checkpoint
 from megalite.checkpoint.consolidate import load_full_weights
 from megalite.config import Config, ModelConfig, summary, validate
-from megalite.data import ResumableSampler, build_datasets
+from megalite.data import BatchStream, ResumableSampler, build_datasets
 from megalite.data.prepare import manifest_tokenizer
 from megalite.distributed import agree, any_rank
-from megalite.engine import launch, signals
+from megalite.engine import signals
 from megalite.engine.build import build_engine
 from megalite.engine.checkpointer import Checkpointer, say_on_rank0
-from megalite.engine.components import (
-    BatchStream,
-    Evaluator,
-    MetricWindow,
-    ProfilerWindow,
-    TaskEvaluator,
-)
+from megalite.engine.evaluation import Evaluator, TaskEvaluator
 from megalite.engine.metrics import (
     MetricSink,
+    MetricWindow,
+    ProfilerWindow,
     StepTimer,
     device_peak_tflops,
     flops_per_token,

@@ -1,6 +1,6 @@
 """Token sampling with a KV cache, on one process or on the ranks of a tensor-parallel group: the core of
 `megalite generate` (megalite.generate) and of the lm-evaluation-harness model's generations (also inside a
-training run, megalite.engine.downstream), so it lives with the model, below the engine.
+training run, megalite.eval_harness), so it lives with the model, below both.
 
 Sampling options (a bad value is a ConfigError naming it): temperature >= 0 and finite, 0 meaning greedy
 (argmax); top_k >= 0, 0 or None meaning no limit; top_p in [0, 1], the smallest set of most likely tokens

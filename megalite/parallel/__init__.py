@@ -1,4 +1,5 @@
-"""Tensor/pipeline/data-parallel process grid, autograd collectives, parallel layers, CE, RNG, sharding.
+"""Tensor/context/pipeline/data-parallel process grid, autograd collectives, parallel layers, context-parallel
+attention, CE, RNG, sharding.
 
 `ProcessGrid` is DeepSpeed's topology and is imported on first use, so the layers and the model that uses
 them work without DeepSpeed.

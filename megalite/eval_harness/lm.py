@@ -1,48 +1,27 @@
-"""EleutherAI's lm-evaluation-harness on a megalite model in memory: the harness's `LM` interface, task lookup and
-loading, on one process or on every rank of a run (megalite.eval_harness builds on it for checkpoints and the
-harness's command line; the training loop runs it for `train.eval_tasks`).
+"""The harness's `LM` interface over a megalite model in memory (`HarnessLMBase`), on one process or every rank.
 
-`HarnessLMBase` implements the harness's `LM` interface over megalite's own model and the run's tokenizer:
-`loglikelihood` (through the harness's `TemplateLM`: the same context/continuation tokenisation as its
-Hugging Face backend, contexts truncated from the left to the model's context length, requests sorted and
-batched by the harness's own `Collator`), `loglikelihood_rolling` (the harness's rolling windows) and
-`generate_until` (megalite's KV-cache sampler, greedy or sampled per the task, stopping at the task's stop
-sequences and at the end-of-document token).
-
-Under N processes rank 0 drives the harness; the other ranks take part in each of rank 0's model calls
-(`ModelCalls`: the call and its token ids are broadcast first), so every collective inside the model runs in
-the same order on every rank, whatever the harness does between calls.
-
-lm_eval is imported inside functions only: it is a heavy optional dependency (the `eval` extra), and
-`import megalite` / `megalite --help` / a training run without `train.eval_tasks` must work without it.
+`loglikelihood` (through the harness's `TemplateLM`: the same context/continuation tokenisation as its Hugging Face
+backend, contexts truncated from the left to the model's context length, requests sorted and batched by the
+harness's own `Collator`), `loglikelihood_rolling` (the harness's rolling windows) and `generate_until` (megalite's
+KV-cache sampler, greedy or sampled per the task, stopping at the task's stop sequences and at the
+end-of-document token). The model computations run through `ModelCalls` (megalite.eval_harness.calls), so ranks
+> 0 follow rank 0's calls. `live_model_class()` is the class a training run uses for `train.eval_tasks`;
+megalite.eval_harness.checkpoints adds loading a checkpoint (`MegaliteLM`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import os
-import random
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from megalite.config import count_parameters
-from megalite.errors import ConfigError, DataError, MegaliteError
-from megalite.model.sampling import generate_ids
+from megalite.errors import ConfigError, DataError
+from megalite.eval_harness.calls import ModelCalls
 
 INSTALL_HINT = "install megalite's `eval` extra: pip install 'megalite[eval]' (the lm-eval package)"
-DATA_HINT = (
-    "Without network the harness reads each task's dataset from the local Hugging Face datasets cache "
-    "(HF_DATASETS_CACHE, default ~/.cache/huggingface/datasets): run the task once where the network is "
-    "reachable (HF_DATASETS_OFFLINE unset) and copy that cache here, or write a task YAML whose dataset_path "
-    "is `json` with dataset_kwargs.data_files naming local files, in a folder given with --include-path"
-)
 # Generation options of the harness's tasks that megalite's sampler implements.
 GENERATION_OPTIONS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
 
@@ -54,95 +33,6 @@ def require_lm_eval() -> Any:
     except ImportError as e:
         raise ConfigError(f"the lm-evaluation-harness is not available ({e}); {INSTALL_HINT}") from None
     return lm_eval
-
-
-# ----------------------------------------------------------------------------- model calls in lockstep
-
-
-class ModelCalls:
-    """The model computations behind the harness's requests, run in the same order on every rank.
-
-    Rank 0 (the driver) broadcasts each call with its token ids before running it; the other ranks run
-    `serve()`, which executes the calls it receives until rank 0 sends "stop". With one process there is
-    nothing to broadcast.
-    """
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, eod_token_id: int | None) -> None:
-        self.model, self.tokenizer, self.eod_token_id = model, tokenizer, eod_token_id
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.device = next(model.parameters()).device
-        self.vocab_size = model.config.vocab_size
-        self.closed = False
-
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
-    # The two calls the harness's requests need.
-    def log_probs(self, rows: list[list[int]], spans: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """fp32 log-softmax over the vocabulary at positions [start, end) of each row (rows right-padded)."""
-        return self._call("log_probs", rows, spans)
-
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
-                 top_p: float | None, seed: int, until: list[str]) -> list[list[int]]:
-        """New tokens for equal-length prompts, up to the end-of-document token or a stop sequence (both kept)."""
-        return self._call("generate", prompts, max_new_tokens, temperature, top_k, top_p, seed, until)
-
-    def _call(self, op: str, *args: Any) -> Any:
-        if self.closed:
-            raise MegaliteError("the megalite harness model was closed; create a new one")
-        if self.world > 1:
-            dist.broadcast_object_list([(op, args)], src=0)
-        return self._run(op, args)
-
-    def serve(self) -> bool:
-        """Ranks > 0: run rank 0's calls until it stops; returns whether rank 0 finished without an error."""
-        while True:
-            box: list[Any] = [None]
-            dist.broadcast_object_list(box, src=0)
-            op, args = box[0]
-            if op == "stop":
-                self.closed = True
-                return bool(args[0])
-            self._run(op, args)
-
-    def close(self, ok: bool = True) -> None:
-        """Rank 0: release the other ranks from `serve()` (once)."""
-        if self.closed or not self.is_driver:
-            return
-        self.closed = True
-        if self.world > 1:
-            dist.broadcast_object_list([("stop", (ok,))], src=0)
-
-    @torch.no_grad()
-    def _run(self, op: str, args: tuple) -> Any:
-        if op == "log_probs":
-            rows, spans = args
-            ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=self.device)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            # Right padding never reaches the real positions of a causal model; padded vocabulary rows are cut.
-            logits = self.model(ids, gather_logits=True)[..., : self.vocab_size]
-            if not self.is_driver:
-                return None
-            return [torch.log_softmax(logits[i, a:b].float(), dim=-1).cpu() for i, (a, b) in enumerate(spans)]
-        if op == "generate":
-            prompts, max_new_tokens, temperature, top_k, top_p, seed, until = args
-            prompt = torch.tensor(prompts, dtype=torch.long, device=self.device)
-            out = generate_ids(self.model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                               stop=lambda new: all(self._finished(row, until) for row in new.tolist()))
-            return [row[prompt.shape[1]:] for row in out.tolist()]
-        raise ValueError(f"unknown model call {op!r}")
-
-    def _finished(self, tokens: list[int], until: list[str]) -> bool:
-        if self.eod_token_id is not None and self.eod_token_id in tokens:
-            return True
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return any(stop and stop in text for stop in until)
-
-
-# ----------------------------------------------------------------------------- the harness's LM
 
 
 class HarnessLMBase:
@@ -372,98 +262,3 @@ def live_model_class() -> type:
         _LIVE_CLASS = type("MegaliteLiveLM", (HarnessLMBase, TemplateLM),
                            {"__module__": __name__, "__doc__": HarnessLMBase.__doc__})
     return _LIVE_CLASS
-
-
-# ----------------------------------------------------------------------------- tasks
-
-
-def find_tasks(names: list[str], include_path: str | None = None, where: str = "--tasks") -> tuple[Any, list[str]]:
-    """(the harness's TaskManager, the task names `names` resolve to). An unknown name is a ConfigError listing the
-    harness's close names. The built-in task index (a few seconds to build) is read only when a name is not
-    among the user's own tasks in `include_path`."""
-    require_lm_eval()
-    from lm_eval.tasks import TaskManager
-
-    if include_path is not None and not os.path.isdir(include_path):
-        raise ConfigError(f"{'--include-path' if where == '--tasks' else 'train.eval_tasks.include_path'}: "
-                          f"{include_path!r} is not a directory")
-    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
-    if manager is None or not all(_plain_tasks(manager, manager.match_tasks([n])) for n in names):
-        manager = TaskManager(include_path=include_path)  # the user's groups and tags may name built-in tasks
-    problems, resolved = [], []
-    for name in names:
-        matches = manager.match_tasks([name])
-        if not matches:
-            close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
-            hint = f"; close names: {', '.join(close)}" if close else ""
-            problems.append(f"{where}: unknown task {name!r}{hint} (`lm-eval ls tasks` lists them all)")
-        resolved += [m for m in matches if m not in resolved]
-    if problems:
-        raise ConfigError(problems)
-    return manager, resolved
-
-
-def _plain_tasks(manager: Any, names: list[str]) -> bool:
-    """Whether `names` are all single tasks (no groups or tags) of the manager's index."""
-    from lm_eval.tasks._index import Kind
-
-    return bool(names) and all(manager.task_index[n].kind in (Kind.TASK, Kind.PY_TASK) for n in names)
-
-
-def load_tasks(manager: Any, names: list[str]) -> list[Any]:
-    """The harness's Task/Group objects with their data, one name at a time, so that a task whose data cannot be
-    loaded is named (DataError) instead of failing deep inside `datasets`."""
-    built = []
-    for name in names:
-        try:
-            loaded = manager.load(name)
-        except Exception as e:  # noqa: BLE001 - datasets/fsspec/hub errors of every kind: name the task
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise DataError(f"task {name!r}: its data could not be loaded ({type(e).__name__}: {first_line}). "
-                            f"{DATA_HINT}") from None
-        if name in loaded["groups"]:
-            built.append(loaded["groups"][name])
-        else:
-            built += [t for t in loaded["tasks"].values() if t not in built]
-    return built
-
-
-def run_tasks(lm: Any, manager: Any, names: list[str], num_fewshot: int | None = None,
-              limit: int | float | None = None, log_samples: bool = False, **harness_options: Any) -> dict:
-    """The harness's evaluation of `names` on `lm` (rank 0), with its usual seeds; its result dict."""
-    from lm_eval import simple_evaluate
-
-    tasks = load_tasks(manager, names)
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result
-        return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-                               log_samples=log_samples, batch_size=lm.batch_size, **harness_options)
-
-
-def main_metrics(results: dict, names: list[str]) -> dict[str, float]:
-    """Each task's main metric (the first the task reports), as {"task/metric": value}."""
-    scores = {}
-    for name in names:
-        for key, value in results.get("results", {}).get(name, {}).items():
-            # Metric entries are "metric,filter"; the others (alias, sample_len, ...) describe the task.
-            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
-                continue
-            metric, _, filter_name = key.partition(",")
-            label = metric if filter_name in ("", "none") else f"{metric}/{filter_name}"
-            scores[f"{name}/{label}"] = float(value)
-            break
-    return scores
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """The harness seeds Python, numpy and torch; a training run's own random streams must not notice."""
-    state = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    try:
-        yield
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.set_rng_state(state[2])
-        if state[3] is not None:
-            torch.cuda.set_rng_state_all(state[3])

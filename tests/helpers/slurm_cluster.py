@@ -336,7 +336,7 @@ class SlurmCluster:
             f"NodeName={n} NodeAddr={a} NodeHostname={n} CPUs={cpus} RealMemory={memory} State=UNKNOWN"
             for n, a in NODES.items()
         )
-        self.conf.write_text(f"""# written by tests/slurm_cluster.py
+        self.conf.write_text(f"""# written by tests/helpers/slurm_cluster.py
 ClusterName=megalite-test
 SlurmctldHost={host}({BRIDGE_ADDR})
 SlurmUser=root
@@ -404,7 +404,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         raise RuntimeError(f"nodes not idle after {timeout_s:.0f} s: {states!r}")
 
 
-if __name__ == "__main__":  # manual use: python tests/slurm_cluster.py start|stop (the lock ends with it)
+if __name__ == "__main__":  # manual use: python tests/helpers/slurm_cluster.py start|stop (the lock ends with it)
     import sys
 
     cluster = SlurmCluster()

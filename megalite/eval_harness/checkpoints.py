@@ -1,19 +1,14 @@
-"""EleutherAI's lm-evaluation-harness on megalite checkpoints, without converting them.
+"""The harness's model over megalite checkpoints: `MegaliteLM`, registered in the harness as "megalite", and the
+evaluation of a checkpoint behind `megalite eval --tasks` (`evaluate_checkpoint_tasks`, with its result document).
 
-`MegaliteLM` is the harness's `LM` over a checkpoint of any layout (the request handling is
-megalite.engine.downstream's `HarnessLMBase`, shared with `train.eval_tasks` in a training run). It is
-registered in the harness under the name "megalite"; `megalite eval --tasks` (`evaluate_checkpoint_tasks`) and
-`python -m megalite.eval_harness` (the harness's own command line, `harness_cli`) use it. Under N processes the
-model runs at tensor-parallel N; rank 0 drives the harness, the other ranks serve its model calls.
-
-lm_eval is imported inside functions only (through megalite.engine.downstream): it is a heavy optional
-dependency (the `eval` extra), and `import megalite` / `megalite --help` must stay fast and work without it.
+`MegaliteLM` is `HarnessLMBase` (megalite.eval_harness.lm) plus loading a checkpoint of any layout through
+megalite.generate's `load_for_inference`: under N processes the model runs at tensor-parallel N; rank 0 drives the
+harness, the other ranks serve its model calls.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +16,16 @@ import torch
 
 from megalite.checkpoint.manifest import read_manifest
 from megalite.dtypes import torch_dtype
-from megalite.engine.downstream import (  # noqa: F401 - re-exported: the harness-facing API lives here for users
-    DATA_HINT,
-    INSTALL_HINT,
-    HarnessLMBase,
-    ModelCalls,
-    find_tasks,
-    load_tasks,
-    main_metrics,
-    require_lm_eval,
-    run_tasks,
-)
 from megalite.errors import ConfigError, MegaliteError
+from megalite.eval_harness.calls import ModelCalls
+from megalite.eval_harness.lm import HarnessLMBase, require_lm_eval
+from megalite.eval_harness.tasks import find_tasks, main_metrics, run_tasks
 from megalite.generate import load_for_inference
 
 MODEL_NAME = "megalite"  # the name under which the harness finds the model (`--model megalite`)
 
-_HARNESS_DRIVERS: list[ModelCalls] = []  # rank 0's models built by the harness itself, released by harness_cli
+# Rank 0's models built by the harness itself (its own command line under N processes), released by harness_cli.
+HARNESS_DRIVERS: list[ModelCalls] = []
 
 
 class FollowerDone(SystemExit):
@@ -74,7 +62,7 @@ class MegaliteLMBase(HarnessLMBase):
         if self.calls.world > 1:
             import atexit
 
-            _HARNESS_DRIVERS.append(self.calls)
+            HARNESS_DRIVERS.append(self.calls)
             atexit.register(self.calls.close)  # a bare `lm_eval` run has no other place to release the other ranks
 
 
@@ -95,18 +83,12 @@ def model_class() -> type:
         from lm_eval.api.model import TemplateLM
         from lm_eval.api.registry import register_model
 
-        cls = type("MegaliteLM", (MegaliteLMBase, TemplateLM), {"__module__": __name__, "__doc__": MegaliteLMBase.__doc__})
+        # Its public home is the package (`megalite.eval_harness.MegaliteLM`, the entry point), where pickle finds it.
+        cls = type("MegaliteLM", (MegaliteLMBase, TemplateLM),
+                   {"__module__": "megalite.eval_harness", "__doc__": MegaliteLMBase.__doc__})
         register_model(MODEL_NAME)(cls)
         _MODEL_CLASS = cls
     return _MODEL_CLASS
-
-
-def __getattr__(name: str) -> Any:
-    # `megalite.eval_harness:MegaliteLM` (the entry point) and `from megalite.eval_harness import MegaliteLM`
-    # build the class on first use, so importing this module needs no lm_eval.
-    if name == "MegaliteLM":
-        return model_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- `megalite eval --tasks`
@@ -161,36 +143,3 @@ def evaluate_checkpoint_tasks(checkpoint: str | os.PathLike, tasks: list[str], i
     finally:
         lm.calls.close(ok)
     return results, result_document(results, loaded.step_dir, resolved, lm, limit, num_fewshot)
-
-
-# ----------------------------------------------------------------------------- the harness's own command line
-
-
-def harness_cli(argv: list[str] | None = None) -> None:
-    """`python -m megalite.eval_harness ARGS`: the harness's own command line (every `lm_eval run` option) with
-    the megalite model registered, e.g. `--model megalite --model_args checkpoint=DIR --tasks hellaswag`. Under
-    torchrun every rank runs it; ranks > 0 serve rank 0's model calls and end when it is done."""
-    require_lm_eval()
-    model_class()
-    from lm_eval.__main__ import cli_evaluate
-
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    ok = False
-    try:
-        cli_evaluate()
-        ok = True
-    except FollowerDone as done:
-        sys.exit(done.code)
-    except MegaliteError as e:  # bad input (checkpoint, tokenizer, model arguments, task data): one line, exit 2
-        print(f"python -m megalite.eval_harness: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        while _HARNESS_DRIVERS:
-            _HARNESS_DRIVERS.pop().close(ok)
-
-
-if __name__ == "__main__":
-    from megalite import eval_harness as _module  # the importable module, not this __main__ copy
-
-    _module.harness_cli()

@@ -1,4 +1,5 @@
-"""The multi-process harness itself: results, tracebacks and hangs all surface."""
+"""The multi-process test harness itself (tests/helpers/distributed.py, `run_ranks`): results, tracebacks and hangs
+all surface."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from tests.distributed import RankFailure, run_ranks
+from tests.helpers.distributed import RankFailure, run_ranks
 
 
 def _checks() -> dict:

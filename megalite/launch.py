@@ -3,6 +3,11 @@
 The `deepspeed` launcher and torchrun set RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*; `srun` sets
 SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, which are mapped here; a plain `python`/`megalite`
 process without any of them becomes a world of one on localhost.
+
+Training, inference (megalite.generate, the lm-evaluation-harness model) and the benchmarks all start their
+processes here, and it imports nothing of megalite's, so it sits at the base of the package beside
+megalite.distributed (torch and DeepSpeed are imported on use, so a rank's entry point, `python -m megalite.commands.rank`, imports
+`exit_now` cheaply).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Runs a chain of 2-rank training jobs for the kill -9 tests, each resuming from what the last one left.
 
-    python tests/ckpt_job.py ROOT OUT_DIR CHAIN_JSON [async]
+    python tests/helpers/ckpt_job.py ROOT OUT_DIR CHAIN_JSON [async]
     CHAIN_JSON: [[steps, fault_point_or_null(, subdir of ROOT)], ...]
     async: save with CheckpointManager.save_async (a background thread writes and commits while the next step
     trains; the job waits for the last one before it ends), so the faults fire in that thread.
@@ -26,7 +26,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))  # tests/helpers/ -> the repository
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -36,7 +36,7 @@ def rank_main(root: str, record_dir: str, steps: int, background: bool = False) 
 
     torch.set_num_threads(1)
     from megalite.checkpoint import CheckpointManager
-    from tests.ckpt_common import MODEL, build_engine, seed_all, setup_deepspeed, train_step
+    from tests.helpers.ckpt_common import MODEL, build_engine, seed_all, setup_deepspeed, train_step
 
     setup_deepspeed()
     rank = int(os.environ["RANK"])
@@ -61,7 +61,7 @@ def rank_main(root: str, record_dir: str, steps: int, background: bool = False) 
 
 def job_leader(root: str, record_dir: str, steps: int, fault: str | None, background: bool = False) -> int:
     """In a new process group: fork 2 ranks, wait; if one fails, SIGKILL the other."""
-    from tests.distributed import free_port
+    from tests.helpers.distributed import free_port
 
     os.setsid()
     port = free_port()
@@ -182,7 +182,7 @@ def main() -> None:
     import torch._dynamo  # noqa: F401
 
     import megalite.checkpoint  # noqa: F401
-    import tests.ckpt_common  # noqa: F401
+    import tests.helpers.ckpt_common  # noqa: F401
 
     results = run_chain(root, out_dir, chain, background)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
