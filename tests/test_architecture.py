@@ -13,7 +13,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "megalite"
 
 # Each unit (a subpackage or a top-level module of megalite) and the units it may import. Commands ->
-# engine -> {interop, checkpoint, data, model} -> {parallel, kernels} -> {distributed, files, config, errors}.
+# engine -> {interop, checkpoint, data, model, plan} -> {parallel, kernels} -> {distributed, files, config, errors}.
+# The planner (plan) is pure arithmetic over configs: it sits on config alone, beside the model, and imports no torch.
 BASE = {"errors", "files", "distributed", "config", "memory", "dtypes"}
 LOWER = BASE | {"parallel", "kernels"}
 MIDDLE = LOWER | {"model", "data"}
@@ -25,20 +26,21 @@ ALLOWED: dict[str, set[str]] = {
     "distributed": {"errors"},
     "config": {"errors", "files", "dtypes"},
     "kernels": {"errors", "dtypes"},
+    "plan": {"errors", "config", "dtypes", "files"},
     "parallel": BASE,
     "model": LOWER,
     "data": BASE,
     "checkpoint": MIDDLE,
     "interop": MIDDLE | {"checkpoint"},
-    "engine": MIDDLE | {"checkpoint", "interop"},
+    "engine": MIDDLE | {"checkpoint", "interop", "plan"},
     "evaluate": MIDDLE | {"checkpoint", "interop", "engine"},
     "generate": MIDDLE | {"checkpoint", "interop", "engine"},
     # The harness's model over checkpoints (its request handling is engine.downstream, which training runs too;
     # loading a checkpoint at TP N is generate's).
     "eval_harness": MIDDLE | {"checkpoint", "interop", "engine", "generate"},
-    "bench": MIDDLE | {"checkpoint", "interop", "engine", "evaluate", "generate", "eval_harness"},
+    "bench": MIDDLE | {"checkpoint", "interop", "engine", "evaluate", "generate", "eval_harness", "plan"},
     "commands": MIDDLE | {"checkpoint", "interop", "engine", "evaluate", "generate", "eval_harness", "bench",
-                          "commands", "cli"},
+                          "commands", "cli", "plan"},
     "cli": {"errors", "commands"},
 }
 # Where a function-local import of a megalite module is allowed: the commands and benchmarks keep
@@ -117,7 +119,7 @@ def test_the_layering_rule_can_fail(tmp_path):
 # meta-path finder in a fresh interpreter.
 DEEPSPEED_FREE = ["megalite.config", "megalite.kernels", "megalite.parallel", "megalite.model",
                   "megalite.model.pipeline", "megalite.data", "megalite.data.dataset", "megalite.interop.hf",
-                  "megalite.checkpoint", "megalite.cli"]
+                  "megalite.checkpoint", "megalite.cli", "megalite.plan"]
 _BLOCK = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -145,3 +147,40 @@ def test_blocking_deepspeed_is_effective():
     out = subprocess.run([sys.executable, "-c", _BLOCK + "import megalite.engine.trainer\n"], capture_output=True,
                          text=True, timeout=120, cwd=PACKAGE.parent)
     assert out.returncode != 0 and "deepspeed is blocked" in out.stderr
+
+
+def _heavy_imports(tree: ast.AST) -> list[tuple[str, int]]:
+    """(module, line) of every import of torch, DeepSpeed or Triton in a module, and of numpy outside a function."""
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            names = [a.name for a in child.names] if isinstance(child, ast.Import) else (
+                [child.module] if isinstance(child, ast.ImportFrom) and child.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in ("torch", "deepspeed", "triton") or (top == "numpy" and not in_function):
+                    found.append((name, child.lineno))
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def test_the_planner_imports_no_torch():
+    """megalite.plan is pure arithmetic (a login node plans without torch): no module of it imports torch, DeepSpeed
+    or Triton anywhere (the engine asks torch which GPU a machine has) nor numpy at import time, and importing it in
+    a fresh interpreter loads none of them. The checker finds a function-local torch import (a positive control)."""
+    assert _heavy_imports(ast.parse("import numpy\ndef f():\n    import numpy\n    from torch import cuda\n")) == [
+        ("numpy", 1), ("torch", 4)]
+    problems = [f"{path.relative_to(PACKAGE.parent)}:{line}: imports {name}"
+                for path in sorted((PACKAGE / "plan").rglob("*.py"))
+                for name, line in _heavy_imports(ast.parse(path.read_text(), str(path)))]
+    assert not problems, "\n".join(problems)
+    code = ("import sys\nimport megalite.plan\n"
+            "loaded = [m for m in ('torch', 'deepspeed', 'triton', 'numpy') if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr[-3000:]

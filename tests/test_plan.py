@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from megalite import config as C
-from megalite.engine import plan as P
+from megalite import plan as P
 from tests.distributed import run_ranks
 from tests.engine_utils import tiny_config, write_token_dataset
 
@@ -112,7 +112,7 @@ def test_deepspeed_model_state_estimates(preset: str, tp: int, nodes: int) -> No
                       deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage": stage}})
         s = P.settings(cfg)
         params = P.stages(cfg, tp, 1)[0].params
-        n = P._numel(params)
+        n = P.numel(params)
         ours = _model_states({k: v for k, (v, _) in P.model_state_bytes(params, gpus, s).items()})
         if stage == 2:
             theirs = _deepspeed_estimate(estimate_zero2_model_states_mem_needs_all_cold, n, gpus, 1)
@@ -235,7 +235,7 @@ def test_activation_bytes_match_what_autograd_saves() -> None:
         for case, (saved, numel) in zip(ACTIVATION_CASES, rank_results):
             cfg = _activation_case_config(case)
             stage = P.stages(cfg, case["tp"], 1)[0]
-            assert P._numel(stage.params) == numel, case  # the plan's parameter list is the model's
+            assert P.numel(stage.params) == numel, case  # the plan's parameter list is the model's
             s = P.settings(cfg, platform="cpu")
             planned = sum(P.activation_bytes(cfg, P.layout_of(cfg, case["tp"]), stage, s).values())
             error = planned / saved - 1
@@ -485,13 +485,13 @@ def test_parameter_lists_match_the_configs_count() -> None:
     for name in ("gpt2-124m", "llama-8b", "gpt3-13b", "llama-70b"):
         m = C.ModelConfig(**_preset(name))
         cfg = _config(name)
-        assert P._numel(P.stages(cfg, 1, 1)[0].params) == C.count_parameters(m)["total"]
+        assert P.numel(P.stages(cfg, 1, 1)[0].params) == C.count_parameters(m)["total"]
         # A pipeline holds every layer once, and the tied embedding twice.
         piped = _config(name, parallel={"pipeline": 4}, deepspeed={"zero_optimization": {"stage": 1}})
         stages = P.stages(piped, 1, 4)
         tied = m.padded_vocab_size * m.hidden_size + (m.max_position_embeddings * m.hidden_size
                                                       if m.position == "learned" else 0)
-        assert sum(P._numel(s.params) for s in stages) == C.count_parameters(m)["total"] + (
+        assert sum(P.numel(s.params) for s in stages) == C.count_parameters(m)["total"] + (
             tied if m.tied_embeddings else 0)
         assert sum(s.blocks for s in stages) == m.num_layers and stages[0].embedding and stages[-1].head
 
@@ -560,11 +560,11 @@ def test_plan_of_every_shipped_run_config() -> None:
 
 def test_memory_summary_and_warning() -> None:
     cfg = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json")
-    line = P.memory_summary(cfg, 16, P.get_device("a100-40g"))
+    line = P.memory_summary(P.memory_plan(cfg, 16, P.get_device("a100-40g")))
     assert line.startswith("plan: ") and "GiB per GPU of 40.0 GiB on NVIDIA A100 SXM 40GB" in line
-    assert P.memory_warning(cfg, 16, P.get_device("h200")) is None
+    assert P.memory_warning(P.memory_plan(cfg, 16, P.get_device("h200"))) is None
     big = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json", ["deepspeed.train_micro_batch_size_per_gpu=32"])
-    warning = P.memory_warning(big, 16, P.get_device("a100-40g"))
+    warning = P.memory_warning(P.memory_plan(big, 16, P.get_device("a100-40g")))
     assert warning and "the biggest term is activations" in warning
 
 
@@ -573,23 +573,24 @@ def test_preflight_train_and_config_show_report_the_plan(monkeypatch: pytest.Mon
     """preflight's memory check, the lines `train` prints at start and `config show`'s memory summary, for a GPU
     the device table knows (this machine has none: the lookup is replaced)."""
     from megalite.commands import config as config_cli
-    from megalite.engine import preflight
+    from megalite.engine import launch, preflight
 
     cfg = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json")
-    monkeypatch.setattr(P, "local_device", lambda: None)
+    monkeypatch.setattr(launch, "local_gpu", lambda: None)
     assert "skipped, no GPU" in preflight.check_memory(cfg, 16, env={})[0].message
-    assert P.startup_report(cfg, 16) == []
-    monkeypatch.setattr(P, "local_device", lambda: P.get_device("h100-sxm"))
+    assert P.startup_report(preflight.plan_this_run(cfg, 16, env={})) == []
+    monkeypatch.setattr(launch, "local_gpu", lambda: ("NVIDIA H100 80GB HBM3", 79.6))  # an H100 SXM
     (check,) = preflight.check_memory(cfg, 16, env={"LOCAL_WORLD_SIZE": "8"})
     assert check.ok and check.message.startswith("plan: ") and "on NVIDIA H100 SXM" in check.message
-    assert P.startup_report(cfg, 16, 8) == [check.message]
+    assert P.startup_report(preflight.plan_this_run(cfg, 16, env={"LOCAL_WORLD_SIZE": "8"})) == [check.message]
     big = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json", ["deepspeed.train_micro_batch_size_per_gpu=64"])
     (check,) = preflight.check_memory(big, 16, env={"LOCAL_WORLD_SIZE": "8"})
     assert check.ok and check.message.startswith("warning: the plan needs") and "biggest term is activations" \
         in check.message
-    assert P.startup_report(big, 16, 8)[1] == check.message
+    assert P.startup_report(preflight.plan_this_run(big, 16, env={"LOCAL_WORLD_SIZE": "8"}))[1] == check.message
     args = argparse.Namespace(action="show", config=str(REPO / "configs/runs/gpt3-1.3b-2nodes.json"), world_size=16,
                               overrides=[])
     assert config_cli.main(args) == 0
     shown = json.loads(capsys.readouterr().out)["derived"]["memory_per_gpu"]
     assert shown["device"] == "NVIDIA H100 SXM" and shown["fits"] and shown["total_gib"] > shown["allocated_gib"] > 0
+

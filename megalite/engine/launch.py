@@ -76,6 +76,20 @@ def device() -> torch.device:  # noqa: F821
     return torch.device("cpu")
 
 
+def local_gpu() -> tuple[str, float] | None:
+    """This process's GPU as torch names it and its total memory in GiB; None without one (no GPU, no driver).
+    The one question the planner (megalite.plan, which imports no torch) and the MFU peak need answered."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        index = torch.cuda.current_device()
+        return torch.cuda.get_device_name(index), torch.cuda.get_device_properties(index).total_memory / 2**30
+    except Exception:  # noqa: BLE001 - no usable driver: no GPU
+        return None
+
+
 def exit_now(code: int) -> NoReturn:
     """Leave a rank's process at once with `code`, after tearing down the process group.
 

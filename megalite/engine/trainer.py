@@ -38,21 +38,14 @@ from megalite.engine.components import (
     TaskEvaluator,
 )
 from megalite.engine.elastic import load_training_state, restore_schedule
-from megalite.engine.metrics import (
-    MetricSink,
-    StepTimer,
-    device_peak_tflops,
-    flops_per_token,
-    mean_document_length,
-    plot_losses,
-)
-from megalite.engine.plan import startup_report
-from megalite.engine.preflight import checkpoint_bytes, run_preflight
+from megalite.engine.metrics import MetricSink, StepTimer, mean_document_length, plot_losses
+from megalite.engine.preflight import checkpoint_bytes, plan_this_run, run_preflight
 from megalite.engine.strategy import strategy_for
 from megalite.errors import CheckpointError, ConfigError, MegaliteError
 from megalite.interop.hf import load_hf_state
 from megalite.parallel import ProcessGrid
 from megalite.parallel.random import model_parallel_seed
+from megalite.plan import flops_per_token, startup_report
 
 
 def seed_everything(seed: int) -> None:
@@ -124,7 +117,9 @@ class Trainer:
         self.device = launch.device()
         self.output_dir = Path(cfg.train.output_dir)
         agree("configuration", self._check_config)
-        problems = run_preflight(cfg, self.world, self.rank)  # collective: every rank gets every problem
+        self.local_plan = plan_this_run(cfg, self.world)  # the run's one plan: preflight, start-up report, MFU peak
+        # collective: every rank gets every problem
+        problems = run_preflight(cfg, self.world, self.rank, local=self.local_plan)
         if problems:
             raise ConfigError(problems)
         kernels.set_backend(cfg.train.kernels)
@@ -395,11 +390,11 @@ class Trainer:
         attended = None
         if cfg.data.reset_attention_mask:  # documents shorten attention: count it from the first samples
             attended = mean_document_length(self.train_set[i] for i in range(min(64, len(self.train_set))))
-        peak, peak_note = device_peak_tflops(cfg.precision)
+        peak, peak_note = self.local_plan.peak_tflops(cfg.precision)
         if self.is_main:
             info = summary(cfg, self.world)
             print(f"megalite: {json.dumps(info)}", file=sys.stderr, flush=True)
-            for line in startup_report(cfg, self.world, int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None):
+            for line in startup_report(self.local_plan):
                 print(f"megalite: {line}", file=sys.stderr, flush=True)  # the plan's memory per GPU
             self.sink.log({"kind": "start", "step": self.step, **info, "peak": peak_note})
             if cfg.train.logging.progress_bar and sys.stderr.isatty():
