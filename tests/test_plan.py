@@ -594,3 +594,47 @@ def test_preflight_train_and_config_show_report_the_plan(monkeypatch: pytest.Mon
     shown = json.loads(capsys.readouterr().out)["derived"]["memory_per_gpu"]
     assert shown["device"] == "NVIDIA H100 SXM" and shown["fits"] and shown["total_gib"] > shown["allocated_gib"] > 0
 
+
+# Runs `megalite train` with every call of the named functions counted, however a module imported them: each one's
+# code is swapped for a counting one that calls a copy of the original. This machine's GPU is an H100 SXM here.
+_COUNTED_TRAIN = """
+import importlib, sys, types
+counts, argv = sys.argv[1], sys.argv[2:]
+
+def count(module_name, name):
+    fn = getattr(importlib.import_module(module_name), name)
+    original = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    original.__kwdefaults__ = fn.__kwdefaults__
+    g = fn.__globals__
+    g["_counted_" + name], g["_counts_file"] = original, counts
+    exec(f"def _counting(*args, **kwargs):\\n    with open(_counts_file, 'a') as f:\\n        f.write('{name}\\\\n')\\n"
+         f"    return _counted_{name}(*args, **kwargs)\\n", g)
+    fn.__code__, fn.__defaults__, fn.__kwdefaults__ = g.pop("_counting").__code__, None, None
+
+count("megalite.config.validate", "validate")
+count("megalite.plan.estimate", "evaluate")
+count("megalite.plan.summaries", "memory_summary")
+import megalite.engine.launch as launch
+launch.local_gpu = lambda: ("NVIDIA H100 80GB HBM3", 79.6)
+from megalite.cli import main
+sys.exit(main(argv))
+"""
+
+
+def test_train_validates_and_plans_once(tmp_path: Path) -> None:
+    """One `megalite train` start-up validates its config once (at load, for the launcher's world size) and builds
+    one plan, which preflight's memory check and the start-up report both summarise and whose GPU gives the MFU peak
+    (before: 8 validations and 5 plans)."""
+    write_token_dataset(str(tmp_path / "tok"))
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(tiny_config(str(tmp_path / "tok"), str(tmp_path / "run"), train={"steps": 2})))
+    counts = tmp_path / "counts"
+    out = subprocess.run([sys.executable, "-c", _COUNTED_TRAIN, str(counts), "train", str(path)], capture_output=True,
+                         text=True, cwd=REPO, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    calls = counts.read_text().split()
+    assert {name: calls.count(name) for name in set(calls)} == {"validate": 1, "evaluate": 1, "memory_summary": 2}
+    assert "megalite: plan: 1.5 GiB per GPU of 79.6 GiB on NVIDIA H100 SXM" in out.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r["kind"] == "start")
+    assert start["peak"] == "NVIDIA H100 80GB HBM3: 67.0 TFLOP/s dense fp32"

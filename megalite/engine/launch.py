@@ -46,6 +46,12 @@ def discover_environment() -> dict[str, str]:
     return {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
 
 
+def world_size() -> int:
+    """The number of ranks the launcher started, from its environment, before any process group exists (what
+    `init_distributed` will report: `megalite train` validates its config for it at load)."""
+    return int(discover_environment()["WORLD_SIZE"])
+
+
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     """Start the process group (NCCL on CUDA, gloo otherwise) through DeepSpeed; returns (rank, world)."""
     import deepspeed

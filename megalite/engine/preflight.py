@@ -5,7 +5,7 @@ size against tensor x context x pipeline x data, the batch arithmetic, GPUs per 
 ranks started there, fp16/bf16 support of the device, the plan's memory per GPU on it, free disk
 for checkpoints against an estimate of their size, and a timed all_reduce across all ranks. Every
 problem is one line naming what to change. `megalite train` calls `run_preflight` on every rank at
-start, with the plan it built (`plan_this_run`).
+start, with the config it validated and the plan it built (`plan_this_run`).
 
 Run it on every rank of the job (e.g. `srun megalite preflight run.json`) to test the network;
 on a login node (`megalite preflight run.json --world-size 16`) it checks what it can.
@@ -114,13 +114,15 @@ def _gib(n: float) -> str:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_layout(cfg: Config, world_size: int) -> list[Check]:
-    """World size against tensor x context x pipeline x data, and the batch arithmetic (config.validate's rules)."""
+def check_layout(cfg: Config, world_size: int, validated: bool = False) -> list[Check]:
+    """World size against tensor x context x pipeline x data, and the batch arithmetic (config.validate's rules;
+    `validated`: the caller has validated `cfg` at `world_size` already, as `megalite train` has)."""
     p = cfg.parallel
-    try:
-        validate(cfg, world_size)
-    except ConfigError as e:
-        return [Check("layout", False, msg) for msg in e.problems]
+    if not validated:
+        try:
+            validate(cfg, world_size)
+        except ConfigError as e:
+            return [Check("layout", False, msg) for msg in e.problems]
     dp = cfg.dp_size(world_size)
     return [
         Check("layout", True, f"world size {world_size} = tensor {p.tensor} x "
@@ -271,12 +273,12 @@ def _agree(checks: list[Check]) -> list[Check]:
 
 
 def run_checks(cfg: Config, world_size: int, rank: int, *, collective: bool = True, collective_mb: float = 4.0,
-               min_bandwidth_gbps: float = 0.0, env: dict[str, str] | None = None,
+               min_bandwidth_gbps: float = 0.0, env: dict[str, str] | None = None, validated: bool = False,
                local: LocalPlan | None = None) -> list[Check]:
-    """Every check on this rank; collective (all ranks must call it) when a process group exists. `local`: the
-    run's plan when `megalite train` has built it already."""
+    """Every check on this rank; collective (all ranks must call it) when a process group exists. `validated` and
+    `local`: what `megalite train` has done already (validated the config at the world size, planned the run)."""
     env = os.environ if env is None else env
-    checks = check_layout(cfg, world_size)
+    checks = check_layout(cfg, world_size, validated)
     layout_ok = all(c.ok for c in checks)
     checks += check_devices(cfg, env)
     if layout_ok:  # issue 16: the plan's memory per GPU (a layout that does not divide has none)
@@ -291,9 +293,10 @@ def run_checks(cfg: Config, world_size: int, rank: int, *, collective: bool = Tr
 
 
 def run_preflight(cfg: Config, world_size: int, rank: int, *, collective: bool = True, collective_mb: float = 1.0,
-                  min_bandwidth_gbps: float = 0.0, local: LocalPlan | None = None) -> list[str]:
+                  min_bandwidth_gbps: float = 0.0, validated: bool = False,
+                  local: LocalPlan | None = None) -> list[str]:
     """The problems found (empty: all good). Call on every rank once the process group exists: it runs
     collectives, and every rank gets a non-empty list when any rank has a problem."""
     return [f"preflight {c.name}: {c.message}" for c in run_checks(
         cfg, world_size, rank, collective=collective, collective_mb=collective_mb,
-        min_bandwidth_gbps=min_bandwidth_gbps, local=local) if not c.ok]
+        min_bandwidth_gbps=min_bandwidth_gbps, validated=validated, local=local) if not c.ok]

@@ -100,8 +100,11 @@ def initial_state(path: str, model: ModelConfig) -> Any:
 class Trainer:
     """Everything built for one run; `train()` drives it."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, validated_world: int | None = None) -> None:
+        """`validated_world`: the world size `cfg` was validated for already (`megalite train` validates at load,
+        with the launcher's world size); the set-up validates it again only for another world size."""
         self.cfg = cfg
+        self.validated_world = validated_world
         # First: a signal during the slow set-up below must lead to a requeue, not a dead job.
         self.preemption = signals.PreemptionFlag(cfg.train.preemption_signals)
         try:
@@ -119,7 +122,7 @@ class Trainer:
         agree("configuration", self._check_config)
         self.local_plan = plan_this_run(cfg, self.world)  # the run's one plan: preflight, start-up report, MFU peak
         # collective: every rank gets every problem
-        problems = run_preflight(cfg, self.world, self.rank, local=self.local_plan)
+        problems = run_preflight(cfg, self.world, self.rank, validated=True, local=self.local_plan)
         if problems:
             raise ConfigError(problems)
         kernels.set_backend(cfg.train.kernels)
@@ -162,7 +165,8 @@ class Trainer:
             self.task_evaluator = agree("loading train.eval_tasks", TaskEvaluator, cfg, self.is_main)
 
     def _check_config(self) -> None:
-        validate(self.cfg, self.world)  # the world-size rules, now that it is known
+        if self.world != self.validated_world:
+            validate(self.cfg, self.world)  # the world-size rules, now that it is known
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
@@ -453,10 +457,10 @@ def _manifest_layout(path: str) -> dict:
         return json.load(f).get("layout", {})
 
 
-def train(cfg: Config) -> int:
-    """Build and run; every rank returns the same exit code."""
+def train(cfg: Config, validated_world: int | None = None) -> int:
+    """Build and run; every rank returns the same exit code (`validated_world`: as for `Trainer`)."""
     try:
-        return Trainer(cfg).train()
+        return Trainer(cfg, validated_world).train()
     except MegaliteError as e:
         print(f"megalite train (rank {os.environ.get('RANK', '?')}): error: {e}", file=sys.stderr, flush=True)
         return signals.EXIT_CONFIG
