@@ -51,6 +51,12 @@ def discover_environment() -> dict[str, str]:
     return {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
 
 
+def world_size() -> int:
+    """The number of ranks the launcher started, from its environment, before any process group exists (what
+    `init_distributed` will report: `megalite train` validates its config for it at load)."""
+    return int(discover_environment()["WORLD_SIZE"])
+
+
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     """Start the process group (NCCL on CUDA, gloo otherwise) through DeepSpeed; returns (rank, world)."""
     import deepspeed
@@ -79,6 +85,20 @@ def device() -> torch.device:  # noqa: F821
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def local_gpu() -> tuple[str, float] | None:
+    """This process's GPU as torch names it and its total memory in GiB; None without one (no GPU, no driver).
+    The one question the planner (megalite.plan, which imports no torch) and the MFU peak need answered."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        index = torch.cuda.current_device()
+        return torch.cuda.get_device_name(index), torch.cuda.get_device_properties(index).total_memory / 2**30
+    except Exception:  # noqa: BLE001 - no usable driver: no GPU
+        return None
 
 
 def exit_now(code: int) -> NoReturn:

@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "launch": set(),  # process start-up from a launcher's environment: training, inference and benchmarks use it
     "config": {"errors", "files", "dtypes"},
     "kernels": {"errors", "dtypes"},
+    "plan": {"errors", "config", "dtypes", "files"},
     "parallel": BASE,
     "model": LOWER,
     "data": BASE,
@@ -36,11 +37,11 @@ ALLOWED: dict[str, set[str]] = {
     # The lm-evaluation-harness: its request handling runs in training (engine's TaskEvaluator), its model over
     # checkpoints loads through generate, so it sits between them.
     "eval_harness": MIDDLE | {"checkpoint", "interop", "generate"},
-    "engine": MIDDLE | {"checkpoint", "interop", "eval_harness"},
+    "engine": MIDDLE | {"checkpoint", "interop", "eval_harness", "plan"},
     "evaluate": MIDDLE | {"checkpoint", "interop", "engine"},
-    "bench": MIDDLE | {"checkpoint", "interop", "engine", "evaluate", "generate", "eval_harness"},
+    "bench": MIDDLE | {"checkpoint", "interop", "engine", "evaluate", "generate", "eval_harness", "plan"},
     "commands": MIDDLE | {"checkpoint", "interop", "engine", "evaluate", "generate", "eval_harness", "bench",
-                          "commands", "cli"},
+                          "commands", "cli", "plan"},
     "cli": {"errors", "commands"},
 }
 # Where a function-local import of a megalite module is allowed: the commands and benchmarks keep
@@ -137,7 +138,7 @@ def test_the_layering_rule_can_fail(tmp_path):
 # meta-path finder in a fresh interpreter.
 DEEPSPEED_FREE = ["megalite.config", "megalite.kernels", "megalite.parallel", "megalite.model",
                   "megalite.model.pipeline", "megalite.data", "megalite.data.dataset", "megalite.interop.hf",
-                  "megalite.checkpoint", "megalite.cli"]
+                  "megalite.checkpoint", "megalite.cli", "megalite.plan"]
 _BLOCK = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -165,3 +166,40 @@ def test_blocking_deepspeed_is_effective():
     out = subprocess.run([sys.executable, "-c", _BLOCK + "import megalite.engine.trainer\n"], capture_output=True,
                          text=True, timeout=120, cwd=PACKAGE.parent)
     assert out.returncode != 0 and "deepspeed is blocked" in out.stderr
+
+
+def _heavy_imports(tree: ast.AST) -> list[tuple[str, int]]:
+    """(module, line) of every import of torch, DeepSpeed or Triton in a module, and of numpy outside a function."""
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            names = [a.name for a in child.names] if isinstance(child, ast.Import) else (
+                [child.module] if isinstance(child, ast.ImportFrom) and child.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in ("torch", "deepspeed", "triton") or (top == "numpy" and not in_function):
+                    found.append((name, child.lineno))
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def test_the_planner_imports_no_torch():
+    """megalite.plan is pure arithmetic (a login node plans without torch): no module of it imports torch, DeepSpeed
+    or Triton anywhere (the engine asks torch which GPU a machine has) nor numpy at import time, and importing it in
+    a fresh interpreter loads none of them. The checker finds a function-local torch import (a positive control)."""
+    assert _heavy_imports(ast.parse("import numpy\ndef f():\n    import numpy\n    from torch import cuda\n")) == [
+        ("numpy", 1), ("torch", 4)]
+    problems = [f"{path.relative_to(PACKAGE.parent)}:{line}: imports {name}"
+                for path in sorted((PACKAGE / "plan").rglob("*.py"))
+                for name, line in _heavy_imports(ast.parse(path.read_text(), str(path)))]
+    assert not problems, "\n".join(problems)
+    code = ("import sys\nimport megalite.plan\n"
+            "loaded = [m for m in ('torch', 'deepspeed', 'triton', 'numpy') if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr[-3000:]

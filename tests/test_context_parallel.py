@@ -370,8 +370,8 @@ def test_context_rules_name_key_and_value(sections, world, fragment):
 def test_context_arithmetic_layout_and_plan():
     """Data parallelism is what tensor x context x pipeline leave; the batch, tokens per step (each token once), the
     checkpoint layout, DeepSpeed's batch for the pipeline engine, the gradient scale, and the plan's memory."""
+    from megalite import plan as P
     from megalite.config import Layout, kv_replication, summary
-    from megalite.engine import plan as P
     from megalite.engine.build import context_grad_scale, deepspeed_dict
 
     assert [kv_replication(k, c) for k, c in ((4, 2), (2, 4), (1, 4), (6, 4), (3, 2))] == [1, 2, 4, None, None]

@@ -507,7 +507,8 @@ def test_bf16_precision_policy_and_init_from_hf(workdir, tmp_path):
 def test_flops_count_the_attention_that_documents_leave():
     """MFU's attention term uses the keys a token attends to: the sequence, or its document under
     reset_attention_mask (token-weighted mean document length of the run's first samples)."""
-    from megalite.engine.metrics import flops_per_token, mean_document_length
+    from megalite.engine.metrics import mean_document_length
+    from megalite.plan import flops_per_token
 
     samples = [{"document_ids": torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, 0, 0])}, {"document_ids": torch.zeros(10)}]
     assert mean_document_length(samples) == (9 + 4 + 25 + 100) / 20  # runs of equal ids are the documents

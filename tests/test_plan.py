@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from megalite import config as C
-from megalite.engine import plan as P
+from megalite import plan as P
 from tests.helpers.distributed import run_ranks
 from tests.helpers.engine_utils import tiny_config, write_token_dataset
 
@@ -112,7 +112,7 @@ def test_deepspeed_model_state_estimates(preset: str, tp: int, nodes: int) -> No
                       deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage": stage}})
         s = P.settings(cfg)
         params = P.stages(cfg, tp, 1)[0].params
-        n = P._numel(params)
+        n = P.numel(params)
         ours = _model_states({k: v for k, (v, _) in P.model_state_bytes(params, gpus, s).items()})
         if stage == 2:
             theirs = _deepspeed_estimate(estimate_zero2_model_states_mem_needs_all_cold, n, gpus, 1)
@@ -235,7 +235,7 @@ def test_activation_bytes_match_what_autograd_saves() -> None:
         for case, (saved, numel) in zip(ACTIVATION_CASES, rank_results):
             cfg = _activation_case_config(case)
             stage = P.stages(cfg, case["tp"], 1)[0]
-            assert P._numel(stage.params) == numel, case  # the plan's parameter list is the model's
+            assert P.numel(stage.params) == numel, case  # the plan's parameter list is the model's
             s = P.settings(cfg, platform="cpu")
             planned = sum(P.activation_bytes(cfg, P.layout_of(cfg, case["tp"]), stage, s).values())
             error = planned / saved - 1
@@ -485,13 +485,13 @@ def test_parameter_lists_match_the_configs_count() -> None:
     for name in ("gpt2-124m", "llama-8b", "gpt3-13b", "llama-70b"):
         m = C.ModelConfig(**_preset(name))
         cfg = _config(name)
-        assert P._numel(P.stages(cfg, 1, 1)[0].params) == C.count_parameters(m)["total"]
+        assert P.numel(P.stages(cfg, 1, 1)[0].params) == C.count_parameters(m)["total"]
         # A pipeline holds every layer once, and the tied embedding twice.
         piped = _config(name, parallel={"pipeline": 4}, deepspeed={"zero_optimization": {"stage": 1}})
         stages = P.stages(piped, 1, 4)
         tied = m.padded_vocab_size * m.hidden_size + (m.max_position_embeddings * m.hidden_size
                                                       if m.position == "learned" else 0)
-        assert sum(P._numel(s.params) for s in stages) == C.count_parameters(m)["total"] + (
+        assert sum(P.numel(s.params) for s in stages) == C.count_parameters(m)["total"] + (
             tied if m.tied_embeddings else 0)
         assert sum(s.blocks for s in stages) == m.num_layers and stages[0].embedding and stages[-1].head
 
@@ -560,11 +560,11 @@ def test_plan_of_every_shipped_run_config() -> None:
 
 def test_memory_summary_and_warning() -> None:
     cfg = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json")
-    line = P.memory_summary(cfg, 16, P.get_device("a100-40g"))
+    line = P.memory_summary(P.memory_plan(cfg, 16, P.get_device("a100-40g")))
     assert line.startswith("plan: ") and "GiB per GPU of 40.0 GiB on NVIDIA A100 SXM 40GB" in line
-    assert P.memory_warning(cfg, 16, P.get_device("h200")) is None
+    assert P.memory_warning(P.memory_plan(cfg, 16, P.get_device("h200"))) is None
     big = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json", ["deepspeed.train_micro_batch_size_per_gpu=32"])
-    warning = P.memory_warning(big, 16, P.get_device("a100-40g"))
+    warning = P.memory_warning(P.memory_plan(big, 16, P.get_device("a100-40g")))
     assert warning and "the biggest term is activations" in warning
 
 
@@ -572,24 +572,70 @@ def test_preflight_train_and_config_show_report_the_plan(monkeypatch: pytest.Mon
                                                          capsys: pytest.CaptureFixture) -> None:
     """preflight's memory check, the lines `train` prints at start and `config show`'s memory summary, for a GPU
     the device table knows (this machine has none: the lookup is replaced)."""
+    from megalite import launch
     from megalite.commands import config as config_cli
     from megalite.engine import preflight
 
     cfg = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json")
-    monkeypatch.setattr(P, "local_device", lambda: None)
+    monkeypatch.setattr(launch, "local_gpu", lambda: None)
     assert "skipped, no GPU" in preflight.check_memory(cfg, 16, env={})[0].message
-    assert P.startup_report(cfg, 16) == []
-    monkeypatch.setattr(P, "local_device", lambda: P.get_device("h100-sxm"))
+    assert P.startup_report(preflight.plan_this_run(cfg, 16, env={})) == []
+    monkeypatch.setattr(launch, "local_gpu", lambda: ("NVIDIA H100 80GB HBM3", 79.6))  # an H100 SXM
     (check,) = preflight.check_memory(cfg, 16, env={"LOCAL_WORLD_SIZE": "8"})
     assert check.ok and check.message.startswith("plan: ") and "on NVIDIA H100 SXM" in check.message
-    assert P.startup_report(cfg, 16, 8) == [check.message]
+    assert P.startup_report(preflight.plan_this_run(cfg, 16, env={"LOCAL_WORLD_SIZE": "8"})) == [check.message]
     big = C.load(REPO / "configs/runs/gpt3-1.3b-2nodes.json", ["deepspeed.train_micro_batch_size_per_gpu=64"])
     (check,) = preflight.check_memory(big, 16, env={"LOCAL_WORLD_SIZE": "8"})
     assert check.ok and check.message.startswith("warning: the plan needs") and "biggest term is activations" \
         in check.message
-    assert P.startup_report(big, 16, 8)[1] == check.message
+    assert P.startup_report(preflight.plan_this_run(big, 16, env={"LOCAL_WORLD_SIZE": "8"}))[1] == check.message
     args = argparse.Namespace(action="show", config=str(REPO / "configs/runs/gpt3-1.3b-2nodes.json"), world_size=16,
                               overrides=[])
     assert config_cli.main(args) == 0
     shown = json.loads(capsys.readouterr().out)["derived"]["memory_per_gpu"]
     assert shown["device"] == "NVIDIA H100 SXM" and shown["fits"] and shown["total_gib"] > shown["allocated_gib"] > 0
+
+
+# Runs `megalite train` with every call of the named functions counted, however a module imported them: each one's
+# code is swapped for a counting one that calls a copy of the original. This machine's GPU is an H100 SXM here.
+_COUNTED_TRAIN = """
+import importlib, sys, types
+counts, argv = sys.argv[1], sys.argv[2:]
+
+def count(module_name, name):
+    fn = getattr(importlib.import_module(module_name), name)
+    original = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    original.__kwdefaults__ = fn.__kwdefaults__
+    g = fn.__globals__
+    g["_counted_" + name], g["_counts_file"] = original, counts
+    exec(f"def _counting(*args, **kwargs):\\n    with open(_counts_file, 'a') as f:\\n        f.write('{name}\\\\n')\\n"
+         f"    return _counted_{name}(*args, **kwargs)\\n", g)
+    fn.__code__, fn.__defaults__, fn.__kwdefaults__ = g.pop("_counting").__code__, None, None
+
+count("megalite.config.validate", "validate")
+count("megalite.plan.estimate", "evaluate")
+count("megalite.plan.summaries", "memory_summary")
+import megalite.launch as launch
+launch.local_gpu = lambda: ("NVIDIA H100 80GB HBM3", 79.6)
+from megalite.cli import main
+sys.exit(main(argv))
+"""
+
+
+def test_train_validates_and_plans_once(tmp_path: Path) -> None:
+    """One `megalite train` start-up validates its config once (at load, for the launcher's world size) and builds
+    one plan, which preflight's memory check and the start-up report both summarise and whose GPU gives the MFU peak
+    (before: 8 validations and 5 plans)."""
+    write_token_dataset(str(tmp_path / "tok"))
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(tiny_config(str(tmp_path / "tok"), str(tmp_path / "run"), train={"steps": 2})))
+    counts = tmp_path / "counts"
+    out = subprocess.run([sys.executable, "-c", _COUNTED_TRAIN, str(counts), "train", str(path)], capture_output=True,
+                         text=True, cwd=REPO, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    calls = counts.read_text().split()
+    assert {name: calls.count(name) for name in set(calls)} == {"validate": 1, "evaluate": 1, "memory_summary": 2}
+    assert "megalite: plan: 1.5 GiB per GPU of 79.6 GiB on NVIDIA H100 SXM" in out.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r["kind"] == "start")
+    assert start["peak"] == "NVIDIA H100 80GB HBM3: 67.0 TFLOP/s dense fp32"

@@ -170,9 +170,9 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 def test_model_states_that_cannot_fit_fail_preflight(monkeypatch: pytest.MonkeyPatch) -> None:
     """A typo in the model's size (hidden 100000: 480B parameters) is a memory failure naming the parameter count,
     not a disk-space shortage, once the device is known; a model that fits passes."""
-    from megalite.engine import plan
+    from megalite import launch
 
-    monkeypatch.setattr(plan, "local_device", lambda: plan.get_device("h100-sxm"))
+    monkeypatch.setattr(launch, "local_gpu", lambda: ("NVIDIA H100 80GB HBM3", 79.6))  # an H100 SXM
     run = Path(__file__).resolve().parent.parent / "configs" / "runs" / "demo-cpu.json"
     typo = config.load(run, ["model.hidden_size=100000", "model.num_heads=4"])
     (check,) = preflight.check_memory(typo, 2, env={})

@@ -105,7 +105,7 @@ def measure(seq: int, context: int, backward: bool) -> list[dict]:
 
 def planned_activation_bytes(seq: int, context: int) -> float:
     """`megalite plan`'s activations of one micro-batch on one rank (CPU kernels) for the same layout."""
-    from megalite.engine import plan as P
+    from megalite import plan as P
 
     cfg = run_config(seq, context)
     layout = P.layout_of(cfg, context)
@@ -117,7 +117,7 @@ def plan_longest(preset: str, device_name: str, context: int) -> dict:
     """The longest sequence (a multiple of 1024 x context) whose one micro-batch fits on `context` GPUs at CP `context`,
     by the plan."""
     from megalite import config as C
-    from megalite.engine import plan as P
+    from megalite import plan as P
 
     device = P.get_device(device_name)
 

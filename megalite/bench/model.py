@@ -44,8 +44,8 @@ def synthetic_data(prefix: Path, vocab: int, tokens: int) -> None:
 def worker(args: argparse.Namespace) -> None:
     """One backend: train, time each step, write the result."""
     from megalite import config
-    from megalite.engine.metrics import device_peak_tflops, flops_per_token
     from megalite.engine.trainer import Trainer
+    from megalite.plan import flops_per_token
 
     raw = json.loads(args.worker_config)
     cfg = config.from_dict(config.expand_references(raw, None))
@@ -69,7 +69,7 @@ def worker(args: argparse.Namespace) -> None:
     step_s = statistics.median(steady)
     tokens = cfg.global_batch_size(1) * cfg.data.seq_length
     tflops = flops_per_token(cfg) * tokens / step_s / 1e12
-    peak, note = device_peak_tflops(cfg.precision)
+    peak, note = run.local_plan.peak_tflops(cfg.precision)  # this GPU's peak, as the training log's MFU
     memory = None
     import torch
 

@@ -52,8 +52,20 @@ def main(args: argparse.Namespace) -> int:
     else:
         resolved = cfg.to_dict()
         resolved["deepspeed"] = config.resolve_deepspeed(cfg, world)
-        from megalite.engine.plan import memory_breakdown  # the plan's memory per GPU (pure arithmetic)
-
-        derived["memory_per_gpu"] = memory_breakdown(cfg, world)
+        derived["memory_per_gpu"] = _memory_per_gpu(cfg, world)
         emit(json.dumps({"config": resolved, "derived": derived}, indent=2))
     return 0
+
+
+def _memory_per_gpu(cfg: config.Config, world: int) -> dict:
+    """The plan's memory terms of the fullest stage, on this machine's GPU when the device table knows it, else on an
+    H100 SXM."""
+    from megalite.launch import local_gpu  # asks torch, on use
+    from megalite.plan import DEVICES, device_named, memory_breakdown, memory_plan
+
+    gpu = local_gpu()
+    device = (device_named(*gpu) if gpu else None) or DEVICES["h100-sxm"]
+    try:
+        return memory_breakdown(memory_plan(cfg, world, device))
+    except ConfigError as e:
+        return {"error": str(e)}

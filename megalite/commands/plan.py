@@ -1,5 +1,5 @@
 """`megalite plan RUN.json --world-size N [--device D] [--search]`: memory, communication and step time per GPU
-of a layout before it runs (the cost model is megalite/engine/plan.py)."""
+of a layout before it runs (the cost model is the megalite.plan package)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 
 from megalite import config as cfg_mod
 from megalite.commands.output import emit
-from megalite.engine.plan import ALLOWANCE_GIB, DEVICES, format_plan, format_search, get_device, plan, search
 from megalite.errors import ConfigError
+from megalite.plan import ALLOWANCE_GIB, DEVICES, format_plan, format_search, get_device, plan, search
 
 HELP = "memory, communication and step time of a layout, or search for the best one"
 
@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None and not (value > 0 or (key == "allowance_gib" and value == 0)):
             raise ConfigError(f"--{key.replace('_', '-')}: must be > 0, got {value}")
-    cfg = cfg_mod.load(args.config, args.overrides)
+    cfg = cfg_mod.load(args.config, args.overrides, world_size=args.world_size)  # the one validation
     if args.search:
         start = time.perf_counter()
         p0 = plan(cfg, args.world_size, device, args.gpus_per_node, allowance_gib=args.allowance_gib)  # checks input

@@ -24,10 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Load the config (before any process group exists), then train."""
+    """Load and validate the config for the launcher's world size (before any process group exists: a bad config
+    fails fast on every rank), then train; the trainer does not validate it again."""
     from megalite import config
     from megalite.engine.trainer import train
-    from megalite.launch import exit_now
+    from megalite.launch import exit_now, world_size
 
-    cfg = config.load(args.config, args.overrides)
-    exit_now(train(cfg))  # every file was closed by train(); skip the interpreter's finalisation
+    world = world_size()
+    cfg = config.load(args.config, args.overrides, world_size=world)
+    exit_now(train(cfg, validated_world=world))  # every file was closed by train(); skip the interpreter's finalisation

@@ -1,4 +1,5 @@
-"""Throughput, model FLOPs utilisation, metric sinks (JSON Lines, TensorBoard, W&B) and loss plots."""
+"""Step timing, metric sinks (JSON Lines, TensorBoard, W&B) and loss plots. The model FLOPs per token and the
+devices' peaks the MFU divides by are megalite.plan's (`flops_per_token`, `peak_tflops_of`): plan and log count alike."""
 
 from __future__ import annotations
 
@@ -9,46 +10,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megalite.config import Config, count_parameters
+import torch
+
+from megalite.config import Config
 from megalite.errors import ConfigError, MegaliteError
 
 
 class MetricsError(MegaliteError):
     """A metrics file cannot be written."""
 
-# Dense peak TFLOP/s per device for the training dtype (vendor datasheets, without sparsity), matched in this
-# order against the device name without spaces: the H100 PCIe ("NVIDIA H100 PCIe") and NVL cards have lower
-# peaks than the SXM module ("NVIDIA H100 80GB HBM3"), so they come before the plain "H100".
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "H100PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
-    "H100NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2},
-    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
-    "V100": {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7},
-    "MI300X": {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4},
-}
-
-
-def flops_per_token(cfg: Config, attended_keys: float | None = None) -> float:
-    """Training FLOPs per token: 6N + 12*L*d*K (N non-embedding parameters; recompute excluded).
-
-    K is the keys a token attends to, counted as PaLM does (the whole window, causal or not): the sequence
-    length, or with packed-document masking the mean length of a token's document (`attended_keys`).
-    """
-    n = count_parameters(cfg.model)["non_embedding"]
-    m = cfg.model
-    keys = cfg.data.seq_length if attended_keys is None else attended_keys
-    return 6.0 * n + 12.0 * m.num_layers * m.hidden_size * keys
-
 
 def mean_document_length(samples: Any) -> float:
     """Token-weighted mean document length over samples with `document_ids` (sum of squared lengths / tokens):
     the keys a token attends to under packed-document masking."""
-    import torch
-
     squares, tokens = 0, 0
     for sample in samples:
         ids = sample["document_ids"]
@@ -58,25 +32,6 @@ def mean_document_length(samples: Any) -> float:
     if tokens == 0:
         raise ValueError("mean_document_length needs at least one token")
     return squares / tokens
-
-
-def device_peak_tflops(precision: str) -> tuple[float | None, str]:
-    """The peak for this device and dtype, and a description of where it came from."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None, "CPU: no peak table (MFU not reported)"
-    return peak_tflops_of(torch.cuda.get_device_name(), precision)
-
-
-def peak_tflops_of(name: str, precision: str) -> tuple[float | None, str]:
-    """The peak of the device called `name` (as torch reports it) for a dtype, and where it came from."""
-    compact = name.replace(" ", "").lower()
-    for key, peaks in PEAK_TFLOPS.items():
-        if key.lower() in compact:
-            peak = peaks.get(precision)
-            return peak, f"{name}: {peak} TFLOP/s dense {precision}"
-    return None, f"{name}: not in megalite's peak table (MFU not reported)"
 
 
 class StepTimer:
@@ -103,8 +58,6 @@ class StepTimer:
 
     def _sync(self) -> None:
         if self.sync:
-            import torch
-
             torch.cuda.synchronize()
 
 

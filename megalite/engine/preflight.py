@@ -2,9 +2,10 @@
 
 `config.validate` covers what a login node can check. Here, on the ranks themselves: the world
 size against tensor x context x pipeline x data, the batch arithmetic, GPUs per node against the
-ranks started there, fp16/bf16 support of the device, the plan's memory per GPU against the device's,
-free disk for checkpoints against an estimate of their size, and a timed all_reduce across all ranks. Every problem is one line naming what to
-change. `megalite train` calls `run_preflight` on every rank at start.
+ranks started there, fp16/bf16 support of the device, the plan's memory per GPU on it, free disk
+for checkpoints against an estimate of their size, and a timed all_reduce across all ranks. Every
+problem is one line naming what to change. `megalite train` calls `run_preflight` on every rank at
+start, with the config it validated and the plan it built (`plan_this_run`).
 
 Run it on every rank of the job (e.g. `srun megalite preflight run.json`) to test the network;
 on a login node (`megalite preflight run.json --world-size 16`) it checks what it can.
@@ -19,11 +20,12 @@ import shutil
 import time
 from pathlib import Path
 
+from megalite import launch
 from megalite.config import Config, count_parameters, validate
 from megalite.distributed import all_gather_objects
 from megalite.distributed import rank as global_rank
-from megalite.engine import plan
 from megalite.errors import ConfigError
+from megalite.plan import LocalPlan, memory_summary, memory_warning, model_states_overflow, plan_locally
 
 
 @dataclasses.dataclass
@@ -112,13 +114,15 @@ def _gib(n: float) -> str:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_layout(cfg: Config, world_size: int) -> list[Check]:
-    """World size against tensor x context x pipeline x data, and the batch arithmetic (config.validate's rules)."""
+def check_layout(cfg: Config, world_size: int, validated: bool = False) -> list[Check]:
+    """World size against tensor x context x pipeline x data, and the batch arithmetic (config.validate's rules;
+    `validated`: the caller has validated `cfg` at `world_size` already, as `megalite train` has)."""
     p = cfg.parallel
-    try:
-        validate(cfg, world_size)
-    except ConfigError as e:
-        return [Check("layout", False, msg) for msg in e.problems]
+    if not validated:
+        try:
+            validate(cfg, world_size)
+        except ConfigError as e:
+            return [Check("layout", False, msg) for msg in e.problems]
     dp = cfg.dp_size(world_size)
     return [
         Check("layout", True, f"world size {world_size} = tensor {p.tensor} x "
@@ -231,24 +235,30 @@ def check_collective(world_size: int, size_mb: float = 4.0, iters: int = 3,
     return [Check("collective", True, msg)]
 
 
-def check_memory(cfg: Config, world_size: int, env: dict[str, str] | None = None) -> list[Check]:
+def plan_this_run(cfg: Config, world_size: int, env: dict[str, str] | None = None) -> LocalPlan:
+    """The run's plan on this node's GPU (`megalite plan`'s cost model, for the ranks started on this node), built
+    once: preflight's memory check, the start-up report and the training log's MFU peak all read it. `cfg` must be
+    valid at `world_size`."""
+    return plan_locally(cfg, world_size, launch.local_gpu(), local_world_size(env) or world_size)
+
+
+def check_memory(cfg: Config, world_size: int, env: dict[str, str] | None = None,
+                 local: LocalPlan | None = None) -> list[Check]:
     """The plan's memory per GPU on this node's GPU (`megalite plan`), with a warning naming the biggest term when
     it exceeds the GPU's memory (a warning: activations are an estimate), and a failure when the model states alone
-    cannot fit (they are known exactly: a certain out-of-memory, often a typo in the model's size)."""
-    device = plan.local_device()
-    if device is None:
+    cannot fit (they are known exactly: a certain out-of-memory, often a typo in the model's size). `local`: the
+    run's plan when it has one already (`plan_this_run`)."""
+    local = local if local is not None else plan_this_run(cfg, world_size, env)
+    if local.device is None:
         return [Check("memory", True, "plan: skipped, no GPU in megalite's device table here "
                                       "(`megalite plan RUN.json --world-size N --device ...` plans for one)")]
-    per_node = local_world_size(env) or world_size
-    try:
-        overflow = plan.model_states_overflow(cfg, world_size, device, per_node)
-        if overflow:
-            return [Check("memory", False, overflow)]
-        warning = plan.memory_warning(cfg, world_size, device, per_node)
-        summary = plan.memory_summary(cfg, world_size, device, per_node)
-    except Exception as e:  # noqa: BLE001 - an estimate never stops a job; it says why it is missing
-        return [Check("memory", True, f"plan: skipped ({e})")]
-    return [Check("memory", True, f"warning: {warning}" if warning else summary)]
+    if local.plan is None:  # an estimate never stops a job; it says why it is missing
+        return [Check("memory", True, f"plan: skipped ({local.error})")]
+    overflow = model_states_overflow(local.plan)
+    if overflow:
+        return [Check("memory", False, overflow)]
+    warning = memory_warning(local.plan)
+    return [Check("memory", True, f"warning: {warning}" if warning else memory_summary(local.plan))]
 
 
 def _agree(checks: list[Check]) -> list[Check]:
@@ -263,12 +273,18 @@ def _agree(checks: list[Check]) -> list[Check]:
 
 
 def run_checks(cfg: Config, world_size: int, rank: int, *, collective: bool = True, collective_mb: float = 4.0,
-               min_bandwidth_gbps: float = 0.0, env: dict[str, str] | None = None) -> list[Check]:
-    """Every check on this rank; collective (all ranks must call it) when a process group exists."""
+               min_bandwidth_gbps: float = 0.0, env: dict[str, str] | None = None, validated: bool = False,
+               local: LocalPlan | None = None) -> list[Check]:
+    """Every check on this rank; collective (all ranks must call it) when a process group exists. `validated` and
+    `local`: what `megalite train` has done already (validated the config at the world size, planned the run)."""
     env = os.environ if env is None else env
-    checks = check_layout(cfg, world_size)
+    checks = check_layout(cfg, world_size, validated)
+    layout_ok = all(c.ok for c in checks)
     checks += check_devices(cfg, env)
-    checks += check_memory(cfg, world_size, env)  # issue 16: the plan's memory per GPU
+    if layout_ok:  # issue 16: the plan's memory per GPU (a layout that does not divide has none)
+        checks += check_memory(cfg, world_size, env, local)
+    else:
+        checks.append(Check("memory", True, "plan: skipped (the layout above is invalid)"))
     if int(env.get("LOCAL_RANK", "0") or 0) == 0:  # one disk check per node is enough
         checks += check_disk(cfg)
     if collective:
@@ -277,9 +293,10 @@ def run_checks(cfg: Config, world_size: int, rank: int, *, collective: bool = Tr
 
 
 def run_preflight(cfg: Config, world_size: int, rank: int, *, collective: bool = True, collective_mb: float = 1.0,
-                  min_bandwidth_gbps: float = 0.0) -> list[str]:
+                  min_bandwidth_gbps: float = 0.0, validated: bool = False,
+                  local: LocalPlan | None = None) -> list[str]:
     """The problems found (empty: all good). Call on every rank once the process group exists: it runs
     collectives, and every rank gets a non-empty list when any rank has a problem."""
     return [f"preflight {c.name}: {c.message}" for c in run_checks(
         cfg, world_size, rank, collective=collective, collective_mb=collective_mb,
-        min_bandwidth_gbps=min_bandwidth_gbps) if not c.ok]
+        min_bandwidth_gbps=min_bandwidth_gbps, validated=validated, local=local) if not c.ok]

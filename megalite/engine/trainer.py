@@ -35,18 +35,16 @@ from megalite.engine.metrics import (
     MetricWindow,
     ProfilerWindow,
     StepTimer,
-    device_peak_tflops,
-    flops_per_token,
     mean_document_length,
     plot_losses,
 )
-from megalite.engine.plan import startup_report
-from megalite.engine.preflight import run_preflight
+from megalite.engine.preflight import plan_this_run, run_preflight
 from megalite.engine.strategy import strategy_for
 from megalite.errors import CheckpointError, ConfigError, MegaliteError
 from megalite.interop.hf import load_hf_state
 from megalite.parallel import ProcessGrid
 from megalite.parallel.random import seed_everything
+from megalite.plan import flops_per_token, startup_report
 
 
 def initial_state(path: str, model: ModelConfig) -> Any:
@@ -72,8 +70,11 @@ def initial_state(path: str, model: ModelConfig) -> Any:
 class Trainer:
     """Everything built for one run; `train()` drives it."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, validated_world: int | None = None) -> None:
+        """`validated_world`: the world size `cfg` was validated for already (`megalite train` validates at load,
+        with the launcher's world size); the set-up validates it again only for another world size."""
         self.cfg = cfg
+        self.validated_world = validated_world
         # First: a signal during the slow set-up below must lead to a requeue, not a dead job (`megalite train` caught
         # the default signals already, before its imports; this takes that flag over).
         self.preemption = signals.preemption_flag(cfg.train.preemption_signals)
@@ -90,7 +91,10 @@ class Trainer:
         self.device = launch.device()
         self.output_dir = Path(cfg.train.output_dir)
         self._phase("configuration", self._check_config)
-        problems = self._phase("preflight", run_preflight, cfg, self.world, self.rank)  # every rank gets every problem
+        self.local_plan = plan_this_run(cfg, self.world)  # the run's one plan: preflight, start-up report, MFU peak
+        # collective: every rank gets every problem
+        problems = self._phase("preflight", run_preflight, cfg, self.world, self.rank, validated=True,
+                               local=self.local_plan)
         if problems:
             raise ConfigError(problems)
         kernels.set_backend(cfg.train.kernels)
@@ -124,18 +128,19 @@ class Trainer:
         if cfg.train.eval_tasks is not None:
             self.task_evaluator = self._phase("loading train.eval_tasks", TaskEvaluator, cfg, self.is_main)
 
-    def _phase(self, name: str, fn: Any, *args: Any) -> Any:
+    def _phase(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """One set-up phase on every rank: a failure on any rank raises on all (`agree`); then, when a preemption
         signal reached any rank, every rank stops here (nothing to save yet: the job is requeued at once instead of
         finishing a set-up that may take minutes)."""
-        result = agree(name, fn, *args)
+        result = agree(name, fn, *args, **kwargs)
         (signalled,) = any_rank([self.preemption.is_set], self.device)
         if signalled:
             raise signals.PreemptedDuringSetUp(name)
         return result
 
     def _check_config(self) -> None:
-        validate(self.cfg, self.world)  # the world-size rules, now that it is known
+        if self.world != self.validated_world:
+            validate(self.cfg, self.world)  # the world-size rules, now that it is known
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
@@ -258,11 +263,11 @@ class Trainer:
         attended = None
         if cfg.data.reset_attention_mask:  # documents shorten attention: count it from the first samples
             attended = mean_document_length(self.train_set[i] for i in range(min(64, len(self.train_set))))
-        peak, peak_note = device_peak_tflops(cfg.precision)
+        peak, peak_note = self.local_plan.peak_tflops(cfg.precision)
         if self.is_main:
             info = summary(cfg, self.world)
             print(f"megalite: {json.dumps(info)}", file=sys.stderr, flush=True)
-            for line in startup_report(cfg, self.world, int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None):
+            for line in startup_report(self.local_plan):
                 print(f"megalite: {line}", file=sys.stderr, flush=True)  # the plan's memory per GPU
             self.sink.log({"kind": "start", "step": self.step, **info, "peak": peak_note})
             if cfg.train.logging.progress_bar and sys.stderr.isatty():
@@ -311,10 +316,10 @@ class Trainer:
         return float(scale) if isinstance(scale, (int, float)) else None
 
 
-def train(cfg: Config) -> int:
-    """Build and run; every rank returns the same exit code."""
+def train(cfg: Config, validated_world: int | None = None) -> int:
+    """Build and run; every rank returns the same exit code (`validated_world`: as for `Trainer`)."""
     try:
-        return Trainer(cfg).train()
+        return Trainer(cfg, validated_world).train()
     except signals.PreemptedDuringSetUp as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"megalite: preempted during set-up ({e}): exiting {signals.EXIT_PREEMPTED} to be requeued",

@@ -1,0 +1,125 @@
+"""What is planned: the run's `Layout` (megalite.config's one layout value) and `Settings`, the DeepSpeed, kernel and
+model choices the cost model reads from a config besides the layout (activation recompute and loss chunking among
+them: the search varies those too, but nothing outside the planner records them as part of a layout).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from megalite.config import Config, Layout
+from megalite.dtypes import precision_bytes
+from megalite.errors import ConfigError
+
+
+def layout_of(cfg: Config, world_size: int) -> Layout:
+    """The layout `cfg` describes at `world_size`. It does not validate: the config must have passed
+    `config.validate(cfg, world_size)` (every command that plans does so once); a world size the degrees do not
+    divide is refused here all the same, because nothing the plan computes from it would mean anything."""
+    if world_size <= 0:
+        raise ConfigError(f"--world-size: must be > 0, got {world_size}")
+    layout = cfg.layout(world_size)
+    if layout.world != world_size:
+        p = cfg.parallel
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.context x "
+                          f"parallel.pipeline = {p.tensor} x {p.context} x {p.pipeline}")
+    return layout
+
+
+def with_layout(cfg: Config, layout: Layout, recompute: bool, loss_chunk_tokens: int) -> Config:
+    """A copy of `cfg` laid out as `layout`, with activation recompute and loss chunking as given (same model, data
+    and settings otherwise)."""
+    new = copy.copy(cfg)
+    new.parallel = dataclasses.replace(cfg.parallel, tensor=layout.tensor, pipeline=layout.pipeline,
+                                       sequence_parallel=layout.sequence_parallel, context=layout.context)
+    new.model = dataclasses.replace(cfg.model, activation_checkpointing=recompute, loss_chunk_tokens=loss_chunk_tokens)
+    ds = dict(cfg.deepspeed)
+    ds["train_micro_batch_size_per_gpu"] = layout.micro_batch
+    ds["gradient_accumulation_steps"] = layout.accumulation
+    ds.pop("train_batch_size", None)
+    ds["zero_optimization"] = {**(ds.get("zero_optimization") or {}), "stage": layout.zero_stage}
+    new.deepspeed = ds
+    return new
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The DeepSpeed, kernel and model choices the cost model needs, read from a Config (DeepSpeed 0.19 defaults)."""
+
+    precision: str
+    element: int  # bytes of a parameter / activation element
+    grad_accum: int  # bytes of an accumulated gradient element
+    zero_stage: int
+    path: str  # the DeepSpeed wrapper holding model states: none | bf16_ddp | fp16_optimizer | bf16_optimizer | zero | zero3
+    optimizer: str
+    optimizer_state_bytes: int  # per parameter (Adam: two fp32 moments)
+    reduce_bucket: int  # elements
+    overlap_comm: bool
+    persistence_threshold: int  # ZeRO-3: parameters this small stay whole on every rank
+    prefetch_bucket: int  # ZeRO-3, elements
+    max_live_parameters: int  # ZeRO-3: gathered elements kept before releasing
+    max_reuse_distance: int  # ZeRO-3: a gathered parameter used again within this many elements is kept
+    offload_optimizer: bool
+    attention: str  # triton | torch (megalite's kernels) | materialized (other systems: a T x T score matrix)
+    platform: str = "cuda"  # cuda | cpu: where torch's own kernels run (they keep different tensors)
+    recompute: bool = False  # model.activation_checkpointing: each block's activations rebuilt in the backward
+    loss_chunk_tokens: int = 0  # model.loss_chunk_tokens: the output layer and loss computed in chunks (0: whole)
+
+    def describe(self, layout: Layout) -> str:
+        """The layout's line with the choices the plan adds, e.g. '..., bf16, recompute, loss chunks of 4096'."""
+        extra = (["recompute"] if self.recompute else []) + (
+            [f"loss chunks of {self.loss_chunk_tokens}"] if self.loss_chunk_tokens else [])
+        return ", ".join([layout.describe()] + extra)
+
+
+PATH_NAMES = {"none": "torch optimizer, no ZeRO wrapper", "bf16_ddp": "bf16 without ZeRO",
+              "fp16_optimizer": "FP16_Optimizer", "bf16_optimizer": "BF16_Optimizer",
+              "zero": "DeepSpeedZeroOptimizer (ZeRO-1/2)", "zero3": "DeepSpeedZeroOptimizer_Stage3"}
+
+
+def settings(cfg: Config, attention: Optional[str] = None, platform: str = "cuda") -> Settings:
+    """DeepSpeed's choices for `cfg`: its optimizer wrapper (engine._do_optimizer_sanity_check), dtypes, buckets."""
+    ds = cfg.deepspeed
+    precision = cfg.precision
+    element = precision_bytes(precision)
+    accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    if accum is None:  # megalite asks DeepSpeed for fp32 accumulation with bf16 (engine.build.deepspeed_dict)
+        accum = "fp32" if precision in ("bf16", "fp32") else precision
+    grad_accum = precision_bytes(str(accum), "deepspeed.data_types.grad_accum_dtype")
+    zero = ds.get("zero_optimization") or {}
+    stage = cfg.zero_stage
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+    opt = ds.get("optimizer") or {}
+    kind = opt.get("type", "AdamW")
+    momentum = float((opt.get("params") or {}).get("momentum", 0.9))
+    state_bytes = 8 if kind in ("Adam", "AdamW") else (4 if momentum else 0)
+    if stage > 0:
+        if precision == "bf16" and grad_accum == 4 and stage == 1 and not offload:
+            path = "bf16_optimizer"
+        else:
+            path = "zero3" if stage == 3 else "zero"
+    elif element == grad_accum:
+        path = {"fp32": "none", "bf16": "bf16_ddp", "fp16": "fp16_optimizer"}[precision]
+    else:
+        raise ConfigError(
+            f"deepspeed.zero_optimization.stage: 0 with {precision} parameters and {accum} gradient accumulation is "
+            "refused by DeepSpeed 0.19 ('unsupported mix of model_dtype and grad_accum_dtype'); use stage 1"
+        )
+    if attention is None:
+        attention = "torch" if cfg.train.kernels in ("torch", "apex") else "triton"
+    if attention not in ("triton", "torch", "materialized"):
+        raise ConfigError(f"attention: {attention!r} is not one of triton, torch, materialized")
+    return Settings(
+        precision=precision, element=element, grad_accum=grad_accum, zero_stage=stage, path=path, optimizer=kind,
+        optimizer_state_bytes=state_bytes, reduce_bucket=int(zero.get("reduce_bucket_size", 5e8)),
+        overlap_comm=bool(zero.get("overlap_comm", stage == 3)),
+        persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 1e5)),
+        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 5e7)),
+        max_live_parameters=int(zero.get("stage3_max_live_parameters", 1e9)),
+        max_reuse_distance=int(zero.get("stage3_max_reuse_distance", 1e9)), offload_optimizer=offload,
+        attention=attention, platform=platform, recompute=cfg.model.activation_checkpointing,
+        loss_chunk_tokens=cfg.model.loss_chunk_tokens,
+    )

@@ -1,0 +1,271 @@
+"""Memory per GPU of each pipeline stage: model states as DeepSpeed 0.19 holds them, activations per micro-batch
+tensor by tensor as megalite's model saves them (times the micro-batches a stage holds in flight), the transient
+buffers of a step, and a stated allowance for what the caching allocator does not see."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from megalite.config import Config, Layout, kv_replication
+from megalite.plan import schedule
+from megalite.plan.devices import GiB
+from megalite.plan.layout import Settings
+from megalite.plan.stages import Stage, numel, stages
+
+# What the caching allocator does not count (torch.cuda.max_memory_allocated excludes it): the CUDA
+# context and cuBLAS workspaces (about 0.5-1 GiB on Hopper), NCCL's communicator buffers, and the
+# allocator's fragmentation. A stated allowance, not a measurement; --allowance-gib overrides the fixed part.
+ALLOWANCE_GIB = 1.5
+FRAGMENTATION = 0.05  # of the allocated peak
+
+# The terms that are known exactly (unlike activations): a model whose states alone exceed a device cannot run.
+MODEL_STATE_TERMS = ("parameters", "gradients", "fp32 gradients", "master weights", "optimizer states")
+
+
+def model_state_bytes(params: Any, dp: int, s: Settings) -> dict[str, tuple[float, bool]]:
+    """Parameters, gradients, master weights and optimizer states on one GPU, as DeepSpeed 0.19 holds them:
+    name -> (bytes, built), `built` for the gradients that are created during the backward and freed after the
+    optimizer step (the rest is held throughout). Offloaded terms are named `host: ...`.
+
+    BF16_Optimizer (ZeRO-1, bf16, fp32 accumulation): full bf16 gradients (built) and full fp32 gradients
+    (held), fp32 master and optimizer partitions. The ZeRO optimizer: ZeRO-1 builds the full gradients and
+    reduces them into its fp32 partition at the accumulation boundary (it reduces in buckets during the backward,
+    so above `reduce_bucket_size` elements its real peak is lower); ZeRO-2 builds only its partition. ZeRO-3
+    partitions everything and keeps parameters of at most `stage3_param_persistence_threshold` elements whole
+    besides. ZeRO-0 keeps whole copies. The flat decay and no-decay groups are padded to a multiple of
+    2 x dp elements, as DeepSpeed aligns them.
+    """
+    decay = sum(p.numel for p in params if p.decay)
+    n = numel(params)
+    e, g, k = s.element, s.grad_accum, s.optimizer_state_bytes
+    padded = sum(-(-x // (2 * dp)) * 2 * dp for x in (decay, n - decay) if x)
+    part = padded / dp
+    out: dict[str, tuple[float, bool]]
+    if s.path == "none":
+        out = {"parameters": (e * n, False), "gradients": (g * n, True), "optimizer states": (k * n, False)}
+    elif s.path == "bf16_ddp":
+        out = {"parameters": (e * n, False), "gradients": (e * n, True), "optimizer states": (k / 2 * n, False)}
+    elif s.path == "fp16_optimizer":  # its fp32 gradient copy exists during the step only (a transient)
+        out = {"parameters": (e * n, False), "gradients": (e * n, True), "master weights": (4 * n, False),
+               "optimizer states": (k * n, False)}
+    elif s.path == "bf16_optimizer":
+        out = {"parameters": (e * padded, False), "gradients": (e * n, True), "fp32 gradients": (g * padded, False),
+               "master weights": (4 * part, False), "optimizer states": (k * part, False)}
+    elif s.path == "zero":
+        grads = e * n if s.zero_stage == 1 else g * part  # ZeRO-1: the reduced partition replaces them
+        out = {"parameters": (e * padded, False), "gradients": (grads, True), "master weights": (4 * part, False),
+               "optimizer states": (k * part, False)}
+    else:  # zero3
+        persistent = sum(p.numel for p in params if p.numel <= s.persistence_threshold)
+        out = {"parameters": (e * (n / dp + persistent), False), "gradients": (g * n / dp, False),
+               "master weights": (4 * n / dp, False), "optimizer states": (k * n / dp, False)}
+    if s.offload_optimizer:
+        for key in ("master weights", "optimizer states"):
+            if key in out:
+                out["host: " + key] = out.pop(key)
+    return {key: (float(v), built) for key, (v, built) in out.items()}
+
+
+def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> dict[str, float]:
+    """What autograd saves for backward in one micro-batch on one GPU of `stage`, by part.
+
+    Counted tensor by tensor as megalite's model saves them (parameters excluded, a storage shared by views
+    counted once): each norm keeps its input and fp32 statistics; each linear its input (the norm output, or
+    its sequence-gathered copy); attention the qkv output (held by the q/k/v views), RoPE's rotated q and k, the
+    output and an fp32 log-sum-exp per head (flash attention: no T x T matrix); the MLP its pre- and
+    post-activation (SwiGLU: the fused gate/up output, silu(gate) and the product); the loss an fp32 softmax
+    over this rank's vocabulary slice, or with loss chunks only what the chunks are recomputed from.
+
+    With context parallelism (cp ranks) every per-token term is this rank's chunk of B x T / cp tokens. Attention
+    keeps what its all-to-alls deliver instead of the qkv output and RoPE's rotated q and k: q, k and v over the
+    whole sequence with heads / cp each (kv heads replicated when fewer than cp), the same bytes as the chunk's
+    q, k, v, and the projection keeps the output all-to-all's result; the document mask of the torch path stays
+    T x T.
+    """
+    m, d = cfg.model, cfg.data
+    e, tp, cp = s.element, layout.tensor, layout.context
+    h, T, B = m.hidden_size, d.seq_length, layout.micro_batch
+    N = B * T // cp  # this rank's tokens
+    Ns = N // tp if layout.sequence_parallel else N
+    heads, kvh, hd, f_l = m.num_heads // tp, m.kv_heads // tp, m.head_dim, m.ffn_size // tp
+    v_l = m.padded_vocab_size // tp
+    mask = e if s.platform == "cpu" else 1  # dropout masks: CUDA's fused dropout keeps bytes, the CPU path floats
+    norm = Ns * h * e + Ns * 4 * (2 if m.norm == "layernorm" else 1)
+    if m.norm == "rmsnorm" and s.attention != "triton" and s.platform == "cpu":
+        norm += Ns * h * (8 - e)  # torch's CPU rms_norm keeps the input and the normalised input in fp32
+    rope = m.position == "rope"
+    rope_tables = 2 * N * hd * e  # cos and sin, (B, 1, T / cp, D)
+    pipelined = layout.pipeline > 1
+    docs = d.reset_attention_mask
+
+    if cp == 1:
+        attn = N * h * e + N * (heads + 2 * kvh) * hd * e  # qkv input, qkv output
+        if rope:
+            attn += N * (heads + kvh) * hd * e
+    else:  # qkv input; the all-to-alls' q, k, v (kv heads replicated to a multiple of cp); the output all-to-all's
+        # result, which the projection keeps (without CP its input is a view of the kernel's output)
+        attn = N * h * e + N * (2 * heads + 2 * kvh * (kv_replication(kvh, cp) or 1)) * hd * e
+    if rope and pipelined:
+        attn += rope_tables  # each pipeline block has its tables
+    if s.attention == "materialized":  # the T x T softmax per head, with dropout its mask and output; the context
+        drop = m.attention_dropout > 0
+        attn += B * heads * T * T * (e + (mask + e if drop else 0)) + N * heads * hd * e
+    else:
+        attn += N * heads * hd * e + N * heads * 4  # output, fp32 log-sum-exp
+    if docs:
+        # int32 document bounds per token; SDPA gets the boolean mask and keeps it as an additive float mask
+        attn += 2 * B * T * 4 if s.attention == "triton" else B * T * T * e  # the whole sequence's, with CP too
+    mlp = N * h * e + (4 if m.mlp == "swiglu" else 2) * N * f_l * e
+    layer = {"norms": 2 * norm, "attention": attn, "mlp": mlp}
+    if m.hidden_dropout > 0:
+        layer["dropout masks"] = 2 * Ns * h * mask
+
+    out: dict[str, float] = {}
+    if s.recompute:  # each block keeps only its input; one block's activations are rebuilt at a time
+        out["block inputs (recompute)"] = stage.blocks * Ns * h * e + (B * T * 8 if docs and stage.blocks else 0)
+    else:
+        for key, value in layer.items():
+            out[key] = stage.blocks * value
+    if rope and not pipelined and stage.blocks:
+        out["rope tables"] = rope_tables  # computed once per forward, shared by every block
+    if stage.embedding:
+        emb = N * 8 + (N if tp > 1 else 0)  # token ids (or this rank's local ids), the out-of-range mask
+        if m.position == "learned":
+            emb += (N if d.reset_position_ids else T) * 8  # position ids (otherwise an expanded arange)
+        out["embedding"] = emb + (Ns * h * mask if m.hidden_dropout > 0 else 0)
+    if stage.head:
+        head = norm + N * h * e  # the final norm; the output layer's input
+        if s.loss_chunk_tokens:
+            head += N * 8 + N * 4  # labels and token weights the chunks are recomputed from
+        else:
+            head += N * v_l * 4 + N * (1 + 8 + 4)  # fp32 softmax; target mask, ids and weights
+            if m.padded_vocab_size > m.vocab_size:
+                head += v_l  # the boolean mask of padding rows (on the ranks whose slice has some)
+        out["output layer and loss"] = head
+    return {key: float(v) for key, v in out.items() if v}
+
+
+@dataclass
+class StageMemory:
+    """Bytes on one GPU of one pipeline stage, by term, and the peak they add up to.
+
+    Terms come in three kinds: held throughout the step; `built` (gradients created in the backward, freed after
+    the optimizer step); `transient: ...` (buffers that live for part of a step: `late` ones at the gradient
+    reduction and the optimizer step, the others during a forward or backward). The peak is the larger of two
+    moments: the end of a forward (every in-flight micro-batch's activations, plus the logits and loss buffers or
+    a recompute working set, plus gradients kept from earlier micro-batches) and the end of the backward at the
+    accumulation boundary (the last micro-batch's activations freed, every gradient built, the largest late
+    transient allocated).
+    """
+
+    stage: int
+    terms: dict[str, float]
+    built: set[str]
+    in_flight: int
+    accumulation: int
+    activations_per_micro_batch: dict[str, float]
+    host: dict[str, float]
+    late: frozenset[str] = frozenset()
+    bucket_holds_gradients: bool = False
+
+    def _sum(self, keys: Any) -> float:
+        return sum(self.terms[k] for k in keys)
+
+    @functools.cached_property
+    def allocated(self) -> float:
+        """The caching allocator's peak (what torch.cuda.max_memory_allocated would show)."""
+        transient = {k for k in self.terms if k.startswith("transient:")}
+        bucket = transient & self.late
+        held = set(self.terms) - transient - self.built
+        one_micro = sum(self.activations_per_micro_batch.values())
+        forward_end = (self._sum(held) + (self._sum(self.built) if self.accumulation > 1 else 0.0)
+                       + max([self.terms[k] for k in transient - bucket] or [0.0]))
+        buckets = max([self.terms[k] for k in bucket] or [0.0])
+        built = self._sum(self.built)
+        # ZeRO-2 copies gradients into its bucket and frees them, then reduces the bucket into the partition it
+        # builds: bucket and partition do not coexist. Everything else holds its gradients while reducing.
+        grads_and_bucket = max(built, buckets) if self.bucket_holds_gradients else built + buckets
+        backward_end = self._sum(held) - one_micro + grads_and_bucket
+        return max(forward_end, backward_end)
+
+    def total(self, allowance_gib: float = ALLOWANCE_GIB) -> float:
+        """The allocated peak plus fragmentation and the fixed allowance: what the device must have."""
+        return self.allocated * (1 + FRAGMENTATION) + allowance_gib * GiB
+
+    def biggest(self) -> tuple[str, float]:
+        return max(self.terms.items(), key=lambda kv: kv[1])
+
+
+def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
+    """Per-GPU memory of every pipeline stage."""
+    m = cfg.model
+    tp, pp, dp = layout.tensor, layout.pipeline, layout.replicas  # ZeRO partitions over data x context
+    e = s.element
+    N = layout.micro_batch * cfg.data.seq_length // layout.context  # this rank's tokens
+    Ns = N // tp if layout.sequence_parallel else N
+    v_l = m.padded_vocab_size // tp
+    per_layer = None
+    out = []
+    by_kind: dict[tuple, tuple] = {}
+    for st in stages(cfg, tp, pp):
+        if st.kind not in by_kind:
+            decay = sum(p.numel for p in st.params if p.decay)
+            persistent = sum(p.numel for p in st.params if p.numel <= s.persistence_threshold)
+            by_kind[st.kind] = (model_state_bytes(st.params, dp, s), activation_bytes(cfg, layout, st, s),
+                                st.numel, decay, persistent)
+        states, per_micro, n_local, decay, persistent = by_kind[st.kind]
+        terms = {k: v for k, (v, _) in states.items() if not k.startswith("host: ")}
+        host = {k[6:]: v for k, (v, _) in states.items() if k.startswith("host: ")}
+        built = {k for k, (_, b) in states.items() if b}
+        in_flight = schedule.in_flight(st.index, pp, layout.accumulation)
+        terms["activations"] = in_flight * sum(per_micro.values())
+        if pp > 1:
+            # engine.pipe_buffers, one set per in-flight micro-batch (at least two): the int64 ids that travel with
+            # the hidden states (the first stage also holds the token ids); the stage's output, which autograd does
+            # not keep (the last stage's output is its logits, or with loss chunks the hidden states the loss keeps);
+            # the last stage's labels and token weights. Plus one gradient receive buffer (_grad_layer_buf).
+            whole = N * layout.context  # token ids, labels and document ids are the whole sequence's on each rank
+            ids = N * 8 + (whole * 8 if cfg.data.reset_attention_mask else 0) + (whole * 8 if st.embedding else 0)
+            if not st.head:
+                output = Ns * m.hidden_size * e
+            else:
+                output = 0 if s.loss_chunk_tokens else N * v_l * e
+            labels = whole * 12 if st.head else 0
+            terms["pipeline buffers"] = float(max(2, in_flight) * (ids + output + labels)
+                                              + Ns * m.hidden_size * e + N * 8)
+        if st.head:
+            if s.loss_chunk_tokens:  # one chunk's logits, their fp32 copy and softmax
+                terms["transient: logits and loss"] = float(min(s.loss_chunk_tokens, N) * v_l * (e + 8))
+            else:  # the logits and their fp32 copy in the forward; the fp32 gradient and its cast in the backward
+                terms["transient: logits and loss"] = float(N * v_l * (4 + (e if e != 4 else 0)))
+        if s.recompute and st.blocks:
+            if per_layer is None:
+                kept = dataclasses.replace(s, recompute=False)  # one block's activations, as without recompute
+                per_layer = sum(activation_bytes(cfg, layout, Stage(0, 1, False, False, ()), kept).values())
+            terms["transient: recompute working set"] = float(per_layer)
+        if s.path in ("none", "bf16_optimizer", "fp16_optimizer", "bf16_ddp"):
+            # engine.buffered_allreduce_fallback flattens up to 5e8 gradient elements into one buffer, and casts it
+            # to the communication dtype, to all-reduce it
+            bucket = min(n_local, 500_000_000)
+            terms["transient: gradient all-reduce bucket"] = float(bucket * (s.grad_accum + (e if e != s.grad_accum
+                                                                                             else 0)))
+        elif s.path == "zero":
+            # contiguous_gradients: reduce_bucket_size elements (two with overlap_comm), whatever the model's size;
+            # ZeRO-2's gradients are in it until they are reduced into the partition
+            terms["transient: gradient reduce bucket"] = float(s.reduce_bucket * e * (2 if s.overlap_comm else 1))
+        else:  # zero3: the reduce bucket is allocated whole at start; layers are gathered one or two at a time
+            terms["ZeRO-3 reduce bucket"] = float(s.reduce_bucket * e)
+            # gathered parameters stay live up to stage3_max_live_parameters elements, plus the prefetch bucket
+            gathered = min(n_local - persistent, s.max_live_parameters) + min(s.prefetch_bucket, n_local - persistent)
+            terms["transient: ZeRO-3 gathered parameters"] = float(gathered * e)
+        if s.path == "fp16_optimizer":  # FP16_Optimizer flattens the gradients into fp32 for the step
+            terms["transient: fp32 gradients at the step"] = float(4 * n_local)
+        elif s.path == "zero3":  # ZeRO-3 flattens a parameter group's gradient partition into fp32 for the step
+            terms["transient: fp32 gradients at the step"] = float(4 * max(decay, n_local - decay) / dp)
+        late = frozenset(k for k in terms if k.startswith("transient:") and ("bucket" in k or "at the step" in k))
+        out.append(StageMemory(st.index, terms, built, in_flight, layout.accumulation, per_micro, host, late,
+                               s.path == "zero" and s.zero_stage == 2))
+    return out
