@@ -203,3 +203,53 @@ def test_the_planner_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=PACKAGE.parent)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- what keeps issue 23's rules true
+
+MAX_MODULE_LINES = 700
+
+
+def _classes_named(name: str) -> list[str]:
+    return [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}" for path in _modules()
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.ClassDef) and node.name == name]
+
+
+def test_one_layout_class():
+    """The run's layout is one value (megalite.config.Layout): every axis is added once."""
+    assert _classes_named("Layout") == ["megalite/config/layout.py:" + str(next(
+        node.lineno for node in ast.walk(ast.parse((PACKAGE / "config" / "layout.py").read_text()))
+        if isinstance(node, ast.ClassDef) and node.name == "Layout"))]
+
+
+def _manifest_reads(tree: ast.AST) -> list[int]:
+    """Lines that open or read a file whose path mentions the checkpoint manifest's name (`MANIFEST`)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+            if name in ("open", "read_text", "read_bytes", "load", "loads"):
+                inside = node.args + ([fn.value] if isinstance(fn, ast.Attribute) else [])
+                if any(isinstance(n, ast.Name) and n.id == "MANIFEST" for a in inside for n in ast.walk(a)):
+                    found.append(node.lineno)
+    return sorted(set(found))
+
+
+def test_manifests_are_parsed_in_one_place():
+    """Only megalite.checkpoint.manifest (read_manifest) opens a checkpoint's manifest.json; the checker finds a read
+    (a positive control)."""
+    assert _manifest_reads(ast.parse("with open(os.path.join(p, MANIFEST)) as f: json.load(f)\n"
+                                     "(Path(p) / MANIFEST).read_text()\n")) == [1, 2]
+    owner = PACKAGE / "checkpoint" / "manifest.py"
+    problems = [f"{path.relative_to(PACKAGE.parent)}:{line}" for path in _modules() if path != owner
+                for line in _manifest_reads(ast.parse(path.read_text(), str(path)))]
+    assert not problems, "manifest.json read outside megalite/checkpoint/manifest.py:\n" + "\n".join(problems)
+
+
+def test_no_module_over_700_lines():
+    """A module that outgrows 700 lines holds more than one concern: split it."""
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in _modules()
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, long
