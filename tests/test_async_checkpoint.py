@@ -150,10 +150,42 @@ def _preempted(workdir: str) -> dict:
             "written": [(r["step"], r["waited_seconds"]) for r in _records(trainer, "checkpoint_written")]}
 
 
+FAULT_KEYS = ("MEGALITE_CKPT_FAULT", "MEGALITE_CKPT_FAULT_KILL", "MEGALITE_CKPT_FAULT_RANK", "MEGALITE_CKPT_FAULT_SKIP",
+              "MEGALITE_CKPT_FAULT_TIMES", "MEGALITE_CKPT_FAULT_DIR")
+
+
+def _write_errors(workdir: str) -> dict:
+    """A write error (ENOSPC) in rank 1's background writer, injected without root: once (the run warns, saves the next
+    step synchronously and goes on) and for good (that save fails too: every rank raises, `latest` stays)."""
+    from megalite.errors import CheckpointError
+
+    out = {}
+    for case, fault in (("once", {"MEGALITE_CKPT_FAULT_TIMES": "1"}), ("always", {"MEGALITE_CKPT_FAULT_SKIP": "1"})):
+        os.environ.update(MEGALITE_CKPT_FAULT="write_file", MEGALITE_CKPT_FAULT_KILL="error",
+                          MEGALITE_CKPT_FAULT_RANK="1", MEGALITE_CKPT_FAULT_DIR=f"{workdir}/markers-{case}", **fault)
+        trainer = _trainer(workdir, f"write-error-{case}", LAYOUTS["z1"], 8, checkpoint_interval=2,
+                           checkpoint_async=True)
+        try:
+            code, error = trainer.train(), None
+        except CheckpointError as e:
+            code, error = None, str(e)
+        finally:
+            for key in FAULT_KEYS:
+                os.environ.pop(key, None)
+        root = f"{workdir}/write-error-{case}/checkpoints"
+        out[case] = {"exit": code, "error": error, "latest": open(f"{root}/latest").read().strip(),
+                     "dirs": sorted(d for d in os.listdir(root) if d.startswith("step")),
+                     "saves": [(r["step"], r["mode"]) for r in _records(trainer, "checkpoint")],
+                     "failed": [r["step"] for r in _records(trainer, "checkpoint_failed")],
+                     "steps": trainer.step}
+    return out
+
+
 def _launch(workdir: str) -> dict:
     out = _layouts(workdir, ["z1", "z2", "z3", "tp2"])
     out["isolation"] = _isolation(workdir)
     out["preempted"] = _preempted(workdir)
+    out["write_errors"] = _write_errors(workdir)
     out.update(_layouts(workdir, ["pp2"]))
     return out
 
@@ -198,6 +230,21 @@ def test_preemption_during_a_background_write_commits_it_then_the_current_step(r
     for d in run["dirs"]:
         verify_checkpoint(os.path.join(results["workdir"], "preempt", "checkpoints", d))
     assert run["seconds_to_exit"] < 60
+
+
+def test_a_failed_background_write_is_said_and_the_next_step_saved(results):
+    once, always = results["write_errors"]["once"], results["write_errors"]["always"]
+    # Step 2's write failed on rank 1: at the next step the ranks agree on it, record it and save that step
+    # synchronously; the run then goes on saving in the background and ends with nothing lost.
+    assert once["exit"] == 0 and once["steps"] == 8, once
+    (failed,) = once["failed"]
+    assert failed in (3, 4) and once["saves"][:2] == [(2, "async"), (failed, "sync")], once
+    assert once["saves"][-1] == (8, "sync") and once["latest"] == "step00000008", once
+    # For good: the synchronous save after the failure fails as well, on every rank (the run ends, exit 2), and the
+    # last committed checkpoint stays what `latest` names.
+    assert always["exit"] is None and "No space left on device" in always["error"], always
+    assert always["latest"] == "step00000002" and always["dirs"] == ["step00000002"], always
+    assert always["failed"] and always["steps"] < 8, always
 
 
 def test_snapshot_buffers_are_reused_only_after_they_are_given_back():

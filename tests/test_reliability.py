@@ -60,7 +60,9 @@ def _full_weights(run) -> dict[str, torch.Tensor]:
 
 
 def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
-    """One Run; `hook(run, step_about_to_run)` may act before each step. Returns what the test needs."""
+    """One Run; `hook(run, step_about_to_run)` may act before each step. Returns what the test needs, with the token
+    rows of every sample this rank read for training ("samples")."""
+    from megalite.data import BatchStream
     from megalite.engine.trainer import Trainer
 
     train = {"steps": steps, **sections.pop("train", {})}
@@ -87,7 +89,20 @@ def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
         return loss, skipped
 
     run.train_step = traced
-    code = run.train()
+    samples: list[list[int]] = []
+    next_batch = BatchStream.__next__
+
+    def recorded(stream):  # the samples training reads (the evaluator has its own stream: not counted)
+        batch = next_batch(stream)
+        if stream is run.batches:
+            samples.extend(batch["input_ids"].tolist())
+        return batch
+
+    BatchStream.__next__ = recorded
+    try:
+        code = run.train()
+    finally:
+        BatchStream.__next__ = next_batch
     metrics = Path(run.output_dir) / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     saved_equal = None
@@ -102,7 +117,8 @@ def _train(workdir: str, name: str, steps: int, hook=None, **sections) -> dict:
             "global_steps": run.engine.global_steps - run.engine.skipped_steps,
             "checkpoints": steps, "nonfinite_logged": [r["step"] for r in records if r.get("kind") == "nonfinite"],
             "saved_equals_last_good": saved_equal,
-            "signal": run.preemption.received}  # the signal this rank's handler caught, if any
+            "signal": run.preemption.received,  # the signal this rank's handler caught, if any
+            "samples": samples}
 
 
 def _nan_on_rank_one(at_steps: set[int]):
@@ -192,6 +208,17 @@ def _failure_scenarios(workdir: str) -> dict:
                          parallel=parallel, model={"hidden_dropout": 0.1})
         resumed = _train(workdir, f"resumed-{name}", 6, deepspeed=ds, parallel=parallel, model={"hidden_dropout": 0.1})
         out[name] = {"straight": straight, "stopped": stopped, "resumed": resumed}
+    # A step skipped for a NaN (rank 1, step 3), a preemption save at step 4 and a resume: the data position counts the
+    # skipped step's batch as read, so the resumed run reads neither it again nor skips any other.
+    nan_then_stop = _nan_on_rank_one({3})
+
+    def nan_and_signal(run, step):
+        nan_then_stop(run, step)
+        _signal_rank_one_at(4, signal.SIGTERM)(run, step)
+
+    out["skip_resume"] = {"straight": _train(workdir, "skip-straight", 6, _nan_on_rank_one({3})),
+                          "stopped": _train(workdir, "skip-resume", 6, nan_and_signal),
+                          "resumed": _train(workdir, "skip-resume", 6)}
     # A NaN on the last pipeline stage: train_batch runs the whole step, DeepSpeed's ZeRO-1 refuses it.
     out["pp_skip"] = _train(workdir, "pp-skip", 5, _nan_on_rank_one({3}), train={"nonfinite": "skip"},
                             parallel={"pipeline": 2}, deepspeed={"zero_optimization": {"stage": 1}})
@@ -245,6 +272,18 @@ def test_failures_on_one_rank_reach_every_rank(workdir):
                 straight = [t["loss"] for t in case["straight"]["trace"]]
                 joined = [t["loss"] for t in case["stopped"]["trace"] + case["resumed"]["trace"]]
                 assert joined == straight, f"ZeRO-{stage}: resumed losses differ: {joined} vs {straight}"
+
+        skip_resume = r["skip_resume"]
+        straight, stopped, resumed = (skip_resume[k] for k in ("straight", "stopped", "resumed"))
+        assert stopped["exit"] == EXIT_PREEMPTED and stopped["step"] == 4 and stopped["skipped"] == 1
+        assert resumed["exit"] == 0 and [t["step"] for t in resumed["trace"]] == [5, 6]
+        # Every sample the straight run read, read exactly once across the stop and the resume.
+        assert stopped["samples"] + resumed["samples"] == straight["samples"], "the data position after a skip"
+        if rank == 0:
+            joined = [t["loss"] for t in stopped["trace"] + resumed["trace"]]
+            straight_losses = [t["loss"] for t in straight["trace"]]
+            assert [x for x in joined if x == x] == [x for x in straight_losses if x == x]  # NaN: the skipped step
+            assert math.isnan(joined[2]) and math.isnan(straight_losses[2])
 
         assert "disk on fire (injected)" in r["broken"], r["broken"]
         assert "rank" in r["broken"] or rank == 1

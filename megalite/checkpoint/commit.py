@@ -173,9 +173,12 @@ class CommitProtocol:
         t0 = time.perf_counter()
         try:
             safe.begin_recording(self.root)
-            for state, path in snapshots:
-                safe.write(state, path)
-                safe.buffers.give_back(state)  # written: the next snapshot may copy into it
+            try:
+                for state, path in snapshots:
+                    safe.write(state, path)
+                    safe.buffers.give_back(state)  # written: the next snapshot may copy into it
+            except Exception as e:  # noqa: BLE001 - this rank still confirms below: the others wait for it there
+                local["error"] = f"rank {global_rank()}: {type(e).__name__}: {e}"
             snapshots.clear()
             written, failures = safe.end_recording()
             self._record_files(local, tmp, {**copied, **written}, failures)

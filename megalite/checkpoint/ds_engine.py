@@ -72,6 +72,7 @@ def _make_safe_engine_class() -> type:
             if self.recording is not None and self.recording:
                 fault("between_shards", self.fault_dir)
             try:
+                fault("write_file", self.fault_dir)
                 writer = HashingWriter(path)
                 try:
                     torch.save(state_dict, writer, _use_new_zipfile_serialization=self.zipfile_serialization)

@@ -28,7 +28,7 @@ from megalite.distributed import any_rank
 from megalite.engine.elastic import restore_resharded
 from megalite.engine.metrics import MetricSink
 from megalite.engine.preflight import checkpoint_bytes
-from megalite.errors import ConfigError
+from megalite.errors import CheckpointError, ConfigError
 from megalite.parallel.random import model_parallel_seed, seed_everything
 
 
@@ -54,6 +54,7 @@ class Checkpointer:
             background_timeout_s=max(3600.0, cfg.train.collective_timeout_s),
         )
         self.needed_bytes = checkpoint_bytes(cfg)  # checked against the free space before each save
+        self._warned: PendingSave | None = None  # the failed background save already said
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> dict | None:
@@ -104,12 +105,19 @@ class Checkpointer:
 
     def save(self, step: int, *, last: bool = False) -> str | None:
         """Called after every step. Saves when the step is due, or when `last` (the run ends here: its last step, a
-        preemption, the non-finite stop), in the background when train.checkpoint_async and not `last`. Returns the
-        checkpoint directory when one was saved (a background one commits later), None otherwise."""
+        preemption, the non-finite stop; or a background save failed), in the background when train.checkpoint_async
+        and not `last`. A background save still in flight is committed first; if it failed, that is recorded and this
+        step is saved synchronously instead. Returns the checkpoint directory when one was saved (a background one
+        commits later), None otherwise."""
         if not (last or self.due(step)):
             self._poll(step)
             return None
-        self.close(step)
+        try:
+            self.close(step)
+        except CheckpointError as e:  # the same on every rank: the background commit shared its outcome
+            self.say(f"step {step}: {e}; saving step {step} synchronously instead")
+            self.sink.log({"kind": "checkpoint_failed", "step": step, "error": str(e)})
+            last = True
         bad = self._first_nonfinite_parameter()
         (any_bad,) = any_rank([bad is not None], self.device)
         if any_bad:
@@ -140,12 +148,24 @@ class Checkpointer:
         self._log_written(pending, step, waited_s=0.0 if already_done else pending.waited_s or 0.0)
 
     def _poll(self, step: int) -> None:
-        """Log a background save that finished, without waiting. A failed one is left for the next save, which every
-        rank reaches at the same step (ranks see the thread finish at different steps)."""
+        """Log a background save that finished, without waiting. A failed one is left for `retry_failed`, which every
+        rank calls at the same step once the step's agreement says some rank saw the failure (ranks see the thread
+        finish at different steps)."""
         pending = self.store.in_flight
         if pending is not None and pending.done() and pending.outcome and pending.outcome[0] == "ok":
             self.store.wait()
             self._log_written(pending, step, waited_s=0.0)
+
+    def failed_in_background(self) -> bool:
+        """Whether the background save in flight has failed (this rank's view, no collective); said once, at once."""
+        pending = self.store.in_flight
+        failed = pending is not None and pending.done() and bool(pending.outcome) and pending.outcome[0] == "error"
+        if failed and self._warned is not pending:
+            self._warned = pending
+            self.say(f"WARNING: the background save of step {pending.step} failed ({pending.outcome[1]}); saving the "
+                     "current step synchronously at the end of this one")
+        return failed
+
 
     def _log_written(self, pending: PendingSave, step: int, waited_s: float) -> None:
         self.sink.log({"kind": "checkpoint_written", "step": pending.step, "path": pending.path,

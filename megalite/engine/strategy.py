@@ -4,16 +4,17 @@
 tensor-parallel `Transformer`. `PipelineStrategy` hands a step's micro-batches to DeepSpeed's pipeline
 engine (`train_batch`), with the model as a `PipelineModule` of megalite's layer specs.
 
-Every step ends with all ranks agreeing on two flags: "a preemption signal arrived" and "a loss or
-gradient was not finite". The dense path carries both in the one small all-reduce it makes per
-micro-batch; the pipeline path makes one at the end of its step. Agreeing at the same boundary is what
-lets every rank save, skip or stop together instead of hanging in a collective.
+Every step ends with all ranks agreeing on "a loss or gradient was not finite" and on the loop's alerts (flags a
+rank raises that every rank must act on at the same step: a preemption signal arrived, a background checkpoint
+failed). The dense path carries them in the one small all-reduce it makes per micro-batch; the pipeline path makes
+one at the end of its step. Agreeing at the same boundary is what lets every rank save, skip or stop together
+instead of hanging in a collective.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ class StepOutcome:
 
     loss: float  # mean over the global batch; NaN when skipped
     skipped: bool  # a non-finite loss or gradient: parameters and optimizer state untouched
-    preempted: bool  # a preemption signal reached some rank before the step's end
+    alerts: tuple[bool, ...]  # each of the loop's alerts: raised on some rank before the step's end
 
 
 class Strategy:
@@ -53,7 +54,9 @@ class Strategy:
         """Copy a whole-model canonical state dict into this rank's shards (train.init_from)."""
         raise NotImplementedError
 
-    def train_step(self, engine: Any, batches: Iterator[dict], timer: StepTimer, preempted: bool) -> StepOutcome:
+    def train_step(self, engine: Any, batches: Iterator[dict], timer: StepTimer,
+                   alerts: Callable[[], tuple[bool, ...]]) -> StepOutcome:
+        """One optimizer step; `alerts()` gives this rank's alert flags, read as late as the step allows."""
         raise NotImplementedError
 
     def eval_loss(self, engine: Any, batch: dict) -> float:
@@ -84,9 +87,11 @@ class DenseStrategy(Strategy):
     def load_full_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         load_full_state_dict(model, state, tensor_parallel_group(self.grid))
 
-    def train_step(self, engine: Any, batches: Iterator[dict], timer: StepTimer, preempted: bool) -> StepOutcome:
+    def train_step(self, engine: Any, batches: Iterator[dict], timer: StepTimer,
+                   alerts: Callable[[], tuple[bool, ...]]) -> StepOutcome:
         losses = []
-        skipped = agreed_preempted = False
+        skipped = False
+        agreed = tuple(False for _ in alerts())
         ga = self.cfg.gradient_accumulation_steps
         timer.start()
         for micro in range(ga):
@@ -97,9 +102,9 @@ class DenseStrategy(Strategy):
             loss = engine(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
                           **self.model_inputs(batch))
             timer.lap("forward")
-            # One all-reduce per micro-batch carries both flags, so the step boundary needs no extra one.
-            nonfinite, signalled = any_rank([not math.isfinite(loss.item()), preempted], self.device)
-            agreed_preempted |= signalled
+            # One all-reduce per micro-batch carries every flag, so the step boundary needs no extra one.
+            nonfinite, *raised = any_rank([not math.isfinite(loss.item()), *alerts()], self.device)
+            agreed = tuple(a or r for a, r in zip(agreed, raised))
             if nonfinite:
                 skipped = True
                 if micro > 0:  # drop the gradients of the micro-batches already accumulated
@@ -124,10 +129,10 @@ class DenseStrategy(Strategy):
             if micro == ga - 1 and self.refused_by_deepspeed(engine, skipped_before):
                 skipped = True  # ZeRO's optimizers refuse a step whose gradient norm is not finite
         if skipped:
-            return StepOutcome(float("nan"), True, agreed_preempted)
+            return StepOutcome(float("nan"), True, agreed)
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean, group=self.grid.get_data_parallel_group())
-        return StepOutcome(mean.item() / self.dp_size, False, agreed_preempted)
+        return StepOutcome(mean.item() / self.dp_size, False, agreed)
 
     def clips_itself(self, engine: Any) -> bool:
         """ZeRO-0 in fp32: DeepSpeed's optimizer wrapper keeps no gradient norm, so megalite computes it (to skip a
@@ -162,7 +167,8 @@ class PipelineStrategy(Strategy):
     def load_full_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         load_pipeline_state(model, state, self.grid)
 
-    def train_step(self, engine: Any, batches: Iterator[dict], timer: StepTimer, preempted: bool) -> StepOutcome:
+    def train_step(self, engine: Any, batches: Iterator[dict], timer: StepTimer,
+                   alerts: Callable[[], tuple[bool, ...]]) -> StepOutcome:
         # train_batch runs forward, backward and the optimizer step in one call, so the skip hooks into
         # DeepSpeed's ZeRO-1 optimizer: it refuses a step whose gradient norm is not finite (fp32, and bf16
         # with bf16.check_grad_overflow, which megalite turns on) and counts it in engine.skipped_steps.
@@ -173,8 +179,7 @@ class PipelineStrategy(Strategy):
         skipped = self.refused_by_deepspeed(engine, skipped_before)
         if not math.isfinite(loss) and not skipped:
             raise MegaliteError(f"non-finite loss {loss} and DeepSpeed applied the step")
-        (agreed_preempted,) = any_rank([preempted], self.device)
-        return StepOutcome(float("nan") if skipped else loss, skipped, agreed_preempted)
+        return StepOutcome(float("nan") if skipped else loss, skipped, tuple(any_rank(alerts(), self.device)))
 
     def eval_loss(self, engine: Any, batch: dict) -> float:
         return float(engine.eval_batch(iter([self._pipeline_batch(batch)]), num_micro_batches=1))

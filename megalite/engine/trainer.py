@@ -123,6 +123,7 @@ class Trainer:
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
         self.preempted = False  # agreed by every rank at the last step boundary
+        self.save_failed = False  # a background checkpoint failed on some rank (agreed at the last step boundary)
         self._progress: Any = None  # a tqdm bar on an interactive rank 0
         self.task_evaluator = None  # train.eval_tasks: the harness's tasks at each evaluation
         if cfg.train.eval_tasks is not None:
@@ -205,10 +206,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train_step(self, timer: StepTimer) -> tuple[float, bool]:
-        """One optimizer step over gradient_accumulation micro-batches; returns (mean loss, skipped)."""
-        outcome = self.strategy.train_step(self.engine, self.batches, timer, self.preemption.is_set)
-        self.preempted = outcome.preempted
+        """One optimizer step over gradient_accumulation micro-batches; returns (mean loss, skipped). The step also
+        agrees on the loop's alerts: a preemption signal, a background checkpoint that failed."""
+        outcome = self.strategy.train_step(self.engine, self.batches, timer, self._alerts)
+        self.preempted, self.save_failed = outcome.alerts
         return outcome.loss, outcome.skipped
+
+    def _alerts(self) -> tuple[bool, bool]:
+        return self.preemption.is_set, self.checkpoints.failed_in_background()
 
     def train(self) -> int:
         """Run to train.steps (or a preemption / failure); returns the process exit code."""
@@ -250,7 +255,9 @@ class Trainer:
                     self._say(f"preempted: saved step {self.step}, exiting {signals.EXIT_PREEMPTED} to be requeued")
                     exit_code = signals.EXIT_PREEMPTED
                     break
-                self.checkpoints.save(self.step, last=self.step == cfg.train.steps)
+                # After a failed background save, this step is saved now, synchronously (free space checked first),
+                # rather than losing another interval; if that fails too, every rank raises and the run ends (exit 2).
+                self.checkpoints.save(self.step, last=self.step == cfg.train.steps or self.save_failed)
             return self._finish(exit_code)
         finally:
             self.preemption.restore()
