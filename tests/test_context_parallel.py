@@ -274,7 +274,7 @@ def test_context_parallel_resume_is_exact_and_elastic(two_ranks, workdir):
     straight, stopped, elastic = two_ranks["straight"], two_ranks["stopped"], two_ranks["cp2_to_cp1"]
     assert straight["exit"] == 0 and len(straight["losses"]) == SCHEDULE_STEPS
     assert stopped["losses"] == straight["losses"], (stopped["losses"], straight["losses"])
-    assert elastic["exit"] == 0 and elastic["start"] == 3 and elastic["max_state_diff"] == 0.0
+    assert elastic["exit"] == 0 and elastic["start"] == 3 and elastic["max_state_diff"] == 0.0 and elastic["same_keys"]
     (record,) = elastic["resharded"]
     assert set(record["changes"]) == {"context 2 -> 1", "data 1 -> 2"}, record
     assert record["from"]["context"] == 2 and record["to"]["context"] == 1
@@ -329,6 +329,31 @@ def test_offline_reshard_into_context_parallelism(two_ranks, workdir, tmp_path):
         assert set(a.moments) == set(b.moments) == {"exp_avg", "exp_avg_sq"}
         for key in a.moments:
             assert torch.equal(a.moments[key], b.moments[key]), (name, key)
+    # Resumed in a CP2 engine, the offline checkpoint continues exactly as the online (elastic) resume of its source
+    # at CP2 does: DeepSpeed's own loader on one side, megalite's reshard on the other, the same steps.
+    runs = run_ranks(_continue_at_cp2, 2, workdir, str(tmp_path / "cp2"), timeout_s=300, collective_timeout_s=90)[0]
+    offline, online = runs["offline"], runs["online"]
+    assert offline["exit"] == online["exit"] == 0 and offline["start"] == online["start"] == SCHEDULE_STEPS
+    assert offline["resharded"] == [] and len(online["resharded"]) == 1, (offline["resharded"], online["resharded"])
+    assert len(offline["losses"]) == 2 and offline["losses"] == online["losses"], (offline["losses"], online["losses"])
+
+
+def _continue_at_cp2(workdir: str, offline_root: str) -> dict:
+    """The CP1 x DP2 run's last checkpoint continued at CP2 for two steps, from the offline reshard's output and from
+    the checkpoint itself (an elastic resume)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from tests.test_elastic import _run
+
+    if dist.get_rank() == 0:
+        shutil.copytree(offline_root, f"{workdir}/offline_cp2/checkpoints")
+        shutil.copytree(f"{workdir}/cp2_to_cp1/checkpoints", f"{workdir}/online_cp2/checkpoints")
+    dist.barrier()
+    cp2 = _layout(2, 4)
+    return {name: _run(workdir, f"{name}_cp2", "llama", SCHEDULE_STEPS + 2, cp2, resume="must")
+            for name in ("offline", "online")}
 
 
 # ----------------------------------------------------------------------------- rules and arithmetic (one process)

@@ -36,9 +36,7 @@ def _run(workdir: str, name: str, family: str, steps: int, layout: dict, source:
     rank read, and, after a resume, the largest difference between the engine's state and the source's."""
     import torch.distributed as dist
 
-    from megalite.checkpoint.reshard import TrainingState
     from megalite.distributed import all_gather_objects
-    from megalite.engine.elastic import full_state_of
     from megalite.engine.trainer import Trainer
 
     out_dir = f"{workdir}/{name}"
@@ -67,23 +65,52 @@ def _run(workdir: str, name: str, family: str, steps: int, layout: dict, source:
 
     def first_step(timer):
         if not checked and source is not None:  # right after the reshard, before any step at layout B
-            saved = TrainingState(f"{workdir}/{source}.saved", verify=False)
+            # Against the source run's own state, taken from its engine just before it saved (not read back through
+            # the reader that fed the reshard): the same parameters, the same moments, every value.
+            expected = torch.load(f"{workdir}/{source}.state.pt")
+            mine = _whole_state(trainer)
+            checked["same_keys"] = set(mine) == set(expected) and all(
+                set(state.moments) == set(expected[n][1]) for n, state in mine.items() if n in expected)
             worst = 0.0
-            for name_, mine in full_state_of(trainer.engine, trainer.grid).items():
-                theirs = saved.parameter(name_)
-                worst = max(worst, float((mine.fp32 - theirs.fp32).abs().max().detach()))
-                for key, value in mine.moments.items():
-                    worst = max(worst, float((value - theirs.moments[key]).abs().max()))
+            for name_, state in mine.items():
+                fp32, moments = expected[name_]
+                worst = max(worst, float((state.fp32 - fp32).abs().max().detach()))
+                for key, value in state.moments.items():
+                    worst = max(worst, float((value - moments[key]).abs().max()))
             checked["max_state_diff"] = worst
         checked.setdefault("done", True)
         return original(timer)
 
     trainer.train_step = first_step
+    if source is None and steps == 3:  # the checkpoint the transitions resume: keep the engine's state as it saves
+        save = trainer.checkpoints.save
+
+        def save_and_keep_state(step: int, last: bool = False) -> str | None:
+            if step == 3:
+                state = _whole_state(trainer)  # collective
+                if dist.get_rank() == 0:
+                    torch.save({n: (p.fp32, p.moments) for n, p in state.items()}, f"{out_dir}.state.pt")
+            return save(step, last=last)
+
+        trainer.checkpoints.save = save_and_keep_state
     code = trainer.train()
     return {"exit": code, "losses": [r["loss"] for r in trainer.sink.records if r.get("kind") == "train"],
             "start": trainer.start_step, "seen": sorted(i for ids in all_gather_objects(seen) for i in ids),
-            "max_state_diff": checked.get("max_state_diff"),
+            "max_state_diff": checked.get("max_state_diff"), "same_keys": checked.get("same_keys"),
             "resharded": [r for r in trainer.sink.records if r.get("kind") == "reshard"]}
+
+
+def _whole_state(trainer) -> dict:
+    """The engine's whole training state by canonical name on every rank (collective): each pipeline stage's, joined;
+    a parameter two stages hold (the tied embedding) is the first stage's, as a checkpoint's reader takes it."""
+    from megalite.distributed import all_gather_objects
+    from megalite.engine.elastic import full_state_of
+
+    whole: dict = {}
+    for stage in all_gather_objects(full_state_of(trainer.engine, trainer.grid)):  # ranks in order: stage 0 first
+        for name, state in stage.items():
+            whole.setdefault(name, state)
+    return whole
 
 
 def _source(workdir: str, name: str, family: str, layout: dict) -> dict:
@@ -178,8 +205,10 @@ def elastic(tmp_path_factory) -> dict:
     # The offline command, from the TP1 x DP2 checkpoint to TP2 x DP1; resumed below like any checkpoint.
     os.makedirs(f"{work}/offline_tp2.saved")
     results["offline_written"] = reshard(f"{work}/gpt_dp2.saved", f"{work}/offline_tp2.saved/checkpoints", 2, 1, 1)
+    shutil.copy(f"{work}/gpt_dp2.state.pt", f"{work}/offline_tp2.state.pt")  # what the offline reshard must hold
     results.update(run_ranks(_two_ranks_again, 2, work, timeout_s=500, collective_timeout_s=90)[0])
     results.update(run_ranks(_four_ranks_dense, 4, work, timeout_s=500, collective_timeout_s=90)[0])
+    results["workdir"] = work
     return results
 
 
@@ -194,8 +223,9 @@ TRANSITIONS = {  # transition -> the source run it continues
 def test_resume_on_another_layout_continues_the_run(elastic, transition):
     run, source = elastic[transition], elastic[TRANSITIONS[transition]]
     assert run["exit"] == 0 and run["start"] == 3
+    # Data movement only: the engine holds the source run's own state, bit for bit, parameter and moment sets equal.
+    assert run["same_keys"] is True and run["max_state_diff"] == 0.0, (run["same_keys"], run["max_state_diff"])
     if transition != "offline":  # the offline checkpoint already has the target layout: DeepSpeed's own loader
-        assert run["max_state_diff"] == 0.0, run["max_state_diff"]  # data movement only: bit for bit
         assert len(run["resharded"]) == 1 or not run["losses"]
     if run["losses"]:  # rank 0 logs
         continued = source["losses"][3:]
@@ -247,3 +277,29 @@ def test_a_corrupted_source_is_found_by_its_hash_before_loading(elastic, tmp_pat
     with pytest.raises(CheckpointError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt: SHA-256 does not match"):
         TrainingState(copy)
     torch.manual_seed(0)
+
+
+def test_offline_reshard_never_writes_into_its_source(elastic, tmp_path, monkeypatch):
+    """`checkpoint reshard --out` inside or around the source's step directory, checkpoint root or run directory is
+    refused before anything is written (it would become part of the run it came from); a disk without room for the
+    result is refused up front, saying so; the source stays intact."""
+    from megalite.checkpoint import committed_steps, verify_checkpoint
+    from megalite.engine import reshard_offline
+    from megalite.errors import CheckpointError
+
+    run = Path(elastic["workdir"]) / "gpt_dp2.saved"
+    step_dir = run / "checkpoints" / "step00000003"
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out, what in ((step_dir, "is the source's step directory"), (step_dir / "sub", "step directory"),
+                      (run / "checkpoints", "is the source's checkpoint root"), (run, "run directory"),
+                      (run / "resharded", "run directory"), (run.parent, "overlaps")):
+        with pytest.raises(CheckpointError, match=what) as refused:
+            reshard_offline.reshard(run, out, 2, 1, 1)
+        assert "--out" in str(refused.value)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written
+    verify_checkpoint(step_dir)
+    assert [s for s, _ in committed_steps(run / "checkpoints")] == [3]
+    monkeypatch.setattr(reshard_offline, "checkpoint_bytes", lambda cfg: 1 << 60)
+    with pytest.raises(CheckpointError, match="not enough free space"):
+        reshard_offline.reshard(run, tmp_path / "elsewhere", 2, 1, 1)
+    assert not (tmp_path / "elsewhere").exists()

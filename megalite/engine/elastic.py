@@ -187,7 +187,7 @@ def full_state_of(engine: Any, grid: Any) -> dict[str, ParameterState]:
             fp32 = safe_get_full_fp32_param(param)
             moments = {k: safe_get_full_optimizer_state(param, k) for k in keys}
         out[name] = ParameterState(gather_tensor(fp32, param, group),
-                                   {k: gather_tensor(v, param, group) for k, v in moments.items() if v is not None})
+                                   {k: None if v is None else gather_tensor(v, param, group) for k, v in moments.items()})
     return out
 
 

@@ -100,7 +100,8 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
-def _existing_ancestor(path: Path) -> Path:
+def existing_ancestor(path: Path) -> Path:
+    """The nearest existing directory at or above `path` (where a new file there would live)."""
     path = path.absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -178,7 +179,7 @@ def check_devices(cfg: Config, env: dict[str, str] | None = None) -> list[Check]
 def check_disk(cfg: Config) -> list[Check]:
     """Free space where checkpoints go against keep_checkpoints + 1 checkpoints of the estimated size."""
     ckpt_dir = cfg.checkpoint_root
-    base = _existing_ancestor(ckpt_dir)
+    base = existing_ancestor(ckpt_dir)
     if not base.is_dir():  # os.access below says yes to a writable file (and to anything for root)
         return [Check("disk", False, f"train.checkpoint_dir: cannot create {ckpt_dir}: {base} is a file, not a directory")]
     if not os.access(base, os.W_OK):

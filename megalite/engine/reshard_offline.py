@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import sys
 import threading
 import time
@@ -28,6 +29,7 @@ from megalite.config import Config, from_dict
 from megalite.distributed import spawn_local_ranks
 from megalite.engine.build import build_engine
 from megalite.engine.elastic import restore_resharded
+from megalite.engine.preflight import checkpoint_bytes, existing_ancestor
 from megalite.engine.strategy import strategy_for
 from megalite.errors import CheckpointError, ConfigError
 from megalite.memory import rss_anon_bytes
@@ -68,14 +70,39 @@ def reshard(source: str | os.PathLike, out: str | os.PathLike, tensor: int, pipe
     world = tensor * pipeline * data * context
     cfg = target_config(src.config, src.layout.world, tensor, pipeline, data, zero, context)
     out = Path(out).absolute()
+    _refuse_overlap(out, step_dir.absolute(), src.config)
     if (out / "latest").exists() or any(out.glob("step*")):
         raise CheckpointError(f"{out}: already holds checkpoints; reshard into an empty directory")
+    needed = checkpoint_bytes(cfg)
+    free = shutil.disk_usage(existing_ancestor(out)).free
+    if needed > free:
+        raise CheckpointError(f"--out {out}: not enough free space: the resharded checkpoint needs about "
+                              f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free there")
     ranks, failures, codes = spawn_local_ranks(_rank, world, str(step_dir), cfg.to_dict(), str(out))
     if report is not None:
         report["ranks"] = [ranks[r] for r in sorted(ranks)]
     if failures or any(codes):
         raise CheckpointError(f"reshard of {step_dir} to {out} failed (exit codes {codes}): " + "; ".join(failures))
     return str(resolve_checkpoint(out))
+
+
+def _refuse_overlap(out: Path, step_dir: Path, source: Config) -> None:
+    """--out must be neither inside nor around the source's step directory, checkpoint root or run directory: the
+    output would become part of the run it came from (a resume would reject or pick it, `eval`/`generate`/`checkpoint
+    list` of the run would read it instead of the run's newest step)."""
+    root = step_dir.parent
+    places = {"step directory": step_dir, "checkpoint root": root}
+    run = Path(source.train.output_dir).absolute() if source.train.output_dir else None
+    if root.name == "checkpoints":  # the default layout: RUN/checkpoints/stepN
+        places["run directory"] = root.parent
+    elif run is not None and root.is_relative_to(run):
+        places["run directory"] = run
+    overlaps = [(what, place) for what, place in places.items() if out == place] + [
+        (what, place) for what, place in places.items() if out.is_relative_to(place) or place.is_relative_to(out)]
+    if overlaps:
+        what, place = overlaps[0]
+        raise CheckpointError(f"--out {out}: {'is' if out == place else 'overlaps'} the source's {what} {place}; "
+                              "write the resharded checkpoint to a directory outside the source run")
 
 
 def _rank(rank: int, world: int, port: int, source: str, raw: dict, out: str, results: Any) -> None:
@@ -138,7 +165,7 @@ def _reshard_rank(source: str, raw: dict, out: str) -> dict:
     manager = CheckpointManager(out, keep=cfg.train.keep_checkpoints, layout=cfg.layout(world),
                                 config=cfg.to_dict(), model=model_signature(cfg.model),
                                 identity=src.manifest.get("run_identity"))
-    manager.save(engine, int(client["step"]), client)
+    manager.save(engine, int(client["step"]), client, needed_bytes=checkpoint_bytes(cfg))
     saved = time.perf_counter()
     memory.end_phase("save")
     dist.barrier()
