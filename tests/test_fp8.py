@@ -539,3 +539,15 @@ def test_fp8_zero3_and_pipeline_training_match_one_process(two_ranks):
                 gap = max(abs(a - b) for a, b in zip(run["losses"], ref["losses"]))
                 print(f"{name}: largest loss difference from one process {gap:.1e} over {len(ref['losses'])} steps")
                 assert gap < 1e-6, (name, gap)
+
+
+def test_fp8_keeps_no_state_so_a_run_may_switch_it_at_resume():
+    """model.fp8 is not part of a run's identity: the same run resumes with FP8 switched on, off or to another
+    recipe (FP8 adds nothing to the optimizer or the checkpoint)."""
+    from megalite import config as C
+    from megalite.checkpoint.manifest import run_identity
+    from tests.engine_utils import tiny_config
+
+    plain = C.from_dict(tiny_config("/x", "/tmp/x"))
+    fp8 = C.from_dict(tiny_config("/x", "/tmp/x", model={"fp8": {"recipe": "rowwise"}}))
+    assert run_identity(plain) == run_identity(fp8)
