@@ -8,7 +8,8 @@ Logits are this rank's vocabulary slice (B, T, Vp/tp) unless gathered. With cont
 group of cp ranks) every T above is this rank's contiguous chunk T/cp of the sequence, except inside attention
 (megalite.parallel.context) and in the document ids, which are the whole sequence's.
 
-Attention and norms go through `megalite.kernels` only, so the kernel backend is one switch.
+Attention and norms go through `megalite.kernels` only, so the kernel backend is one switch. The blocks' linears
+run their matmuls in float8 where `model.fp8` lists them (`fp8_recipe`; the parallel layers do the rest).
 """
 
 from __future__ import annotations
