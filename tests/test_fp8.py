@@ -219,7 +219,7 @@ def test_model_fp8_layers_checkpointing_and_precision():
         assert 1e-5 < abs(float(results[0][0]) - base) < 0.05 * base, (recipe, float(results[0][0]), base)
 
 
-def test_fp8_configuration_rules():
+def test_fp8_configuration_rules(monkeypatch):
     """Refusals name the key and the reason: fp16 precision, layers FP8 cannot run, unknown recipes, duplicates;
     a CUDA device below sm_89 is refused at start-up; `--set model.fp8.recipe=...` builds the section."""
     from megalite import config as C
@@ -251,6 +251,19 @@ def test_fp8_configuration_rules():
 
     assert "sm_80" in fp8_device_problem((8, 0), "NVIDIA A100-SXM4-80GB") and "8.9" in fp8_device_problem((8, 0), "A100")
     assert fp8_device_problem((8, 9), "NVIDIA L40S") is None and fp8_device_problem((9, 0), "NVIDIA H100") is None
+    # At start-up on every rank: preflight's device checks on an A100 (sm_80) and an H100 (sm_90).
+    from megalite.engine.preflight import check_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    for name, capability, refused in (("NVIDIA A100-SXM4-80GB", (8, 0), True), ("NVIDIA H100 80GB HBM3", (9, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0, name=name: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0, c=capability: c)
+        failed = [c.message for c in check_devices(cfg, env={"LOCAL_RANK": "0"}) if not c.ok]
+        assert failed == ([fp8_device_problem(capability, name)] if refused else []), (name, failed)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 0))  # without FP8 an A100 is fine
+    assert not [c for c in check_devices(C.from_dict(tiny_config("/x", "/tmp/x")), env={"LOCAL_RANK": "0"}) if not c.ok]
 
 
 # ----------------------------------------------------------------------------- two ranks
