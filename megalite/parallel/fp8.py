@@ -222,12 +222,12 @@ def _cpu_emulation(device: torch.device) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        torch._C._set_mkldnn_enabled(enabled)
+        torch.backends.mkldnn.enabled = enabled
 
 
 def _pad_to_16(t: torch.Tensor, dim: int) -> torch.Tensor:
