@@ -235,7 +235,7 @@ def test_fp8_configuration_rules(monkeypatch):
     assert C.from_dict(over).model.fp8.recipe == "rowwise_with_gw_hp"
     cases = [
         ({"fp8": {"recipe": "delayed"}}, {}, "model.fp8.recipe: 'delayed' is not one of 'tensorwise', 'rowwise'"),
-        ({"fp8": {"layers": ["output"]}}, {}, "model.fp8.layers[0]: 'output': the output layer stay in the run's precision"),
+        ({"fp8": {"layers": ["output"]}}, {}, "model.fp8.layers[0]: 'output': the output layer stays in the run's precision"),
         ({"fp8": {"layers": ["mlp.fc", "mlp.fcc"]}}, {}, "model.fp8.layers[1]: 'mlp.fcc' is not one of"),
         ({"fp8": {"layers": ["mlp.fc", "mlp.fc"]}}, {}, "model.fp8.layers[1]: 'mlp.fc' is listed twice"),
         ({"fp8": {"layers": []}}, {}, "model.fp8.layers: empty"),

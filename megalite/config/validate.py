@@ -115,7 +115,7 @@ def model_errors(m: ModelConfig, tensor: int = 1) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- FP8 (model.fp8)
-_FP8_NEVER = {"embedding": "the embeddings", "output": "the output layer", "norm": "the norms"}
+_FP8_NEVER = {"embedding": "embeddings stay", "output": "the output layer stays", "norm": "norms stay"}
 
 
 def fp8_errors(m: ModelConfig) -> list[str]:
@@ -130,7 +130,7 @@ def fp8_errors(m: ModelConfig) -> list[str]:
     for i, name in enumerate(f.layers):
         never = next((what for key, what in _FP8_NEVER.items() if isinstance(name, str) and key in name), None)
         if never:
-            errors.append(f"model.fp8.layers[{i}]: {name!r}: {never} stay in the run's precision; FP8 runs the blocks' "
+            errors.append(f"model.fp8.layers[{i}]: {name!r}: {never} in the run's precision; FP8 runs the blocks' "
                           f"linears: {', '.join(FP8_LAYERS)}")
         elif name not in FP8_LAYERS:
             errors.append(not_one_of(f"model.fp8.layers[{i}]", name, FP8_LAYERS, quote=True))
