@@ -2,7 +2,8 @@
 # One command for an offline GPU machine (python3, torch, triton; no deepspeed, datasets, pydantic):
 #   1. install the carried wheels from .whl/ (made by `make gpu-wheels`) that this python lacks;
 #   2. the GPU correctness tests, bf16 first, then fp16/fp32/TF32, determinism and seq 16k;
-#   3. a whole training step of gpt3-1.3b, Triton kernels against torch (megalite bench model);
+#   3. a whole training step of gpt3-1.3b, Triton kernels against torch, and Triton with FP8 (model.fp8 tensorwise)
+#      against Triton in bf16 (megalite bench model --fp8; needs torchao from the carried wheels);
 #   4. the kernel benchmark (attention and norms against every alternative this machine has).
 # Everything goes to out/gpu-check. Under the device tool ($OUT set, at most 8 files come back) the work
 # happens in /tmp/gpu-check and $OUT receives the log, the two result tables and their JSON, the plot and
@@ -72,11 +73,12 @@ run_tests bf16 140 -k "bfloat16"
 run_tests rest $((QUICK == 1 ? 100 : 140)) -k "not bfloat16"
 unset MEGALITE_AUTOTUNE
 
-# 3. A whole training step: gpt3-1.3b in bf16 on this one GPU, Triton kernels against the torch backend (MFU).
+# 3. A whole training step: gpt3-1.3b in bf16 on this one GPU, Triton kernels against the torch backend (MFU), then
+#    the Triton run again with FP8 linears (tensorwise recipe): tokens/s side by side, MFU against the bf16 and FP8 peaks.
 if ((QUICK != 1)); then
   echo "== model bench (t=$(elapsed)s)"
-  timeout --signal=INT --kill-after=15 170 $PY -m megalite.bench model --out "$RESULTS/model" --steps 8 --warmup 3 \
-    --timeout 90 || STATUS=1
+  timeout --signal=INT --kill-after=15 260 $PY -m megalite.bench model --out "$RESULTS/model" --steps 8 --warmup 3 \
+    --timeout 90 --fp8 tensorwise || STATUS=1
 fi
 
 # 4. Kernel benchmark with whatever time is left (it stops starting measurements at the budget; 25 s to finish).

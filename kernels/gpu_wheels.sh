@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download, on a networked machine, the wheels that `make gpu-check` needs on an offline GPU machine
 # (python3.12 with torch and triton, nothing else): pytest for the GPU tests, matplotlib for the plot,
-# and deepspeed with its dependencies for the whole-model benchmark (scripts/bench_model.py).
+# deepspeed with its dependencies for the whole-model benchmark (scripts/bench_model.py), and torchao for its FP8 run.
 # They land in .whl/ (git-ignored); carry that folder with the tree. gpu_check.sh installs from it
 # only what the GPU machine's python lacks.
 set -euo pipefail
@@ -22,6 +22,6 @@ python3 -m pip download -q --dest .whl --no-deps --only-binary=:all: \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
   "$(pin hjson)" "$(pin msgpack)" "$(pin ninja)" "$(pin psutil)" "$(pin py-cpuinfo)" "$(pin einops)" "$(pin tqdm)" \
   "$(pin pydantic)" "$(pin pydantic-core)" "$(pin annotated-types)" "$(pin typing-inspection)" \
-  "$(pin typing-extensions)" "$(pin packaging)" "$(pin safetensors)"
+  "$(pin typing-extensions)" "$(pin packaging)" "$(pin safetensors)" "$(pin torchao)"
 ls -1 .whl
 du -sh .whl

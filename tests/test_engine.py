@@ -107,12 +107,14 @@ def _train_runs(workdir: str, variants: list[tuple[str, dict]]) -> dict:
 
 
 def _reference(workdir: str, global_batch: int, clip: float, data: dict | None = None,
-               model_options: dict | None = None, deepspeed: dict | None = None) -> dict:
+               model_options: dict | None = None, deepspeed: dict | None = None, micro_batch: int | None = None) -> dict:
     """A plain PyTorch loop on one process: same model init, data order, AdamW groups, schedule, clipping.
 
     data: DOCUMENTS for packed documents (positions and document ids go to the model); model_options: ModelConfig
     fields to set (the z-loss); deepspeed: the run's DeepSpeed section when not tiny_config's (optimizer and
-    schedule parameters are read from it)."""
+    schedule parameters are read from it); micro_batch: run each step's batch in consecutive slices of this many
+    samples, the mean of their losses (as data-parallel ranks and accumulation steps see them; FP8's dynamic
+    scales depend on the slice)."""
     from deepspeed.runtime import lr_schedules
 
     from megalite.data import ResumableSampler, build_datasets
@@ -140,11 +142,15 @@ def _reference(workdir: str, global_batch: int, clip: float, data: dict | None =
     losses, norms = [], []
     for _ in range(STEPS):
         items = [train_set[i] for i in next(sampler)]
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        extra = {"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]} if data else {}
-        loss = model(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"], **extra)
         opt.zero_grad()
-        loss.backward()
+        slices = [items[i : i + (micro_batch or global_batch)] for i in range(0, global_batch, micro_batch or global_batch)]
+        loss = 0.0
+        for part in slices:
+            batch = {k: torch.stack([it[k] for it in part]) for k in part[0]}
+            extra = {"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]} if data else {}
+            part_loss = model(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"], **extra)
+            (part_loss / len(slices)).backward()
+            loss = loss + part_loss.detach() / len(slices)
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
         opt.step()
         sched.step()

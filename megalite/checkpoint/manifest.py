@@ -108,9 +108,10 @@ def model_signature(model_cfg: Any) -> dict[str, Any]:
 
 
 # Fields of a run that may change when it resumes (longer training, other logging, recompute to fit memory, more
-# data loader workers): everything else of the model and data sections, the seed and the optimizer type make a
-# run what it is. The layout is compared separately (and may change through elastic resume).
-RESUMABLE_MODEL_FIELDS = ("activation_checkpointing", "loss_chunk_tokens")
+# data loader workers, FP8 on or off: it keeps no state): everything else of the model and data sections, the seed
+# and the optimizer type make a run what it is. The layout is compared separately (and may change through elastic
+# resume).
+RESUMABLE_MODEL_FIELDS = ("activation_checkpointing", "loss_chunk_tokens", "fp8")
 RESUMABLE_DATA_FIELDS = ("num_workers", "cache_dir", "prefixes")  # prefixes by content below, not by path
 
 

@@ -56,5 +56,6 @@ def summary(cfg: Config, world_size: int) -> dict:
         "parameters": counts["total"],
         "non_embedding_parameters": counts["non_embedding"],
         "precision": cfg.precision,
+        "fp8": cfg.model.fp8.recipe if cfg.model.fp8 else None,  # the FP8 recipe of the blocks' linears
         "zero_stage": cfg.zero_stage,
     }

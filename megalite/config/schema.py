@@ -38,6 +38,25 @@ class RopeScalingConfig:
     original_max_position_embeddings: int = 8192
 
 
+# FP8 training (model.fp8): the recipes (torchao's names) and the linears of each Transformer block that can run in
+# float8. Embeddings, the output layer and norms always stay in the run's precision.
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+FP8_LAYERS = ("attention.qkv", "attention.proj", "mlp.fc", "mlp.proj")
+
+
+@dataclass
+class Float8Config:
+    """FP8 matmuls in the blocks' tensor-parallel linears, with dynamic scaling (megalite.parallel.fp8).
+
+    `tensorwise`: one scale per tensor, e4m3 inputs and weights, e5m2 output gradients (the fastest). `rowwise`:
+    one scale per row, e4m3 throughout, power-of-two scales. `rowwise_with_gw_hp`: rowwise, with the weight
+    gradient computed in high precision (the most accurate). Master weights and optimizer state are unchanged.
+    """
+
+    recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = "tensorwise"
+    layers: list[str] = field(default_factory=lambda: list(FP8_LAYERS))
+
+
 @dataclass
 class ModelConfig:
     """Shape of a decoder-only Transformer (GPT-2 or Llama family)."""
@@ -69,6 +88,8 @@ class ModelConfig:
     # PaLM's auxiliary z-loss coefficient (1e-4 is usual): adds z * logsumexp(logits)^2 per token while
     # training, keeping the logits' normaliser near 1; evaluation reports the plain cross-entropy.
     z_loss: float = 0.0
+    # FP8 training of the blocks' linears (None: the run's precision throughout).
+    fp8: Optional[Float8Config] = None
 
     @property
     def kv_heads(self) -> int:

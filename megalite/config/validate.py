@@ -16,6 +16,7 @@ from megalite.config.schema import (
     DEEPSPEED_SCHEDULERS,
     DEEPSPEED_SECTION_KEYS,
     DEEPSPEED_TOP_LEVEL_KEYS,
+    FP8_LAYERS,
     OPTIMIZER_TYPES,
     OPTIMIZERS,
     PARAMETER_KINDS,
@@ -104,12 +105,47 @@ def model_errors(m: ModelConfig, tensor: int = 1) -> list[str]:
     if m.position == "rope" and m.head_dim % 2:
         errors.append(f"model.position: rope needs an even head dimension, got {m.head_dim}")
     errors.extend(rope_scaling_errors(m))
+    errors.extend(fp8_errors(m))
     if m.attention_dropout > 0:
         errors.append(
             f"model.attention_dropout: {m.attention_dropout} is not supported (megalite.kernels.attention has no "
             "dropout); set it to 0.0"
         )
     return errors
+
+
+# ----------------------------------------------------------------------------- FP8 (model.fp8)
+_FP8_NEVER = {"embedding": "embeddings stay", "output": "the output layer stays", "norm": "norms stay"}
+
+
+def fp8_errors(m: ModelConfig) -> list[str]:
+    """Problems with `model.fp8` in the model alone (`fp8_precision_errors` adds the run's precision; the hardware
+    rule, a CUDA device of compute capability 8.9 or newer, is preflight's)."""
+    f = m.fp8
+    if f is None or not isinstance(f.layers, list):
+        return []
+    errors = []
+    if not f.layers:
+        errors.append(f"model.fp8.layers: empty; list some of {', '.join(FP8_LAYERS)} or set model.fp8 to null")
+    for i, name in enumerate(f.layers):
+        never = next((what for key, what in _FP8_NEVER.items() if isinstance(name, str) and key in name), None)
+        if never:
+            errors.append(f"model.fp8.layers[{i}]: {name!r}: {never} in the run's precision; FP8 runs the blocks' "
+                          f"linears: {', '.join(FP8_LAYERS)}")
+        elif name not in FP8_LAYERS:
+            errors.append(not_one_of(f"model.fp8.layers[{i}]", name, FP8_LAYERS, quote=True))
+        elif f.layers.index(name) != i:
+            errors.append(f"model.fp8.layers[{i}]: {name!r} is listed twice")
+    return errors
+
+
+def fp8_precision_errors(m: ModelConfig, precision: str) -> list[str]:
+    """`model.fp8` against the run's precision: bf16 or fp32 activations, not fp16."""
+    if m.fp8 is None or precision != "fp16":
+        return []
+    return ["model.fp8: not available with deepspeed.fp16.enabled: the FP8 recipes (torchao's) scale every tensor "
+            "themselves around bf16 or fp32 activations, and fp16 with DeepSpeed's loss scaler on top is untested "
+            "(DeepSpeed refuses fp16 on the CPU, where megalite's FP8 tests run); use deepspeed.bf16"]
 
 
 def kv_replication(kv_heads: int, context: int) -> int | None:
@@ -329,7 +365,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if sig not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
             errors.append(not_one_of("train.preemption_signals", sig, ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")))
     if numbers_ok:
-        errors.extend(model_errors(m, p.tensor))
+        errors.extend(model_errors(m, p.tensor))  # model.fp8's own rules among them
+        if isinstance(ds, dict) and all(isinstance(ds.get(k, {}), dict) for k in ("bf16", "fp16")):
+            errors.extend(fp8_precision_errors(m, cfg.precision))
         errors.extend(context_errors(m, p.tensor, p.context, d.seq_length, p.sequence_parallel))
         if m.num_layers < p.pipeline:
             errors.append(f"model.num_layers: {m.num_layers} layers cannot fill parallel.pipeline={p.pipeline} stages")

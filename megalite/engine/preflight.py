@@ -133,6 +133,15 @@ def check_layout(cfg: Config, world_size: int, validated: bool = False) -> list[
     ]
 
 
+def fp8_device_problem(capability: tuple[int, int], name: str) -> str | None:
+    """model.fp8 on a CUDA device: float8 matmuls need compute capability 8.9 (Ada) or newer (Hopper, Blackwell)."""
+    if tuple(capability) >= (8, 9):
+        return None
+    major, minor = capability
+    return (f"model.fp8: {name} (sm_{major}{minor}) has no float8 matmuls; FP8 needs compute capability 8.9 or newer "
+            "(L40S, H100, H200, B200): set model.fp8 to null")
+
+
 def check_devices(cfg: Config, env: dict[str, str] | None = None) -> list[Check]:
     """GPUs on this node against the ranks started here, and fp16/bf16 support of the device."""
     import torch
@@ -160,6 +169,9 @@ def check_devices(cfg: Config, env: dict[str, str] | None = None) -> list[Check]
                                 "use fp16 (deepspeed.fp16.enabled) instead"))
         else:
             checks.append(Check("precision", True, f"{cfg.precision} on {name}"))
+        fp8 = cfg.model.fp8 and fp8_device_problem(torch.cuda.get_device_capability(min(local_rank, n - 1)), name)
+        if fp8:
+            checks.append(Check("fp8", False, fp8))
     else:
         if wanted.isdigit() and int(wanted) > 0:
             checks.append(Check("gpus", False, f"MEGALITE_GPUS_PER_NODE={wanted} but torch sees no GPU on "

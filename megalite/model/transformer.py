@@ -8,7 +8,8 @@ Logits are this rank's vocabulary slice (B, T, Vp/tp) unless gathered. With cont
 group of cp ranks) every T above is this rank's contiguous chunk T/cp of the sequence, except inside attention
 (megalite.parallel.context) and in the document ids, which are the whole sequence's.
 
-Attention and norms go through `megalite.kernels` only, so the kernel backend is one switch.
+Attention and norms go through `megalite.kernels` only, so the kernel backend is one switch. The blocks' linears
+run their matmuls in float8 where `model.fp8` lists them (`fp8_recipe`; the parallel layers do the rest).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megalite.config import ModelConfig, ParallelConfig, check_model
 from megalite.errors import DataError
 from megalite.parallel.context import ContextParallelAttention, context_chunk, context_parallel_mean, gather_context
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalite.parallel.fp8 import Float8Recipe
 from megalite.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -42,6 +44,14 @@ from megalite.parallel.mappings import (
     sync_grad_across_tensor_parallel,
 )
 from megalite.parallel.random import checkpoint, model_parallel_rng
+
+
+def fp8_recipe(cfg: ModelConfig, layer: str) -> Optional[Float8Recipe]:
+    """The FP8 recipe of the block linear `layer` ('attention.qkv', ...; model.fp8.layers), None when it runs in the
+    run's precision."""
+    if cfg.fp8 is None or layer not in cfg.fp8.layers:
+        return None
+    return Float8Recipe.named(cfg.fp8.recipe)
 
 
 def _replicated(p: torch.nn.Parameter, init: str, std: float = 0.0) -> torch.nn.Parameter:
@@ -142,11 +152,12 @@ class Attention(torch.nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2: scale residual-output projections
         self.qkv = ColumnParallelLinear(
             cfg.hidden_size, q + 2 * kv, bias=cfg.bias, group=group, sequence_parallel=sequence_parallel,
-            segments=[q, kv, kv], init_std=cfg.init_std, device=device, dtype=dtype,
+            segments=[q, kv, kv], init_std=cfg.init_std, fp8=fp8_recipe(cfg, "attention.qkv"), device=device,
+            dtype=dtype,
         )
         self.proj = RowParallelLinear(
             q, cfg.hidden_size, bias=cfg.bias, group=group, sequence_parallel=sequence_parallel,
-            init_std=out_std, device=device, dtype=dtype,
+            init_std=out_std, fp8=fp8_recipe(cfg, "attention.proj"), device=device, dtype=dtype,
         )
         self.context = None  # attention over a sequence split across the context group
         if group_size(context_group) > 1:
@@ -202,11 +213,11 @@ class MLP(torch.nn.Module):
         self.fc = ColumnParallelLinear(
             cfg.hidden_size, 2 * f if self.swiglu else f, bias=cfg.bias, group=group,
             sequence_parallel=sequence_parallel, segments=[f, f] if self.swiglu else None,
-            init_std=cfg.init_std, device=device, dtype=dtype,
+            init_std=cfg.init_std, fp8=fp8_recipe(cfg, "mlp.fc"), device=device, dtype=dtype,
         )
         self.proj = RowParallelLinear(
             f, cfg.hidden_size, bias=cfg.bias, group=group, sequence_parallel=sequence_parallel,
-            init_std=out_std, device=device, dtype=dtype,
+            init_std=out_std, fp8=fp8_recipe(cfg, "mlp.proj"), device=device, dtype=dtype,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,10 @@ entry (reduce-scatter of the gradient), a row-parallel layer reduce-scatters on 
 
 Parameters are allocated empty here; `megalite.model.weights.initialize_parameters` fills them from
 the full tensor so the values do not depend on the TP degree.
+
+Given an FP8 recipe (`fp8=`), the column/row-parallel linears run their matmuls in float8
+(`megalite.parallel.fp8`); the collectives around them are the same. The row-parallel layer's partial sums then
+leave the matmul in fp32 and are reduced in fp32 before the one rounding to the activations' dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megalite.errors import DataError
+from megalite.parallel.fp8 import Float8Recipe, fp8_linear
 from megalite.parallel.mappings import (
     Group,
     copy_to_tensor_parallel,
@@ -65,11 +70,12 @@ class ColumnParallelLinear(torch.nn.Module):
         sequence_parallel: bool = False,
         segments: Optional[list[int]] = None,
         init_std: float = 0.02,
+        fp8: Optional[Float8Recipe] = None,
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        self.group, self.gather_output = group, gather_output
+        self.group, self.gather_output, self.fp8 = group, gather_output, fp8
         self.sequence_parallel = sequence_parallel and group_size(group) > 1
         tp = group_size(group)
         segments = segments or [out_features]
@@ -93,7 +99,10 @@ class ColumnParallelLinear(torch.nn.Module):
             x = gather_from_sequence_parallel(x, self.group, dim=1)
         else:
             x = copy_to_tensor_parallel(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        if self.fp8 is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = fp8_linear(x, self.weight, self.fp8, "column", self.group, self.bias)
         return gather_from_tensor_parallel(y, self.group) if self.gather_output else y
 
 
@@ -110,11 +119,12 @@ class RowParallelLinear(torch.nn.Module):
         input_is_parallel: bool = True,
         sequence_parallel: bool = False,
         init_std: float = 0.02,
+        fp8: Optional[Float8Recipe] = None,
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        self.group, self.input_is_parallel = group, input_is_parallel
+        self.group, self.input_is_parallel, self.fp8 = group, input_is_parallel, fp8
         self.sequence_parallel = sequence_parallel and group_size(group) > 1
         local = _divide(in_features, group_size(group), "in_features")
         self.in_features, self.out_features, self.in_local = in_features, out_features, local
@@ -134,11 +144,19 @@ class RowParallelLinear(torch.nn.Module):
         # x: (B, T, in/tp) -> (B, T, out), or (B, T/tp, out) with sequence parallelism
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel(x, self.group)
-        y = F.linear(x, self.weight)
-        if self.sequence_parallel:
-            y = reduce_scatter_to_sequence_parallel(y, self.group, dim=1)
+        dtype = None
+        if self.fp8 is None:
+            y = F.linear(x, self.weight)
         else:
-            y = reduce_from_tensor_parallel(y, self.group)
+            # fp32 partial sums, reduced in fp32, rounded once: TP>1 rounds what TP=1 rounds (not the sum of rounded
+            # parts); at TP=1 there is no reduction and the matmul writes x's dtype itself.
+            tp = group_size(self.group)
+            y = fp8_linear(x, self.weight, self.fp8, "row", self.group, out_dtype=torch.float32 if tp > 1 else None)
+            dtype = x.dtype
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel(y, self.group, dim=1, dtype=dtype)
+        else:
+            y = reduce_from_tensor_parallel(y, self.group, dtype=dtype)
         if self.bias is not None:
             # On sequence shards each rank sees part of the tokens: sum the bias gradient across TP.
             b = sync_grad_across_tensor_parallel(self.bias, self.group) if self.sequence_parallel else self.bias

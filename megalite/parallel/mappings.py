@@ -87,12 +87,12 @@ class _CopyToTP(torch.autograd.Function):
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
+    def forward(ctx, x, group, dtype):
+        return _all_reduce(x, group).to(dtype or x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
 class _ScatterToTP(torch.autograd.Function):
@@ -143,13 +143,13 @@ class _GatherFromSP(torch.autograd.Function):
 
 class _ReduceScatterToSP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, dim):
+    def forward(ctx, x, group, dim, dtype):
         ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, dim, group)
+        return _reduce_scatter(x, dim, group).to(dtype or x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.group), None, None
+        return _gather(grad, ctx.dim, ctx.group), None, None, None
 
 
 def copy_to_tensor_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -157,9 +157,12 @@ def copy_to_tensor_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
 
 
-def reduce_from_tensor_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """All-reduce (sum) forward; identity backward."""
-    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+def reduce_from_tensor_parallel(x: torch.Tensor, group: Group, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """All-reduce (sum) forward, the sum then cast to `dtype` (default: x's); identity backward (autograd widens
+    the gradient back to x's dtype, exactly)."""
+    if group_size(group) == 1:
+        return x if dtype is None else x.to(dtype)
+    return _ReduceFromTP.apply(x, group, dtype)
 
 
 def scatter_to_tensor_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -184,9 +187,13 @@ def gather_from_sequence_parallel(
     return x if group_size(group) == 1 else _GatherFromSP.apply(x, group, dim, reduce_grad)
 
 
-def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group: Group, dim: int = 1) -> torch.Tensor:
-    """Sum across `group` and keep this rank's sequence chunk; all-gather gradients backward."""
-    return x if group_size(group) == 1 else _ReduceScatterToSP.apply(x, group, dim)
+def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group: Group, dim: int = 1,
+                                        dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Sum across `group`, keep this rank's sequence chunk, cast it to `dtype` (default: x's); all-gather gradients
+    backward, in `dtype`."""
+    if group_size(group) == 1:
+        return x if dtype is None else x.to(dtype)
+    return _ReduceScatterToSP.apply(x, group, dim, dtype)
 
 
 def sync_grad_across_tensor_parallel(param: torch.Tensor, group: Group) -> torch.Tensor:

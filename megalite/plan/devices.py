@@ -19,16 +19,17 @@ GiB = 2**30
 # order against the device name without spaces: the H100 PCIe ("NVIDIA H100 PCIe") and NVL cards have lower
 # peaks than the SXM module ("NVIDIA H100 80GB HBM3"), so they come before the plain "H100". The training log's
 # MFU (engine.metrics) and the plan's devices both read this one table.
+# "fp8": the dense e4m3 peak where the device has FP8 tensor cores (half the datasheets' "with sparsity" figure).
 PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "H100PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
-    "H100NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "fp8": 1979.0},
+    "H100PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0, "fp8": 1513.0},
+    "H100NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0, "fp8": 1671.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "fp8": 1979.0},
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
     "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2},
-    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6, "fp8": 733.0},
     "V100": {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7},
-    "MI300X": {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4},
+    "MI300X": {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4, "fp8": 2615.0},
 }
 
 
@@ -40,6 +41,8 @@ def peak_tflops_of(name: Optional[str], precision: str) -> tuple[Optional[float]
     for key, peaks in PEAK_TFLOPS.items():
         if key.lower() in compact:
             peak = peaks.get(precision)
+            if peak is None:
+                return None, f"{name}: no {precision} peak (MFU not reported)"
             return peak, f"{name}: {peak} TFLOP/s dense {precision}"
     return None, f"{name}: not in megalite's peak table (MFU not reported)"
 
