@@ -220,6 +220,63 @@ def test_file_errors(tmp_path):
         C.load(path)
 
 
+def test_duplicate_keys_are_refused_naming_the_key_and_both_lines(tmp_path):
+    """JSON keeps the last of two equal keys: a second "train" object would silently replace the first. Refused in
+    run files, DeepSpeed JSONs, model presets and --set values, naming the file, the key and both lines."""
+    def lines_of(text: str, needle: str) -> list[int]:
+        return [i + 1 for i, line in enumerate(text.splitlines()) if needle in line]
+
+    text = json.dumps(base(), indent=2)
+    text = text.replace('\n  "model"', '\n  "train": {"steps": 5, "seed": 3},\n  "model"', 1)
+    first, second = lines_of(text, '"train"')
+    run = tmp_path / "run.json"
+    run.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        C.load(run)
+    assert f'{run}: duplicate key "train" at lines {first} and {second}' in str(info.value), str(info.value)
+    # Deeper, and where both are on one line.
+    raw = base()
+    raw["train"] = {"steps": 10}
+    text = json.dumps(raw, indent=2).replace('"steps": 10', '"steps": 10,\n    "log_interval": 2, "steps": 20')
+    run.write_text(text)
+    first, second = lines_of(text, '"steps"')
+    with pytest.raises(ConfigError, match=f'duplicate key "steps" at lines {first} and {second}'):
+        C.load(run)
+    run.write_text('{"model": {"preset": "tiny-gpt"}, "model": {"preset": "tiny-llama"}}')
+    with pytest.raises(ConfigError, match='duplicate key "model" at lines 1 and 1'):
+        C.load(run)
+    # A DeepSpeed file and a model preset named by path.
+    ds = tmp_path / "ds.json"
+    ds.write_text('{\n "zero_optimization": {"stage": 3},\n "train_micro_batch_size_per_gpu": 2,\n'
+                  ' "zero_optimization": {"stage": 1}\n}\n')
+    raw = base()
+    raw["deepspeed"] = str(ds)
+    run.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r'deepspeed: .*ds.json: duplicate key "zero_optimization" at lines 2 and 4'):
+        C.load(run)
+    preset = tmp_path / "preset.json"
+    preset.write_text('{"vocab_size": 100,\n"hidden_size": 64, "num_layers": 2, "num_heads": 4,\n"vocab_size": 200}')
+    raw = base()
+    raw["model"] = str(preset)
+    run.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r'model.preset: .*preset.json: duplicate key "vocab_size" at lines 1 and 3'):
+        C.load(run)
+    run.write_text(json.dumps(base()))
+    with pytest.raises(ConfigError, match=r'--set .*: duplicate key "stage"'):
+        C.load(run, ['deepspeed.zero_optimization={"stage": 1, "stage": 3}'])
+    # Equal keys in different objects are fine.
+    raw = base()
+    raw["deepspeed"]["bf16"] = {"enabled": False}
+    raw["deepspeed"]["fp16"] = {"enabled": False}
+    run.write_text(json.dumps(raw, indent=1))
+    assert C.load(run).train.steps == 10
+    # `config check` says so instead of OK.
+    text = json.dumps(base(), indent=2).replace('\n  "model"', '\n  "train": {"steps": 5},\n  "model"', 1)
+    run.write_text(text)
+    check = _cli("config", "check", str(run))
+    assert check.returncode == 2 and 'duplicate key "train" at lines 2 and' in check.stdout + check.stderr, check
+
+
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=[p.stem for p in RUN_CONFIGS])
 def test_shipped_run_configs_round_trip(path):
     cfg = C.load(path)

@@ -17,6 +17,7 @@ from typing import Any
 
 from megalite.config.convert import build, suggest
 from megalite.config.schema import Config, ModelConfig
+from megalite.config.unique_json import DuplicateKeyError, loads_unique
 from megalite.config.validate import validate
 from megalite.errors import ConfigError
 
@@ -30,9 +31,13 @@ def read_json(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what}: cannot read {path}: {e}") from None
     try:
-        return json.loads(text)
+        return loads_unique(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what}: {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{what}: {path}: {e}: JSON would keep only the second, silently; keep one") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise ConfigError(f"{what}: {path} is not valid JSON: {e}") from None
 
 
 def _resolve_file(ref: str, base: Path | None, subdir: str) -> Path:
@@ -99,8 +104,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"--set {text!r}: empty key segment in {key!r}")
     try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
+        parsed = loads_unique(value)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"--set {text!r}: {e}: JSON would keep only the second, silently; keep one") from None
+    except ValueError:  # not JSON (json.JSONDecodeError is a ValueError): the text itself
         parsed = value
     return parts, parsed
 
