@@ -277,6 +277,23 @@ def test_duplicate_keys_are_refused_naming_the_key_and_both_lines(tmp_path):
     assert check.returncode == 2 and 'duplicate key "train" at lines 2 and' in check.stdout + check.stderr, check
 
 
+def test_set_model_to_a_preset_name_works_like_the_run_file(tmp_path):
+    """`--set model=NAME` (and `--set deepspeed=NAME`) name a shipped preset as the run file's `"model": NAME` does;
+    overrides after it change the preset's fields."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(base()))
+    in_file = tmp_path / "preset-run.json"
+    in_file.write_text(json.dumps({**base(), "model": "tiny-llama", "deepspeed": "zero2"}))
+    want = C.load(in_file)
+    assert want.model.norm == "rmsnorm" and want.model.num_kv_heads == 4 and want.zero_stage == 2
+    by_set = C.load(path, ["model=tiny-llama", "deepspeed=zero2"])
+    assert by_set.model == want.model and by_set.deepspeed == want.deepspeed
+    assert C.load(path, ["model=tiny-llama", "model.num_layers=2"]).model.num_layers == 2
+    assert C.load(path, ['model={"preset": "tiny-llama", "num_layers": 3}']).model.num_layers == 3
+    with pytest.raises(ConfigError, match=r"model.preset: no preset 'tiny-lama'.*did you mean 'tiny-llama'"):
+        C.load(path, ["model=tiny-lama"])
+
+
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=[p.stem for p in RUN_CONFIGS])
 def test_shipped_run_configs_round_trip(path):
     cfg = C.load(path)

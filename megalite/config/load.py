@@ -113,10 +113,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `--set` overrides to a raw (reference-expanded) config dict."""
+    """Apply `--set` overrides to a raw (reference-expanded) config dict. `--set model=NAME` and
+    `--set deepspeed=NAME` name a preset or DeepSpeed file as the run file does (a relative path from the working
+    directory), and later overrides change its fields."""
     raw = copy.deepcopy(raw)
     for text in overrides:
         parts, value = parse_override(text)
+        if parts in (["model"], ["deepspeed"]):
+            raw = expand_references({**raw, parts[0]: value}, None)
+            continue
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
