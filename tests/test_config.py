@@ -294,6 +294,38 @@ def test_set_model_to_a_preset_name_works_like_the_run_file(tmp_path):
         C.load(path, ["model=tiny-lama"])
 
 
+def test_echoed_values_are_cut_short(tmp_path):
+    """A huge bad value (or key) is not echoed whole: each problem names the key and the value's size."""
+    huge = "x" * 10_000_000
+    path = tmp_path / "run.json"
+    types = {"model.norm": huge, "train.resume": huge, "train.steps": [huge], "parallel." + huge: 1}
+    ranges = {"data.split": huge, "deepspeed.optimizer.type": huge, "deepspeed.gradient_clipping": huge,
+              "deepspeed." + huge: 1, "deepspeed.zero_optimization.stage": huge}
+    for changes in (types, ranges):  # the value checks run once the types are right
+        raw = base()
+        for key, value in changes.items():
+            raw = with_change(key, value, raw)
+        path.write_text(json.dumps(raw))
+        with pytest.raises(ConfigError) as info:
+            C.load(path)
+        problems = info.value.problems
+        assert len(problems) == len(changes), [p[:200] for p in problems]
+        for key in changes:
+            named = [p for p in problems if key[:40] in p]
+            assert named, (key, [p[:200] for p in problems])
+            assert len(named[0]) < 1000 and "10,000,000 characters" in named[0], named[0][:2000]
+    path.write_text(json.dumps(base()))
+    with pytest.raises(ConfigError) as info:
+        C.load(path, ["train.steps=" + huge[:200_000]])
+    assert len(str(info.value)) < 1000 and "train.steps" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        C.load(path, [huge[:200_000]])
+    assert len(str(info.value)) < 1000 and "expected KEY=VALUE" in str(info.value)
+    path.write_text('{"train": {"steps": ' + "1" * 5000 + "}}")  # more digits than Python converts
+    with pytest.raises(ConfigError, match="run.json is not valid JSON"):
+        C.load(path)
+
+
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=[p.stem for p in RUN_CONFIGS])
 def test_shipped_run_configs_round_trip(path):
     cfg = C.load(path)
