@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -29,9 +31,15 @@ def _run(workdir: str, out: str, steps: int, **train) -> dict:
 
     raw = tiny_config(f"{workdir}/tok", out, train={"steps": steps, "checkpoint_interval": 1, **train})
     trainer = Trainer(C.from_dict(raw))
-    code = trainer.train()
+    said = io.StringIO()  # what the run prints (rank 0's "megalite: ..." lines), passed on afterwards
+    try:
+        with contextlib.redirect_stderr(said):
+            code = trainer.train()
+    finally:
+        sys.stderr.write(said.getvalue())
     root = Path(trainer.checkpoints.store.root)
     return {"exit": code, "start": trainer.start_step, "report": trainer.checkpoints.store.resume_report,
+            "said": [line for line in said.getvalue().splitlines() if line.startswith("megalite: ")],
             "losses": [r["loss"] for r in trainer.sink.records if r.get("kind") == "train"],
             "steps": [s for s, _ in trainer.checkpoints.store.committed_steps()],
             "entries": sorted(os.listdir(root)) if root.is_dir() else []}
@@ -87,7 +95,14 @@ def identity(workdir) -> list[dict]:
 
 
 def test_never_moves_another_runs_checkpoints_aside_and_auto_resumes_its_own(identity, workdir):
-    for res in identity:
+    superseded = [p for p in (Path(workdir) / "run" / "checkpoints").iterdir() if p.name.startswith("superseded-")]
+    for rank, res in enumerate(identity):
+        # The user is told, on one line, where the old checkpoints went (rank 0 speaks for the run).
+        told = [line for line in res["never"]["said"] if "moved" in line]
+        assert len(told) == (1 if rank == 0 else 0), res["never"]["said"]
+        if rank == 0:
+            assert f"to {superseded[0]} " in told[0] and "resume=never" in told[0], told
+            assert not any("moved" in line for line in res["fresh"]["said"] + res["auto"]["said"])
         assert res["old"]["steps"] == [4, 2]
         never = res["never"]
         assert never["start"] == 0 and never["steps"] == [3, 2]
@@ -96,7 +111,6 @@ def test_never_moves_another_runs_checkpoints_aside_and_auto_resumes_its_own(ide
         auto = res["auto"]
         assert auto["start"] == 3, auto["report"]  # its own latest, never the old run's newer step 4
         assert auto["steps"] == [6, 5]
-    superseded = [p for p in (Path(workdir) / "run" / "checkpoints").iterdir() if p.name.startswith("superseded-")]
     assert len(superseded) == 1 and sorted(os.listdir(superseded[0])) == ["latest", "step00000002", "step00000004"]
 
 
