@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "megalite"
 
 # Each unit (a subpackage or a top-level module of megalite) and the units it may import. Commands ->
 # engine -> {interop, checkpoint, data, model} -> {parallel, kernels} -> {distributed, files, config, errors}.
-BASE = {"errors", "files", "distributed", "config", "memory", "dtypes"}
+BASE = {"errors", "files", "distributed", "local_ranks", "config", "memory", "dtypes"}
 LOWER = BASE | {"parallel", "kernels"}
 MIDDLE = LOWER | {"model", "data"}
 ALLOWED: dict[str, set[str]] = {
@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "dtypes": {"errors"},
     "files": {"errors"},
     "distributed": {"errors"},
+    "local_ranks": set(),  # torch-free: a rank process is tied to its parent before it imports torch
     "config": {"errors", "files", "dtypes"},
     "kernels": {"errors", "dtypes"},
     "parallel": BASE,
