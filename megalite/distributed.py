@@ -107,30 +107,3 @@ def agree(phase: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     text = "; ".join(f"ranks {ranks}: {message}" for message, ranks in failed.items())
     raise RankFailed(f"{phase} failed on other ranks: {text}") from mine
 
-
-def spawn_local_ranks(target: Callable[..., None], world: int, *args: Any) -> tuple[dict[int, Any], list[str], list]:
-    """Run `target(rank, world, port, *args, results)` in `world` spawned processes on this machine (a free port for
-    their process group) and wait for all of them. Each rank puts `(kind, rank, value)` on `results`, kind "error"
-    for a failure. Returns the other values by rank, the failures as "rank R: ...", and the exit codes."""
-    import multiprocessing as mp
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    procs = [ctx.Process(target=target, args=(r, world, port, *args, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    values: dict[int, Any] = {}
-    failures: list[str] = []
-    while not results.empty():
-        kind, rank_, value = results.get()
-        if kind == "error":
-            failures.append(f"rank {rank_}: {value}")
-        else:
-            values[rank_] = value
-    return values, failures, [p.exitcode for p in procs]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megalite.errors import ConfigError
+from megalite.errors import ConfigError, shown
 
 # Every spelling megalite accepts -> the canonical precision name (DeepSpeed's sections are bf16/fp16; fp32 is neither).
 PRECISION_NAMES = {
@@ -22,7 +22,7 @@ _TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def canonical_precision(name: str, key: str = "precision") -> str:
     """'fp32', 'bf16' or 'fp16' for any accepted spelling; ConfigError naming `key` otherwise."""
     if not isinstance(name, str) or name.lower() not in PRECISION_NAMES:
-        raise ConfigError(f"{key}: unknown precision {name!r}; valid: fp32 (float32), bf16 (bfloat16), fp16 (float16)")
+        raise ConfigError(f"{key}: unknown precision {shown(name)}; valid: fp32 (float32), bf16 (bfloat16), fp16 (float16)")
     return PRECISION_NAMES[name.lower()]
 
 

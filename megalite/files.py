@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
+from collections.abc import Sequence
 from typing import Any
 
 HASH_CHUNK_BYTES = 8 << 20
@@ -49,21 +51,51 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def temporary_name(path: str | os.PathLike) -> str:
+    """The name a file is written under before it replaces `path` (this process's own, beside `path`)."""
+    return f"{os.fspath(path)}.tmp-{os.getpid()}"
+
+
+def write_text_durably(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` and fsync it (no rename: see `atomic_write_text` and `replace_together`)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Replace `path` by `text` atomically and durably (temporary file, fsync, rename, directory fsync)."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temporary_name(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write_text_durably(tmp, text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def replace_together(moves: Sequence[tuple[str, str]]) -> None:
+    """Move each already durable (temporary, final) pair into place, in order, then fsync their folders.
+
+    Everything slow or fallible (writing, hashing, a full disk) happens before this, so a failure or an
+    interrupt there leaves the previous files untouched. Here only renames remain, and SIGINT/SIGTERM are held
+    back until all of them are done (delivered right after): an interrupt cannot split the set. Give the file
+    that says the set is complete (a manifest) last. A power cut between two renames can still mix old and new
+    files; readers check files against each other and the manifest (counts, sizes) and refuse a mix.
+    """
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        for tmp, final in moves:
+            os.replace(tmp, final)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(final)) for _, final in moves):
+        fsync_dir(folder)
 
 
 class HashingWriter:

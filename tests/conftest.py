@@ -22,3 +22,16 @@ def triton_backend():
     K.reset_kernel_calls()
     yield
     K.set_backend("auto")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test of a module that draws fresh random inputs (a module-level RUN_SEED) reports the seed, whatever
+    failed (an accuracy bound, a shape, an exception), so MEGALITE_TEST_SEED=N replays it."""
+    outcome = yield
+    report = outcome.get_result()
+    run_seed = getattr(getattr(item, "module", None), "RUN_SEED", None)
+    if report.failed and run_seed is not None:
+        fixed = getattr(item.module, "FIXED_SEED", None)
+        text = f"MEGALITE_TEST_SEED={run_seed} replays this run's random inputs"
+        report.sections.append(("random seed", text + (f" (fixed-seed cases: {fixed})" if fixed is not None else "")))

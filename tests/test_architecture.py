@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "megalite"
 
 # Each unit (a subpackage or a top-level module of megalite) and the units it may import. Commands ->
 # engine -> eval_harness -> generate -> {interop, checkpoint, data, model} -> {parallel, kernels} ->
-# {distributed, launch, files, config, errors}.
-BASE = {"errors", "files", "distributed", "launch", "config", "memory", "dtypes"}
+# {distributed, launch, local_ranks, files, config, errors}.
+BASE = {"errors", "files", "distributed", "launch", "local_ranks", "config", "memory", "dtypes"}
 LOWER = BASE | {"parallel", "kernels"}
 MIDDLE = LOWER | {"model", "data"}
 ALLOWED: dict[str, set[str]] = {
@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "files": {"errors"},
     "distributed": {"errors"},
     "launch": set(),  # process start-up from a launcher's environment: training, inference and benchmarks use it
+    "local_ranks": set(),  # torch-free: a rank process is tied to its parent before it imports torch
     "config": {"errors", "files", "dtypes"},
     "kernels": {"errors", "dtypes"},
     "plan": {"errors", "config", "dtypes", "files"},

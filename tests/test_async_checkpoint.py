@@ -288,11 +288,28 @@ def test_checkpoint_benchmark_runs(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     ranks = json.loads((tmp_path / "out" / "checkpoint.json").read_text())["ranks"]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
+    params = 2048 * 2048 + 2048  # --params-m 2 rounds to one Linear(2048, 2048) (the benchmark's width)
     for r in ranks:
         assert r["bytes"] > 2e6 * 12 and r["snapshot_bytes"] > 0 and r["save_s"] > 0 and r["async_stall_s"] > 0
         assert r["async_first_stall_s"] > 0 and r["async_write_s"] > 0
         assert len(r["runs"]["sync"]["stall_s"]) == len(r["runs"]["async"]["stall_s"]) == 2
         assert r["runs"]["none"]["stall_s"] == [] and r["runs"]["none"]["steps_per_s"] > 0
+        assert r["params"] == params and r["zero_stage"] == 1
+        # fp32 weights (4 bytes a parameter) + ZeRO-1's fp32 master copy and Adam's two moments (12), plus at most
+        # 1 MB of manifest, metadata and DeepSpeed's conversion script
+        assert 16 * params <= r["bytes"] <= 16 * params + 2**20, (r["bytes"], 16 * params)
+        # the ratios the README quotes are the ratios of the reported figures (rounded as reported)
+        stall_over_save = r["async_stall_s"] / r["save_s"]
+        assert abs(r["async_stall_over_save"] - stall_over_save) <= 0.002 + 0.01 * stall_over_save, r
+        runs = r["runs"]
+        async_over_sync = runs["async"]["steps_per_s"] / runs["sync"]["steps_per_s"]
+        assert abs(r["async_over_sync_steps_per_s"] / async_over_sync - 1) < 0.01, r
+        for mode in ("none", "sync", "async"):
+            assert abs(runs[mode]["steps_per_s"] * runs[mode]["seconds"] / 4 - 1) < 0.02, (mode, runs[mode])
+    # Each rank's snapshot holds what it writes: rank 0 the weights (4 bytes) and its half of the 12 bytes of
+    # optimizer state, rank 1 its half: 10 and 6 bytes a parameter (plus a few bytes of scalars).
+    by_rank = {r["rank"]: r["snapshot_bytes"] for r in ranks}
+    assert 10 * params <= by_rank[0] <= 10 * params + 4096 and 6 * params <= by_rank[1] <= 6 * params + 4096, by_rank
     assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())  # removed after the run
 
 

@@ -25,3 +25,23 @@ def test_bench_model_smoke(tmp_path):
     assert results[1]["mfu_fp8_peak"] is None and "CPU" in results[1]["peak_fp8"]
     table = (tmp_path / "model-bench.md").read_text()
     assert "| torch | - |" in table and "| torch | tensorwise |" in table and "x vs torch bf16 |" in table
+    r = results[0]
+    assert r["exit"] == 0 and r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["tflops"] > 0
+    assert r["mfu"] is None and "CPU" in r["peak"]  # no peak table on CPU: MFU is not invented
+    # The smoke shape: tiny-gpt, sequence 64, micro-batch 2 on one process; 3 steps, the first one warm-up.
+    assert (written["model"], written["seq"], written["micro_batch"], r["steps_timed"]) == ("tiny-gpt", 64, 2, 2)
+    tokens = 2 * 64  # per step: micro-batch x sequence (one process, no accumulation)
+    assert abs(r["tokens_per_s"] * r["step_s"] / tokens - 1) < 1e-9, r
+    # FLOPs per token, 6N + 12*L*d*T (Kaplan/PaLM: N the parameters outside the embeddings), with N counted on
+    # the model itself rather than by megalite's formula.
+    from megalite import config
+    from megalite.model import build_model
+
+    model = build_model(config.model_config_from_dict(config.expand_references({"model": "tiny-gpt"}, None)["model"]),
+                        seed=1)
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embedding."))
+    flops_per_token = 6 * n + 12 * 4 * 256 * 64  # tiny-gpt: 4 layers of width 256
+    assert abs(r["tflops"] * 1e12 / (r["tokens_per_s"] * flops_per_token) - 1) < 1e-9, (r, n)
+    row = (f"| torch | - | {r['step_s'] * 1000:.0f} ms | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | n/a | - | "
+           "1.00x vs torch |")
+    assert row in (tmp_path / "model-bench.md").read_text()

@@ -220,6 +220,112 @@ def test_file_errors(tmp_path):
         C.load(path)
 
 
+def test_duplicate_keys_are_refused_naming_the_key_and_both_lines(tmp_path):
+    """JSON keeps the last of two equal keys: a second "train" object would silently replace the first. Refused in
+    run files, DeepSpeed JSONs, model presets and --set values, naming the file, the key and both lines."""
+    def lines_of(text: str, needle: str) -> list[int]:
+        return [i + 1 for i, line in enumerate(text.splitlines()) if needle in line]
+
+    text = json.dumps(base(), indent=2)
+    text = text.replace('\n  "model"', '\n  "train": {"steps": 5, "seed": 3},\n  "model"', 1)
+    first, second = lines_of(text, '"train"')
+    run = tmp_path / "run.json"
+    run.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        C.load(run)
+    assert f'{run}: duplicate key "train" at lines {first} and {second}' in str(info.value), str(info.value)
+    # Deeper, and where both are on one line.
+    raw = base()
+    raw["train"] = {"steps": 10}
+    text = json.dumps(raw, indent=2).replace('"steps": 10', '"steps": 10,\n    "log_interval": 2, "steps": 20')
+    run.write_text(text)
+    first, second = lines_of(text, '"steps"')
+    with pytest.raises(ConfigError, match=f'duplicate key "steps" at lines {first} and {second}'):
+        C.load(run)
+    run.write_text('{"model": {"preset": "tiny-gpt"}, "model": {"preset": "tiny-llama"}}')
+    with pytest.raises(ConfigError, match='duplicate key "model" at lines 1 and 1'):
+        C.load(run)
+    # A DeepSpeed file and a model preset named by path.
+    ds = tmp_path / "ds.json"
+    ds.write_text('{\n "zero_optimization": {"stage": 3},\n "train_micro_batch_size_per_gpu": 2,\n'
+                  ' "zero_optimization": {"stage": 1}\n}\n')
+    raw = base()
+    raw["deepspeed"] = str(ds)
+    run.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r'deepspeed: .*ds.json: duplicate key "zero_optimization" at lines 2 and 4'):
+        C.load(run)
+    preset = tmp_path / "preset.json"
+    preset.write_text('{"vocab_size": 100,\n"hidden_size": 64, "num_layers": 2, "num_heads": 4,\n"vocab_size": 200}')
+    raw = base()
+    raw["model"] = str(preset)
+    run.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r'model.preset: .*preset.json: duplicate key "vocab_size" at lines 1 and 3'):
+        C.load(run)
+    run.write_text(json.dumps(base()))
+    with pytest.raises(ConfigError, match=r'--set .*: duplicate key "stage"'):
+        C.load(run, ['deepspeed.zero_optimization={"stage": 1, "stage": 3}'])
+    # Equal keys in different objects are fine.
+    raw = base()
+    raw["deepspeed"]["bf16"] = {"enabled": False}
+    raw["deepspeed"]["fp16"] = {"enabled": False}
+    run.write_text(json.dumps(raw, indent=1))
+    assert C.load(run).train.steps == 10
+    # `config check` says so instead of OK.
+    text = json.dumps(base(), indent=2).replace('\n  "model"', '\n  "train": {"steps": 5},\n  "model"', 1)
+    run.write_text(text)
+    check = _cli("config", "check", str(run))
+    assert check.returncode == 2 and 'duplicate key "train" at lines 2 and' in check.stdout + check.stderr, check
+
+
+def test_set_model_to_a_preset_name_works_like_the_run_file(tmp_path):
+    """`--set model=NAME` (and `--set deepspeed=NAME`) name a shipped preset as the run file's `"model": NAME` does;
+    overrides after it change the preset's fields."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(base()))
+    in_file = tmp_path / "preset-run.json"
+    in_file.write_text(json.dumps({**base(), "model": "tiny-llama", "deepspeed": "zero2"}))
+    want = C.load(in_file)
+    assert want.model.norm == "rmsnorm" and want.model.num_kv_heads == 4 and want.zero_stage == 2
+    by_set = C.load(path, ["model=tiny-llama", "deepspeed=zero2"])
+    assert by_set.model == want.model and by_set.deepspeed == want.deepspeed
+    assert C.load(path, ["model=tiny-llama", "model.num_layers=2"]).model.num_layers == 2
+    assert C.load(path, ['model={"preset": "tiny-llama", "num_layers": 3}']).model.num_layers == 3
+    with pytest.raises(ConfigError, match=r"model.preset: no preset 'tiny-lama'.*did you mean 'tiny-llama'"):
+        C.load(path, ["model=tiny-lama"])
+
+
+def test_echoed_values_are_cut_short(tmp_path):
+    """A huge bad value (or key) is not echoed whole: each problem names the key and the value's size."""
+    huge = "x" * 10_000_000
+    path = tmp_path / "run.json"
+    types = {"model.norm": huge, "train.resume": huge, "train.steps": [huge], "parallel." + huge: 1}
+    ranges = {"data.split": huge, "deepspeed.optimizer.type": huge, "deepspeed.gradient_clipping": huge,
+              "deepspeed." + huge: 1, "deepspeed.zero_optimization.stage": huge}
+    for changes in (types, ranges):  # the value checks run once the types are right
+        raw = base()
+        for key, value in changes.items():
+            raw = with_change(key, value, raw)
+        path.write_text(json.dumps(raw))
+        with pytest.raises(ConfigError) as info:
+            C.load(path)
+        problems = info.value.problems
+        assert len(problems) == len(changes), [p[:200] for p in problems]
+        for key in changes:
+            named = [p for p in problems if key[:40] in p]
+            assert named, (key, [p[:200] for p in problems])
+            assert len(named[0]) < 1000 and "10,000,000 characters" in named[0], named[0][:2000]
+    path.write_text(json.dumps(base()))
+    with pytest.raises(ConfigError) as info:
+        C.load(path, ["train.steps=" + huge[:200_000]])
+    assert len(str(info.value)) < 1000 and "train.steps" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        C.load(path, [huge[:200_000]])
+    assert len(str(info.value)) < 1000 and "expected KEY=VALUE" in str(info.value)
+    path.write_text('{"train": {"steps": ' + "1" * 5000 + "}}")  # more digits than Python converts
+    with pytest.raises(ConfigError, match="run.json is not valid JSON"):
+        C.load(path)
+
+
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=[p.stem for p in RUN_CONFIGS])
 def test_shipped_run_configs_round_trip(path):
     cfg = C.load(path)

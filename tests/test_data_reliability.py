@@ -313,6 +313,81 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path: Path, small_d
     assert sorted(os.listdir(small_disk)) == []
 
 
+
+# ------------------------------------------------------------------ issue 30 item 12: a failed re-prepare
+
+
+def test_a_failed_re_prepare_keeps_the_previous_dataset(tmp_path: Path, tokenizer_file: str,  # noqa: F811
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preparing onto an existing prefix and failing part-way (bad input, Ctrl-C while tokenising, a full disk,
+    Ctrl-C after the data is written) leaves the previous dataset whole: its files byte for byte, no temporary
+    file beside them, and its tokens as the tokenizer itself gives them. A successful run then replaces it."""
+    import errno
+
+    from megalite.data import prepare as prep
+    from megalite.data.indexed import read_manifest
+
+    docs = make_docs(20, seed=30)
+    (tmp_path / "first.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "o"
+    prefix = str(out / "p")
+    first = prepare([str(tmp_path / "first.jsonl")], prefix, tokenizer=tokenizer_file)
+    files = {ext: Path(prefix + ext).read_bytes() for ext in (".bin", ".idx", ".json", ".tokenizer.json")}
+    listing = sorted(os.listdir(out))
+    want = expected_ids(tokenizer_file, docs)
+
+    def still_whole(case: str) -> None:
+        assert sorted(os.listdir(out)) == listing, (case, sorted(os.listdir(out)))
+        for ext, data in files.items():
+            assert Path(prefix + ext).read_bytes() == data, (case, ext)
+        assert read_manifest(prefix) == first, case
+        ds = IndexedDataset(prefix)
+        assert [ds[i].tolist() for i in range(len(ds))] == want, case
+
+    new_docs = make_docs(40, seed=31)
+    good = "".join(json.dumps({"text": d}) + "\n" for d in new_docs)
+    (tmp_path / "second.jsonl").write_text(good)
+    (tmp_path / "bad.jsonl").write_text(good + '{"text": 12}\n')  # fails after 40 documents were written
+    again = lambda spec="second.jsonl", **kw: lambda: prepare([str(tmp_path / spec)], prefix, batch_docs=4, **kw)  # noqa: E731
+    _raises(again("bad.jsonl", tokenizer=tokenizer_file), "bad.jsonl:41", "'text' is int")
+    still_whole("bad input")
+    _raises(again("bad.jsonl", vocab_size=300), "bad.jsonl:41")  # a tokenizer trained on the way
+    still_whole("bad input, trained tokenizer")
+
+    def failing_on_call(n: int, error: BaseException, fn):  # noqa: ANN001, ANN202
+        calls = []
+
+        def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls.append(1)
+            if len(calls) == n:
+                raise error
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    with monkeypatch.context() as m:
+        m.setattr(prep, "_encode_batch", failing_on_call(3, KeyboardInterrupt(), prep._encode_batch))
+        with pytest.raises(KeyboardInterrupt):
+            again(tokenizer=tokenizer_file)()
+    still_whole("Ctrl-C while tokenising")
+    with monkeypatch.context() as m:
+        full = OSError(errno.ENOSPC, "No space left on device")
+        m.setattr(IndexedDatasetWriter, "add_documents", failing_on_call(3, full, IndexedDatasetWriter.add_documents))
+        _raises(again(tokenizer=tokenizer_file), "no space left")
+    still_whole("full disk")
+    with monkeypatch.context() as m:  # the data is written; the tokenizer's hash for the manifest is not
+        m.setattr(prep, "sha256_file", failing_on_call(1, KeyboardInterrupt(), prep.sha256_file))
+        with pytest.raises(KeyboardInterrupt):
+            again(tokenizer=tokenizer_file)()
+    still_whole("Ctrl-C before the manifest")
+
+    second = again(tokenizer=tokenizer_file)()
+    assert second["num_documents"] == 40 and read_manifest(prefix) == second
+    assert sorted(os.listdir(out)) == listing
+    ds = IndexedDataset(prefix)
+    assert [ds[i].tolist() for i in range(len(ds))] == expected_ids(tokenizer_file, new_docs)
+
+
 # ------------------------------------------------------------------ item 12: missing prefix, empty eval split
 
 

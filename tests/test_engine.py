@@ -62,6 +62,9 @@ def _model_parallel_variants(workdir: str) -> dict:
         ("tp2sp", {"parallel": {"tensor": 2, "sequence_parallel": True}, "deepspeed": zero1}),
         ("tp2sp_docs", {"parallel": {"tensor": 2, "sequence_parallel": True}, "deepspeed": zero1,
                         "data": DOCUMENTS}),
+        # ZeRO-0 (tiny_config's stage): megalite computes the norm itself and clips with it, summing the TP shards.
+        ("tp2_zero0", {"parallel": {"tensor": 2}}),
+        ("tp2sp_zero0", {"parallel": {"tensor": 2, "sequence_parallel": True}}),
         ("pp2", {"parallel": {"pipeline": 2}, "deepspeed": zero1}),
         ("tp2pp2", {"parallel": {"tensor": 2, "pipeline": 2},
                     "deepspeed": {**zero1, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}}),
@@ -210,7 +213,8 @@ def test_zero_stages_match_plain_pytorch(workdir):
 
 
 def test_tensor_and_pipeline_parallel_match_plain_pytorch(workdir):
-    """TP2 x DP2 (with and without sequence parallelism), PP2 x DP2 and TP2 x PP2 on 4 ranks, against TP1;
+    """TP2 x DP2 (with and without sequence parallelism, at ZeRO-1 and ZeRO-0), PP2 x DP2 and TP2 x PP2 on 4 ranks,
+    against the plain loop;
     packed documents at TP2+SP and through pipeline stages against TP1 with the same documents; the chunked
     loss (model.loss_chunk_tokens) with the z-loss through the pipeline's tied head."""
     results = run_ranks(_model_parallel_variants, 4, workdir, timeout_s=500, collective_timeout_s=90)
@@ -220,10 +224,12 @@ def test_tensor_and_pipeline_parallel_match_plain_pytorch(workdir):
     assert ref_z["losses"][0] - ref["losses"][0] > 1e-4, "the z-loss must add to the training loss"
     assert abs(ref_docs["losses"][0] - ref["losses"][0]) > 1e-3, "the document mask must change the loss"
     for rank, rank_result in enumerate(results):
-        for name, tp_pp in (("tp2", (2, 1)), ("tp2sp", (2, 1)), ("pp2", (1, 2)), ("tp2pp2", (2, 2)),
+        for name, tp_pp in (("tp2", (2, 1)), ("tp2sp", (2, 1)), ("tp2_zero0", (2, 1)), ("tp2sp_zero0", (2, 1)),
+                            ("pp2", (1, 2)), ("tp2pp2", (2, 2)),
                             ("tp2sp_docs", (2, 1)), ("pp2_docs", (1, 2)), ("pp2_chunked", (1, 2))):
             r = rank_result[name]
             assert r["tp_pp"] == tp_pp
+            assert r["stage"] == (0 if name.endswith("_zero0") else 1), name
             assert r["engine"] == ("PipelineEngine" if tp_pp[1] > 1 else "DeepSpeedEngine")
             expected = ref_docs if name.endswith("_docs") else ref_z if name == "pp2_chunked" else ref
             _assert_close_to_reference(r, expected, f"{name} rank {rank}", logs=rank == 0)

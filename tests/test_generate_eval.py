@@ -101,6 +101,7 @@ def test_bad_eval_options_are_config_errors():
     (["generate", "--prompt", "x", "--temperature", "-1"], "--temperature -1.0"),
     (["generate", "--prompt", "x", "--top-k", "-3"], "--top-k -3"),
     (["generate", "--prompt", "x", "--max-new-tokens", "-5"], "--max-new-tokens -5"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0: must be an integer >= 1"),
     (["eval", "--batch-size", "0"], "--batch-size 0"),
     (["eval", "--max-samples", "0"], "--max-samples 0"),
     (["eval", "--limit", "3"], "--limit: only with --tasks"),  # silently ignored otherwise

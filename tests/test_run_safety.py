@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -35,9 +37,15 @@ def _run(workdir: str, out: str, steps: int, **train) -> dict:
     except PreemptedDuringSetUp as e:  # every rank stopped at the same set-up phase, before anything was saved
         root = Path(out) / "checkpoints"
         return {"exit": EXIT_PREEMPTED, "stopped_at": str(e), "steps": [s for s, _ in committed_steps(root)]}
-    code = trainer.train()
+    said = io.StringIO()  # what the run prints (rank 0's "megalite: ..." lines), passed on afterwards
+    try:
+        with contextlib.redirect_stderr(said):
+            code = trainer.train()
+    finally:
+        sys.stderr.write(said.getvalue())
     root = Path(trainer.checkpoints.store.root)
     return {"exit": code, "start": trainer.start_step, "report": trainer.checkpoints.store.resume_report,
+            "said": [line for line in said.getvalue().splitlines() if line.startswith("megalite: ")],
             "losses": [r["loss"] for r in trainer.sink.records if r.get("kind") == "train"],
             "steps": [s for s, _ in trainer.checkpoints.store.committed_steps()],
             "entries": sorted(os.listdir(root)) if root.is_dir() else []}
@@ -93,7 +101,14 @@ def identity(workdir) -> list[dict]:
 
 
 def test_never_moves_another_runs_checkpoints_aside_and_auto_resumes_its_own(identity, workdir):
-    for res in identity:
+    superseded = [p for p in (Path(workdir) / "run" / "checkpoints").iterdir() if p.name.startswith("superseded-")]
+    for rank, res in enumerate(identity):
+        # The user is told, on one line, where the old checkpoints went (rank 0 speaks for the run).
+        told = [line for line in res["never"]["said"] if "moved" in line]
+        assert len(told) == (1 if rank == 0 else 0), res["never"]["said"]
+        if rank == 0:
+            assert f"to {superseded[0]} " in told[0] and "resume=never" in told[0], told
+            assert not any("moved" in line for line in res["fresh"]["said"] + res["auto"]["said"])
         assert res["old"]["steps"] == [4, 2]
         never = res["never"]
         assert never["start"] == 0 and never["steps"] == [3, 2]
@@ -102,7 +117,6 @@ def test_never_moves_another_runs_checkpoints_aside_and_auto_resumes_its_own(ide
         auto = res["auto"]
         assert auto["start"] == 3, auto["report"]  # its own latest, never the old run's newer step 4
         assert auto["steps"] == [6, 5]
-    superseded = [p for p in (Path(workdir) / "run" / "checkpoints").iterdir() if p.name.startswith("superseded-")]
     assert len(superseded) == 1 and sorted(os.listdir(superseded[0])) == ["latest", "step00000002", "step00000004"]
 
 
@@ -258,7 +272,8 @@ def _mount_tmpfs(path: Path, size: str) -> None:
 def _full_disk(workdir: str, disk: str) -> dict:
     """Checkpoints on a 25 MB disk; each is about 19 MB. The first save fits. The second is refused before
     anything is written (the estimate against the free space); with the estimate out of the way, the third runs
-    into the full disk while DeepSpeed writes, on rank 0 only at ZeRO-0 (rank 1 writes nothing)."""
+    into the full disk while DeepSpeed writes, on rank 0 only at ZeRO-0 (rank 1 writes nothing): in the background
+    at step 1, then in the synchronous save of step 2 that follows a failed background save."""
     from megalite.engine import preflight
     from megalite.engine.trainer import Trainer
 
@@ -299,7 +314,9 @@ def test_full_disk_during_save_is_a_clear_error_and_leaves_nothing(workdir, tmp_
         assert "not enough free space" in before["error"] and "MiB free on" in before["error"]
         assert before["latest"] == "step00000001" and "step00000001" in before["entries"]
         during = res["write"]
-        assert during["error"].startswith("CheckpointError: checkpoint save of step 1"), during["error"]
+        # Step 1's background write met the full disk; step 2 was then saved synchronously (the run does not lose
+        # another interval silently), met it too, and every rank raised.
+        assert during["error"].startswith("CheckpointError: checkpoint save of step 2"), during["error"]
         assert "No space left on device" in during["error"] or "unexpected pos" in during["error"], during["error"]
         for r in (before, during):
             assert "`latest` are unchanged" in r["error"]

@@ -95,7 +95,7 @@ def _rank(rank: int, world: int, port: int, seq: int, backward: bool, results: A
 
 def measure(seq: int, context: int, backward: bool) -> list[dict]:
     """Every rank's figures for one context-parallel degree."""
-    from megalite.distributed import spawn_local_ranks
+    from megalite.local_ranks import spawn_local_ranks
 
     out, errors, codes = spawn_local_ranks(_rank, context, seq, backward)
     if errors or len(out) != context:

@@ -44,6 +44,7 @@ class ResumeChoice:
     relayout: bool
     resume_report: list[str]
     _verified: dict[str, str]
+    moved_aside: str | None = None  # where `resume: never` moved the earlier checkpoints, for the run to say
 
     def _quarantine(self, path: str, problems: list[str]) -> str:
         """Rank 0: move a checkpoint that failed verification out of the step namespace, with the reasons beside it,
@@ -81,6 +82,7 @@ class ResumeChoice:
         if policy not in RESUME_POLICIES:
             raise CheckpointError(f"train.resume must be one of {RESUME_POLICIES}, got {policy!r}")
         self.resume_report = []
+        self.moved_aside = None
         rank, world = global_rank(), global_world_size()
         if policy == "never":
             moved: tuple[str | None, str | None] = (None, None)
@@ -93,6 +95,7 @@ class ResumeChoice:
             if moved[1]:
                 raise CheckpointError(moved[1])
             if moved[0]:
+                self.moved_aside = moved[0]
                 self._note(f"resume policy 'never': moved the checkpoints already in {self.root} to {moved[0]}")
             self._note("resume policy 'never': starting fresh")
             return None

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from megalite.commands.output import emit, emit_json
-from megalite.errors import ConfigError
+from megalite.errors import ConfigError, shown
 
 HELP = "loss, perplexity and accuracy of a checkpoint, or downstream tasks (--tasks)"
 # The options of each mode, for the refusal of a mix (`--limit` without `--tasks` would be silently ignored).
@@ -85,7 +85,7 @@ def _main_tasks(args: argparse.Namespace) -> int:
 
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
-        raise ConfigError(f"--tasks {args.tasks!r}: no task names")
+        raise ConfigError(f"--tasks {shown(args.tasks)}: no task names")
     require_lm_eval()
     from lm_eval.utils import handle_non_serializable, make_table, setup_logging
 

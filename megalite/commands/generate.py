@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint step directory, root, or run directory")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64,
-                        help="at most this many (fewer at the end of a document or of the model's context)")
+                        help=">= 1: at most this many (fewer at the end of a document or of the model's context)")
     parser.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0 means greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=None,
@@ -34,7 +34,9 @@ def main(args: argparse.Namespace) -> int:
     from megalite.distributed import is_main
     from megalite.generate import check_sampling_options, generate_text
 
-    check_sampling_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, names=OPTION_NAMES)
+    # Generating nothing is a mistake on the command line (the README's rule), unlike in the Python API.
+    check_sampling_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, names=OPTION_NAMES,
+                           min_new_tokens=1)
     text = generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                          args.seed, args.tokenizer, use_cache=not args.no_cache, stop_at_eod=not args.ignore_eod)
     if is_main():

@@ -6,6 +6,7 @@ import argparse
 
 from megalite.data.clean import DEFAULT_MAX_CHARS, CleanConfig
 from megalite.data.prepare import DEFAULT_VOCAB_SIZE, prepare
+from megalite.errors import shown
 
 HELP = "clean, tokenize and index a corpus (Megatron .bin/.idx)"
 
@@ -44,7 +45,7 @@ def _max_chars(text: str) -> int | None:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'none'") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a whole number or 'none'") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1 (or 'none' for no limit)")
     return value

@@ -17,8 +17,9 @@ from typing import Any
 
 from megalite.config.convert import build, suggest
 from megalite.config.schema import Config, ModelConfig
+from megalite.config.unique_json import DuplicateKeyError, loads_unique
 from megalite.config.validate import validate
-from megalite.errors import ConfigError
+from megalite.errors import ConfigError, shown
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -30,9 +31,13 @@ def read_json(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what}: cannot read {path}: {e}") from None
     try:
-        return json.loads(text)
+        return loads_unique(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what}: {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{what}: {path}: {e}: JSON would keep only the second, silently; keep one") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise ConfigError(f"{what}: {path} is not valid JSON: {e}") from None
 
 
 def _resolve_file(ref: str, base: Path | None, subdir: str) -> Path:
@@ -67,12 +72,12 @@ def expand_references(raw: dict, base: Path | None) -> dict:
     if isinstance(model, dict) and "preset" in model:
         ref = model.pop("preset")
         if not isinstance(ref, str):
-            raise ConfigError(f"model.preset: expected a preset name or path, got {ref!r}")
+            raise ConfigError(f"model.preset: expected a preset name or path, got {shown(ref)}")
         path = _resolve_file(ref, base, "models")
         if not path.is_file():
             hint = suggest(Path(ref).stem, list_presets("models"))
             raise ConfigError(
-                f"model.preset: no preset {ref!r} (looked for {path}){hint}; shipped: {', '.join(list_presets('models'))}"
+                f"model.preset: no preset {shown(ref)} (looked for {shown(str(path), quote=False)}){hint}; shipped: {', '.join(list_presets('models'))}"
             )
         preset = read_json(path, "model.preset")
         if not isinstance(preset, dict):
@@ -85,7 +90,7 @@ def expand_references(raw: dict, base: Path | None) -> dict:
     if isinstance(ds, str):
         path = _resolve_file(ds, base, "deepspeed")
         if not path.is_file():
-            raise ConfigError(f"deepspeed: DeepSpeed config file not found: {ds!r} (looked for {path})")
+            raise ConfigError(f"deepspeed: DeepSpeed config file not found: {shown(ds)} (looked for {shown(str(path), quote=False)})")
         raw["deepspeed"] = read_json(path, "deepspeed")
     return raw
 
@@ -93,30 +98,38 @@ def expand_references(raw: dict, base: Path | None) -> dict:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=VALUE` -> (['a','b','c'], VALUE); VALUE is JSON when it parses, else a string."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=100")
+        raise ConfigError(f"--set {shown(text)}: expected KEY=VALUE, e.g. train.steps=100")
     key, _, value = text.partition("=")
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"--set {text!r}: empty key segment in {key!r}")
+        raise ConfigError(f"--set {shown(text)}: empty key segment in {shown(key)}")
     try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
+        parsed = loads_unique(value)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"--set {shown(text)}: {e}: JSON would keep only the second, silently; keep one") from None
+    except ValueError:  # not JSON (json.JSONDecodeError is a ValueError): the text itself
         parsed = value
     return parts, parsed
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `--set` overrides to a raw (reference-expanded) config dict."""
+    """Apply `--set` overrides to a raw (reference-expanded) config dict. `--set model=NAME` and
+    `--set deepspeed=NAME` name a preset or DeepSpeed file as the run file does (a relative path from the working
+    directory), and later overrides change its fields."""
     raw = copy.deepcopy(raw)
     for text in overrides:
         parts, value = parse_override(text)
+        if parts in (["model"], ["deepspeed"]):
+            raw = expand_references({**raw, parts[0]: value}, None)
+            continue
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {'.'.join(parts[: i + 1])} is {child!r}, not an object")
+                raise ConfigError(f"--set {shown(text)}: {shown('.'.join(parts[: i + 1]), quote=False)} is {shown(child)}, "
+                                  "not an object")
             node = child
         node[parts[-1]] = value
     return raw

@@ -28,7 +28,7 @@ from megalite.config.schema import (
     ParallelConfig,
     nvme_offload,
 )
-from megalite.errors import ConfigError
+from megalite.errors import ConfigError, shown
 
 
 def _positive(errors: list[str], key: str, value: Any, allow_zero: bool = False) -> None:
@@ -36,9 +36,9 @@ def _positive(errors: list[str], key: str, value: Any, allow_zero: bool = False)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if not math.isfinite(value):
-        errors.append(f"{key}: must be a finite number, got {value}")
+        errors.append(f"{key}: must be a finite number, got {shown(value)}")
     elif value < 0 or (value == 0 and not allow_zero):
-        errors.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        errors.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {shown(value)}")
 
 
 def _model_number_errors(m: ModelConfig) -> list[str]:
@@ -68,7 +68,7 @@ def rope_scaling_errors(m: ModelConfig) -> list[str]:
         return []
     errors = []
     if m.position != "rope":
-        errors.append(f"model.rope_scaling: needs model.position='rope', got {m.position!r}")
+        errors.append(f"model.rope_scaling: needs model.position='rope', got {shown(m.position)}")
     if not r.factor > 0:
         errors.append(f"model.rope_scaling.factor: must be > 0, got {r.factor}")
     if r.type == "llama3":
@@ -227,41 +227,42 @@ def _validate_deepspeed(ds: dict, errors: list[str]) -> None:
     for key, value in ds.items():
         if key not in DEEPSPEED_TOP_LEVEL_KEYS:
             errors.append(
-                f"deepspeed.{key}: unknown DeepSpeed key{suggest(key, DEEPSPEED_TOP_LEVEL_KEYS)} "
+                f"deepspeed.{shown(key, quote=False)}: unknown DeepSpeed key{suggest(key, DEEPSPEED_TOP_LEVEL_KEYS)} "
                 "(DeepSpeed would silently ignore it)"
             )
             continue
         allowed = DEEPSPEED_SECTION_KEYS.get(key)
         if allowed is not None:
             if not isinstance(value, dict):
-                errors.append(f"deepspeed.{key}: expected an object, got {value!r}")
+                errors.append(f"deepspeed.{key}: expected an object, got {shown(value)}")
                 continue
             for sub in value:
                 if sub not in allowed:
-                    errors.append(f"deepspeed.{key}.{sub}: unknown key{suggest(sub, allowed)}; valid: {sorted(allowed)}")
+                    errors.append(f"deepspeed.{key}.{shown(sub, quote=False)}: unknown key{suggest(sub, allowed)}; "
+                                  f"valid: {sorted(allowed)}")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in ds:
             v = ds[key]
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                errors.append(f"deepspeed.{key}: must be a positive integer, got {v!r}")
+                errors.append(f"deepspeed.{key}: must be a positive integer, got {shown(v)}")
     if "gradient_clipping" in ds:
         v = ds["gradient_clipping"]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            errors.append(f"deepspeed.gradient_clipping: must be a finite number >= 0 (0: no clipping), got {v!r}")
+            errors.append(f"deepspeed.gradient_clipping: must be a finite number >= 0 (0: no clipping), got {shown(v)}")
     _validate_component(ds, "optimizer", OPTIMIZERS, OPTIMIZER_TYPES, errors)
     _validate_component(ds, "scheduler", SCHEDULERS, SCHEDULER_TYPES, errors)
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
-        errors.append(f"deepspeed.zero_optimization: expected an object, got {zero!r}")
+        errors.append(f"deepspeed.zero_optimization: expected an object, got {shown(zero)}")
     else:
         stage = zero.get("stage", 0)
         if stage not in (0, 1, 2, 3):
-            errors.append(f"deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {stage!r}")
+            errors.append(f"deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {shown(stage)}")
         _validate_zero_keys(zero, errors)
     for prec in ("bf16", "fp16"):
         section = ds.get(prec)
         if isinstance(section, dict) and "enabled" in section and not isinstance(section["enabled"], bool):
-            errors.append(f"deepspeed.{prec}.enabled: expected true or false, got {section['enabled']!r}")
+            errors.append(f"deepspeed.{prec}.enabled: expected true or false, got {shown(section['enabled'])}")
     if isinstance(ds.get("bf16"), dict) and isinstance(ds.get("fp16"), dict):
         if ds["bf16"].get("enabled") and ds["fp16"].get("enabled"):
             errors.append("deepspeed: bf16.enabled and fp16.enabled are both true; choose one")
@@ -274,7 +275,7 @@ def _validate_component(ds: dict, section: str, registry: dict[str, frozenset[st
     if spec is None:
         return
     if not isinstance(spec, dict):
-        errors.append(f"deepspeed.{section}: expected an object, got {spec!r}")
+        errors.append(f"deepspeed.{section}: expected an object, got {shown(spec)}")
         return
     kind = spec.get("type")
     if kind not in registry:
@@ -282,14 +283,15 @@ def _validate_component(ds: dict, section: str, registry: dict[str, frozenset[st
         return
     params = spec.get("params", {})
     if not isinstance(params, dict):
-        errors.append(f"deepspeed.{section}.params: expected an object, got {params!r}")
+        errors.append(f"deepspeed.{section}.params: expected an object, got {shown(params)}")
         return
     allowed = registry[kind]
     for key in params:
         if key not in allowed:
             hint = suggest(key, allowed)
             listed = ", ".join(sorted(allowed)) or "none"
-            errors.append(f"deepspeed.{section}.params.{key}: not a parameter megalite's {kind} uses{hint}; "
+            errors.append(f"deepspeed.{section}.params.{shown(key, quote=False)}: not a parameter megalite's {kind} "
+                          f"uses{hint}; "
                           f"valid: {listed}")
         else:
             _check_parameter(errors, f"deepspeed.{section}.params.{key}", PARAMETER_KINDS[key], params[key])
@@ -305,24 +307,24 @@ def _check_parameter(errors: list[str], key: str, kind: str, value: Any) -> None
 
     if kind == "bool":
         if not isinstance(value, bool):
-            errors.append(f"{key}: expected true or false, got {value!r}")
+            errors.append(f"{key}: expected true or false, got {shown(value)}")
     elif kind == "warmup_type":
         if value not in ("log", "linear"):
             errors.append(not_one_of(key, value, ("log", "linear"), quote=True))
     elif kind == "betas":
         if not (isinstance(value, list) and len(value) == 2 and all(number(b) and 0 <= b < 1 for b in value)):
-            errors.append(f"{key}: expected two numbers in [0, 1), e.g. [0.9, 0.95], got {value!r}")
+            errors.append(f"{key}: expected two numbers in [0, 1), e.g. [0.9, 0.95], got {shown(value)}")
     elif kind in ("count", "steps"):
         if not isinstance(value, int) or isinstance(value, bool) or value < (1 if kind == "steps" else 0):
-            errors.append(f"{key}: expected an integer {'> 0' if kind == 'steps' else '>= 0'}, got {value!r}")
+            errors.append(f"{key}: expected an integer {'> 0' if kind == 'steps' else '>= 0'}, got {shown(value)}")
     elif not number(value):
-        errors.append(f"{key}: expected a finite number, got {value!r}")
+        errors.append(f"{key}: expected a finite number, got {shown(value)}")
     elif kind == "positive" and value <= 0:
-        errors.append(f"{key}: must be > 0, got {value}")
+        errors.append(f"{key}: must be > 0, got {shown(value)}")
     elif kind == "nonnegative" and value < 0:
-        errors.append(f"{key}: must be >= 0, got {value}")
+        errors.append(f"{key}: must be >= 0, got {shown(value)}")
     elif kind == "unit" and not 0 <= value <= 1:
-        errors.append(f"{key}: must be in [0, 1], got {value}")
+        errors.append(f"{key}: must be in [0, 1], got {shown(value)}")
 
 
 def _validate_zero_keys(zero: dict, errors: list[str]) -> None:
@@ -335,7 +337,7 @@ def _validate_zero_keys(zero: dict, errors: list[str]) -> None:
     known |= {f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
     for key in zero:
         if key not in known:
-            errors.append(f"deepspeed.zero_optimization.{key}: unknown key{suggest(key, known)}")
+            errors.append(f"deepspeed.zero_optimization.{shown(key, quote=False)}: unknown key{suggest(key, known)}")
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -380,14 +382,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if d.weights is not None and len(d.weights) != len(d.prefixes):
         errors.append(f"data.weights: {len(d.weights)} weights for {len(d.prefixes)} prefixes")
     if d.weights is not None and any(w < 0 for w in d.weights):
-        errors.append(f"data.weights: weights must be >= 0, got {d.weights}")
+        errors.append(f"data.weights: weights must be >= 0, got {shown(d.weights)}")
     split = d.split.replace("/", ",").split(",")
     try:
         parts = [float(s) for s in split]
         if len(parts) != 3 or any(x < 0 for x in parts) or parts[0] <= 0:
             raise ValueError
     except ValueError:
-        errors.append(f"data.split: {d.split!r} must be three non-negative numbers with train > 0, e.g. '949,50,1'")
+        errors.append(f"data.split: {shown(d.split)} must be three non-negative numbers with train > 0, e.g. '949,50,1'")
     errors.extend(eval_tasks_errors(t.eval_tasks, p))
     if (t.logging.profile_start_step is None) != (t.logging.profile_end_step is None):
         errors.append("train.logging.profile_start_step and profile_end_step must be given together")

@@ -29,7 +29,7 @@ import torch
 
 from megalite.data.indexed import IndexedDataset, bin_path, idx_path, manifest_path, read_manifest
 from megalite.distributed import rank as global_rank
-from megalite.errors import DataError
+from megalite.errors import DataError, shown
 
 SPLIT_NAMES = ("train", "valid", "test")
 CACHE_VERSION = 1
@@ -42,9 +42,9 @@ def parse_split(split: str) -> list[float]:
     try:
         parts = [float(p) for p in str(split).replace("/", ",").split(",") if p.strip()]
     except ValueError as e:
-        raise DataError(f"split {split!r}: expected up to three comma-separated numbers like '949,50,1'") from e
+        raise DataError(f"split {shown(split)}: expected up to three comma-separated numbers like '949,50,1'") from e
     if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise DataError(f"split {split!r}: expected up to three non-negative numbers with a positive sum")
+        raise DataError(f"split {shown(split)}: expected up to three non-negative numbers with a positive sum")
     parts += [0.0] * (3 - len(parts))
     total = sum(parts)
     return [p / total for p in parts]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from megalite.errors import DataError
-from megalite.files import fsync_dir
+from megalite.files import replace_together, temporary_name
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -92,7 +92,8 @@ class IndexedDatasetWriter:
 
     Files are written under temporary names and renamed by `finalize()`, so a crash or an error never
     leaves a half-written dataset that looks complete. Use as a context manager: leaving the block with
-    an exception removes the temporary files.
+    an exception removes the temporary files. `finalize(publish=False)` stops before the renames and returns
+    them, for a caller that moves these files into place together with others (`megalite prepare`).
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type = np.uint16):
@@ -101,7 +102,8 @@ class IndexedDatasetWriter:
         if self.dtype not in CODE_OF_DTYPE:
             raise DataError(f"{self.prefix}: token dtype {self.dtype} has no Megatron dtype code")
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._bin_tmp = bin_path(self.prefix) + ".tmp"
+        self._bin_tmp = temporary_name(bin_path(self.prefix))
+        self._idx_tmp = temporary_name(idx_path(self.prefix))
         self._bin = open(self._bin_tmp, "wb")
         # Sequence lengths go to a side file (4 bytes per document) instead of a Python list, because the
         # index needs the counts in its header before the lengths: memory is then independent of the corpus.
@@ -134,22 +136,28 @@ class IndexedDatasetWriter:
         self.num_documents += int(lengths.size)
         self.num_tokens += int(tokens.size)
 
-    def finalize(self) -> None:
+    def finalize(self, publish: bool = True) -> list[tuple[str, str]]:
         """Write the index, make both files durable and move them into place (`.bin` first, `.idx` last).
-        On any error (a full disk above all) the temporary files are removed before the error propagates."""
+        On any error (a full disk above all) the temporary files are removed before the error propagates.
+
+        publish=False: leave both files durable under their temporary names and return the (temporary, final)
+        renames still to make, `.bin` first; `abort()` still removes them until the caller has made them."""
         try:
-            self._finalize()
+            moves = self._write_index()
+            if publish:
+                replace_together(moves)
         except BaseException:
             self.abort()
             raise
+        self._closed = True
+        return moves
 
-    def _finalize(self) -> None:
+    def _write_index(self) -> list[tuple[str, str]]:
         _close_durably(self._bin)
         self._lengths.close()
         n = self.num_documents
         itemsize = self.dtype.itemsize
-        idx_tmp = idx_path(self.prefix) + ".tmp"
-        with open(idx_tmp, "wb") as out, open(self._len_tmp, "rb") as lens:
+        with open(self._idx_tmp, "wb") as out, open(self._len_tmp, "rb") as lens:
             out.write(MAGIC)
             out.write(struct.pack("<Q", VERSION))
             out.write(struct.pack("<B", CODE_OF_DTYPE[self.dtype]))
@@ -170,10 +178,7 @@ class IndexedDatasetWriter:
             out.flush()
             os.fsync(out.fileno())
         os.unlink(self._len_tmp)
-        os.replace(self._bin_tmp, bin_path(self.prefix))
-        os.replace(idx_tmp, idx_path(self.prefix))
-        fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
-        self._closed = True
+        return [(self._bin_tmp, bin_path(self.prefix)), (self._idx_tmp, idx_path(self.prefix))]
 
     def abort(self) -> None:
         """Close and remove the temporary files. Never raises: closing flushes buffered bytes, which fails
@@ -183,7 +188,7 @@ class IndexedDatasetWriter:
                 f.close()
             except OSError:
                 pass
-        for p in (self._bin_tmp, self._len_tmp, idx_path(self.prefix) + ".tmp"):
+        for p in (self._bin_tmp, self._len_tmp, self._idx_tmp):
             try:
                 os.unlink(p)
             except OSError:  # already gone (or renamed into place by finalize)

@@ -37,7 +37,7 @@ from megalite.data.indexed import (
 from megalite.data.sources import Document, Source, iter_source, resolve
 from megalite.data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info, train_bpe
 from megalite.errors import DataError
-from megalite.files import atomic_write_text, sha256_file
+from megalite.files import replace_together, sha256_file, temporary_name, write_text_durably
 
 MANIFEST_FORMAT = "megalite-indexed/1"
 DEFAULT_VOCAB_SIZE = 8192
@@ -171,9 +171,10 @@ def prepare(
 ) -> dict:
     """Run the whole pipeline; return the manifest (also written to PREFIX.json). DataError on bad input.
 
-    A failure (bad input, a full disk, an interrupt) leaves no partial file: temporary files are removed, and
-    so are the outputs this run had already moved into place. A full disk is a DataError naming the output
-    and the free space.
+    Every output (tokenizer, `.bin`, `.idx`, manifest) is written under a temporary name and the four are moved
+    into place together at the very end, manifest last. A failure before then (bad input, a full disk, an
+    interrupt) removes the temporary files and leaves the prefix as it was: a dataset prepared there earlier
+    stays whole and usable. A full disk is a DataError naming the output and the free space.
     """
     cfg = clean or CleanConfig()
     if workers < 1:
@@ -190,14 +191,14 @@ def prepare(
         progress = sys.stderr.isatty()
     sources = [resolve(s) for s in inputs]  # missing inputs fail here, before any slow work
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    created: list[str] = []  # files this run moved into place, removed again if it fails later
+    staged: list[tuple[str, str]] = []  # (temporary, final) outputs, moved into place together at the end
     try:
         return _prepare(sources, output_prefix, tokenizer, vocab_size, text_key, workers, blank_line_docs, cfg,
-                        eod_token, max_documents, batch_docs, batch_chars, progress, created)
+                        eod_token, max_documents, batch_docs, batch_chars, progress, staged)
     except BaseException as e:
-        for path in created:
+        for tmp, _ in staged:  # gone already where they were moved into place
             try:
-                os.unlink(path)
+                os.unlink(tmp)
             except OSError:
                 pass
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -205,8 +206,9 @@ def prepare(
             free = shutil.disk_usage(folder).free
             raise DataError(
                 f"{output_prefix}.bin/.idx/.json/.tokenizer.json: no space left on the device of {folder} while "
-                f"writing the prepared data; this run's partial files were removed, which leaves "
-                f"{free / 2**20:.1f} MiB free there. Free some space or choose another --output-prefix."
+                f"writing the prepared data; this run's partial files were removed (a dataset prepared there before is "
+                f"unchanged), which leaves {free / 2**20:.1f} MiB free there. Free some space or choose another "
+                f"--output-prefix."
             ) from e
         raise
 
@@ -225,67 +227,66 @@ def _prepare(
     batch_docs: int,
     batch_chars: int,
     progress: bool,
-    created: list[str],
+    staged: list[tuple[str, str]],
 ) -> dict:
     t0 = time.perf_counter()
     inputs = [s.spec for s in sources]
     tok_out = tokenizer_path(output_prefix)
-    # The tokenizer goes to a temporary name too, so a failed run leaves no tokenizer without its data.
-    tok_tmp = f"{tok_out}.tmp-{os.getpid()}"
+    tok_tmp = temporary_name(tok_out)
 
     # Tokenizer: copied byte for byte (its hash then matches the user's file) or trained on a stream.
-    try:
-        if tokenizer is not None:
-            tok = load_tokenizer(tokenizer)
-            if os.path.abspath(tokenizer) != os.path.abspath(tok_out):
-                shutil.copyfile(tokenizer, tok_tmp)
-                tok_file = tok_tmp
-            else:
-                tok_file = tok_out
-            trained = False
-        else:
-            vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
-            dedup = Deduplicator() if cfg.dedup else None
-            scratch = CleanReport()
-
-            def training_texts() -> Iterator[str]:
-                for doc in iter_documents(sources, text_key, blank_line_docs, max_documents, None, cfg.max_chars):
-                    c = clean_and_filter(doc, cfg, scratch)
-                    if c is not None and (dedup is None or not dedup.seen(digest(c))):
-                        yield c
-
-            tok = train_bpe(training_texts(), vocab_size, show_progress=progress)
-            del dedup
-            if scratch.input_documents - sum(scratch.removed_documents.values()) <= 0:
-                raise DataError(f"{', '.join(inputs)}: zero documents left after cleaning\n{scratch.summary()}")
-            with open(tok_tmp, "w", encoding="utf-8") as f:  # what tok.save writes, but a full disk is an OSError
-                f.write(tok.to_str(pretty=True))
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        if os.path.abspath(tokenizer) != os.path.abspath(tok_out):
+            staged.append((tok_tmp, tok_out))
+            shutil.copyfile(tokenizer, tok_tmp)
             tok_file = tok_tmp
-            trained = True
-        info = tokenizer_info(tok, eod_token, source=tokenizer or tok_out)
-        del tok
-        manifest, report = _write_data(sources, output_prefix, tok_file, info, text_key, workers, blank_line_docs,
-                                       cfg, max_documents, batch_docs, batch_chars, progress, created)
-        manifest.update({
-            # Relative to the manifest's folder, so the prepared data can be moved as a whole.
-            "tokenizer_file": os.path.basename(tok_out),
-            "tokenizer_sha256": sha256_file(tok_file)[1],
-            "tokenizer_source": os.path.abspath(tokenizer) if tokenizer else None,
-            "tokenizer_trained": trained,
-            "vocab_size": info.vocab_size,
-            "eod_token_id": info.eod_token_id,
-            "bos_token_id": info.bos_token_id,
-        })
-        if tok_file == tok_tmp:
-            with open(tok_tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tok_tmp, tok_out)
-            created.append(tok_out)
-    finally:
-        if os.path.exists(tok_tmp):
-            os.unlink(tok_tmp)
+        else:
+            tok_file = tok_out
+        trained = False
+    else:
+        vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
+        dedup = Deduplicator() if cfg.dedup else None
+        scratch = CleanReport()
+
+        def training_texts() -> Iterator[str]:
+            for doc in iter_documents(sources, text_key, blank_line_docs, max_documents, None, cfg.max_chars):
+                c = clean_and_filter(doc, cfg, scratch)
+                if c is not None and (dedup is None or not dedup.seen(digest(c))):
+                    yield c
+
+        tok = train_bpe(training_texts(), vocab_size, show_progress=progress)
+        del dedup
+        if scratch.input_documents - sum(scratch.removed_documents.values()) <= 0:
+            raise DataError(f"{', '.join(inputs)}: zero documents left after cleaning\n{scratch.summary()}")
+        staged.append((tok_tmp, tok_out))
+        with open(tok_tmp, "w", encoding="utf-8") as f:  # what tok.save writes, but a full disk is an OSError
+            f.write(tok.to_str(pretty=True))
+        tok_file = tok_tmp
+        trained = True
+    info = tokenizer_info(tok, eod_token, source=tokenizer or tok_out)
+    del tok
+    manifest, report = _write_data(sources, output_prefix, tok_file, info, text_key, workers, blank_line_docs,
+                                   cfg, max_documents, batch_docs, batch_chars, progress, staged)
+    manifest.update({
+        # Relative to the manifest's folder, so the prepared data can be moved as a whole.
+        "tokenizer_file": os.path.basename(tok_out),
+        "tokenizer_sha256": sha256_file(tok_file)[1],
+        "tokenizer_source": os.path.abspath(tokenizer) if tokenizer else None,
+        "tokenizer_trained": trained,
+        "vocab_size": info.vocab_size,
+        "eod_token_id": info.eod_token_id,
+        "bos_token_id": info.bos_token_id,
+    })
+    if tok_file == tok_tmp:
+        with open(tok_tmp, "rb+") as f:
+            os.fsync(f.fileno())
     manifest["cleaning"] = manifest.pop("cleaning")  # keep the manifest's key order: cleaning last
-    atomic_write_text(manifest_path(output_prefix), json.dumps(manifest, indent=2) + "\n")
+    manifest_out = manifest_path(output_prefix)
+    staged.append((temporary_name(manifest_out), manifest_out))
+    write_text_durably(staged[-1][0], json.dumps(manifest, indent=2) + "\n")
+    # The one step that changes what the prefix holds: tokenizer, .bin, .idx, then the manifest.
+    replace_together(staged)
     seconds = time.perf_counter() - t0
     print(report.summary(), file=sys.stderr)
     n_docs, n_tokens = manifest["num_documents"], manifest["num_tokens"]
@@ -310,10 +311,10 @@ def _write_data(
     batch_docs: int,
     batch_chars: int,
     progress: bool,
-    created: list[str],
+    staged: list[tuple[str, str]],
 ) -> tuple[dict, CleanReport]:
-    """Clean, de-duplicate, tokenise and write PREFIX.bin/.idx: (the manifest without its tokenizer fields,
-    the cleaning report)."""
+    """Clean, de-duplicate, tokenise and write PREFIX.bin/.idx under temporary names (added to `staged`): (the
+    manifest without its tokenizer fields, the cleaning report)."""
     inputs = [s.spec for s in sources]
     dtype = token_dtype(info.vocab_size)
     report = CleanReport()
@@ -322,10 +323,6 @@ def _write_data(
     # Null text and over-long documents are dropped here, as read: they never reach a worker.
     docs = (d for d in iter_documents(sources, text_key, blank_line_docs, max_documents, counts, cfg.max_chars)
             if screen(d, cfg, report) is not None)
-    # A stale manifest must not describe new .bin/.idx files if this run dies half-way.
-    if os.path.exists(manifest_path(output_prefix)):
-        os.unlink(manifest_path(output_prefix))
-
     from tqdm import tqdm
 
     bar = tqdm(desc="prepare", unit=" docs", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -371,7 +368,7 @@ def _write_data(
         bar.close()
         if writer.num_documents == 0:
             raise DataError(f"{', '.join(inputs)}: zero documents left after cleaning\n{report.summary()}")
-    created += [bin_path(output_prefix), idx_path(output_prefix)]
+        staged += writer.finalize(publish=False)
     manifest = {
         "format": MANIFEST_FORMAT,
         "inputs": [{"input": s.spec, "kind": s.kind, "documents": counts.get(s.spec, 0)} for s in sources],

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO, Union
 
-from megalite.errors import DataError
+from megalite.errors import DataError, shown
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
@@ -246,16 +246,17 @@ def _check_text(value: object, text_key: str, where: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     hint = " (decode the column to UTF-8 strings first)" if isinstance(value, (bytes, bytearray)) else ""
-    raise DataError(f"{where}: {text_key!r} is {type(value).__name__}, not a string{hint}")
+    raise DataError(f"{where}: {shown(text_key)} is {type(value).__name__}, not a string{hint}")
 
 
 def _text_of(record: object, text_key: str, where: str) -> str | None:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected an object with key {text_key!r}, got {type(record).__name__}")
+        raise DataError(f"{where}: expected an object with key {shown(text_key)}, got {type(record).__name__}")
     if text_key not in record:
-        raise DataError(f"{where}: no key {text_key!r} (keys: {', '.join(map(str, record))}); use --text-key")
+        keys = shown(", ".join(map(str, record)), quote=False)
+        raise DataError(f"{where}: no key {shown(text_key)} (keys: {keys}); use --text-key")
     return _check_text(record[text_key], text_key, where)
 
 
@@ -299,7 +300,7 @@ def _read_json(path: Path, text_key: str) -> Iterator[str | None]:
         # {"data": [...]} style files: take the single list inside.
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataError(f"{path}: expected a list of records or an object with key {text_key!r}")
+            raise DataError(f"{path}: expected a list of records or an object with key {shown(text_key)}")
         data = lists[0]
     records = data if isinstance(data, list) else [data]
     for i, record in enumerate(records):
@@ -382,7 +383,8 @@ def _read_parquet(path: Path, text_key: str) -> Iterator[str | None]:
     except Exception as e:  # pyarrow raises ArrowInvalid and friends
         raise DataError(f"{path}: not a readable Parquet file ({e})") from e
     if text_key not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no column {text_key!r} (columns: {', '.join(pf.schema_arrow.names)}); use --text-key")
+        columns = shown(", ".join(pf.schema_arrow.names), quote=False)
+        raise DataError(f"{path}: no column {shown(text_key)} (columns: {columns}); use --text-key")
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
         for value in batch.column(0).to_pylist():
@@ -393,7 +395,8 @@ def _read_parquet(path: Path, text_key: str) -> Iterator[str | None]:
 def _iter_dataset(ds: object, text_key: str, where: str) -> Iterator[str | None]:
     names = getattr(ds, "column_names", None) or []
     if text_key not in names:
-        raise DataError(f"{where}: no column {text_key!r} (columns: {', '.join(names)}); use --text-key")
+        raise DataError(f"{where}: no column {shown(text_key)} (columns: {shown(', '.join(names), quote=False)}); "
+                        "use --text-key")
     # Batches of a memory-mapped Arrow table: only one batch is materialised at a time.
     row = 0
     for batch in ds.select_columns([text_key]).iter(batch_size=1024):
@@ -412,7 +415,7 @@ def _pick_split(dd: object, split: str | None, where: str) -> object:
         else:
             raise DataError(f"{where}: several splits ({', '.join(splits)}); pick one with NAME:SPLIT")
     if split not in splits:
-        raise DataError(f"{where}: no split {split!r} (splits: {', '.join(splits)})")
+        raise DataError(f"{where}: no split {shown(split)} (splits: {', '.join(splits)})")
     return dd[split]
 
 

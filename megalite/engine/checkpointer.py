@@ -63,7 +63,10 @@ class Checkpointer:
         cfg = self.cfg
         path = self.store.find_resume(cfg.train.resume, expected_model=model_signature(cfg.model))
         if path is None:
-            if cfg.train.resume != "never":
+            if self.store.moved_aside:
+                self.say(f"train.resume=never: moved the checkpoints already in {self.store.root} to "
+                         f"{self.store.moved_aside} (nothing deleted); starting fresh")
+            elif cfg.train.resume != "never":
                 self.say("no complete checkpoint to resume; starting fresh")
             return None
         saved = manifest_layout(read_manifest(path))  # model and run identity were checked by find_resume

@@ -26,12 +26,12 @@ from megalite.checkpoint import CheckpointManager, model_signature, resolve_chec
 from megalite.checkpoint.reshard import TrainingState
 from megalite.checkpoint.verify import verify_checkpoint
 from megalite.config import Config, from_dict
-from megalite.distributed import spawn_local_ranks
 from megalite.engine.build import build_engine
 from megalite.engine.elastic import restore_resharded
 from megalite.engine.preflight import checkpoint_bytes, existing_ancestor
 from megalite.engine.strategy import strategy_for
 from megalite.errors import CheckpointError, ConfigError
+from megalite.local_ranks import spawn_local_ranks
 from megalite.memory import rss_anon_bytes
 from megalite.parallel import ProcessGrid
 

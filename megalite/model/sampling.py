@@ -38,12 +38,13 @@ def _is_real(value: object) -> bool:
 
 
 def check_sampling_options(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                           names: dict[str, str] | None = None) -> None:
-    """Raise a ConfigError naming every bad option and its value (see the module's docstring for the rules)."""
+                           names: dict[str, str] | None = None, min_new_tokens: int = 0) -> None:
+    """Raise a ConfigError naming every bad option and its value (see the module's docstring for the rules);
+    `megalite generate` asks for at least one new token (min_new_tokens=1)."""
     names = names or PYTHON_NAMES
     problems = []
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        problems.append(f"{names['max_new_tokens']} {max_new_tokens!r}: must be an integer >= 0")
+    if not _is_int(max_new_tokens) or max_new_tokens < min_new_tokens:
+        problems.append(f"{names['max_new_tokens']} {max_new_tokens!r}: must be an integer >= {min_new_tokens}")
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         problems.append(f"{names['temperature']} {temperature!r}: must be a finite number >= 0 (0 means greedy)")
     if top_k is not None and (not _is_int(top_k) or top_k < 0):
