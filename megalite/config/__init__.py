@@ -30,6 +30,7 @@ from megalite.config.schema import (
     EvalTasksConfig,
     LoggingConfig,
     ModelConfig,
+    MoEConfig,
     ParallelConfig,
     RopeScalingConfig,
     TrainConfig,
@@ -38,17 +39,19 @@ from megalite.config.schema import (
 from megalite.config.validate import (
     check_model,
     context_errors,
+    expert_parallel_errors,
     kv_replication,
     model_errors,
+    moe_errors,
     rope_scaling_errors,
     validate,
 )
 
 __all__ = [
     "CONFIGS_DIR", "DEEPSPEED_SCHEDULERS", "DEEPSPEED_SECTION_KEYS", "DEEPSPEED_TOP_LEVEL_KEYS", "OPTIMIZERS", "OPTIMIZER_TYPES", "SCHEDULERS", "SCHEDULER_TYPES",
-    "Config", "DataConfig", "EvalTasksConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RopeScalingConfig",
-    "TrainConfig", "apply_overrides", "check_model", "context_errors", "count_parameters", "expand_references",
-    "from_dict", "json_schema", "kv_replication", "list_presets", "load", "model_config_from_dict", "model_errors",
+    "Config", "DataConfig", "EvalTasksConfig", "LoggingConfig", "ModelConfig", "MoEConfig", "ParallelConfig", "RopeScalingConfig",
+    "TrainConfig", "apply_overrides", "check_model", "context_errors", "count_parameters", "expand_references", "expert_parallel_errors",
+    "from_dict", "json_schema", "kv_replication", "list_presets", "load", "model_config_from_dict", "model_errors", "moe_errors",
     "parse_override", "read_json",
     "resolve_deepspeed", "rope_scaling_errors", "summary", "validate",
 ]
