@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.distributed import run_ranks
+
 # ----------------------------------------------------------------------------- configuration rules
 
 
@@ -219,7 +221,7 @@ def reference_moe(x, router_w, w_in, w_out, moe, swiglu: bool, bias=None, shared
 VARIANTS = {
     # name: (MoEConfig fields, model fields)
     "mixtral": (dict(num_experts=4, top_k=2, aux_loss=0.02, router_z_loss=0.003), dict(mlp="swiglu")),
-    "olmoe_gelu": (dict(num_experts=6, top_k=3, normalize_top_k=False, aux_loss=0.01), dict(mlp="gelu")),
+    "olmoe_gelu": (dict(num_experts=8, top_k=3, normalize_top_k=False, aux_loss=0.01), dict(mlp="gelu")),
     "deepseek": (dict(num_experts=4, top_k=2, router="sigmoid", expert_bias=True, routed_scaling=2.5,
                       shared_experts=2, shared_ffn_hidden_size=5, aux_loss=0.01, router_z_loss=0.001),
                  dict(mlp="swiglu")),
@@ -353,3 +355,130 @@ def test_aux_free_bias_moves_loads_toward_balance():
         assert max_loads[0] > 1.5 * mean and max_loads[-1] < 1.15 * mean, (k, max_loads)
         bias = layer.router.expert_bias
         assert bias[0] == bias.min() and abs(float(bias.sum())) < 1e-6, bias
+
+
+# ----------------------------------------------------------------------------- the layer at EP/TP/SP/CP (4 ranks)
+
+
+def _emulate_engine_reduction(layer, grid) -> None:
+    """Sum each gradient where the engine combines it: expert weights split over an expert group over their
+    expert-data-parallel group, every other weight over the data x context replicas."""
+    import torch.distributed as dist
+
+    from megalite.parallel.experts import expert_shard
+
+    for p in layer.parameters():
+        group = grid.get_expert_data_parallel_group() if expert_shard(p) is not None else grid.dp_proc_group
+        dist.all_reduce(p.grad, group=group)
+
+
+def _layer_parallel_checks(grids: dict) -> list[str]:
+    """Each grid's MoE layer against the one-process layer: every data replica routes its own micro-batch (whole
+    sequences; context and sequence-parallel ranks hold chunks of it), outputs and input gradients per chunk, weight
+    gradients summed as the engine sums them, the balancing losses injected; statistics summed over the ranks."""
+    import torch.distributed as dist
+
+    from megalite.model.weights import full_grads
+
+    done = []
+    for name, (grid, sp, replicate, variants) in grids.items():
+        tp_group = grid.get_tensor_model_parallel_group() if grid.tp_size > 1 else None
+        tp, cp, ep = grid.tp_size, grid.get_sequence_parallel_world_size(), grid.get_expert_parallel_world_size()
+        dp = grid.get_data_parallel_world_size()
+        chunk = 12 // cp // (tp if sp else 1)
+        start = grid.get_sequence_parallel_rank() * (12 // cp) + (grid.tp_rank * chunk if sp else 0)
+        for variant in variants:
+            cfg = _model_config("mixtral" if variant == "skewed" else variant, hidden=16, ffn=8)
+            gen = torch.Generator().manual_seed(len(name) * 100 + len(variant))  # the same on every rank
+            x = torch.randn(dp, 3, 12, 16, generator=gen)
+            dy = torch.randn(dp, 3, 12, 16, generator=gen)
+            ref = _layer(cfg, 5)
+            mine = _layer(cfg, 5, group=tp_group, sequence_parallel=sp, context_group=grid.get_sequence_parallel_group(),
+                          expert_group=grid.get_expert_parallel_group(), replicate_experts=replicate)
+            if variant == "skewed":  # the same two experts for every token (ties): the other two get none
+                for layer in (ref, mine):
+                    with torch.no_grad():
+                        layer.router.weight.zero_()
+                        layer.router.weight[0] = 1.0
+                x[..., :] = x.abs()
+            ref_out, ref_dx, ref_counts = [], [], torch.zeros(cfg.moe.num_experts, dtype=torch.int64)
+            for d in range(dp):
+                xd = x[d].clone().requires_grad_()
+                out = ref(xd)
+                out.backward(dy[d])
+                ref_out.append(out.detach())
+                ref_dx.append(xd.grad)
+                ref_counts += ref.take_statistics()["tokens_per_expert"]
+            d = grid.get_data_parallel_rank()
+            xi = x[d][:, start:start + chunk].clone().requires_grad_()
+            out = mine(xi)
+            out.backward(dy[d][:, start:start + chunk])
+            where = f"{name} {variant} rank {dist.get_rank()}"
+            torch.testing.assert_close(out, ref_out[d][:, start:start + chunk], rtol=1e-5, atol=1e-6, msg=where)
+            torch.testing.assert_close(xi.grad, ref_dx[d][:, start:start + chunk], rtol=1e-5, atol=1e-6, msg=where)
+            _emulate_engine_reduction(mine, grid)
+            grads = full_grads(mine, tp_group)
+            for key, p in ref.named_parameters():
+                torch.testing.assert_close(grads[key], p.grad, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, key=key, where=where: f"{where} {key}: {m}")
+            counts = mine.take_statistics()["tokens_per_expert"]
+            dist.all_reduce(counts, group=grid.dp_proc_group)
+            if sp:
+                dist.all_reduce(counts, group=tp_group)
+            assert torch.equal(counts, ref_counts), (where, counts, ref_counts)
+            if variant == "skewed":
+                assert int((ref_counts == 0).sum()) == 2, ref_counts  # two experts get no token
+            local = mine.experts.w_in.shape[0]
+            assert local == (cfg.moe.num_experts if replicate or ep == 1 else cfg.moe.num_experts // ep), where
+            done.append(f"{name} {variant}")
+    return done
+
+
+def _four_rank_layers() -> dict:
+    import deepspeed.utils.groups as ds_groups
+    import torch.distributed as dist
+
+    from megalite.parallel import ProcessGrid
+    from tests.test_parallel_layers import no_shm_comm
+
+    no_shm_comm()
+    rank = dist.get_rank()
+    out = {}
+    every = ["mixtral", "deepseek", "capacity", "skewed", "olmoe_gelu"]
+    grids = {}
+    for ep in (2, 4):
+        grid = ProcessGrid(expert=ep)
+        # megalite's groups are DeepSpeed's E + M + D groups, registered under DeepSpeed's name.
+        ep_groups, edp_groups = ds_groups._get_expert_parallel_ranks(4, 1, ep)
+        assert [g for g in ep_groups if rank in g] == [grid.ep_ranks], (ep_groups, grid.ep_ranks)
+        assert [g for g in edp_groups if rank in g] == [grid.edp_ranks]
+        assert ds_groups._get_expert_data_parallel_group(f"ep_size_{ep}") is grid.get_expert_data_parallel_group()
+        out[f"ep{ep}"] = (grid.ep_rank, grid.ep_ranks, grid.edp_ranks)
+        grids[f"ep{ep}"] = (grid, False, False, every)
+        grids[f"ep{ep}_replicated"] = (grid, False, True, ["deepseek"])
+    tp2 = ProcessGrid(tensor=2, expert=2)
+    ep_groups, edp_groups = ds_groups._get_expert_parallel_ranks(4, 2, 2)
+    assert [g for g in ep_groups if rank in g] == [tp2.ep_ranks] and [g for g in edp_groups if rank in g] == [tp2.edp_ranks]
+    out["ep2tp2"] = (tp2.ep_rank, tp2.ep_ranks, tp2.edp_ranks)
+    grids["ep2tp2"] = (tp2, False, False, ["mixtral", "capacity", "deepseek"])
+    grids["ep2tp2_sp"] = (tp2, True, False, ["mixtral", "deepseek", "skewed"])
+    cp2 = ProcessGrid(context=2, expert=2)
+    out["ep2cp2"] = (cp2.ep_rank, cp2.ep_ranks, cp2.edp_ranks)
+    grids["ep2cp2"] = (cp2, False, False, ["mixtral", "deepseek"])
+    out["layers"] = _layer_parallel_checks(grids)
+    return out
+
+
+def test_moe_layer_at_expert_tensor_sequence_and_context_parallelism_equals_one_process():
+    """EP2, EP4 (experts split, and every expert held with only the computation split), EP2 x TP2 with and
+    without sequence parallelism, EP2 x CP2: outputs, input gradients and the engine-summed weight gradients equal
+    the one-process layer's (softmax and sigmoid routers, expert bias, shared experts, GELU experts, a capacity,
+    experts that receive no token)."""
+    results = run_ranks(_four_rank_layers, 4, timeout_s=300, collective_timeout_s=60)
+    # Placement: expert groups are consecutive replicas, expert-data-parallel groups stride over them.
+    assert [r["ep2"] for r in results] == [(0, [0, 1], [0, 2]), (1, [0, 1], [1, 3]), (0, [2, 3], [0, 2]),
+                                           (1, [2, 3], [1, 3])]
+    assert [r["ep4"][0] for r in results] == [0, 1, 2, 3] and results[0]["ep4"][2] == [0]
+    assert [r["ep2tp2"] for r in results] == [(0, [0, 2], [0]), (0, [1, 3], [1]), (1, [0, 2], [2]), (1, [1, 3], [3])]
+    assert [r["ep2cp2"][1] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]  # the context pairs
+    assert len(results[0]["layers"]) == 2 * (5 + 1) + 3 + 3 + 2
