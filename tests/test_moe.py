@@ -482,3 +482,177 @@ def test_moe_layer_at_expert_tensor_sequence_and_context_parallelism_equals_one_
     assert [r["ep2tp2"] for r in results] == [(0, [0, 2], [0]), (0, [1, 3], [1]), (1, [0, 2], [2]), (1, [1, 3], [3])]
     assert [r["ep2cp2"][1] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]  # the context pairs
     assert len(results[0]["layers"]) == 2 * (5 + 1) + 3 + 3 + 2
+
+
+# ----------------------------------------------------------------------------- training against the plain loop
+
+MOE_STEPS = 4
+# A Llama-shaped MoE model: GQA, RoPE, SwiGLU experts, one dense first layer, a shared expert, both balancing losses.
+LLAMA_MOE = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "num_kv_heads": 2,
+             "tied_embeddings": False, "ffn_hidden_size": 24, "num_layers": 3,
+             "moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 16, "first_dense_layers": 1,
+                     "shared_experts": 1, "shared_ffn_hidden_size": 8, "aux_loss": 0.05, "router_z_loss": 0.01}}
+# A GPT-shaped one: tied embeddings, learned positions, GELU experts, sigmoid routing with the aux-free bias.
+GPT_MOE = {"moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 16, "router": "sigmoid", "expert_bias": True,
+                   "bias_update_rate": 0.01, "aux_loss": 0.02}}
+DOCS = {"reset_position_ids": True, "reset_attention_mask": True}
+
+
+def _moe_raw(workdir: str, name: str, family: str, sections: dict) -> dict:
+    from tests.engine_utils import tiny_config
+
+    model = dict(LLAMA_MOE if family == "llama" else GPT_MOE)
+    model.update(sections.get("model", {}))
+    raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name}", **{**sections, "model": model})
+    raw["train"]["steps"] = MOE_STEPS
+    raw["deepspeed"]["scheduler"]["params"]["total_num_steps"] = MOE_STEPS
+    return raw
+
+
+def _gathered_parameters(run) -> dict[str, torch.Tensor]:
+    """The run's full fp32 parameters (TP shards, expert splits, PP stages and ZeRO-3 partitions gathered)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from megalite.model import full_state_dict, tensor_parallel_group
+    from megalite.model.pipeline import canonical_parameters
+    from megalite.parallel.sharding import gather_experts, gather_tensor
+
+    module, group = run.engine.module, tensor_parallel_group(run.grid)
+    if run.cfg.parallel.pipeline == 1:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=run.engine.zero_optimization_stage() == 3):
+            return {k: v.detach().float().clone() for k, v in full_state_dict(module, group).items()}
+    mine = {k: gather_experts(gather_tensor(p, p, group), p).float() for k, p in canonical_parameters(module).items()}
+    stages: list = [None] * run.grid.get_pipe_parallel_world_size()
+    dist.all_gather_object(stages, mine, group=run.grid.get_pipe_parallel_group())
+    return {k: v for stage in reversed(stages) for k, v in stage.items()}
+
+
+def _moe_train_runs(workdir: str, runs: list[tuple[str, str, dict]]) -> dict:
+    """Train each (name, family, sections) run; per run: losses and norms (rank 0 logs), final weights, the expert
+    weights' local shape, the MoE statistics of the last step, the ZeRO stage and engine."""
+    from megalite import config as C
+    from megalite.engine.trainer import Trainer
+
+    out = {}
+    for name, family, sections in runs:
+        run = Trainer(C.from_dict(_moe_raw(workdir, name, family, sections)))
+        code = run.train()
+        records = [r for r in run.sink.records if r.get("kind") == "train"]
+        experts = [p for n, p in run.engine.module.named_parameters() if n.endswith("experts.w_in")]
+        out[name] = {"exit": code, "losses": [r["loss"] for r in records],
+                     "grad_norms": [r["grad_norm"] for r in records], "params": _gathered_parameters(run),
+                     "stage": run.engine.zero_optimization_stage(), "engine": type(run.engine).__name__,
+                     "expert_rows": experts[0].ds_shape[0] if hasattr(experts[0], "ds_shape") else experts[0].shape[0],
+                     "statistics": run.strategy.moe_statistics,
+                     "biases": {n: b.clone() for n, b in run.engine.module.named_buffers() if n.endswith("expert_bias")}}
+        del run
+    return out
+
+
+def _moe_reference(workdir: str, family: str, micro: int, sections: dict | None = None) -> dict:
+    """The plain PyTorch loop on one process: the same model init, data order, AdamW groups, schedule and clipping;
+    each step's 4 samples split, in stream order, into the micro-batches the run's data-parallel ranks and
+    accumulation steps take (`micro` samples each), the step's loss their mean, each one's balancing losses added
+    to its LM loss explicitly, and the expert biases updated from the step's loads."""
+    from deepspeed.runtime import lr_schedules
+
+    from megalite import config as C
+    from megalite.data import ResumableSampler, build_datasets
+    from megalite.model import build_model
+    from megalite.model.moe import MoE
+
+    cfg = C.from_dict(_moe_raw(workdir, "reference", family, sections or {}))
+    data = {k: getattr(cfg.data, k) for k in ("reset_position_ids", "reset_attention_mask")}
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, C.ParallelConfig(), None, seed=cfg.train.seed)
+    blocks = [m for m in model.modules() if isinstance(m, MoE)]
+    for block in blocks:
+        block.aux_loss_scale = 0.0  # the reference adds the balancing losses itself
+    train_set, _, _ = build_datasets([f"{workdir}/tok"], None, cfg.data.split, cfg.data.seq_length, cfg.train.seed,
+                                     cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size, **data)
+    sampler = iter(ResumableSampler(len(train_set), 0, 1, 4, cfg.train.seed))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
+    opt_params = cfg.deepspeed["optimizer"]["params"]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opt_params["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=opt_params["lr"], betas=tuple(opt_params["betas"]), eps=opt_params["eps"])
+    spec = cfg.deepspeed["scheduler"]
+    sched = getattr(lr_schedules, spec["type"])(opt, **spec["params"])
+    losses, norms = [], []
+    for _ in range(MOE_STEPS):
+        items = [train_set[i] for i in next(sampler)]
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        opt.zero_grad()
+        total = 0.0
+        for start in range(0, 4, micro):
+            part = {k: v[start:start + micro] for k, v in batch.items()}
+            extra = {"position_ids": part["position_ids"], "document_ids": part["document_ids"]} if any(data.values()) else {}
+            loss = model(part["input_ids"], labels=part["labels"], loss_mask=part["loss_mask"], **extra)
+            aux = sum(b.last_aux_loss for b in blocks if b.last_aux_loss is not None)
+            ((loss + aux) * micro / 4).backward()
+            total += loss.item() * micro / 4
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.deepspeed["gradient_clipping"])))
+        opt.step()
+        sched.step()
+        for block in blocks:
+            block.update_bias(block.take_statistics()["tokens_per_expert"], block.moe.bias_update_rate)
+        losses.append(total)
+    return {"losses": losses, "grad_norms": norms, "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+            "biases": {n: b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")}}
+
+
+def _assert_matches_reference(result: dict, ref: dict, name: str, logs: bool) -> None:
+    assert result["exit"] == 0, name
+    assert len(result["losses"]) == (MOE_STEPS if logs else 0), name
+    for step, (a, b) in enumerate(zip(result["losses"], ref["losses"])):
+        assert abs(a - b) < 1e-5, f"{name}: step {step + 1} loss {a} vs reference {b}"
+    for step, (a, b) in enumerate(zip(result["grad_norms"], ref["grad_norms"])):
+        assert abs(a - b) < 1e-4 * max(1.0, b), f"{name}: step {step + 1} grad norm {a} vs {b}"
+    assert set(result["params"]) == set(ref["params"]), name
+    for k, v in ref["params"].items():
+        torch.testing.assert_close(result["params"][k], v, atol=1e-4, rtol=1e-3, msg=lambda m, k=k: f"{name} {k}: {m}")
+    # The aux-free biases follow the same global loads (a pipeline stage holds its layers' only).
+    assert set(result["biases"]) <= set(ref["biases"]), name
+    for k, v in result["biases"].items():
+        assert torch.equal(v, ref["biases"][k]), (name, k, v, ref["biases"][k])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> str:
+    from tests.engine_utils import write_token_dataset
+
+    d = tmp_path_factory.mktemp("moe")
+    write_token_dataset(str(d / "tok"))
+    return str(d)
+
+
+ZERO = {s: {"zero_optimization": {"stage": s}} for s in range(4)}
+TWO_RANK_RUNS = [(f"ep2_zero{s}", "llama" if s % 2 else "gpt", {"parallel": {"expert": 2}, "deepspeed": ZERO[s]})
+                 for s in range(4)]
+
+
+def _two_ranks(workdir: str) -> dict:
+    from tests.test_parallel_layers import no_shm_comm
+
+    no_shm_comm()
+    return _moe_train_runs(workdir, TWO_RANK_RUNS)
+
+
+def test_moe_training_at_expert_parallelism_2_and_every_zero_stage_matches_the_plain_loop(workdir):
+    """EP2 over 2 data-parallel ranks at ZeRO-0/1/2/3 (GPT with sigmoid routing and the aux-free bias at 0 and 2,
+    Llama with a dense first layer, a shared expert and both balancing losses at 1 and 3): losses within 1e-5,
+    gradient norms and final weights as the plain one-process loop's; experts split over the 2 ranks at ZeRO-1/2,
+    every expert held (and ZeRO-3-partitioned) at ZeRO-0/3; the expert biases moved."""
+    results = run_ranks(_two_ranks, 2, workdir, timeout_s=600, collective_timeout_s=90)
+    refs = {family: _moe_reference(workdir, family, 2) for family in ("gpt", "llama")}
+    for rank, r in enumerate(results):
+        for name, family, sections in TWO_RANK_RUNS:
+            stage = sections["deepspeed"]["zero_optimization"]["stage"]
+            assert r[name]["stage"] == stage
+            assert r[name]["expert_rows"] == (2 if stage in (1, 2) else 4), (name, r[name]["expert_rows"])
+            _assert_matches_reference(r[name], refs[family], f"{name} rank {rank}", logs=rank == 0)
+            stats = r[name]["statistics"]  # the last step's loads: every token of the global batch, k times
+            assert [int(s["tokens_per_expert"].sum()) for s in stats] == [4 * 16 * 2] * len(stats), stats
+    assert refs["gpt"]["biases"] and all(b.abs().sum() > 0 for b in refs["gpt"]["biases"].values())

@@ -153,8 +153,14 @@ def moe_errors(m: ModelConfig, tensor: int = 1) -> list[str]:
 
 
 def expert_parallel_errors(cfg: Config, world_size: int | None = None) -> list[str]:
-    """The rules of `parallel.expert` (expert parallelism) for a run; with the world size, the replica count."""
+    """The rules of `parallel.expert` (expert parallelism) and of MoE training for a run; with the world size, the
+    replica count."""
     p, m, ds = cfg.parallel, cfg.model, cfg.deepspeed
+    fp16 = isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True
+    if m.moe is not None and fp16 and (m.moe.aux_loss or m.moe.router_z_loss):
+        return ["model.moe: the balancing losses (aux_loss, router_z_loss) with deepspeed.fp16 are refused: their "
+                "gradient is injected with the LM loss's factor, which under fp16 includes DeepSpeed's dynamic loss "
+                "scale, and that path is untested (fp16 does not run on the CPU test machines); use bf16"]
     ep = p.expert
     if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
         return [f"parallel.expert: must be an integer > 0, got {ep!r}"]

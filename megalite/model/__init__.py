@@ -35,7 +35,7 @@ def expert_parallel_group(grid: Any) -> Optional[torch.distributed.ProcessGroup]
 
 
 def replicate_experts(grid: Any) -> bool:
-    """Whether every rank holds every expert's weights (the grid says so for ZeRO-3; megalite.parallel.experts)."""
+    """Whether every rank holds every expert's weights (the grid says so at ZeRO-0 and ZeRO-3; megalite.engine.moe)."""
     return bool(getattr(grid, "replicate_experts", False))
 
 

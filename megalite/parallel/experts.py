@@ -19,12 +19,12 @@ local expert; one grouped matrix multiply per projection runs every local expert
 `megalite.kernels.grouped_mm`: the kernel choice stays in the kernels package); the results travel back the same
 way and are summed into their tokens, each scaled by its routing weight.
 
-Where the weights live: by default each rank holds its experts only (`replicate=False`): the parameters carry
-DeepSpeed's MoE marks (`allreduce=False`, `group_name`), so DeepSpeed reduces their gradients over the
-expert-data-parallel ranks (the replicas holding the same experts) and ZeRO-1/2 partition them there. With
-`replicate=True` every rank holds every expert (as ZeRO-3 wants: it partitions them over all data x context
-replicas itself) and uses only its own experts' slice; the other experts' gradients are zero on this rank and the
-ordinary data-parallel reduction sums the holders' contributions.
+Where the weights live: with `replicate=False` each rank holds its experts only: the parameters carry DeepSpeed's
+MoE marks (`allreduce=False`, `group_name`), so DeepSpeed reduces their gradients over the expert-data-parallel
+ranks (the replicas holding the same experts) and ZeRO-1/2 partition them there. With `replicate=True` every rank
+holds every expert and uses only its own experts' slice; the other experts' gradients are zero on this rank and
+the ordinary data-parallel reduction over all replicas sums the holders' contributions. Which one a run uses is
+the engine's choice (megalite.engine.moe: split at ZeRO-1/2, every expert held at ZeRO-0 and ZeRO-3).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ groups (`deepspeed.utils.groups._get_expert_parallel_ranks`, tested equal), crea
 constructors take the data-parallel size from the mpu, which excludes the context ranks, and registered in
 DeepSpeed's group registry under its name `ep_size_<ep>`: its engine broadcasts and reduces, and its ZeRO-1/2
 partition, the parameters marked with that `group_name` over the expert-data-parallel group.
-`replicate_experts` tells the model to hold every expert on every rank instead (ZeRO-3; megalite.parallel.experts).
+`replicate_experts` tells the model to hold every expert on every rank instead (the engine's choice at ZeRO-0 and
+ZeRO-3; megalite.engine.moe).
 """
 
 from __future__ import annotations
