@@ -469,21 +469,6 @@ def _four_rank_layers() -> dict:
     return out
 
 
-def test_moe_layer_at_expert_tensor_sequence_and_context_parallelism_equals_one_process():
-    """EP2, EP4 (experts split, and every expert held with only the computation split), EP2 x TP2 with and
-    without sequence parallelism, EP2 x CP2: outputs, input gradients and the engine-summed weight gradients equal
-    the one-process layer's (softmax and sigmoid routers, expert bias, shared experts, GELU experts, a capacity,
-    experts that receive no token)."""
-    results = run_ranks(_four_rank_layers, 4, timeout_s=300, collective_timeout_s=60)
-    # Placement: expert groups are consecutive replicas, expert-data-parallel groups stride over them.
-    assert [r["ep2"] for r in results] == [(0, [0, 1], [0, 2]), (1, [0, 1], [1, 3]), (0, [2, 3], [0, 2]),
-                                           (1, [2, 3], [1, 3])]
-    assert [r["ep4"][0] for r in results] == [0, 1, 2, 3] and results[0]["ep4"][2] == [0]
-    assert [r["ep2tp2"] for r in results] == [(0, [0, 2], [0]), (0, [1, 3], [1]), (1, [0, 2], [2]), (1, [1, 3], [3])]
-    assert [r["ep2cp2"][1] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]  # the context pairs
-    assert len(results[0]["layers"]) == 2 * (5 + 1) + 3 + 3 + 2
-
-
 # ----------------------------------------------------------------------------- training against the plain loop
 
 MOE_STEPS = 4
@@ -528,6 +513,16 @@ def _gathered_parameters(run) -> dict[str, torch.Tensor]:
     return {k: v for stage in reversed(stages) for k, v in stage.items()}
 
 
+def _expert_biases(module) -> dict[str, torch.Tensor]:
+    """The expert-bias buffers under the whole model's names (a pipeline stage's layers are renamed)."""
+    from megalite.model.pipeline import BlockPipe
+
+    if not any(isinstance(m, BlockPipe) for m in module.modules()):
+        return {n: b.clone() for n, b in module.named_buffers() if n.endswith("expert_bias")}
+    return {sub.canonical_name(n): b.clone() for sub in module.modules() if isinstance(sub, BlockPipe)
+            for n, b in sub.named_buffers() if n.endswith("expert_bias")}
+
+
 def _moe_train_runs(workdir: str, runs: list[tuple[str, str, dict]]) -> dict:
     """Train each (name, family, sections) run; per run: losses and norms (rank 0 logs), final weights, the expert
     weights' local shape, the MoE statistics of the last step, the ZeRO stage and engine."""
@@ -545,7 +540,7 @@ def _moe_train_runs(workdir: str, runs: list[tuple[str, str, dict]]) -> dict:
                      "stage": run.engine.zero_optimization_stage(), "engine": type(run.engine).__name__,
                      "expert_rows": experts[0].ds_shape[0] if hasattr(experts[0], "ds_shape") else experts[0].shape[0],
                      "statistics": run.strategy.moe_statistics,
-                     "biases": {n: b.clone() for n, b in run.engine.module.named_buffers() if n.endswith("expert_bias")}}
+                     "biases": _expert_biases(run.engine.module)}
         del run
     return out
 
@@ -629,30 +624,78 @@ def workdir(tmp_path_factory) -> str:
 
 
 ZERO = {s: {"zero_optimization": {"stage": s}} for s in range(4)}
-TWO_RANK_RUNS = [(f"ep2_zero{s}", "llama" if s % 2 else "gpt", {"parallel": {"expert": 2}, "deepspeed": ZERO[s]})
-                 for s in range(4)]
+# (name, family, micro-batch of the reference's split, packed documents, sections). Global batch 4 everywhere.
+FOUR_RANK_RUNS = [
+    # Sequence parallelism, activation checkpointing and the chunked loss; experts split over EP2 x TP2 (ZeRO-1).
+    ("ep2tp2_sp", "llama", 2, False, {"parallel": {"expert": 2, "tensor": 2, "sequence_parallel": True},
+                                      "model": {"activation_checkpointing": True, "loss_chunk_tokens": 5},
+                                      "deepspeed": ZERO[1]}),
+    # Expert groups of context pairs, packed documents, ZeRO-2 (DP2 x CP2).
+    ("ep2cp2_docs_zero2", "llama", 2, True, {"parallel": {"expert": 2, "context": 2}, "data": DOCS,
+                                             "deepspeed": ZERO[2]}),
+    # Pipeline last (DeepSpeed cannot build a plain engine after a pipeline one): tied embeddings across stages,
+    # DeepSpeed's reentrant activation checkpointing, 2 accumulation steps, documents.
+    ("ep2pp2_docs", "gpt", 1, True, {"parallel": {"expert": 2, "pipeline": 2}, "data": DOCS,
+                                     "model": {"activation_checkpointing": True},
+                                     "deepspeed": {**ZERO[1], "train_micro_batch_size_per_gpu": 1,
+                                                   "gradient_accumulation_steps": 2}}),
+]
+TWO_RANK_RUNS = [("ep2_zero0", "gpt", 2, False, {"parallel": {"expert": 2}, "deepspeed": ZERO[0]}),
+                 ("ep2_zero3", "llama", 2, False, {"parallel": {"expert": 2}, "deepspeed": ZERO[3]})]
 
 
-def _two_ranks(workdir: str) -> dict:
+def _train(workdir: str, runs: list) -> dict:
     from tests.test_parallel_layers import no_shm_comm
 
     no_shm_comm()
-    return _moe_train_runs(workdir, TWO_RANK_RUNS)
+    return _moe_train_runs(workdir, [(name, family, sections) for name, family, _, _, sections in runs])
 
 
-def test_moe_training_at_expert_parallelism_2_and_every_zero_stage_matches_the_plain_loop(workdir):
-    """EP2 over 2 data-parallel ranks at ZeRO-0/1/2/3 (GPT with sigmoid routing and the aux-free bias at 0 and 2,
-    Llama with a dense first layer, a shared expert and both balancing losses at 1 and 3): losses within 1e-5,
-    gradient norms and final weights as the plain one-process loop's; experts split over the 2 ranks at ZeRO-1/2,
-    every expert held (and ZeRO-3-partitioned) at ZeRO-0/3; the expert biases moved."""
-    results = run_ranks(_two_ranks, 2, workdir, timeout_s=600, collective_timeout_s=90)
-    refs = {family: _moe_reference(workdir, family, 2) for family in ("gpt", "llama")}
-    for rank, r in enumerate(results):
-        for name, family, sections in TWO_RANK_RUNS:
-            stage = sections["deepspeed"]["zero_optimization"]["stage"]
-            assert r[name]["stage"] == stage
-            assert r[name]["expert_rows"] == (2 if stage in (1, 2) else 4), (name, r[name]["expert_rows"])
-            _assert_matches_reference(r[name], refs[family], f"{name} rank {rank}", logs=rank == 0)
+def _check_runs(results: list, runs: list, workdir: str, local_experts: dict) -> None:
+    refs: dict = {}
+    for name, family, micro, docs, _ in runs:
+        key = (family, micro, docs)
+        if key not in refs:
+            refs[key] = _moe_reference(workdir, family, micro, {"data": DOCS} if docs else None)
+        for rank, r in enumerate(results):
+            logs = rank == 0
+            assert r[name]["expert_rows"] == local_experts[name], (name, r[name]["expert_rows"])
+            _assert_matches_reference(r[name], refs[key], f"{name} rank {rank}", logs=logs)
             stats = r[name]["statistics"]  # the last step's loads: every token of the global batch, k times
-            assert [int(s["tokens_per_expert"].sum()) for s in stats] == [4 * 16 * 2] * len(stats), stats
-    assert refs["gpt"]["biases"] and all(b.abs().sum() > 0 for b in refs["gpt"]["biases"].values())
+            assert stats and all(int(s["tokens_per_expert"].sum()) == 4 * 16 * 2 for s in stats), (name, stats)
+    gpt = [ref for (family, _, _), ref in refs.items() if family == "gpt"]
+    assert gpt and all(b.abs().sum() > 0 for ref in gpt for b in ref["biases"].values())  # the biases moved
+
+
+def test_moe_training_at_expert_parallelism_2_zero0_and_zero3_matches_the_plain_loop(workdir):
+    """EP2 over 2 data-parallel ranks at ZeRO-0 (GPT: sigmoid routing, aux-free bias) and ZeRO-3 (Llama: a dense
+    first layer, a shared expert, both balancing losses): every expert held by both ranks (ZeRO-3-partitioned) and
+    the computation split; losses within 1e-5, gradient norms, weights and biases as the plain one-process loop's."""
+    results = run_ranks(_train, 2, workdir, TWO_RANK_RUNS, timeout_s=600, collective_timeout_s=90)
+    _check_runs(results, TWO_RANK_RUNS, workdir, {"ep2_zero0": 4, "ep2_zero3": 4})
+    assert results[0]["ep2_zero3"]["stage"] == 3 and results[0]["ep2_zero0"]["stage"] == 0
+
+
+def _four_ranks(workdir: str) -> dict:
+    out = _four_rank_layers()
+    out.update(_train(workdir, FOUR_RANK_RUNS))
+    return out
+
+
+def test_moe_layer_and_training_at_four_ranks_match_one_process(workdir):
+    """The layer at EP2, EP4 (experts split, and every expert held with only the computation split), EP2 x TP2 with
+    and without sequence parallelism, EP2 x CP2: outputs, input gradients and engine-summed weight gradients equal
+    the one-process layer's (softmax and sigmoid routers, expert bias, shared experts, GELU experts, a capacity,
+    experts that receive no token). Training at EP2 x TP2 + SP (ZeRO-1, activation checkpointing, chunked loss),
+    EP2 x CP2 (ZeRO-2, packed documents) and EP2 x PP2 (ZeRO-1, documents, accumulation, reentrant checkpointing):
+    losses within 1e-5, norms, weights and expert biases as the plain loop's."""
+    results = run_ranks(_four_ranks, 4, workdir, timeout_s=600, collective_timeout_s=90)
+    # Placement: expert groups are consecutive replicas, expert-data-parallel groups stride over them.
+    assert [r["ep2"] for r in results] == [(0, [0, 1], [0, 2]), (1, [0, 1], [1, 3]), (0, [2, 3], [0, 2]),
+                                           (1, [2, 3], [1, 3])]
+    assert [r["ep4"][0] for r in results] == [0, 1, 2, 3] and results[0]["ep4"][2] == [0]
+    assert [r["ep2tp2"] for r in results] == [(0, [0, 2], [0]), (0, [1, 3], [1]), (1, [0, 2], [2]), (1, [1, 3], [3])]
+    assert [r["ep2cp2"][1] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]  # the context pairs
+    assert len(results[0]["layers"]) == 2 * (5 + 1) + 3 + 3 + 2
+    _check_runs(results, FOUR_RANK_RUNS, workdir, {"ep2tp2_sp": 2, "ep2cp2_docs_zero2": 2, "ep2pp2_docs": 2})
+    assert results[0]["ep2pp2_docs"]["engine"] == "PipelineEngine"
