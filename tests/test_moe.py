@@ -434,6 +434,51 @@ def _layer_parallel_checks(grids: dict) -> list[str]:
     return done
 
 
+def _model_tp_checks(grid) -> list[str]:
+    """Whole MoE models with q/k norms (per head, Qwen3; over the projection, OLMoE: its sum of squares added over
+    the tensor-parallel ranks) at EP2 x TP2, with and without sequence parallelism, against one process: logits,
+    loss and engine-summed gradients of each replica's own batch."""
+    import torch.distributed as dist
+
+    from megalite.config import ModelConfig, MoEConfig, ParallelConfig
+    from megalite.model import build_model, full_grads
+
+    tp_group = grid.get_tensor_model_parallel_group()
+    done = []
+    for qk in ("head", "projection"):
+        cfg = ModelConfig(vocab_size=61, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, norm="rmsnorm",
+                          mlp="swiglu", position="rope", bias=False, tied_embeddings=False, ffn_hidden_size=12,
+                          make_vocab_size_divisible_by=2, qk_norm=qk, norm_eps=1e-6,
+                          moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=8, first_dense_layers=1,
+                                        aux_loss=0.01, router_z_loss=0.01))
+        gen = torch.Generator().manual_seed(17)
+        ids = torch.randint(0, 61, (2, 2, 10), generator=gen)
+        labels = torch.randint(0, 61, (2, 2, 10), generator=gen)
+        ref = build_model(cfg, seed=3)
+        ref_logits, ref_losses = [], []
+        for d in range(2):
+            ref_logits.append(ref(ids[d], gather_logits=True).detach())
+            loss = ref(ids[d], labels=labels[d])
+            loss.backward()
+            ref_losses.append(loss.detach())
+        for sp in (False, True):
+            model = build_model(cfg, ParallelConfig(tensor=2, expert=2, sequence_parallel=sp), grid, seed=3)
+            d = grid.get_data_parallel_rank()
+            where = f"qk {qk} sp {sp} rank {dist.get_rank()}"
+            torch.testing.assert_close(model(ids[d], gather_logits=True).detach(), ref_logits[d], rtol=1e-5,
+                                       atol=1e-5, msg=where)
+            loss = model(ids[d], labels=labels[d])
+            torch.testing.assert_close(loss.detach(), ref_losses[d], rtol=1e-6, atol=1e-6, msg=where)
+            loss.backward()
+            _emulate_engine_reduction(model, grid)
+            grads = full_grads(model, tp_group)
+            for key, p in ref.named_parameters():
+                torch.testing.assert_close(grads[key], p.grad, rtol=1e-4, atol=1e-6,
+                                           msg=lambda m, key=key, where=where: f"{where} {key}: {m}")
+            done.append(where)
+    return done
+
+
 def _four_rank_layers() -> dict:
     import deepspeed.utils.groups as ds_groups
     import torch.distributed as dist
@@ -466,6 +511,7 @@ def _four_rank_layers() -> dict:
     out["ep2cp2"] = (cp2.ep_rank, cp2.ep_ranks, cp2.edp_ranks)
     grids["ep2cp2"] = (cp2, False, False, ["mixtral", "deepseek"])
     out["layers"] = _layer_parallel_checks(grids)
+    out["models"] = _model_tp_checks(tp2)
     return out
 
 
@@ -674,6 +720,39 @@ def test_moe_training_at_expert_parallelism_2_zero0_and_zero3_matches_the_plain_
     results = run_ranks(_train, 2, workdir, TWO_RANK_RUNS, timeout_s=600, collective_timeout_s=90)
     _check_runs(results, TWO_RANK_RUNS, workdir, {"ep2_zero0": 4, "ep2_zero3": 4})
     assert results[0]["ep2_zero3"]["stage"] == 3 and results[0]["ep2_zero0"]["stage"] == 0
+    _check_checkpoint_inference(workdir, results[0])
+
+
+def _check_checkpoint_inference(workdir: str, result: dict) -> None:
+    """The checkpoints of runs whose every rank holds every expert consolidate to the weights the run held;
+    `megalite eval`'s function and generation (with and without the KV cache) run on them on one process."""
+    from megalite.checkpoint.consolidate import load_full_weights, model_from_checkpoint
+    from megalite.evaluate import evaluate_checkpoint, evaluate_model
+    from megalite.model.sampling import generate_ids
+
+    for name in ("ep2_zero0", "ep2_zero3"):
+        _, state, _ = load_full_weights(f"{workdir}/{name}")
+        held = result[name]["params"]
+        assert set(state) == set(held), name
+        for key, tensor in held.items():
+            assert torch.equal(state[key].float(), tensor), (name, key)
+        cfg, model, _ = model_from_checkpoint(f"{workdir}/{name}")
+        assert cfg.parallel.expert == 2 and model.config.moe is not None
+        evaluated = evaluate_checkpoint(f"{workdir}/{name}", batch_size=3, max_samples=5)
+        assert evaluated["tokens"] == 5 * 16 and math.isfinite(evaluated["loss"]), evaluated
+        prompt = torch.tensor([[5, 9, 13, 2, 7]])
+        cached = generate_ids(model, prompt, max_new_tokens=8, use_cache=True)
+        assert torch.equal(cached, generate_ids(model, prompt, max_new_tokens=8, use_cache=False)), name
+        assert evaluate_model(model, _valid_set(cfg), batch_size=5, max_samples=5)["loss"] == \
+            pytest.approx(evaluated["loss"], rel=1e-6)
+
+
+def _valid_set(cfg):
+    from megalite.data import build_datasets
+
+    _, valid, _ = build_datasets(cfg.data.prefixes, None, cfg.data.split, cfg.data.seq_length, cfg.train.seed,
+                                 cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
+    return valid
 
 
 def _four_ranks(workdir: str) -> dict:
@@ -696,6 +775,6 @@ def test_moe_layer_and_training_at_four_ranks_match_one_process(workdir):
     assert [r["ep4"][0] for r in results] == [0, 1, 2, 3] and results[0]["ep4"][2] == [0]
     assert [r["ep2tp2"] for r in results] == [(0, [0, 2], [0]), (0, [1, 3], [1]), (1, [0, 2], [2]), (1, [1, 3], [3])]
     assert [r["ep2cp2"][1] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]  # the context pairs
-    assert len(results[0]["layers"]) == 2 * (5 + 1) + 3 + 3 + 2
+    assert len(results[0]["layers"]) == 2 * (5 + 1) + 3 + 3 + 2 and len(results[0]["models"]) == 4
     _check_runs(results, FOUR_RANK_RUNS, workdir, {"ep2tp2_sp": 2, "ep2cp2_docs_zero2": 2, "ep2pp2_docs": 2})
     assert results[0]["ep2pp2_docs"]["engine"] == "PipelineEngine"
