@@ -670,8 +670,13 @@ def workdir(tmp_path_factory) -> str:
 
 
 ZERO = {s: {"zero_optimization": {"stage": s}} for s in range(4)}
-# (name, family, micro-batch of the reference's split, packed documents, sections). Global batch 4 everywhere.
-FOUR_RANK_RUNS = [
+# (name, family, micro-batch of the reference's split, packed documents, sections) on 4 ranks, global batch 4.
+RUNS = [
+    # EP2 x DP2 at ZeRO-0 (GPT: sigmoid routing, aux-free bias) and ZeRO-3 (Llama: a dense first layer, a shared
+    # expert, both balancing losses): every expert held by every rank (ZeRO-3-partitioned), the computation split.
+    ("ep2_zero0", "gpt", 1, False, {"parallel": {"expert": 2}, "deepspeed": {**ZERO[0], "train_micro_batch_size_per_gpu": 1}}),
+    ("ep2_zero3", "llama", 1, False, {"parallel": {"expert": 2},
+                                      "deepspeed": {**ZERO[3], "train_micro_batch_size_per_gpu": 1}}),
     # Sequence parallelism, activation checkpointing and the chunked loss; experts split over EP2 x TP2 (ZeRO-1).
     ("ep2tp2_sp", "llama", 2, False, {"parallel": {"expert": 2, "tensor": 2, "sequence_parallel": True},
                                       "model": {"activation_checkpointing": True, "loss_chunk_tokens": 5},
@@ -686,8 +691,8 @@ FOUR_RANK_RUNS = [
                                      "deepspeed": {**ZERO[1], "train_micro_batch_size_per_gpu": 1,
                                                    "gradient_accumulation_steps": 2}}),
 ]
-TWO_RANK_RUNS = [("ep2_zero0", "gpt", 2, False, {"parallel": {"expert": 2}, "deepspeed": ZERO[0]}),
-                 ("ep2_zero3", "llama", 2, False, {"parallel": {"expert": 2}, "deepspeed": ZERO[3]})]
+# Rows of each run's stacked expert weights on a rank: the local experts where split (ZeRO-1/2), else all 4.
+LOCAL_EXPERTS = {"ep2_zero0": 4, "ep2_zero3": 4, "ep2tp2_sp": 2, "ep2cp2_docs_zero2": 2, "ep2pp2_docs": 2}
 
 
 def _train(workdir: str, runs: list) -> dict:
@@ -697,28 +702,46 @@ def _train(workdir: str, runs: list) -> dict:
     return _moe_train_runs(workdir, [(name, family, sections) for name, family, _, _, sections in runs])
 
 
-def _check_runs(results: list, runs: list, workdir: str, local_experts: dict) -> None:
+def _check_runs(results: list, runs: list, workdir: str) -> None:
     refs: dict = {}
     for name, family, micro, docs, _ in runs:
         key = (family, micro, docs)
         if key not in refs:
             refs[key] = _moe_reference(workdir, family, micro, {"data": DOCS} if docs else None)
         for rank, r in enumerate(results):
-            logs = rank == 0
-            assert r[name]["expert_rows"] == local_experts[name], (name, r[name]["expert_rows"])
-            _assert_matches_reference(r[name], refs[key], f"{name} rank {rank}", logs=logs)
+            assert r[name]["expert_rows"] == LOCAL_EXPERTS[name], (name, r[name]["expert_rows"])
+            _assert_matches_reference(r[name], refs[key], f"{name} rank {rank}", logs=rank == 0)
             stats = r[name]["statistics"]  # the last step's loads: every token of the global batch, k times
             assert stats and all(int(s["tokens_per_expert"].sum()) == 4 * 16 * 2 for s in stats), (name, stats)
     gpt = [ref for (family, _, _), ref in refs.items() if family == "gpt"]
     assert gpt and all(b.abs().sum() > 0 for ref in gpt for b in ref["biases"].values())  # the biases moved
 
 
-def test_moe_training_at_expert_parallelism_2_zero0_and_zero3_matches_the_plain_loop(workdir):
-    """EP2 over 2 data-parallel ranks at ZeRO-0 (GPT: sigmoid routing, aux-free bias) and ZeRO-3 (Llama: a dense
-    first layer, a shared expert, both balancing losses): every expert held by both ranks (ZeRO-3-partitioned) and
-    the computation split; losses within 1e-5, gradient norms, weights and biases as the plain one-process loop's."""
-    results = run_ranks(_train, 2, workdir, TWO_RANK_RUNS, timeout_s=600, collective_timeout_s=90)
-    _check_runs(results, TWO_RANK_RUNS, workdir, {"ep2_zero0": 4, "ep2_zero3": 4})
+def _four_ranks(workdir: str) -> dict:
+    out = _four_rank_layers()
+    out.update(_train(workdir, RUNS))
+    return out
+
+
+def test_moe_layer_and_training_at_four_ranks_match_one_process(workdir):
+    """The layer at EP2, EP4 (experts split, and every expert held with only the computation split), EP2 x TP2 with
+    and without sequence parallelism, EP2 x CP2: outputs, input gradients and engine-summed weight gradients equal
+    the one-process layer's (softmax and sigmoid routers, expert bias, shared experts, GELU experts, a capacity,
+    experts that receive no token); whole models with q/k norms at EP2 x TP2 (+SP). Training at EP2 x DP2 with
+    ZeRO-0 and ZeRO-3, EP2 x TP2 + SP (ZeRO-1, activation checkpointing, chunked loss), EP2 x CP2 (ZeRO-2, packed
+    documents) and EP2 x PP2 (ZeRO-1, documents, accumulation, reentrant checkpointing): losses within 1e-5, norms,
+    weights and expert biases as the plain loop's. The ZeRO-0/3 checkpoints consolidate to the run's weights, and
+    evaluation and generation run on them on one process."""
+    results = run_ranks(_four_ranks, 4, workdir, timeout_s=600, collective_timeout_s=90)
+    # Placement: expert groups are consecutive replicas, expert-data-parallel groups stride over them.
+    assert [r["ep2"] for r in results] == [(0, [0, 1], [0, 2]), (1, [0, 1], [1, 3]), (0, [2, 3], [0, 2]),
+                                           (1, [2, 3], [1, 3])]
+    assert [r["ep4"][0] for r in results] == [0, 1, 2, 3] and results[0]["ep4"][2] == [0]
+    assert [r["ep2tp2"] for r in results] == [(0, [0, 2], [0]), (0, [1, 3], [1]), (1, [0, 2], [2]), (1, [1, 3], [3])]
+    assert [r["ep2cp2"][1] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]  # the context pairs
+    assert len(results[0]["layers"]) == 2 * (5 + 1) + 3 + 3 + 2 and len(results[0]["models"]) == 4
+    _check_runs(results, RUNS, workdir)
+    assert results[0]["ep2pp2_docs"]["engine"] == "PipelineEngine"
     assert results[0]["ep2_zero3"]["stage"] == 3 and results[0]["ep2_zero0"]["stage"] == 0
     _check_checkpoint_inference(workdir, results[0])
 
@@ -753,28 +776,3 @@ def _valid_set(cfg):
     _, valid, _ = build_datasets(cfg.data.prefixes, None, cfg.data.split, cfg.data.seq_length, cfg.train.seed,
                                  cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
     return valid
-
-
-def _four_ranks(workdir: str) -> dict:
-    out = _four_rank_layers()
-    out.update(_train(workdir, FOUR_RANK_RUNS))
-    return out
-
-
-def test_moe_layer_and_training_at_four_ranks_match_one_process(workdir):
-    """The layer at EP2, EP4 (experts split, and every expert held with only the computation split), EP2 x TP2 with
-    and without sequence parallelism, EP2 x CP2: outputs, input gradients and engine-summed weight gradients equal
-    the one-process layer's (softmax and sigmoid routers, expert bias, shared experts, GELU experts, a capacity,
-    experts that receive no token). Training at EP2 x TP2 + SP (ZeRO-1, activation checkpointing, chunked loss),
-    EP2 x CP2 (ZeRO-2, packed documents) and EP2 x PP2 (ZeRO-1, documents, accumulation, reentrant checkpointing):
-    losses within 1e-5, norms, weights and expert biases as the plain loop's."""
-    results = run_ranks(_four_ranks, 4, workdir, timeout_s=600, collective_timeout_s=90)
-    # Placement: expert groups are consecutive replicas, expert-data-parallel groups stride over them.
-    assert [r["ep2"] for r in results] == [(0, [0, 1], [0, 2]), (1, [0, 1], [1, 3]), (0, [2, 3], [0, 2]),
-                                           (1, [2, 3], [1, 3])]
-    assert [r["ep4"][0] for r in results] == [0, 1, 2, 3] and results[0]["ep4"][2] == [0]
-    assert [r["ep2tp2"] for r in results] == [(0, [0, 2], [0]), (0, [1, 3], [1]), (1, [0, 2], [2]), (1, [1, 3], [3])]
-    assert [r["ep2cp2"][1] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]  # the context pairs
-    assert len(results[0]["layers"]) == 2 * (5 + 1) + 3 + 3 + 2 and len(results[0]["models"]) == 4
-    _check_runs(results, FOUR_RANK_RUNS, workdir, {"ep2tp2_sp": 2, "ep2cp2_docs_zero2": 2, "ep2pp2_docs": 2})
-    assert results[0]["ep2pp2_docs"]["engine"] == "PipelineEngine"
