@@ -1,7 +1,9 @@
 """Mixture-of-Experts: configuration rules, routing and capacity against independent references, the grouped
-matrix multiply, the MoE layer against a float64 token-by-token reference, the balancing losses and the
-auxiliary-loss-free bias, and (multi-process) the layer at expert parallelism 1/2/4 and with TP/SP/CP against one
-process.
+matrix multiply, the MoE layer against a float64 token-by-token reference (balancing losses added explicitly and
+injected), the auxiliary-loss-free bias update; then one 4-rank launch: the layer at expert parallelism 2/4 and with
+TP/SP/CP against one process, whole models with q/k norms at EP2 x TP2, and training at EP2 with every ZeRO stage,
+TP2 + SP, CP2 and PP2 against the plain PyTorch loop, with the checkpoints of the runs that hold every expert
+evaluated and sampled on one process.
 """
 
 from __future__ import annotations
@@ -672,11 +674,12 @@ def workdir(tmp_path_factory) -> str:
 ZERO = {s: {"zero_optimization": {"stage": s}} for s in range(4)}
 # (name, family, micro-batch of the reference's split, packed documents, sections) on 4 ranks, global batch 4.
 RUNS = [
-    # EP2 x DP2 at ZeRO-0 (GPT: sigmoid routing, aux-free bias) and ZeRO-3 (Llama: a dense first layer, a shared
-    # expert, both balancing losses): every expert held by every rank (ZeRO-3-partitioned), the computation split.
-    ("ep2_zero0", "gpt", 1, False, {"parallel": {"expert": 2}, "deepspeed": {**ZERO[0], "train_micro_batch_size_per_gpu": 1}}),
-    ("ep2_zero3", "llama", 1, False, {"parallel": {"expert": 2},
-                                      "deepspeed": {**ZERO[3], "train_micro_batch_size_per_gpu": 1}}),
+    # EP2 at ZeRO-0 over DP4 (GPT: sigmoid routing, aux-free bias) and at ZeRO-3 over DP2 x CP2 (Llama: a dense
+    # first layer, a shared expert, both balancing losses, whose gradient carries the context scale ZeRO-3 needs):
+    # every expert held by every rank (ZeRO-3-partitioned over data x context), the computation split.
+    ("ep2_zero0", "gpt", 1, False, {"parallel": {"expert": 2},
+                                    "deepspeed": {**ZERO[0], "train_micro_batch_size_per_gpu": 1}}),
+    ("ep2cp2_zero3", "llama", 2, False, {"parallel": {"expert": 2, "context": 2}, "deepspeed": ZERO[3]}),
     # Sequence parallelism, activation checkpointing and the chunked loss; experts split over EP2 x TP2 (ZeRO-1).
     ("ep2tp2_sp", "llama", 2, False, {"parallel": {"expert": 2, "tensor": 2, "sequence_parallel": True},
                                       "model": {"activation_checkpointing": True, "loss_chunk_tokens": 5},
@@ -692,7 +695,7 @@ RUNS = [
                                                    "gradient_accumulation_steps": 2}}),
 ]
 # Rows of each run's stacked expert weights on a rank: the local experts where split (ZeRO-1/2), else all 4.
-LOCAL_EXPERTS = {"ep2_zero0": 4, "ep2_zero3": 4, "ep2tp2_sp": 2, "ep2cp2_docs_zero2": 2, "ep2pp2_docs": 2}
+LOCAL_EXPERTS = {"ep2_zero0": 4, "ep2cp2_zero3": 4, "ep2tp2_sp": 2, "ep2cp2_docs_zero2": 2, "ep2pp2_docs": 2}
 
 
 def _train(workdir: str, runs: list) -> dict:
@@ -727,8 +730,8 @@ def test_moe_layer_and_training_at_four_ranks_match_one_process(workdir):
     """The layer at EP2, EP4 (experts split, and every expert held with only the computation split), EP2 x TP2 with
     and without sequence parallelism, EP2 x CP2: outputs, input gradients and engine-summed weight gradients equal
     the one-process layer's (softmax and sigmoid routers, expert bias, shared experts, GELU experts, a capacity,
-    experts that receive no token); whole models with q/k norms at EP2 x TP2 (+SP). Training at EP2 x DP2 with
-    ZeRO-0 and ZeRO-3, EP2 x TP2 + SP (ZeRO-1, activation checkpointing, chunked loss), EP2 x CP2 (ZeRO-2, packed
+    experts that receive no token); whole models with q/k norms at EP2 x TP2 (+SP). Training at EP2 x DP4 with
+    ZeRO-0, EP2 x CP2 x DP2 with ZeRO-3, EP2 x TP2 + SP (ZeRO-1, activation checkpointing, chunked loss), EP2 x CP2 (ZeRO-2, packed
     documents) and EP2 x PP2 (ZeRO-1, documents, accumulation, reentrant checkpointing): losses within 1e-5, norms,
     weights and expert biases as the plain loop's. The ZeRO-0/3 checkpoints consolidate to the run's weights, and
     evaluation and generation run on them on one process."""
@@ -742,7 +745,7 @@ def test_moe_layer_and_training_at_four_ranks_match_one_process(workdir):
     assert len(results[0]["layers"]) == 2 * (5 + 1) + 3 + 3 + 2 and len(results[0]["models"]) == 4
     _check_runs(results, RUNS, workdir)
     assert results[0]["ep2pp2_docs"]["engine"] == "PipelineEngine"
-    assert results[0]["ep2_zero3"]["stage"] == 3 and results[0]["ep2_zero0"]["stage"] == 0
+    assert results[0]["ep2cp2_zero3"]["stage"] == 3 and results[0]["ep2_zero0"]["stage"] == 0
     _check_checkpoint_inference(workdir, results[0])
 
 
@@ -753,7 +756,7 @@ def _check_checkpoint_inference(workdir: str, result: dict) -> None:
     from megalite.evaluate import evaluate_checkpoint, evaluate_model
     from megalite.model.sampling import generate_ids
 
-    for name in ("ep2_zero0", "ep2_zero3"):
+    for name in ("ep2_zero0", "ep2cp2_zero3"):
         _, state, _ = load_full_weights(f"{workdir}/{name}")
         held = result[name]["params"]
         assert set(state) == set(held), name
