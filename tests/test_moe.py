@@ -520,6 +520,7 @@ def _four_rank_layers() -> dict:
 # ----------------------------------------------------------------------------- training against the plain loop
 
 MOE_STEPS = 4
+RESUMED_STEPS = 6  # a resumed run continues to here; every run's schedule has this many steps
 # A Llama-shaped MoE model: GQA, RoPE, SwiGLU experts, one dense first layer, a shared expert, both balancing losses.
 LLAMA_MOE = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "num_kv_heads": 2,
              "tied_embeddings": False, "ffn_hidden_size": 24, "num_layers": 3,
@@ -532,13 +533,15 @@ DOCS = {"reset_position_ids": True, "reset_attention_mask": True}
 
 
 def _moe_raw(workdir: str, name: str, family: str, sections: dict) -> dict:
+    """A run of `family` in `workdir/name` (a name ending in _resumed continues the run without the suffix)."""
     from tests.engine_utils import tiny_config
 
     model = dict(LLAMA_MOE if family == "llama" else GPT_MOE)
     model.update(sections.get("model", {}))
-    raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name}", **{**sections, "model": model})
-    raw["train"]["steps"] = MOE_STEPS
-    raw["deepspeed"]["scheduler"]["params"]["total_num_steps"] = MOE_STEPS
+    sections = {k: v for k, v in sections.items() if k != "train"}
+    raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name.removesuffix('_resumed')}", **{**sections, "model": model})
+    raw["train"]["steps"] = RESUMED_STEPS if name.endswith("_resumed") else MOE_STEPS
+    raw["deepspeed"]["scheduler"]["params"]["total_num_steps"] = RESUMED_STEPS
     return raw
 
 
@@ -623,8 +626,8 @@ def _moe_reference(workdir: str, family: str, micro: int, sections: dict | None 
                             lr=opt_params["lr"], betas=tuple(opt_params["betas"]), eps=opt_params["eps"])
     spec = cfg.deepspeed["scheduler"]
     sched = getattr(lr_schedules, spec["type"])(opt, **spec["params"])
-    losses, norms = [], []
-    for _ in range(MOE_STEPS):
+    losses, norms, at = [], [], {}
+    for step in range(1, RESUMED_STEPS + 1):
         items = [train_set[i] for i in next(sampler)]
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
         opt.zero_grad()
@@ -642,17 +645,22 @@ def _moe_reference(workdir: str, family: str, micro: int, sections: dict | None 
         for block in blocks:
             block.update_bias(block.take_statistics()["tokens_per_expert"], block.moe.bias_update_rate)
         losses.append(total)
-    return {"losses": losses, "grad_norms": norms, "params": {k: v.detach().clone() for k, v in model.named_parameters()},
-            "biases": {n: b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")}}
+        if step in (MOE_STEPS, RESUMED_STEPS):
+            at[step] = {"params": {k: v.detach().clone() for k, v in model.named_parameters()},
+                        "biases": {n: b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")}}
+    return {"losses": losses, "grad_norms": norms, "at": at}
 
 
-def _assert_matches_reference(result: dict, ref: dict, name: str, logs: bool) -> None:
+def _assert_matches_reference(result: dict, ref: dict, name: str, logs: bool, first: int = 0,
+                              last: int = MOE_STEPS) -> None:
+    """Steps first+1..last of a run (a resumed run logs only those) against the reference's."""
     assert result["exit"] == 0, name
-    assert len(result["losses"]) == (MOE_STEPS if logs else 0), name
-    for step, (a, b) in enumerate(zip(result["losses"], ref["losses"])):
-        assert abs(a - b) < 1e-5, f"{name}: step {step + 1} loss {a} vs reference {b}"
-    for step, (a, b) in enumerate(zip(result["grad_norms"], ref["grad_norms"])):
-        assert abs(a - b) < 1e-4 * max(1.0, b), f"{name}: step {step + 1} grad norm {a} vs {b}"
+    assert len(result["losses"]) == (last - first if logs else 0), name
+    for step, (a, b) in enumerate(zip(result["losses"], ref["losses"][first:last]), start=first + 1):
+        assert abs(a - b) < 1e-5, f"{name}: step {step} loss {a} vs reference {b}"
+    for step, (a, b) in enumerate(zip(result["grad_norms"], ref["grad_norms"][first:last]), start=first + 1):
+        assert abs(a - b) < 1e-4 * max(1.0, b), f"{name}: step {step} grad norm {a} vs {b}"
+    ref = ref["at"][last]
     assert set(result["params"]) == set(ref["params"]), name
     for k, v in ref["params"].items():
         torch.testing.assert_close(result["params"][k], v, atol=1e-4, rtol=1e-3, msg=lambda m, k=k: f"{name} {k}: {m}")
@@ -687,6 +695,9 @@ RUNS = [
     # Expert groups of context pairs, packed documents, ZeRO-2 (DP2 x CP2).
     ("ep2cp2_docs_zero2", "llama", 2, True, {"parallel": {"expert": 2, "context": 2}, "data": DOCS,
                                              "deepspeed": ZERO[2]}),
+    # The same run resumed in a new engine for 2 more steps: every rank's experts are restored (exact resume).
+    ("ep2cp2_docs_zero2_resumed", "llama", 2, True, {"parallel": {"expert": 2, "context": 2}, "data": DOCS,
+                                                     "deepspeed": ZERO[2], "train": {"steps": RESUMED_STEPS}}),
     # Pipeline last (DeepSpeed cannot build a plain engine after a pipeline one): tied embeddings across stages,
     # DeepSpeed's reentrant activation checkpointing, 2 accumulation steps, documents.
     ("ep2pp2_docs", "gpt", 1, True, {"parallel": {"expert": 2, "pipeline": 2}, "data": DOCS,
@@ -695,7 +706,8 @@ RUNS = [
                                                    "gradient_accumulation_steps": 2}}),
 ]
 # Rows of each run's stacked expert weights on a rank: the local experts where split (ZeRO-1/2), else all 4.
-LOCAL_EXPERTS = {"ep2_zero0": 4, "ep2cp2_zero3": 4, "ep2tp2_sp": 2, "ep2cp2_docs_zero2": 2, "ep2pp2_docs": 2}
+LOCAL_EXPERTS = {"ep2_zero0": 4, "ep2cp2_zero3": 4, "ep2tp2_sp": 2, "ep2cp2_docs_zero2": 2,
+                 "ep2cp2_docs_zero2_resumed": 2, "ep2pp2_docs": 2}
 
 
 def _train(workdir: str, runs: list) -> dict:
@@ -711,18 +723,38 @@ def _check_runs(results: list, runs: list, workdir: str) -> None:
         key = (family, micro, docs)
         if key not in refs:
             refs[key] = _moe_reference(workdir, family, micro, {"data": DOCS} if docs else None)
+        resumed = name.endswith("_resumed")
         for rank, r in enumerate(results):
             assert r[name]["expert_rows"] == LOCAL_EXPERTS[name], (name, r[name]["expert_rows"])
-            _assert_matches_reference(r[name], refs[key], f"{name} rank {rank}", logs=rank == 0)
+            _assert_matches_reference(r[name], refs[key], f"{name} rank {rank}", logs=rank == 0,
+                                      first=MOE_STEPS if resumed else 0, last=RESUMED_STEPS if resumed else MOE_STEPS)
             stats = r[name]["statistics"]  # the last step's loads: every token of the global batch, k times
             assert stats and all(int(s["tokens_per_expert"].sum()) == 4 * 16 * 2 for s in stats), (name, stats)
     gpt = [ref for (family, _, _), ref in refs.items() if family == "gpt"]
-    assert gpt and all(b.abs().sum() > 0 for ref in gpt for b in ref["biases"].values())  # the biases moved
+    assert gpt and all(b.abs().sum() > 0 for ref in gpt for b in ref["at"][MOE_STEPS]["biases"].values())  # moved
+
+
+def _other_layout_refused(workdir: str) -> str:
+    """Resuming the split-expert checkpoint at parallel.expert=1: refused, naming the layout change."""
+    from megalite import config as C
+    from megalite.engine.trainer import Trainer
+
+    raw = _moe_raw(workdir, "ep2cp2_docs_zero2_resumed", "llama",
+                   {"parallel": {"expert": 1, "context": 2}, "data": DOCS, "deepspeed": ZERO[2]})
+    run = Trainer(C.from_dict(raw))
+    try:
+        run.train()
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return f"{type(e).__name__}: {e}"
+    return "no error"
 
 
 def _four_ranks(workdir: str) -> dict:
     out = _four_rank_layers()
-    out.update(_train(workdir, RUNS))
+    runs = [r for r in RUNS if "pp2" not in r[0]]
+    out.update(_train(workdir, runs))
+    out["refused"] = _other_layout_refused(workdir)
+    out.update(_train(workdir, [r for r in RUNS if r not in runs]))  # the pipeline last
     return out
 
 
@@ -732,8 +764,9 @@ def test_moe_layer_and_training_at_four_ranks_match_one_process(workdir):
     the one-process layer's (softmax and sigmoid routers, expert bias, shared experts, GELU experts, a capacity,
     experts that receive no token); whole models with q/k norms at EP2 x TP2 (+SP). Training at EP2 x DP4 with
     ZeRO-0, EP2 x CP2 x DP2 with ZeRO-3, EP2 x TP2 + SP (ZeRO-1, activation checkpointing, chunked loss), EP2 x CP2 (ZeRO-2, packed
-    documents) and EP2 x PP2 (ZeRO-1, documents, accumulation, reentrant checkpointing): losses within 1e-5, norms,
-    weights and expert biases as the plain loop's. The ZeRO-0/3 checkpoints consolidate to the run's weights, and
+    documents; then resumed in a new engine for 2 more steps) and EP2 x PP2 (ZeRO-1, documents, accumulation,
+    reentrant checkpointing): losses within 1e-5, norms, weights and expert biases as the plain loop's; resuming the
+    split experts at another expert-parallel degree is refused. The ZeRO-0/3 checkpoints consolidate to the run's weights, and
     evaluation and generation run on them on one process."""
     results = run_ranks(_four_ranks, 4, workdir, timeout_s=600, collective_timeout_s=90)
     # Placement: expert groups are consecutive replicas, expert-data-parallel groups stride over them.
@@ -745,6 +778,7 @@ def test_moe_layer_and_training_at_four_ranks_match_one_process(workdir):
     assert len(results[0]["layers"]) == 2 * (5 + 1) + 3 + 3 + 2 and len(results[0]["models"]) == 4
     _check_runs(results, RUNS, workdir)
     assert results[0]["ep2pp2_docs"]["engine"] == "PipelineEngine"
+    assert "CheckpointError" in results[0]["refused"] and "expert 2 -> 1" in results[0]["refused"], results[0]["refused"]
     assert results[0]["ep2cp2_zero3"]["stage"] == 3 and results[0]["ep2_zero0"]["stage"] == 0
     _check_checkpoint_inference(workdir, results[0])
 

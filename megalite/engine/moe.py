@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.config import Config
+from megalite.errors import CheckpointError
 from megalite.model.moe import MoE
 from megalite.parallel.experts import expert_shard
 
@@ -114,6 +115,31 @@ def after_initialize(engine: Any) -> None:
         engine.has_moe_layers = False
 
 
+def experts_split(layout: dict) -> bool:
+    """Whether a run layout (megalite.engine.trainer.run_layout) holds each expert on some ranks only."""
+    return int(layout.get("expert", 1)) > 1 and int(layout.get("zero_stage", 0)) in (1, 2)
+
+
+def check_resume_layout(path: str, saved: dict, mine: dict, changes: list[str]) -> None:
+    """Refuse to reshard a checkpoint into another layout when either holds split experts: the offline and elastic
+    reshards read every parameter as one tensor partitioned over all data x context ranks, which split experts are
+    not (their ZeRO-1/2 partitions are per expert-data-parallel group). Resuming the same layout works."""
+    if changes and (experts_split(saved) or experts_split(mine)):
+        raise CheckpointError(
+            f"{path}: resuming with another layout ({', '.join(changes)}) is not implemented for experts split over "
+            "ranks (parallel.expert > 1 at ZeRO-1/2) yet; resume with the checkpoint's layout (parallel.expert="
+            f"{saved.get('expert', 1)}, ZeRO-{saved.get('zero_stage', 0)})")
+
+
+def after_load(engine: Any) -> None:
+    """After DeepSpeed loads a checkpoint of split experts into the same layout: its dense-format model-states file
+    holds data-parallel rank 0's experts, which it copied into every rank's expert weights; the ZeRO-1/2 optimizer
+    restored each rank's own fp32 partitions. Copy those back into the weights (DeepSpeed's `update_lp_params`, its
+    post-step all-gather), so the first step after a resume computes with this rank's experts."""
+    if has_split_experts(engine.module) and hasattr(engine.optimizer, "update_lp_params"):
+        engine.optimizer.update_lp_params()
+
+
 def set_aux_loss_scale(model: torch.nn.Module, scale: float) -> None:
     """The gradient every MoE block injects for its balancing losses (megalite.model.moe)."""
     for block in moe_blocks(model):
@@ -127,17 +153,17 @@ def aux_loss_scale(cfg: Config, context_grad_scale: float) -> float:
 
 def collect_statistics(model: torch.nn.Module, grid: Any, sequence_parallel: bool) -> list[dict]:
     """Every MoE block's statistics since the last call, summed over the ranks that route different tokens (data x
-    context replicas, and tensor-parallel ranks under sequence parallelism): per block tokens_per_expert (E,),
-    dropped, and the mean aux and z losses over the micro-batches. One all-reduce; collective over those groups."""
+    context replicas, and tensor-parallel ranks under sequence parallelism): per block tokens_per_expert (E,) and
+    dropped (assignments), and the mean aux and z losses over the micro-batches (None when not computed). One
+    all-reduce, the step's one read from the device; a collective over those groups."""
     blocks = moe_blocks(model)
     if not blocks:
         return []
     taken = [b.take_statistics() for b in blocks]
-    flat = torch.cat([torch.cat([t["tokens_per_expert"].double(),
-                                 torch.tensor([t["dropped"], t["aux_loss_sum"], t["z_loss_sum"], t["forwards"]],
-                                              dtype=torch.float64)]) for t in taken])
     device = next(model.parameters()).device
-    flat = flat.to(device)
+    names = MoE.STATISTICS
+    flat = torch.cat([torch.cat([t["tokens_per_expert"].to(device, torch.float64),
+                                 torch.stack([t[name].to(device, torch.float64) for name in names])]) for t in taken])
     if grid is not None:
         dist.all_reduce(flat, group=grid.dp_proc_group)
         if sequence_parallel and grid.get_tensor_model_parallel_world_size() > 1:
@@ -146,10 +172,13 @@ def collect_statistics(model: torch.nn.Module, grid: Any, sequence_parallel: boo
     out, offset = [], 0
     for block in blocks:
         e = block.moe.num_experts
-        tokens, (dropped, aux, z, forwards) = flat[offset:offset + e], flat[offset + e:offset + e + 4].tolist()
-        offset += e + 4
-        out.append({"tokens_per_expert": tokens.round().long(), "dropped": int(round(dropped)),
-                    "aux_loss": aux / forwards if forwards else None, "z_loss": z / forwards if forwards else None})
+        tokens = flat[offset:offset + e]
+        values = dict(zip(names, flat[offset + e:offset + e + len(names)].tolist()))
+        offset += e + len(names)
+        n = values["loss_forwards"]
+        out.append({"tokens_per_expert": tokens.round().long(), "dropped": int(round(values["dropped"])),
+                    "aux_loss": values["aux_loss_sum"] / n if n else None,
+                    "z_loss": values["z_loss_sum"] / n if n else None})
     return out
 
 

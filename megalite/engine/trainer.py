@@ -46,7 +46,7 @@ from megalite.engine.metrics import (
     mean_document_length,
     plot_losses,
 )
-from megalite.engine.moe import replicate_experts
+from megalite.engine.moe import after_load, check_resume_layout, replicate_experts
 from megalite.engine.plan import startup_report
 from megalite.engine.preflight import checkpoint_bytes, run_preflight
 from megalite.engine.strategy import strategy_for
@@ -67,15 +67,15 @@ def run_layout(cfg: Config, world: int) -> dict:
     """The layout a checkpoint records: the parallel degrees, ZeRO stage, compute precision and global batch."""
     p = cfg.parallel
     zero = cfg.deepspeed.get("zero_optimization") or {}
-    return {"tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "data": cfg.dp_size(world),
-            "world_size": world,
+    return {"tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "expert": p.expert,
+            "data": cfg.dp_size(world), "world_size": world,
             "zero_stage": int(zero.get("stage", 0)), "precision": cfg.precision,
             "global_batch": cfg.global_batch_size(world)}
 
 
 # What makes two layouts the same for DeepSpeed's own loader; any difference is resharded (elastic resume).
-LAYOUT_KEYS = ("tensor", "pipeline", "context", "data", "zero_stage", "precision")
-LAYOUT_DEFAULTS = {"context": 1}  # layouts recorded before context parallelism existed
+LAYOUT_KEYS = ("tensor", "pipeline", "context", "expert", "data", "zero_stage", "precision")
+LAYOUT_DEFAULTS = {"context": 1, "expert": 1}  # layouts recorded before context (expert) parallelism existed
 
 
 def layout_changes(saved: dict, mine: dict) -> list[str]:
@@ -300,10 +300,12 @@ class Trainer:
                 "parallel together), or set train.allow_batch_change=true to continue from its sample position with "
                 "the schedule by step")
         changes = layout_changes(saved, mine)
+        check_resume_layout(path, saved, mine, changes)
         if changes:
             state = self._resume_elastic(path, saved, changes)
         else:
             state = self.checkpoints.load(self.engine, path)["client_state"]
+            after_load(self.engine)
         self.step = int(state["step"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         self.sampler.load_state_dict(state["sampler"])

@@ -183,18 +183,35 @@ class MoE(torch.nn.Module):
         self.reset_statistics()
 
     # ---------------------------------------------------------------- statistics
-    def reset_statistics(self) -> None:
-        self.tokens_per_expert = torch.zeros(self.moe.num_experts, dtype=torch.int64)
-        self.dropped = 0
-        self.aux_loss_sum = self.z_loss_sum = 0.0
-        self.forwards = 0
+    # Kept as tensors on the routing device: recording never waits for the device; the engine reads them once a step.
+    STATISTICS = ("dropped", "aux_loss_sum", "z_loss_sum", "loss_forwards", "forwards")
 
-    def take_statistics(self) -> dict:
-        """This rank's statistics since the last call (see the module docstring), then reset."""
-        out = {"tokens_per_expert": self.tokens_per_expert.clone(), "dropped": self.dropped,
-               "aux_loss_sum": self.aux_loss_sum, "z_loss_sum": self.z_loss_sum, "forwards": self.forwards}
+    def reset_statistics(self) -> None:
+        self.statistics: Optional[dict[str, torch.Tensor]] = None
+
+    def _record(self, counts: torch.Tensor, dropped: torch.Tensor, losses: Optional[tuple]) -> None:
+        if self.statistics is None:
+            zeros = {name: torch.zeros((), dtype=torch.float64, device=counts.device) for name in self.STATISTICS}
+            self.statistics = {"tokens_per_expert": torch.zeros_like(counts), **zeros}
+        st = self.statistics
+        st["tokens_per_expert"] += counts.detach()
+        st["dropped"] += dropped
+        st["forwards"] += 1
+        if losses is not None:
+            st["aux_loss_sum"] += losses[0].detach().double()
+            st["z_loss_sum"] += losses[1].detach().double()
+            st["loss_forwards"] += 1
+
+    def take_statistics(self) -> dict[str, torch.Tensor]:
+        """This rank's statistics since the last call, then reset: tokens_per_expert (E,) routed by this rank before
+        drops, and scalar tensors dropped (assignments), aux_loss_sum and z_loss_sum (the balancing losses' values
+        over loss_forwards forwards) and forwards."""
+        st = self.statistics
+        if st is None:
+            st = {"tokens_per_expert": torch.zeros(self.moe.num_experts, dtype=torch.int64),
+                  **{name: torch.zeros((), dtype=torch.float64) for name in self.STATISTICS}}
         self.reset_statistics()
-        return out
+        return st
 
     @torch.no_grad()
     def update_bias(self, global_tokens_per_expert: torch.Tensor, rate: float) -> None:
@@ -212,30 +229,25 @@ class MoE(torch.nn.Module):
         moe = self.moe
         logits = self.router(x)  # (B, T, E)
         routing = route(logits, moe, self.router.expert_bias)
-        indices, dropped = routing.indices, 0
+        indices, dropped = routing.indices, torch.zeros((), dtype=torch.int64, device=logits.device)
         if moe.capacity_factor is not None:
             capacity = expert_capacity(indices.shape[:-1].numel(), moe)
             keep = capacity_keep(indices, routing.scores.gather(-1, indices), moe.num_experts, capacity)
             indices = indices.masked_fill(~keep, -1)
-            dropped = int((~keep).sum())
+            dropped = (~keep).sum()
         y = self.experts(x, indices, routing.weights)
-        record = self.training and not _recomputing()
+        losses = None
         if self.training and (moe.aux_loss or moe.router_z_loss):
-            aux, z = self._balancing_losses(_at_least_fp32(logits), routing)
-            loss = moe.aux_loss * aux + moe.router_z_loss * z
-            if record:
-                self.aux_loss_sum += float(aux.detach())
-                self.z_loss_sum += float(z.detach())
+            losses = self._balancing_losses(_at_least_fp32(logits), routing)
+            loss = moe.aux_loss * losses[0] + moe.router_z_loss * losses[1]
             if torch.is_grad_enabled():
                 if self.aux_loss_scale:
                     y = _InjectAuxGradient.apply(y, loss, float(self.aux_loss_scale))
                     self.last_aux_loss = None
                 else:
                     self.last_aux_loss = loss
-        if record:
-            self.tokens_per_expert += routing.counts.detach().to("cpu", torch.int64)
-            self.dropped += dropped
-            self.forwards += 1
+        if self.training and not _recomputing():
+            self._record(routing.counts, dropped, losses)
         if self.shared is not None:
             y = y + self.shared(x)
         return y
