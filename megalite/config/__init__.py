@@ -32,6 +32,7 @@ from megalite.config.schema import (
     Float8Config,
     LoggingConfig,
     ModelConfig,
+    MoEConfig,
     ParallelConfig,
     RopeScalingConfig,
     TrainConfig,
@@ -40,10 +41,12 @@ from megalite.config.schema import (
 from megalite.config.validate import (
     check_model,
     context_errors,
+    expert_parallel_errors,
     fp8_errors,
     fp8_precision_errors,
     kv_replication,
     model_errors,
+    moe_errors,
     rope_scaling_errors,
     validate,
 )
@@ -51,9 +54,10 @@ from megalite.config.validate import (
 __all__ = [
     "CONFIGS_DIR", "DEEPSPEED_SCHEDULERS", "DEEPSPEED_SECTION_KEYS", "DEEPSPEED_TOP_LEVEL_KEYS", "OPTIMIZERS", "OPTIMIZER_TYPES", "SCHEDULERS", "SCHEDULER_TYPES",
     "Config", "DataConfig", "Layout", "STATE_AXES", "EvalTasksConfig", "Float8Config", "LoggingConfig", "ModelConfig",
-    "ParallelConfig", "RopeScalingConfig",
+    "MoEConfig", "ParallelConfig", "RopeScalingConfig",
     "TrainConfig", "apply_overrides", "check_model", "context_errors", "count_parameters", "expand_references",
-    "fp8_errors", "fp8_precision_errors", "from_dict", "json_schema", "kv_replication", "list_presets", "load", "model_config_from_dict", "model_errors",
+    "expert_parallel_errors", "fp8_errors", "fp8_precision_errors", "from_dict", "json_schema", "kv_replication",
+    "list_presets", "load", "model_config_from_dict", "model_errors", "moe_errors",
     "parse_override", "read_json",
     "resolve_deepspeed", "rope_scaling_errors", "summary", "validate",
 ]

@@ -18,23 +18,43 @@ def resolve_deepspeed(cfg: Config, world_size: int) -> dict:
 
 
 def count_parameters(m: ModelConfig) -> dict[str, int]:
-    """Exact parameter counts of the megalite model for this shape, computed without allocating."""
+    """Exact parameter counts of the megalite model for this shape, computed without allocating.
+
+    `active` counts what one token uses: the dense weights and, in each MoE layer, the router, top_k routed experts
+    and the shared experts (what MFU counts for an MoE model); for a dense model it equals `total`.
+    """
     h, f, layers, v = m.hidden_size, m.ffn_size, m.num_layers, m.padded_vocab_size
-    kv = m.kv_heads * m.head_dim
+    q, kv = m.num_heads * m.head_dim, m.kv_heads * m.head_dim
     norm = h * (2 if m.norm == "layernorm" else 1)
-    attn = h * (h + 2 * kv) + h * h + ((h + 2 * kv) + h if m.bias else 0)
-    mlp = (3 * h * f) if m.mlp == "swiglu" else (2 * h * f)
-    if m.bias:
-        mlp += (2 * f if m.mlp == "swiglu" else f) + h
-    block = attn + mlp + 2 * norm
+    attn = h * (q + 2 * kv) + q * h + ((q + 2 * kv) + h if m.bias else 0)
+    attn += {"head": 2 * m.head_dim, "projection": q + kv}.get(m.qk_norm or "", 0)
+
+    def mlp(width: int, bias: bool) -> int:
+        n = (3 * h * width) if m.mlp == "swiglu" else (2 * h * width)
+        return n + ((2 * width if m.mlp == "swiglu" else width) + h if bias else 0)
+
+    total_layers = active_layers = 0
+    for i in range(layers):
+        block = attn + 2 * norm
+        if m.is_moe_layer(i):
+            moe = m.moe
+            expert = mlp(m.expert_ffn_size, False)  # experts have no biases
+            shared = mlp(m.shared_ffn_size, m.bias) if m.shared_ffn_size else 0
+            router = moe.num_experts * h
+            total_layers += block + router + moe.num_experts * expert + shared
+            active_layers += block + router + moe.top_k * expert + shared
+        else:
+            total_layers += block + mlp(f, m.bias)
+            active_layers += block + mlp(f, m.bias)
     embedding = v * h
     positions = m.max_position_embeddings * h if m.position == "learned" else 0
     output = 0 if m.tied_embeddings else v * h
-    non_embedding = layers * block + norm
+    non_embedding = total_layers + norm
     return {
         "total": non_embedding + embedding + positions + output,
         "non_embedding": non_embedding,
         "embedding": embedding + positions + output,
+        "active": active_layers + norm + embedding + positions + output,
     }
 
 
@@ -47,6 +67,7 @@ def summary(cfg: Config, world_size: int) -> dict:
         "data_parallel": cfg.dp_size(world_size),
         "tensor_parallel": cfg.parallel.tensor,
         "context_parallel": cfg.parallel.context,
+        "expert_parallel": cfg.parallel.expert,
         "pipeline_parallel": cfg.parallel.pipeline,
         # Global ranks: TP innermost (adjacent ranks), then CP, then DP, then PP (megalite.parallel.grid).
         "rank_order": "tensor, context, data, pipeline (innermost first)",
@@ -55,6 +76,7 @@ def summary(cfg: Config, world_size: int) -> dict:
         "padded_vocab_size": cfg.model.padded_vocab_size,
         "parameters": counts["total"],
         "non_embedding_parameters": counts["non_embedding"],
+        "active_parameters": counts["active"],
         "precision": cfg.precision,
         "fp8": cfg.model.fp8.recipe if cfg.model.fp8 else None,  # the FP8 recipe of the blocks' linears
         "zero_stage": cfg.zero_stage,

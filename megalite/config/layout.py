@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the class only; no import cycle at run time
 # The axes that decide how the training state is split into files. A checkpoint whose value differs on any of them
 # cannot be read by DeepSpeed's own loader and is resharded (elastic resume); the others (micro-batch split,
 # sequence parallelism) change nothing on disk.
-STATE_AXES = ("tensor", "pipeline", "context", "data", "zero_stage", "precision")
+STATE_AXES = ("tensor", "pipeline", "context", "expert", "data", "zero_stage", "precision")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Layout:
     tensor: int = 1
     pipeline: int = 1
     context: int = 1
+    expert: int = 1  # expert parallelism: experts split over this many of the data x context replicas
     data: int = 1
     zero_stage: int = 0
     micro_batch: int = 1  # samples per micro-batch per data-parallel rank
@@ -38,7 +39,8 @@ class Layout:
     def of(cls, cfg: Config, world_size: int) -> Layout:
         """The layout `cfg` describes at `world_size` (unchecked: config.validate says what does not divide)."""
         p = cfg.parallel
-        return cls(tensor=p.tensor, pipeline=p.pipeline, context=p.context, data=cfg.dp_size(world_size),
+        return cls(tensor=p.tensor, pipeline=p.pipeline, context=p.context, expert=p.expert,
+                   data=cfg.dp_size(world_size),
                    zero_stage=cfg.zero_stage, micro_batch=cfg.micro_batch_size,
                    accumulation=cfg.gradient_accumulation_steps, precision=cfg.precision,
                    sequence_parallel=bool(p.sequence_parallel and p.tensor > 1))
@@ -52,6 +54,12 @@ class Layout:
     def replicas(self) -> int:
         """Ranks holding the same weights, over which ZeRO partitions and gradients reduce: data x context."""
         return self.data * self.context
+
+    @property
+    def experts_split(self) -> bool:
+        """Whether each expert's weights live on some ranks only (expert parallelism at ZeRO-1/2; ZeRO-0 and ZeRO-3 keep
+        every expert on every rank and split only the computation: megalite.engine.moe)."""
+        return self.expert > 1 and self.zero_stage in (1, 2)
 
     @property
     def global_batch(self) -> int:
@@ -90,4 +98,6 @@ class Layout:
                  f"ZeRO-{self.zero_stage}", f"micro-batch {self.micro_batch} x {self.accumulation}", self.precision]
         if self.context > 1:
             parts.insert(1, f"CP{self.context}")
+        if self.expert > 1:
+            parts.insert(-3, f"EP{self.expert}")
         return ", ".join(parts)

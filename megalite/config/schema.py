@@ -58,6 +58,47 @@ class Float8Config:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts layers (`model.moe`): which layers route each token to `top_k` of `num_experts` expert
+    FFNs, how the router scores and balances them, and whether an expert's capacity drops tokens.
+
+    Layer i is an MoE layer when i >= `first_dense_layers` and (i - first_dense_layers + 1) is a multiple of
+    `layer_interval` (Qwen's `decoder_sparse_step` convention); the other layers keep the dense MLP of
+    `model.ffn_hidden_size`. Experts use `model.mlp`'s activation and have no biases.
+    """
+
+    num_experts: int
+    top_k: int = 2
+    ffn_hidden_size: Optional[int] = None  # each routed expert's FFN width; None: the model's ffn size
+    # Shared experts (DeepSeek): dense FFNs every token passes through beside the routed ones, fused into one MLP of
+    # shared_experts x shared_ffn_hidden_size units.
+    shared_experts: int = 0
+    shared_ffn_hidden_size: Optional[int] = None  # None: the routed experts' width
+    first_dense_layers: int = 0
+    layer_interval: int = 1
+    # softmax: probabilities over all experts (Mixtral, Qwen, OLMoE); sigmoid: independent scores (DeepSeek-V3).
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    normalize_top_k: bool = True  # rescale the chosen experts' weights to sum to 1 (before routed_scaling)
+    routed_scaling: float = 1.0  # factor on the routed experts' combined output (DeepSeek-V3: 2.5)
+    # A per-expert bias added to the scores when choosing the top-k only (never to the weights): DeepSeek-V3's
+    # auxiliary-loss-free balancing. It is a buffer, updated after each optimizer step by bias_update_rate x
+    # sign(mean load - load) of the step's global token counts (0: kept as loaded).
+    expert_bias: bool = False
+    bias_update_rate: float = 0.0
+    aux_loss: float = 0.0  # coefficient of the Switch/GShard load-balancing loss E x sum_i f_i P_i, per MoE layer
+    router_z_loss: float = 0.0  # coefficient of the router z-loss mean(logsumexp(router logits)^2), per MoE layer
+    # None: dropless. A number c: each expert takes at most ceil(c x tokens x top_k / num_experts) of the tokens a
+    # rank routes in one call, those of highest router score first (earlier tokens first on ties); the rest of
+    # the assignments are dropped (the token keeps its residual, its other experts and the shared experts).
+    capacity_factor: Optional[float] = None
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer `index` (from 0) routes through experts."""
+        i = index - self.first_dense_layers
+        return i >= 0 and (i + 1) % self.layer_interval == 0
+
+
+@dataclass
 class ModelConfig:
     """Shape of a decoder-only Transformer (GPT-2 or Llama family)."""
 
@@ -90,6 +131,11 @@ class ModelConfig:
     z_loss: float = 0.0
     # FP8 training of the blocks' linears (None: the run's precision throughout).
     fp8: Optional[Float8Config] = None
+    # RMSNorm on queries and keys before RoPE: "head" normalises each head's vector with one weight of head_dim
+    # shared by the heads (Qwen3); "projection" normalises the whole q and k projections of a token, with weights
+    # of num_heads x head_dim and num_kv_heads x head_dim (OLMoE). None: no q/k norm.
+    qk_norm: Optional[Literal["head", "projection"]] = None
+    moe: Optional[MoEConfig] = None  # Mixture-of-Experts layers (None: every layer has the dense MLP)
 
     @property
     def kv_heads(self) -> int:
@@ -108,6 +154,22 @@ class ModelConfig:
         return 4 * self.hidden_size
 
     @property
+    def expert_ffn_size(self) -> int:
+        """Each routed expert's FFN width (model.moe.ffn_hidden_size, else the dense ffn size)."""
+        return (self.moe.ffn_hidden_size if self.moe and self.moe.ffn_hidden_size else None) or self.ffn_size
+
+    @property
+    def shared_ffn_size(self) -> int:
+        """The width of the fused shared-experts MLP (0 without shared experts)."""
+        if not self.moe or not self.moe.shared_experts:
+            return 0
+        return self.moe.shared_experts * (self.moe.shared_ffn_hidden_size or self.expert_ffn_size)
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer `index` has experts instead of the dense MLP."""
+        return self.moe is not None and self.moe.is_moe_layer(index)
+
+    @property
     def padded_vocab_size(self) -> int:
         """Vocabulary rounded up to `make_vocab_size_divisible_by`; independent of the TP degree."""
         m = self.make_vocab_size_divisible_by
@@ -123,6 +185,9 @@ class ParallelConfig:
     # Context parallelism (DeepSpeed-Ulysses): each sequence split into `context` contiguous chunks over a group of
     # ranks; attention all-to-alls to the whole sequence with heads / (tensor x context) heads per rank.
     context: int = 1
+    # Expert parallelism: each MoE layer's experts split over `expert` ranks that are data (and context) replicas of
+    # the dense weights; tokens travel to their experts by all-to-all (megalite.parallel.experts).
+    expert: int = 1
     sequence_parallel: bool = False
     pipeline_partition: Literal["parameters", "uniform"] = "parameters"
 

@@ -25,6 +25,7 @@ from megalite.config.schema import (
     Config,
     EvalTasksConfig,
     ModelConfig,
+    MoEConfig,
     ParallelConfig,
     nvme_offload,
 )
@@ -106,6 +107,7 @@ def model_errors(m: ModelConfig, tensor: int = 1) -> list[str]:
         errors.append(f"model.position: rope needs an even head dimension, got {m.head_dim}")
     errors.extend(rope_scaling_errors(m))
     errors.extend(fp8_errors(m))
+    errors.extend(moe_errors(m, tensor))
     if m.attention_dropout > 0:
         errors.append(
             f"model.attention_dropout: {m.attention_dropout} is not supported (megalite.kernels.attention has no "
@@ -146,6 +148,83 @@ def fp8_precision_errors(m: ModelConfig, precision: str) -> list[str]:
     return ["model.fp8: not available with deepspeed.fp16.enabled: the FP8 recipes (torchao's) scale every tensor "
             "themselves around bf16 or fp32 activations, and fp16 with DeepSpeed's loss scaler on top is untested "
             "(DeepSpeed refuses fp16 on the CPU, where megalite's FP8 tests run); use deepspeed.bf16"]
+
+
+# ----------------------------------------------------------------------------- Mixture-of-Experts (model.moe, parallel.expert)
+
+
+def moe_errors(m: ModelConfig, tensor: int = 1) -> list[str]:
+    """The rules of `model.moe` (and the q/k norm) for a model at tensor-parallel degree `tensor`."""
+    e: MoEConfig | None = m.moe
+    if e is None:
+        return []
+    errors: list[str] = []
+    _positive(errors, "model.moe.num_experts", e.num_experts)
+    _positive(errors, "model.moe.layer_interval", e.layer_interval)
+    _positive(errors, "model.moe.routed_scaling", e.routed_scaling)
+    for key in ("shared_experts", "first_dense_layers"):
+        _positive(errors, f"model.moe.{key}", getattr(e, key), allow_zero=True)
+    for key in ("aux_loss", "router_z_loss", "bias_update_rate"):
+        _positive(errors, f"model.moe.{key}", getattr(e, key), allow_zero=True)
+    for key in ("ffn_hidden_size", "shared_ffn_hidden_size", "capacity_factor"):
+        if getattr(e, key) is not None:
+            _positive(errors, f"model.moe.{key}", getattr(e, key))
+    if errors:  # the rules below divide and compare with these numbers
+        return errors
+    if not 1 <= e.top_k <= e.num_experts:
+        errors.append(f"model.moe.top_k: must be between 1 and model.moe.num_experts={e.num_experts}, got {e.top_k}")
+    if not any(m.is_moe_layer(i) for i in range(m.num_layers)):
+        errors.append(f"model.moe: no layer has experts with first_dense_layers={e.first_dense_layers} and "
+                      f"layer_interval={e.layer_interval} among model.num_layers={m.num_layers}")
+    if e.bias_update_rate > 0 and not e.expert_bias:
+        errors.append(f"model.moe.bias_update_rate: {e.bias_update_rate} updates the per-expert routing bias, which "
+                      "needs model.moe.expert_bias=true")
+    if m.expert_ffn_size % tensor:
+        errors.append(f"model.moe.ffn_hidden_size: the experts' {m.expert_ffn_size} units are not divisible by "
+                      f"parallel.tensor={tensor} (experts are tensor-parallel like the dense MLP)")
+    if m.shared_ffn_size % tensor:
+        errors.append(f"model.moe.shared_ffn_hidden_size: the shared experts' {m.shared_ffn_size} units "
+                      f"(shared_experts x width) are not divisible by parallel.tensor={tensor}")
+    return errors
+
+
+def expert_parallel_errors(cfg: Config, world_size: int | None = None) -> list[str]:
+    """The rules of `parallel.expert` (expert parallelism) and of MoE training for a run; with the world size, the
+    replica count."""
+    p, m, ds = cfg.parallel, cfg.model, cfg.deepspeed
+    fp16 = isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True
+    if m.moe is not None and fp16 and (m.moe.aux_loss or m.moe.router_z_loss):
+        return ["model.moe: the balancing losses (aux_loss, router_z_loss) with deepspeed.fp16 are refused: their "
+                "gradient is injected with the LM loss's factor, which under fp16 includes DeepSpeed's dynamic loss "
+                "scale, and that path is untested (fp16 does not run on the CPU test machines); use bf16"]
+    ep = p.expert
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+        return [f"parallel.expert: must be an integer > 0, got {ep!r}"]
+    if ep == 1:
+        return []
+    errors = []
+    if m.moe is None:
+        return [f"parallel.expert: {ep} splits experts over ranks, but the model has none (set model.moe)"]
+    if isinstance(m.moe.num_experts, int) and m.moe.num_experts > 0 and m.moe.num_experts % ep:
+        errors.append(f"model.moe.num_experts: {m.moe.num_experts} experts cannot be split evenly over "
+                      f"parallel.expert={ep} ranks")
+    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+    stage = zero.get("stage", 0)
+    if stage in (1, 2) and zero.get("reduce_scatter", True) is False:
+        errors.append(f"deepspeed.zero_optimization.reduce_scatter: false is refused with parallel.expert={ep} at "
+                      f"ZeRO-{stage}: DeepSpeed's ZeRO-1/2 reduce expert gradients over the expert-data-parallel "
+                      "ranks only on the reduce-scatter path (its MoE support asserts it); leave it true")
+    if stage == 2 and zero.get("contiguous_gradients", True) is False:
+        errors.append(f"deepspeed.zero_optimization.contiguous_gradients: false is refused with parallel.expert={ep} "
+                      "at ZeRO-2 (DeepSpeed's MoE support asserts contiguous gradients there); leave it true")
+    if world_size is not None and isinstance(p.tensor, int) and isinstance(p.pipeline, int) and p.tensor > 0 \
+            and p.pipeline > 0 and world_size % (p.tensor * p.pipeline) == 0:
+        replicas = world_size // (p.tensor * p.pipeline)
+        if replicas % ep:
+            errors.append(f"parallel.expert: {ep} does not divide the {replicas} data x context replicas of the dense "
+                          f"weights (world size {world_size} / (parallel.tensor x parallel.pipeline = {p.tensor} x "
+                          f"{p.pipeline})); expert-parallel ranks are such replicas")
+    return errors
 
 
 def kv_replication(kv_heads: int, context: int) -> int | None:
@@ -216,6 +295,10 @@ def eval_tasks_errors(e: EvalTasksConfig | None, parallel: ParallelConfig) -> li
         errors.append(f"train.eval_tasks: not available with parallel.context={parallel.context} (the harness's "
                       "requests have any length and generation uses the KV cache, which runs at context 1); "
                       "evaluate the saved checkpoint with `megalite eval --tasks`, which reads it at any layout")
+    if isinstance(parallel.expert, int) and parallel.expert > 1:
+        errors.append(f"train.eval_tasks: not available with parallel.expert={parallel.expert} (the harness runs "
+                      "requests on some ranks only, and expert parallelism needs every rank of an expert group in "
+                      "each forward); evaluate the saved checkpoint with `megalite eval --tasks`")
     if parallel.sequence_parallel and parallel.tensor > 1:
         errors.append("train.eval_tasks: not available with parallel.sequence_parallel at parallel.tensor="
                       f"{parallel.tensor} (the harness's requests have any length, and generation uses the KV cache, "
@@ -391,6 +474,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     except ValueError:
         errors.append(f"data.split: {shown(d.split)} must be three non-negative numbers with train > 0, e.g. '949,50,1'")
     errors.extend(eval_tasks_errors(t.eval_tasks, p))
+    errors.extend(expert_parallel_errors(cfg, world_size if numbers_ok else None))
     if (t.logging.profile_start_step is None) != (t.logging.profile_end_step is None):
         errors.append("train.logging.profile_start_step and profile_end_step must be given together")
     elif t.logging.profile_start_step is not None and t.logging.profile_end_step <= t.logging.profile_start_step:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from megalite.config import DEEPSPEED_SCHEDULERS, OPTIMIZERS, SCHEDULERS, Config, resolve_deepspeed
+from megalite.engine.moe import after_initialize, deepspeed_sees_experts, has_split_experts, moe_parameter_groups
 from megalite.errors import ConfigError
 from megalite.model.weights import parameter_groups
 
@@ -35,6 +36,8 @@ def build_optimizer(model: torch.nn.Module, spec: dict, offload: bool = False) -
     params = dict(spec.get("params", {}))
     lr = float(params.pop("lr", 1e-3))
     groups = parameter_groups(model, float(params.pop("weight_decay", 0.0)))
+    if has_split_experts(model):  # experts held per rank: DeepSpeed's MoE groups (megalite.engine.moe)
+        groups = moe_parameter_groups(groups)
     params.pop("torch_adam", None)  # DeepSpeed's switches for its own Adam; megalite always builds torch's
     params.pop("adam_w_mode", None)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
@@ -202,14 +205,16 @@ def build_engine(model: torch.nn.Module, cfg: Config, grid: Any, world_size: int
     ds_config = deepspeed_dict(cfg, world_size)
     if cfg.parallel.context > 1 and cfg.zero_stage == 3:
         partition_over_replicas(model, ds_config, grid)
-    engine, optimizer, _, schedule = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=schedule,
-        config=ds_config,
-        mpu=None if is_pipeline else grid,  # a PipelineModule brings its own topology
-        dist_init_required=False,
-    )
+    with deepspeed_sees_experts(model):  # ZeRO-1/2 reduce split experts over their group (megalite.engine.moe)
+        engine, optimizer, _, schedule = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=schedule,
+            config=ds_config,
+            mpu=None if is_pipeline else grid,  # a PipelineModule brings its own topology
+            dist_init_required=False,
+        )
+    after_initialize(engine)
     return engine, schedule
 
 

@@ -25,6 +25,7 @@ from megalite.config import Config
 from megalite.distributed import any_rank
 from megalite.engine.build import context_grad_scale
 from megalite.engine.metrics import StepTimer
+from megalite.engine.moe import aux_loss_scale, collect_statistics, set_aux_loss_scale, update_expert_biases
 from megalite.errors import MegaliteError
 from megalite.model import build_model, load_full_state_dict, tensor_parallel_group
 from megalite.model.pipeline import PipelineLoss, load_pipeline_state, pipeline_specs
@@ -46,6 +47,9 @@ class Strategy:
         self.cfg, self.grid, self.device = cfg, grid, device
         self.dp_size = grid.get_data_parallel_world_size()
         self.grad_norm: float | None = None  # set where DeepSpeed keeps none (ZeRO-0 fp32)
+        # The MoE blocks' statistics of the last step, summed over the ranks (megalite.engine.moe.collect_statistics);
+        # [] without MoE layers.
+        self.moe_statistics: list[dict] = []
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -71,6 +75,13 @@ class Strategy:
             out["document_ids"] = batch["document_ids"]
         return out
 
+    def after_step(self, engine: Any, skipped: bool) -> None:
+        """The MoE blocks' statistics of the step (a collective over the replicas), and the expert-bias update when
+        the step was applied."""
+        self.moe_statistics = collect_statistics(engine.module, self.grid, self.cfg.parallel.sequence_parallel)
+        if not skipped:
+            update_expert_biases(engine.module, self.moe_statistics)
+
     def refused_by_deepspeed(self, engine: Any, skipped_before: int) -> bool:
         """DeepSpeed skipped the last optimizer step for a non-finite gradient norm. Under fp16 its skips are
         the loss scaler's normal search for a scale, not failures, so they are not counted."""
@@ -81,8 +92,11 @@ class DenseStrategy(Strategy):
     """Tensor parallelism (and sequence parallelism) under DeepSpeed's ZeRO engine, data parallel around it."""
 
     def build_model(self) -> torch.nn.Module:
-        return build_model(self.cfg.model, self.cfg.parallel, self.grid, seed=self.cfg.train.seed,
-                           context_grad_scale=context_grad_scale(self.cfg))
+        scale = context_grad_scale(self.cfg)
+        model = build_model(self.cfg.model, self.cfg.parallel, self.grid, seed=self.cfg.train.seed,
+                            context_grad_scale=scale)
+        set_aux_loss_scale(model, aux_loss_scale(self.cfg, scale))
+        return model
 
     def load_full_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         load_full_state_dict(model, state, tensor_parallel_group(self.grid))
@@ -128,6 +142,7 @@ class DenseStrategy(Strategy):
             timer.lap("optimizer")
             if micro == ga - 1 and self.refused_by_deepspeed(engine, skipped_before):
                 skipped = True  # ZeRO's optimizers refuse a step whose gradient norm is not finite
+        self.after_step(engine, skipped)
         if skipped:
             return StepOutcome(float("nan"), True, agreed)
         mean = torch.stack(losses).mean()
@@ -162,6 +177,7 @@ class PipelineStrategy(Strategy):
             checkpointable_layers=["BlockPipe"],
         )
         loss_fn.bind(model)
+        set_aux_loss_scale(model, aux_loss_scale(cfg, loss_fn.context_grad_scale))
         return model
 
     def load_full_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -177,6 +193,7 @@ class PipelineStrategy(Strategy):
         loss = float(engine.train_batch(data_iter=self._micro_batches(batches)))
         timer.lap("pipeline")
         skipped = self.refused_by_deepspeed(engine, skipped_before)
+        self.after_step(engine, skipped)
         if not math.isfinite(loss) and not skipped:
             raise MegaliteError(f"non-finite loss {loss} and DeepSpeed applied the step")
         return StepOutcome(float("nan") if skipped else loss, skipped, tuple(any_rank(alerts(), self.device)))

@@ -38,6 +38,7 @@ from megalite.engine.metrics import (
     mean_document_length,
     plot_losses,
 )
+from megalite.engine.moe import replicate_experts
 from megalite.engine.preflight import plan_this_run, run_preflight
 from megalite.engine.strategy import strategy_for
 from megalite.errors import CheckpointError, ConfigError, MegaliteError
@@ -101,7 +102,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
 
         self.grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline,
-                                context=cfg.parallel.context)
+                                context=cfg.parallel.context, expert=cfg.parallel.expert,
+                                replicate_experts=replicate_experts(cfg))
         self.dp_rank, self.dp_size = self.grid.get_data_parallel_rank(), self.grid.get_data_parallel_world_size()
         self.strategy = strategy_for(cfg, self.grid, self.device)
         self._phase("building the data", self._build_data)

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 / Llama (and Mistral) import (`from_hf`) and export (`to_hf`), at any TP degree.
+"""Hugging Face GPT-2 / Llama (and Mistral) and Mixtral / Qwen3-MoE / OLMoE import (`from_hf`) and export (`to_hf`),
+at any TP degree.
 
 Import reads `config.json` and safetensors (single file or sharded with an index) directly, maps the
 tensors to megalite's canonical, TP-independent names (see `megalite.model.weights`), pads the
@@ -6,6 +7,14 @@ vocabulary to the model's multiple, and keeps this TP rank's shards. Export gath
 (a collective over the TP group), strips the padding and writes a directory that
 `transformers.AutoModelForCausalLM.from_pretrained` loads, with the tokenizer when known.
 transformers is imported only for export (to write its config classes).
+
+Mixture-of-Experts families: experts in transformers 5 are fused in memory (`mlp.experts.gate_up_proj` (E, 2I, H),
+gate rows first; `mlp.experts.down_proj` (E, H, I); router `mlp.gate.weight` (E, H)) and per expert on disk (Mixtral
+`block_sparse_moe.experts.{e}.w1|w3|w2.weight` and `block_sparse_moe.gate.weight`, Qwen3-MoE and OLMoE
+`mlp.experts.{e}.gate_proj|up_proj|down_proj.weight`); import reads either, export writes the on-disk names. Qwen3-MoE
+adds a per-head q/k RMSNorm (model.qk_norm='head'), OLMoE one over the whole q and k projections ('projection').
+Their auxiliary load-balancing loss is a training setting computed over all layers together (megalite's is per
+layer): import leaves model.moe.aux_loss at 0; set it when training.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megalite.config import ModelConfig, ParallelConfig, RopeScalingConfig
+from megalite.config import ModelConfig, MoEConfig, ParallelConfig, RopeScalingConfig
 from megalite.distributed import is_main
 from megalite.errors import CheckpointError, ConfigError
 from megalite.model import build_model
@@ -32,7 +41,8 @@ TOKENIZER_FILES = (
 )
 # Mistral is the Llama architecture (same tensor names) plus an optional sliding window, which megalite's
 # attention does not have: imported when the window never applies, exported as Llama.
-SUPPORTED = ("gpt2", "llama", "mistral")
+SUPPORTED = ("gpt2", "llama", "mistral", "mixtral", "qwen3_moe", "olmoe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
@@ -98,7 +108,7 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **ov
         if hf.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{kind} hidden_act={hf['hidden_act']!r} is not supported (megalite uses SwiGLU)")
         window, positions = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
-        if window is not None and window < positions:
+        if window is not None and window < positions and hf.get("use_sliding_window", True):
             raise CheckpointError(
                 f"{kind} sliding_window={window} < max_position_embeddings={positions}: megalite's attention has "
                 "no sliding window, so this model cannot be represented exactly"
@@ -109,7 +119,7 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **ov
             raise CheckpointError(
                 f"{kind} head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported"
             )
-        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)) and kind not in MOE_FAMILIES:
             raise CheckpointError(f"{kind} attention_bias != mlp_bias is not supported (megalite has one `bias` flag)")
         cfg = dict(
             vocab_size=hf["vocab_size"], hidden_size=h, num_layers=hf["num_hidden_layers"], num_heads=heads,
@@ -120,9 +130,54 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **ov
             bias=bool(hf.get("attention_bias", False)), tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
             init_std=hf.get("initializer_range", 0.02),
         )
+        if kind in MOE_FAMILIES:
+            cfg.update(_moe_fields_from_hf(kind, hf))
     cfg.update(hidden_dropout=0.0, attention_dropout=0.0, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     cfg.update(overrides)
     return ModelConfig(**cfg)
+
+
+def _moe_fields_from_hf(kind: str, hf: dict) -> dict[str, Any]:
+    """The ModelConfig fields of a Mixtral, Qwen3-MoE or OLMoE config beyond Llama's (CheckpointError, naming the key,
+    for what megalite cannot represent exactly)."""
+    layers = hf["num_hidden_layers"]
+    fields: dict[str, Any] = {}
+    # transformers names the count num_local_experts or num_experts by family and version (and maps one to the other).
+    count = hf.get("num_local_experts", hf.get("num_experts"))
+    if kind == "mixtral":
+        if hf.get("router_jitter_noise", 0.0):
+            raise CheckpointError(f"mixtral router_jitter_noise={hf['router_jitter_noise']} is not supported (megalite's "
+                                  "router adds no noise)")
+        experts, size, normalize, first_dense = count, hf["intermediate_size"], True, 0
+        interval = 1
+    elif kind == "qwen3_moe":
+        experts, size = count, hf["moe_intermediate_size"]
+        normalize, interval = bool(hf.get("norm_topk_prob", False)), int(hf.get("decoder_sparse_step", 1) or 1)
+        dense = sorted(hf.get("mlp_only_layers") or [])
+        first_dense = len(dense)
+        if dense != list(range(first_dense)) or (first_dense and interval != 1):
+            raise CheckpointError(f"qwen3_moe mlp_only_layers={dense} with decoder_sparse_step={interval} is not "
+                                  "supported: megalite's dense layers are the first ones (model.moe.first_dense_layers), "
+                                  "then every layer_interval-th")
+        fields["qk_norm"] = "head"
+        if bool(hf.get("attention_bias", False)) and first_dense:
+            raise CheckpointError("qwen3_moe attention_bias=true with dense layers (mlp_only_layers) is not supported "
+                                  "(megalite's `bias` flag would give their MLP biases too)")
+    else:  # olmoe
+        if hf.get("clip_qkv") is not None:
+            raise CheckpointError(f"olmoe clip_qkv={hf['clip_qkv']} is not supported (megalite does not clamp q, k, v)")
+        experts, size, normalize = count, hf["intermediate_size"], bool(hf.get("norm_topk_prob", False))
+        first_dense, interval = 0, 1
+        fields["qk_norm"] = "projection"
+    if not experts:
+        raise CheckpointError(f"{kind} has no experts (num_experts={experts}); import it as a dense model")
+    fields["moe"] = MoEConfig(num_experts=experts, top_k=hf["num_experts_per_tok"], ffn_hidden_size=size,
+                              first_dense_layers=first_dense, layer_interval=interval, normalize_top_k=normalize)
+    if first_dense or interval > 1:
+        fields["ffn_hidden_size"] = hf["intermediate_size"]  # the dense layers' MLP
+    if first_dense + interval > layers:
+        raise CheckpointError(f"{kind}: no layer has experts (mlp_only_layers / decoder_sparse_step)")
+    return fields
 
 
 class HFTensors(Mapping):
@@ -199,6 +254,16 @@ def _concat(*ts: torch.Tensor) -> torch.Tensor:
     return torch.cat(ts)
 
 
+def _stack_experts(*ts: torch.Tensor) -> torch.Tensor:
+    """Per-expert matrices -> (E, ...): (gate_e, up_e) pairs fused per expert when two matrices each are given."""
+    return torch.stack(ts)
+
+
+def _stack_gate_up(*ts: torch.Tensor) -> torch.Tensor:
+    """gate_0, up_0, gate_1, up_1, ... -> (E, 2I, H), gate rows first in each expert (Hugging Face's fused layout)."""
+    return torch.stack([torch.cat(ts[i:i + 2]) for i in range(0, len(ts), 2)])
+
+
 class MappedState(Mapping):
     """megalite's canonical state dict over Hugging Face tensors, each built when looked up.
 
@@ -273,12 +338,43 @@ def hf_to_megalite_state(cfg: ModelConfig, tensors: Mapping, arch: str, where: s
             for w in suffixes:
                 s[m + "attention.qkv." + w] = (_concat, tuple(get(p + f"self_attn.{x}_proj.{w}") for x in "qkv"))
                 s[m + "attention.proj." + w] = (_same, (get(p + f"self_attn.o_proj.{w}"),))
+                if cfg.is_moe_layer(i):
+                    continue
                 s[m + "mlp.fc." + w] = (_concat, tuple(get(p + f"mlp.{x}_proj.{w}") for x in ("gate", "up")))
                 s[m + "mlp.proj." + w] = (_same, (get(p + f"mlp.down_proj.{w}"),))
+            if cfg.qk_norm is not None:
+                for x in "qk":
+                    s[m + f"attention.{x}_norm.weight"] = (_same, (get(p + f"self_attn.{x}_norm.weight"),))
+            if cfg.is_moe_layer(i):
+                s.update(_hf_expert_recipes(cfg, arch, get, p, m))
         s["final_norm.weight"] = (_same, (get("model.norm.weight"),))
         if not cfg.tied_embeddings:
             s["output"] = (pad_vocab, (get("lm_head.weight"),))
     return MappedState(tensors, s)
+
+
+# Per-expert names on disk: (router, gate, up, down) with {e} for the expert (Mixtral's w1/w3/w2).
+_EXPERT_NAMES = {
+    "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.w1.weight",
+                "block_sparse_moe.experts.{e}.w3.weight", "block_sparse_moe.experts.{e}.w2.weight"),
+    "other": ("mlp.gate.weight", "mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight",
+              "mlp.experts.{e}.down_proj.weight"),
+}
+
+
+def _hf_expert_recipes(cfg: ModelConfig, arch: str, get: _Source, p: str, m: str) -> dict:
+    """The MoE layer's router and experts from the fused in-memory names or the per-expert names on disk."""
+    router, gate, up, down = _EXPERT_NAMES["mixtral" if arch == "mixtral" else "other"]
+    e = cfg.moe.num_experts
+    out = {m + "mlp.router.weight": (_same, (get(p + "mlp.gate.weight", p + router),))}
+    if p + "mlp.experts.gate_up_proj" in get.tensors:  # a model in memory (transformers 5 fuses its experts)
+        out[m + "mlp.experts.w_in"] = (_same, (get(p + "mlp.experts.gate_up_proj"),))
+        out[m + "mlp.experts.w_out"] = (_same, (get(p + "mlp.experts.down_proj"),))
+        return out
+    pairs = [get(p + name.format(e=j)) for j in range(e) for name in (gate, up)]
+    out[m + "mlp.experts.w_in"] = (_stack_gate_up, tuple(pairs))
+    out[m + "mlp.experts.w_out"] = (_stack_experts, tuple(get(p + down.format(e=j)) for j in range(e)))
+    return out
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
@@ -287,13 +383,49 @@ def hf_architecture(cfg: ModelConfig) -> str:
     if (c.norm, c.mlp, c.position) == ("layernorm", "gelu", "learned") and c.bias and c.tied_embeddings \
             and c.kv_heads == c.num_heads:
         return "gpt2"
+    if (c.norm, c.mlp, c.position) == ("rmsnorm", "swiglu", "rope") and c.moe is not None:
+        return _hf_moe_architecture(c)
     if (c.norm, c.mlp, c.position) == ("rmsnorm", "swiglu", "rope"):
+        if c.qk_norm is not None:
+            raise ConfigError(f"model.qk_norm: {c.qk_norm!r} without model.moe has no Hugging Face family here "
+                              "(megalite exports Llama without q/k norms)")
         return "llama"
     raise ConfigError(
         f"no Hugging Face architecture holds this model (norm={c.norm}, mlp={c.mlp}, position={c.position}, "
         f"bias={c.bias}, tied_embeddings={c.tied_embeddings}, kv_heads={c.kv_heads}); GPT-2 needs "
         "layernorm/gelu/learned/bias/tied/MHA, Llama needs rmsnorm/swiglu/rope"
     )
+
+
+def _hf_moe_architecture(c: ModelConfig) -> str:
+    """'mixtral', 'qwen3_moe' or 'olmoe' for an MoE model one of them holds exactly; ConfigError naming the key."""
+    e = c.moe
+    refuse = {"model.moe.shared_experts": e.shared_experts != 0, "model.moe.router": e.router != "softmax",
+              "model.moe.expert_bias": e.expert_bias, "model.moe.routed_scaling": e.routed_scaling != 1.0,
+              "model.moe.capacity_factor": e.capacity_factor is not None}
+    for key, bad in refuse.items():
+        if bad:
+            raise ConfigError(f"{key}: {getattr(e, key.rsplit('.', 1)[1])!r} has no counterpart in Mixtral, Qwen3-MoE "
+                              "or OLMoE (dropless softmax top-k routing without shared experts, bias or scaling)")
+    all_moe = e.first_dense_layers == 0 and e.layer_interval == 1
+    if c.qk_norm is None:
+        if not all_moe or not e.normalize_top_k or c.bias:
+            raise ConfigError("model.moe: Mixtral (no q/k norm) has experts in every layer, renormalised top-k "
+                              f"weights and no biases; got first_dense_layers={e.first_dense_layers}, layer_interval="
+                              f"{e.layer_interval}, normalize_top_k={e.normalize_top_k}, model.bias={c.bias}")
+        return "mixtral"
+    if c.qk_norm == "head":
+        if e.first_dense_layers and e.layer_interval != 1:
+            raise ConfigError(f"model.moe.layer_interval: {e.layer_interval} after first_dense_layers="
+                              f"{e.first_dense_layers} has no Qwen3-MoE counterpart (its sparse step counts from "
+                              "layer 0)")
+        if c.bias and e.first_dense_layers:
+            raise ConfigError("model.bias: Qwen3-MoE's dense layers have no MLP biases")
+        return "qwen3_moe"
+    if not all_moe:
+        raise ConfigError(f"model.moe.first_dense_layers/layer_interval: OLMoE has experts in every layer, got "
+                          f"{e.first_dense_layers}/{e.layer_interval}")
+    return "olmoe"
 
 
 def megalite_to_hf_state(cfg: ModelConfig, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -326,9 +458,21 @@ def megalite_to_hf_state(cfg: ModelConfig, s: dict[str, torch.Tensor]) -> dict[s
                 for x, t in zip("qkv", s[m + "attention.qkv." + w].split([q, kv, kv])):
                     out[p + f"self_attn.{x}_proj.{w}"] = t
                 out[p + f"self_attn.o_proj.{w}"] = s[m + "attention.proj." + w]
+                if cfg.is_moe_layer(i):
+                    continue
                 gate, up = s[m + "mlp.fc." + w].split([f, f])
                 out[p + f"mlp.gate_proj.{w}"], out[p + f"mlp.up_proj.{w}"] = gate, up
                 out[p + f"mlp.down_proj.{w}"] = s[m + "mlp.proj." + w]
+            if cfg.qk_norm is not None:
+                for x in "qk":
+                    out[p + f"self_attn.{x}_norm.weight"] = s[m + f"attention.{x}_norm.weight"]
+            if cfg.is_moe_layer(i):
+                router, gate_name, up_name, down_name = _EXPERT_NAMES["mixtral" if arch == "mixtral" else "other"]
+                out[p + router] = s[m + "mlp.router.weight"]
+                size = cfg.expert_ffn_size
+                for j, (w_in, w_out) in enumerate(zip(s[m + "mlp.experts.w_in"], s[m + "mlp.experts.w_out"])):
+                    out[p + gate_name.format(e=j)], out[p + up_name.format(e=j)] = w_in.split([size, size])
+                    out[p + down_name.format(e=j)] = w_out
         out["model.norm.weight"] = s["final_norm.weight"]
         if not cfg.tied_embeddings:
             out["lm_head.weight"] = s["output"][:v]
@@ -359,6 +503,8 @@ def hf_config_dict(cfg: ModelConfig, base: Optional[dict] = None) -> Any:
         if r.type == "llama3":
             rope.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
                         original_max_position_embeddings=r.original_max_position_embeddings)
+    if arch in MOE_FAMILIES:
+        return _hf_moe_config(cfg, arch, rope, keep)
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
@@ -367,6 +513,34 @@ def hf_config_dict(cfg: ModelConfig, base: Optional[dict] = None) -> Any:
         tie_word_embeddings=cfg.tied_embeddings, initializer_range=cfg.init_std, rope_parameters=rope,
         rope_theta=cfg.rope_theta, architectures=["LlamaForCausalLM"], **keep,
     )
+
+
+def _hf_moe_config(cfg: ModelConfig, arch: str, rope: dict, keep: dict) -> Any:
+    """The transformers config of a Mixtral, Qwen3-MoE or OLMoE model."""
+    import transformers
+
+    e = cfg.moe
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+        attention_dropout=cfg.attention_dropout, tie_word_embeddings=cfg.tied_embeddings,
+        initializer_range=cfg.init_std, rope_parameters=rope, num_experts_per_tok=e.top_k,
+        output_router_logits=False, **keep,
+    )
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**common, intermediate_size=cfg.expert_ffn_size, head_dim=cfg.head_dim,
+                                          num_local_experts=e.num_experts, sliding_window=None,
+                                          architectures=["MixtralForCausalLM"])
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common, intermediate_size=cfg.ffn_size, moe_intermediate_size=cfg.expert_ffn_size,
+            head_dim=cfg.head_dim, num_experts=e.num_experts, norm_topk_prob=e.normalize_top_k,
+            decoder_sparse_step=e.layer_interval, mlp_only_layers=list(range(e.first_dense_layers)),
+            attention_bias=cfg.bias, use_sliding_window=False, architectures=["Qwen3MoeForCausalLM"])
+    return transformers.OlmoeConfig(**common, intermediate_size=cfg.expert_ffn_size, num_experts=e.num_experts,
+                                    norm_topk_prob=e.normalize_top_k, attention_bias=cfg.bias, clip_qkv=None,
+                                    architectures=["OlmoeForCausalLM"])
 
 
 # ----------------------------------------------------------------------------- public API

@@ -1,6 +1,6 @@
 """Public kernel functions and the one place where the backend is chosen.
 
-The model calls only `attention`, `layer_norm` and `rms_norm` from here. Backends:
+The model calls only `attention`, `layer_norm`, `rms_norm` and `grouped_mm` from here. Backends:
 
 - `auto`: Triton for CUDA tensors (when triton imports), torch for everything else.
 - `torch`: `F.scaled_dot_product_attention`, `F.layer_norm`, `F.rms_norm`.
@@ -9,6 +9,10 @@ The model calls only `attention`, `layer_norm` and `rms_norm` from here. Backend
   anything else is a `KernelBackendError`, never a silent fallback.
 - `apex`: NVIDIA apex's fused norms (only where apex imports); apex has no attention kernel, so
   attention uses torch SDPA under this backend (by design, documented here).
+
+`grouped_mm` (the experts of an MoE layer) is torch's in every backend: `torch._grouped_mm`, one kernel for all
+experts, where it runs (`grouped_mm_runs` says where), else one matmul per expert; `GROUPED_MM_BACKENDS` names
+both for tests and benchmarks.
 
 Importing this module imports neither triton nor apex and touches no GPU driver; the
 Triton modules are imported on first use. `kernel_calls()` counts Triton launches, so tests
@@ -191,12 +195,58 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+GROUPED_MM_BACKENDS = ("auto", "grouped", "loop")
+
+
+def grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs `grouped_mm(x, w, ...)`: torch has it, both tensors are bf16 (on a CUDA GPU
+    of compute capability 9.0 or newer, torch's grouped GEMM kernels), or bf16/fp32 on the CPU (measured: torch 2.13
+    runs both there; not float64), at least one row, and rows of both operands a multiple of 16 bytes long (its
+    stride rule)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or x.device != w.device or x.shape[0] == 0:
+        return False
+    if x.is_cuda:
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+            return False
+    elif x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    return (x.shape[-1] * x.element_size()) % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Consecutive row groups of `x` (A, K), `counts[g]` rows each (sum A), each times its own matrix `w[g]` (K, N)
+    -> (A, N). `w` may be a transposed view of (G, N, K) weights. Every w[g] takes part in the graph even with no
+    rows, so its gradient is zeros rather than missing (data-parallel reductions expect every gradient).
+
+    backend: 'auto' (grouped where `grouped_mm_runs`, else the loop), 'grouped' (torch._grouped_mm; raises where
+    it cannot run) or 'loop' (one matmul per group)."""
+    if backend not in GROUPED_MM_BACKENDS:
+        raise ValueError(f"unknown grouped_mm backend {backend!r}; valid: {', '.join(GROUPED_MM_BACKENDS)}")
+    if backend == "grouped" or (backend == "auto" and grouped_mm_runs(x, w)):
+        if not grouped_mm_runs(x, w):
+            raise KernelBackendError(f"torch._grouped_mm cannot run on {x.dtype} {x.device.type} tensors of shapes "
+                                     f"{tuple(x.shape)} x {tuple(w.shape)} here (see grouped_mm_runs)")
+        ends = counts.to(device=x.device).cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x.contiguous(), w, offs=ends)
+    outs = [x[start:start + n] @ w[g] for g, (start, n) in enumerate(_group_bounds(counts))]
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+
+
+def _group_bounds(counts: torch.Tensor) -> list[tuple[int, int]]:
+    sizes = [int(n) for n in counts.tolist()]
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    return list(zip(starts, sizes))
+
+
 __all__ = [
     "BACKENDS",
+    "GROUPED_MM_BACKENDS",
     "KernelBackendError",
     "attention",
     "attention_torch",
     "get_backend",
+    "grouped_mm",
+    "grouped_mm_runs",
     "kernel_calls",
     "layer_norm",
     "reset_kernel_calls",

@@ -27,6 +27,18 @@ def context_parallel_group(grid: Any) -> Optional[torch.distributed.ProcessGroup
     return grid.get_sequence_parallel_group()
 
 
+def expert_parallel_group(grid: Any) -> Optional[torch.distributed.ProcessGroup]:
+    """The expert-parallel process group of `grid`, or None when there is no grid or expert parallelism is 1."""
+    if grid is None or getattr(grid, "get_expert_parallel_world_size", lambda: 1)() == 1:
+        return None
+    return grid.get_expert_parallel_group()
+
+
+def replicate_experts(grid: Any) -> bool:
+    """Whether every rank holds every expert's weights (the grid says so at ZeRO-0 and ZeRO-3; megalite.engine.moe)."""
+    return bool(getattr(grid, "replicate_experts", False))
+
+
 def build_model(
     model_cfg: ModelConfig,
     parallel_cfg: Optional[ParallelConfig] = None,
@@ -48,9 +60,13 @@ def build_model(
     cp = grid.get_sequence_parallel_world_size() if grid is not None else 1
     if grid is not None and parallel_cfg.context != cp:
         raise ConfigError(f"parallel.context={parallel_cfg.context} but the process grid has context parallelism {cp}")
+    ep = grid.get_expert_parallel_world_size() if grid is not None else 1
+    if grid is not None and parallel_cfg.expert != ep:
+        raise ConfigError(f"parallel.expert={parallel_cfg.expert} but the process grid has expert parallelism {ep}")
     group = tensor_parallel_group(grid)
     model = Transformer(model_cfg, parallel_cfg, group, device=device, dtype=dtype,
-                        context_group=context_parallel_group(grid), context_grad_scale=context_grad_scale)
+                        context_group=context_parallel_group(grid), context_grad_scale=context_grad_scale,
+                        expert_group=expert_parallel_group(grid), replicate_experts=replicate_experts(grid))
     if torch.device(device or "cpu").type != "meta":
         initialize_parameters(model, seed, group)
     tp_rank = grid.get_tensor_model_parallel_rank() if grid is not None else 0
@@ -65,6 +81,8 @@ __all__ = [
     "KVCache",
     "tensor_parallel_group",
     "context_parallel_group",
+    "expert_parallel_group",
+    "replicate_experts",
     "full_state_dict",
     "full_grads",
     "load_full_state_dict",

@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 import torch
 
 from megalite.config import ModelConfig, ParallelConfig, check_model
-from megalite.model import context_parallel_group, tensor_parallel_group
+from megalite.model import context_parallel_group, expert_parallel_group, replicate_experts, tensor_parallel_group
 from megalite.model.transformer import (
     Block,
     Embedding,
@@ -91,7 +91,8 @@ class BlockPipe(_Canonical, Block):
 
     def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int, index: int) -> None:
         group = tensor_parallel_group(grid)
-        super().__init__(cfg, group, sp, context_group=context_parallel_group(grid))
+        super().__init__(cfg, group, sp, context_group=context_parallel_group(grid), index=index,
+                         expert_group=expert_parallel_group(grid), replicate_experts=replicate_experts(grid))
         self.canonical_prefix = f"layers.{index}."
         self.rope_config = cfg if cfg.position == "rope" else None
         initialize_parameters(self, seed, group, self.canonical_name)

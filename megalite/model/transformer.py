@@ -10,6 +10,10 @@ group of cp ranks) every T above is this rank's contiguous chunk T/cp of the seq
 
 Attention and norms go through `megalite.kernels` only, so the kernel backend is one switch. The blocks' linears
 run their matmuls in float8 where `model.fp8` lists them (`fp8_recipe`; the parallel layers do the rest).
+
+Mixture-of-Experts: on the layers `model.moe` names, the block's MLP is an MoE block (megalite.model.moe: router,
+routed experts split over an expert-parallel group, shared experts); the model learns of expert parallelism only
+through the expert group it hands to that block's parallel layer.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from megalite import kernels
 from megalite.config import ModelConfig, ParallelConfig, check_model
 from megalite.errors import DataError
+from megalite.model.moe import MoE
 from megalite.parallel.context import ContextParallelAttention, context_chunk, context_parallel_mean, gather_context
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.fp8 import Float8Recipe
@@ -36,6 +41,7 @@ from megalite.parallel.layers import (
 )
 from megalite.parallel.mappings import (
     Group,
+    all_reduce_both_ways,
     copy_to_tensor_parallel,
     gather_from_sequence_parallel,
     gather_from_tensor_parallel,
@@ -138,6 +144,37 @@ class KVCache:
         return self.keys[0].shape[2] if self.keys else 0
 
 
+class QKNorm(torch.nn.Module):
+    """RMSNorm of queries or keys before RoPE (model.qk_norm). 'head': over each head's vector, one weight of head_dim
+    shared by the heads (Qwen3); 'projection': over the token's whole projection of `heads` heads, a weight per
+    feature (OLMoE), split across TP like the heads (the sum of squares is added over the group)."""
+
+    def __init__(self, cfg: ModelConfig, heads: int, group: Group, device=None, dtype=None) -> None:
+        super().__init__()
+        self.kind, self.eps, self.group = cfg.qk_norm, cfg.norm_eps, group
+        self.tp = group_size(group)
+        if self.kind == "head":
+            self.weight = _replicated(torch.nn.Parameter(torch.empty(cfg.head_dim, device=device, dtype=dtype)), "ones")
+        else:
+            self.features = heads * cfg.head_dim
+            local = self.features // self.tp
+            self.weight = torch.nn.Parameter(torch.empty(local, device=device, dtype=dtype))
+            set_tensor_parallel_attributes(self.weight, True, 0)
+            set_init(self.weight, "ones")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, local heads, D)."""
+        if self.kind == "head":
+            # Every rank's heads use the one weight: its gradient is summed over the tensor-parallel group.
+            w = sync_grad_across_tensor_parallel(self.weight, self.group) if self.tp > 1 else self.weight
+            return kernels.rms_norm(x, w, self.eps)
+        shape = x.shape
+        xf = x.reshape(*shape[:2], -1).float()
+        squares = all_reduce_both_ways(xf.pow(2).sum(-1, keepdim=True), self.group)
+        y = xf * torch.rsqrt(squares / self.features + self.eps)
+        return (self.weight * y.to(x.dtype)).view(shape)
+
+
 class Attention(torch.nn.Module):
     """Causal self-attention, heads split across TP ranks (whole KV heads per rank); with a context group, over the
     whole sequence of which this rank holds a chunk."""
@@ -159,6 +196,10 @@ class Attention(torch.nn.Module):
             q, cfg.hidden_size, bias=cfg.bias, group=group, sequence_parallel=sequence_parallel,
             init_std=out_std, fp8=fp8_recipe(cfg, "attention.proj"), device=device, dtype=dtype,
         )
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm is not None:
+            self.q_norm = QKNorm(cfg, cfg.num_heads, group, device, dtype)
+            self.k_norm = QKNorm(cfg, cfg.kv_heads, group, device, dtype)
         self.context = None  # attention over a sequence split across the context group
         if group_size(context_group) > 1:
             self.context = ContextParallelAttention(kernels.attention, context_group, self.heads, self.kv_heads)
@@ -175,8 +216,11 @@ class Attention(torch.nn.Module):
         b, t, _ = qkv.shape
         d = self.head_dim
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = q.view(b, t, self.heads, d).transpose(1, 2)  # (B, h, T, D)
-        k = k.view(b, t, self.kv_heads, d).transpose(1, 2)  # (B, kvh, T, D)
+        q, k = q.view(b, t, self.heads, d), k.view(b, t, self.kv_heads, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # (B, h, T, D)
+        k = k.transpose(1, 2)  # (B, kvh, T, D)
         v = v.view(b, t, self.kv_heads, d).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -202,11 +246,13 @@ class Attention(torch.nn.Module):
 
 
 class MLP(torch.nn.Module):
-    """GELU (tanh approximation, as GPT-2) or SwiGLU feed-forward, hidden units split across TP."""
+    """GELU (tanh approximation, as GPT-2) or SwiGLU feed-forward, hidden units split across TP (`ffn` of them: the
+    model's ffn size unless given, as for an MoE block's shared experts)."""
 
-    def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None) -> None:
+    def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None,
+                 ffn: Optional[int] = None) -> None:
         super().__init__()
-        f = cfg.ffn_size
+        f = ffn or cfg.ffn_size
         self.swiglu = cfg.mlp == "swiglu"
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         # SwiGLU fuses gate and up projections as two blocks, each split across ranks.
@@ -231,15 +277,25 @@ class MLP(torch.nn.Module):
 
 
 class Block(torch.nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); layer `index`'s MLP is an MoE block where
+    `model.moe` says so (its experts split over `expert_group`; every rank holding all of them if
+    `replicate_experts`)."""
 
     def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None,
-                 context_group: Group = None) -> None:
+                 context_group: Group = None, index: int = 0, expert_group: Group = None,
+                 replicate_experts: bool = False) -> None:
         super().__init__()
         self.norm1 = Norm(cfg, group, sequence_parallel, device, dtype)
         self.attention = Attention(cfg, group, sequence_parallel, device, dtype, context_group)
         self.norm2 = Norm(cfg, group, sequence_parallel, device, dtype)
-        self.mlp = MLP(cfg, group, sequence_parallel, device, dtype)
+        if cfg.is_moe_layer(index):
+            shared = MLP(cfg, group, sequence_parallel, device, dtype, cfg.shared_ffn_size) if cfg.shared_ffn_size \
+                else None
+            self.mlp: torch.nn.Module = MoE(cfg, group, sequence_parallel, device, dtype, context_group=context_group,
+                                            expert_group=expert_group, replicate_experts=replicate_experts,
+                                            shared=shared)
+        else:
+            self.mlp = MLP(cfg, group, sequence_parallel, device, dtype)
         self.dropout = cfg.hidden_dropout
         # Dropout on sequence shards must differ per TP rank; on replicated activations it must not.
         self.split_rng = sequence_parallel and group_size(group) > 1
@@ -314,6 +370,8 @@ class Transformer(torch.nn.Module):
         dtype: Optional[torch.dtype] = None,
         context_group: Group = None,
         context_grad_scale: float = 1.0,
+        expert_group: Group = None,
+        replicate_experts: bool = False,
     ) -> None:
         super().__init__()
         parallel = parallel or ParallelConfig()
@@ -327,8 +385,8 @@ class Transformer(torch.nn.Module):
         sp = parallel.sequence_parallel and self.tp_size > 1
         self.sequence_parallel = sp
         self.embedding = Embedding(cfg, group, sp, device, dtype)
-        self.layers = torch.nn.ModuleList(Block(cfg, group, sp, device, dtype, self.context_group)
-                                          for _ in range(cfg.num_layers))
+        self.layers = torch.nn.ModuleList(Block(cfg, group, sp, device, dtype, self.context_group, i, expert_group,
+                                                replicate_experts) for i in range(cfg.num_layers))
         self.final_norm = Norm(cfg, group, sp, device, dtype)
         if cfg.tied_embeddings:
             self.register_parameter("output", None)

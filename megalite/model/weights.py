@@ -20,7 +20,7 @@ import torch
 
 from megalite.parallel.layers import VocabParallelEmbedding, set_init, set_tensor_parallel_attributes  # noqa: F401
 from megalite.parallel.mappings import Group, group_rank, group_size
-from megalite.parallel.sharding import full_shape, gather_tensor, shard_tensor
+from megalite.parallel.sharding import full_shape, gather_experts, gather_tensor, shard_tensor
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -94,14 +94,16 @@ def initialize_parameters(
 
 
 def full_state_dict(module: torch.nn.Module, group: Group = None) -> dict[str, torch.Tensor]:
-    """Gathered (unsharded) parameters by name, on every TP rank (a collective over `group`)."""
-    return {name: gather_tensor(p, p, group) for name, p in module.named_parameters()}
+    """Gathered (unsharded) parameters by name, on every TP rank (a collective over `group`, and over the
+    expert-parallel group of expert weights split over one)."""
+    return {name: gather_experts(gather_tensor(p, p, group), p) for name, p in module.named_parameters()}
 
 
 def full_grads(module: torch.nn.Module, group: Group = None) -> dict[str, Optional[torch.Tensor]]:
     """Gathered (unsharded) gradients by name (None where a parameter has none)."""
-    # Whether a gradient exists is the same on every TP rank, so the collectives stay matched.
-    return {n: gather_tensor(p.grad, p, group) if p.grad is not None else None for n, p in module.named_parameters()}
+    # Whether a gradient exists is the same on every TP (and expert-parallel) rank, so the collectives stay matched.
+    return {n: gather_experts(gather_tensor(p.grad, p, group), p) if p.grad is not None else None
+            for n, p in module.named_parameters()}
 
 
 @torch.no_grad()

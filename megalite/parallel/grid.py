@@ -1,4 +1,4 @@
-"""The process grid: tensor (TP), context (CP), pipeline (PP) and data (DP) ranks and their groups.
+"""The process grid: tensor (TP), context (CP), pipeline (PP), data (DP) and expert (EP) ranks and their groups.
 
 Built on DeepSpeed's own `PipeModelDataParallelTopology` and `PipelineParallelGrid`, so one object
 is both the `mpu` handed to `deepspeed.initialize` (ZeRO then shards over data x context ranks, the
@@ -16,6 +16,17 @@ The mpu answers DeepSpeed's Ulysses questions (`get_sequence_parallel_*`: the CP
 context and, mostly, sums the context ranks' contributions (megalite.engine.build.context_grad_scale says
 where DeepSpeed averages them instead); `get_data_parallel_*` is the pure data-parallel group (batch
 arithmetic, the sampler, loss averages).
+
+Expert parallelism (`expert` = ep) is folded into the data x context replicas, as DeepSpeed folds it into its data
+axis: the expert-parallel group of a rank is ep replicas of consecutive replica index (replica index = data x
+context + context rank) with the same pipeline stage and tensor-parallel rank; the expert-data-parallel group holds
+the replicas with the same index modulo ep (the ranks that hold the same experts). These are DeepSpeed's E + M + D
+groups (`deepspeed.utils.groups._get_expert_parallel_ranks`, tested equal), created here because DeepSpeed's own
+constructors take the data-parallel size from the mpu, which excludes the context ranks, and registered in
+DeepSpeed's group registry under its name `ep_size_<ep>`: its engine broadcasts and reduces, and its ZeRO-1/2
+partition, the parameters marked with that `group_name` over the expert-data-parallel group.
+`replicate_experts` tells the model to hold every expert on every rank instead (the engine's choice at ZeRO-0 and
+ZeRO-3; megalite.engine.moe).
 """
 
 from __future__ import annotations
@@ -40,7 +51,8 @@ def _init_deepspeed_comm() -> None:
 class ProcessGrid(PipelineParallelGrid):
     """TP x CP x PP x DP process groups with the full DeepSpeed `mpu` interface (Ulysses included)."""
 
-    def __init__(self, tensor: int = 1, pipeline: int = 1, context: int = 1) -> None:
+    def __init__(self, tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int = 1,
+                 replicate_experts: bool = False) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ProcessGrid needs torch.distributed to be initialised first")
         world = dist.get_world_size()
@@ -49,6 +61,9 @@ class ProcessGrid(PipelineParallelGrid):
                 f"world size {world} is not divisible by parallel.tensor x parallel.context x parallel.pipeline = "
                 f"{tensor} x {context} x {pipeline}"
             )
+        if expert < 1 or (world // (tensor * pipeline)) % expert:
+            raise ConfigError(f"parallel.expert: {expert} does not divide the {world // (tensor * pipeline)} data x "
+                              "context replicas")
         _init_deepspeed_comm()
         replicas = world // (tensor * pipeline)  # DeepSpeed's data axis: data x context
         topo = PipeModelDataParallelTopology(num_pp=pipeline, num_mp=tensor, num_dp=replicas)
@@ -57,6 +72,8 @@ class ProcessGrid(PipelineParallelGrid):
         self.tp_ranks: list[int] = list(self.slice_group)
         self.cp_size = context
         self._build_context_groups(tensor, pipeline, context, replicas // context)
+        self.replicate_experts = replicate_experts
+        self._build_expert_groups(tensor, pipeline, expert, replicas)
 
     def _build_context_groups(self, tensor: int, pipeline: int, context: int, data: int) -> None:
         """The context groups and the pure data-parallel groups inside DeepSpeed's data axis (every rank creates
@@ -83,6 +100,43 @@ class ProcessGrid(PipelineParallelGrid):
                     group = dist.new_group(ranks=ranks)
                     if self.global_rank in ranks:
                         self.pure_dp_proc_group, self.pure_dp_ranks = group, ranks
+
+    def _build_expert_groups(self, tensor: int, pipeline: int, expert: int, replicas: int) -> None:
+        """The expert-parallel and expert-data-parallel groups (module docstring), registered with DeepSpeed."""
+        replica = self._topo.get_coord(self.global_rank).data
+        self.ep_size, self.ep_rank = expert, replica % expert
+        if expert == 1:
+            self.ep_proc_group, self.ep_ranks = None, [self.global_rank]
+            self.edp_proc_group, self.edp_ranks = self.dp_proc_group, list(self.dp_group)
+            return
+
+        def rank(pipe: int, replica: int, tp: int) -> int:
+            return self._topo.get_rank(pipe=pipe, data=replica, model=tp)
+
+        for pipe in range(pipeline):
+            for tp in range(tensor):
+                for g in range(replicas // expert):
+                    ranks = [rank(pipe, g * expert + j, tp) for j in range(expert)]
+                    group = dist.new_group(ranks=ranks)
+                    if self.global_rank in ranks:
+                        self.ep_proc_group, self.ep_ranks = group, ranks
+                for j in range(expert):
+                    ranks = [rank(pipe, g * expert + j, tp) for g in range(replicas // expert)]
+                    group = dist.new_group(ranks=ranks)
+                    if self.global_rank in ranks:
+                        self.edp_proc_group, self.edp_ranks = group, ranks
+        self._register_expert_groups_with_deepspeed()
+
+    def _register_expert_groups_with_deepspeed(self) -> None:
+        """Put this grid's groups where DeepSpeed looks them up by name (its constructors would skip a name that a
+        grid built earlier in the process registered: the latest grid wins here)."""
+        from deepspeed.utils import groups as ds_groups
+
+        name = f"ep_size_{self.ep_size}"  # megalite.parallel.experts.deepspeed_expert_group_name
+        ds_groups._EXPERT_PARALLEL_GROUP[name] = self.ep_proc_group
+        ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = list(self.ep_ranks)
+        ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = self.edp_proc_group
+        ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = list(self.edp_ranks)
 
     # ---- the names megalite uses
     @property
@@ -150,6 +204,22 @@ class ProcessGrid(PipelineParallelGrid):
     def get_sequence_data_parallel_rank(self) -> int:
         return self.data_parallel_id
 
+    # ---- expert parallelism (inside the data x context replicas)
+    def get_expert_parallel_group(self) -> dist.ProcessGroup | None:
+        return self.ep_proc_group
+
+    def get_expert_parallel_world_size(self) -> int:
+        return self.ep_size
+
+    def get_expert_parallel_rank(self) -> int:
+        return self.ep_rank
+
+    def get_expert_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.edp_proc_group
+
+    def get_expert_data_parallel_world_size(self) -> int:
+        return len(self.edp_ranks)
+
     @property
     def pp_rank(self) -> int:
         return self.get_pipe_parallel_rank()
@@ -174,5 +244,6 @@ class ProcessGrid(PipelineParallelGrid):
     def __repr__(self) -> str:
         return (
             f"ProcessGrid(rank={self.global_rank}, tp={self.tp_rank}/{self.tp_size}, "
-            f"cp={self.cp_rank}/{self.cp_size}, pp={self.pp_rank}/{self.pp_size}, dp={self.dp_rank}/{self.dp_size})"
+            f"cp={self.cp_rank}/{self.cp_size}, pp={self.pp_rank}/{self.pp_size}, dp={self.dp_rank}/{self.dp_size}, "
+            f"ep={self.ep_rank}/{self.ep_size})"
         )

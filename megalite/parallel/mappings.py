@@ -10,6 +10,8 @@ torch.distributed. Pairs (forward -> backward):
     scatter_to_sequence_parallel    split seq dim   -> all-gather seq dim
     gather_from_sequence_parallel   all-gather seq  -> reduce-scatter seq (or split)
     reduce_scatter_to_sequence_parallel  reduce-scatter seq -> all-gather seq
+    all_reduce_both_ways            all-reduce      -> all-reduce (a sum every rank's result depends on)
+    all_to_all                      all-to-all      -> all-to-all with the splits swapped (expert dispatch)
 
 Collectives never write into their input: autograd may hand the same gradient tensor to two
 branches (an add's backward does), so reducing it in place would corrupt the other branch.
@@ -152,6 +154,23 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return _gather(grad, ctx.dim, ctx.group), None, None, None
 
 
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, send, recv, group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return _all_to_all(x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group: Group) -> torch.Tensor:
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    return out
+
+
 def copy_to_tensor_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Identity forward; all-reduce of the gradient across `group` backward."""
     return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
@@ -194,6 +213,20 @@ def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group: Group, dim: int 
     if group_size(group) == 1:
         return x if dtype is None else x.to(dtype)
     return _ReduceScatterToSP.apply(x, group, dim, dtype)
+
+
+def all_reduce_both_ways(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Sum over `group` forward, and sum the gradient over `group` backward: for a partial sum (say of squares
+    over a tensor-parallel split of features) whose total every rank then uses."""
+    return copy_to_tensor_parallel(reduce_from_tensor_parallel(x, group), group)
+
+
+def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Group) -> torch.Tensor:
+    """Rows of `x` (dim 0) in `len(group)` consecutive blocks of `send_splits` rows, block r to rank r; returns
+    the blocks received, `recv_splits[r]` rows from rank r, in rank order. Backward sends the gradients home."""
+    if group_size(group) == 1:
+        return x
+    return _AllToAll.apply(x, list(send_splits), list(recv_splits), group)
 
 
 def sync_grad_across_tensor_parallel(param: torch.Tensor, group: Group) -> torch.Tensor:

@@ -6,6 +6,11 @@ Every parameter carries its sharding description, set where it is created (paral
 ranks and a rank's shard is the concatenation of its pieces, so the full (canonical, TP-independent)
 layout is simply the blocks one after another. Model initialisation, checkpoint consolidation and export
 all use these functions.
+
+Stacked expert weights may also be split over an expert-parallel group along dimension 0 (`megalite_experts`, an
+`ExpertShard`, set by megalite.parallel.experts): the full tensor holds every expert, a rank its contiguous range.
+`full_shape` and `shard_tensor` include that split; `gather_tensor` gathers the tensor-parallel split only and
+`gather_experts` the expert split.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megalite.parallel.experts import expert_shard
 from megalite.parallel.mappings import Group, group_size
 
 
@@ -26,6 +32,9 @@ def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
     shape = list(param.shape)
     if is_tensor_parallel(param):
         shape[param.partition_dim] *= tp_size
+    experts = expert_shard(param)
+    if experts is not None:
+        shape[0] = experts.total
     return tuple(shape)
 
 
@@ -35,7 +44,10 @@ def _segments(param: torch.Tensor, full_len: int) -> list[int]:
 
 
 def shard_tensor(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This rank's shard of `full` laid out like `param`."""
+    """This rank's shard of `full` laid out like `param` (its experts, then its tensor-parallel shard)."""
+    experts = expert_shard(param)
+    if experts is not None:
+        full = full.narrow(0, experts.first, experts.local)
     if not is_tensor_parallel(param) or size == 1:
         return full
     dim = param.partition_dim
@@ -76,3 +88,15 @@ def gather_tensor(local: torch.Tensor, param: torch.Tensor, group: Group) -> tor
     shards = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(shards, local, group=group)
     return unshard_tensors(shards, param)
+
+
+def gather_experts(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """All-gather `local` (this rank's experts of the parameter or its gradient, tensor-parallel shards already
+    gathered) to every expert, on every rank of the parameter's expert-parallel group; a copy when not split."""
+    experts = expert_shard(param)
+    if experts is None or group_size(experts.group) == 1:
+        return local.detach().clone()
+    local = local.detach().contiguous()
+    parts = [torch.empty_like(local) for _ in range(group_size(experts.group))]
+    dist.all_gather(parts, local, group=experts.group)
+    return torch.cat(parts, dim=0)
