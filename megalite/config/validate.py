@@ -209,7 +209,7 @@ def expert_parallel_errors(cfg: Config, world_size: int | None = None) -> list[s
         errors.append(f"model.moe.num_experts: {m.moe.num_experts} experts cannot be split evenly over "
                       f"parallel.expert={ep} ranks")
     zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
-    stage = zero.get("stage", 0)
+    stage = cfg.zero_stage
     if stage in (1, 2) and zero.get("reduce_scatter", True) is False:
         errors.append(f"deepspeed.zero_optimization.reduce_scatter: false is refused with parallel.expert={ep} at "
                       f"ZeRO-{stage}: DeepSpeed's ZeRO-1/2 reduce expert gradients over the expert-data-parallel "
