@@ -11,13 +11,26 @@ from megalite.plan.devices import Device
 from megalite.plan.layout import Settings
 from megalite.plan.stages import Stage, numel
 
+# Bytes each rank sends (and receives) per byte of a collective's payload over the slowest link of its ring: the
+# bus-bandwidth factors of NCCL's algorithms (nccl-tests, doc/PERFORMANCE.md). The payload is the all-gather's
+# output, the reduce-scatter's input, the all-reduce's buffer, all of an all-to-all's input, a send's tensor.
+BUS_FACTORS = {
+    "all-reduce": lambda n: 2 * (n - 1) / n,  # a reduce-scatter, then an all-gather
+    "all-gather": lambda n: (n - 1) / n,
+    "reduce-scatter": lambda n: (n - 1) / n,
+    "all-to-all": lambda n: (n - 1) / n,  # the 1/n addressed to itself stays
+    "send/recv": lambda n: 1.0,  # point to point: the whole tensor crosses
+}
 
-def _ring(kind: str, n: int) -> float:
-    """Bytes each rank moves per byte of payload in NCCL's ring algorithms."""
-    if n <= 1:
-        return 0.0
-    return 2 * (n - 1) / n if kind == "all-reduce" else (n - 1) / n if kind in ("all-gather", "reduce-scatter",
-                                                                                 "all-to-all") else 1.0
+
+def bus_factor(kind: str, n: int) -> float:
+    """Bytes each of `n` ranks moves per byte of payload in collective `kind`; 0 for one rank (nothing leaves the
+    GPU). An unknown kind is an error, never silently charged as some other collective."""
+    if kind not in BUS_FACTORS:
+        raise ValueError(f"unknown collective kind {kind!r}; known: {', '.join(BUS_FACTORS)}")
+    if n < 1:
+        raise ValueError(f"a collective over {n} ranks")
+    return 0.0 if n == 1 else BUS_FACTORS[kind](n)
 
 
 @dataclass
@@ -25,7 +38,7 @@ class Collective:
     """The payload one GPU hands to one kind of collective in one step, and where it goes."""
 
     group: str  # TP | CP | DP (data x context: the ZeRO group) | PP | tied embedding
-    kind: str  # all-reduce | all-gather | reduce-scatter | send/recv
+    kind: str  # a key of BUS_FACTORS: all-reduce | all-gather | reduce-scatter | all-to-all | send/recv
     bytes: float  # sum of the tensors handed to the calls (all-gather: output size; reduce-scatter: input size)
     ranks: int
     link: str  # NVLink | network
@@ -128,5 +141,8 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
 
 
 def transfer_seconds(c: Collective, device: Device) -> float:
+    """Seconds of `c` at its link's bandwidth per GPU and direction: payload x bus factor / bandwidth."""
+    if c.link not in ("NVLink", "network"):
+        raise ValueError(f"unknown link {c.link!r}")
     bandwidth = (device.intra_node_gbps if c.link == "NVLink" else device.inter_node_gbps) * 1e9
-    return c.bytes * _ring(c.kind, c.ranks) / bandwidth
+    return c.bytes * bus_factor(c.kind, c.ranks) / bandwidth
