@@ -10,7 +10,16 @@ import time
 from megalite import config as cfg_mod
 from megalite.commands.output import emit
 from megalite.errors import ConfigError
-from megalite.plan import ALLOWANCE_GIB, DEVICES, format_plan, format_search, get_device, plan, search
+from megalite.plan import (
+    ALLOWANCE_GIB,
+    DEVICES,
+    format_plan,
+    format_search,
+    get_device,
+    plan,
+    search,
+    stderr_progress,
+)
 
 HELP = "memory, communication and step time of a layout, or search for the best one"
 
@@ -48,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     if args.search:
         start = time.perf_counter()
         p0 = plan(cfg, args.world_size, device, args.gpus_per_node, allowance_gib=args.allowance_gib)  # checks input
-        plans = search(cfg, args.world_size, device, args.gpus_per_node, args.allowance_gib)
+        plans = search(cfg, args.world_size, device, args.gpus_per_node, args.allowance_gib, stderr_progress())
         seconds = time.perf_counter() - start
         if args.json:
             emit(json.dumps({"config": str(args.config), "world_size": args.world_size, "device": device.name,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from megalite.config import Config, Layout, kv_replication
 from megalite.plan.devices import Device
 from megalite.plan.layout import Settings
-from megalite.plan.stages import Stage, numel
+from megalite.plan.stages import Stage, decay_numel, numel, numel_at_most
 
 # Bytes each rank sends (and receives) per byte of a collective's payload over the slowest link of its ring: the
 # bus-bandwidth factors of NCCL's algorithms (nccl-tests, doc/PERFORMANCE.md). The payload is the all-gather's
@@ -106,7 +106,7 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
         add("CP", "all-to-all", mb * stage.blocks * per_pass * ((2 if s.recompute else 1) + 1))
     n_local = numel(stage.params)
     if dp > 1:
-        decay = sum(p.numel for p in stage.params if p.decay)
+        decay = decay_numel(stage.params)
         padded = sum(-(-x // (2 * dp)) * 2 * dp for x in (decay, n_local - decay) if x)
         # Gradients travel in DeepSpeed's communication dtype, the model's dtype by default. ZeRO-1/2 all-reduce
         # their gradient buckets (use_multi_rank_bucket_allreduce, on by default) and then all-gather the updated
@@ -120,7 +120,7 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
             # the step; the rest once per micro-batch when the stage's parameters fit within
             # stage3_max_reuse_distance (kept from forward to backward), otherwise twice: for the forward, and for
             # the backward (a recomputed layer's backward follows its recompute at once and reuses that gather)
-            persistent = sum(p.numel for p in stage.params if p.numel <= s.persistence_threshold)
+            persistent = numel_at_most(stage.params, s.persistence_threshold)
             gathers = 1 if n_local - persistent <= s.max_reuse_distance else 2
             add("DP", "all-gather", (mb * gathers * (n_local - persistent) + persistent) * e)
             add("DP", "reduce-scatter", mb * n_local * e)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import math
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from megalite.config import Config, Layout, context_errors
@@ -23,7 +27,8 @@ class Candidate:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def candidates(cfg: Config, world_size: int, gpus_per_node: int) -> list[Candidate]:
@@ -67,17 +72,39 @@ def candidates(cfg: Config, world_size: int, gpus_per_node: int) -> list[Candida
 
 
 def search(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8,
-           allowance_gib: float = ALLOWANCE_GIB) -> list[Plan]:
-    """Every candidate layout, planned, ranked: layouts that fit first, by predicted tokens/s."""
+           allowance_gib: float = ALLOWANCE_GIB, progress: Callable[[int, int], None] | None = None) -> list[Plan]:
+    """Every candidate layout, planned, ranked: layouts that fit first, by predicted tokens/s. `progress(done, total)`
+    is called after each candidate."""
     plans = []
-    for c in candidates(cfg, world_size, gpus_per_node):
+    todo = candidates(cfg, world_size, gpus_per_node)
+    for done, c in enumerate(todo, 1):
         new = with_layout(cfg, c.layout, c.recompute, c.loss_chunk_tokens)
         try:
             s = settings(new)
         except ConfigError:
             continue
+        finally:
+            if progress is not None:
+                progress(done, len(todo))
         plans.append(evaluate(new, c.layout, s, device, gpus_per_node, allowance_gib))
     # Throughput to 4 significant digits, then the least memory: of layouts the model cannot tell apart in speed
     # (micro-batch sizes, which it does not charge for), the one with the most headroom first.
     plans.sort(key=lambda p: (not p.fits, -float(f"{p.tokens_per_s:.4g}"), p.peak_memory))
     return plans
+
+
+def stderr_progress(label: str = "megalite plan --search", after_s: float = 2.0,
+                    every_s: float = 2.0) -> Callable[[int, int], None]:
+    """A `search` progress callback for a terminal: silent for a search shorter than `after_s`, then a line on stderr
+    every `every_s` seconds and at the end."""
+    start = time.perf_counter()
+    last = [start]
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - start < after_s or (now - last[0] < every_s and done < total):
+            return
+        last[0] = now
+        print(f"{label}: {done}/{total} layouts planned ({now - start:.0f} s)", file=sys.stderr, flush=True)
+
+    return report
