@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 from megalite import config as cfg_mod
@@ -46,13 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Load, plan, print. Bad input raises ConfigError (exit 2 through the CLI)."""
+    problems = []
+    for key in ("peak_tflops", "memory_gib", "hbm_tbps", "intra_node_gbps", "inter_node_gbps", "allowance_gib"):
+        value = getattr(args, key)
+        flag = "--" + key.replace("_", "-")
+        if value is not None and not math.isfinite(value):
+            problems.append(f"{flag}: must be a finite number, got {value}")
+        elif value is not None and not (value > 0 or (key == "allowance_gib" and value == 0)):
+            problems.append(f"{flag}: must be {'>= 0' if key == 'allowance_gib' else '> 0'}, got {value}")
+    if args.top < 1:
+        problems.append(f"--top: must be >= 1 (rows of the --search table), got {args.top}")
+    if problems:
+        raise ConfigError(problems)
     device = get_device(args.device).with_overrides(
         peak_tflops=args.peak_tflops, memory_gib=args.memory_gib, hbm_tbps=args.hbm_tbps,
         intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
-    for key in ("peak_tflops", "memory_gib", "hbm_tbps", "intra_node_gbps", "inter_node_gbps", "allowance_gib"):
-        value = getattr(args, key)
-        if value is not None and not (value > 0 or (key == "allowance_gib" and value == 0)):
-            raise ConfigError(f"--{key.replace('_', '-')}: must be > 0, got {value}")
     cfg = cfg_mod.load(args.config, args.overrides, world_size=args.world_size)  # the one validation
     if args.search:
         start = time.perf_counter()
