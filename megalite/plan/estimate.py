@@ -96,17 +96,19 @@ def plan(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8, *
     `attention` overrides the attention implementation ('materialized' models systems that store the T x T
     scores, such as Megatron-LM in 2021); by default it follows train.kernels.
     """
-    problems = []
-    if gpus_per_node <= 0:
-        problems.append(f"--gpus-per-node: must be > 0, got {gpus_per_node}")
-    elif world_size > gpus_per_node and world_size % gpus_per_node:
-        problems.append(f"--world-size: {world_size} is not a multiple of --gpus-per-node {gpus_per_node} "
-                        "(whole nodes)")
-    if problems:
-        raise ConfigError(problems)
+    check_cluster(world_size, gpus_per_node)
     layout = layout_of(cfg, world_size)
     s = settings(cfg, attention)
     return evaluate(cfg, layout, s, device, gpus_per_node, allowance_gib)
+
+
+def check_cluster(world_size: int, gpus_per_node: int) -> None:
+    """Whole nodes of a positive size (ConfigError naming the flag)."""
+    if gpus_per_node <= 0:
+        raise ConfigError(f"--gpus-per-node: must be > 0, got {gpus_per_node}")
+    if world_size > gpus_per_node and world_size % gpus_per_node:
+        raise ConfigError(f"--world-size: {world_size} is not a multiple of --gpus-per-node {gpus_per_node} "
+                          "(whole nodes)")
 
 
 def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_node: int,
@@ -153,6 +155,10 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
 def plan_notes(cfg: Config, sts: list[Stage]) -> tuple[str, ...]:
     """Where the plan departs from what DeepSpeed would do, said in the reports."""
     notes = []
+    if cfg.model.attention_dropout > 0:
+        notes.append(f"model.attention_dropout={cfg.model.attention_dropout:g} is planned as other stacks run it "
+                     "(flash attention keeps no dropout mask; a stored T x T softmax keeps one), but megalite cannot "
+                     "train this config: its attention kernels have no dropout")
     if not all(st.exact for st in sts):
         notes.append(f"the {cfg.model.num_layers:,} layers are cut into pipeline stages in closed form, not by "
                      "DeepSpeed's partition_balanced, whose cost grows as layers^2 x stages (the heaviest stage within "

@@ -123,5 +123,5 @@ def format_search(plans: list[Plan], limit: int = 10) -> str:
     notes = dict.fromkeys(note for p in plans for note in p.notes)  # each once, in order
     if notes:
         lines.append("")
-        lines += [f"note (some layouts): {note}" for note in notes]
+        lines += [f"note{'' if all(note in p.notes for p in plans) else ' (some layouts)'}: {note}" for note in notes]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import sys
@@ -31,17 +32,18 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
-def candidates(cfg: Config, world_size: int, gpus_per_node: int) -> list[Candidate]:
-    """Every layout of `world_size` GPUs with the config's global batch: TP (within a node, dividing heads, KV
-    heads, FFN and vocabulary), sequence parallelism, PP, ZeRO stage (as DeepSpeed allows it), micro-batch and
-    accumulation, recompute on/off, chunked loss on/off."""
+def candidates(cfg: Config, world_size: int, gpus_per_node: int, global_batch: int | None = None) -> list[Candidate]:
+    """Every layout of `world_size` GPUs with the config's global batch (or `global_batch` sequences): TP (within a
+    node, dividing heads, KV heads, FFN and vocabulary), sequence parallelism, PP, ZeRO stage (as DeepSpeed allows
+    it), micro-batch and accumulation, recompute on/off, chunked loss on/off."""
     m = cfg.model
     base = layout_of(cfg, world_size)
-    global_batch = base.micro_batch * base.accumulation * base.data
+    if global_batch is None:
+        global_batch = base.micro_batch * base.accumulation * base.data
     cp = base.context  # the search keeps the config's context-parallel degree
     chunk = m.loss_chunk_tokens or 4096
     precision = cfg.precision
-    accum = settings(cfg).grad_accum
+    accum = settings(with_layout(cfg, dataclasses.replace(base, zero_stage=1), False, 0)).grad_accum  # any stage
     out = []
     for tp in _divisors(min(world_size // cp, gpus_per_node)):
         if any(x % tp for x in (m.num_heads, m.kv_heads, m.ffn_size, m.padded_vocab_size)):
@@ -72,11 +74,12 @@ def candidates(cfg: Config, world_size: int, gpus_per_node: int) -> list[Candida
 
 
 def search(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8,
-           allowance_gib: float = ALLOWANCE_GIB, progress: Callable[[int, int], None] | None = None) -> list[Plan]:
-    """Every candidate layout, planned, ranked: layouts that fit first, by predicted tokens/s. `progress(done, total)`
-    is called after each candidate."""
+           allowance_gib: float = ALLOWANCE_GIB, progress: Callable[[int, int], None] | None = None,
+           global_batch: int | None = None) -> list[Plan]:
+    """Every candidate layout (`candidates`), planned, ranked: layouts that fit first, by predicted tokens/s.
+    `progress(done, total)` is called after each candidate."""
     plans = []
-    todo = candidates(cfg, world_size, gpus_per_node)
+    todo = candidates(cfg, world_size, gpus_per_node, global_batch)
     for done, c in enumerate(todo, 1):
         new = with_layout(cfg, c.layout, c.recompute, c.loss_chunk_tokens)
         try:
