@@ -1,0 +1,179 @@
+"""`megalite eval --tasks` on input a new user gives it, and what the harness hands megalite's model.
+
+One launch (one process) prepares a small corpus and trains a 2-step model; the checks run in this process on its
+checkpoint, with task YAMLs over local JSON Lines files:
+- bad numbers, an --output that cannot take a file and more few-shot examples than a task has are refused before
+  the model loads (the checkpoint given is even missing), naming the flag; and finished scores are never lost when
+  the result file cannot be written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval", reason="the `eval` extra (lm-eval) is not installed")
+
+from tests.helpers.distributed import run_ranks  # noqa: E402
+from tests.helpers.engine_utils import tiny_config  # noqa: E402
+
+WORDS = ["cat", "dog", "sees", "the", "red", "bird", "likes", "small", "river", "stone"]
+
+
+def _train(root: str) -> None:
+    from megalite import config as C
+    from megalite.engine.trainer import Trainer
+
+    raw = tiny_config(f"{root}/data/corpus", f"{root}/run", data={"seq_length": 32},
+                      train={"steps": 2, "checkpoint_interval": 2, "log_interval": 2})
+    raw["model"].update(vocab_size=300, max_position_embeddings=64)
+    if Trainer(C.from_dict(raw)).train() != 0:
+        raise RuntimeError("training failed")
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _task(folder: Path, name: str, body: str, test: str = "mc_test.jsonl", train: str | None = "mc_train.jsonl") -> Path:
+    files = f"    test: {folder / test}\n" + (f"    train: {folder / train}\n" if train else "")
+    path = folder / f"{name}.yaml"
+    path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n{files}test_split: test\n"
+                    f"{body}metadata:\n  version: 1.0\n")
+    return path
+
+
+MC = ("output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+      "doc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    from megalite.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("harness_inputs")
+    rng = random.Random(0)
+    _jsonl(root / "corpus.jsonl", [{"text": " ".join(rng.choice(WORDS) for _ in range(30))} for _ in range(200)])
+    prepare([str(root / "corpus.jsonl")], str(root / "data" / "corpus"), vocab_size=300, progress=False)
+    run_ranks(_train, 1, str(root), timeout_s=300, collective_timeout_s=60)
+    tasks = root / "tasks"
+    tasks.mkdir()
+    questions = [{"question": f"the {word}", "choices": [" sees", " dog", " river"], "answer": rng.randrange(3)}
+                 for word in WORDS[:5]]
+    _jsonl(tasks / "mc_test.jsonl", questions)
+    _jsonl(tasks / "mc_train.jsonl", questions[:3])  # three few-shot examples
+    _jsonl(tasks / "mc_dup.jsonl", questions[:4] + questions[:1])  # the first twice
+    _task(tasks, "tiny_mc", "fewshot_split: train\n" + MC)
+    _task(tasks, "tiny_mc_self", "fewshot_split: test\n" + MC, train=None)  # few-shot from the evaluated split
+    _task(tasks, "tiny_mc_dup", "fewshot_split: test\n" + MC, test="mc_dup.jsonl", train=None)
+    _task(tasks, "tiny_mc_five", "fewshot_split: train\nnum_fewshot: 5\n" + MC)  # its own default asks too many
+    return root
+
+
+def _eval(capsys: pytest.CaptureFixture, checkpoint: Path, tasks_dir: Path, *args: str) -> tuple[int, str, str]:
+    import logging
+    import sys
+
+    from megalite.cli import main
+
+    # lm_eval, datasets and DeepSpeed log through handlers made with the stderr of the test that first ran the CLI in
+    # this process, which capsys closes afterwards: point them at this test's (else a logging traceback is printed)
+    for name in ("lm_eval", "datasets", "huggingface_hub", "DeepSpeed"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.stream = sys.stderr  # not setStream: it would flush the closed one
+    code = main(["eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks_dir), *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ----------------------------------------------------------------------------- refused before the model loads
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (("--limit", "inf"), "--limit inf: must be a whole number of examples, or a fraction below 1"),
+    (("--limit", "2.5"), "--limit 2.5: must be a whole number of examples"),
+    (("--limit", "nan"), "--limit nan: must be > 0"),
+    (("--output", "{tasks}"), "--output {tasks}: is a directory; give a file name"),
+    (("--output", "{tasks}/"), "is a directory"),
+    (("--output", "{tasks}/mc_test.jsonl/result.json"), "{tasks}/mc_test.jsonl is a file, not a folder"),
+])
+def test_bad_options_are_refused_before_loading(workdir, capsys, args, named) -> None:
+    """The checkpoint does not exist: an error about it would mean the options were checked too late."""
+    tasks = str(workdir / "tasks")
+    args = tuple(a.format(tasks=tasks) for a in args)
+    code, out, err = _eval(capsys, workdir / "nowhere", workdir / "tasks", "--tasks", "tiny_mc", *args)
+    assert code == 2 and "megalite eval: error: " in err and named.format(tasks=tasks) in err and not out, err
+    assert "Traceback" not in err and "nowhere" not in err
+
+
+@pytest.mark.parametrize(("task", "shots", "named"), [
+    ("tiny_mc", "4", "--num-fewshot 4: task 'tiny_mc' has 3 few-shot example(s) in its 'train' split; use at most 3"),
+    ("tiny_mc_self", "5", "--num-fewshot 5: task 'tiny_mc_self' has 4 few-shot example(s) in its 'test' split (a "
+                          "document and its copies are not examples for it); use at most 4"),
+    ("tiny_mc_dup", "4", "--num-fewshot 4: task 'tiny_mc_dup' has 3 few-shot example(s)"),
+    ("tiny_mc_five", None, "its own num_fewshot 5: task 'tiny_mc_five' has 3 few-shot example(s)"),
+])
+def test_more_fewshot_examples_than_the_task_has(workdir, capsys, task, shots, named) -> None:
+    """The harness crashed with `ValueError: Sample larger than population` on the first request, after loading the
+    model; now the task's few-shot pool is counted first."""
+    args = ("--tasks", task) + (("--num-fewshot", shots) if shots else ())
+    code, out, err = _eval(capsys, workdir / "nowhere", workdir / "tasks", *args)
+    assert code == 2 and f"megalite eval: error: {named}" in err and not out, err
+    assert "Traceback" not in err and "nowhere" not in err
+
+
+def test_the_largest_fewshot_counts_run(workdir, capsys) -> None:
+    """The bounds are the real ones: 3 from the 3-document train split, 4 from the 5-document test split, 3 from
+    a test split of 5 documents, one of them twice."""
+    for task, shots in (("tiny_mc", "3"), ("tiny_mc_self", "4"), ("tiny_mc_dup", "3")):
+        code, out, err = _eval(capsys, workdir / "run", workdir / "tasks", "--tasks", task, "--num-fewshot", shots,
+                               "--json")
+        assert code == 0, err[-3000:]
+        assert json.loads(out)["n-shot"] == {task: int(shots)}
+
+
+# ----------------------------------------------------------------------------- finished scores are never lost
+
+
+def test_scores_survive_an_output_that_fails_at_the_end(workdir, capsys, monkeypatch, tmp_path) -> None:
+    """The output was fine when checked, then a directory took its name during the evaluation: the scores are
+    printed, written next to it, and the error (exit 2) says where."""
+    import megalite.eval_harness as H
+
+    output = tmp_path / "out" / "result.json"
+    real = H.evaluate_checkpoint_tasks
+
+    def evaluate_then_block(*args, **kwargs):
+        done = real(*args, **kwargs)
+        output.mkdir(parents=True)  # what the user asked for can no longer be a file
+        return done
+
+    monkeypatch.setattr(H, "evaluate_checkpoint_tasks", evaluate_then_block)
+    code, out, err = _eval(capsys, workdir / "run", workdir / "tasks", "--tasks", "tiny_mc", "--limit", "3",
+                           "--json", "--output", str(output))
+    assert code == 2, err[-3000:]
+    printed = json.loads(out)
+    (saved,) = (tmp_path / "out").glob("result.json.unsaved-*.json")
+    assert f"megalite eval: error: --output {output}: could not be written (IsADirectoryError" in err, err[-2000:]
+    assert f"the results were written to {saved} instead" in err
+    assert json.loads(saved.read_text())["results"] == printed["results"] and printed["results"]["tiny_mc"]
+
+
+def test_scores_go_to_stderr_when_nothing_can_be_written(workdir, capsys, monkeypatch, tmp_path) -> None:
+    import megalite.eval_harness.results as R
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(R, "atomic_write_text", full_disk)
+    code, out, err = _eval(capsys, workdir / "run", workdir / "tasks", "--tasks", "tiny_mc", "--limit", "2",
+                           "--output", str(tmp_path / "result.json"))
+    assert code == 2 and out.startswith("|"), err[-2000:]  # the table was printed
+    assert "could not be written (OSError: No space left on device), nor anywhere else" in err
+    start = err.index('{\n  "checkpoint"')
+    document = json.loads(err[start:err.index("\n}\n", start) + 2])
+    assert document["results"]["tiny_mc"]["acc,none"] >= 0
