@@ -5,6 +5,8 @@ checkpoint, with task YAMLs over local JSON Lines files:
 - bad numbers, an --output that cannot take a file and more few-shot examples than a task has are refused before
   the model loads (the checkpoint given is even missing), naming the flag; and finished scores are never lost when
   the result file cannot be written at the end.
+- a task YAML that does not parse is named with its line (PyYAML's own report is the reference), and a task whose
+  definition is invalid is reported as such, with its file, not as a problem with the offline data cache.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def workdir(tmp_path_factory) -> Path:
     _task(tasks, "tiny_mc_self", "fewshot_split: test\n" + MC, train=None)  # few-shot from the evaluated split
     _task(tasks, "tiny_mc_dup", "fewshot_split: test\n" + MC, test="mc_dup.jsonl", train=None)
     _task(tasks, "tiny_mc_five", "fewshot_split: train\nnum_fewshot: 5\n" + MC)  # its own default asks too many
+    broken = tmp_path_factory.mktemp("broken_tasks")
+    _write_broken_tasks(broken, tasks)
     return root
 
 
@@ -79,11 +83,11 @@ def _eval(capsys: pytest.CaptureFixture, checkpoint: Path, tasks_dir: Path, *arg
 
     from megalite.cli import main
 
-    # lm_eval, datasets and DeepSpeed log through handlers made with the stderr of the test that first ran the CLI in
-    # this process, which capsys closes afterwards: point them at this test's (else a logging traceback is printed)
-    for name in ("lm_eval", "datasets", "huggingface_hub", "DeepSpeed"):
-        for handler in logging.getLogger(name).handlers:
-            if type(handler) is logging.StreamHandler:
+    # lm_eval, datasets, torch and DeepSpeed log through handlers made with the stderr of the test that first ran the
+    # CLI in this process, which capsys closes afterwards: point them at this test's (else a logging traceback)
+    for logger in [logging.root, *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if type(handler) is logging.StreamHandler and getattr(handler.stream, "closed", False):
                 handler.stream = sys.stderr  # not setStream: it would flush the closed one
     code = main(["eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks_dir), *args])
     captured = capsys.readouterr()
@@ -177,3 +181,68 @@ def test_scores_go_to_stderr_when_nothing_can_be_written(workdir, capsys, monkey
     start = err.index('{\n  "checkpoint"')
     document = json.loads(err[start:err.index("\n}\n", start) + 2])
     assert document["results"]["tiny_mc"]["acc,none"] >= 0
+
+
+# ----------------------------------------------------------------------------- task definitions that do not load
+
+
+BROKEN_SYNTAX = MC.replace('doc_to_text: "{{question}}"', 'doc_to_text: "{{question}}\n  extra: [unclosed')
+
+
+def _write_broken_tasks(folder: Path, data: Path) -> None:
+    """Task files with one mistake each, in their own include path, over the good tasks' data."""
+    def task(name: str, body: str, test: str = "mc_test.jsonl") -> None:
+        _task(folder, name, "fewshot_split: train\n" + body, test=test)
+        text = (folder / f"{name}.yaml").read_text().replace(str(folder), str(data))
+        (folder / f"{name}.yaml").write_text(text)
+
+    task("bad_syntax", BROKEN_SYNTAX)
+    task("bad_template", MC.replace('doc_to_text: "{{question}}"', 'doc_to_text: "{{question}"'))
+    task("bad_metric", MC.replace("metric: acc", "metric: accuracy_of_doom"))
+    task("bad_output_type", MC.replace("output_type: multiple_choice", "output_type: multiple_chose"))
+    task("bad_function", MC.replace('doc_to_text: "{{question}}"', "doc_to_text: !function helpers.missing"))
+    task("missing_file", MC, test="no_such_file.jsonl")
+
+
+def test_a_yaml_syntax_error_is_named_with_its_line(workdir, capsys) -> None:
+    """The harness's index skipped the file, and megalite said "unknown task"."""
+    import yaml
+
+    broken = next(workdir.parent.glob("broken_tasks*"))
+    path = broken / "bad_syntax.yaml"
+    with pytest.raises(yaml.MarkedYAMLError) as parsed:  # the reference: PyYAML's own report
+        yaml.safe_load(path.read_text())
+    mark = parsed.value.problem_mark
+    code, out, err = _eval(capsys, workdir / "nowhere", broken, "--tasks", "bad_syntax")
+    assert code == 2 and not out and "Traceback" not in err, err
+    assert (f"megalite eval: error: --tasks: task 'bad_syntax' is defined in {path}, which cannot be read: line "
+            f"{mark.line + 1}, column {mark.column + 1}: ") in err, err  # the parser's own words follow
+    assert "unknown task" not in err
+    # A misspelt name is still unknown, and the files that could not be read are listed with it
+    code, out, err = _eval(capsys, workdir / "nowhere", broken, "--tasks", "bad_metrik")
+    assert code == 2 and "unknown task 'bad_metrik'; close names: bad_metric" in err, err
+    assert f"task files in the include path that cannot be read: {path}: line {mark.line + 1}" in err
+
+
+@pytest.mark.parametrize(("task", "cause"), [
+    ("bad_template", "its definition is invalid in doc_to_text (line 10): TemplateSyntaxError: unexpected '}'"),
+    ("bad_metric", "the harness said before: Could not find registered metric 'accuracy_of_doom'"),
+    ("bad_output_type", "its definition is invalid: ValueError: Got invalid output_type 'multiple_chose'"),
+    ("bad_function", "its definition is invalid: ImportError: Cannot import module 'helpers' for function 'missing'"),
+])
+def test_a_task_definition_error_is_not_blamed_on_the_data(workdir, capsys, task, cause) -> None:
+    """These were "its data could not be loaded" with advice about the offline datasets cache."""
+    broken = next(workdir.parent.glob("broken_tasks*"))
+    code, out, err = _eval(capsys, workdir / "nowhere", broken, "--tasks", task)
+    assert code == 2 and not out and "Traceback" not in err, err
+    assert f"megalite eval: error: task {task!r} ({broken / (task + '.yaml')}): " in err and cause in err, err
+    assert "data could not be loaded" not in err and "HF_DATASETS_CACHE" not in err
+
+
+def test_a_missing_data_file_is_still_a_data_error(workdir, capsys) -> None:
+    broken = next(workdir.parent.glob("broken_tasks*"))
+    code, out, err = _eval(capsys, workdir / "nowhere", broken, "--tasks", "missing_file")
+    assert code == 2 and not out, err
+    assert (f"task 'missing_file' ({broken / 'missing_file.yaml'}): its data could not be loaded "
+            "(FileNotFoundError: ") in err and "no_such_file.jsonl" in err, err
+    assert "Check the files its dataset_kwargs.data_files names" in err and "HF_DATASETS_CACHE" not in err

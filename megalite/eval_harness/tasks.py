@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from megalite.errors import ConfigError, DataError
+from megalite.errors import ConfigError
 from megalite.eval_harness.lm import require_lm_eval
+from megalite.eval_harness.task_errors import harness_warnings, load_error, unknown_task_problem
 
 DATA_HINT = (
     "Without network the harness reads each task's dataset from the local Hugging Face datasets cache "
@@ -44,10 +45,9 @@ def find_tasks(names: list[str], include_path: str | None = None, where: str = "
     problems, resolved = [], []
     for name in names:
         matches = manager.match_tasks([name])
-        if not matches:
+        if not matches:  # or its YAML does not parse: the harness's index skips such files silently
             close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
-            hint = f"; close names: {', '.join(close)}" if close else ""
-            problems.append(f"{where}: unknown task {name!r}{hint} (`lm-eval ls tasks` lists them all)")
+            problems.append(unknown_task_problem(name, where, include_path, close))
         resolved += [m for m in matches if m not in resolved]
     if problems:
         raise ConfigError(problems)
@@ -62,16 +62,16 @@ def _plain_tasks(manager: Any, names: list[str]) -> bool:
 
 
 def load_tasks(manager: Any, names: list[str]) -> list[Any]:
-    """The harness's Task/Group objects with their data, one name at a time, so that a task whose data cannot be
-    loaded is named (DataError) instead of failing deep inside `datasets`."""
+    """The harness's Task/Group objects with their data, one name at a time, so that a task that cannot be loaded
+    is named: a DataError when its data cannot be read, a ConfigError naming its file when its definition is
+    invalid (megalite.eval_harness.task_errors tells them apart)."""
     built = []
     for name in names:
-        try:
-            loaded = manager.load(name)
-        except Exception as e:  # noqa: BLE001 - datasets/fsspec/hub errors of every kind: name the task
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise DataError(f"task {name!r}: its data could not be loaded ({type(e).__name__}: {first_line}). "
-                            f"{DATA_HINT}") from None
+        with harness_warnings() as said:
+            try:
+                loaded = manager.load(name)
+            except Exception as e:  # noqa: BLE001 - datasets/fsspec/hub/Jinja/harness errors of every kind
+                raise load_error(manager, name, e, said, DATA_HINT) from None
         if name in loaded["groups"]:
             built.append(loaded["groups"][name])
         else:
