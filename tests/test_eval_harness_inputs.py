@@ -1,12 +1,16 @@
 """`megalite eval --tasks` on input a new user gives it, and what the harness hands megalite's model.
 
-One launch (one process) prepares a small corpus and trains a 2-step model; the checks run in this process on its
+One launch (one process) prepares a small corpus of random words and trains a tiny model on it (150 steps: its
+generations are words, so stop sequences are met); the checks run in this process on its
 checkpoint, with task YAMLs over local JSON Lines files:
 - bad numbers, an --output that cannot take a file and more few-shot examples than a task has are refused before
   the model loads (the checkpoint given is even missing), naming the flag; and finished scores are never lost when
   the result file cannot be written at the end.
 - a task YAML that does not parse is named with its line (PyYAML's own report is the reference), and a task whose
   definition is invalid is reported as such, with its file, not as a problem with the offline data cache.
+- the generation options a task's YAML sets (temperature, top_k, top_p, until, max_gen_toks) are the ones megalite's
+  sampler is called with, and every sampled token is the one an independent float64 temperature/top-k/top-p
+  sampler draws from the same logits with the same generator state.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def _train(root: str) -> None:
     from megalite.engine.trainer import Trainer
 
     raw = tiny_config(f"{root}/data/corpus", f"{root}/run", data={"seq_length": 32},
-                      train={"steps": 2, "checkpoint_interval": 2, "log_interval": 2})
+                      train={"steps": 150, "checkpoint_interval": 150, "log_interval": 150})
     raw["model"].update(vocab_size=300, max_position_embeddings=64)
     if Trainer(C.from_dict(raw)).train() != 0:
         raise RuntimeError("training failed")
@@ -72,6 +76,13 @@ def workdir(tmp_path_factory) -> Path:
     _task(tasks, "tiny_mc_self", "fewshot_split: test\n" + MC, train=None)  # few-shot from the evaluated split
     _task(tasks, "tiny_mc_dup", "fewshot_split: test\n" + MC, test="mc_dup.jsonl", train=None)
     _task(tasks, "tiny_mc_five", "fewshot_split: train\nnum_fewshot: 5\n" + MC)  # its own default asks too many
+    prompts = ["the cat sees", "the red bird likes the small", "a dog", "the river likes", "stone sees the red dog"]
+    _jsonl(tasks / "gen_test.jsonl", [{"prompt": p, "target": " dog"} for p in prompts])
+    generate = ("output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{target}}\"\n"
+                "metric_list:\n  - metric: exact_match\n")
+    for name, options in GENERATION_TASKS.items():
+        _task(tasks, name, generate.replace("metric_list", f"generation_kwargs:\n{options}metric_list"),
+              test="gen_test.jsonl", train=None)
     broken = tmp_path_factory.mktemp("broken_tasks")
     _write_broken_tasks(broken, tasks)
     return root
@@ -213,14 +224,13 @@ def test_a_yaml_syntax_error_is_named_with_its_line(workdir, capsys) -> None:
     with pytest.raises(yaml.MarkedYAMLError) as parsed:  # the reference: PyYAML's own report
         yaml.safe_load(path.read_text())
     mark = parsed.value.problem_mark
-    code, out, err = _eval(capsys, workdir / "nowhere", broken, "--tasks", "bad_syntax")
+    # with a misspelt name, which is still unknown, and lists the files that could not be read
+    code, out, err = _eval(capsys, workdir / "nowhere", broken, "--tasks", "bad_syntax,bad_metrik")
     assert code == 2 and not out and "Traceback" not in err, err
-    assert (f"megalite eval: error: --tasks: task 'bad_syntax' is defined in {path}, which cannot be read: line "
-            f"{mark.line + 1}, column {mark.column + 1}: ") in err, err  # the parser's own words follow
-    assert "unknown task" not in err
-    # A misspelt name is still unknown, and the files that could not be read are listed with it
-    code, out, err = _eval(capsys, workdir / "nowhere", broken, "--tasks", "bad_metrik")
-    assert code == 2 and "unknown task 'bad_metrik'; close names: bad_metric" in err, err
+    assert (f"--tasks: task 'bad_syntax' is defined in {path}, which cannot be read: line {mark.line + 1}, column "
+            f"{mark.column + 1}: ") in err, err  # the parser's own words follow
+    assert "unknown task 'bad_syntax'" not in err
+    assert "unknown task 'bad_metrik'; close names: bad_metric" in err, err
     assert f"task files in the include path that cannot be read: {path}: line {mark.line + 1}" in err
 
 
@@ -246,3 +256,117 @@ def test_a_missing_data_file_is_still_a_data_error(workdir, capsys) -> None:
     assert (f"task 'missing_file' ({broken / 'missing_file.yaml'}): its data could not be loaded "
             "(FileNotFoundError: ") in err and "no_such_file.jsonl" in err, err
     assert "Check the files its dataset_kwargs.data_files names" in err and "HF_DATASETS_CACHE" not in err
+
+
+# ----------------------------------------------------------------------------- generation options the harness passes
+
+
+GENERATION_TASKS = {  # task -> its YAML's generation_kwargs
+    "tiny_sampled": "  until: [\"bird\", \"likes\"]\n  do_sample: true\n  temperature: 0.7\n  top_k: 5\n  top_p: 0.8\n"
+                    "  max_gen_toks: 6\n",
+    "tiny_greedy": "  until: [\"cat\"]\n  do_sample: false\n  temperature: 0.9\n  max_gen_toks: 4\n",  # greedy wins
+    "tiny_default_temperature": "  do_sample: true\n  top_p: 0.5\n  max_gen_toks: 3\n",  # temperature 1, as HF
+    "tiny_zero_temperature": "  do_sample: true\n  temperature: 0\n  max_gen_toks: 3\n",  # greedy, not 1.0
+}
+# What each task asks of the sampler: (temperature, top_k, top_p, max_new_tokens, the task's stop sequences; without
+# `until` the harness stops at its few-shot delimiter, "\n\n")
+ASKED = {"tiny_sampled": (0.7, 5, 0.8, 6, ["bird", "likes"]), "tiny_greedy": (0.0, None, None, 4, ["cat"]),
+         "tiny_default_temperature": (1.0, None, 0.5, 3, ["\n\n"]),
+         "tiny_zero_temperature": (0.0, None, None, 3, ["\n\n"])}
+
+
+def reference_probabilities(logits, temperature: float, top_k, top_p):
+    """Temperature, then top-k (ties with the k-th kept), then top-p (the smallest set of the most likely tokens whose
+    mass reaches p, the most likely always kept), renormalised: in float64, row by row, written from the definition
+    (Holtzman et al. 2020 for top-p), not from megalite's code."""
+    import numpy as np
+    import torch
+
+    out = []
+    for row in logits.double().numpy():
+        z = row / temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if top_k:
+            kth = np.sort(p)[::-1][min(top_k, len(p)) - 1]
+            p = np.where(p >= kth, p, 0.0)
+            p /= p.sum()
+        if top_p is not None and top_p < 1.0:
+            keep = np.zeros(len(p), dtype=bool)
+            mass = 0.0
+            for i in np.argsort(-p, kind="stable"):
+                if mass >= top_p and keep.any():
+                    break
+                keep[i] = p[i] > 0
+                mass += p[i]
+            p = np.where(keep, p, 0.0)
+            p /= p.sum()
+        out.append(p)
+    return torch.tensor(np.array(out))
+
+
+@pytest.mark.parametrize("task", list(GENERATION_TASKS))
+def test_generation_options_reach_the_sampler_as_the_task_asks(workdir, monkeypatch, task) -> None:
+    import torch
+
+    from megalite import eval_harness as H
+    from megalite.eval_harness.calls import ModelCalls
+    from megalite.generate import load_for_inference
+    from megalite.model import sampling
+
+    draws, calls = [], []
+    real_sample, real_generate = sampling.sample_next, ModelCalls.generate
+
+    def recording_sample(logits, temperature, top_k, top_p, generator):
+        state = generator.get_state().clone()
+        tokens = real_sample(logits, temperature, top_k, top_p, generator)
+        draws.append((logits.detach().clone(), temperature, top_k, top_p, state, tokens.clone()))
+        return tokens
+
+    def recording_generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, until):
+        out = real_generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, until)
+        calls.append({"prompts": prompts, "max_new_tokens": max_new_tokens, "until": list(until), "out": out})
+        return out
+
+    monkeypatch.setattr(sampling, "sample_next", recording_sample)
+    monkeypatch.setattr(ModelCalls, "generate", recording_generate)
+    loaded = load_for_inference(workdir / "run")
+    lm = H.model_class().for_model(loaded.model, loaded.tokenizer, loaded.eod_token_id, loaded.bos_token_id,
+                                   batch_size=4, step_dir=loaded.step_dir)
+    manager, names = H.find_tasks([task], str(workdir / "tasks"))
+    result = H.run_tasks(lm, manager, names, log_samples=True, bootstrap_iters=0)
+
+    temperature, top_k, top_p, max_new, stops = ASKED[task]
+    eos = loaded.tokenizer.decode([loaded.eod_token_id], skip_special_tokens=False)
+    assert calls and draws
+    for call in calls:  # until: the task's stop sequences and the end of text (the harness's own rule)
+        assert call["max_new_tokens"] == max_new and call["until"] == stops + [eos], call
+    assert {(t, k, p) for _, t, k, p, _, _ in draws} == {(temperature, top_k, top_p)}
+    for logits, t, k, p, state, tokens in draws:
+        if temperature == 0:
+            expected = logits.argmax(dim=-1)  # greedy
+        else:
+            ours = sampling.sampling_probabilities(logits, t, k, p).double()
+            ref = reference_probabilities(logits, temperature, top_k, top_p)
+            torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+            expected = torch.multinomial(ref.float(), 1, generator=torch.Generator().set_state(state)).squeeze(-1)
+        assert torch.equal(tokens, expected), (tokens, expected)
+
+    # Each response is the sampled tokens' text cut at the first stop sequence; a generation shorter than
+    # max_gen_toks stopped at a stop sequence or the end of text.
+    expected_texts = []
+    for call in calls:
+        for row in call["out"]:
+            assert len(row) <= max_new
+            text = loaded.tokenizer.decode(row[: row.index(loaded.eod_token_id)] if loaded.eod_token_id in row
+                                           else row, skip_special_tokens=True)
+            if len(row) < max_new:
+                assert loaded.eod_token_id in row or any(s in text for s in stops), (row, text)
+            for stop in stops:
+                text = text.split(stop)[0]
+            expected_texts.append(text)
+    responses = [s["resps"][0][0] for s in result["samples"][task]]
+    assert sorted(responses) == sorted(expected_texts) and len(responses) == 5
+    lengths = [len(row) for call in calls for row in call["out"]]
+    if stops != ["\n\n"]:  # the model writes words: some generations meet a stop sequence, some run to the end
+        assert min(lengths) < max_new == max(lengths), lengths
