@@ -505,6 +505,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if world_size is not None and numbers_ok:
         if world_size <= 0:
             errors.append(f"world size: must be > 0, got {world_size}")
+        elif world_size < p.tensor * p.pipeline * p.context:
+            degrees = ("parallel.tensor x parallel.pipeline", f"{p.tensor} x {p.pipeline}") if p.context == 1 else (
+                "parallel.tensor x parallel.context x parallel.pipeline", f"{p.tensor} x {p.context} x {p.pipeline}")
+            errors.append(f"world size {world_size} is too small: {degrees[0]} = {degrees[1]} needs at least "
+                          f"{p.tensor * p.pipeline * p.context} GPUs (a multiple of it)")
         elif world_size % (p.tensor * p.pipeline * p.context):
             if p.context == 1:
                 errors.append(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
