@@ -170,6 +170,14 @@ class ModelConfig:
         return self.moe is not None and self.moe.is_moe_layer(index)
 
     @property
+    def num_moe_layers(self) -> int:
+        """How many layers have experts: those `is_moe_layer` names, counted in closed form (the planner's search
+        asks for every candidate layout; its cost must not grow with the depth)."""
+        if self.moe is None or self.moe.layer_interval < 1:
+            return 0
+        return max(0, self.num_layers - self.moe.first_dense_layers) // self.moe.layer_interval
+
+    @property
     def padded_vocab_size(self) -> int:
         """Vocabulary rounded up to `make_vocab_size_divisible_by`; independent of the TP degree."""
         m = self.make_vocab_size_divisible_by
