@@ -1,10 +1,11 @@
 """Fault injection for the crash-safety tests: SIGKILL at a named point of the save protocol.
 
 MEGALITE_CKPT_FAULT=<point> (see FAULT_POINTS), MEGALITE_CKPT_FAULT_RANK (default 0) and
-MEGALITE_CKPT_FAULT_KILL=self|group|delay (SIGKILL this process, or its whole process group; or sleep
-MEGALITE_CKPT_FAULT_DELAY_S seconds there, a slow file system). The rank that
+MEGALITE_CKPT_FAULT_KILL=self|group|delay|stop (SIGKILL this process, or its whole process group; or sleep
+MEGALITE_CKPT_FAULT_DELAY_S seconds there, a slow file system; or SIGSTOP this process, a hung rank). The rank that
 reaches the point first writes the marker file fault-<point>-rank<r> into MEGALITE_CKPT_FAULT_DIR
 (default the checkpoint root) and fsyncs it, so a test can prove the point was reached.
+MEGALITE_CKPT_FAULT_SKIP=N lets the point pass N times in this process first (a fault in a later save).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from megalite.distributed import rank as global_rank
 FAULT_POINTS = ("before_shards", "after_snapshot", "between_shards", "before_manifest", "before_rename", "before_latest",
                 "after_latest")
 FAULT_ENV = "MEGALITE_CKPT_FAULT"
+_passed: dict[str, int] = {}  # times each point was reached in this process (MEGALITE_CKPT_FAULT_SKIP)
 
 
 def fault(point: str, default_dir: str) -> None:
@@ -27,6 +29,9 @@ def fault(point: str, default_dir: str) -> None:
         return
     rank = global_rank()
     if rank != int(os.environ.get("MEGALITE_CKPT_FAULT_RANK", "0")):
+        return
+    _passed[point] = _passed.get(point, 0) + 1
+    if _passed[point] <= int(os.environ.get("MEGALITE_CKPT_FAULT_SKIP", "0")):
         return
     marker_dir = os.environ.get("MEGALITE_CKPT_FAULT_DIR", default_dir)
     os.makedirs(marker_dir, exist_ok=True)
@@ -38,6 +43,9 @@ def fault(point: str, default_dir: str) -> None:
     action = os.environ.get("MEGALITE_CKPT_FAULT_KILL", "self")
     if action == "delay":  # a slow file system: hold this point for MEGALITE_CKPT_FAULT_DELAY_S seconds
         time.sleep(float(os.environ.get("MEGALITE_CKPT_FAULT_DELAY_S", "2")))
+        return
+    if action == "stop":  # a hung rank (the watchdog's tests): frozen mid-save until SIGCONT
+        os.kill(os.getpid(), signal.SIGSTOP)
         return
     if action == "group":
         os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -27,7 +27,7 @@ from megalite.config import Config, ModelConfig, summary, validate
 from megalite.data import ResumableSampler, build_datasets
 from megalite.data.prepare import manifest_tokenizer
 from megalite.distributed import agree, any_rank
-from megalite.engine import launch, signals
+from megalite.engine import launch, signals, stragglers, watchdog
 from megalite.engine.build import build_engine
 from megalite.engine.components import (
     BatchStream,
@@ -115,11 +115,13 @@ class Trainer:
             self._set_up()
         except BaseException:
             self.preemption.restore()
+            watchdog.stop()
             raise
 
     def _set_up(self) -> None:
         cfg = self.cfg
         self.rank, self.world = launch.init_distributed(cfg.train.collective_timeout_s)
+        watchdog.start(cfg, self.rank, self.world)  # hung ranks named from here on (set-up included)
         self.is_main = self.rank == 0
         self.device = launch.device()
         self.output_dir = Path(cfg.train.output_dir)
@@ -134,6 +136,7 @@ class Trainer:
                                 context=cfg.parallel.context)
         self.dp_rank, self.dp_size = self.grid.get_data_parallel_rank(), self.grid.get_data_parallel_world_size()
         self.strategy = strategy_for(cfg, self.grid, self.device)
+        stragglers.start(cfg, self.device, self.grid.get_pipe_parallel_rank())
         agree("building the data", self._build_data)
         self.model = agree("building the model", self._build_model)
         self.engine, self.schedule = agree("starting DeepSpeed", build_engine, self.model, cfg, self.grid, self.world)
@@ -208,6 +211,7 @@ class Trainer:
             "nonfinite_skipped": self.nonfinite_skipped,
         }
 
+    @watchdog.during("checkpoint")
     def save(self, background: bool = False) -> str | None:
         """Save and commit the checkpoint of this step, unless the weights are not finite on some rank: a checkpoint
         of NaN weights is never useful and would become the one a resume picks, so it is skipped (and said).
@@ -237,6 +241,7 @@ class Trainer:
                        "seconds": time.perf_counter() - t0})
         return path
 
+    @watchdog.during("checkpoint")
     def _finish_background_save(self) -> None:
         """Commit the background save in flight, if any (every rank at the same step: a failure raises everywhere)."""
         pending = self.checkpoints.in_flight
@@ -281,6 +286,7 @@ class Trainer:
                 return name
         return None
 
+    @watchdog.during("resume")
     def resume(self) -> None:
         """Load the checkpoint train.resume asks for (collective), restoring step, sampler and counters; a checkpoint
         of another layout (parallel degrees, ZeRO stage, precision) is resharded into this one."""
@@ -356,6 +362,7 @@ class Trainer:
                 self.profiler.before_step(self.step + 1)
                 loss, skipped = self.train_step(self.timer)
                 self.step += 1
+                watchdog.step_done(self.step)
                 self.consumed_samples += self.cfg.global_batch_size(self.world)  # skipped steps consume data too
                 self.profiler.after_step(self.step)
                 window.add(loss, skipped)
@@ -372,6 +379,7 @@ class Trainer:
                 if window.due(self.step):
                     window.flush(self.step, self.schedule.get_last_lr()[0], self._grad_norm(), self._loss_scale(),
                                  self.nonfinite_skipped, quiet=self._progress is not None)
+                    stragglers.window(self.step, self.sink)  # one small all-gather per log window
                 self._advance_progress(loss)
                 if self.evaluator.due(self.step):
                     self._evaluate()
@@ -386,6 +394,7 @@ class Trainer:
                     self._poll_background_save()
             return self._finish(exit_code)
         finally:
+            watchdog.stop()
             self.preemption.restore()
             self.profiler.close()
             if self._progress is not None:
@@ -415,6 +424,7 @@ class Trainer:
             self._progress.update(1)
             self._progress.set_postfix(loss=f"{loss:.3f}")
 
+    @watchdog.during("evaluation")
     def _evaluate(self) -> None:
         result = self.evaluator.run(self.engine)
         if result:
