@@ -2,7 +2,8 @@
 
 MEGALITE_CKPT_FAULT=<point> (see FAULT_POINTS), MEGALITE_CKPT_FAULT_RANK (default 0) and
 MEGALITE_CKPT_FAULT_KILL=self|group|delay|stop (SIGKILL this process, or its whole process group; or sleep
-MEGALITE_CKPT_FAULT_DELAY_S seconds there, a slow file system; or SIGSTOP this process, a hung rank). The rank that
+MEGALITE_CKPT_FAULT_DELAY_S seconds there, a slow file system; or SIGSTOP this process, a hung rank,
+MEGALITE_CKPT_FAULT_SETTLE_S seconds (default 1) after reaching the point). The rank that
 reaches the point first writes the marker file fault-<point>-rank<r> into MEGALITE_CKPT_FAULT_DIR
 (default the checkpoint root) and fsyncs it, so a test can prove the point was reached.
 MEGALITE_CKPT_FAULT_SKIP=N lets the point pass N times in this process first (a fault in a later save).
@@ -33,6 +34,9 @@ def fault(point: str, default_dir: str) -> None:
     _passed[point] = _passed.get(point, 0) + 1
     if _passed[point] <= int(os.environ.get("MEGALITE_CKPT_FAULT_SKIP", "0")):
         return
+    action = os.environ.get("MEGALITE_CKPT_FAULT_KILL", "self")
+    if action == "stop":  # hung a moment into the save (a watchdog publishes where its rank is every poll)
+        time.sleep(float(os.environ.get("MEGALITE_CKPT_FAULT_SETTLE_S", "1")))
     marker_dir = os.environ.get("MEGALITE_CKPT_FAULT_DIR", default_dir)
     os.makedirs(marker_dir, exist_ok=True)
     marker = os.path.join(marker_dir, f"fault-{point}-rank{rank}")
@@ -40,7 +44,6 @@ def fault(point: str, default_dir: str) -> None:
         f.write(f"{os.getpid()}\n")
         f.flush()
         os.fsync(f.fileno())
-    action = os.environ.get("MEGALITE_CKPT_FAULT_KILL", "self")
     if action == "delay":  # a slow file system: hold this point for MEGALITE_CKPT_FAULT_DELAY_S seconds
         time.sleep(float(os.environ.get("MEGALITE_CKPT_FAULT_DELAY_S", "2")))
         return

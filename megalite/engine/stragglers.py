@@ -182,7 +182,8 @@ class StragglerReport:
         self._hosts: list[str] | None = None
         self._stages: list[int] | None = None
         self._slow_for: dict[int, int] = {}  # rank -> consecutive windows above the margin
-        self.flagged: list[int] = []  # ranks warned about in the last window
+        self.flagged: list[int] = []  # ranks slow for `windows` windows in a row, as of the last window
+        self._medians: list[float] = []
 
     def window(self, step: int, sink: Any = None) -> dict | None:
         """Close this window: gather (compute, wait) of every rank; returns the record (every rank), logs it on rank
@@ -212,11 +213,13 @@ class StragglerReport:
             sink.log(record)
         if dist.get_rank() == 0:
             for rank in self.flagged:
-                print(f"megalite: warning: straggler: rank {rank} on {self._hosts[rank]} computed "
-                      f"{compute_all[rank]:.3f} s and waited {wait_all[rank]:.3f} s in collectives in the window ending "
-                      f"at step {step}; its compute time has been more than {100 * self.margin:.0f}% above the median "
-                      f"of its pipeline stage ({record['compute_s_median']:.3f} s overall) for {self._slow_for[rank]} "
-                      "windows in a row: the other ranks wait for it", file=sys.stderr, flush=True)
+                count = self._slow_for[rank]
+                if count == self.windows or count % (10 * self.windows) == 0:  # when named, then now and then
+                    print(f"megalite: warning: straggler: rank {rank} on {self._hosts[rank]} computed "
+                          f"{compute_all[rank]:.3f} s and waited {wait_all[rank]:.3f} s in collectives in the window "
+                          f"ending at step {step}, more than {100 * self.margin:.0f}% above the median of its pipeline "
+                          f"stage ({self._medians[rank]:.3f} s) for {count} windows in a row: the other ranks wait "
+                          "for it", file=sys.stderr, flush=True)
         return record
 
     def _record(self, step: int, compute: list[float], wait: list[float]) -> dict:
@@ -226,10 +229,11 @@ class StragglerReport:
         slowest = max(range(world), key=lambda r: compute[r])
         fastest = min(range(world), key=lambda r: compute[r])
         ratio = compute[slowest] / compute[fastest] if compute[fastest] > 0 else None
-        self.flagged = []
+        self.flagged, self._medians = [], []
         for rank in range(world):
             peers = [compute[r] for r in range(world) if self._stages[r] == self._stages[rank]]
             median = statistics.median(peers)
+            self._medians.append(median)
             if len(peers) > 1 and compute[rank] > median * (1.0 + self.margin):
                 self._slow_for[rank] = self._slow_for.get(rank, 0) + 1
                 if self._slow_for[rank] >= self.windows:

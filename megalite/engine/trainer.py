@@ -136,7 +136,6 @@ class Trainer:
                                 context=cfg.parallel.context)
         self.dp_rank, self.dp_size = self.grid.get_data_parallel_rank(), self.grid.get_data_parallel_world_size()
         self.strategy = strategy_for(cfg, self.grid, self.device)
-        stragglers.start(cfg, self.device, self.grid.get_pipe_parallel_rank())
         agree("building the data", self._build_data)
         self.model = agree("building the model", self._build_model)
         self.engine, self.schedule = agree("starting DeepSpeed", build_engine, self.model, cfg, self.grid, self.world)
@@ -357,6 +356,7 @@ class Trainer:
                 self._say(f"preempted before step {self.step + 1}: exiting {signals.EXIT_PREEMPTED} to be requeued")
                 return self._finish(signals.EXIT_PREEMPTED)
             window = self._start_metrics()
+            stragglers.start(cfg, self.device, self.grid.get_pipe_parallel_rank())  # windows as the metrics'
             exit_code = signals.EXIT_OK
             while self.step < cfg.train.steps:
                 self.profiler.before_step(self.step + 1)

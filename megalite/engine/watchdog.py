@@ -31,9 +31,10 @@ Store calls run on a helper thread and are waited for with a limit: a TCPStore c
 from a stopped server without end (measured, torch 2.13), and the watchdog must never wait with it.
 
 Fault injection for the tests (like megalite.checkpoint.faults): MEGALITE_HANG_FAULT=<phase>[@<step>],
-MEGALITE_HANG_FAULT_RANK (default 0), MEGALITE_HANG_FAULT_ACTION=stop|sleep (SIGSTOP this process once, or
-sleep MEGALITE_HANG_FAULT_SLEEP_S seconds each time the phase starts: a straggler); the rank writes the marker
-`hang-fault-rank<r>` into MEGALITE_HANG_FAULT_DIR (default the output directory) first.
+MEGALITE_HANG_FAULT_RANK (default 0), MEGALITE_HANG_FAULT_ACTION=stop|sleep (SIGSTOP this process once,
+MEGALITE_HANG_FAULT_SETTLE_S (default 1) seconds into the phase, after writing the marker `hang-fault-rank<r>`
+into MEGALITE_HANG_FAULT_DIR (default the output directory); or sleep MEGALITE_HANG_FAULT_SLEEP_S seconds each
+time the phase starts: a straggler).
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ class PhaseFault:
         self.active = bool(spec) and rank == int(os.environ.get(f"{FAULT_ENV}_RANK", "0"))
         self.action = os.environ.get(f"{FAULT_ENV}_ACTION", "stop")
         self.sleep_s = float(os.environ.get(f"{FAULT_ENV}_SLEEP_S", "1"))
+        self.settle_s = float(os.environ.get(f"{FAULT_ENV}_SETTLE_S", "1"))
         self.marker = Path(os.environ.get(f"{FAULT_ENV}_DIR") or default_dir) / f"hang-fault-rank{rank}"
 
     def fire(self, phase: str, step: int) -> None:
@@ -192,6 +194,7 @@ class PhaseFault:
             time.sleep(self.sleep_s)
             return
         self.active = False  # stop once: after SIGCONT the run goes on
+        time.sleep(self.settle_s)  # hung a moment into the phase: the watchdog has published where it is
         self.marker.parent.mkdir(parents=True, exist_ok=True)
         with open(self.marker, "w") as f:
             f.write(json.dumps({"pid": os.getpid(), "phase": phase, "step": step, "time": time.time()}) + "\n")
@@ -213,7 +216,7 @@ class Watchdog:
         self.seq = 0
         self.phase_name = "set-up"
         self.step = 0  # the last finished step
-        self.long_depth = 0
+        self.long_phases: list[str] = []  # the long phases entered (nested: a save that commits the previous one)
         self.first_step_done = False
         self.recent: collections.deque = collections.deque(maxlen=RECENT_STEPS)
         self._step_started = time.monotonic()
@@ -248,21 +251,21 @@ class Watchdog:
         self.step = step
         self.first_step_done = True
         self.seq += 1
-        self.phase_name = "step done"
+        self.phase_name = "end"
 
     def enter_long(self, phase: str) -> None:
-        self.long_depth += 1
+        self.long_phases.append(phase)
         self.mark(phase)
 
     def exit_long(self, phase: str) -> None:
-        self.long_depth -= 1
+        self.long_phases.pop()
         self.seq += 1
-        self.phase_name = f"after {phase}"
+        self.phase_name = self.long_phases[-1] if self.long_phases else f"after {phase}"
         self._step_started = time.monotonic()  # a step's time does not include a checkpoint or an evaluation
 
     def timeout_s(self) -> float:
         """This rank's hang timeout now: long in set-up, the first step, checkpoints and evaluation."""
-        if self.long_depth or not self.first_step_done:
+        if self.long_phases or not self.first_step_done:
             return self.limits.long_s
         if self.limits.step_s is not None:
             return self.limits.step_s
@@ -291,9 +294,19 @@ class Watchdog:
             except Exception as e:  # noqa: BLE001 - the watchdog must outlive its own bugs; say so once a tick
                 print(f"megalite: watchdog (rank {self.rank}): {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
+    def where(self) -> str:
+        """Where the training thread is, in words: "forward of step 3", "checkpoint after step 4", "set-up (...)"."""
+        if self.long_phases:
+            return f"{self.phase_name} after step {self.step}" if self.first_step_done else f"{self.phase_name} (set-up)"
+        if not self.first_step_done:
+            return f"set-up ({self.phase_name})" if self.phase_name != "set-up" else "set-up"
+        if self.phase_name == "end" or self.phase_name.startswith("after "):
+            return f"{self.phase_name} of step {self.step}"
+        return f"{self.phase_name} of step {self.step + 1}"
+
     def _record(self) -> dict:
         return {"rank": self.rank, "host": self.host, "pid": self.pid, "seq": self.seq, "beat": self.beat,
-                "step": self.step + 1, "phase": self.phase_name, "timeout_s": self.timeout_s(),
+                "step": self.step, "phase": self.phase_name, "where": self.where(), "timeout_s": self.timeout_s(),
                 "waiting_in": self.clock.current, "closed": self.closed, "time": time.time()}
 
     def _key(self, rank: int) -> str:
@@ -374,10 +387,9 @@ class Watchdog:
     def _suspects(self, now: float, open_ranks: list[int]) -> list[dict]:
         """The ranks the others wait for: silent ones, else those outside a collective, else the lowest step."""
         def describe(r: int, why: str, silent: bool = False) -> dict:
-            rec = self._seen.get(r, {}).get("record") or {"host": "?", "pid": None, "phase": "never started",
-                                                           "step": None}
-            return {"rank": r, "host": rec["host"], "pid": rec["pid"], "phase": rec["phase"], "step": rec["step"],
-                    "why": why, "silent": silent}
+            rec = self._seen.get(r, {}).get("record") or {"host": "?", "pid": None, "where": "never started"}
+            return {"rank": r, "host": rec["host"], "pid": rec["pid"], "where": rec["where"], "why": why,
+                    "silent": silent}
 
         silent = [r for r in open_ranks if r not in self._seen or now - self._seen[r]["beat_t"] > self.limits.stale_s]
         if silent:
@@ -399,6 +411,7 @@ class Watchdog:
                 record = json.loads(value)
                 if record["beat"] != self._rank0["beat"]:
                     self._rank0 = {"beat": record["beat"], "t": now, "record": record}
+
         rank0 = self._rank0.get("record") or {}
         timeout = max(self.timeout_s(), rank0.get("timeout_s", 0.0))
         own_stalled = now - self._own["t"]
@@ -414,7 +427,7 @@ class Watchdog:
         else:
             return None  # rank 0's monitor is alive and decides
         suspect = {"rank": 0, "host": rank0.get("host", self.store_at.rsplit(":", 1)[0]), "pid": rank0.get("pid"),
-                   "phase": rank0.get("phase", "?"), "step": rank0.get("step"), "why": cause, "silent": True}
+                   "where": rank0.get("where", "?"), "why": cause, "silent": True}
         return self._declare([suspect], own_stalled, timeout, f" (decided by rank {self.rank}: rank 0 is not answering)")
 
     def _declare(self, suspects: list[dict], stalled: float, timeout: float, note: str) -> dict:
@@ -442,7 +455,7 @@ class Watchdog:
         except OSError as e:
             where = f"(could not write to {folder}: {e})"
         names = "; ".join(f"rank {s['rank']} on {s['host']}" + (f" (pid {s['pid']})" if s.get("pid") else "")
-                          + f", last seen in {s['phase']} of step {s['step']}: {s['why']}" for s in verdict["suspects"])
+                          + f", last seen in {s['where']}: {s['why']}" for s in verdict["suspects"])
         print(f"megalite: HANG (rank {self.rank}, {self.host}): no rank made progress for {verdict['stalled_s']:.1f} s "
               f"(limit {verdict['timeout_s']:.1f} s){verdict.get('note', '')}; suspect: {names}; stacks and "
               f"flight-recorder traces: {where}; exiting {EXIT_HUNG}", file=sys.stderr, flush=True)
@@ -455,8 +468,8 @@ class Watchdog:
 
     def _write_diagnostics(self, folder: Path, verdict: dict) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        header = {"rank": self.rank, "host": self.host, "pid": self.pid, "step": self.step + 1,
-                  "phase": self.phase_name, "waiting_in": self.clock.current, "world_size": self.world,
+        header = {"rank": self.rank, "host": self.host, "pid": self.pid, "where": self.where(),
+                  "waiting_in": self.clock.current, "world_size": self.world,
                   "seconds_since_own_progress": round(time.monotonic() - self._own["t"], 3)}
         with open(folder / f"rank{self.rank}-stacks.txt", "w") as f:
             f.write(json.dumps(header) + "\n\n")
@@ -475,7 +488,7 @@ class Watchdog:
         metrics = self.output_dir / "metrics.jsonl"
         if not metrics.parent.is_dir():
             return
-        record = {"kind": "hang", "step": self.step + 1, "suspects": verdict["suspects"],
+        record = {"kind": "hang", "step": self.step, "suspects": verdict["suspects"],
                   "stalled_s": verdict["stalled_s"], "timeout_s": verdict["timeout_s"], "dir": str(folder),
                   "exit_code": EXIT_HUNG}
         with contextlib.suppress(OSError), open(metrics, "a") as f:
