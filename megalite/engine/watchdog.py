@@ -461,9 +461,10 @@ class Watchdog:
               f"flight-recorder traces: {where}; exiting {EXIT_HUNG}", file=sys.stderr, flush=True)
         if self.rank == 0:
             self._log_metrics(verdict, folder)
+        # Leave together: a rank that left early would end the others' collectives with an error (exit 1) before
+        # their watchdogs read the verdict, and rank 0 hosts the store the verdict is read from.
         self.channel.call(lambda s: s.add(f"{self.prefix}/acks", 1), self.limits.store_wait_s)
-        if self.rank == 0:
-            self._wait_for_acks(len(verdict.get("live_ranks", [])))
+        self._wait_for_acks(len(verdict.get("live_ranks", [])))
         _exit(EXIT_HUNG)
 
     def _write_diagnostics(self, folder: Path, verdict: dict) -> None:
@@ -495,7 +496,7 @@ class Watchdog:
             f.write(json.dumps(record) + "\n")
 
     def _wait_for_acks(self, expected: int) -> None:
-        """Rank 0 hosts the store: stay until the live ranks have read the verdict (bounded)."""
+        """Stay until every live rank has read the verdict (bounded: a rank may never read it)."""
         deadline = time.monotonic() + max(5.0, 4 * self.limits.poll_s + 2 * self.limits.store_wait_s)
         while time.monotonic() < deadline:
             ok, acks = self.channel.call(lambda s: s.add(f"{self.prefix}/acks", 0), self.limits.store_wait_s)
