@@ -292,3 +292,72 @@ def test_four_ranks_name_the_one_stopped_mid_step(lanes):
     header = json.loads((hang["folders"][0] / "rank3-stacks.txt").read_text().splitlines()[0])
     # Rank 3 waits in DeepSpeed's gradient all-reduce at the end of its backward.
     assert header["waiting_in"] == "all_reduce" and header["where"] == "backward of step 3", header
+
+
+# ----------------------------------------------------------------------------- the parts, in this process
+
+
+def test_hang_settings_are_validated():
+    from megalite import config as C
+    from megalite.errors import ConfigError
+
+    for train, fragment in (
+            ({"hang_timeout_s": 60}, "train.hang_timeout_s: 60.0 s must be below train.collective_timeout_s=60"),
+            ({"hang_timeout_long_s": 90}, "train.hang_timeout_long_s: 90.0 s must be below"),
+            ({"hang_timeout_s": -1}, "train.hang_timeout_s: expected a number of seconds > 0"),
+            ({"hang_timeout_s": 10, "hang_timeout_long_s": 5}, "train.hang_timeout_s: 10.0 s exceeds train."
+                                                               "hang_timeout_long_s=5.0 s"),
+            ({"straggler_margin": 0}, "train.straggler_margin: expected a fraction > 0"),
+            ({"straggler_windows": 0}, "train.straggler_windows: expected an integer >= 1")):
+        with pytest.raises(ConfigError) as e:
+            C.from_dict(tiny_config("x", "y", train=train))
+        assert fragment in str(e.value), str(e.value)
+    C.from_dict(tiny_config("x", "y", train={"hang_timeout_s": 5, "hang_timeout_long_s": 50, "watchdog": False}))
+
+
+def test_timeouts_derive_from_the_collective_timeout_and_the_step_time():
+    from megalite.config import TrainConfig
+    from megalite.engine.watchdog import HANG_FLOOR_S, Limits
+
+    default = Limits.of(TrainConfig())
+    assert default.step_s is None and default.long_s == pytest.approx(0.9 * 600)  # before the collective's 600 s
+    assert default.poll_s == 5.0 and default.stale_s < HANG_FLOOR_S / 2
+    short = Limits.of(TrainConfig(hang_timeout_s=3.0, hang_timeout_long_s=20.0, collective_timeout_s=60.0))
+    assert (short.step_s, short.long_s) == (3.0, 20.0)
+    assert short.poll_s == pytest.approx(0.3) and short.stale_s == 1.5  # half the shortest timeout at most
+
+
+def test_store_check_reaches_a_store_and_names_one_that_does_not_answer():
+    import datetime
+
+    import torch.distributed as dist
+
+    from megalite.engine.watchdog import check_store
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, world_size=1, is_master=True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=5))
+    ok, message = check_store(3, wait_s=10, address=("127.0.0.1", port))
+    assert ok and message.startswith(f"rendezvous store 127.0.0.1:{port} reachable, round trip"), message
+    assert server.get("megalite/watchdog/preflight/r3") == b"3"
+    closed = free_port()
+    ok, message = check_store(3, wait_s=1, address=("127.0.0.1", closed))
+    assert not ok and f"the rendezvous store at 127.0.0.1:{closed} did not answer rank 3" in message, message
+
+
+def test_straggler_rule_compares_within_a_stage_and_needs_persistence():
+    from megalite.engine.stragglers import StragglerReport
+
+    report = StragglerReport.__new__(StragglerReport)
+    report.margin, report.windows, report._slow_for = 0.2, 2, {}
+    report._hosts, report._stages = ["a", "a", "b", "b"], [0, 0, 1, 1]  # 2 pipeline stages of 2 ranks
+    # Stage 1 computes more (the last stage's loss): not a straggler; rank 1 is, within stage 0.
+    first = report._record(10, [1.0, 2.0, 3.0, 3.1], [2.0, 1.0, 0.1, 0.0])
+    assert first["flagged"] == [] and first["slowest_rank"] == 3 and first["fastest_rank"] == 0
+    assert first["ratio"] == pytest.approx(3.1)
+    assert report._record(20, [1.0, 2.0, 3.0, 3.1], [2.0, 1.0, 0.1, 0.0])["flagged"] == [1]  # the second window
+    assert report._record(30, [1.0, 1.01, 3.0, 3.1], [0, 0, 0, 0])["flagged"] == []  # caught up: count reset
+    assert report._slow_for == {}
+    # A window of milliseconds: 50% above the median is still noise below MIN_EXCESS_S.
+    for step in (40, 50):
+        assert report._record(step, [0.010, 0.015, 0.03, 0.03], [0, 0, 0, 0])["flagged"] == []

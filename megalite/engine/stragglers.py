@@ -7,7 +7,7 @@ time and the time its training thread spent inside `torch.distributed` collectiv
 compute = wall - waiting. One small all-gather per log window brings every rank's numbers to every rank;
 rank 0 writes the slowest and fastest ranks and their ratio to `metrics.jsonl` (kind "stragglers") and warns
 about a rank whose compute time exceeds the median of its pipeline stage by more than `train.straggler_margin`
-in `train.straggler_windows` consecutive windows.
+(and by MIN_EXCESS_S) in `train.straggler_windows` consecutive windows.
 
 What the clock sees: every collective called through `torch.distributed` (and DeepSpeed's comm layer, which
 calls it) on the training thread, synchronous ones fully; an asynchronous call (`async_op=True`) counts its
@@ -40,6 +40,9 @@ COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_i
 
 # Per-rank lists in each metrics record up to this many ranks; beyond it, only the extremes and the median.
 PER_RANK_LIMIT = 64
+# A rank is slow only when it also exceeds its stage's median by this many seconds in the window: with windows of a
+# few milliseconds (tiny CPU runs) a 20% difference is noise.
+MIN_EXCESS_S = 0.05
 
 
 class CollectiveClock:
@@ -234,7 +237,7 @@ class StragglerReport:
             peers = [compute[r] for r in range(world) if self._stages[r] == self._stages[rank]]
             median = statistics.median(peers)
             self._medians.append(median)
-            if len(peers) > 1 and compute[rank] > median * (1.0 + self.margin):
+            if len(peers) > 1 and compute[rank] > max(median * (1.0 + self.margin), median + MIN_EXCESS_S):
                 self._slow_for[rank] = self._slow_for.get(rank, 0) + 1
                 if self._slow_for[rank] >= self.windows:
                     self.flagged.append(rank)

@@ -159,9 +159,9 @@ def connect_store(host: str, port: int, timeout_s: float = 60.0) -> Any:
                          wait_for_workers=False)
 
 
-def check_store(rank: int, wait_s: float = 30.0) -> tuple[bool, str]:
+def check_store(rank: int, wait_s: float = 30.0, address: tuple[str, int] | None = None) -> tuple[bool, str]:
     """Preflight: whether this rank reaches the watchdog's store (a write and a read back); (ok, what was seen)."""
-    host, port = store_address()
+    host, port = address or store_address()
     channel = StoreChannel(lambda: connect_store(host, port))
     key = f"{PREFIX}/preflight/r{rank}"
     t0 = time.perf_counter()
