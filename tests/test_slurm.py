@@ -271,6 +271,7 @@ def test_srun_script_with_preflight(cluster: SlurmCluster, jobs: dict[str, Job])
     log = _check_success(cluster, jobs["srun"])
     assert "preflight: PASSED on 2 ranks" in log
     assert re.search(r"preflight ok   collective: all_reduce of .* across 2 ranks \(gloo\).*GB/s", log), log[-3000:]
+    assert re.search(r"preflight ok   watchdog store: rendezvous store 10\.77\.0\.1:\d+ reachable", log), log[-3000:]
 
 
 def test_torchrun_script(cluster: SlurmCluster, jobs: dict[str, Job]) -> None:

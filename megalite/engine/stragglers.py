@@ -49,10 +49,13 @@ class CollectiveClock:
     """Seconds the training thread spends inside torch.distributed collectives, by wrapping them (see module doc).
 
     `current` names the collective the training thread is inside right now (None outside one): the watchdog
-    publishes it, so a hang report tells the ranks waiting in a collective from the one that never arrived."""
+    publishes it, so a hang report tells the ranks waiting in a collective from the one that never arrived.
+    `calls` counts the collectives it finished: each is progress of every rank in it (the watchdog counts it, so a
+    long evaluation or set-up that keeps communicating is not taken for a hang)."""
 
     def __init__(self) -> None:
         self.current: str | None = None
+        self.calls = 0
         self._main = threading.main_thread().ident
         self._seconds = 0.0
         self._excluded_s = 0.0
@@ -103,11 +106,12 @@ class CollectiveClock:
 
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            if clock._depth or clock._excluding or threading.get_ident() != clock._main:
+            if clock._depth or threading.get_ident() != clock._main:
                 return fn(*args, **kwargs)
             clock._depth, clock.current = 1, name
+            timing = not clock._excluding
             events = None
-            if clock._cuda:
+            if timing and clock._cuda:
                 import torch
 
                 events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -119,8 +123,9 @@ class CollectiveClock:
                 if events is not None:
                     events[1].record()
                     clock._events.append(events)
-                else:
+                elif timing:
                     clock._seconds += time.perf_counter() - start
+                clock.calls += 1
                 clock._depth, clock.current = 0, None
 
         timed.__megalite_clock__ = fn  # type: ignore[attr-defined]

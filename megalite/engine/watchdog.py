@@ -6,8 +6,8 @@ phase of a step, `step_done(step)` after each step, `during("checkpoint")` aroun
 resume (a decorator or a context manager); set-up marks each `megalite.distributed.agree` phase. Each mark is
 two attribute writes on the loop's thread; the rest happens in the thread:
 
-- it publishes this rank's record (step, phase, a progress counter, a heartbeat, the collective it is waiting
-  in, host, pid) in the rendezvous store (the TCPStore at MASTER_ADDR:MASTER_PORT that started the process
+- it publishes this rank's record (step, phase, a progress counter: marks passed plus collectives finished, a
+  heartbeat, the collective it is waiting in, host, pid) in the rendezvous store (the TCPStore at MASTER_ADDR:MASTER_PORT that started the process
   group), every `poll_s`;
 - on rank 0 (the monitor) it reads every rank's record; when no rank's progress counter has moved for the hang
   timeout, it writes a verdict naming the suspects: the ranks whose heartbeat stopped (a stopped, dead or
@@ -231,9 +231,9 @@ class Watchdog:
         self.store_at = f"{host}:{port}"
         self.channel = StoreChannel(lambda: connect_store(host, port))
         self.hang_dir = self._agree_hang_dir()
-        self._seen: dict[int, dict] = {}  # monitor: rank -> {"seq", "beat", "progress_t", "beat_t", "record"}
+        self._seen: dict[int, dict] = {}  # monitor: rank -> {"progress", "beat", "progress_t", "beat_t", "record"}
         self._present: set[int] = set()
-        self._own = {"seq": -1, "t": time.monotonic()}
+        self._own = {"progress": -1, "t": time.monotonic()}
         self._rank0: dict = {"beat": None, "t": time.monotonic()}
         self._publish()
 
@@ -294,6 +294,10 @@ class Watchdog:
             except Exception as e:  # noqa: BLE001 - the watchdog must outlive its own bugs; say so once a tick
                 print(f"megalite: watchdog (rank {self.rank}): {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
+    def progress(self) -> int:
+        """Marks passed plus collectives finished: it stands still only when the training thread does."""
+        return self.seq + self.clock.calls
+
     def where(self) -> str:
         """Where the training thread is, in words: "forward of step 3", "checkpoint after step 4", "set-up (...)"."""
         if self.long_phases:
@@ -305,8 +309,9 @@ class Watchdog:
         return f"{self.phase_name} of step {self.step + 1}"
 
     def _record(self) -> dict:
-        return {"rank": self.rank, "host": self.host, "pid": self.pid, "seq": self.seq, "beat": self.beat,
-                "step": self.step, "phase": self.phase_name, "where": self.where(), "timeout_s": self.timeout_s(),
+        return {"rank": self.rank, "host": self.host, "pid": self.pid, "beat": self.beat,
+                "progress": self.progress(), "step": self.step, "phase": self.phase_name, "where": self.where(),
+                "timeout_s": self.timeout_s(),
                 "waiting_in": self.clock.current, "closed": self.closed, "time": time.time()}
 
     def _key(self, rank: int) -> str:
@@ -334,8 +339,9 @@ class Watchdog:
     def _tick(self) -> None:
         self.beat += 1
         now = time.monotonic()
-        if self.seq != self._own["seq"]:
-            self._own = {"seq": self.seq, "t": now}
+        progress = self.progress()
+        if progress != self._own["progress"]:
+            self._own = {"progress": progress, "t": now}
         published, why = self._publish()
         verdict = self._read_verdict() if published else None
         if verdict is None:
@@ -365,9 +371,10 @@ class Watchdog:
             rec = json.loads(value)
             seen = self._seen.get(r)
             if seen is None:
-                seen = self._seen[r] = {"seq": rec["seq"], "beat": rec["beat"], "progress_t": now, "beat_t": now}
-            if rec["seq"] != seen["seq"]:
-                seen["seq"], seen["progress_t"] = rec["seq"], now
+                seen = self._seen[r] = {"progress": rec["progress"], "beat": rec["beat"], "progress_t": now,
+                                        "beat_t": now}
+            if rec["progress"] != seen["progress"]:
+                seen["progress"], seen["progress_t"] = rec["progress"], now
             if rec["beat"] != seen["beat"]:
                 seen["beat"], seen["beat_t"] = rec["beat"], now
             seen["record"] = rec
