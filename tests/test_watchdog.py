@@ -292,6 +292,15 @@ def test_four_ranks_name_the_one_stopped_mid_step(lanes):
     header = json.loads((hang["folders"][0] / "rank3-stacks.txt").read_text().splitlines()[0])
     # Rank 3 waits in DeepSpeed's gradient all-reduce at the end of its backward.
     assert header["waiting_in"] == "all_reduce" and header["where"] == "backward of step 3", header
+    from megalite.engine.watchdog import summarize
+
+    summary = summarize(hang["folders"][0]).splitlines()
+    assert "suspect rank 2 on " + HOST + ", last seen in backward of step 3" in summary[2], summary
+    assert summary.count("rank 2: no diagnostics (a suspect that could not write, or a rank that left first)") == 1
+    pending = [line for line in summary if "not completed" in line]
+    # The three live ranks wait in the same gloo all-reduce of the gradients (29,696 parameters), none completed.
+    assert len(pending) == 3 and len({line.split(": ", 1)[1] for line in pending}) == 1, summary
+    assert "gloo:all_reduce [[29696]]" in pending[0], summary
 
 
 # ----------------------------------------------------------------------------- the parts, in this process

@@ -524,6 +524,48 @@ def flight_recorder_trace() -> bytes | None:
         return None
 
 
+def summarize(folder: str | os.PathLike) -> str:
+    """A hang folder in words: the verdict, then each rank's place, the collective it waits in and, from its
+    flight-recorder trace, each process group's collective that did not complete (`python -m
+    megalite.engine.watchdog DIR`). torch's own analyser (`torchfrtrace DIR`) reads NCCL traces; the gloo traces of
+    torch 2.13 carry no process-group table, which it needs."""
+    import pickle
+
+    folder = Path(folder)
+    lines = [f"hang folder {folder}"]
+    verdicts = sorted(folder.glob("rank*.json"))
+    verdict = json.loads(verdicts[0].read_text())["verdict"] if verdicts else None
+    if verdict:
+        lines.append(f"verdict (rank {verdict['declared_by']}): no progress for {verdict['stalled_s']:.1f} s (limit "
+                     f"{verdict['timeout_s']:.1f} s)")
+        lines += [f"  suspect rank {v['rank']} on {v['host']}, last seen in {v['where']}: {v['why']}"
+                  for v in verdict["suspects"]]
+    heads = [json.loads(p.read_text().splitlines()[0]) for p in folder.glob("rank*-stacks.txt")]
+    world = max([h["world_size"] for h in heads], default=0)
+    for rank in range(world):
+        stacks = folder / f"rank{rank}-stacks.txt"
+        if not stacks.exists():
+            lines.append(f"rank {rank}: no diagnostics (a suspect that could not write, or a rank that left first)")
+            continue
+        head = json.loads(stacks.read_text().splitlines()[0])
+        text = f"rank {rank} ({head['host']}, pid {head['pid']}): {head['where']}"
+        text += f", waiting in {head['waiting_in']}" if head.get("waiting_in") else ", not in a collective"
+        lines.append(text)
+        trace = folder / f"fr_trace_rank_{rank}"
+        if not trace.exists():
+            continue
+        dump = pickle.loads(trace.read_bytes())
+        for pg, status in sorted(dump.get("pg_status", {}).items()):
+            pending, done = status.get("last_enqueued_collective", -1), status.get("last_completed_collective", -1)
+            if pending <= done:
+                continue
+            entry = next((e for e in dump["entries"] if str(e["pg_id"]) == pg and e["collective_seq_id"] == pending),
+                         None)
+            what = f"{entry['profiling_name']} {entry['input_sizes']}" if entry else "(no longer in the ring)"
+            lines.append(f"  process group {pg}: collective {pending} {what} not completed (done up to {done})")
+    return "\n".join(lines)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -616,3 +658,9 @@ def watching(cfg: Any, rank: int, world: int) -> Iterator[Watchdog | None]:
         yield dog
     finally:
         stop()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        sys.exit("usage: python -m megalite.engine.watchdog HANG_FOLDER (see README, When a job hangs)")
+    print(summarize(sys.argv[1]))
