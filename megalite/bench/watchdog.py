@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
     run.train()
     wall = time.perf_counter() - start
     result = {"times": times, "wall_s": wall, "threads": len(threads), "thread_cpu_s": cpu[-1] - cpu[0],
-              "ticks": dog.beat if dog is not None else 0}
+              "ticks": dog.beat if dog is not None else 0, "tick_busy_s": dog.busy_s if dog is not None else 0.0}
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.result).write_text(json.dumps(result))
 
@@ -138,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for both modes")
     parser.add_argument("--out", default="out/bench-watchdog", help="results folder (default: out/bench-watchdog)")
-    parser.add_argument("--mode", choices=["on", "off", "bare"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["on", "off", "bare", "calls"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.mode == "calls":
+        Path(args.result).write_text(json.dumps(call_costs()))
+        return 0
     if args.mode:
         worker(args)
         return 0
@@ -169,22 +172,29 @@ def main(argv: list[str] | None = None) -> int:
     recorder_ratios = [off["median_s"] / bare["median_s"] for off, bare in zip(runs["off"], runs["bare"])]
     steps = sum(len(r["times"]) for r in runs["on"])
     thread_cpu = sum(r["thread_cpu_s"] for r in runs["on"]) / steps
-    calls = call_costs()
+    tick_busy = sum(r["tick_busy_s"] for r in runs["on"]) / steps
+    calls = {}
+    for label, entries in (("recorder_on", recorder), ("recorder_off", "0")):  # read once per process by torch
+        result = f"{args.out}/calls-{label}.json"
+        subprocess.run([sys.executable, "-m", "megalite.bench.watchdog", "--mode", "calls", "--result", result],
+                       check=True, env=dict(base, TORCH_FR_BUFFER_SIZE=entries))
+        calls.update({f"{k}_{label}": v for k, v in json.loads(Path(result).read_text()).items()})
     print(f"median step: on {medians['on'] * 1e3:.1f} ms, off {medians['off'] * 1e3:.1f} ms, bare "
           f"{medians['bare'] * 1e3:.1f} ms")
     print(f"watchdog + straggler report (on/off): {medians['on'] / medians['off']:.4f} (per round: "
           f"{', '.join(f'{r:.4f}' for r in watchdog_ratios)})")
     print(f"flight recorder (off/bare): {medians['off'] / medians['bare']:.4f} (per round: "
           f"{', '.join(f'{r:.4f}' for r in recorder_ratios)})")
-    print(f"watchdog threads (rank 0): {thread_cpu * 1e3:.3f} ms CPU per step "
-          f"({100 * thread_cpu / medians['on']:.3f}% of a step)")
+    print(f"watchdog threads (rank 0): {thread_cpu * 1e3:.3f} ms CPU per step from /proc (10 ms resolution), its "
+          f"ticks {tick_busy * 1e3:.3f} ms wall per step ({100 * tick_busy / medians['on']:.4f}% of a step)")
     print("per call (us): " + ", ".join(f"{k} {v:.2f}" for k, v in calls.items()))
     write_json(f"{args.out}/watchdog.json", {"config": args.config, "nproc": args.nproc, "steps": args.steps,
                                              "warmup": WARMUP, "rounds": args.rounds, "recorder_entries": recorder,
                                              "medians_s": medians, "watchdog_ratio": medians["on"] / medians["off"],
                                              "recorder_ratio": medians["off"] / medians["bare"],
                                              "watchdog_ratios": watchdog_ratios, "recorder_ratios": recorder_ratios,
-                                             "thread_cpu_s_per_step": thread_cpu, "call_costs_us": calls,
+                                             "thread_cpu_s_per_step": thread_cpu, "tick_busy_s_per_step": tick_busy,
+                                             "call_costs_us": calls,
                                              "runs": runs})
     return 0
 

@@ -223,6 +223,7 @@ class Watchdog:
         self.fault = PhaseFault(rank, self.output_dir)
         # The watchdog thread's own state.
         self.beat = 0
+        self.busy_s = 0.0  # wall time of its ticks (an upper bound of its CPU time; megalite bench watchdog)
         self.closed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -289,10 +290,12 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.limits.poll_s):
+            start = time.perf_counter()
             try:
                 self._tick()
             except Exception as e:  # noqa: BLE001 - the watchdog must outlive its own bugs; say so once a tick
                 print(f"megalite: watchdog (rank {self.rank}): {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            self.busy_s += time.perf_counter() - start
 
     def progress(self) -> int:
         """Marks passed plus collectives finished: it stands still only when the training thread does."""
