@@ -5,8 +5,9 @@
 Runs `torchrun --nproc_per_node N` three times per round, in a rotating order (so drifts of a shared machine hit
 every mode alike): `on` (train.watchdog=true, torch's flight recorder on as the batch scripts set it,
 TORCH_FR_BUFFER_SIZE=2000), `off` (train.watchdog=false, the recorder still on) and `bare` (both off); each with
-the config's log interval (one straggler all-gather per window). Each run times its steps after a warm-up; with the
-watchdog on it also reads the CPU time of the watchdog's two threads (its own and the store helper) from /proc.
+the config's log interval (one straggler all-gather per window). Each run times its steps after a warm-up (wall,
+and the process's CPU time over every thread, which a shared machine's load inflates far less); with the watchdog on
+it also reads the CPU time of the watchdog's two threads from /proc and the wall time of its ticks.
 Prints the median step of each mode, the ratios on/off (the watchdog and straggler report) and off/bare (the flight
 recorder), the threads' CPU time per step, and the cost of the calls the training thread makes (a phase mark; a
 collective through the clock's wrapper) measured in this process; writes DIR/watchdog.json. Needs the demo data
@@ -56,13 +57,15 @@ def worker(args: argparse.Namespace) -> None:
     dog = watchdog._active
     threads = [t.native_id for t in threading.enumerate() if t.name.startswith("megalite-watchdog")]
     times: list[float] = []
+    cpu_times: list[float] = []  # the process's CPU time per step, every thread: what a loaded machine inflates least
     cpu: list[float] = []  # the threads' CPU time at the start and at the last step (they end with the run)
     original = run.train_step
 
     def timed(timer):  # noqa: ANN001
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = original(timer)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - start_cpu)
         if len(times) == args.steps:
             cpu.append(sum(_thread_cpu_s(t) for t in threads))
         return out
@@ -72,7 +75,7 @@ def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     run.train()
     wall = time.perf_counter() - start
-    result = {"times": times, "wall_s": wall, "threads": len(threads), "thread_cpu_s": cpu[-1] - cpu[0],
+    result = {"times": times, "cpu_times": cpu_times, "wall_s": wall, "threads": len(threads), "thread_cpu_s": cpu[-1] - cpu[0],
               "ticks": dog.beat if dog is not None else 0, "tick_busy_s": dog.busy_s if dog is not None else 0.0}
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.result).write_text(json.dumps(result))
@@ -164,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             run = json.loads(Path(result).read_text())
             run["median_s"] = statistics.median(run["times"][WARMUP:])
+            run["median_cpu_s"] = statistics.median(run["cpu_times"][WARMUP:])
             runs[mode].append(run)
-            print(f"round {round_} {mode:4s}: median step {run['median_s'] * 1e3:.1f} ms over "
-                  f"{len(run['times']) - WARMUP} steps", flush=True)
+            print(f"round {round_} {mode:4s}: median step {run['median_s'] * 1e3:.1f} ms, CPU "
+                  f"{run['median_cpu_s'] * 1e3:.1f} ms over {len(run['times']) - WARMUP} steps", flush=True)
     medians = {mode: statistics.median(r["median_s"] for r in rs) for mode, rs in runs.items()}
+    cpu_medians = {mode: statistics.median(r["median_cpu_s"] for r in rs) for mode, rs in runs.items()}
     watchdog_ratios = [on["median_s"] / off["median_s"] for on, off in zip(runs["on"], runs["off"])]
     recorder_ratios = [off["median_s"] / bare["median_s"] for off, bare in zip(runs["off"], runs["bare"])]
     steps = sum(len(r["times"]) for r in runs["on"])
@@ -181,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         calls.update({f"{k}_{label}": v for k, v in json.loads(Path(result).read_text()).items()})
     print(f"median step: on {medians['on'] * 1e3:.1f} ms, off {medians['off'] * 1e3:.1f} ms, bare "
           f"{medians['bare'] * 1e3:.1f} ms")
+    print(f"median CPU per step (rank 0, every thread): on {cpu_medians['on'] * 1e3:.1f} ms, off "
+          f"{cpu_medians['off'] * 1e3:.1f} ms, bare {cpu_medians['bare'] * 1e3:.1f} ms; on/off "
+          f"{cpu_medians['on'] / cpu_medians['off']:.4f}, off/bare {cpu_medians['off'] / cpu_medians['bare']:.4f}")
     print(f"watchdog + straggler report (on/off): {medians['on'] / medians['off']:.4f} (per round: "
           f"{', '.join(f'{r:.4f}' for r in watchdog_ratios)})")
     print(f"flight recorder (off/bare): {medians['off'] / medians['bare']:.4f} (per round: "
@@ -190,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     print("per call (us): " + ", ".join(f"{k} {v:.2f}" for k, v in calls.items()))
     write_json(f"{args.out}/watchdog.json", {"config": args.config, "nproc": args.nproc, "steps": args.steps,
                                              "warmup": WARMUP, "rounds": args.rounds, "recorder_entries": recorder,
-                                             "medians_s": medians, "watchdog_ratio": medians["on"] / medians["off"],
+                                             "medians_s": medians, "cpu_medians_s": cpu_medians,
+                                             "watchdog_ratio": medians["on"] / medians["off"],
+                                             "watchdog_cpu_ratio": cpu_medians["on"] / cpu_medians["off"],
                                              "recorder_ratio": medians["off"] / medians["bare"],
                                              "watchdog_ratios": watchdog_ratios, "recorder_ratios": recorder_ratios,
                                              "thread_cpu_s_per_step": thread_cpu, "tick_busy_s_per_step": tick_busy,
