@@ -33,8 +33,9 @@ from typing import Any
 from megalite.distributed import all_gather_objects, is_distributed, world_size
 
 # The torch.distributed entry points timed; the object collectives call the tensor ones (counted once).
-COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_object",
-               "_all_gather_base", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce",
+COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_single",
+               "all_gather_object", "_all_gather_base", "reduce_scatter", "reduce_scatter_tensor",
+               "reduce_scatter_single", "_reduce_scatter_base", "reduce",
                "broadcast", "broadcast_object_list", "barrier", "monitored_barrier", "all_to_all",
                "all_to_all_single", "gather", "gather_object", "scatter", "scatter_object_list", "send", "recv")
 
@@ -211,7 +212,8 @@ class StragglerReport:
             self._hosts, self._stages = [h for h, _ in pairs], [s for _, s in pairs]
         mine = torch.tensor([compute, waited], dtype=torch.float64, device=self.device)
         every = torch.empty(2 * dist.get_world_size(), dtype=torch.float64, device=self.device)
-        dist.all_gather_into_tensor(every, mine)
+        # torch 2.13 names it all_gather_single (all_gather_into_tensor warns); torch 2.11 has only the old name.
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(every, mine)
         self.clock.take()  # the gather's own wait belongs to no window
         self._start = time.perf_counter()
         values = every.view(-1, 2).tolist()
