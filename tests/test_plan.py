@@ -192,6 +192,9 @@ ACTIVATION_CASES = [
     dict(family="gpt", tp=1, B=1, T=64, backend="triton"),
     dict(family="llama", tp=2, sp=True, B=1, T=64, backend="triton", docs=True),
     dict(family="llama", tp=2, sp=True, recompute=True, B=1, T=64, backend="triton", docs=True),
+    # the lower bound's activations: column-parallel layers keeping their sequence shard, as Megatron-LM's do
+    *(dict(family=f, tp=2, sp=True, recompute=rec, B=2, T=32, shard=True) for f in ("gpt", "llama")
+      for rec in (False, True)),
 ]
 
 
@@ -218,7 +221,18 @@ def _count_saved_activations(cases: list[dict]) -> list[tuple[int, int]]:
         extra = {}
         if case.get("docs"):  # two packed documents per sample
             extra["document_ids"] = (torch.arange(t) >= t // 3).long().unsqueeze(0).expand(b, t).contiguous()
-        saved = saved_activation_bytes(model, lambda m=model, x=ids, kw=extra: m(x, labels=x, **kw))
+        if case.get("shard"):
+            from tests.helpers.plan_probes import shard_saving_sequence_parallel
+
+            with shard_saving_sequence_parallel():
+                saved = saved_activation_bytes(model, lambda m=model, x=ids, kw=extra: m(x, labels=x, **kw))
+                model(ids, labels=ids, **extra).backward()  # the emulated layer's gradients are megalite's
+            grads = [p.grad.clone() for p in model.parameters()]
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids, **extra).backward()
+            assert all(torch.allclose(a, p.grad, rtol=1e-5, atol=1e-6) for a, p in zip(grads, model.parameters()))
+        else:
+            saved = saved_activation_bytes(model, lambda m=model, x=ids, kw=extra: m(x, labels=x, **kw))
         out.append((saved, sum(p.numel() for p in model.parameters())))
     return out
 
@@ -226,7 +240,8 @@ def _count_saved_activations(cases: list[dict]) -> list[tuple[int, int]]:
 def test_activation_bytes_match_what_autograd_saves() -> None:
     """The plan's activations per micro-batch against the bytes autograd saves in real forward passes on CPU, per
     rank: TP1/TP2, with and without SP, with and without recompute, chunked loss, bf16, dropout, packed documents
-    (also with recompute), GPT and Llama, torch and Triton kernels. Within 10% each (the issue's bound; the
+    (also with recompute), GPT and Llama, torch and Triton kernels; and the lower bound's activations against the
+    same model with Megatron-style column-parallel layers (keeping the sequence shard; gradients checked equal). Within 10% each (the issue's bound; the
     largest error, printed, is 0.5%)."""
     results = run_ranks(_count_saved_activations, 2, ACTIVATION_CASES, timeout_s=300,
                         env={"TRITON_INTERPRET": "1"})
@@ -236,11 +251,16 @@ def test_activation_bytes_match_what_autograd_saves() -> None:
             cfg = _activation_case_config(case)
             stage = P.stages(cfg, case["tp"], 1)[0]
             assert P.numel(stage.params) == numel, case  # the plan's parameter list is the model's
-            s = P.settings(cfg, platform="cpu")
+            s = dataclasses.replace(P.settings(cfg, platform="cpu"),
+                                    sp_saved_input="shard" if case.get("shard") else "gathered")
             planned = sum(P.activation_bytes(cfg, P.layout_of(cfg, case["tp"]), stage, s).values())
             error = planned / saved - 1
             worst = max(worst, abs(error))
             assert abs(error) < 0.10, (case, saved, planned)
+            if case.get("shard") and not case.get("recompute"):  # the two differ by more than the error
+                gathered = sum(P.activation_bytes(cfg, P.layout_of(cfg, 2), stage, P.settings(cfg, platform="cpu"))
+                               .values())
+                assert abs(error) < 0.01 and gathered / saved - 1 > 0.03, (case, saved, planned, gathered)
     print(f"largest activation error over {len(ACTIVATION_CASES)} cases x 2 ranks: {worst:.2%}")
 
 
@@ -256,6 +276,9 @@ ENGINE_VARIANTS = [
     ("fp32 ZeRO-3 recompute accumulation 2", {"model": {"activation_checkpointing": True}, "deepspeed": {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}}),
+    # the optimizer steps the partition in sub-groups of about 2000 elements: the fp32 gradient copy is one sub-group's
+    ("bf16 ZeRO-3 sub-groups", {"deepspeed": {"bf16": {"enabled": True}, "zero_optimization": {
+        "stage": 3, "sub_group_size": 2000, "stage3_param_persistence_threshold": 0}}}),
     ("fp32 TP2", {"parallel": {"tensor": 2}, "deepspeed": {"zero_optimization": {"stage": 1}}}),
     ("bf16 TP2+SP accumulation 2", {"parallel": {"tensor": 2, "sequence_parallel": True}, "deepspeed": {
         "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 2}}),
@@ -302,8 +325,10 @@ def _engine_holdings_and_traffic(workdir: str, variants: list) -> dict:
         with CollectiveCounter() as counter:
             run.train_step(StepTimer(False))
         grid = run.grid
+        flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3's sub-groups
         out[name] = {"held": max(snapshots), "calls": counter.calls, "tp": sorted(grid.tp_ranks),
-                     "dp": sorted(grid.dp_group), "stage": grid.get_pipe_parallel_rank()}
+                     "dp": sorted(grid.dp_group), "stage": grid.get_pipe_parallel_rank(),
+                     "sub_group": max(x.numel() for x in flat) if flat else 0}
         del run
     return out
 
@@ -356,8 +381,14 @@ def test_engine_model_states_and_collectives(tmp_path: Path) -> None:
                                                                                  plan.layout.pipeline)[stage].params)
             if plan.layout.pipeline > 1:  # at the step the pipeline still holds part of its buffers (receive buffers)
                 scalars += mem.terms["pipeline buffers"]
-            if plan.settings.path == "zero3":  # the fp32 copy of a group's gradients, flattened during the step
-                scalars += mem.terms["transient: fp32 gradients at the step"]
+            if plan.settings.path == "zero3":  # the fp32 copy of a sub-group's gradients, flattened during the step
+                transient = mem.terms["transient: fp32 gradients at the step"]
+                scalars += transient
+                # the plan's copy is the largest sub-group's (DeepSpeed's sub-groups end at the parameter that takes
+                # them past sub_group_size elements): at least the engine's, and within one parameter of it
+                largest = max(p.numel for p in P.stages(cfg, 1, 1)[0].params)
+                assert 4 * result["sub_group"] <= transient <= 4 * (result["sub_group"] + largest / 2), (
+                    name, result["sub_group"], transient)
             assert 0 <= result["held"] - expected <= scalars, (name, rank, result["held"], expected)
             counted: dict[tuple[str, str], int] = {}
             control = 0

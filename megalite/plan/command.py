@@ -37,7 +37,7 @@ def search_output(inputs: PlanInput, world_size: int, device: Device, gpus_per_n
                            "layouts": [p.to_dict() for p in plans]})
     if own is not None:
         verdict = (f"the config's own layout: {own.layout.describe()}, {own.tokens_per_s / own.layout.world:,.0f} "
-                   f"tokens/s/GPU, {'fits' if own.fits else 'does not fit'}")
+                   f"tokens/s/GPU, {own.verdict}")
     else:
         verdict = f"the config's own layout is not valid at {world_size} GPUs: {'; '.join(problems)}"
     lines = [f"megalite plan --search: {source}, {world_size} x {device.name}, global batch {batch} x "

@@ -16,6 +16,8 @@ from megalite.plan.memory import ALLOWANCE_GIB, StageMemories, StageMemory, memo
 from megalite.plan.stages import Stage, stages
 from megalite.plan.timing import StageTime, flops_per_token, optimizer_seconds, stage_time
 
+VERDICT_MEGALITE = "does not fit as megalite runs it"
+
 
 @dataclass
 class Plan:
@@ -56,7 +58,23 @@ class Plan:
 
     @property
     def fits(self) -> bool:
+        """Whether the fullest stage fits as megalite (DeepSpeed 0.19) would run the layout, allowance included."""
         return self.peak_memory <= self.device.memory_gib * GiB
+
+    @property
+    def floor_memory(self) -> float:
+        """The least any implementation of this layout holds on its fullest stage, in bytes (`memory.floor_memory`)."""
+        fullest = self.memory.fullest() if isinstance(self.memory, StageMemories) else self.memory
+        return max(sm.floor.allocated if sm.floor is not None else sm.allocated for sm in fullest)
+
+    @property
+    def verdict(self) -> str:
+        """'fits'; 'does not fit' only when even the lower bound exceeds the device (certain); otherwise 'does not fit
+        as megalite runs it': megalite would run out of memory, a leaner implementation of the same layout (Megatron's
+        distributed optimizer, sequence-parallel inputs kept as shards, no buckets) might not."""
+        if self.fits:
+            return "fits"
+        return "does not fit" if self.floor_memory > self.device.memory_gib * GiB else VERDICT_MEGALITE
 
     def worst_stage(self) -> StageMemory:
         """The fullest stage (the first of them on a tie)."""
@@ -69,7 +87,8 @@ class Plan:
             "layout": {**dataclasses.asdict(self.layout), "recompute": self.settings.recompute,
                        "loss_chunk_tokens": self.settings.loss_chunk_tokens},
             "device": self.device.name, "precision": self.settings.precision,
-            "deepspeed_path": PATH_NAMES[self.settings.path], "fits": self.fits,
+            "deepspeed_path": PATH_NAMES[self.settings.path], "fits": self.fits, "verdict": self.verdict,
+            "lower_bound_gib": self.floor_memory / GiB,
             "memory_gib": [{"stage": sm.stage, "total": sm.total(self.allowance_gib) / GiB,
                             "allocated": sm.allocated / GiB, "in_flight": sm.in_flight,
                             "terms": {k: v / GiB for k, v in sm.terms.items()},

@@ -63,6 +63,7 @@ class Settings:
     reduce_bucket: int  # elements
     overlap_comm: bool
     persistence_threshold: int  # ZeRO-3: parameters this small stay whole on every rank
+    sub_group_size: int  # ZeRO-3: the optimizer steps its partition this many elements at a time
     prefetch_bucket: int  # ZeRO-3, elements
     max_live_parameters: int  # ZeRO-3: gathered elements kept before releasing
     max_reuse_distance: int  # ZeRO-3: a gathered parameter used again within this many elements is kept
@@ -71,6 +72,9 @@ class Settings:
     platform: str = "cuda"  # cuda | cpu: where torch's own kernels run (they keep different tensors)
     recompute: bool = False  # model.activation_checkpointing: each block's activations rebuilt in the backward
     loss_chunk_tokens: int = 0  # model.loss_chunk_tokens: the output layer and loss computed in chunks (0: whole)
+    # What a column-parallel layer keeps of its sequence-gathered input under sequence parallelism: megalite's keeps
+    # the gathered input ("gathered"); Megatron-LM keeps its shard and gathers it again in the backward ("shard").
+    sp_saved_input: str = "gathered"
 
     def describe(self, layout: Layout) -> str:
         """The layout's line with the choices the plan adds, e.g. '..., bf16, recompute, loss chunks of 4096'."""
@@ -121,6 +125,7 @@ def settings(cfg: Config, attention: Optional[str] = None, platform: str = "cuda
         optimizer_state_bytes=state_bytes, reduce_bucket=int(zero.get("reduce_bucket_size", 5e8)),
         overlap_comm=bool(zero.get("overlap_comm", stage == 3)),
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 1e5)),
+        sub_group_size=int(zero.get("sub_group_size", 1e9)),
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 5e7)),
         max_live_parameters=int(zero.get("stage3_max_live_parameters", 1e9)),
         max_reuse_distance=int(zero.get("stage3_max_reuse_distance", 1e9)), offload_optimizer=offload,

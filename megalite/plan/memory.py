@@ -14,7 +14,7 @@ from megalite.config import Config, Layout, kv_replication
 from megalite.plan import schedule
 from megalite.plan.devices import GiB
 from megalite.plan.layout import Settings
-from megalite.plan.stages import Stage, decay_numel, numel, numel_at_most, stages
+from megalite.plan.stages import Stage, decay_numel, layer_params, numel, numel_at_most, stages
 
 # What the caching allocator does not count (torch.cuda.max_memory_allocated excludes it): the CUDA
 # context and cuBLAS workspaces (about 0.5-1 GiB on Hopper), NCCL's communicator buffers, and the
@@ -102,13 +102,15 @@ def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> 
     pipelined = layout.pipeline > 1
     docs = d.reset_attention_mask
 
+    # the column-parallel layers' input: with sequence parallelism megalite keeps it gathered, Megatron its shard
+    col_in = Ns if s.sp_saved_input == "shard" else N
     if cp == 1:
-        attn = N * h * e + N * (heads + 2 * kvh) * hd * e  # qkv input, qkv output
+        attn = col_in * h * e + N * (heads + 2 * kvh) * hd * e  # qkv input, qkv output
         if rope:
             attn += N * (heads + kvh) * hd * e
     else:  # qkv input; the all-to-alls' q, k, v (kv heads replicated to a multiple of cp); the output all-to-all's
         # result, which the projection keeps (without CP its input is a view of the kernel's output)
-        attn = N * h * e + N * (2 * heads + 2 * kvh * (kv_replication(kvh, cp) or 1)) * hd * e
+        attn = col_in * h * e + N * (2 * heads + 2 * kvh * (kv_replication(kvh, cp) or 1)) * hd * e
     if rope and pipelined:
         attn += rope_tables  # each pipeline block has its tables
     if s.attention == "materialized":  # the T x T softmax per head, with dropout its mask and output; the context
@@ -119,7 +121,7 @@ def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> 
     if docs:
         # int32 document bounds per token; SDPA gets the boolean mask and keeps it as an additive float mask
         attn += 2 * B * T * 4 if s.attention == "triton" else B * T * T * e  # the whole sequence's, with CP too
-    mlp = N * h * e + (4 if m.mlp == "swiglu" else 2) * N * f_l * e
+    mlp = col_in * h * e + (4 if m.mlp == "swiglu" else 2) * N * f_l * e
     layer = {"norms": 2 * norm, "attention": attn, "mlp": mlp}
     if m.hidden_dropout > 0:
         layer["dropout masks"] = 2 * Ns * h * mask
@@ -171,6 +173,9 @@ class StageMemory:
     host: dict[str, float]
     late: frozenset[str] = frozenset()
     bucket_holds_gradients: bool = False
+    # The least any implementation of this layout holds (`floor_terms`): a plan says "does not fit" for certain only
+    # when this exceeds the device (see `floor_memory`).
+    floor: StageMemory | None = None
 
     def _sum(self, keys: Any) -> float:
         return sum(self.terms[k] for k in keys)
@@ -301,10 +306,73 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> StageMemories:
             terms["transient: ZeRO-3 gathered parameters"] = float(gathered * e)
         if s.path == "fp16_optimizer":  # FP16_Optimizer flattens the gradients into fp32 for the step
             terms["transient: fp32 gradients at the step"] = float(4 * n_local)
-        elif s.path == "zero3":  # ZeRO-3 flattens a parameter group's gradient partition into fp32 for the step
-            terms["transient: fp32 gradients at the step"] = float(4 * max(decay, n_local - decay) / dp)
+        elif s.path == "zero3":
+            # ZeRO-3 steps its partition one sub-group at a time (parameters of a group taken in order until their
+            # partitions reach sub_group_size elements), flattening that sub-group's gradients into fp32
+            largest = _largest_tensor(st.params)
+            group = max(decay, n_local - decay) / dp
+            terms["transient: fp32 gradients at the step"] = float(4 * min(group, s.sub_group_size
+                                                                           + largest / dp))
         late = frozenset(k for k in terms if k.startswith("transient:") and ("bucket" in k or "at the step" in k))
+        floor = floor_memory(cfg, layout, st, s, in_flight)
         return StageMemory(st.index, terms, built, in_flight, layout.accumulation, per_micro, host, late,
-                           s.path == "zero" and s.zero_stage == 2)
+                           s.path == "zero" and s.zero_stage == 2, floor)
 
     return StageMemories(stages(cfg, tp, pp), build)
+
+
+def _largest_tensor(params: Any) -> int:
+    """Elements of the largest parameter tensor (a ParamSet is read by layer kind, not tensor by tensor)."""
+    groups = getattr(params, "groups", None)
+    if groups is not None:
+        return max((p.numel for ps, _ in groups for p in ps), default=0)
+    return max((p.numel for p in params), default=0)
+
+
+def floor_memory(cfg: Config, layout: Layout, st: Stage, s: Settings, in_flight: int) -> StageMemory:
+    """The least any implementation of `layout` holds on one GPU of stage `st` at its peak (no allowance): a lower
+    bound, for the plan to say "does not fit" only when it is certain.
+
+    Model states as the leanest sharding the ZeRO stage allows: parameters and gradients in the training dtype
+    (ZeRO-3: partitioned; ZeRO-2: gradients partitioned; ZeRO-1: whole, as Megatron's distributed optimizer and
+    DeepSpeed's ZeRO-1/2 hold them, neither keeping BF16_Optimizer's full fp32 gradients), fp32 master weights (when
+    the parameters are not fp32) and optimizer states partitioned from ZeRO-1 on. Activations as megalite's model
+    saves them, with sequence parallelism keeping the column-parallel inputs' shards (Megatron's layers; megalite's
+    keep them gathered), times the micro-batches 1F1B holds in flight. Transients: the loss's logits (or one
+    chunk's), one block's activations for a recompute, one layer's gathered parameters at ZeRO-3, one pipeline
+    receive buffer; no gradient buckets and no fp32 copy of gradients at the step (an implementation can reduce and
+    step in place)."""
+    m = cfg.model
+    e, k = s.element, s.optimizer_state_bytes
+    dp, tp = layout.replicas, layout.tensor
+    zero = s.zero_stage
+    n = st.numel
+    master = 4 if e != 4 else 0
+    if s.path == "bf16_ddp":  # DeepSpeed's bf16 without ZeRO steps in bf16: no master weights, bf16 moments
+        master, k = 0, k // 2
+    lean = dataclasses.replace(s, sp_saved_input="shard")
+    terms = {"parameters": e * n / (dp if zero == 3 else 1), "gradients": e * n / (dp if zero >= 2 else 1)}
+    if not s.offload_optimizer:
+        terms["master weights"] = master * n / (dp if zero else 1)
+        terms["optimizer states"] = k * n / (dp if zero else 1)
+    per_micro = activation_bytes(cfg, layout, st, lean)
+    terms["activations"] = in_flight * sum(per_micro.values())
+    N = layout.micro_batch * cfg.data.seq_length // layout.context
+    Ns = N // tp if layout.sequence_parallel else N
+    v_l = m.padded_vocab_size // tp
+    if layout.pipeline > 1:
+        terms["pipeline buffers"] = float(Ns * m.hidden_size * e)
+    if st.head:
+        chunk = min(s.loss_chunk_tokens, N) if s.loss_chunk_tokens else N
+        terms["transient: logits and loss"] = float(chunk * v_l * (e + 4))
+    if s.recompute and st.blocks:
+        one = dataclasses.replace(lean, recompute=False)
+        terms["transient: recompute working set"] = float(sum(activation_bytes(
+            cfg, layout, Stage(0, 1, False, False, ()), one).values()))
+    if zero == 3:
+        kinds = layer_params(m, tp)
+        layers = [kinds["block"]] + ([kinds["embedding"]] if st.embedding else []) + (
+            [kinds["head"]] if st.head else [])
+        terms["transient: ZeRO-3 gathered parameters"] = float(e * max(sum(p.numel for p in ps) for ps in layers))
+    return StageMemory(st.index, {key: float(v) for key, v in terms.items()}, {"gradients"}, in_flight,
+                       layout.accumulation, per_micro, {})

@@ -65,9 +65,7 @@ def format_plan(p: Plan, source: str = "") -> str:
                        for k, v in worst.activations_per_micro_batch.items())
     lines.append(f"  activations of one micro-batch on stage {worst.stage} (GiB): {detail}")
     if not p.fits:
-        name, value = worst.biggest()
-        lines.append(f"  DOES NOT FIT: stage {worst.stage} needs {worst.total(p.allowance_gib) / GiB:.1f} GiB of "
-                     f"{dev.memory_gib:.1f}; the biggest term is {name} ({value / GiB:.1f} GiB)")
+        lines.append("  " + not_fitting_line(p))
 
     lines += ["", "communication per step, per GPU (stage with the most traffic)",
               f"  {'group':<16}{'collective':<16}{'payload':>12}{'ranks':>7}  {'link':<8}{'time':>10}"]
@@ -101,6 +99,21 @@ def format_plan(p: Plan, source: str = "") -> str:
               f" at {p.cfg.data.seq_length} tokens"]
     lines += [f"note: {note}" for note in p.notes]
     return "\n".join(lines)
+
+
+def not_fitting_line(p: Plan) -> str:
+    """What the report says of a layout that does not fit, with how sure it is: certain when even the lower bound
+    (`memory.floor_memory`) exceeds the device, otherwise only as megalite (DeepSpeed 0.19) would run it."""
+    worst = p.worst_stage()
+    name, value = worst.biggest()
+    need = f"stage {worst.stage} needs {worst.total(p.allowance_gib) / GiB:.1f} GiB of {p.device.memory_gib:.1f}"
+    floor = p.floor_memory / GiB
+    if p.verdict == "does not fit":
+        return (f"DOES NOT FIT: {need}; the biggest term is {name} ({value / GiB:.1f} GiB); no implementation of this "
+                f"layout fits (lower bound {floor:.1f} GiB)")
+    return (f"DOES NOT FIT AS MEGALITE RUNS IT: {need}; the biggest term is {name} ({value / GiB:.1f} GiB). Not "
+            f"certain: the lower bound for this layout is {floor:.1f} GiB (no gradient buckets or fp32 gradient copies, "
+            "sequence-parallel inputs kept as shards, no allowance), so another implementation may fit")
 
 
 def format_search(plans: list[Plan], limit: int = 10) -> str:

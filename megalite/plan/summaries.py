@@ -52,16 +52,20 @@ def memory_warning(p: Plan) -> Optional[str]:
         return None
     worst = p.worst_stage()
     name, value = worst.biggest()
+    sure = "" if p.verdict == "does not fit" else " (as megalite runs it; the layout's lower bound is " \
+        f"{p.floor_memory / GiB:.1f} GiB)"
     return (f"the plan needs {worst.total(p.allowance_gib) / GiB:.1f} GiB per GPU on stage {worst.stage} but "
-            f"{p.device.name} has {p.device.memory_gib:.1f} GiB; the biggest term is {name} ({value / GiB:.1f} GiB): "
-            "see `megalite plan` for the breakdown and `megalite plan --search` for layouts that fit")
+            f"{p.device.name} has {p.device.memory_gib:.1f} GiB{sure}; the biggest term is {name} "
+            f"({value / GiB:.1f} GiB): see `megalite plan` for the breakdown and `megalite plan --search` for layouts "
+            "that fit")
 
 
 def memory_breakdown(p: Plan) -> dict:
     """The plan's memory terms of the fullest stage in GiB, for `config show`."""
     worst = p.worst_stage()
     return {"device": p.device.name, "stage": worst.stage, "total_gib": round(worst.total(p.allowance_gib) / GiB, 3),
-            "allocated_gib": round(worst.allocated / GiB, 3), "fits": p.fits,
+            "allocated_gib": round(worst.allocated / GiB, 3), "fits": p.fits, "verdict": p.verdict,
+            "lower_bound_gib": round(p.floor_memory / GiB, 3),
             "terms_gib": {k: round(v / GiB, 3) for k, v in worst.terms.items()}}
 
 

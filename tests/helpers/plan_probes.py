@@ -134,3 +134,52 @@ class CollectiveCounter:
         for obj, name, fn in reversed(self._saved):
             setattr(obj, name, fn)
         self._saved.clear()
+
+
+class _ShardSavingColumnLinear(torch.autograd.Function):
+    """Megatron-LM's column-parallel linear under sequence parallelism: the forward gathers the sequence-parallel
+    input, multiplies and keeps only its shard; the backward gathers the input again for the weight gradient and
+    reduce-scatters the input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        from megalite.parallel.mappings import _gather
+
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        full = _gather(x, 1, group)
+        return torch.nn.functional.linear(full, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from megalite.parallel.mappings import _gather, _reduce_scatter
+
+        x, weight = ctx.saved_tensors
+        full = _gather(x, 1, ctx.group)
+        grad_input = _reduce_scatter(grad @ weight, 1, ctx.group)
+        grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ full.reshape(-1, full.shape[-1])
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        return grad_input, grad_weight, grad_bias, None
+
+
+class shard_saving_sequence_parallel:
+    """Within the block, megalite's column-parallel layers with sequence parallelism keep their input's shard and
+    gather it again in the backward, as Megatron-LM's do (the plan's `sp_saved_input="shard"`, its lower bound)."""
+
+    def __enter__(self) -> shard_saving_sequence_parallel:
+        from megalite.parallel import layers
+
+        self._original = layers.ColumnParallelLinear.forward
+
+        def forward(module: Any, x: torch.Tensor, _original: Callable = self._original) -> torch.Tensor:
+            if not module.sequence_parallel or module.fp8 is not None or module.gather_output:
+                return _original(module, x)
+            return _ShardSavingColumnLinear.apply(x, module.weight, module.bias, module.group)
+
+        layers.ColumnParallelLinear.forward = forward
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from megalite.parallel import layers
+
+        layers.ColumnParallelLinear.forward = self._original
