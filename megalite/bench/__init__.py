@@ -10,6 +10,7 @@
     eval-harness loglikelihood requests/s of the lm-evaluation-harness model against the harness's HF backend
     context     activation memory per rank of one 8k-token micro-batch at context parallelism 1, 2, 4
     watchdog    the training step with the hang watchdog and straggler report on and off, alternating
+    zero3       when DeepSpeed's ZeRO-3 gathers each layer against when the layer runs (prefetch on CPU ranks)
 
 Each writes JSON with the git commit and the machine (`run_info`) into its --out folder.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint", "reshard", "eval_harness", "context",
-              "watchdog")
+              "watchdog", "zero3")
 PACKAGE = Path(__file__).resolve().parent.parent
 
 

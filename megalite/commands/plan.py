@@ -34,6 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}", type=float, default=None, help=f"override the device table: {what}")
     parser.add_argument("--allowance-gib", type=float, default=ALLOWANCE_GIB,
                         help=f"fixed memory allowance for the CUDA context and NCCL (default {ALLOWANCE_GIB})")
+    assumptions = parser.add_argument_group(
+        "what the plan assumes of the implementation (to plan other stacks' runs; megalite's own by default)")
+    assumptions.add_argument("--zero3-overlap", action="store_true",
+                             help="hide ZeRO-3's gathers and reduce-scatters behind compute as far as DeepSpeed's "
+                                  "prefetch and overlap_comm allow (default: charged in full)")
+
+
+def assumptions_of(args: argparse.Namespace) -> dict:
+    """The command line's planner-only assumptions as `Settings` fields (megalite.plan.estimate.assumed)."""
+    assume: dict = {}
+    if args.zero3_overlap:
+        assume["zero3_overlap"] = True
+    return assume
 
 
 def main(args: argparse.Namespace) -> int:
@@ -55,10 +68,11 @@ def main(args: argparse.Namespace) -> int:
         intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
     # the one validation (as planning allows it: --search from an invalid layout, attention dropout)
     inputs = load_for_plan(args.config, args.overrides, args.world_size, args.search)
+    assume = assumptions_of(args)
     if args.search:
         emit(search_output(inputs, args.world_size, device, args.gpus_per_node, args.allowance_gib, args.top,
-                           args.json, str(args.config)))
+                           args.json, str(args.config), assume))
         return 0
-    p = plan(inputs.cfg, args.world_size, device, args.gpus_per_node, allowance_gib=args.allowance_gib)
+    p = plan(inputs.cfg, args.world_size, device, args.gpus_per_node, allowance_gib=args.allowance_gib, assume=assume)
     emit(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p, str(args.config)))
     return 0

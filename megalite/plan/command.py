@@ -18,17 +18,18 @@ from megalite.plan.search import search, stderr_progress
 
 def search_output(inputs: PlanInput, world_size: int, device: Device, gpus_per_node: int = 8,
                   allowance_gib: float = ALLOWANCE_GIB, top: int = 10, as_json: bool = False,
-                  source: str = "") -> str:
+                  source: str = "", assume: dict | None = None) -> str:
     """The `--search` report of `inputs` (see `megalite.plan.inputs.load_for_plan`)."""
     start = time.perf_counter()
     check_cluster(world_size, gpus_per_node)
     cfg, problems, own = inputs.cfg, list(inputs.own_layout_problems), None
     if not problems:
         try:
-            own = plan(cfg, world_size, device, gpus_per_node, allowance_gib=allowance_gib)
+            own = plan(cfg, world_size, device, gpus_per_node, allowance_gib=allowance_gib, assume=assume)
         except ConfigError as e:  # e.g. ZeRO-0 with fp32 gradient accumulation, which DeepSpeed refuses
             problems = e.problems
-    plans = search(cfg, world_size, device, gpus_per_node, allowance_gib, stderr_progress(), inputs.global_batch)
+    plans = search(cfg, world_size, device, gpus_per_node, allowance_gib, stderr_progress(), inputs.global_batch,
+                   assume)
     seconds = time.perf_counter() - start
     batch = inputs.global_batch or layout_of(cfg, world_size).global_batch
     if as_json:

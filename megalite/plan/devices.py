@@ -58,6 +58,8 @@ class Device:
     intra_node_gbps: float  # per GPU and direction, GB/s (1e9): NVLink, or PCIe without it
     inter_node_gbps: float  # per GPU and direction, GB/s: the GPU's network adapter
     sources: tuple[tuple[str, str], ...] = ()
+    intra_node_link: str = "NVLink"  # NVLink | PCIe: NCCL's hop latency inside a node differs
+    collective_cap_gbps: float = 0.0  # NCCL's own cap on a ring's bus bandwidth for this GPU (0: none)
 
     def peak(self, precision: str) -> float:
         return self.peak_tflops[precision] * 1e12
@@ -78,6 +80,7 @@ class Device:
 
 _NVL4 = "NVLink 4: 900 GB/s per GPU both directions together (NVIDIA H100/H200 datasheets), 450 GB/s each way"
 _NDR = "one 400 Gb/s NDR adapter per GPU (DGX H100/H200 reference design): 50 GB/s each way"
+_A100_NCCL = "NCCL's tuning model caps a ring's bus bandwidth on compute capability 8.0 at 235 GB/s (src/graph/tuning.cc)"
 DEVICES: dict[str, Device] = {
     "h200": Device(
         "NVIDIA H200 SXM", dict(PEAK_TFLOPS["H200"]), 140.4, 4.8, 450.0, 50.0,
@@ -100,6 +103,7 @@ DEVICES: dict[str, Device] = {
          ("hbm_tbps", "NVIDIA H100 datasheet (PCIe): 2.0 TB/s"),
          ("intra_node_gbps", "PCIe Gen5 x16: 128 GB/s both directions, 64 GB/s each way (no NVLink bridge)"),
          ("inter_node_gbps", _NDR)),
+        intra_node_link="PCIe",
     ),
     "a100-80g": Device(
         "NVIDIA A100 SXM 80GB", dict(PEAK_TFLOPS["A100"]), 80.0, 2.039, 300.0, 25.0,
@@ -107,7 +111,9 @@ DEVICES: dict[str, Device] = {
          ("memory_gib", "80 GB HBM2e; the driver reports 81920 MiB = 80.0 GiB"),
          ("hbm_tbps", "NVIDIA A100 datasheet (80GB SXM): 2.039 TB/s"),
          ("intra_node_gbps", "NVLink 3: 600 GB/s per GPU both directions (A100 datasheet), 300 GB/s each way"),
-         ("inter_node_gbps", "one 200 Gb/s HDR adapter per GPU (DGX A100): 25 GB/s each way")),
+         ("inter_node_gbps", "one 200 Gb/s HDR adapter per GPU (DGX A100): 25 GB/s each way"),
+         ("collective_cap_gbps", _A100_NCCL)),
+        collective_cap_gbps=235.0,
     ),
     "a100-40g": Device(
         "NVIDIA A100 SXM 40GB", dict(PEAK_TFLOPS["A100"]), 40.0, 1.555, 300.0, 25.0,
@@ -115,7 +121,9 @@ DEVICES: dict[str, Device] = {
          ("memory_gib", "40 GB HBM2; the driver reports 40960 MiB = 40.0 GiB"),
          ("hbm_tbps", "NVIDIA A100 datasheet (40GB SXM): 1.555 TB/s"),
          ("intra_node_gbps", "NVLink 3: 600 GB/s per GPU both directions, 300 GB/s each way"),
-         ("inter_node_gbps", "one 200 Gb/s HDR adapter per GPU (DGX A100): 25 GB/s each way")),
+         ("inter_node_gbps", "one 200 Gb/s HDR adapter per GPU (DGX A100): 25 GB/s each way"),
+         ("collective_cap_gbps", _A100_NCCL)),
+        collective_cap_gbps=235.0,
     ),
 }
 DEVICE_ALIASES = {"h100": "h100-sxm", "a100": "a100-80g"}

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from megalite.config import Config, Layout
 from megalite.errors import ConfigError
 from megalite.plan import schedule
-from megalite.plan.communication import Collective, communication, transfer_seconds
+from megalite.plan.communication import Collective, communication, links, per_node, transfer_seconds, zero3_traffic
 from megalite.plan.devices import Device, GiB
 from megalite.plan.layout import PATH_NAMES, Settings, layout_of, settings
 from megalite.plan.memory import ALLOWANCE_GIB, StageMemories, StageMemory, memory
 from megalite.plan.stages import Stage, stages
-from megalite.plan.timing import StageTime, flops_per_token, optimizer_seconds, stage_time
+from megalite.plan.timing import StageTime, flops_per_token, optimizer_seconds, stage_time, zero3_exposed_seconds
 
 VERDICT_MEGALITE = "does not fit as megalite runs it"
 
@@ -108,17 +108,30 @@ class Plan:
 
 
 def plan(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8, *,
-         attention: Optional[str] = None, allowance_gib: float = ALLOWANCE_GIB) -> Plan:
+         attention: Optional[str] = None, allowance_gib: float = ALLOWANCE_GIB,
+         assume: Optional[dict[str, Any]] = None) -> Plan:
     """The cost model for `cfg` on `world_size` GPUs of `device`, `gpus_per_node` to a node. `cfg` must have passed
     `config.validate(cfg, world_size)`: the plan does not validate again (one validation per run).
 
     `attention` overrides the attention implementation ('materialized' models systems that store the T x T
-    scores, such as Megatron-LM in 2021); by default it follows train.kernels.
+    scores, such as Megatron-LM in 2021); by default it follows train.kernels. `assume` sets what the plan assumes of
+    the implementation beyond the config (`Settings` fields: `assumed`), for other stacks' runs.
     """
     check_cluster(world_size, gpus_per_node)
     layout = layout_of(cfg, world_size)
-    s = settings(cfg, attention)
+    s = assumed(settings(cfg, attention), assume)
     return evaluate(cfg, layout, s, device, gpus_per_node, allowance_gib)
+
+
+def assumed(s: Settings, assume: Optional[dict[str, Any]]) -> Settings:
+    """`s` with the planner-only assumptions `assume` (Settings fields), each checked by name."""
+    if not assume:
+        return s
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(assume) - fields)
+    if unknown:
+        raise ConfigError(f"plan assumptions: unknown {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    return dataclasses.replace(s, **assume)
 
 
 def check_cluster(world_size: int, gpus_per_node: int) -> None:
@@ -147,23 +160,34 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     times = [by_kind[st.kind][1] for st in sts]
     m, p = layout.accumulation, layout.pipeline
     slowest = max(t.total for _, t, _ in by_kind.values())
+    seen: set[tuple] = set()
     bubble = schedule.bubble(p, m)
     pipeline_s = schedule.step_slots(p, m) * slowest
     optimizer_s = max(value[2] for value in by_kind.values())
     # Data-parallel traffic. ZeRO-1/2 with overlap_comm reduce their gradient buckets during the backward (all but
-    # the last bucket's worth hides behind it). ZeRO-3's per-layer gathers and reduce-scatters are charged in full:
-    # the first version of this model let its prefetch hide them and over-predicted the ZeRO-3 rows of Narayanan
-    # et al. (2021), Table 2, by 40-55% (docs/plan.md says so). Everything else waits for the backward to finish.
+    # the last bucket's worth hides behind it). ZeRO-3's gathers and reduce-scatters overlap its compute as
+    # DeepSpeed's prefetch and overlap_comm allow (timing.zero3_exposed_seconds). Everything else waits for the
+    # backward to finish.
     dp_exposed = 0.0
-    for cs, t, _ in by_kind.values():  # stages of one kind send the same
+    for st in sts:
+        if st.kind not in by_kind or st.kind in seen:
+            continue
+        seen.add(st.kind)
+        cs, t, _ = by_kind[st.kind]  # stages of one kind send the same
         exposed = 0.0
         for c in cs:
             seconds = transfer_seconds(c, device)
             if c.group == "DP" and c.kind == "all-reduce" and s.path == "zero" and s.overlap_comm:
                 last_bucket = min(1.0, s.reduce_bucket * s.element / max(c.bytes, 1.0))
                 seconds = max(seconds * last_bucket, seconds - 2 / 3 * m * (t.matmul + t.attention + t.memory_bound))
+            if c.group == "DP" and s.path == "zero3":
+                continue  # below, with its overlap
             if c.group in ("DP", "tied embedding"):
                 exposed += seconds
+        if s.path == "zero3" and layout.replicas > 1:
+            z3 = zero3_traffic(st, s, layout.replicas, links(layout, gpus_per_node)["DP"],
+                               per_node(layout, gpus_per_node)["DP"])
+            exposed += zero3_exposed_seconds(t, z3, m, s, device, s.zero3_overlap)
         dp_exposed = max(dp_exposed, exposed)
     step = pipeline_s + optimizer_s + dp_exposed
     tokens = cfg.micro_batch_size * m * layout.data * cfg.data.seq_length

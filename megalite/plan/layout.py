@@ -75,6 +75,9 @@ class Settings:
     # What a column-parallel layer keeps of its sequence-gathered input under sequence parallelism: megalite's keeps
     # the gathered input ("gathered"); Megatron-LM keeps its shard and gathers it again in the backward ("shard").
     sp_saved_input: str = "gathered"
+    # ZeRO-3's gathers and reduce-scatters hidden behind compute as far as DeepSpeed's prefetch and overlap_comm allow
+    # (True), or charged in full (False: what published multi-GPU FSDP runs show; `megalite plan --zero3-overlap`)
+    zero3_overlap: bool = False
 
     def describe(self, layout: Layout) -> str:
         """The layout's line with the choices the plan adds, e.g. '..., bf16, recompute, loss chunks of 4096'."""

@@ -9,11 +9,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from megalite.config import Config, Layout, context_errors
 from megalite.errors import ConfigError
 from megalite.plan.devices import Device
-from megalite.plan.estimate import Plan, evaluate
+from megalite.plan.estimate import Plan, assumed, evaluate
 from megalite.plan.layout import layout_of, settings, with_layout
 from megalite.plan.memory import ALLOWANCE_GIB
 
@@ -75,7 +76,7 @@ def candidates(cfg: Config, world_size: int, gpus_per_node: int, global_batch: i
 
 def search(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8,
            allowance_gib: float = ALLOWANCE_GIB, progress: Callable[[int, int], None] | None = None,
-           global_batch: int | None = None) -> list[Plan]:
+           global_batch: int | None = None, assume: dict[str, Any] | None = None) -> list[Plan]:
     """Every candidate layout (`candidates`), planned, ranked: layouts that fit first, by predicted tokens/s.
     `progress(done, total)` is called after each candidate."""
     plans = []
@@ -83,7 +84,7 @@ def search(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8,
     for done, c in enumerate(todo, 1):
         new = with_layout(cfg, c.layout, c.recompute, c.loss_chunk_tokens)
         try:
-            s = settings(new)
+            s = assumed(settings(new), assume)
         except ConfigError:
             continue
         finally:

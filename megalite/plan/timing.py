@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megalite.config import Config, Layout, count_parameters
-from megalite.plan.communication import Collective, transfer_seconds
+from megalite.plan.communication import Collective, Zero3Traffic, transfer_seconds
 from megalite.plan.devices import EFFICIENCY, Device
 from megalite.plan.layout import Settings
 from megalite.plan.stages import Stage, layer_params, numel
@@ -53,10 +53,16 @@ class StageTime:
     tp_comm: float
     pp_comm: float
     flops: float
+    forward_share: float = 1 / 3  # of matmul + attention + memory-bound + TP: the forward pass's (recompute is backward)
+
+    @property
+    def compute(self) -> float:
+        """The device's work of the micro-batch, pipeline transfers aside."""
+        return self.matmul + self.attention + self.memory_bound + self.tp_comm
 
     @property
     def total(self) -> float:
-        return self.matmul + self.attention + self.memory_bound + self.tp_comm + self.pp_comm
+        return self.compute + self.pp_comm
 
 
 def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: Device,
@@ -116,7 +122,42 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     # Context-parallel all-to-alls sit on the critical path like TP's collectives: charged with them.
     tp_comm = sum(transfer_seconds(c, device) for c in comms if c.group in ("TP", "CP")) / layout.accumulation
     pp_comm = sum(transfer_seconds(c, device) for c in comms if c.group == "PP") / layout.accumulation
-    return StageTime(matmul, attention, memory_bound, tp_comm, pp_comm, flops)
+    # the forward's share: one of the (2 + fwd) matmul passes (a recompute runs in the backward), of attention's
+    # (2.5 + fwd) (flash backward = 2.5 forwards), of the memory-bound passes alike, and the forward's collectives
+    compute = matmul + attention + memory_bound + tp_comm
+    forward = (matmul + memory_bound) / (2 + fwd) + attention / (2.5 + fwd) + tp_comm / (fwd + 1)
+    return StageTime(matmul, attention, memory_bound, tp_comm, pp_comm, flops, forward / compute if compute else 1 / 3)
+
+
+def zero3_exposed_seconds(t: StageTime, z3: Zero3Traffic, accumulation: int, s: Settings, device: Device,
+                          overlap: bool = True) -> float:
+    """Seconds of a step ZeRO-3's traffic adds. With `overlap`, as DeepSpeed's schedule lets it hide: its parameter
+    coordinator, from the second step on, prefetches the next module's parameters (up to stage3_prefetch_bucket_size
+    elements, at least one parameter) when it reaches a module, on a stream of their own, so a pass's gathers run
+    under that pass's compute except the first module's, which nothing precedes; with overlap_comm (ZeRO-3's
+    default) gradients are reduce-scattered during the backward on another stream, sharing the network with the
+    backward's gathers. Exposed per micro-batch: the first module's gather, what the forward's gathers need beyond the
+    forward, what the backward's gathers and reduce-scatters need beyond the backward; then the persistent
+    parameters' gathers after the step. A prefetch bucket of 0 turns prefetching off: every gather waits. Without
+    `overlap`: all of it (what the published multi-GPU FSDP runs show; docs/plan.md)."""
+    if not overlap:
+        return (accumulation * (z3.gathers * transfer_seconds(z3.one_pass, device) + transfer_seconds(z3.reduce, device))
+                + transfer_seconds(z3.persistent, device))
+    one_pass = transfer_seconds(z3.one_pass, device)
+    reduce = transfer_seconds(z3.reduce, device)
+    forward_compute = t.compute * t.forward_share
+    backward_compute = t.compute - forward_compute
+    backward_gathers = one_pass * (z3.gathers - 1)
+    hidden_reduce = reduce if s.overlap_comm else 0.0
+    if s.prefetch_bucket > 0 and z3.modules:
+        first = one_pass / z3.modules
+        forward = first + max(0.0, one_pass - first - forward_compute)
+        backward = max(0.0, backward_gathers + hidden_reduce - backward_compute)
+    else:
+        forward = one_pass
+        backward = backward_gathers + max(0.0, hidden_reduce - backward_compute)
+    backward += reduce - hidden_reduce
+    return accumulation * (forward + backward) + transfer_seconds(z3.persistent, device)
 
 
 def optimizer_seconds(stage: Stage, layout: Layout, s: Settings, device: Device) -> float:
