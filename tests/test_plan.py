@@ -171,7 +171,8 @@ LLAMA = dict(vocab_size=500, hidden_size=64, num_layers=2, num_heads=4, num_kv_h
 
 def _activation_case_config(case: dict) -> C.Config:
     model = {**(GPT if case["family"] == "gpt" else LLAMA), "activation_checkpointing": case.get("recompute", False),
-             "loss_chunk_tokens": case.get("chunk", 0), "hidden_dropout": case.get("dropout", 0.0)}
+             "loss_chunk_tokens": case.get("chunk", 0), "hidden_dropout": case.get("dropout", 0.0),
+             **({"fp8": {"recipe": case["fp8"]}} if case.get("fp8") else {})}
     ds = {"train_micro_batch_size_per_gpu": case["B"], "zero_optimization": {"stage": 1}}
     if case.get("bf16"):
         ds["bf16"] = {"enabled": True}
@@ -192,6 +193,11 @@ ACTIVATION_CASES = [
     dict(family="gpt", tp=1, B=1, T=64, backend="triton"),
     dict(family="llama", tp=2, sp=True, B=1, T=64, backend="triton", docs=True),
     dict(family="llama", tp=2, sp=True, recompute=True, B=1, T=64, backend="triton", docs=True),
+    # FP8 (model.fp8): tensorwise keeps e4m3 inputs and weight copies, the rowwise recipes the inputs as they are
+    dict(family="gpt", tp=1, B=2, T=32, fp8="tensorwise"),
+    dict(family="llama", tp=2, sp=True, B=2, T=32, fp8="tensorwise", bf16=True),
+    dict(family="gpt", tp=2, sp=True, B=2, T=32, fp8="rowwise"),
+    dict(family="llama", tp=1, B=2, T=32, fp8="rowwise_with_gw_hp", bf16=True),
     # the lower bound's activations: column-parallel layers keeping their sequence shard, as Megatron-LM's do
     *(dict(family=f, tp=2, sp=True, recompute=rec, B=2, T=32, shard=True) for f in ("gpt", "llama")
       for rec in (False, True)),
@@ -257,6 +263,10 @@ def test_activation_bytes_match_what_autograd_saves() -> None:
             error = planned / saved - 1
             worst = max(worst, abs(error))
             assert abs(error) < 0.10, (case, saved, planned)
+            if case.get("fp8") == "tensorwise":  # its e4m3 copies change the bytes by more than the error
+                plain = dataclasses.replace(s, fp8_recipe="", fp8_layers=())
+                without = sum(P.activation_bytes(cfg, P.layout_of(cfg, case["tp"]), stage, plain).values())
+                assert abs(error) < 0.01 and abs(without / saved - 1) > 0.03, (case, saved, planned, without)
             if case.get("shard") and not case.get("recompute"):  # the two differ by more than the error
                 gathered = sum(P.activation_bytes(cfg, P.layout_of(cfg, 2), stage, P.settings(cfg, platform="cpu"))
                                .values())
@@ -280,6 +290,12 @@ ENGINE_VARIANTS = [
     ("bf16 ZeRO-3 sub-groups", {"deepspeed": {"bf16": {"enabled": True}, "zero_optimization": {
         "stage": 3, "sub_group_size": 2000, "stage3_param_persistence_threshold": 0}}}),
     ("fp32 TP2", {"parallel": {"tensor": 2}, "deepspeed": {"zero_optimization": {"stage": 1}}}),
+    # FP8 row-parallel layers reduce their fp32 output; rowwise also reduces its amaxes over the split dimensions
+    ("bf16 TP2 FP8 tensorwise", {"parallel": {"tensor": 2}, "model": {"fp8": {"recipe": "tensorwise"}},
+                                 "deepspeed": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}}),
+    ("bf16 TP2+SP FP8 rowwise", {"parallel": {"tensor": 2, "sequence_parallel": True},
+                                 "model": {"fp8": {"recipe": "rowwise"}},
+                                 "deepspeed": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}}),
     ("bf16 TP2+SP accumulation 2", {"parallel": {"tensor": 2, "sequence_parallel": True}, "deepspeed": {
         "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 2}}),
     # last: DeepSpeed cannot build a plain engine after a pipeline one in the same process

@@ -36,6 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"fixed memory allowance for the CUDA context and NCCL (default {ALLOWANCE_GIB})")
     assumptions = parser.add_argument_group(
         "what the plan assumes of the implementation (to plan other stacks' runs; megalite's own by default)")
+    assumptions.add_argument("--attention", choices=("triton", "torch", "materialized"), default=None,
+                             help="the attention implementation: megalite's kernels (default: as train.kernels) or "
+                                  "a stored T x T softmax (Megatron-LM 2021, BLOOM)")
+    assumptions.add_argument("--recompute-attention", action="store_true",
+                             help="selective recompute of the attention core (Korthikanti et al. 2022; megalite has "
+                                  "none)")
+    assumptions.add_argument("--tp-overlap", action="store_true",
+                             help="tensor-parallel collectives hidden behind their GEMMs (Megatron-Core; megalite's "
+                                  "wait)")
+    assumptions.add_argument("--sp-keeps-shard", action="store_true",
+                             help="sequence-parallel layers keep their input's shard and gather it again in the "
+                                  "backward (Megatron's; megalite's keep it gathered)")
     assumptions.add_argument("--zero3-overlap", action="store_true",
                              help="hide ZeRO-3's gathers and reduce-scatters behind compute as far as DeepSpeed's "
                                   "prefetch and overlap_comm allow (default: charged in full)")
@@ -44,8 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def assumptions_of(args: argparse.Namespace) -> dict:
     """The command line's planner-only assumptions as `Settings` fields (megalite.plan.estimate.assumed)."""
     assume: dict = {}
-    if args.zero3_overlap:
-        assume["zero3_overlap"] = True
+    if args.attention:
+        assume["attention"] = args.attention
+    for flag in ("recompute_attention", "tp_overlap", "zero3_overlap"):
+        if getattr(args, flag):
+            assume[flag] = True
+    if args.sp_keeps_shard:
+        assume["sp_saved_input"] = "shard"
     return assume
 
 

@@ -169,9 +169,11 @@ class MetricWindow:
     """Training records every `train.logging` interval: loss, learning rate, gradient norm, throughput, MFU."""
 
     def __init__(self, cfg: Config, sink: MetricSink, timer: StepTimer, world: int, flops_per_token: float,
-                 peak_tflops: float | None, is_main: bool) -> None:
+                 peak_tflops: float | None, is_main: bool, peak_fp8_tflops: float | None = None) -> None:
         self.cfg, self.sink, self.timer, self.world, self.is_main = cfg, sink, timer, world, is_main
-        self.flops_per_token, self.peak = flops_per_token, peak_tflops
+        # MFU against the peak of the run's precision; with model.fp8 also against the FP8 peak (its linears run
+        # there, attention and the output layer do not: the truth is between the two)
+        self.flops_per_token, self.peak, self.peak_fp8 = flops_per_token, peak_tflops, peak_fp8_tflops
         self.tokens_per_step = cfg.global_batch_size(world) * cfg.data.seq_length
         self._reset()
 
@@ -204,6 +206,7 @@ class MetricWindow:
             "breakdown_s": {k: v / self.steps for k, v in self.timer.pop().items()},
             "tflops_per_device": tflops,
             "mfu": tflops / self.peak if self.peak else None,
+            "mfu_fp8_peak": tflops / self.peak_fp8 if self.peak_fp8 and self.cfg.model.fp8 else None,
             "nonfinite_skipped": nonfinite_skipped,
             "memory_gb": memory_gb(),
         }
@@ -269,4 +272,6 @@ def format_record(r: dict) -> str:
               f"{r['tflops_per_device']:.3f} TFLOP/s/device"]
     if r["mfu"] is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if r.get("mfu_fp8_peak") is not None:
+        parts[-1] += f" ({100 * r['mfu_fp8_peak']:.1f}% of the FP8 peak)"
     return "megalite: " + " | ".join(parts)

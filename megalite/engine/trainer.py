@@ -290,8 +290,9 @@ class Trainer:
                 from tqdm import tqdm
 
                 self._progress = tqdm(total=cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True)
+        peak_fp8 = self.local_plan.peak_tflops("fp8")[0] if cfg.model.fp8 else None  # MFU against both peaks
         return MetricWindow(cfg, self.sink, self.timer, self.world, flops_per_token(cfg, attended), peak,
-                            self.is_main)
+                            self.is_main, peak_fp8)
 
     def _advance_progress(self, loss: float) -> None:
         if self._progress is not None:

@@ -114,6 +114,21 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
             add("TP", "all-reduce", mb * L * synced * e, mb * L * tensors)
         else:  # row exit: all-reduce forward; column entry: all-reduce of the input gradient backward
             add("TP", "all-reduce", mb * L * act * per_layer, mb * L * per_layer)
+        # FP8 row-parallel layers leave their matmul in fp32 and reduce it so (rounded once, after the sum): their
+        # forward exits carry 4-byte elements; the rowwise recipes reduce the amaxes of operands split across the
+        # ranks (megalite.parallel.fp8: per token and per weight row or column, MAX over the group)
+        rows = sum(s.fp8(name) for name in ("attention.proj", "mlp.proj"))
+        if rows and e < 4:
+            add("TP", "reduce-scatter" if sp else "all-reduce", mb * L * fwd_passes * rows * act * (4 / e - 1), 0)
+        if s.fp8_recipe in ("rowwise", "rowwise_with_gw_hp"):
+            tokens = N  # the whole sequence's tokens: the column layers' output gradients arrive gathered
+            for name in ("attention.qkv", "mlp.fc", "attention.proj", "mlp.proj"):
+                if not s.fp8(name):
+                    continue
+                column = name in ("attention.qkv", "mlp.fc")
+                passes = 1 if column else fwd_passes  # the column layer's input gradient, the row layer's forward
+                vectors = [tokens] + ([h] if (not column or s.fp8_recipe == "rowwise") else [])
+                add("TP", "all-reduce", mb * L * passes * 4 * sum(vectors), mb * L * passes * len(vectors))
         if stage.embedding:
             add("TP", "reduce-scatter" if sp else "all-reduce", mb * act, mb)
             if sp:

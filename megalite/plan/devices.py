@@ -144,6 +144,9 @@ EFFICIENCY: dict[str, Any] = {
     "attention": {128: {512: 85, 1024: 151, 2048: 223, 4096: 272, 8192: 311, 16384: 341},
                   64: {512: 88, 1024: 110, 2048: 153, 4096: 225, 8192: 254, 16384: 269}},
     "attention_peak": 989.0,
+    # FP8 (e4m3) matmuls: 1402.6 of 1979 TFLOP/s on an H100 SXM (Stas Bekman's "Maximum Achievable Matmul FLOPS"
+    # table, ml-engineering/compute/accelerator/README.md, torch 2.7 + CUDA 12.6); megalite has not measured FP8.
+    "matmul_fp8": 1402.6 / 1979.0,
 }
 EFFICIENCY_SOURCE = "measured on one H200 by `make gpu-check`, kernels/results/h200-2026-11-30"
 

@@ -50,7 +50,16 @@ class Plan:
 
     @property
     def mfu(self) -> float:
+        """Model FLOPs utilisation against the device's peak in the run's precision (bf16 with FP8 too: the training
+        log's MFU)."""
         return self.model_tflops_per_gpu * 1e12 / self.device.peak(self.settings.precision)
+
+    @property
+    def mfu_fp8_peak(self) -> Optional[float]:
+        """With FP8: the same against the device's FP8 peak (None without FP8, or where the device has none)."""
+        if not self.settings.fp8_recipe or "fp8" not in self.device.peak_tflops:
+            return None
+        return self.model_tflops_per_gpu * 1e12 / self.device.peak("fp8")
 
     @property
     def peak_memory(self) -> float:
@@ -102,6 +111,7 @@ class Plan:
             "dp_exposed_s": self.dp_exposed_s, "tokens_per_s": self.tokens_per_s,
             "tokens_per_s_per_gpu": self.tokens_per_s / self.layout.world,
             "model_tflops_per_gpu": self.model_tflops_per_gpu, "mfu": self.mfu,
+            **({"mfu_fp8_peak": self.mfu_fp8_peak} if self.settings.fp8_recipe else {}),
             "micro_batch_s": [dataclasses.asdict(t) | {"total": t.total} for t in self.times],
             **({"notes": list(self.notes)} if self.notes else {}),
         }
@@ -148,6 +158,8 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     """The plan of `cfg` laid out as `layout` with `s` (every plan, and every layout `--search` ranks, is built here)."""
     if s.precision not in device.peak_tflops:
         raise ConfigError(f"precision {s.precision!r} has no peak for {device.name}")
+    if s.fp8_recipe and "fp8" not in device.peak_tflops:
+        raise ConfigError(f"model.fp8: {device.name} has no FP8 units (compute capability 8.9 or newer needed)")
     mem = memory(cfg, layout, s)
     sts = stages(cfg, layout.tensor, layout.pipeline)
     by_kind: dict[tuple, tuple[list[Collective], StageTime, float]] = {}
@@ -192,12 +204,28 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     step = pipeline_s + optimizer_s + dp_exposed
     tokens = cfg.micro_batch_size * m * layout.data * cfg.data.seq_length
     return Plan(cfg, layout, s, device, gpus_per_node, mem, comms, times, optimizer_s, dp_exposed, step, bubble,
-                tokens, flops_per_token(cfg), allowance_gib, plan_notes(cfg, sts))
+                tokens, flops_per_token(cfg), allowance_gib, plan_notes(cfg, sts, s))
 
 
-def plan_notes(cfg: Config, sts: list[Stage]) -> tuple[str, ...]:
+def plan_notes(cfg: Config, sts: list[Stage], s: Optional[Settings] = None) -> tuple[str, ...]:
     """Where the plan departs from what DeepSpeed would do, said in the reports."""
     notes = []
+    if s is not None:
+        if s.attention == "materialized":
+            notes.append("attention is planned with a stored T x T softmax (other stacks'; megalite's kernels are "
+                         "flash attention)")
+        if s.recompute_attention:
+            notes.append("selective recompute of the attention core is planned as other stacks run it; megalite has "
+                         "none (model.activation_checkpointing recomputes whole blocks)")
+        if s.tp_overlap:
+            notes.append("tensor-parallel collectives are planned hidden behind their GEMMs as Megatron-Core overlaps "
+                         "them; megalite's wait")
+        if s.zero3_overlap:
+            notes.append("ZeRO-3's traffic is planned hidden as far as DeepSpeed's prefetch allows; published "
+                         "multi-GPU runs do not achieve it (docs/plan.md)")
+        if s.sp_saved_input == "shard":
+            notes.append("sequence-parallel layers are planned keeping their input's shard (Megatron's); megalite's "
+                         "keep it gathered")
     if cfg.model.attention_dropout > 0:
         notes.append(f"model.attention_dropout={cfg.model.attention_dropout:g} is planned as other stacks run it "
                      "(flash attention keeps no dropout mask; a stored T x T softmax keeps one), but megalite cannot "

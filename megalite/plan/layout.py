@@ -78,12 +78,34 @@ class Settings:
     # ZeRO-3's gathers and reduce-scatters hidden behind compute as far as DeepSpeed's prefetch and overlap_comm allow
     # (True), or charged in full (False: what published multi-GPU FSDP runs show; `megalite plan --zero3-overlap`)
     zero3_overlap: bool = False
+    # Planner-only assumptions for other stacks' runs (megalite has neither): selective recompute of the attention
+    # core (Korthikanti et al. 2022: scores, softmax, dropout and the product with V rebuilt in the backward from the
+    # saved q, k, v), and tensor-parallel collectives hidden behind the GEMMs next to them (Megatron-Core's
+    # userbuffer overlap).
+    recompute_attention: bool = False
+    tp_overlap: bool = False
+    # model.fp8: the recipe ("" without FP8) and which block linears run their matmuls in float8
+    fp8_recipe: str = ""
+    fp8_layers: tuple[str, ...] = ()
 
     def describe(self, layout: Layout) -> str:
         """The layout's line with the choices the plan adds, e.g. '..., bf16, recompute, loss chunks of 4096'."""
         extra = (["recompute"] if self.recompute else []) + (
-            [f"loss chunks of {self.loss_chunk_tokens}"] if self.loss_chunk_tokens else [])
+            [f"loss chunks of {self.loss_chunk_tokens}"] if self.loss_chunk_tokens else []) + (
+            [f"FP8 {self.fp8_recipe} ({', '.join(self.fp8_layers)})"] if self.fp8_recipe else []) + (
+            ["attention recomputed (selective)"] if self.recompute_attention else []) + (
+            ["TP communication overlapped"] if self.tp_overlap else [])
         return ", ".join([layout.describe()] + extra)
+
+    def fp8(self, layer: str) -> bool:
+        """Whether the block linear `layer` ('attention.qkv', ...) runs its matmuls in float8."""
+        return bool(self.fp8_recipe) and layer in self.fp8_layers
+
+    @property
+    def fp8_saves_fp8(self) -> bool:
+        """The recipe keeps its forward's float8 input and weight for the backward (tensorwise: the same casts serve
+        both); the rowwise recipes cast along other dimensions there and keep the high-precision input."""
+        return self.fp8_recipe == "tensorwise"
 
 
 PATH_NAMES = {"none": "torch optimizer, no ZeRO wrapper", "bf16_ddp": "bf16 without ZeRO",
@@ -134,4 +156,6 @@ def settings(cfg: Config, attention: Optional[str] = None, platform: str = "cuda
         max_reuse_distance=int(zero.get("stage3_max_reuse_distance", 1e9)), offload_optimizer=offload,
         attention=attention, platform=platform, recompute=cfg.model.activation_checkpointing,
         loss_chunk_tokens=cfg.model.loss_chunk_tokens,
+        fp8_recipe=cfg.model.fp8.recipe if cfg.model.fp8 else "",
+        fp8_layers=tuple(cfg.model.fp8.layers) if cfg.model.fp8 else (),
     )

@@ -104,25 +104,46 @@ def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> 
 
     # the column-parallel layers' input: with sequence parallelism megalite keeps it gathered, Megatron its shard
     col_in = Ns if s.sp_saved_input == "shard" else N
+    # FP8 with the tensorwise recipe: an FP8 linear keeps its input's e4m3 cast (1 byte) instead of the input, and an
+    # e4m3 copy of its weight; the rowwise recipes keep the input as it is (megalite.parallel.fp8)
+    fp8_saves = {name: s.fp8(name) and s.fp8_saves_fp8 for name in
+                 ("attention.qkv", "attention.proj", "mlp.fc", "mlp.proj")}
+    qkv_in = 1 if fp8_saves["attention.qkv"] else e
     if cp == 1:
-        attn = col_in * h * e + N * (heads + 2 * kvh) * hd * e  # qkv input, qkv output
+        attn = col_in * h * qkv_in + N * (heads + 2 * kvh) * hd * e  # qkv input, qkv output
         if rope:
             attn += N * (heads + kvh) * hd * e
     else:  # qkv input; the all-to-alls' q, k, v (kv heads replicated to a multiple of cp); the output all-to-all's
         # result, which the projection keeps (without CP its input is a view of the kernel's output)
-        attn = col_in * h * e + N * (2 * heads + 2 * kvh * (kv_replication(kvh, cp) or 1)) * hd * e
+        attn = col_in * h * qkv_in + N * (2 * heads + 2 * kvh * (kv_replication(kvh, cp) or 1)) * hd * e
+        if fp8_saves["attention.proj"]:
+            attn -= N * heads * hd * e  # the output all-to-all's result: the projection keeps its cast (below)
     if rope and pipelined:
         attn += rope_tables  # each pipeline block has its tables
     if s.attention == "materialized":  # the T x T softmax per head, with dropout its mask and output; the context
         drop = m.attention_dropout > 0
-        attn += B * heads * T * T * (e + (mask + e if drop else 0)) + N * heads * hd * e
+        if not s.recompute_attention:  # selective recompute rebuilds them in the backward from q, k, v
+            attn += B * heads * T * T * (e + (mask + e if drop else 0))
+        attn += N * heads * hd * (1 if fp8_saves["attention.proj"] else e)
     else:
-        attn += N * heads * hd * e + N * heads * 4  # output, fp32 log-sum-exp
+        # the kernel's output (the projection's input), its fp32 log-sum-exp (rebuilt under selective recompute)
+        attn += N * heads * hd * e + (0 if s.recompute_attention else N * heads * 4)
+        if fp8_saves["attention.proj"] and cp == 1:
+            attn += N * heads * hd  # the projection's e4m3 cast of it
+    if fp8_saves["attention.proj"] and cp > 1:
+        attn += N * heads * hd
     if docs:
         # int32 document bounds per token; SDPA gets the boolean mask and keeps it as an additive float mask
         attn += 2 * B * T * 4 if s.attention == "triton" else B * T * T * e  # the whole sequence's, with CP too
-    mlp = col_in * h * e + (4 if m.mlp == "swiglu" else 2) * N * f_l * e
+    # the fc input; the activation's input and the projection's input (GELU: fc output, gelu output; SwiGLU: the fused
+    # gate/up output, silu(gate), the product)
+    mlp = (col_in * h * (1 if fp8_saves["mlp.fc"] else e) + (3 if m.mlp == "swiglu" else 1) * N * f_l * e
+           + N * f_l * (1 if fp8_saves["mlp.proj"] else e))
     layer = {"norms": 2 * norm, "attention": attn, "mlp": mlp}
+    if any(fp8_saves.values()):  # the e4m3 weight copies, one per micro-batch
+        weights = {"attention.qkv": (heads + 2 * kvh) * hd * h, "attention.proj": h * heads * hd,
+                   "mlp.fc": (2 if m.mlp == "swiglu" else 1) * f_l * h, "mlp.proj": h * f_l}
+        layer["FP8 weight copies"] = sum(weights[name] for name, kept in fp8_saves.items() if kept)
     if m.hidden_dropout > 0:
         layer["dropout masks"] = 2 * Ns * h * mask
 
@@ -304,6 +325,16 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> StageMemories:
             # gathered parameters stay live up to stage3_max_live_parameters elements, plus the prefetch bucket
             gathered = min(n_local - persistent, s.max_live_parameters) + min(s.prefetch_bucket, n_local - persistent)
             terms["transient: ZeRO-3 gathered parameters"] = float(gathered * e)
+        if s.fp8_recipe and st.blocks:
+            # a cast holds the operand scaled in fp32 and its e4m3 result (about 5 bytes an element) while it runs;
+            # FP8 row-parallel layers at TP > 1 hold their fp32 output until it is reduced
+            tp_, h_ = layout.tensor, m.hidden_size
+            inputs = {"attention.qkv": N * h_, "attention.proj": N * m.num_heads // tp_ * m.head_dim,
+                      "mlp.fc": N * h_, "mlp.proj": N * m.ffn_size // tp_}
+            largest = max([inputs[name] for name in inputs if s.fp8(name)]
+                          + [p.numel for p in layer_params(m, tp_)["block"] if s.fp8(p.name.rsplit(".", 1)[0])])
+            rows = tp_ > 1 and any(s.fp8(name) for name in ("attention.proj", "mlp.proj"))
+            terms["transient: FP8 casts"] = float(max(5 * largest, N * h_ * 4 if rows else 0))
         if s.path == "fp16_optimizer":  # FP16_Optimizer flattens the gradients into fp32 for the step
             terms["transient: fp32 gradients at the step"] = float(4 * n_local)
         elif s.path == "zero3":

@@ -88,7 +88,9 @@ def format_plan(p: Plan, source: str = "") -> str:
               f"  pipeline bubble (p - 1)/(m + p - 1) = {lay.pipeline - 1}/{m + lay.pipeline - 1} = {p.bubble:.1%}; "
               f"optimizer {p.optimizer_s * 1e3:.1f} ms; exposed DP {p.dp_exposed_s * 1e3:.1f} ms",
               f"  step {p.step_s:.3f} s: {p.tokens_per_s:,.0f} tokens/s ({p.tokens_per_s / world:,.0f} per GPU), "
-              f"{p.model_tflops_per_gpu:.0f} model TFLOP/s per GPU, MFU {p.mfu:.1%} of {dev.peak_tflops[s.precision]:.0f}",
+              f"{p.model_tflops_per_gpu:.0f} model TFLOP/s per GPU, MFU {p.mfu:.1%} of {dev.peak_tflops[s.precision]:.0f}"
+              + (f" ({s.precision} peak), {p.mfu_fp8_peak:.1%} of {dev.peak_tflops['fp8']:.0f} (FP8 peak)"
+                 if p.mfu_fp8_peak is not None else ""),
               "  (model FLOPs as the training log counts them: 6N + 12*L*d*T per token; the time model charges "
               "the output layer, recompute and attention as executed)",
               "", f"constants of {dev.name}:"] + [f"  {k}: {v}" for k, v in dev.sources] + [

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from megalite.config import Config, Layout, count_parameters
 from megalite.plan.communication import Collective, Zero3Traffic, transfer_seconds
@@ -79,23 +79,34 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     L = stage.blocks
     fwd = 2 if s.recompute else 1  # forward passes over each block
     peak = device.peak(s.precision)
-    matrices = sum(p.numel for p in layer_params(m, tp)["block"] if p.decay)
+    block = layer_params(m, tp)["block"]
+    matrices = sum(p.numel for p in block if p.decay)
     flops = 2 * N * matrices * (2 + fwd) * L
+    # FP8 linears run their matmuls at the device's FP8 peak (rowwise_with_gw_hp: the weight gradient in the run's
+    # precision); attention, the output layer and everything else at the run's
+    fp8_flops = 0.0
+    if s.fp8_recipe:
+        fp8_matrices = sum(p.numel for p in block if p.decay and s.fp8(p.name.rsplit(".", 1)[0]))
+        fp8_flops = 2 * N * fp8_matrices * (2 + fwd - (1 if s.fp8_recipe == "rowwise_with_gw_hp" else 0)) * L
     if stage.head:
         flops += 2 * N * v_l * h * (3 + (1 if s.loss_chunk_tokens else 0))
-    matmul = flops / (EFFICIENCY["matmul"] * peak)
+    matmul = (flops - fp8_flops) / (EFFICIENCY["matmul"] * peak)
+    if fp8_flops:
+        matmul += fp8_flops / (EFFICIENCY["matmul_fp8"] * device.peak("fp8"))
+    # the attention core's forward passes: a selective recompute (other stacks') runs it again in the backward
+    core_fwd = fwd + (1 if s.recompute_attention and not s.recompute else 0)
 
     attention = 0.0
     scores = 0.0  # bytes of score-matrix traffic (materialized attention only)
     if s.attention == "materialized":  # QK^T and AV as matmuls over the whole T x T, softmax in memory
-        att_flops = 4 * B * T * T * att_heads * hd * (2 + fwd) * L
+        att_flops = 4 * B * T * T * att_heads * hd * (2 + core_fwd) * L
         matmul += att_flops / (EFFICIENCY["matmul"] * peak)
         drop = m.attention_dropout > 0
-        per_score = fwd * (4 * e + (2 * e + 1 if drop else 0)) + 7 * e + (2 * e + 1 if drop else 0)
+        per_score = core_fwd * (4 * e + (2 * e + 1 if drop else 0)) + 7 * e + (2 * e + 1 if drop else 0)
         scores = B * att_heads * T * T * per_score * L
         flops += att_flops
     elif L:
-        att_flops = 2 * B * T * T * att_heads * hd * (2.5 + fwd) * L  # causal: half the 4*B*H*T^2*D of full attention
+        att_flops = 2 * B * T * T * att_heads * hd * (2.5 + core_fwd) * L  # causal: half of 4*B*H*T^2*D
         attention = att_flops / (attention_fraction(T, hd) * peak)
         flops += att_flops
 
@@ -111,6 +122,8 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     pointwise = (act + residual + rope + bias + copy + dropout) * L + scores
     tp_bytes = sum(c.bytes for c in comms if c.group in ("TP", "CP")) / layout.accumulation
     pointwise += 2 * tp_bytes  # megalite's collectives copy their input (clone, chunk, cat; the all-to-all's permutes)
+    if s.fp8_recipe:
+        pointwise += fp8_cast_bytes(m, s, N, tp, fwd) * L
     if stage.embedding:
         pointwise += 4 * Ns * h * e
     if stage.head:
@@ -121,12 +134,35 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
                     + pointwise / (EFFICIENCY["copy"] * hbm))
     # Context-parallel all-to-alls sit on the critical path like TP's collectives: charged with them.
     tp_comm = sum(transfer_seconds(c, device) for c in comms if c.group in ("TP", "CP")) / layout.accumulation
+    if s.tp_overlap:  # hidden behind the GEMMs they feed or follow (other stacks'; megalite's collectives wait)
+        tp_comm = max(0.0, tp_comm - matmul)
     pp_comm = sum(transfer_seconds(c, device) for c in comms if c.group == "PP") / layout.accumulation
     # the forward's share: one of the (2 + fwd) matmul passes (a recompute runs in the backward), of attention's
     # (2.5 + fwd) (flash backward = 2.5 forwards), of the memory-bound passes alike, and the forward's collectives
     compute = matmul + attention + memory_bound + tp_comm
     forward = (matmul + memory_bound) / (2 + fwd) + attention / (2.5 + fwd) + tp_comm / (fwd + 1)
     return StageTime(matmul, attention, memory_bound, tp_comm, pp_comm, flops, forward / compute if compute else 1 / 3)
+
+
+def fp8_cast_bytes(m: Any, s: Settings, N: int, tp: int, fwd: int) -> float:
+    """HBM bytes of one block's FP8 casts per micro-batch: each cast reads the operand for its amax, reads it again to
+    scale it in fp32 (written and read: 8 bytes) and writes the e4m3 result: 2e + 9 bytes per element. Tensorwise
+    casts the input and weight once per forward and the output gradient once; the rowwise recipes cast input and
+    weight again along the other dimension in the backward and the output gradient twice."""
+    e = s.element
+    heads, kvh, hd, f_l, h = m.num_heads // tp, m.kv_heads // tp, m.head_dim, m.ffn_size // tp, m.hidden_size
+    shapes = {"attention.qkv": (h, (heads + 2 * kvh) * hd), "attention.proj": (heads * hd, h),
+              "mlp.fc": (h, (2 if m.mlp == "swiglu" else 1) * f_l), "mlp.proj": (f_l, h)}  # (in, out) per rank
+    once = s.fp8_recipe == "tensorwise"
+    total = 0.0
+    for name, (d_in, d_out) in shapes.items():
+        if not s.fp8(name):
+            continue
+        inputs = N * d_in * (fwd + (0 if once else 1))
+        weights = d_in * d_out * (fwd + (0 if once else 1))
+        grads = N * d_out * (1 if once else 2)
+        total += (inputs + weights + grads) * (2 * e + 9)
+    return total
 
 
 def zero3_exposed_seconds(t: StageTime, z3: Zero3Traffic, accumulation: int, s: Settings, device: Device,
