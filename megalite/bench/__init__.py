@@ -10,6 +10,8 @@
     eval-harness loglikelihood requests/s of the lm-evaluation-harness model against the harness's HF backend
     context     activation memory per rank of one 8k-token micro-batch at context parallelism 1, 2, 4
     watchdog    the training step with the hang watchdog and straggler report on and off, alternating
+    pipeline-engine  DeepSpeed's PipelineEngine per-instruction host cost and BF16_Optimizer's per-micro-batch fp32
+                gradient bookkeeping (CPU ranks, sleeping layers)
     zero3       when DeepSpeed's ZeRO-3 gathers each layer against when the layer runs (prefetch on CPU ranks)
 
 Each writes JSON with the git commit and the machine (`run_info`) into its --out folder.
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint", "reshard", "eval_harness", "context",
-              "watchdog", "zero3")
+              "watchdog", "zero3", "pipeline_engine")
 PACKAGE = Path(__file__).resolve().parent.parent
 
 
