@@ -186,3 +186,26 @@ def test_search_keeps_the_assumptions_and_stays_fast() -> None:
     assert time.perf_counter() - start < 10 and all(p.settings.tp_overlap for p in plans)
     with pytest.raises(ConfigError, match="plan assumptions: unknown overlap_everything"):
         P.plan(cfg, 32, P.get_device("h100"), 8, assume={"overlap_everything": True})
+
+
+def test_each_device_has_its_own_efficiencies_with_sources() -> None:
+    """Issue 29: the matmul fractions are each device's own (published measurements; the H200's megalite's own), the
+    rest the H200's, and the report's "constants of" lines name where each came from; a plan's matmul time follows
+    its device's fraction."""
+    expected = {"h200": 788.0 / 989.0, "h100-sxm": 794.5 / 989.0, "a100-80g": 271.2 / 312.0,
+                "a100-40g": 271.2 / 312.0, "h100-pcie": 499.5 / 756.0}
+    for key, fraction in expected.items():
+        device = P.get_device(key)
+        assert device.efficiency["matmul"] == pytest.approx(fraction)
+        assert device.efficiency["copy"] == P.EFFICIENCY["copy"]
+        named = dict(device.sources)
+        assert "efficiency matmul" in named and "efficiency copy, norms, attention" in named
+    assert "Bekman" in dict(P.get_device("a100").sources)["efficiency matmul"]
+    assert "kernels/results/h200-2026-11-30" in dict(P.get_device("h200").sources)["efficiency matmul"]
+    cfg = _gpt()
+    a100 = P.plan(cfg, 8, P.get_device("a100-80g"), 8)
+    slower = P.get_device("a100-80g").with_overrides()
+    slower = dataclasses.replace(slower, efficiency={**slower.efficiency, "matmul": 0.5})
+    assert P.plan(cfg, 8, slower, 8).times[0].matmul == pytest.approx(a100.times[0].matmul * (271.2 / 312.0) / 0.5)
+    report = P.format_plan(a100)
+    assert "efficiency matmul: 271.2 of 312 TFLOP/s bf16" in report and "matmul 0.869 of peak" in report

@@ -32,6 +32,7 @@ preflight, `train` and `config show` print).
 from megalite.plan.communication import Collective, communication, links, transfer_seconds
 from megalite.plan.devices import (
     DEVICE_ALIASES,
+    DEVICE_EFFICIENCY,
     DEVICES,
     EFFICIENCY,
     EFFICIENCY_SOURCE,
@@ -69,7 +70,7 @@ from megalite.plan.summaries import (
 from megalite.plan.timing import StageTime, attention_fraction, flops_per_token, optimizer_seconds, stage_time
 
 __all__ = [
-    "ALLOWANCE_GIB", "Candidate", "Collective", "DEVICES", "DEVICE_ALIASES", "Device", "EFFICIENCY",
+    "ALLOWANCE_GIB", "Candidate", "Collective", "DEVICES", "DEVICE_ALIASES", "DEVICE_EFFICIENCY", "Device", "EFFICIENCY",
     "EFFICIENCY_SOURCE", "FRAGMENTATION", "GiB", "LocalPlan", "MODEL_STATE_TERMS", "PATH_NAMES", "PEAK_TFLOPS", "Param",
     "Plan", "Settings", "Stage", "StageMemory", "StageTime", "activation_bytes", "attention_fraction", "candidates",
     "communication", "device_named", "evaluate", "flops_per_token", "format_plan", "format_search", "get_device",

@@ -2,7 +2,7 @@
 log's MFU divides by, and the achievable fractions of those figures megalite measured.
 
 A new device is one `DEVICES` entry (and its peaks in `PEAK_TFLOPS`); a new dtype's peak (FP8) one column of
-`PEAK_TFLOPS`; a per-device efficiency one entry of `EFFICIENCY` with its source.
+`PEAK_TFLOPS`; a device's own efficiency one entry of `DEVICE_EFFICIENCY` with its source.
 """
 
 from __future__ import annotations
@@ -47,6 +47,30 @@ def peak_tflops_of(name: Optional[str], precision: str) -> tuple[Optional[float]
     return None, f"{name}: not in megalite's peak table (MFU not reported)"
 
 
+# Achievable fractions of the datasheet figures, per device (each device's own where one is published or measured;
+# none is fitted to the published throughputs in the tests). The base set was measured by megalite itself on one H200
+# with `make gpu-check` (kernels/results/h200-2026-11-30, kernels/README.md "Latest GPU figures"); the other devices
+# take their matmul fractions from published measurements and the H200's fractions for what nobody has published.
+EFFICIENCY: dict[str, Any] = {
+    # bf16 8192^3 matmul: 788 TFLOP/s of the 989 datasheet peak.
+    "matmul": 788.0 / 989.0,
+    # device-to-device copy: 4.22 TB/s of the 4.8 datasheet bandwidth (element-wise kernels).
+    "copy": 4.22 / 4.8,
+    # megalite's fused LayerNorm/RMSNorm, width 4096: forward 1.8-2.6 TB/s (middle 2.2), backward
+    # 0.85-1.15 TB/s (middle 1.0), of 4.8 (torch's own norms measured alike: forward 1.6-3.2, backward 1.0-1.1).
+    "norm_forward": 2.2 / 4.8,
+    "norm_backward": 1.0 / 4.8,
+    # megalite's Triton flash attention, forward + backward, causal, TFLOP/s by sequence length, of 989.
+    "attention": {128: {512: 85, 1024: 151, 2048: 223, 4096: 272, 8192: 311, 16384: 341},
+                  64: {512: 88, 1024: 110, 2048: 153, 4096: 225, 8192: 254, 16384: 269}},
+    "attention_peak": 989.0,
+    # FP8 (e4m3) matmuls: 1453.4 of 1979 TFLOP/s on an H200 SXM (Stas Bekman's "Maximum Achievable Matmul FLOPS"
+    # table, ml-engineering/compute/accelerator/README.md, torch 2.7.1 + CUDA 12.8); megalite has not measured FP8.
+    "matmul_fp8": 1453.4 / 1979.0,
+}
+EFFICIENCY_SOURCE = "measured on one H200 by `make gpu-check`, kernels/results/h200-2026-11-30"
+
+
 @dataclass(frozen=True)
 class Device:
     """One accelerator model and its node: every constant the plan uses, each with its source."""
@@ -60,6 +84,8 @@ class Device:
     sources: tuple[tuple[str, str], ...] = ()
     intra_node_link: str = "NVLink"  # NVLink | PCIe: NCCL's hop latency inside a node differs
     collective_cap_gbps: float = 0.0  # NCCL's own cap on a ring's bus bandwidth for this GPU (0: none)
+    # achievable fractions of the peaks (the keys of EFFICIENCY): this device's own, sources in `sources`
+    efficiency: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(EFFICIENCY))
 
     def peak(self, precision: str) -> float:
         return self.peak_tflops[precision] * 1e12
@@ -128,27 +154,38 @@ DEVICES: dict[str, Device] = {
 }
 DEVICE_ALIASES = {"h100": "h100-sxm", "a100": "a100-80g"}
 
-# Achievable fractions of the datasheet figures. All measured by megalite itself on one H200 with
-# `make gpu-check` (kernels/results/h200-2026-11-30, kernels/README.md "Latest GPU figures"); none is
-# fitted to the published throughputs in the tests. The same fractions are applied to every device.
-EFFICIENCY: dict[str, Any] = {
-    # bf16 8192^3 matmul: 788 TFLOP/s of the 989 datasheet peak.
-    "matmul": 788.0 / 989.0,
-    # device-to-device copy: 4.22 TB/s of the 4.8 datasheet bandwidth (element-wise kernels).
-    "copy": 4.22 / 4.8,
-    # megalite's fused LayerNorm/RMSNorm, width 4096: forward 1.8-2.6 TB/s (middle 2.2), backward
-    # 0.85-1.15 TB/s (middle 1.0), of 4.8 (torch's own norms measured alike: forward 1.6-3.2, backward 1.0-1.1).
-    "norm_forward": 2.2 / 4.8,
-    "norm_backward": 1.0 / 4.8,
-    # megalite's Triton flash attention, forward + backward, causal, TFLOP/s by sequence length, of 989.
-    "attention": {128: {512: 85, 1024: 151, 2048: 223, 4096: 272, 8192: 311, 16384: 341},
-                  64: {512: 88, 1024: 110, 2048: 153, 4096: 225, 8192: 254, 16384: 269}},
-    "attention_peak": 989.0,
-    # FP8 (e4m3) matmuls: 1402.6 of 1979 TFLOP/s on an H100 SXM (Stas Bekman's "Maximum Achievable Matmul FLOPS"
-    # table, ml-engineering/compute/accelerator/README.md, torch 2.7 + CUDA 12.6); megalite has not measured FP8.
-    "matmul_fp8": 1402.6 / 1979.0,
+_BEKMAN = "Stas Bekman's ml-engineering \"Maximum Achievable Matmul FLOPS comparison table\" (mamf-finder.py)"
+_FROM_H200 = "megalite's H200 fractions (kernels/results/h200-2026-11-30): not measured on this device"
+# Per device: the fractions that differ from the H200's, and where each fraction of the device comes from (shown in
+# the report's "constants of" lines).
+DEVICE_EFFICIENCY: dict[str, tuple[dict[str, float], tuple[tuple[str, str], ...]]] = {
+    "h200": ({}, (("efficiency matmul", f"788 of 989 TFLOP/s bf16, 8192^3, {EFFICIENCY_SOURCE}"),
+                  ("efficiency matmul_fp8", f"1453.4 of 1979 TFLOP/s e4m3, {_BEKMAN}, torch 2.7.1+cu128"),
+                  ("efficiency copy, norms, attention", EFFICIENCY_SOURCE))),
+    "h100-sxm": ({"matmul": 794.5 / 989.0, "matmul_fp8": 1402.6 / 1979.0},
+                 (("efficiency matmul", f"794.5 of 989 TFLOP/s bf16, {_BEKMAN}, torch 2.7.0+cu126"),
+                  ("efficiency matmul_fp8", f"1402.6 of 1979 TFLOP/s e4m3, {_BEKMAN}, torch 2.7.0+cu126"),
+                  ("efficiency copy, norms, attention", _FROM_H200))),
+    "h100-pcie": ({"matmul": 499.5 / 756.0, "matmul_fp8": 1402.6 / 1979.0},
+                  (("efficiency matmul", "499.5 of 756 TFLOP/s bf16, mamf-finder.py as reported in mag-/gpu_benchmark's "
+                    "README (CUDA 12.1)"),
+                   ("efficiency matmul_fp8", "the H100 SXM's fraction (no PCIe FP8 figure published)"),
+                   ("efficiency copy, norms, attention", _FROM_H200))),
+    "a100-80g": ({"matmul": 271.2 / 312.0},
+                 (("efficiency matmul", f"271.2 of 312 TFLOP/s bf16 (A100 SXM), {_BEKMAN}, torch 2.6.0+cu126"),
+                  ("efficiency copy, norms, attention", _FROM_H200))),
+    "a100-40g": ({"matmul": 271.2 / 312.0},
+                 (("efficiency matmul", f"271.2 of 312 TFLOP/s bf16 (A100 SXM), {_BEKMAN}, torch 2.6.0+cu126"),
+                  ("efficiency copy, norms, attention", _FROM_H200))),
 }
-EFFICIENCY_SOURCE = "measured on one H200 by `make gpu-check`, kernels/results/h200-2026-11-30"
+
+
+def _with_efficiency(key: str, device: Device) -> Device:
+    own, sources = DEVICE_EFFICIENCY[key]
+    return dataclasses.replace(device, efficiency={**EFFICIENCY, **own}, sources=device.sources + sources)
+
+
+DEVICES = {key: _with_efficiency(key, device) for key, device in DEVICES.items()}
 
 
 def get_device(name: str) -> Device:

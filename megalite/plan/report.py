@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from megalite.plan.communication import transfer_seconds
-from megalite.plan.devices import EFFICIENCY, EFFICIENCY_SOURCE, GiB
+from megalite.plan.devices import GiB
 from megalite.plan.estimate import Plan
 from megalite.plan.layout import PATH_NAMES
 from megalite.plan.memory import FRAGMENTATION
@@ -80,6 +80,7 @@ def format_plan(p: Plan, source: str = "") -> str:
 
     t = max(p.times, key=lambda t: t.total)
     m = lay.accumulation
+    eff = dev.efficiency
     lines += ["", "time per step (slowest stage, per micro-batch x (m + p - 1), plus optimizer and DP)",
               f"  matmul {t.matmul * 1e3:.1f} ms, attention {t.attention * 1e3:.1f} ms, memory-bound "
               f"{t.memory_bound * 1e3:.1f} ms, {'TP+CP' if lay.context > 1 else 'TP'} {t.tp_comm * 1e3:.1f} ms, "
@@ -94,10 +95,10 @@ def format_plan(p: Plan, source: str = "") -> str:
               "  (model FLOPs as the training log counts them: 6N + 12*L*d*T per token; the time model charges "
               "the output layer, recompute and attention as executed)",
               "", f"constants of {dev.name}:"] + [f"  {k}: {v}" for k, v in dev.sources] + [
-              f"efficiencies ({EFFICIENCY_SOURCE}): matmul {EFFICIENCY['matmul']:.3f} of peak, copy "
-              f"{EFFICIENCY['copy']:.3f} of HBM bandwidth, norms {EFFICIENCY['norm_forward']:.2f} forward and "
-              f"{EFFICIENCY['norm_backward']:.2f} backward, flash attention "
-              f"{attention_fraction(p.cfg.data.seq_length, p.cfg.model.head_dim):.3f}"
+              f"efficiencies of {dev.name} (sources above): matmul {eff['matmul']:.3f} of peak, copy "
+              f"{eff['copy']:.3f} of HBM bandwidth, norms {eff['norm_forward']:.2f} forward and "
+              f"{eff['norm_backward']:.2f} backward, flash attention "
+              f"{attention_fraction(p.cfg.data.seq_length, p.cfg.model.head_dim, eff):.3f}"
               f" at {p.cfg.data.seq_length} tokens"]
     lines += [f"note: {note}" for note in p.notes]
     return "\n".join(lines)

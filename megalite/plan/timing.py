@@ -27,9 +27,11 @@ def flops_per_token(cfg: Config, attended_keys: Optional[float] = None) -> float
     return 6.0 * n + 12.0 * m.num_layers * m.hidden_size * keys
 
 
-def attention_fraction(seq: int, head_dim: int) -> float:
-    """megalite's flash attention at `seq` tokens and `head_dim`, as a fraction of the peak (measured table)."""
-    table = EFFICIENCY["attention"][min(EFFICIENCY["attention"], key=lambda d: abs(d - head_dim))]
+def attention_fraction(seq: int, head_dim: int, efficiency: Optional[dict] = None) -> float:
+    """megalite's flash attention at `seq` tokens and `head_dim`, as a fraction of the peak (a device's measured table:
+    `Device.efficiency`; the H200's by default)."""
+    eff = EFFICIENCY if efficiency is None else efficiency
+    table = eff["attention"][min(eff["attention"], key=lambda d: abs(d - head_dim))]
     keys = sorted(table)
     if seq <= keys[0]:
         value = table[keys[0]] * seq / keys[0]  # shorter sequences run proportionally slower (fewer blocks)
@@ -40,7 +42,7 @@ def attention_fraction(seq: int, head_dim: int) -> float:
         hi = min(k for k in keys if k >= seq)
         w = 0.0 if hi == lo else math.log(seq / lo) / math.log(hi / lo)
         value = table[lo] * (1 - w) + table[hi] * w
-    return value / EFFICIENCY["attention_peak"]
+    return value / eff["attention_peak"]
 
 
 @dataclass
@@ -79,6 +81,7 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     L = stage.blocks
     fwd = 2 if s.recompute else 1  # forward passes over each block
     peak = device.peak(s.precision)
+    eff = device.efficiency
     block = layer_params(m, tp)["block"]
     matrices = sum(p.numel for p in block if p.decay)
     flops = 2 * N * matrices * (2 + fwd) * L
@@ -90,9 +93,9 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
         fp8_flops = 2 * N * fp8_matrices * (2 + fwd - (1 if s.fp8_recipe == "rowwise_with_gw_hp" else 0)) * L
     if stage.head:
         flops += 2 * N * v_l * h * (3 + (1 if s.loss_chunk_tokens else 0))
-    matmul = (flops - fp8_flops) / (EFFICIENCY["matmul"] * peak)
+    matmul = (flops - fp8_flops) / (eff["matmul"] * peak)
     if fp8_flops:
-        matmul += fp8_flops / (EFFICIENCY["matmul_fp8"] * device.peak("fp8"))
+        matmul += fp8_flops / (eff["matmul_fp8"] * device.peak("fp8"))
     # the attention core's forward passes: a selective recompute (other stacks') runs it again in the backward
     core_fwd = fwd + (1 if s.recompute_attention and not s.recompute else 0)
 
@@ -100,14 +103,14 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     scores = 0.0  # bytes of score-matrix traffic (materialized attention only)
     if s.attention == "materialized":  # QK^T and AV as matmuls over the whole T x T, softmax in memory
         att_flops = 4 * B * T * T * att_heads * hd * (2 + core_fwd) * L
-        matmul += att_flops / (EFFICIENCY["matmul"] * peak)
+        matmul += att_flops / (eff["matmul"] * peak)
         drop = m.attention_dropout > 0
         per_score = core_fwd * (4 * e + (2 * e + 1 if drop else 0)) + 7 * e + (2 * e + 1 if drop else 0)
         scores = B * att_heads * T * T * per_score * L
         flops += att_flops
     elif L:
         att_flops = 2 * B * T * T * att_heads * hd * (2.5 + core_fwd) * L  # causal: half of 4*B*H*T^2*D
-        attention = att_flops / (attention_fraction(T, hd) * peak)
+        attention = att_flops / (attention_fraction(T, hd, eff) * peak)
         flops += att_flops
 
     # Memory-bound kernels: bytes read and written, per block and micro-batch.
@@ -130,8 +133,8 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
         per_logit = 32 + e + 20 + e + (32 + e if s.loss_chunk_tokens else 0) + (8 if m.z_loss > 0 else 0)
         pointwise += N * v_l * per_logit + (2 * 2 + 3) * Ns * h * e
     hbm = device.hbm_tbps * 1e12
-    memory_bound = (norm_fwd * L / (EFFICIENCY["norm_forward"] * hbm) + norm_bwd * L / (EFFICIENCY["norm_backward"] * hbm)
-                    + pointwise / (EFFICIENCY["copy"] * hbm))
+    memory_bound = (norm_fwd * L / (eff["norm_forward"] * hbm) + norm_bwd * L / (eff["norm_backward"] * hbm)
+                    + pointwise / (eff["copy"] * hbm))
     # Context-parallel all-to-alls sit on the critical path like TP's collectives: charged with them.
     tp_comm = sum(transfer_seconds(c, device) for c in comms if c.group in ("TP", "CP")) / layout.accumulation
     if s.tp_overlap:  # hidden behind the GEMMs they feed or follow (other stacks'; megalite's collectives wait)
@@ -208,4 +211,4 @@ def optimizer_seconds(stage: Stage, layout: Layout, s: Settings, device: Device)
         traffic += n * (10 * layout.accumulation + 12)
     else:
         traffic += owned * 12
-    return traffic / (EFFICIENCY["copy"] * device.hbm_tbps * 1e12)
+    return traffic / (device.efficiency["copy"] * device.hbm_tbps * 1e12)
