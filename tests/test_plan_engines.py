@@ -1,20 +1,27 @@
 """The engines' behaviour the plan's time model assumes, against the measurements committed under kernels/results/:
-DeepSpeed's ZeRO-3 prefetch and re-gathers (`megalite bench zero3`). The measurements run real DeepSpeed engines on
+DeepSpeed's ZeRO-3 prefetch and re-gathers (`megalite bench zero3`), and its PipelineEngine's host work, blocking sends
+and BF16_Optimizer's per-micro-batch fp32 gradient bookkeeping (`megalite bench pipeline-engine`). The measurements run real DeepSpeed engines on
 CPU ranks (minutes); here their committed results are read back and compared with the plan's model, and the benches'
 analysis runs on a made-up timeline."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
+
+import pytest
 
 from megalite import config as C
 from megalite import plan as P
+from megalite.bench.pipeline_engine import simulate
 from megalite.bench.zero3 import prefetched
 from megalite.plan.communication import zero3_traffic
+from megalite.plan.timing import BF16_BOOKKEEPING_BYTES, ENGINE_HOST_S_PER_MICRO_BATCH
 
 REPO = Path(__file__).resolve().parent.parent
 ZERO3 = REPO / "kernels/results/zero3-cpu-2026-12-06/zero3.json"
+PIPELINE = REPO / "kernels/results/pipeline-engine-cpu-2026-12-06/pipeline_engine.json"
 
 
 def test_zero3_prefetch_and_regathers_match_the_committed_timeline() -> None:
@@ -59,3 +66,66 @@ def test_the_timeline_analysis_on_a_made_up_trace() -> None:
     out = prefetched(events, 2)
     assert out["forward"] == {"gathered": 2, "issued_ahead": 1, "waited": 0}
     assert out["backward"] == {"gathered": 1, "issued_ahead": 0, "waited": 1}
+
+
+def test_pipeline_engine_constants_are_the_committed_measurement() -> None:
+    """The plan's DeepSpeed-engine constants are what `megalite bench pipeline-engine` measured: BF16_Optimizer's
+    update_hp_grads in bytes per parameter at copy speed (plus the 2-byte zeroing of the bf16 gradients), and the
+    PipelineEngine's host work per micro-batch (two steps of its schedule, median over the buffered-transfer rows).
+    The steps themselves are 1F1B's (m + p - 1)(F + B) plus the engine's own time, not a lockstep schedule's: with
+    buffered transfers within 3%; with transfers no buffer holds (the send waits for its receiver) never above it,
+    the transfers overlapping the other stage's compute in part."""
+    result = json.loads(PIPELINE.read_text())
+    assert BF16_BOOKKEEPING_BYTES - 2.0 == pytest.approx(result["bookkeeping"]["bytes_per_param_at_copy_speed"],
+                                                         abs=0.05)
+    small = [r for r in result["rows"] if r["payload"] == "4 kB"]
+    assert len(small) == 8
+    assert ENGINE_HOST_S_PER_MICRO_BATCH == pytest.approx(2 * statistics.median(r["idle_s_per_slot"] for r in small),
+                                                          rel=0.01)
+    for r in result["rows"]:
+        one_f_one_b = r["one_f_one_b_s"] + r["idle_step_s"]
+        assert r["deepspeed_simulated_s"] == pytest.approx(r["one_f_one_b_s"])
+        if r["payload"] == "4 kB":
+            assert r["step_s"] == pytest.approx(one_f_one_b, rel=0.03), r
+            if r["micro_batches"] > 1:
+                assert r["step_s"] < 0.8 * (r["deepspeed_lockstep_s"] + r["idle_step_s"]), r
+        else:
+            assert r["one_f_one_b_s"] < r["step_s"] <= 1.01 * one_f_one_b, r
+
+
+@pytest.mark.parametrize("stages,micro_batches", [(2, 1), (3, 5), (4, 8)])
+def test_deepspeed_schedule_with_blocking_sends_is_one_f_one_b(stages: int, micro_batches: int) -> None:
+    """DeepSpeed's own TrainSchedule instruction streams, simulated with sends that wait for their receiver (and
+    without), take 1F1B's (m + p - 1)(F + B): the blocking sends add no bubble, so the plan charges only the
+    transfers themselves."""
+    for rendezvous in (False, True):
+        assert simulate(stages, micro_batches, 0.05, 0.15, rendezvous) == pytest.approx(
+            (micro_batches + stages - 1) * 0.2)
+
+
+def test_plan_charges_the_engines_overheads_and_megatron_has_none() -> None:
+    """bf16 at PP2 with BF16_Optimizer: DeepSpeed's bookkeeping costs BF16_BOOKKEEPING_BYTES per parameter per
+    micro-batch at the device's copy speed, Megatron's none; a stage whose device work is shorter than the engine's
+    host work per micro-batch waits for the host (a tiny model), a big one never does."""
+    raw = {"model": {"vocab_size": 512, "hidden_size": 64, "num_layers": 4, "num_heads": 4,
+                     "max_position_embeddings": 64},
+           "parallel": {"pipeline": 2}, "data": {"prefixes": ["x"], "seq_length": 64},
+           "deepspeed": {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 8,
+                         "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}}
+    cfg = C.from_dict(raw, world_size=2)
+    device = P.get_device("h100-sxm")
+    ds = P.plan(cfg, 2, device, 8)
+    mega = P.plan(cfg, 2, device, 8, assume={"engine": "megatron"})
+    assert ds.settings.path == "bf16_optimizer"
+    n = max(P.numel(st.params) for st in P.stages(cfg, 1, 2))
+    bandwidth = device.efficiency["copy"] * device.hbm_tbps * 1e12
+    assert ds.optimizer_s - mega.optimizer_s == pytest.approx(n * BF16_BOOKKEEPING_BYTES * 8 / bandwidth, rel=1e-6)
+    t = ds.times[0]
+    assert t.compute < ENGINE_HOST_S_PER_MICRO_BATCH and t.total == pytest.approx(ENGINE_HOST_S_PER_MICRO_BATCH)
+    assert mega.times[0].total == pytest.approx(t.compute + t.pp_comm) and mega.step_s < ds.step_s
+    assert any("Megatron-LM" in note for note in mega.notes)
+    raw["model"].update(hidden_size=4096, num_heads=32, max_position_embeddings=2048)
+    raw["data"]["seq_length"] = 2048
+    big = P.plan(C.from_dict(raw, world_size=2), 2, device, 8)
+    assert big.times[0].host_exposed == 0.0 and "host work beyond" not in P.format_plan(big)
+    assert "host work beyond" in P.format_plan(ds)

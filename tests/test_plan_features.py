@@ -147,6 +147,8 @@ def test_other_stacks_features_from_the_command_line(capsys: pytest.CaptureFixtu
     selective = run("--attention", "materialized", "--recompute-attention")
     overlap = run("--tp-overlap")
     shard = run("--sp-keeps-shard")
+    zero1 = ("--set", "deepspeed.zero_optimization.stage=1")  # bf16 ZeRO-1: BF16_Optimizer on DeepSpeed
+    deepspeed, megatron = run(*zero1), run(*zero1, "--engine", "megatron")
     acts = [d["memory_gib"][0]["activations_per_micro_batch"]["attention"] for d in (flash, stored, selective)]
     assert acts[1] > acts[0] and acts[2] < acts[1]  # the T x T scores kept, then rebuilt instead
     assert selective["micro_batch_s"][0]["matmul"] > stored["micro_batch_s"][0]["matmul"]  # QK^T and AV again
@@ -156,6 +158,8 @@ def test_other_stacks_features_from_the_command_line(capsys: pytest.CaptureFixtu
     assert "selective recompute" in " ".join(selective["notes"])
     assert "Megatron-Core overlaps" in " ".join(overlap["notes"])
     assert "keeping their input's shard" in " ".join(shard["notes"])
+    assert deepspeed["deepspeed_path"] == "BF16_Optimizer" and megatron["optimizer_s"] < deepspeed["optimizer_s"]
+    assert "Megatron-LM" in " ".join(megatron["notes"])
     with pytest.raises(SystemExit) as exit_:
         _cli(capsys, RUN_13B, "--world-size", "16", "--attention", "flash")
     assert exit_.value.code == 2 and "--attention: invalid choice: 'flash'" in capsys.readouterr().err

@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     assumptions.add_argument("--sp-keeps-shard", action="store_true",
                              help="sequence-parallel layers keep their input's shard and gather it again in the "
                                   "backward (Megatron's; megalite's keep it gathered)")
+    assumptions.add_argument("--engine", choices=("deepspeed", "megatron"), default=None,
+                             help="deepspeed (default, megalite's): the pipeline engine's host work per micro-batch "
+                                  "and BF16_Optimizer's fp32 gradient bookkeeping after each; megatron: Megatron-LM's "
+                                  "runs, without them")
     assumptions.add_argument("--zero3-overlap", action="store_true",
                              help="hide ZeRO-3's gathers and reduce-scatters behind compute as far as DeepSpeed's "
                                   "prefetch and overlap_comm allow (default: charged in full)")
@@ -58,6 +62,8 @@ def assumptions_of(args: argparse.Namespace) -> dict:
     assume: dict = {}
     if args.attention:
         assume["attention"] = args.attention
+    if args.engine:
+        assume["engine"] = args.engine
     for flag in ("recompute_attention", "tp_overlap", "zero3_overlap"):
         if getattr(args, flag):
             assume[flag] = True

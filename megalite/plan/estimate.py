@@ -158,6 +158,8 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     """The plan of `cfg` laid out as `layout` with `s` (every plan, and every layout `--search` ranks, is built here)."""
     if s.precision not in device.peak_tflops:
         raise ConfigError(f"precision {s.precision!r} has no peak for {device.name}")
+    if s.engine not in ("deepspeed", "megatron"):
+        raise ConfigError(f"engine: {s.engine!r} is not one of deepspeed, megatron")
     if s.fp8_recipe and "fp8" not in device.peak_tflops:
         raise ConfigError(f"model.fp8: {device.name} has no FP8 units (compute capability 8.9 or newer needed)")
     mem = memory(cfg, layout, s)
@@ -220,6 +222,9 @@ def plan_notes(cfg: Config, sts: list[Stage], s: Optional[Settings] = None) -> t
         if s.tp_overlap:
             notes.append("tensor-parallel collectives are planned hidden behind their GEMMs as Megatron-Core overlaps "
                          "them; megalite's wait")
+        if s.engine == "megatron":
+            notes.append("planned as Megatron-LM runs it: no pipeline-engine host work, no per-micro-batch fp32 "
+                         "gradient bookkeeping (megalite runs on DeepSpeed's engines, which have both)")
         if s.zero3_overlap:
             notes.append("ZeRO-3's traffic is planned hidden as far as DeepSpeed's prefetch allows; published "
                          "multi-GPU runs do not achieve it (docs/plan.md)")

@@ -84,6 +84,10 @@ class Settings:
     # userbuffer overlap).
     recompute_attention: bool = False
     tp_overlap: bool = False
+    # The engine that runs the micro-batches: "deepspeed" (megalite's: DeepSpeed's engines, with the PipelineEngine's
+    # host cost per micro-batch at PP > 1 and BF16_Optimizer's fp32 gradient bookkeeping after each micro-batch) or
+    # "megatron" (Megatron-LM's: neither; its fused weight-gradient GEMMs accumulate into fp32 directly).
+    engine: str = "deepspeed"
     # model.fp8: the recipe ("" without FP8) and which block linears run their matmuls in float8
     fp8_recipe: str = ""
     fp8_layers: tuple[str, ...] = ()
@@ -94,7 +98,8 @@ class Settings:
             [f"loss chunks of {self.loss_chunk_tokens}"] if self.loss_chunk_tokens else []) + (
             [f"FP8 {self.fp8_recipe} ({', '.join(self.fp8_layers)})"] if self.fp8_recipe else []) + (
             ["attention recomputed (selective)"] if self.recompute_attention else []) + (
-            ["TP communication overlapped"] if self.tp_overlap else [])
+            ["TP communication overlapped"] if self.tp_overlap else []) + (
+            ["Megatron-LM's engine"] if self.engine == "megatron" else [])
         return ", ".join([layout.describe()] + extra)
 
     def fp8(self, layer: str) -> bool:

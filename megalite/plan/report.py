@@ -85,7 +85,8 @@ def format_plan(p: Plan, source: str = "") -> str:
               f"  matmul {t.matmul * 1e3:.1f} ms, attention {t.attention * 1e3:.1f} ms, memory-bound "
               f"{t.memory_bound * 1e3:.1f} ms, {'TP+CP' if lay.context > 1 else 'TP'} {t.tp_comm * 1e3:.1f} ms, "
               f"PP {t.pp_comm * 1e3:.1f} ms "
-              f"= {t.total * 1e3:.1f} ms per micro-batch",
+              + (f"+ pipeline engine's host work beyond them {t.host_exposed * 1e3:.1f} ms " if t.host_exposed else "")
+              + f"= {t.total * 1e3:.1f} ms per micro-batch",
               f"  pipeline bubble (p - 1)/(m + p - 1) = {lay.pipeline - 1}/{m + lay.pipeline - 1} = {p.bubble:.1%}; "
               f"optimizer {p.optimizer_s * 1e3:.1f} ms; exposed DP {p.dp_exposed_s * 1e3:.1f} ms",
               f"  step {p.step_s:.3f} s: {p.tokens_per_s:,.0f} tokens/s ({p.tokens_per_s / world:,.0f} per GPU), "

@@ -14,6 +14,19 @@ from megalite.plan.devices import EFFICIENCY, Device
 from megalite.plan.layout import Settings
 from megalite.plan.stages import Stage, layer_params, numel
 
+# DeepSpeed's engines, measured by `megalite bench pipeline-engine` (kernels/results/pipeline-engine-cpu-2026-12-06,
+# checked against the committed JSON by tests/test_plan_engines.py):
+# - BF16_Optimizer.update_hp_grads, which folds the bf16 gradients into the fp32 copy after every micro-batch, moves
+#   14.9 bytes per parameter at the device's copy speed (read bf16 and fp32, write fp32, plus its per-tensor work);
+#   before each backward the pipeline engine zeroes the bf16 gradients (a 2-byte write);
+# - the PipelineEngine's own host work (instruction dispatch, buffers, the sends' bookkeeping) is 1.53 ms per step
+#   of its schedule (median over 2 and 4 stages, 1 to 8 micro-batches), two steps per micro-batch. The device runs
+#   behind the host, so it costs time only where a micro-batch's device work is shorter.
+# - Its blocking sends cost nothing beyond the transfer: its TrainSchedule, simulated with sends that wait for their
+#   receiver, takes 1F1B's (m + p - 1) slots, and the measured steps agree.
+BF16_BOOKKEEPING_BYTES = 14.9 + 2.0
+ENGINE_HOST_S_PER_MICRO_BATCH = 2 * 1.53e-3
+
 
 def flops_per_token(cfg: Config, attended_keys: Optional[float] = None) -> float:
     """Training FLOPs per token: 6N + 12*L*d*K (N non-embedding parameters; recompute excluded).
@@ -56,6 +69,7 @@ class StageTime:
     pp_comm: float
     flops: float
     forward_share: float = 1 / 3  # of matmul + attention + memory-bound + TP: the forward pass's (recompute is backward)
+    host: float = 0.0  # the pipeline engine's host work per micro-batch (DeepSpeed's at PP > 1): exposed when longer
 
     @property
     def compute(self) -> float:
@@ -63,8 +77,13 @@ class StageTime:
         return self.matmul + self.attention + self.memory_bound + self.tp_comm
 
     @property
+    def host_exposed(self) -> float:
+        """Host time the device waits for: the engine's host work beyond the micro-batch's device work."""
+        return max(0.0, self.host - self.compute - self.pp_comm)
+
+    @property
     def total(self) -> float:
-        return self.compute + self.pp_comm
+        return self.compute + self.pp_comm + self.host_exposed
 
 
 def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: Device,
@@ -144,7 +163,9 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     # (2.5 + fwd) (flash backward = 2.5 forwards), of the memory-bound passes alike, and the forward's collectives
     compute = matmul + attention + memory_bound + tp_comm
     forward = (matmul + memory_bound) / (2 + fwd) + attention / (2.5 + fwd) + tp_comm / (fwd + 1)
-    return StageTime(matmul, attention, memory_bound, tp_comm, pp_comm, flops, forward / compute if compute else 1 / 3)
+    host = ENGINE_HOST_S_PER_MICRO_BATCH if layout.pipeline > 1 and s.engine == "deepspeed" else 0.0
+    return StageTime(matmul, attention, memory_bound, tp_comm, pp_comm, flops, forward / compute if compute else 1 / 3,
+                     host)
 
 
 def fp8_cast_bytes(m: Any, s: Settings, N: int, tp: int, fwd: int) -> float:
@@ -207,8 +228,11 @@ def optimizer_seconds(stage: Stage, layout: Layout, s: Settings, device: Device)
     if s.optimizer_state_bytes == 4:
         per_owned = 20
     traffic = owned * per_owned
-    if s.path == "bf16_optimizer":  # bf16 gradients added into fp32 every micro-batch; norm and clip over all
-        traffic += n * (10 * layout.accumulation + 12)
+    if s.path == "bf16_optimizer" and s.engine == "deepspeed":
+        # BF16_Optimizer: bf16 gradients zeroed before and folded into fp32 after every micro-batch; norm, clip
+        traffic += n * (BF16_BOOKKEEPING_BYTES * layout.accumulation + 12)
+    elif s.path == "bf16_optimizer":  # Megatron: accumulated into fp32 by the weight-gradient GEMMs; norm and clip
+        traffic += n * 12
     else:
         traffic += owned * 12
     return traffic / (device.efficiency["copy"] * device.hbm_tbps * 1e12)
