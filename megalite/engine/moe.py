@@ -40,8 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megalite.config import Config, Layout
-from megalite.errors import CheckpointError
+from megalite.config import Config
 from megalite.model.moe import MoE
 from megalite.parallel.experts import expert_shard
 
@@ -113,17 +112,6 @@ def after_initialize(engine: Any) -> None:
     docstring); ZeRO-1/2 keep their MoE groups."""
     if getattr(engine, "has_moe_layers", False):
         engine.has_moe_layers = False
-
-
-def check_resume_layout(path: str, saved: Layout, mine: Layout, changes: list[str]) -> None:
-    """Refuse to reshard a checkpoint into another layout when either holds split experts: the offline and elastic
-    reshards read every parameter as one tensor partitioned over all data x context ranks, which split experts are
-    not (their ZeRO-1/2 partitions are per expert-data-parallel group). Resuming the same layout works."""
-    if changes and (saved.experts_split or mine.experts_split):
-        raise CheckpointError(
-            f"{path}: resuming with another layout ({', '.join(changes)}) is not implemented for experts split over "
-            "ranks (parallel.expert > 1 at ZeRO-1/2) yet; resume with the checkpoint's layout (parallel.expert="
-            f"{saved.expert}, ZeRO-{saved.zero_stage})")
 
 
 def after_load(engine: Any) -> None:

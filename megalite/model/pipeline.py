@@ -38,7 +38,14 @@ from megalite.model.transformer import (
     rope_frequencies,
     training_z_loss,
 )
-from megalite.model.weights import initialize_parameters, load_full_tensors, set_init, set_tensor_parallel_attributes
+from megalite.model.weights import (
+    initialize_parameters,
+    load_buffers,
+    load_full_tensors,
+    model_buffers,
+    set_init,
+    set_tensor_parallel_attributes,
+)
 from megalite.parallel.context import context_chunk
 from megalite.parallel.mappings import group_size
 
@@ -252,11 +259,26 @@ def canonical_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Paramete
     return out or dict(module.named_parameters())
 
 
+def canonical_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's persistent buffers (the routers' expert bias) under the whole model's names, like
+    `canonical_parameters`."""
+    out: dict[str, torch.Tensor] = {}
+    for sub in module.modules():
+        if isinstance(sub, _Canonical):
+            for name, b in model_buffers(sub, sub.canonical_name).items():
+                out.setdefault(name, b)
+    if any(isinstance(sub, _Canonical) for sub in module.modules()):
+        return out
+    return model_buffers(module)
+
+
 @torch.no_grad()
 def load_pipeline_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], grid: Any = None) -> None:
-    """Copy a full canonical state dict (e.g. `load_hf_state`'s, read lazily) into this stage's shards."""
-    params = canonical_parameters(module)
-    missing = [name for name in params if name not in state]
+    """Copy a full canonical state dict (e.g. `load_hf_state`'s, read lazily) into this stage's shards, and the
+    buffers it holds."""
+    params, buffers = canonical_parameters(module), canonical_buffers(module)
+    missing = [name for name in [*params, *buffers] if name not in state]
     if missing:
         raise KeyError(f"state dict lacks {missing}")
     load_full_tensors(params, state, tensor_parallel_group(grid))
+    load_buffers(buffers, state)
