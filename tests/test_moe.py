@@ -360,6 +360,25 @@ def test_aux_free_bias_moves_loads_toward_balance():
         assert bias[0] == bias.min() and abs(float(bias.sum())) < 1e-6, bias
 
 
+def test_native_weights_carry_the_expert_bias(tmp_path):
+    """megalite's weights directory (`convert --out`) holds the routers' expert-bias buffers and loads them back; a
+    state without them is refused, naming them."""
+    from megalite.config import ModelConfig, MoEConfig
+    from megalite.interop.native import load_weights, save_weights
+    from megalite.model import build_model, load_full_state_dict
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, mlp="swiglu", ffn_hidden_size=8,
+                      moe=MoEConfig(num_experts=4, router="sigmoid", expert_bias=True, first_dense_layers=1))
+    model = build_model(cfg, seed=1)
+    model.get_buffer("layers.1.mlp.router.expert_bias").copy_(torch.tensor([0.5, -0.25, 0.0, -0.25]))
+    save_weights(model, tmp_path / "w", write=True)
+    loaded = load_weights(tmp_path / "w")
+    assert torch.equal(loaded.get_buffer("layers.1.mlp.router.expert_bias"), torch.tensor([0.5, -0.25, 0.0, -0.25]))
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in loaded.named_parameters())
+    with pytest.raises(KeyError, match="missing \\['layers.1.mlp.router.expert_bias'\\]"):
+        load_full_state_dict(build_model(cfg, seed=1), dict(model.named_parameters()))
+
+
 # ----------------------------------------------------------------------------- the layer at EP/TP/SP/CP (4 ranks)
 
 
