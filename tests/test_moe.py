@@ -360,6 +360,45 @@ def test_aux_free_bias_moves_loads_toward_balance():
         assert bias[0] == bias.min() and abs(float(bias.sum())) < 1e-6, bias
 
 
+def test_moe_metrics_window_log_line_and_active_flops():
+    """The training record's MoE fields from the per-step statistics of a window (loads summed per layer, max/mean
+    load, drops summed, balancing losses averaged over the steps that computed them), the log line, and the model
+    FLOPs per token counting the active parameters (top_k experts, router, shared experts) of an MoE model."""
+    from megalite.config import count_parameters
+    from megalite.engine.metrics import MoEWindow, format_record, moe_fields
+    from megalite.plan import flops_per_token
+
+    window = MoEWindow()
+    for tokens, dropped, aux in (([10, 2, 0, 4], 3, 1.25), ([6, 2, 8, 0], 1, None)):
+        window.add([{"layer": 3, "tokens_per_expert": torch.tensor(tokens), "dropped": dropped, "aux_loss": aux,
+                     "z_loss": None},
+                    {"layer": 1, "tokens_per_expert": torch.tensor([8, 8, 8, 8]), "dropped": 0, "aux_loss": 1.0,
+                     "z_loss": 2.5}])
+    layers = window.take()
+    assert window.take() == []  # reset
+    assert [x["layer"] for x in layers] == [1, 3]
+    assert layers[1]["tokens_per_expert"] == [16, 4, 8, 4] and layers[1]["max_load"] == 16 / 8
+    assert layers[1]["dropped"] == 4 and layers[1]["aux_loss"] == 1.25 and layers[1]["z_loss"] is None
+    assert layers[0]["max_load"] == 1.0 and layers[0]["aux_loss"] == 1.0 and layers[0]["z_loss"] == 2.5
+    fields = moe_fields(layers)
+    assert fields["moe_max_load"] == 2.0 and fields["moe_dropped"] == 4
+    assert fields["moe_aux_loss"] == pytest.approx(1.125) and fields["moe_z_loss"] == 2.5
+    record = {"step": 7, "loss": 3.0, "lr": 1e-3, "grad_norm": None, "tokens_per_s": 100.0, "step_time_s": 0.5,
+              "tflops_per_device": 1.0, "mfu": None, **fields}
+    assert "experts max/mean load 2.00 | dropped 4 | aux 1.1250 | z 2.5000" in format_record(record)
+
+    moe = {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 48, "shared_experts": 1, "first_dense_layers": 1}
+    cfg = _cfg(1, model={"moe": moe, "num_layers": 3, "mlp": "swiglu", "ffn_hidden_size": 64})
+    m, counts = cfg.model, count_parameters(cfg.model)
+    h = m.hidden_size
+    block = 4 * h * h + 4 * h + 2 * 2 * h  # qkv and projection with biases, two LayerNorms
+    dense_mlp = 3 * h * 64 + 2 * 64 + h  # SwiGLU of 64 units with biases
+    moe_mlp = 8 * h + 2 * (3 * h * 48) + (3 * h * 48 + 2 * 48 + h)  # router, top-2 experts, the shared expert
+    active = 3 * block + dense_mlp + 2 * moe_mlp + 2 * h  # + the final norm
+    assert counts["active"] - counts["embedding"] == active < counts["non_embedding"]
+    assert flops_per_token(cfg) == 6 * active + 12 * 3 * h * cfg.data.seq_length
+
+
 def test_native_weights_carry_the_expert_bias(tmp_path):
     """megalite's weights directory (`convert --out`) holds the routers' expert-bias buffers and loads them back; a
     state without them is refused, naming them."""
@@ -651,7 +690,8 @@ def _moe_train_runs(workdir: str, runs: list) -> dict:
                      "statistics": run.strategy.moe_statistics,
                      "biases": {n: b.clone() for n, b in canonical_buffers(run.engine.module).items()},
                      "saves": [(r["step"], r["mode"]) for r in run.sink.records if r.get("kind") == "checkpoint"],
-                     "resharded": [r["changes"] for r in run.sink.records if r.get("kind") == "reshard"], **checked}
+                     "resharded": [r["changes"] for r in run.sink.records if r.get("kind") == "reshard"],
+                     "moe_records": [{k: v for k, v in r.items() if k.startswith("moe_")} for r in records], **checked}
         del run
     return out
 
@@ -802,6 +842,8 @@ def _check_runs(results: list, runs: list, workdir: str) -> None:
                                       last=last)
             stats = r[name]["statistics"]  # the last step's loads: every token of the global batch, k times
             assert stats and all(int(s["tokens_per_expert"].sum()) == 4 * 16 * 2 for s in stats), (name, stats)
+            if rank == 0:
+                _check_moe_records(r[name]["moe_records"], stats, family, name)
             if how.get("check_state"):
                 # Data movement only: the source run's own state, bit for bit, parameter and moment sets equal.
                 assert r[name]["same_keys"] is True and r[name]["max_state_diff"] == 0.0, \
@@ -809,6 +851,29 @@ def _check_runs(results: list, runs: list, workdir: str) -> None:
                 if rank == 0:  # the rank that logs: one elastic resume, across expert-parallel degrees
                     assert len(r[name]["resharded"]) == 1 and any("expert" in c for c in r[name]["resharded"][0]), name
     assert all(b.abs().sum() > 0 for ref in refs.values() for b in ref["at"][MOE_STEPS]["biases"].values())  # moved
+
+
+def _check_moe_records(records: list[dict], last_step: list[dict], family: str, name: str) -> None:
+    """The training log's MoE fields (one step per record): every MoE layer of the model (a pipeline run's joined
+    from both stages), each layer's tokens per expert summing to the step's assignments, max/mean load and the
+    worst layer recomputed, no drops (dropless), the balancing losses' values (both coefficients or one set); the
+    last record's layers equal the statistics the strategy kept for the step."""
+    layers = [1, 2] if family == "llama" else [0, 1]
+    assert records, name
+    for record in records:
+        assert [x["layer"] for x in record["moe_layers"]] == layers, (name, record)
+        for x in record["moe_layers"]:
+            tokens = x["tokens_per_expert"]
+            assert sum(tokens) == 4 * 16 * 2 and x["dropped"] == 0, (name, x)
+            assert x["max_load"] == pytest.approx(max(tokens) / (sum(tokens) / len(tokens)))
+            assert x["aux_loss"] is not None and x["z_loss"] is not None, (name, x)  # computed with either coefficient
+        assert record["moe_max_load"] == max(x["max_load"] for x in record["moe_layers"]) >= 1.0
+        assert record["moe_dropped"] == 0
+        assert record["moe_aux_loss"] == pytest.approx(sum(x["aux_loss"] for x in record["moe_layers"]) / 2)
+    logged = {x["layer"]: x for x in records[-1]["moe_layers"]}
+    for s in last_step:
+        assert logged[s["layer"]]["tokens_per_expert"] == s["tokens_per_expert"].tolist(), name
+        assert logged[s["layer"]]["aux_loss"] == s["aux_loss"] and logged[s["layer"]]["z_loss"] == s["z_loss"], name
 
 
 def _four_ranks(workdir: str) -> dict:

@@ -34,8 +34,8 @@ scale (where DeepSpeed averages over context ranks instead of summing: megalite.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -136,8 +136,9 @@ def aux_loss_scale(cfg: Config, context_grad_scale: float) -> float:
 
 def collect_statistics(model: torch.nn.Module, grid: Any, sequence_parallel: bool) -> list[dict]:
     """Every MoE block's statistics since the last call, summed over the ranks that route different tokens (data x
-    context replicas, and tensor-parallel ranks under sequence parallelism): per block tokens_per_expert (E,) and
-    dropped (assignments), and the mean aux and z losses over the micro-batches (None when not computed). One
+    context replicas, and tensor-parallel ranks under sequence parallelism): per block its layer index,
+    tokens_per_expert (E,) and dropped (assignments), and the mean aux and z losses over the micro-batches (None
+    when not computed). A pipeline stage reports its own blocks only (`MoEWindow` joins the stages). One
     all-reduce, the step's one read from the device; a collective over those groups."""
     blocks = moe_blocks(model)
     if not blocks:
@@ -159,10 +160,25 @@ def collect_statistics(model: torch.nn.Module, grid: Any, sequence_parallel: boo
         values = dict(zip(names, flat[offset + e:offset + e + len(names)].tolist()))
         offset += e + len(names)
         n = values["loss_forwards"]
-        out.append({"tokens_per_expert": tokens.round().long(), "dropped": int(round(values["dropped"])),
+        out.append({"layer": block.layer, "tokens_per_expert": tokens.round().long(),
+                    "dropped": int(round(values["dropped"])),
                     "aux_loss": values["aux_loss_sum"] / n if n else None,
                     "z_loss": values["z_loss_sum"] / n if n else None})
     return out
+
+
+def stage_joiner(grid: Any) -> Optional[Callable[[list[dict]], list[dict]]]:
+    """For a pipeline run, a function that joins every stage's per-layer MoE summaries, by layer (a collective over
+    the pipeline group); None without a pipeline."""
+    if grid is None or grid.get_pipe_parallel_world_size() == 1:
+        return None
+
+    def join(layers: list[dict]) -> list[dict]:
+        parts: list = [None] * grid.get_pipe_parallel_world_size()
+        dist.all_gather_object(parts, layers, group=grid.get_pipe_parallel_group())
+        return sorted((x for part in parts for x in part), key=lambda x: x["layer"])
+
+    return join
 
 
 def update_expert_biases(model: torch.nn.Module, statistics: list[dict]) -> None:

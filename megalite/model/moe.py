@@ -162,11 +162,13 @@ class MoE(torch.nn.Module):
         replicate_experts: bool = False,
         shared: Optional[torch.nn.Module] = None,
         matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = kernels.grouped_mm,
+        layer: int = 0,
     ) -> None:
         super().__init__()
         if cfg.moe is None:
             raise ValueError("an MoE block needs model.moe")
         self.moe = cfg.moe
+        self.layer = layer  # the model's layer index (its statistics are reported under it)
         self.group, self.context_group = group, context_group
         self.sequence_parallel = sequence_parallel and group_size(group) > 1
         self.router = Router(cfg, group, self.sequence_parallel, device, dtype)

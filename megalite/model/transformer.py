@@ -293,7 +293,7 @@ class Block(torch.nn.Module):
                 else None
             self.mlp: torch.nn.Module = MoE(cfg, group, sequence_parallel, device, dtype, context_group=context_group,
                                             expert_group=expert_group, replicate_experts=replicate_experts,
-                                            shared=shared)
+                                            shared=shared, layer=index)
         else:
             self.mlp = MLP(cfg, group, sequence_parallel, device, dtype)
         self.dropout = cfg.hidden_dropout
