@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from megalite.config import Config, Layout, kv_replication
 from megalite.plan.devices import Device
+from megalite.plan.experts import moe_collectives
 from megalite.plan.layout import Settings
 from megalite.plan.stages import Stage, numel
 
@@ -24,7 +25,7 @@ def _ring(kind: str, n: int) -> float:
 class Collective:
     """The payload one GPU hands to one kind of collective in one step, and where it goes."""
 
-    group: str  # TP | CP | DP (data x context: the ZeRO group) | PP | tied embedding
+    group: str  # TP | CP | DP (data x context: the ZeRO group) | EP (experts) | EDP (their ZeRO group) | PP | tied embedding
     kind: str  # all-reduce | all-gather | reduce-scatter | send/recv
     bytes: float  # sum of the tensors handed to the calls (all-gather: output size; reduce-scatter: input size)
     ranks: int
@@ -36,8 +37,10 @@ def links(layout: Layout, gpus_per_node: int) -> dict[str, str]:
     ranks inside the data axis, next to the tensor-parallel ones)."""
     tp, dp, cp = layout.tensor, layout.data, layout.context
     g = gpus_per_node
+    ep = layout.expert  # expert-parallel groups: ep consecutive replicas; expert-data-parallel: across all replicas
     return {"TP": "NVLink" if tp <= g else "network", "CP": "NVLink" if tp * cp <= g else "network",
-            "DP": "NVLink" if tp * cp * dp <= g else "network",
+            "DP": "NVLink" if tp * cp * dp <= g else "network", "EP": "NVLink" if tp * ep <= g else "network",
+            "EDP": "NVLink" if tp * cp * dp <= g else "network",
             "PP": "NVLink" if layout.world <= g else "network",
             "tied embedding": "NVLink" if layout.world <= g else "network"}
 
@@ -91,9 +94,18 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
         heads, kvh = m.num_heads // tp, m.kv_heads // tp
         per_pass = N * (2 * heads + 2 * kvh * (kv_replication(kvh, cp) or 1)) * m.head_dim * e
         add("CP", "all-to-all", mb * stage.blocks * per_pass * ((2 if s.recompute else 1) + 1))
+    for group, kind, nbytes in moe_collectives(cfg, layout, s, N, stage.moe_blocks, 2 if s.recompute else 1):
+        add(group, kind, nbytes)
     n_local = numel(stage.params)
+    experts = [p for p in stage.params if p.expert]
+    if experts:  # split experts: their own ZeRO groups over the expert-data-parallel ranks (replicas / ep)
+        n_local -= numel(experts)
+        edp = dp // layout.expert
+        if edp > 1:  # reduced and gathered as the dense weights are (s.path is bf16_optimizer or zero here)
+            add("EDP", "all-reduce", numel(experts) * e)
+            add("EDP", "all-gather", -(-numel(experts) // (2 * edp)) * 2 * edp * e)
     if dp > 1:
-        decay = sum(p.numel for p in stage.params if p.decay)
+        decay = sum(p.numel for p in stage.params if p.decay and not p.expert)
         padded = sum(-(-x // (2 * dp)) * 2 * dp for x in (decay, n_local - decay) if x)
         # Gradients travel in DeepSpeed's communication dtype, the model's dtype by default. ZeRO-1/2 all-reduce
         # their gradient buckets (use_multi_rank_bucket_allreduce, on by default) and then all-gather the updated
@@ -122,7 +134,8 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
             add("tied embedding", "all-reduce", m.padded_vocab_size // tp * h * grad)
     result = []
     for (group, kind), nbytes in out.items():
-        ranks = {"TP": tp, "CP": cp, "DP": dp, "PP": 2, "tied embedding": 2}[group]
+        ranks = {"TP": tp, "CP": cp, "DP": dp, "EP": layout.expert, "EDP": dp // layout.expert, "PP": 2,
+                 "tied embedding": 2}[group]
         result.append(Collective(group, kind, nbytes, ranks, where[group]))
     return result
 

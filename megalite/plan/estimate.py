@@ -134,10 +134,10 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
         exposed = 0.0
         for c in cs:
             seconds = transfer_seconds(c, device)
-            if c.group == "DP" and c.kind == "all-reduce" and s.path == "zero" and s.overlap_comm:
+            if c.group in ("DP", "EDP") and c.kind == "all-reduce" and s.path == "zero" and s.overlap_comm:
                 last_bucket = min(1.0, s.reduce_bucket * s.element / max(c.bytes, 1.0))
                 seconds = max(seconds * last_bucket, seconds - 2 / 3 * m * (t.matmul + t.attention + t.memory_bound))
-            if c.group in ("DP", "tied embedding"):
+            if c.group in ("DP", "EDP", "tied embedding"):
                 exposed += seconds
         dp_exposed = max(dp_exposed, exposed)
     step = pipeline_s + optimizer_s + dp_exposed

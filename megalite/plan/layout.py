@@ -34,7 +34,8 @@ def with_layout(cfg: Config, layout: Layout, recompute: bool, loss_chunk_tokens:
     and settings otherwise)."""
     new = copy.copy(cfg)
     new.parallel = dataclasses.replace(cfg.parallel, tensor=layout.tensor, pipeline=layout.pipeline,
-                                       sequence_parallel=layout.sequence_parallel, context=layout.context)
+                                       sequence_parallel=layout.sequence_parallel, context=layout.context,
+                                       expert=layout.expert)
     new.model = dataclasses.replace(cfg.model, activation_checkpointing=recompute, loss_chunk_tokens=loss_chunk_tokens)
     ds = dict(cfg.deepspeed)
     ds["train_micro_batch_size_per_gpu"] = layout.micro_batch

@@ -12,8 +12,9 @@ from typing import Any
 from megalite.config import Config, Layout, kv_replication
 from megalite.plan import schedule
 from megalite.plan.devices import GiB
+from megalite.plan.experts import moe_mlp_activation_bytes
 from megalite.plan.layout import Settings
-from megalite.plan.stages import Stage, numel, stages
+from megalite.plan.stages import Param, Stage, numel, stages
 
 # What the caching allocator does not count (torch.cuda.max_memory_allocated excludes it): the CUDA
 # context and cuBLAS workspaces (about 0.5-1 GiB on Hopper), NCCL's communicator buffers, and the
@@ -67,6 +68,19 @@ def model_state_bytes(params: Any, dp: int, s: Settings) -> dict[str, tuple[floa
             if key in out:
                 out["host: " + key] = out.pop(key)
     return {key: (float(v), built) for key, (v, built) in out.items()}
+
+
+def stage_model_state_bytes(params: Any, layout: Layout, s: Settings) -> dict[str, tuple[float, bool]]:
+    """`model_state_bytes` of a stage's parameters: experts split over an expert-parallel group (ZeRO-1/2) are in
+    DeepSpeed's `moe` parameter groups, partitioned over their expert-data-parallel ranks (replicas / ep, the ones
+    holding the same experts), the other parameters over all replicas."""
+    experts: list[Param] = [p for p in params if p.expert]
+    if not experts:
+        return model_state_bytes(params, layout.replicas, s)
+    dense = model_state_bytes([p for p in params if not p.expert], layout.replicas, s)
+    split = model_state_bytes(experts, layout.replicas // layout.expert, s)
+    return {key: (dense.get(key, (0.0, built))[0] + split.get(key, (0.0, built))[0], built)
+            for key, (_, built) in {**dense, **split}.items()}
 
 
 def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> dict[str, float]:
@@ -129,6 +143,9 @@ def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> 
     else:
         for key, value in layer.items():
             out[key] = stage.blocks * value
+        if stage.moe_blocks:  # MoE layers keep their router's and experts' tensors instead of the dense MLP's
+            out["mlp"] -= stage.moe_blocks * mlp
+            out["experts (MoE layers)"] = stage.moe_blocks * moe_mlp_activation_bytes(m, layout, s, N, Ns)
     if rope and not pipelined and stage.blocks:
         out["rope tables"] = rope_tables  # computed once per forward, shared by every block
     if stage.embedding:
@@ -214,7 +231,7 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
         if st.kind not in by_kind:
             decay = sum(p.numel for p in st.params if p.decay)
             persistent = sum(p.numel for p in st.params if p.numel <= s.persistence_threshold)
-            by_kind[st.kind] = (model_state_bytes(st.params, dp, s), activation_bytes(cfg, layout, st, s),
+            by_kind[st.kind] = (stage_model_state_bytes(st.params, layout, s), activation_bytes(cfg, layout, st, s),
                                 st.numel, decay, persistent)
         states, per_micro, n_local, decay, persistent = by_kind[st.kind]
         terms = {k: v for k, (v, _) in states.items() if not k.startswith("host: ")}
@@ -244,7 +261,8 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
         if s.recompute and st.blocks:
             if per_layer is None:
                 kept = dataclasses.replace(s, recompute=False)  # one block's activations, as without recompute
-                per_layer = sum(activation_bytes(cfg, layout, Stage(0, 1, False, False, ()), kept).values())
+                kinds = [Stage(0, 1, False, False, ())] + ([Stage(0, 1, False, False, (), 0, 1)] if m.moe else [])
+                per_layer = max(sum(activation_bytes(cfg, layout, one, kept).values()) for one in kinds)
             terms["transient: recompute working set"] = float(per_layer)
         if s.path in ("none", "bf16_optimizer", "fp16_optimizer", "bf16_ddp"):
             # engine.buffered_allreduce_fallback flattens up to 5e8 gradient elements into one buffer, and casts it

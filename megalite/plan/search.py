@@ -9,6 +9,7 @@ from megalite.config import Config, Layout, context_errors
 from megalite.errors import ConfigError
 from megalite.plan.devices import Device
 from megalite.plan.estimate import Plan, evaluate
+from megalite.plan.experts import expert_degrees
 from megalite.plan.layout import layout_of, settings, with_layout
 from megalite.plan.memory import ALLOWANCE_GIB
 
@@ -29,7 +30,7 @@ def _divisors(n: int) -> list[int]:
 def candidates(cfg: Config, world_size: int, gpus_per_node: int) -> list[Candidate]:
     """Every layout of `world_size` GPUs with the config's global batch: TP (within a node, dividing heads, KV
     heads, FFN and vocabulary), sequence parallelism, PP, ZeRO stage (as DeepSpeed allows it), micro-batch and
-    accumulation, recompute on/off, chunked loss on/off."""
+    accumulation, recompute on/off, chunked loss on/off, and for an MoE model the expert-parallel degree."""
     m = cfg.model
     base = layout_of(cfg, world_size)
     global_batch = base.micro_batch * base.accumulation * base.data
@@ -40,6 +41,8 @@ def candidates(cfg: Config, world_size: int, gpus_per_node: int) -> list[Candida
     out = []
     for tp in _divisors(min(world_size // cp, gpus_per_node)):
         if any(x % tp for x in (m.num_heads, m.kv_heads, m.ffn_size, m.padded_vocab_size)):
+            continue
+        if m.moe is not None and (m.expert_ffn_size % tp or m.shared_ffn_size % tp):
             continue
         if context_errors(m, tp, cp, cfg.data.seq_length):
             continue
@@ -58,8 +61,9 @@ def candidates(cfg: Config, world_size: int, gpus_per_node: int) -> list[Candida
                 if (cfg.data.seq_length // cp) % tp:
                     continue
                 for zero, rec, chunked in itertools.product(zeros, (False, True), (False, True)):
-                    for sp in ((False, True) if tp > 1 else (False,)):
-                        layout = Layout(tensor=tp, pipeline=pp, context=cp, data=dp, zero_stage=zero,
+                    for sp, ep in itertools.product((False, True) if tp > 1 else (False,),
+                                                    expert_degrees(cfg, dp * cp)):
+                        layout = Layout(tensor=tp, pipeline=pp, context=cp, expert=ep, data=dp, zero_stage=zero,
                                         micro_batch=micro, accumulation=per_replica // micro,
                                         precision=precision, sequence_parallel=sp)
                         out.append(Candidate(layout, rec, chunk if chunked else 0))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megalite.config import Config, ModelConfig
+from megalite.plan.experts import experts_held, experts_split, moe_mlp_tensors
 
 
 @dataclass(frozen=True)
@@ -16,10 +17,13 @@ class Param:
     name: str
     numel: int
     decay: bool  # in the weight-decay group (matrices that are not embedding tables)
+    expert: bool = False  # an expert weight split over the expert-parallel group (states over its replicas / ep)
 
 
-def layer_params(m: ModelConfig, tp: int) -> dict[str, list[Param]]:
-    """Each kind of layer's parameters on one TP rank, as megalite's model allocates them."""
+def layer_params(m: ModelConfig, tp: int, experts: int = 0, split: bool = False) -> dict[str, list[Param]]:
+    """Each kind of layer's parameters on one TP rank, as megalite's model allocates them; with model.moe also
+    "moe_block", a layer whose MLP is an MoE block holding `experts` experts (split over an expert-parallel group when
+    `split`: megalite.plan.experts)."""
     h, d, f = m.hidden_size, m.head_dim, m.ffn_size
     q, kv = m.num_heads * d, m.kv_heads * d
     v_local = m.padded_vocab_size // tp
@@ -34,11 +38,20 @@ def layer_params(m: ModelConfig, tp: int) -> dict[str, list[Param]]:
 
     block = (norm("norm1") + linear("attention.qkv", qkv_local, h, qkv_local) + linear("attention.proj", h, q // tp, h)
              + norm("norm2") + linear("mlp.fc", fc_local, h, fc_local) + linear("mlp.proj", h, f // tp, h))
+    if m.qk_norm == "head":  # one weight of head_dim each, replicated
+        block += [Param("attention.q_norm.weight", d, False), Param("attention.k_norm.weight", d, False)]
+    elif m.qk_norm == "projection":  # over the whole projections: each rank its heads' slice
+        block += [Param("attention.q_norm.weight", q // tp, False), Param("attention.k_norm.weight", kv // tp, False)]
     embedding = [Param("embedding.word.weight", v_local * h, False)]
     if m.position == "learned":
         embedding.append(Param("embedding.position.weight", m.max_position_embeddings * h, False))
     head = [] if m.tied_embeddings else [Param("output", v_local * h, True)]
-    return {"embedding": embedding, "block": block, "final_norm": norm("final_norm"), "head": head}
+    kinds = {"embedding": embedding, "block": block, "final_norm": norm("final_norm"), "head": head}
+    if m.moe is not None:
+        attention = [p for p in block if not p.name.startswith("mlp.")]
+        kinds["moe_block"] = attention + [Param(*t) for t in moe_mlp_tensors(m, tp, experts or m.moe.num_experts,
+                                                                             split)]
+    return kinds
 
 
 def numel(params: Any) -> int:
@@ -46,12 +59,14 @@ def numel(params: Any) -> int:
     return sum(p.numel for p in params)
 
 
-def pipeline_layers(m: ModelConfig, tp: int) -> list[tuple[str, list[Param]]]:
-    """DeepSpeed's layer list (model/pipeline.py): embedding, blocks, final norm, output (tied: the embedding again)."""
-    kinds = layer_params(m, tp)
+def pipeline_layers(m: ModelConfig, tp: int, experts: int = 0, split: bool = False) -> list[tuple[str, list[Param]]]:
+    """DeepSpeed's layer list (model/pipeline.py): embedding, blocks (MoE blocks where model.moe says), final norm,
+    output (tied: the embedding again)."""
+    kinds = layer_params(m, tp, experts, split)
     last = ("embedding", kinds["embedding"]) if m.tied_embeddings else ("head", kinds["head"])
-    return ([("embedding", kinds["embedding"])] + [("block", kinds["block"])] * m.num_layers
-            + [("final_norm", kinds["final_norm"]), last])
+    blocks = [("moe_block", kinds["moe_block"]) if m.is_moe_layer(i) else ("block", kinds["block"])
+              for i in range(m.num_layers)]
+    return [("embedding", kinds["embedding"])] + blocks + [("final_norm", kinds["final_norm"]), last]
 
 
 def partition_balanced(weights: list[int], parts: int) -> list[int]:
@@ -105,11 +120,12 @@ class Stage:
     head: bool  # final norm, output layer and loss
     params: tuple[Param, ...]
     numel: int = 0
+    moe_blocks: int = 0  # of `blocks`, those whose MLP is an MoE block
 
     @property
-    def kind(self) -> tuple[int, bool, bool, int]:
+    def kind(self) -> tuple[int, bool, bool, int, int]:
         """Stages of the same kind hold the same layers: the same bytes per micro-batch and the same time."""
-        return self.blocks, self.embedding, self.head, self.numel
+        return self.blocks, self.embedding, self.head, self.numel, self.moe_blocks
 
 
 _BOUNDS: dict[tuple, list[int]] = {}
@@ -120,22 +136,26 @@ def stages(cfg: Config, tp: int, pp: int) -> list[Stage]:
     """The stages as DeepSpeed partitions megalite's pipeline layers (parallel.pipeline_partition)."""
     m = cfg.model
     shape = (m.padded_vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.kv_heads, m.ffn_size,
-             m.max_position_embeddings, m.norm, m.mlp, m.position, m.bias, m.tied_embeddings)
-    key = (shape, cfg.parallel.pipeline_partition, tp, pp)
+             m.max_position_embeddings, m.norm, m.mlp, m.position, m.bias, m.tied_embeddings, m.head_dim, m.qk_norm)
+    moe = None if m.moe is None else (repr(m.moe), m.expert_ffn_size, m.shared_ffn_size, experts_held(cfg),
+                                      experts_split(cfg))
+    key = (shape, moe, cfg.parallel.pipeline_partition, tp, pp)
     if key not in _STAGES:
         _STAGES[key] = _partition(cfg, tp, pp)
     return _STAGES[key]
 
 
 def _partition(cfg: Config, tp: int, pp: int) -> list[Stage]:
-    layers = pipeline_layers(cfg.model, tp)
+    m = cfg.model
+    layers = pipeline_layers(m, tp, experts_held(cfg), experts_split(cfg)) if m.moe else pipeline_layers(m, tp)
     if pp == 1:
         if cfg.model.tied_embeddings:
             layers = layers[:-1]  # without a pipeline the output layer is the embedding itself
         bounds = [0, len(layers)]
     else:
         uniform = cfg.parallel.pipeline_partition == "uniform"
-        weights = [int(kind == "block") for kind, _ in layers] if uniform else [numel(ps) for _, ps in layers]
+        weights = [int(kind in ("block", "moe_block")) for kind, _ in layers] if uniform else \
+            [numel(ps) for _, ps in layers]
         key = (tuple(weights), pp)
         if key not in _BOUNDS:
             _BOUNDS[key] = partition_balanced(weights, pp)  # loop.py: "type:BlockPipe" or "parameters"
@@ -144,6 +164,7 @@ def _partition(cfg: Config, tp: int, pp: int) -> list[Stage]:
     for s in range(pp):
         mine = layers[bounds[s]:bounds[s + 1]]
         params = tuple(p for _, ps in mine for p in ps)
-        out.append(Stage(s, sum(kind == "block" for kind, _ in mine), bounds[s] == 0 and bool(mine),
-                         bounds[s + 1] == len(layers) and bool(mine), params, numel(params)))
+        out.append(Stage(s, sum(kind in ("block", "moe_block") for kind, _ in mine), bounds[s] == 0 and bool(mine),
+                         bounds[s + 1] == len(layers) and bool(mine), params, numel(params),
+                         sum(kind == "moe_block" for kind, _ in mine)))
     return out

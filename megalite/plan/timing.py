@@ -11,6 +11,7 @@ from typing import Optional
 from megalite.config import Config, Layout, count_parameters
 from megalite.plan.communication import Collective, transfer_seconds
 from megalite.plan.devices import EFFICIENCY, Device
+from megalite.plan.experts import active_mlp_matrices, moe_pointwise_bytes
 from megalite.plan.layout import Settings
 from megalite.plan.stages import Stage, layer_params, numel
 
@@ -75,8 +76,12 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     L = stage.blocks
     fwd = 2 if s.recompute else 1  # forward passes over each block
     peak = device.peak(s.precision)
-    matrices = sum(p.numel for p in layer_params(m, tp)["block"] if p.decay)
-    flops = 2 * N * matrices * (2 + fwd) * L
+    block = layer_params(m, tp)["block"]
+    matrices = sum(p.numel for p in block if p.decay)
+    flops = 2 * N * matrices * (2 + fwd) * (L - stage.moe_blocks)
+    if stage.moe_blocks:  # the router, top_k experts and the shared experts in place of the dense MLP
+        attention = sum(p.numel for p in block if p.decay and not p.name.startswith("mlp."))
+        flops += 2 * N * (attention + active_mlp_matrices(m, tp)) * (2 + fwd) * stage.moe_blocks
     if stage.head:
         flops += 2 * N * v_l * h * (3 + (1 if s.loss_chunk_tokens else 0))
     matmul = flops / (EFFICIENCY["matmul"] * peak)
@@ -105,7 +110,9 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     copy = 2 * N * heads * hd * e * (fwd + 1) if s.attention == "materialized" else 0
     dropout = 2 * (2 * Ns * h * e + Ns * h) * (fwd + 1) if m.hidden_dropout > 0 else 0
     pointwise = (act + residual + rope + bias + copy + dropout) * L + scores
-    tp_bytes = sum(c.bytes for c in comms if c.group in ("TP", "CP")) / layout.accumulation
+    if stage.moe_blocks:  # the experts' activation over their assignments and the moves of rows to and from them
+        pointwise += stage.moe_blocks * (moe_pointwise_bytes(m, layout, s, N, fwd) - act)
+    tp_bytes = sum(c.bytes for c in comms if c.group in ("TP", "CP", "EP")) / layout.accumulation
     pointwise += 2 * tp_bytes  # megalite's collectives copy their input (clone, chunk, cat; the all-to-all's permutes)
     if stage.embedding:
         pointwise += 4 * Ns * h * e
@@ -115,8 +122,8 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     hbm = device.hbm_tbps * 1e12
     memory_bound = (norm_fwd * L / (EFFICIENCY["norm_forward"] * hbm) + norm_bwd * L / (EFFICIENCY["norm_backward"] * hbm)
                     + pointwise / (EFFICIENCY["copy"] * hbm))
-    # Context-parallel all-to-alls sit on the critical path like TP's collectives: charged with them.
-    tp_comm = sum(transfer_seconds(c, device) for c in comms if c.group in ("TP", "CP")) / layout.accumulation
+    # Context- and expert-parallel all-to-alls sit on the critical path like TP's collectives: charged with them.
+    tp_comm = sum(transfer_seconds(c, device) for c in comms if c.group in ("TP", "CP", "EP")) / layout.accumulation
     pp_comm = sum(transfer_seconds(c, device) for c in comms if c.group == "PP") / layout.accumulation
     return StageTime(matmul, attention, memory_bound, tp_comm, pp_comm, flops)
 

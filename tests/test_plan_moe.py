@@ -1,0 +1,221 @@
+"""`megalite plan` of Mixture-of-Experts models (megalite.plan.experts) against what runs, and the shipped MoE presets
+planned on H100/H200 clusters:
+
+- the bytes autograd saves in MoE models' forward passes (routers, experts, shared experts, dense first layers, both
+  routers, GELU and SwiGLU, fp32 and bf16; then TP2 + SP and EP2 on 4 gloo ranks) against the plan's activations;
+- real DeepSpeed engines at EP1 and EP2 (ZeRO-1/2 with the experts split and their states over the expert-data-
+  parallel pairs, ZeRO-3 with every expert partitioned over the replicas, EP2 x TP2 + SP) on 4 gloo ranks: the bytes
+  each engine holds against the plan's model states, and every collective of one step against the plan's bytes per
+  group and kind (the experts' all-to-alls summed over the ranks, as a rank's share depends on the routing);
+- parameter counts per stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megalite import config as C
+from megalite import plan as P
+from tests.helpers.distributed import run_ranks
+from tests.helpers.engine_utils import tiny_config, write_token_dataset
+
+MOE = {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 32}
+LLAMA = dict(vocab_size=500, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64,
+             make_vocab_size_divisible_by=8, norm="rmsnorm", mlp="swiglu", position="rope", bias=False,
+             tied_embeddings=False, ffn_hidden_size=96)
+
+
+def _activation_config(case: dict) -> C.Config:
+    model = {**LLAMA, "mlp": case.get("mlp", "swiglu"), "moe": {**MOE, **case.get("moe", {})}}
+    ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}}
+    if case.get("bf16"):
+        ds["bf16"] = {"enabled": True}
+    parallel = {"tensor": case.get("tp", 1), "expert": case.get("ep", 1), "sequence_parallel": case.get("sp", False)}
+    return C.from_dict({"model": model, "parallel": parallel, "data": {"prefixes": ["x"], "seq_length": 32},
+                        "train": {"kernels": "torch"}, "deepspeed": ds}, world_size=case.get("world", 1))
+
+
+ONE_PROCESS = [
+    {}, {"moe": {"aux_loss": 0.01, "router_z_loss": 0.001}}, {"moe": {"shared_experts": 1, "aux_loss": 0.01}},
+    {"mlp": "gelu", "moe": {"router": "sigmoid", "expert_bias": True, "aux_loss": 0.01}},
+    {"bf16": True, "moe": {"aux_loss": 0.01}}, {"moe": {"first_dense_layers": 1}},
+]
+FOUR_RANKS = [  # (case, the ranks whose saved bytes add up to the plan's times their number)
+    ({"tp": 2, "sp": True, "world": 4, "moe": {"shared_experts": 1, "aux_loss": 0.01}}, "each"),
+    ({"ep": 2, "world": 4, "moe": {"aux_loss": 0.01}}, "sum"),  # a rank's received rows depend on the routing
+    ({"ep": 2, "tp": 2, "sp": True, "world": 4, "moe": {"aux_loss": 0.01, "router_z_loss": 0.01}}, "sum"),
+]
+
+
+def _saved(cfg: C.Config, grid=None) -> tuple[int, int]:
+    """(bytes autograd saves in one training forward of `cfg`'s model, parameters the rank holds)."""
+    import torch
+
+    import megalite.kernels as K
+    from megalite.memory import saved_activation_bytes
+    from megalite.model import build_model
+
+    K.set_backend("torch")
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    model = build_model(cfg.model, cfg.parallel, grid, seed=1, dtype=dtype).train()
+    ids = torch.randint(1, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    return saved_activation_bytes(model, lambda: model(ids, labels=ids)), sum(p.numel() for p in model.parameters())
+
+
+def _planned_activations(cfg: C.Config, world: int) -> tuple[float, int]:
+    stage = P.stages(cfg, cfg.parallel.tensor, 1)[0]
+    layout = P.layout_of(cfg, world)
+    return sum(P.activation_bytes(cfg, layout, stage, P.settings(cfg, platform="cpu")).values()), P.numel(stage.params)
+
+
+# ----------------------------------------------------------------------------- 4 ranks: activations, engines
+
+ENGINE_MODEL = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "num_kv_heads": 2,
+                "tied_embeddings": False, "ffn_hidden_size": 24,
+                "moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 16, "first_dense_layers": 1,
+                        "shared_experts": 1, "aux_loss": 0.01, "router_z_loss": 0.001}}
+ZERO = {s: {"zero_optimization": {"stage": s}, "train_micro_batch_size_per_gpu": 1} for s in (1, 2, 3)}
+ENGINE_VARIANTS = [
+    ("EP1 ZeRO-1", {"deepspeed": ZERO[1]}),
+    ("EP2 ZeRO-1", {"parallel": {"expert": 2}, "deepspeed": ZERO[1]}),
+    ("EP2 ZeRO-2", {"parallel": {"expert": 2}, "deepspeed": ZERO[2]}),
+    ("EP2 ZeRO-3", {"parallel": {"expert": 2}, "deepspeed": ZERO[3]}),
+    ("EP2 TP2+SP ZeRO-1", {"parallel": {"expert": 2, "tensor": 2, "sequence_parallel": True},
+                           "deepspeed": {**ZERO[1], "train_micro_batch_size_per_gpu": 2}}),
+]
+
+
+def _engine_config(workdir: str, name: str, sections: dict) -> dict:
+    raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name.replace(' ', '_')}", **sections)
+    raw["model"].update(ENGINE_MODEL)
+    return raw
+
+
+def _four_ranks(workdir: str) -> dict:
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from megalite.engine import signals
+    from megalite.engine.metrics import StepTimer
+    from megalite.engine.trainer import Trainer
+    from megalite.parallel import ProcessGrid
+    from tests.helpers.plan_probes import CollectiveCounter, held_bytes
+
+    # One-process models, a share on each rank (no collectives), then the 4-rank ones.
+    out: dict = {"one_process": [(i, _saved(_activation_config(case)))
+                                 for i, case in enumerate(ONE_PROCESS) if i % 4 == dist.get_rank()],
+                 "activations": []}
+    for case, _ in FOUR_RANKS:
+        cfg = _activation_config(case)
+        grid = ProcessGrid(tensor=cfg.parallel.tensor, expert=cfg.parallel.expert)
+        out["activations"].append(_saved(cfg, grid))
+    for name, sections in ENGINE_VARIANTS:
+        run = Trainer(C.from_dict(_engine_config(workdir, name, sections)))
+        run.preemption = signals.PreemptionFlag([])
+        run.train_step(StepTimer(False))  # the first step creates the optimizer states
+        engine, snapshots = run.engine, []
+        basic = run.schedule.optimizer
+        step = basic.step
+
+        def stepped(*args, _step=step, _engine=engine, _snapshots=snapshots, **kwargs):
+            result = _step(*args, **kwargs)
+            _snapshots.append(sum(held_bytes(_engine).values()))
+            return result
+
+        basic.step = stepped
+        reduce = engine.allreduce_gradients  # the end of the backward, before the gradient reduction
+
+        def before_reduction(*args, _reduce=reduce, _engine=engine, _snapshots=snapshots, **kwargs):
+            _snapshots.append(sum(held_bytes(_engine).values()))
+            return _reduce(*args, **kwargs)
+
+        engine.allreduce_gradients = before_reduction
+        with CollectiveCounter() as counter:
+            run.train_step(StepTimer(False))
+        grid = run.grid
+        out[name] = {"held": max(snapshots), "calls": counter.calls, "rank": dist.get_rank(),
+                     "groups": {"TP": sorted(grid.tp_ranks), "DP": sorted(grid.dp_group), "EP": sorted(grid.ep_ranks),
+                                "EDP": sorted(grid.edp_ranks)}}
+        del run
+    return out
+
+
+def _group(kind: str, ranks: tuple, groups: dict) -> str:
+    """The group of a collective: the experts' all-to-alls on the expert-parallel group, the rest by their ranks (an
+    expert-data-parallel group equal to the data-parallel one, without expert parallelism, is DP)."""
+    if len(ranks) == 1:
+        return "single"
+    if kind == "all-to-all" and list(ranks) == groups["EP"]:
+        return "EP"
+    for name in ("TP", "DP", "EDP"):
+        if list(ranks) == groups[name]:
+            return name
+    return "other"
+
+
+def test_moe_plan_against_real_engines_and_activations(tmp_path: Path) -> None:
+    """4 gloo ranks: saved activations (one-process models: routers, experts, shared experts, dense first layers,
+    softmax and sigmoid, GELU and SwiGLU, fp32 and bf16; TP2 + SP, EP2 summed over the ranks) against the plan; engines at EP1
+    and EP2 (ZeRO-1/2 split experts over expert-data-parallel pairs, ZeRO-3, EP2 x TP2 + SP): held bytes equal the
+    plan's model states and buckets plus the MoE blocks' statistics counters and DeepSpeed's scalars, and each
+    collective's bytes per group and kind equal the plan's (the experts' all-to-all summed over the four ranks)."""
+    write_token_dataset(str(tmp_path / "tok"))
+    results = run_ranks(_four_ranks, 4, str(tmp_path), timeout_s=400, collective_timeout_s=60)
+    _check_four_ranks(results, tmp_path)
+
+
+def _check_four_ranks(results: list, tmp_path: Path) -> None:
+    for i, (saved, numel) in (x for r in results for x in r["one_process"]):
+        cfg = _activation_config(ONE_PROCESS[i])
+        planned, planned_numel = _planned_activations(cfg, 1)
+        assert planned_numel == numel, ONE_PROCESS[i]  # the plan's parameter list is the model's
+        assert abs(planned / saved - 1) < 0.01, (ONE_PROCESS[i], saved, planned)
+    assert sorted(i for r in results for i, _ in r["one_process"]) == list(range(len(ONE_PROCESS)))
+    for i, (case, how) in enumerate(FOUR_RANKS):
+        cfg = _activation_config(case)
+        planned, planned_numel = _planned_activations(cfg, 4)
+        saved = [r["activations"][i][0] for r in results]
+        assert all(r["activations"][i][1] == planned_numel for r in results), case
+        if how == "each":
+            assert all(abs(planned / s - 1) < 0.01 for s in saved), (case, saved, planned)
+        else:
+            assert abs(4 * planned / sum(saved) - 1) < 0.01, (case, saved, planned)
+    for name, sections in ENGINE_VARIANTS:
+        cfg = C.from_dict(_engine_config(str(tmp_path), name, sections))
+        plan = P.plan(cfg, 4, P.get_device("h100-sxm"), 4)
+        mem, s = plan.memory[0], plan.settings
+        expected = sum(mem.terms[k] for k in P.MODEL_STATE_TERMS if k in mem.terms)
+        expected += mem.terms.get("ZeRO-3 reduce bucket", 0.0)
+        if s.path == "zero":
+            expected += mem.terms["transient: gradient reduce bucket"] - (mem.terms["gradients"] if s.zero_stage == 2
+                                                                           else 0.0)
+        moe_layers = P.stages(cfg, plan.layout.tensor, 1)[0].moe_blocks
+        expected += moe_layers * (4 * 8 + 5 * 8)  # the MoE blocks' statistics counters (int64 loads, float64 sums)
+        scalars = 64 + 4 * len(mem.terms) + 4 * len(P.stages(cfg, plan.layout.tensor, 1)[0].params)
+        if s.path == "zero3":
+            scalars += mem.terms["transient: fp32 gradients at the step"]
+        counted: dict = {}
+        for rank_results in results:
+            result = rank_results[name]
+            assert 0 <= result["held"] - expected <= scalars, (name, result["rank"], result["held"], expected)
+            mine: dict = {}
+            for kind, ranks, nbytes in result["calls"]:
+                group = _group(kind, ranks, result["groups"])
+                if nbytes <= 16 or group == "single":
+                    continue  # control messages: flags, norms, the loss
+                mine[(group, kind)] = mine.get((group, kind), 0) + nbytes
+            planned = {(c.group, c.kind): c.bytes for c in plan.comms[0]}
+            experts = ("EP", "all-to-all")
+            counted[experts] = counted.get(experts, 0) + mine.pop(experts, 0)
+            broadcast = mine.pop(("DP", "broadcast"), 0)  # ZeRO-3's small per-step broadcasts (not modeled)
+            assert broadcast <= 0.02 * sum(mine.values()), (name, broadcast)
+            assert mine == pytest.approx({k: v for k, v in planned.items() if k != experts}, rel=1e-9), \
+                (name, result["rank"], mine, planned)
+        assert counted[("EP", "all-to-all")] == pytest.approx(4 * planned.get(("EP", "all-to-all"), 0.0), rel=1e-9), \
+            (name, counted, planned)
+        if plan.layout.expert > 1:
+            assert counted[("EP", "all-to-all")] > 0, name
+
