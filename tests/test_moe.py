@@ -50,6 +50,9 @@ MOE = {"num_experts": 4, "top_k": 2}
       "parallel": {"tensor": 4}}, 4,
      "model.moe.shared_ffn_hidden_size: the shared experts' 6 units (shared_experts x width) are not divisible"),
     ({"model": {"qk_norm": "layer"}}, 1, "model.qk_norm: 'layer' is not one of 'head', 'projection'"),
+    ({"model": {"attention_head_dim": 0}}, 1, "model.attention_head_dim: must be > 0, got 0"),
+    ({"model": {"hidden_size": 30}}, 1, "model.hidden_size: 30 is not divisible by model.num_heads=4 (or set "
+                                        "model.attention_head_dim)"),
     ({"parallel": {"expert": 2}}, 2, "parallel.expert: 2 splits experts over ranks, but the model has none"),
     ({"parallel": {"expert": 0}, "model": {"moe": MOE}}, 1, "parallel.expert: must be an integer > 0, got 0"),
     ({"parallel": {"expert": 3}, "model": {"moe": MOE}}, 3,
@@ -96,6 +99,13 @@ def test_moe_config_layers_counts_and_accepted_layouts():
         assert sum(p.numel() for p in model.parameters()) == counts["total"]
         expert = sum(p.numel() for p in model.layers[0].mlp.experts.parameters()) // 3
         assert counts["total"] - counts["active"] == 3 * (3 - 2) * expert  # one unused expert per layer
+    # Heads wider than hidden / heads (Qwen3-30B-A3B's 128 on 2048 / 32): the projections are heads x head_dim.
+    cfg = ModelConfig(vocab_size=50, hidden_size=30, num_layers=2, num_heads=4, num_kv_heads=2, attention_head_dim=12,
+                      mlp="swiglu", position="rope", qk_norm="head", moe=MoEConfig(num_experts=2, top_k=1))
+    model = build_model(cfg, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"]
+    assert model.layers[0].attention.qkv.weight.shape == (4 * 12 + 2 * 2 * 12, 30)
+    _cfg(1, model={"hidden_size": 30, "attention_head_dim": 12})
     run = _cfg(8, parallel={"expert": 4, "context": 2}, model={"moe": MOE})
     assert summary(run, 8)["expert_parallel"] == 4
     _cfg(4, parallel={"expert": 2, "pipeline": 2}, model={"moe": MOE}, deepspeed={"zero_optimization": {"stage": 1}})

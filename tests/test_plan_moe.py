@@ -7,7 +7,8 @@ planned on H100/H200 clusters:
   parallel pairs, ZeRO-3 with every expert partitioned over the replicas, EP2 x TP2 + SP) on 4 gloo ranks: the bytes
   each engine holds against the plan's model states, and every collective of one step against the plan's bytes per
   group and kind (the experts' all-to-alls summed over the ranks, as a rank's share depends on the routing);
-- parameter counts per stage.
+- parameter counts per stage and FLOPs (active parameters), the search choosing parallel.expert, and the big presets'
+  plans (memory, the all-to-all bytes, throughput) on H100/H200.
 """
 
 from __future__ import annotations
@@ -219,3 +220,80 @@ def _check_four_ranks(results: list, tmp_path: Path) -> None:
         if plan.layout.expert > 1:
             assert counted[("EP", "all-to-all")] > 0, name
 
+
+# ----------------------------------------------------------------------------- the shipped MoE presets and run config
+
+# Published totals: Mistral AI's Mixtral-8x7B (46.7B, 12.9B active; the counts of its released weights) and Qwen's
+# Qwen3-30B-A3B model card (30.5B total, 3.3B activated).
+PUBLISHED = {"mixtral-8x7b": (46_702_792_704, 12_879_925_248), "qwen3-30b-a3b": (30.5e9, 3.3e9)}
+# Megatron-Core's MoE README: Mixtral 8x7B bf16 training at 468 TFLOP/s per H100 (MCore v0.9); the sentence names no
+# layout, and TP1 x PP4 x EP8 on 64 H100 is the layout its model zoo lists for it.
+MEGATRON_MIXTRAL_TFLOPS = 468
+
+
+def _preset_run(name: str, world: int, **parallel) -> C.Config:
+    raw = {"model": name, "parallel": parallel, "data": {"prefixes": ["x"], "seq_length": 4096},
+           "deepspeed": {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 16,
+                         "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}}
+    return C.from_dict(C.expand_references(raw, None), world_size=world)
+
+
+def test_moe_presets_count_plan_and_search() -> None:
+    """The presets' parameter counts (total and active) against the published figures; their plans on 64 H100 and
+    64 H200 at TP1 x PP4 x EP8: they fit, Mixtral's throughput is within 25% of Megatron-Core's published 468
+    TFLOP/s per H100 (the model's own prediction is printed), the experts' all-to-all bytes and the expert states'
+    share follow the formulas written out here, and MFU counts active parameters (heads x head_dim for Qwen3's
+    attention); the search over 64 H100 takes expert parallelism."""
+    for name, (total, active) in PUBLISHED.items():
+        counts = C.count_parameters(_preset_run(name, 64, pipeline=4, expert=8).model)
+        assert abs(counts["total"] / total - 1) < 0.01 and abs(counts["active"] / active - 1) < 0.02, (name, counts)
+    cfg = _preset_run("mixtral-8x7b", 64, pipeline=4, expert=8)
+    m = cfg.model
+    for device in ("h100-sxm", "h200"):
+        plan = P.plan(cfg, 64, P.get_device(device), 8)
+        print(f"mixtral-8x7b on 64 {device}: {plan.model_tflops_per_gpu:.0f} TFLOP/s per GPU, MFU {plan.mfu:.1%}, "
+              f"{plan.peak_memory / 2**30:.1f} GiB")
+        assert plan.fits and plan.layout.expert == 8
+        if device == "h100-sxm":
+            assert abs(plan.model_tflops_per_gpu / MEGATRON_MIXTRAL_TFLOPS - 1) < 0.25, plan.model_tflops_per_gpu
+    stage = P.stages(cfg, 1, 4)[0]
+    assert stage.moe_blocks == stage.blocks == 8
+    comms = {(c.group, c.kind): c for c in plan.comms[0]}
+    tokens, k, h, bf16 = 4096, 2, m.hidden_size, 2
+    dispatch_and_combine = tokens * k * h * bf16 * 4  # two forward, two backward, per layer and micro-batch
+    assert comms[("EP", "all-to-all")].bytes == 16 * 8 * (dispatch_and_combine + 8 * 8)  # + the counts, E int64
+    assert comms[("EP", "all-to-all")].ranks == 8 and comms[("EP", "all-to-all")].link == "NVLink"
+    # Each rank holds 1 of the 8 experts of its 8 layers; their fp32 master weights are split over the 2
+    # expert-data-parallel replicas, the rest over all 16 (padding aside).
+    expert = 3 * h * m.expert_ffn_size
+    dense = P.numel(stage.params) - 8 * expert
+    master = plan.memory[0].terms["master weights"]
+    assert abs(master / (4 * (dense / 16 + 8 * expert / 2)) - 1) < 1e-4
+    whole = P.plan(_preset_run("mixtral-8x7b", 64, pipeline=4, expert=1), 64, P.get_device("h100-sxm"), 8)
+    assert whole.memory[0].terms["parameters"] > 3 * plan.memory[0].terms["parameters"]  # 8 experts a layer, not 1
+    assert ("EP", "all-to-all") not in {(c.group, c.kind) for c in whole.comms[0]}
+    qwen = _preset_run("qwen3-30b-a3b", 64, pipeline=4, expert=8)
+    n = C.count_parameters(qwen.model)
+    assert qwen.model.head_dim == 128 != qwen.model.hidden_size // qwen.model.num_heads
+    assert P.flops_per_token(qwen) == 6 * (n["active"] - n["embedding"]) + 12 * 48 * 32 * 128 * 4096
+    best = P.search(_preset_run("mixtral-8x7b", 64), 64, P.get_device("h100-sxm"), 8)[0]
+    assert best.fits and best.layout.expert > 1, best.settings.describe(best.layout)
+
+
+def test_tiny_moe_preset_and_run_config() -> None:
+    """The tiny MoE preset builds and starts near the uniform loss; the shipped MoE run config (the CPU demo's data,
+    EP2 at ZeRO-1) validates for 2 processes and plans."""
+    import math
+
+    import torch
+
+    from megalite.model import build_model
+
+    cfg = C.load(Path(__file__).resolve().parent.parent / "configs/runs/moe-cpu.json", world_size=2)
+    assert cfg.parallel.expert == 2 and cfg.model.moe.num_experts == 8 and cfg.zero_stage == 1
+    model = build_model(cfg.model, seed=0)
+    with torch.no_grad():
+        loss = model(torch.randint(0, 8192, (1, 16)), labels=torch.randint(0, 8192, (1, 16)))
+    assert abs(float(loss) - math.log(8192)) < 0.5
+    plan = P.plan(cfg, 2, P.get_device("h100-sxm"), 8)
+    assert plan.fits and plan.layout.expert == 2 and any(c.group == "EP" for c in plan.comms[0])

@@ -105,7 +105,7 @@ def model_signature(model_cfg: Any) -> dict[str, Any]:
     which layers have experts, how many, their widths and the routers' bias buffer (not the routing rules or the
     balancing coefficients, which a run started from another's weights may change)."""
     keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size", "padded_vocab_size",
-            "norm", "mlp", "position", "bias", "tied_embeddings", "qk_norm")
+            "norm", "mlp", "position", "bias", "tied_embeddings", "qk_norm", "attention_head_dim")
     out = {key: getattr(model_cfg, key) for key in keys}
     moe = getattr(model_cfg, "moe", None)
     out["moe"] = None if moe is None else {

@@ -48,7 +48,7 @@ def _model_number_errors(m: ModelConfig) -> list[str]:
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings",
                 "make_vocab_size_divisible_by"):
         _positive(errors, f"model.{key}", getattr(m, key))
-    for key in ("num_kv_heads", "ffn_hidden_size"):
+    for key in ("num_kv_heads", "ffn_hidden_size", "attention_head_dim"):
         if getattr(m, key) is not None:
             _positive(errors, f"model.{key}", getattr(m, key))
     _positive(errors, "model.loss_chunk_tokens", m.loss_chunk_tokens, allow_zero=True)
@@ -85,8 +85,9 @@ def rope_scaling_errors(m: ModelConfig) -> list[str]:
 def model_errors(m: ModelConfig, tensor: int = 1) -> list[str]:
     """The shape rules of a model at tensor-parallel degree `tensor` (numbers already known positive)."""
     errors = []
-    if m.hidden_size % m.num_heads:
-        errors.append(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if m.hidden_size % m.num_heads and m.attention_head_dim is None:
+        errors.append(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads} (or set "
+                      "model.attention_head_dim)")
     if m.num_heads % m.kv_heads:
         errors.append(f"model.num_kv_heads: {m.kv_heads} does not divide model.num_heads={m.num_heads}")
     if m.num_heads % tensor:

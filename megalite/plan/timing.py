@@ -17,7 +17,7 @@ from megalite.plan.stages import Stage, layer_params, numel
 
 
 def flops_per_token(cfg: Config, attended_keys: Optional[float] = None) -> float:
-    """Training FLOPs per token: 6N + 12*L*d*K (N non-embedding parameters a token uses: for an MoE model the active
+    """Training FLOPs per token: 6N + 12*L*d*K (d the attention width, heads x head_dim; N non-embedding parameters a token uses: for an MoE model the active
     ones, top_k routed experts, the shared experts and the router of each MoE layer; recompute excluded).
 
     K is the keys a token attends to, counted as PaLM does (the whole window, causal or not): the sequence
@@ -27,7 +27,8 @@ def flops_per_token(cfg: Config, attended_keys: Optional[float] = None) -> float
     n = counts["active"] - counts["embedding"]  # = non_embedding for a dense model
     m = cfg.model
     keys = cfg.data.seq_length if attended_keys is None else attended_keys
-    return 6.0 * n + 12.0 * m.num_layers * m.hidden_size * keys
+    return 6.0 * n + 12.0 * m.num_layers * m.num_heads * m.head_dim * keys  # heads x head_dim: the hidden size,
+    # unless model.attention_head_dim sets another width
 
 
 def attention_fraction(seq: int, head_dim: int) -> float:
