@@ -4,10 +4,11 @@
 #   2. the GPU correctness tests, bf16 first, then fp16/fp32/TF32, determinism and seq 16k;
 #   3. a whole training step of gpt3-1.3b, Triton kernels against torch, and Triton with FP8 (model.fp8 tensorwise)
 #      against Triton in bf16 (megalite bench model --fp8; needs torchao from the carried wheels);
-#   4. the kernel benchmark (attention and norms against every alternative this machine has).
+#   4. the MoE layer against a dense MLP of the same active parameters, grouped against looped experts (bench moe);
+#   5. the kernel benchmark (attention and norms against every alternative this machine has).
 # Everything goes to out/gpu-check. Under the device tool ($OUT set, at most 8 files come back) the work
-# happens in /tmp/gpu-check and $OUT receives the log, the two result tables and their JSON, the plot and
-# one tarball of every other small file (test XML, per-backend logs). Budget: GPU_CHECK_BUDGET seconds
+# happens in /tmp/gpu-check and $OUT receives the log, the three result tables, the kernel and model JSON, the
+# plot and one tarball of every other small file (test XML, per-backend logs, the MoE bench's JSON). Budget: GPU_CHECK_BUDGET seconds
 # (default 440) for the whole check; the kernel benchmark gets what the tests and the model leave.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -81,7 +82,14 @@ if ((QUICK != 1)); then
     --timeout 90 --fp8 tensorwise || STATUS=1
 fi
 
-# 4. Kernel benchmark with whatever time is left (it stops starting measurements at the budget; 25 s to finish).
+# 4. The MoE layer: a Mixtral-8x7B layer (H 4096, 8 experts of 14336, top-2) at 8192 tokens in bf16, torch's
+#    grouped GEMM and one matmul per expert against a dense SwiGLU MLP of 2 x 14336 units, forward + backward.
+if ((QUICK != 1)); then
+  echo "== moe bench (t=$(elapsed)s)"
+  timeout --signal=INT --kill-after=15 120 $PY -m megalite.bench moe --out "$RESULTS/moe" || STATUS=1
+fi
+
+# 5. Kernel benchmark with whatever time is left (it stops starting measurements at the budget; 25 s to finish).
 LEFT=$((BUDGET - $(elapsed)))
 ((LEFT < 60)) && LEFT=60
 echo "== bench: budget ${LEFT}s (t=$(elapsed)s)"
@@ -99,7 +107,7 @@ PYEOF
 echo "== gpu-check done in $(elapsed)s, status $STATUS; results in $RESULTS"
 ls -l "$RESULTS"
 if [[ -n "${OUT:-}" ]]; then
-  cp "$RESULTS"/results.{md,json,png} "$RESULTS"/model/model-bench.{md,json} "$OUT"/ 2>/dev/null
+  cp "$RESULTS"/results.{md,json,png} "$RESULTS"/model/model-bench.{md,json} "$RESULTS"/moe/moe-bench.md "$OUT"/ 2>/dev/null
   tar -czf "$OUT/extras.tar.gz" -C "$RESULTS" --exclude='*.bin' --exclude='*.idx' --exclude='run-*' \
     --exclude='results.*' --exclude='gpu-check.log' . 2>/dev/null
   cp "$LOG" "$OUT/gpu-check.log"
