@@ -296,10 +296,6 @@ def eval_tasks_errors(e: EvalTasksConfig | None, parallel: ParallelConfig) -> li
         errors.append(f"train.eval_tasks: not available with parallel.context={parallel.context} (the harness's "
                       "requests have any length and generation uses the KV cache, which runs at context 1); "
                       "evaluate the saved checkpoint with `megalite eval --tasks`, which reads it at any layout")
-    if isinstance(parallel.expert, int) and parallel.expert > 1:
-        errors.append(f"train.eval_tasks: not available with parallel.expert={parallel.expert} (the harness runs "
-                      "requests on some ranks only, and expert parallelism needs every rank of an expert group in "
-                      "each forward); evaluate the saved checkpoint with `megalite eval --tasks`")
     if parallel.sequence_parallel and parallel.tensor > 1:
         errors.append("train.eval_tasks: not available with parallel.sequence_parallel at parallel.tensor="
                       f"{parallel.tensor} (the harness's requests have any length, and generation uses the KV cache, "
