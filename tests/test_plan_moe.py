@@ -164,7 +164,7 @@ def test_moe_plan_against_real_engines_and_activations(tmp_path: Path) -> None:
     plan's model states and buckets plus the MoE blocks' statistics counters and DeepSpeed's scalars, and each
     collective's bytes per group and kind equal the plan's (the experts' all-to-all summed over the four ranks)."""
     write_token_dataset(str(tmp_path / "tok"))
-    results = run_ranks(_four_ranks, 4, str(tmp_path), timeout_s=400, collective_timeout_s=60)
+    results = run_ranks(_four_ranks, 4, str(tmp_path), timeout_s=500, collective_timeout_s=150)
     _check_four_ranks(results, tmp_path)
 
 
@@ -227,7 +227,7 @@ def _check_four_ranks(results: list, tmp_path: Path) -> None:
 # Qwen3-30B-A3B model card (30.5B total, 3.3B activated).
 PUBLISHED = {"mixtral-8x7b": (46_702_792_704, 12_879_925_248), "qwen3-30b-a3b": (30.5e9, 3.3e9)}
 # Megatron-Core's MoE README: Mixtral 8x7B bf16 training at 468 TFLOP/s per H100 (MCore v0.9); the sentence names no
-# layout, and TP1 x PP4 x EP8 on 64 H100 is the layout its model zoo lists for it.
+# layout, and TP1 x PP4 x EP8 on 64 H100 is the one a third-party summary of Megatron-Core's benchmarks lists.
 MEGATRON_MIXTRAL_TFLOPS = 468
 
 
