@@ -297,3 +297,46 @@ def test_tiny_moe_preset_and_run_config() -> None:
     assert abs(float(loss) - math.log(8192)) < 0.5
     plan = P.plan(cfg, 2, P.get_device("h100-sxm"), 8)
     assert plan.fits and plan.layout.expert == 2 and any(c.group == "EP" for c in plan.comms[0])
+
+
+def test_moe_stages_in_closed_form_and_a_deep_search() -> None:
+    """Each pipeline stage's parameters and MoE blocks, counted from model.moe's rule in closed form, equal the
+    layer-by-layer list cut where DeepSpeed's partition_balanced cuts it (dense first layers, every k-th layer,
+    tied and untied embeddings, 1-4 stages); a search over a 100,000-layer MoE model with dense layers among its
+    blocks (the closed-form cut over their mean weight) finishes in seconds."""
+    import random
+    import time
+
+    from megalite.plan.experts import experts_held, experts_split
+    from megalite.plan.stages import numel, partition_balanced, pipeline_layers
+
+    rng = random.Random(5)
+    for _ in range(12):
+        layers, pp = rng.randint(4, 30), rng.choice([1, 2, 3, 4])
+        first, every, tied = rng.randint(0, 3), rng.randint(1, 3), rng.random() < 0.5
+        raw = {"model": {"vocab_size": 1000, "hidden_size": 64, "num_layers": layers, "num_heads": 4,
+                         "tied_embeddings": tied, "moe": {"num_experts": 4, "ffn_hidden_size": 32,
+                                                          "first_dense_layers": first, "layer_interval": every}},
+               "data": {"prefixes": ["x"], "seq_length": 32}, "parallel": {"pipeline": pp, "expert": 2},
+               "deepspeed": {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}}}
+        cfg = C.from_dict(raw, world_size=pp * 4)
+        listed = pipeline_layers(cfg.model, 1, experts_held(cfg), experts_split(cfg))
+        listed = listed[:-1] if pp == 1 and tied else listed
+        bounds = partition_balanced([numel(ps) for _, ps in listed], pp) if pp > 1 else [0, len(listed)]
+        for st in P.stages(cfg, 1, pp):
+            mine = listed[bounds[st.index]:bounds[st.index + 1]]
+            assert (st.numel, st.blocks, st.moe_blocks) == (
+                sum(numel(ps) for _, ps in mine), sum(k != "embedding" and k != "final_norm" and k != "head"
+                                                      for k, _ in mine), sum(k == "moe_block" for k, _ in mine)), raw
+    raw = {"model": {"preset": "qwen3-30b-a3b", "num_layers": 100_000,
+                     "moe": {"num_experts": 128, "top_k": 8, "ffn_hidden_size": 768, "first_dense_layers": 3,
+                             "layer_interval": 2}},
+           "data": {"prefixes": ["x"], "seq_length": 4096}, "parallel": {"pipeline": 8, "expert": 8},
+           "deepspeed": {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 8,
+                         "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}}
+    cfg = C.from_dict(C.expand_references(raw, None), world_size=1024)
+    t0 = time.perf_counter()
+    plans = P.search(cfg, 1024, P.get_device("h100-sxm"), 8)
+    assert plans and time.perf_counter() - t0 < 60
+    deep = P.stages(cfg, 1, 8)
+    assert sum(st.blocks for st in deep) == 100_000 and sum(st.moe_blocks for st in deep) == (100_000 - 3) // 2

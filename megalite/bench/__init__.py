@@ -10,6 +10,7 @@
     eval-harness loglikelihood requests/s of the lm-evaluation-harness model against the harness's HF backend
     context     activation memory per rank of one 8k-token micro-batch at context parallelism 1, 2, 4
     moe         the MoE layer against a dense MLP of the same active parameters, grouped against looped experts
+    watchdog    the training step with the hang watchdog and straggler report on and off, alternating
 
 Each writes JSON with the git commit and the machine (`run_info`) into its --out folder.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint", "reshard", "eval_harness", "context",
-              "moe")
+              "moe", "watchdog")
 PACKAGE = Path(__file__).resolve().parent.parent
 
 
