@@ -6,7 +6,7 @@
 #   .whl-quack/      QuACK's RMSNorm (quack-kernels) and its CUTLASS DSL and TVM-FFI, the norm baseline torch 2.13
 #                    uses on sm_90 (torch 2.11 has no QuACK: no torch/_native, no torch/_vendor/quack). Its CUDA 13
 #                    library wheel is 92 MB, over what one device call carries (64 MiB), so it is cut in two:
-#                    .whl-quack/a (58 MB, carried by a first call) and .whl-quack/b (the rest and the small wheels,
+#                    .whl-quack/a (54 MiB, carried by a first call) and .whl-quack/b (the rest and the small wheels,
 #                    carried with the main call); gpu_check.sh joins them when both are there (a warm machine keeps
 #                    the first call's files). Versions pinned in requirements/gpu-bench.txt.
 # Everything here is git-ignored.
@@ -37,7 +37,7 @@ download .whl-quack/b "$(pin quack-kernels)" "$(pin nvidia-cutlass-dsl)" "$(pin 
 download .whl-quack "$(pin nvidia-cutlass-dsl-libs-cu13)"
 big=$(ls .whl-quack/nvidia_cutlass_dsl_libs_cu13-*.whl)
 (cd .whl-quack && sha256sum "$(basename "$big")" > b/wheel.sha256)  # gpu_check.sh checks the joined wheel with it
-split -b 58M -d "$big" ".whl-quack/part-"
+split -b 54M -d "$big" ".whl-quack/part-"
 mv .whl-quack/part-00 .whl-quack/a/"$(basename "$big")".part-00
 mv .whl-quack/part-01 .whl-quack/b/"$(basename "$big")".part-01
 rm "$big"

@@ -107,6 +107,7 @@ def test_tma_only_where_the_copy_engine_can_read(monkeypatch):
     from megalite.kernels import flash_attention as fa
 
     monkeypatch.setattr(fa, "INTERPRET", False)  # the GPU's config lists (nothing is launched)
+    monkeypatch.delenv("MEGALITE_AUTOTUNE", raising=False)  # every candidate, not only the first
     bf16 = torch.bfloat16
 
     def flags(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202

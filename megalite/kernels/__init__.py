@@ -147,7 +147,7 @@ def _announce(table: object) -> None:
     if _announced:
         return
     _announced = True
-    if int(os.environ.get("RANK", "0")) != 0:
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
         return
     where = ", ".join(f"{k} {v}" for k, v in table.measured.items() if k in ("commit", "date", "torch", "triton") and v)
     print(f"megalite kernels: backend 'auto' on {table.device} follows the measured table ({where}):", file=sys.stderr)

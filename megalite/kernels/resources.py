@@ -311,8 +311,9 @@ def fingerprint() -> str:
     parts = []
     for module in (fa, ak, ln, rn):
         for name, value in sorted(vars(module).items()):
-            if isinstance(getattr(value, "src", None), str):  # a triton JITFunction
-                parts.append(f"{module.__name__}.{name}\n{value.src}")
+            fn = getattr(value, "fn", None)  # a JITFunction, or the interpreter's InterpretedFunction, wraps it
+            if inspect.isfunction(fn) and getattr(fn, "__module__", None) == module.__name__:
+                parts.append(f"{module.__name__}.{name}\n{inspect.getsource(fn)}")
     for table in ("TILES", "TILES_WITHOUT_DOCS", "TILES_FP32", "TILES_TMA"):
         parts.append(f"{table}={sorted(getattr(fa, table).items())!r}")
     functions = (fa.autotune_configs, fa.config, fa.tma_eligible, fa._kernel, fa.attention_fwd, fa.attention_bwd,
