@@ -66,6 +66,10 @@ class Strategy:
     def eval_loss(self, engine: Any, batch: dict) -> float:
         raise NotImplementedError
 
+    def eval_total(self, engine: Any, batches: Iterator[dict], count: int) -> float:
+        """The sum of the evaluation losses of the next `count` micro-batches."""
+        return sum(self.eval_loss(engine, next(batches)) for _ in range(count))
+
     def model_inputs(self, batch: dict) -> dict:
         """The model's keyword inputs beyond ids and labels that the data options ask for."""
         out = {}
@@ -164,10 +168,13 @@ class PipelineStrategy(Strategy):
 
     def build_model(self) -> torch.nn.Module:
         from deepspeed.pipe import PipelineModule
+        from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
 
         cfg = self.cfg
         loss_fn = PipelineLoss(cfg.model, self.grid, context_grad_scale(cfg))
-        model = PipelineModule(
+        # DualPipeV: the layers cut into 2 x stages chunks in a V (megalite.engine.pipeline_schedules).
+        module_class = DualPipeVModule if cfg.parallel.pipeline_schedule == "dualpipev" else PipelineModule
+        model = module_class(
             layers=pipeline_specs(cfg.model, cfg.parallel, self.grid, seed=cfg.train.seed),
             topology=self.grid.topology,
             loss_fn=loss_fn,
@@ -200,6 +207,14 @@ class PipelineStrategy(Strategy):
 
     def eval_loss(self, engine: Any, batch: dict) -> float:
         return float(engine.eval_batch(iter([self._pipeline_batch(batch)]), num_micro_batches=1))
+
+    def eval_total(self, engine: Any, batches: Iterator[dict], count: int) -> float:
+        if self.cfg.parallel.pipeline_schedule != "dualpipev":
+            return super().eval_total(engine, batches, count)
+        # DualPipeV evaluates at least 2 x stages micro-batches at a time (config.validate sees to it): all of them
+        # in one pass through the V; DeepSpeed returns their mean.
+        micro = [self._pipeline_batch(next(batches)) for _ in range(count)]
+        return float(engine.eval_batch(iter(micro), num_micro_batches=count)) * count
 
     def _pipeline_batch(self, b: dict) -> tuple:
         """((input_ids, position_ids[, document_ids]), (labels, loss_mask)) for the pipeline engine."""
