@@ -9,6 +9,7 @@
     reshard     offline reshard of a TP2 x PP2 checkpoint to DP4: time and peak memory against saving it
     eval-harness loglikelihood requests/s of the lm-evaluation-harness model against the harness's HF backend
     context     activation memory per rank of one 8k-token micro-batch at context parallelism 1, 2, 4
+    pipeline    step time and idle fraction per rank of the pipeline schedules on a synthetic pipeline, against the plan
 
 Each writes JSON with the git commit and the machine (`run_info`) into its --out folder.
 """
@@ -23,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint", "reshard", "eval_harness", "context")
+BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint", "reshard", "eval_harness", "context",
+              "pipeline")
 PACKAGE = Path(__file__).resolve().parent.parent
 
 

@@ -17,7 +17,7 @@ import torch
 
 from megalite.config import DEEPSPEED_SCHEDULERS, OPTIMIZERS, SCHEDULERS, Config, resolve_deepspeed
 from megalite.engine.moe import after_initialize, deepspeed_sees_experts, has_split_experts, moe_parameter_groups
-from megalite.engine.pipeline_schedules import initialize_zero_bubble
+from megalite.engine.pipeline_schedules import ZeroBubbleEngine, initialize_engine
 from megalite.errors import ConfigError
 from megalite.model.weights import parameter_groups
 
@@ -216,7 +216,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, grid: Any, world_size: int
         partition_over_replicas(model, ds_config, grid)
     with deepspeed_sees_experts(model):  # ZeRO-1/2 reduce split experts over their group (megalite.engine.moe)
         if is_pipeline and cfg.parallel.pipeline_schedule == "zb-h1":  # an engine deepspeed.initialize cannot pick
-            engine = initialize_zero_bubble(model, optimizer, schedule, ds_config)
+            engine = initialize_engine(ZeroBubbleEngine, model, optimizer, schedule, ds_config)
             schedule = engine.lr_scheduler
         else:  # DeepSpeed's engines; a DualPipeVModule gets its DualPipeVEngine
             engine, optimizer, _, schedule = deepspeed.initialize(

@@ -28,6 +28,7 @@ from megalite.distributed import any_rank
 from megalite.engine.elastic import restore_resharded
 from megalite.engine.metrics import MetricSink
 from megalite.engine.moe import after_load, check_resume_layout
+from megalite.engine.pipeline_schedules import placement_change
 from megalite.engine.preflight import checkpoint_bytes
 from megalite.errors import CheckpointError, ConfigError
 from megalite.parallel.random import model_parallel_seed, seed_everything
@@ -70,14 +71,15 @@ class Checkpointer:
             elif cfg.train.resume != "never":
                 self.say("no complete checkpoint to resume; starting fresh")
             return None
-        saved = manifest_layout(read_manifest(path))  # model and run identity were checked by find_resume
+        manifest = read_manifest(path)
+        saved = manifest_layout(manifest)  # model and run identity were checked by find_resume
         if saved.global_batch != self.layout.global_batch and not cfg.train.allow_batch_change:
             raise ConfigError(
                 f"train.allow_batch_change: {path} was trained with a global batch of {saved.global_batch} samples, "
                 f"this run's is {self.layout.global_batch}; keep the global batch (change micro-batch x accumulation "
                 "x data parallel together), or set train.allow_batch_change=true to continue from its sample "
                 "position with the schedule by step")
-        changes = self.layout.changes(saved)
+        changes = self.layout.changes(saved) or placement_change(manifest, cfg)
         check_resume_layout(path, saved, self.layout, changes)
         if changes:
             client = self._restore_resharded(path, saved, changes)

@@ -114,12 +114,16 @@ class ZeroBubbleEngine(PipelineEngine):
 
     # ------------------------------------------------------------------ passes
     def _exec_input_grad_pass(self, buffer_id: int, micro_batch: int) -> None:
+        received = self.grad_layer
         if not self.is_last_stage():
-            # The receive buffer is reused by the next receive; the deferred weight gradients keep this one.
-            grads = self.grad_layer
-            self.grad_layer = grads.clone() if torch.is_tensor(grads) else [g.clone() for g in grads]
-        with STORE.deferring(micro_batch):
-            self._exec_backward_pass(buffer_id)
+            # DeepSpeed receives every gradient into one buffer, and the deferred weight gradients keep what the
+            # backward hands the linears (a residual branch passes the received tensor itself): give it a copy.
+            self.grad_layer = received.clone() if torch.is_tensor(received) else [g.clone() for g in received]
+        try:
+            with STORE.deferring(micro_batch):
+                self._exec_backward_pass(buffer_id)
+        finally:
+            self.grad_layer = received  # the receive buffer, for the next RecvGrad
 
     def _exec_weight_grad_pass(self, micro_batch: int) -> None:
         """The deferred weight gradients of `micro_batch`, added where DeepSpeed's optimizer reads gradients."""
@@ -176,8 +180,10 @@ class ZeroBubbleEngine(PipelineEngine):
     }
 
 
-def initialize_zero_bubble(model: Any, optimizer: Any, lr_scheduler: Any, config: dict) -> Any:
-    """`deepspeed.initialize`'s pipeline branch with `ZeroBubbleEngine` as the engine class."""
+def initialize_engine(engine_class: type, model: Any, optimizer: Any, lr_scheduler: Any, config: dict) -> Any:
+    """`deepspeed.initialize`'s pipeline branch with `engine_class` (a PipelineEngine) as the engine class:
+    `ZeroBubbleEngine`, which `deepspeed.initialize` cannot pick, or a subclass of an engine (the pipeline bench's
+    timed ones)."""
     import deepspeed
     from deepspeed import comm as ds_comm
     from deepspeed.accelerator import get_accelerator
@@ -188,9 +194,28 @@ def initialize_zero_bubble(model: Any, optimizer: Any, lr_scheduler: Any, config
     mpu = model.mpu()
     config_class = DeepSpeedConfig(config, mpu)
     deepspeed.set_optimizer_flags(config_class, model)
-    engine = ZeroBubbleEngine(args=None, model=model, optimizer=optimizer, model_parameters=None,
-                              training_data=None, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=False,
-                              collate_fn=None, config=config, config_class=config_class)
+    engine = engine_class(args=None, model=model, optimizer=optimizer, model_parameters=None,
+                          training_data=None, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=False,
+                          collate_fn=None, config=config, config_class=config_class)
     deepspeed.zero.partition_parameters.restore_init_context()
     engine._configure_python_gc()
     return engine
+
+
+def layer_placement(schedule: str) -> str:
+    """How a schedule places the pipeline's layers on its ranks: DualPipeV's V, or contiguous stages."""
+    return "V" if schedule == "dualpipev" else "contiguous"
+
+
+def placement_change(manifest: dict, cfg: Any) -> list[str]:
+    """The resume of a pipeline checkpoint whose layers sit on other ranks than this run's ([] when the same): the
+    schedule is not part of the training state, but DualPipeV's V placement holds other layers on each rank than the
+    contiguous one, so DeepSpeed's per-rank optimizer files do not fit and the elastic restore reads the state by
+    parameter name instead."""
+    parallel = (manifest.get("config") or {}).get("parallel") or {}
+    theirs = parallel.get("pipeline_schedule", "1f1b")
+    mine = cfg.parallel.pipeline_schedule
+    if cfg.parallel.pipeline == 1 or layer_placement(theirs) == layer_placement(mine):
+        return []
+    return [f"layer placement {layer_placement(theirs)} -> {layer_placement(mine)} (pipeline_schedule {theirs} -> "
+            f"{mine})"]

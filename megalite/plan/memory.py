@@ -13,7 +13,7 @@ from megalite.config import Config, Layout, kv_replication
 from megalite.plan import schedule
 from megalite.plan.devices import GiB
 from megalite.plan.layout import Settings
-from megalite.plan.stages import Stage, numel, stages
+from megalite.plan.stages import Stage, numel
 
 # What the caching allocator does not count (torch.cuda.max_memory_allocated excludes it): the CUDA
 # context and cuBLAS workspaces (about 0.5-1 GiB on Hopper), NCCL's communicator buffers, and the
@@ -210,7 +210,7 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
     per_layer = None
     out = []
     by_kind: dict[tuple, tuple] = {}
-    for st in stages(cfg, tp, pp):
+    for st in schedule.rank_stages(cfg, tp, pp):
         if st.kind not in by_kind:
             decay = sum(p.numel for p in st.params if p.decay)
             persistent = sum(p.numel for p in st.params if p.numel <= s.persistence_threshold)
@@ -220,8 +220,17 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
         terms = {k: v for k, (v, _) in states.items() if not k.startswith("host: ")}
         host = {k[6:]: v for k, (v, _) in states.items() if k.startswith("host: ")}
         built = {k for k, (_, b) in states.items() if b}
-        in_flight = schedule.in_flight(st.index, pp, layout.accumulation)
-        terms["activations"] = in_flight * sum(per_micro.values())
+        name = cfg.parallel.pipeline_schedule
+        in_flight = schedule.in_flight(st.index, pp, layout.accumulation, name)
+        if name == "dualpipev" and pp > 1:  # two chunks, each with its own layers and micro-batches in flight
+            per_chunk = [sum(activation_bytes(cfg, layout, c, s).values())
+                         for c in schedule.chunk_stages(cfg, tp, pp, st.index)]
+            terms["activations"] = schedule.peak_activation_bytes(name, pp, layout.accumulation, st.index, per_chunk)
+        else:
+            terms["activations"] = in_flight * sum(per_micro.values())
+        deferred = schedule.deferred_weight_inputs(st.index, pp, layout.accumulation, name)
+        if deferred:  # ZB-H1: what the W passes still to run keep
+            terms["deferred weight-gradient inputs"] = deferred * schedule.weight_grad_input_bytes(cfg, layout, st, s)
         if pp > 1:
             # engine.pipe_buffers, one set per in-flight micro-batch (at least two): the int64 ids that travel with
             # the hidden states (the first stage also holds the token ids); the stage's output, which autograd does

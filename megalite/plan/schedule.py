@@ -24,7 +24,15 @@ Closed forms, for p stages, m >= p micro-batches and uniform stages with pass ti
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from megalite.plan.stages import Stage, stages
+
+if TYPE_CHECKING:
+    from megalite.config import Config, Layout
+    from megalite.plan.layout import Settings
 
 SCHEDULES = ("1f1b", "zb-h1", "dualpipev")
 
@@ -216,14 +224,21 @@ def split_passes(micro_batch_seconds: float, weight_seconds: float, recompute: b
     return forward, rest - forward, weight_seconds
 
 
+@functools.lru_cache(maxsize=4096)
+def _unit(name: str, stages: int, micro_batches: int) -> Timeline:
+    """The simulation with unit pass times (the planner asks for it once per stage of every layout it plans)."""
+    return simulate(name, stages, micro_batches, (1.0, 1.0, 1.0))
+
+
 def in_flight(stage: int, stages: int, micro_batches: int, name: str = "1f1b") -> int:
-    """Micro-batches whose activations rank `stage` holds at once, in units of the rank's whole layers (DualPipeV:
-    the peak of its two chunks' micro-batches, each chunk half the rank's layers, rounded up)."""
+    """Micro-batches whose activations rank `stage` holds at once, in units of the rank's whole layers: 1F1B's
+    warm-up depth min(p - s, m), ZB-H1's the same, DualPipeV's the peak of its two chunks' micro-batches (each chunk
+    half the rank's layers), rounded up."""
     if stages == 1:
         return 1
-    timeline = simulate(name, stages, micro_batches, (1.0, 1.0, 1.0))
-    held = timeline.activations[stage]
-    return -(-held // chunks(name))
+    if name == "1f1b":
+        return min(stages - stage, micro_batches)
+    return -(-_unit(name, stages, micro_batches).activations[stage] // chunks(name))
 
 
 def deferred_weight_inputs(stage: int, stages: int, micro_batches: int, name: str = "1f1b") -> int:
@@ -231,7 +246,7 @@ def deferred_weight_inputs(stage: int, stages: int, micro_batches: int, name: st
     holds after their input-gradient pass, awaiting W: up to `stage` under ZB-H1, none otherwise."""
     if name != "zb-h1" or stages == 1:
         return 0
-    return max(0, simulate(name, stages, micro_batches, (1.0, 1.0, 1.0)).deferred[stage] - 1)
+    return max(0, _unit(name, stages, micro_batches).deferred[stage] - 1)
 
 
 def point_to_point_links(name: str, stage: int, stages: int) -> int:
@@ -246,9 +261,93 @@ def step_slots(stages: int, micro_batches: int) -> int:
     return micro_batches + stages - 1
 
 
+def step_seconds(name: str, stages: int, micro_batches: int, passes: tuple[float, float, float]) -> Timeline:
+    """A step of `stages` ranks that each take `passes` = (F, I, W) seconds per micro-batch of their layers (the
+    planner gives every rank its slowest stage's: the 1F1B step is then (m + p - 1) x (F + I + W)). DualPipeV's chunks
+    take half of each."""
+    if name == "1f1b" or stages == 1:  # the closed form (what the simulation gives, without its rounding)
+        total = sum(passes)
+        step = step_slots(stages, micro_batches) * total if stages > 1 else micro_batches * total
+        return Timeline(step, [micro_batches * total] * stages, [], [])
+    total = sum(passes)
+    if not total:
+        return Timeline(0.0, [0.0] * stages, [], [])
+    f, i, w = passes
+    if name == "zb-h1" and micro_batches >= stages and w <= min(f, i):
+        # ZB-H1's closed form, what the simulation gives in this range (tests/test_pipeline_schedules.py)
+        step = micro_batches * total + (stages - 1) * (f + i - w)
+        return Timeline(step, [micro_batches * total] * stages, [], [])
+    # The simulation scales with the pass times: run it on their proportions (to 3 decimals, so that the layouts of a
+    # search share runs) and scale the result.
+    unit = _proportional(name, stages, micro_batches, round(f / total, 3), round(i / total, 3))
+    return Timeline(unit.step * total, [b * total for b in unit.busy], unit.activations, unit.deferred)
+
+
+@functools.lru_cache(maxsize=65536)
+def _proportional(name: str, stages: int, micro_batches: int, forward: float, input_grad: float) -> Timeline:
+    passes = (forward, input_grad, max(1.0 - forward - input_grad, 0.0))
+    if name == "dualpipev":  # each chunk has half the rank's layers
+        passes = (passes[0] / 2, passes[1] / 2, passes[2] / 2)
+    return simulate(name, stages, micro_batches, passes)
+
+
+def chunk_stages(cfg: Config, tp: int, pp: int, rank: int) -> list[Stage]:
+    """The stages (layers) of each of `rank`'s chunks: its stage, or DualPipeV's virtual stages r and 2p - 1 - r."""
+    if cfg.parallel.pipeline_schedule != "dualpipev" or pp == 1:
+        return [stages(cfg, tp, pp)[rank]]
+    cut = stages(cfg, tp, 2 * pp)
+    return [cut[rank], cut[2 * pp - 1 - rank]]
+
+
+def peak_activation_bytes(name: str, stages: int, micro_batches: int, rank: int, per_chunk: list[float]) -> float:
+    """The most activation bytes `rank` holds at once, its chunks' micro-batches costing `per_chunk` bytes each: a
+    chunk's micro-batch is held from its forward to its (input-)gradient pass, so the peak follows from the rank's
+    own order, whatever the timing."""
+    if stages == 1:
+        return per_chunk[0]
+    held = [0] * len(per_chunk)
+    peak = 0.0
+    for kind, _, chunk in rank_order(name, stages, micro_batches, rank):
+        if kind == "F":
+            held[chunk] += 1
+            peak = max(peak, sum(h * b for h, b in zip(held, per_chunk)))
+        elif kind in ("B", "I"):
+            held[chunk] -= 1
+    return peak
+
+
+def rank_stages(cfg: Config, tp: int, pp: int) -> list[Stage]:
+    """What each pipeline rank holds under the config's schedule: DeepSpeed's stages, or under DualPipeV the two
+    stages r and 2p - 1 - r of its 2p-stage partition (rank 0: the embedding and the output layer; a tied embedding
+    is one module there, counted once)."""
+    if cfg.parallel.pipeline_schedule != "dualpipev" or pp == 1:
+        return stages(cfg, tp, pp)
+    out = []
+    for r in range(pp):
+        a, b = chunk_stages(cfg, tp, pp, r)
+        shared = a.embedding and b.head and cfg.model.tied_embeddings  # the tied output layer is the embedding
+        params = a.params + tuple(p for p in b.params if not (shared and p.name.startswith("embedding.")))
+        out.append(Stage(r, a.blocks + b.blocks, a.embedding or b.embedding, a.head or b.head, params,
+                         sum(p.numel for p in params)))
+    return out
+
+
+def weight_grad_input_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> float:
+    """What one micro-batch's deferred weight gradients keep on a rank of `stage` after its input-gradient pass:
+    each block linear's input (sequence-gathered with sequence parallelism) and output gradient."""
+    m = cfg.model
+    tp = layout.tensor
+    n = layout.micro_batch * cfg.data.seq_length // layout.context
+    q, kv, f = m.num_heads * m.head_dim, m.kv_heads * m.head_dim, m.ffn_size
+    fc = 2 * f if m.mlp == "swiglu" else f
+    inputs = m.hidden_size + q // tp + m.hidden_size + f // tp
+    grads = (q + 2 * kv) // tp + m.hidden_size + fc // tp + m.hidden_size
+    return float(stage.blocks * n * (inputs + grads) * s.element)
+
+
 def bubble(stages: int, micro_batches: int, name: str = "1f1b") -> float:
     """The idle fraction of a step of uniform stages with equal forward, input-gradient and weight-gradient passes
     ((p - 1)/(m + p - 1) under 1F1B)."""
     if stages == 1:
         return 0.0
-    return simulate(name, stages, micro_batches, (1.0, 1.0, 1.0)).bubble
+    return _unit(name, stages, micro_batches).bubble

@@ -20,6 +20,7 @@ class Candidate:
     layout: Layout
     recompute: bool
     loss_chunk_tokens: int
+    pipeline_schedule: str = "1f1b"
 
 
 def _divisors(n: int) -> list[int]:
@@ -28,8 +29,9 @@ def _divisors(n: int) -> list[int]:
 
 def candidates(cfg: Config, world_size: int, gpus_per_node: int) -> list[Candidate]:
     """Every layout of `world_size` GPUs with the config's global batch: TP (within a node, dividing heads, KV
-    heads, FFN and vocabulary), sequence parallelism, PP, ZeRO stage (as DeepSpeed allows it), micro-batch and
-    accumulation, recompute on/off, chunked loss on/off."""
+    heads, FFN and vocabulary), sequence parallelism, PP and its schedule (1F1B, ZB-H1, DualPipeV where their rules
+    allow: `pipeline_schedules`), ZeRO stage (as DeepSpeed allows it), micro-batch and accumulation, recompute on/off,
+    chunked loss on/off."""
     m = cfg.model
     base = layout_of(cfg, world_size)
     global_batch = base.micro_batch * base.accumulation * base.data
@@ -57,12 +59,27 @@ def candidates(cfg: Config, world_size: int, gpus_per_node: int) -> list[Candida
             for micro in _divisors(per_replica):
                 if (cfg.data.seq_length // cp) % tp:
                     continue
+                accumulation = per_replica // micro
                 for zero, rec, chunked in itertools.product(zeros, (False, True), (False, True)):
                     for sp in ((False, True) if tp > 1 else (False,)):
                         layout = Layout(tensor=tp, pipeline=pp, context=cp, data=dp, zero_stage=zero,
-                                        micro_batch=micro, accumulation=per_replica // micro,
+                                        micro_batch=micro, accumulation=accumulation,
                                         precision=precision, sequence_parallel=sp)
-                        out.append(Candidate(layout, rec, chunk if chunked else 0))
+                        for name in pipeline_schedules(cfg, pp, accumulation):
+                            out.append(Candidate(layout, rec, chunk if chunked else 0, name))
+    return out
+
+
+def pipeline_schedules(cfg: Config, pp: int, accumulation: int) -> list[str]:
+    """The schedules a layout of `pp` stages and `accumulation` micro-batches may run (config.validate's rules:
+    DualPipeV needs 2 x pp micro-batches, blocks and evaluation micro-batches; ZB-H1 no fp16)."""
+    if pp == 1:
+        return ["1f1b"]
+    out = ["1f1b"]
+    if cfg.precision != "fp16":
+        out.append("zb-h1")
+    if min(accumulation, cfg.model.num_layers, cfg.train.eval_steps) >= 2 * pp:
+        out.append("dualpipev")
     return out
 
 
@@ -71,7 +88,7 @@ def search(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8,
     """Every candidate layout, planned, ranked: layouts that fit first, by predicted tokens/s."""
     plans = []
     for c in candidates(cfg, world_size, gpus_per_node):
-        new = with_layout(cfg, c.layout, c.recompute, c.loss_chunk_tokens)
+        new = with_layout(cfg, c.layout, c.recompute, c.loss_chunk_tokens, c.pipeline_schedule)
         try:
             s = settings(new)
         except ConfigError:
