@@ -1,7 +1,7 @@
 """Pipeline schedules measured: step time and idle fraction per rank of 1F1B, ZB-H1 and DualPipeV against the plan.
 
     megalite bench pipeline [--stages 2 4] [--micro-batches 4 8 16] [--schedules 1f1b zb-h1 dualpipev]
-                            [--forward-ms 12] [--input-ms 12] [--weight-ms 12] [--steps 3] [--out out/bench-pipeline]
+                            [--forward-ms 40] [--input-ms 40] [--weight-ms 40] [--steps 3] [--out out/bench-pipeline]
 
 A synthetic pipeline whose passes take a controlled time: p CPU processes over gloo, each a pipeline stage of two
 `SleepLayer`s under megalite's own engines (DeepSpeed's PipelineEngine for 1F1B, megalite's ZeroBubbleEngine for
@@ -10,8 +10,10 @@ stage's time in its forward, its input-gradient pass and its weight-gradient pas
 for ZB-H1's W pass like megalite's linears' matmuls, `megalite.parallel.deferred`). Sleeping rather than computing
 keeps the passes' times what they are told to be with more processes than cores. Per rank and step: the step's wall
 time (`train_batch`, after one unmeasured step) and the time spent in the passes; idle = 1 - busy / step. The plan's
-figures are `megalite.plan.schedule.simulate` of the same order with the same pass times (no transfer or engine
-time): the measurement's excess over it is DeepSpeed's per-instruction work, the transfers and the optimizer step.
+figures are `megalite.plan.schedule.simulate` of the same order, with the nominal pass times and with the pass times
+measured (the engine's work inside a pass included). What the measured idle time has beyond the plan's is the
+engines' own: their instructions between passes, 1F1B's blocking sends and DualPipeV's batched transfers, which wait
+until the neighbour posts its receive (the plan lets sends go without waiting; ZB-H1's engine does).
 Writes DIR/pipeline.json and prints a markdown table.
 """
 
@@ -237,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 4], help="pipeline stages (one process each)")
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8, 16], help="micro-batches per step")
     ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
-    ap.add_argument("--forward-ms", type=float, default=12.0, help="a stage's forward pass (default 12 ms)")
-    ap.add_argument("--input-ms", type=float, default=12.0, help="a stage's input-gradient pass (default 12 ms)")
-    ap.add_argument("--weight-ms", type=float, default=12.0, help="a stage's weight-gradient pass (default 12 ms)")
+    ap.add_argument("--forward-ms", type=float, default=40.0, help="a stage's forward pass (default 40 ms)")
+    ap.add_argument("--input-ms", type=float, default=40.0, help="a stage's input-gradient pass (default 40 ms)")
+    ap.add_argument("--weight-ms", type=float, default=40.0, help="a stage's weight-gradient pass (default 40 ms)")
     ap.add_argument("--steps", type=int, default=3, help="measured steps per point (after one warm-up)")
     ap.add_argument("--out", default="out/bench-pipeline", help="results folder (default: out/bench-pipeline)")
     args = ap.parse_args(argv)

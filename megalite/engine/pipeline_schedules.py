@@ -202,6 +202,21 @@ def initialize_engine(engine_class: type, model: Any, optimizer: Any, lr_schedul
     return engine
 
 
+def dualpipev_eval_mean(engine: Any, micro_batches: list) -> float:
+    """The mean loss of `micro_batches` (at least 2 x stages) evaluated in one pass through DualPipeV's V.
+
+    DeepSpeed 0.19.8's DualPipeVEngine files a micro-batch's labels and its turn-around on the last rank under
+    `buffer + engine.micro_batches` (the training count), while its evaluation schedule numbers the buffers by the
+    evaluation's count: any other count than the training one reads an empty buffer. The engine's count is the
+    evaluation's for the duration of the pass."""
+    training = engine.micro_batches
+    engine.micro_batches = len(micro_batches)
+    try:
+        return float(engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches)))
+    finally:
+        engine.micro_batches = training
+
+
 def layer_placement(schedule: str) -> str:
     """How a schedule places the pipeline's layers on its ranks: DualPipeV's V, or contiguous stages."""
     return "V" if schedule == "dualpipev" else "contiguous"

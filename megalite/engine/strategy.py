@@ -26,6 +26,7 @@ from megalite.distributed import any_rank
 from megalite.engine.build import context_grad_scale
 from megalite.engine.metrics import StepTimer
 from megalite.engine.moe import aux_loss_scale, collect_statistics, set_aux_loss_scale, update_expert_biases
+from megalite.engine.pipeline_schedules import dualpipev_eval_mean
 from megalite.errors import MegaliteError
 from megalite.model import build_model, load_full_state_dict, tensor_parallel_group
 from megalite.model.pipeline import PipelineLoss, load_pipeline_state, pipeline_specs
@@ -213,8 +214,7 @@ class PipelineStrategy(Strategy):
             return super().eval_total(engine, batches, count)
         # DualPipeV evaluates at least 2 x stages micro-batches at a time (config.validate sees to it): all of them
         # in one pass through the V; DeepSpeed returns their mean.
-        micro = [self._pipeline_batch(next(batches)) for _ in range(count)]
-        return float(engine.eval_batch(iter(micro), num_micro_batches=count)) * count
+        return dualpipev_eval_mean(engine, [self._pipeline_batch(next(batches)) for _ in range(count)]) * count
 
     def _pipeline_batch(self, b: dict) -> tuple:
         """((input_ids, position_ids[, document_ids]), (labels, loss_mask)) for the pipeline engine."""

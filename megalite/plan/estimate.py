@@ -123,7 +123,7 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     m, p = layout.accumulation, layout.pipeline
     slowest = max(times, key=lambda t: t.total)
     # The schedule's step, every rank taking the slowest one's forward, input- and weight-gradient passes.
-    passes = schedule.split_passes(slowest.total, slowest.weight_grad, s.recompute)
+    passes = schedule.split_passes(slowest, s.recompute)
     timeline = schedule.step_seconds(cfg.parallel.pipeline_schedule, p, m, passes)
     pipeline_s, bubble = timeline.step, timeline.bubble
     optimizer_s = max(value[2] for value in by_kind.values())

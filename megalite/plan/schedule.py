@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from megalite.plan.stages import Stage, stages
 
@@ -215,13 +215,17 @@ def simulate(name: str, stages: int, micro_batches: int,
 # ----------------------------------------------------------------------------- what the planner reads
 
 
-def split_passes(micro_batch_seconds: float, weight_seconds: float, recompute: bool) -> tuple[float, float, float]:
-    """(F, I, W) of a stage from its time per micro-batch and the part of it that is weight-gradient matmuls: the
-    rest splits into a forward and an input-gradient pass of equal length (the input-gradient pass also runs the
-    recomputed forward with activation checkpointing)."""
-    rest = max(micro_batch_seconds - weight_seconds, 0.0)
-    forward = rest / (3 if recompute else 2)
-    return forward, rest - forward, weight_seconds
+def split_passes(t: Any, recompute: bool) -> tuple[float, float, float]:
+    """(F, I, W) seconds of one micro-batch on a stage from its `megalite.plan.timing.StageTime` `t`: W is the
+    blocks' weight-gradient matmuls (`t.weight_grad`); F the blocks' forward matmuls (as many FLOPs as W), a third of
+    the other matmuls (the output layer's forward of its three), the forward's share of attention (1 of 3.5 flash
+    attention passes, 1 of 4.5 with recompute) and of the rest (memory-bound kernels and transfers: half, a third
+    with recompute); I everything else (input gradients, and the recomputed forward)."""
+    fwd = 2 if recompute else 1
+    blocks = t.weight_grad * (2 + fwd)
+    forward = (t.weight_grad + (t.matmul - blocks) / 3 + t.attention / (2.5 + fwd)
+               + (t.memory_bound + t.tp_comm + t.pp_comm) / (1 + fwd))
+    return forward, t.total - forward - t.weight_grad, t.weight_grad
 
 
 @functools.lru_cache(maxsize=4096)
