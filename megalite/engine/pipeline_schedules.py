@@ -126,7 +126,10 @@ class ZeroBubbleEngine(PipelineEngine):
             self.grad_layer = received  # the receive buffer, for the next RecvGrad
 
     def _exec_weight_grad_pass(self, micro_batch: int) -> None:
-        """The deferred weight gradients of `micro_batch`, added where DeepSpeed's optimizer reads gradients."""
+        """The deferred weight gradients of `micro_batch`, added where DeepSpeed's optimizer reads gradients. Under
+        BF16_Optimizer this goes through its public steps, as the engine's own backward does: clear the bf16
+        gradients, set the deferred ones, add every bf16 gradient into the fp32 ones (one pass over the stage's
+        gradients per W pass)."""
         work = STORE.pop(micro_batch)
         optimizer = self.optimizer
         if not self.using_bf16_optimizer:  # ZeRO-1 (fp32): gradients accumulate in .grad until ReduceGrads

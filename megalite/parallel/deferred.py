@@ -16,7 +16,10 @@ gradient in the B pass.
         ...
 
 Outside `deferring` (every dense run, 1F1B, evaluation) the linears compute dW in their backward as usual. The
-closures keep the saved tensors alive until the W pass: that is the memory ZB-H1 trades for its bubble.
+closures keep the saved tensors alive until the W pass: that is the memory ZB-H1 trades for its bubble. Gradient
+accumulation needs nothing of its own: megalite's linears have no fused accumulation into a separate main gradient
+(Megatron's `gradient_accumulation_fusion`), and the W passes add into `.grad` in micro-batch order, as the
+backward passes would have.
 """
 
 from __future__ import annotations

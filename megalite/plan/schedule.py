@@ -13,7 +13,8 @@ way out) and chunk 1 (virtual stage 2p - 1 - r, the way back); the other schedul
 
 Closed forms, for p stages, m >= p micro-batches and uniform stages with pass times F, I (input gradients) and W:
 - 1f1b:  step = (m + p - 1)(F + I + W); idle fraction (p - 1)/(m + p - 1), bubble (p - 1)/m of the useful work;
-- zb-h1: step = m(F + I + W) + (p - 1)(F + I - W) when W <= F + I; with F = I = W, bubble (p - 1)/(3m);
+- zb-h1: step = m(F + I + W) + (p - 1)(F + I - W) when W <= F and W <= I (the simulation otherwise); with
+  F = I = W, bubble (p - 1)/(3m);
   rank s holds the activations of at most p - s micro-batches awaiting I (1F1B's) plus the weight-gradient inputs
   of at most s awaiting W, p in all: 1F1B's peak;
 - dualpipev (DeepSpeed's, weight gradients inside B, no overlap of forward and backward): from the simulation; with
