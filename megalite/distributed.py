@@ -75,6 +75,15 @@ def any_rank(flags: Sequence[bool], device: torch.device | None = None) -> list[
     return [bool(v) for v in t.tolist()]
 
 
+_phase_listener: Callable[[str], None] | None = None
+
+
+def set_phase_listener(listener: Callable[[str], None] | None) -> None:
+    """Call `listener(phase)` as each `agree` phase starts (the watchdog's progress marks of set-up); None: none."""
+    global _phase_listener
+    _phase_listener = listener
+
+
 class RankFailed(MegaliteError):
     """A phase every rank had to finish failed on some ranks."""
 
@@ -87,6 +96,8 @@ def agree(phase: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """
     mine: Exception | None = None
     result = None
+    if _phase_listener is not None:
+        _phase_listener(phase)
     try:
         result = fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - shared with every rank below, then raised everywhere

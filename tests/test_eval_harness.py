@@ -269,7 +269,8 @@ def test_unknown_task_and_missing_data_are_named(trained, capsys, monkeypatch):
     assert "unknown task 'megalite_mcc'" in err and "close names: megalite_mc" in err, err
     assert cli([*base, "--tasks", "megalite_missing"]) == 2
     err = capsys.readouterr().err
-    assert "task 'megalite_missing': its data could not be loaded" in err and "--include-path" in err, err
+    assert "task 'megalite_missing' (" in err and "its data could not be loaded" in err, err
+    assert "Check the files its dataset_kwargs.data_files names" in err  # a local file: no cache advice
     assert "Traceback" not in err
     monkeypatch.setattr(sys, "argv", ["python -m megalite.eval_harness"])  # harness_cli sets the harness's argv
     with pytest.raises(SystemExit) as e:  # the harness's own command line: one line and exit 2 as well

@@ -8,6 +8,7 @@ evaluated and sampled on one process.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -85,6 +86,10 @@ def test_moe_config_layers_counts_and_accepted_layouts():
     cfg = ModelConfig(vocab_size=50, hidden_size=16, num_layers=6, num_heads=2, moe=moe)
     assert [i for i in range(6) if cfg.is_moe_layer(i)] == [2, 4]
     assert [i for i in range(4) if MoEConfig(num_experts=2, layer_interval=2).is_moe_layer(i)] == [1, 3]
+    for layers, first, interval in itertools.product(range(1, 8), range(3), range(1, 4)):  # the closed-form count
+        shaped = ModelConfig(vocab_size=50, hidden_size=16, num_layers=layers, num_heads=2,
+                             moe=MoEConfig(num_experts=4, top_k=2, first_dense_layers=first, layer_interval=interval))
+        assert shaped.num_moe_layers == sum(shaped.is_moe_layer(i) for i in range(layers)), (layers, first, interval)
     for shape in (dict(mlp="gelu", bias=True), dict(mlp="swiglu", bias=False, qk_norm="head"),
                   dict(mlp="swiglu", bias=True, qk_norm="projection", num_kv_heads=1)):
         moe = MoEConfig(num_experts=3, top_k=2, ffn_hidden_size=8, shared_experts=2, shared_ffn_hidden_size=4)

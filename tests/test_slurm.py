@@ -7,6 +7,9 @@ USR1, saves, requeues itself, resumes and ends with the same final loss as the u
 Three more jobs, whose ranks only exit with a given code (MEGALITE_COMMAND replaces the megalite CLI;
 seconds each), take the scripts' other ends: a failing rank (1) and too many non-finite steps (76)
 are never requeued, and a job that keeps being preempted (75) is requeued MEGALITE_MAX_RESTARTS times.
+The last job (two ranks on one node) hangs: rank 1 stops itself (SIGSTOP) mid-step; rank 0's watchdog names
+it and exits 79, the step is ended, the job requeues itself held while a helper job excludes the hung node,
+and the next attempt resumes on the other node and finishes.
 """
 
 from __future__ import annotations
@@ -109,6 +112,39 @@ def _fake_rank_env(work: Path, env: dict[str, str], codes: str, **extra: str) ->
     return dict(env, MEGALITE_COMMAND=str(fake), MEGALITE_TEST_EXIT_CODES=codes, **extra)
 
 
+# MEGALITE_COMMAND of the hang job: in the first attempt rank 1 stops itself before its forward of HANG_AT_STEP.
+HANG_RANK = """#!/bin/bash
+if [[ ${SLURM_RESTART_COUNT:-0} -eq 0 ]]; then
+    export MEGALITE_HANG_FAULT=forward@$MEGALITE_TEST_HANG_AT MEGALITE_HANG_FAULT_RANK=1
+fi
+exec python -m megalite.commands.rank "$@"
+"""
+HANG_STEPS, HANG_AT_STEP, HANG_CHECKPOINTS = 30, 10, 4
+
+
+def _submit_hang(cluster: SlurmCluster, work: Path, env: dict[str, str]) -> Job:
+    """Two ranks on one node (so the other node is free to exclude it), rank 1 hung in attempt 0."""
+    name = "hang"
+    raw = tiny_config(str(work / "data"), str(work / f"run-{name}"), train={
+        "steps": HANG_STEPS, "checkpoint_interval": HANG_CHECKPOINTS, "hang_timeout_s": 3,
+        "hang_timeout_long_s": 20})
+    cfg = work / f"{name}.json"
+    cfg.write_text(json.dumps(raw))
+    wrapper = work / "hang-rank.sh"
+    wrapper.write_text(HANG_RANK)
+    wrapper.chmod(0o755)
+    log = work / f"{name}.log"
+    cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+           "--time=10", f"--output={log}", f"--chdir={work}", f"--job-name={name}",
+           str(REPO / "slurm/train-srun.sbatch"), str(cfg)]
+    job_env = dict(env, MEGALITE_PROCS_PER_NODE="2", MEGALITE_COMMAND=str(wrapper), MEGALITE_HANG_GRACE="3",
+                   MEGALITE_TEST_HANG_AT=str(HANG_AT_STEP), MEGALITE_EVAL="0")
+    r = subprocess.run(cmd, env=job_env, capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise RuntimeError(f"sbatch failed: {r.stderr}")
+    return Job(r.stdout.strip().split(";")[0], log, work / f"run-{name}")
+
+
 @pytest.fixture(scope="module")
 def jobs(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
     work = tmp_path_factory.mktemp("slurm")
@@ -127,6 +163,8 @@ def jobs(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> dic
         "srun": _sbatch(cluster, work, REPO / "slurm/train-srun.sbatch", "srun", dict(env, MEGALITE_PREFLIGHT="1")),
         "torchrun": _sbatch(cluster, work, REPO / "slurm/train-torchrun.sbatch", "torchrun", env),
         "deepspeed": _sbatch(cluster, work, REPO / "slurm/train-deepspeed.sbatch", "deepspeed", env),
+        # Last: it needs a whole node, and the scheduler starts jobs in order.
+        "hang": _submit_hang(cluster, work, env),
     }
     return submitted
 
@@ -233,6 +271,7 @@ def test_srun_script_with_preflight(cluster: SlurmCluster, jobs: dict[str, Job])
     log = _check_success(cluster, jobs["srun"])
     assert "preflight: PASSED on 2 ranks" in log
     assert re.search(r"preflight ok   collective: all_reduce of .* across 2 ranks \(gloo\).*GB/s", log), log[-3000:]
+    assert re.search(r"preflight ok   watchdog store: rendezvous store 10\.77\.0\.1:\d+ reachable", log), log[-3000:]
 
 
 def test_torchrun_script(cluster: SlurmCluster, jobs: dict[str, Job]) -> None:
@@ -349,3 +388,40 @@ def test_cluster_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "needs root" in (cluster.start() or "")
     cluster.stop()  # nothing was started or locked: a no-op
     assert cluster._lock is None
+
+
+def test_hung_rank_requeues_without_its_node_and_finishes(cluster: SlurmCluster, jobs: dict[str, Job]) -> None:
+    job = jobs["hang"]
+    info = _wait(cluster, job, timeout_s=JOB_TIMEOUT_S + 120)
+    log = _log(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-5000:]}"
+    assert int(info["Restarts"]) == 1, f"{info}\n{log[-5000:]}"
+    # Attempt 0: rank 0 named rank 1 and its node, exited 79; the stopped rank 1 was ended with its step.
+    assert "1 of 2 ranks reported: 0 done, 0 preempted, 1 hung" in log, log[-5000:]
+    assert _rank_exit_codes_of(job, 0) == {0: "79", 1: None}
+    hang_dir = job.output_dir / "slurm" / job.id / "attempt-0" / "hang"
+    (hung_node,) = (hang_dir / "suspect-hosts").read_text().split()
+    assert hung_node in ("n1", "n2")
+    lines = [line for line in log.splitlines() if "megalite: HANG (rank 0" in line]
+    assert len(lines) == 1 and f"suspect: rank 1 on {hung_node}" in lines[0], log[-5000:]
+    assert f"last seen in forward of step {HANG_AT_STEP}" in lines[0] and str(hang_dir) in lines[0], lines[0]
+    assert (hang_dir / "rank0-stacks.txt").exists() and (hang_dir / "fr_trace_rank_0").exists()
+    assert f"hang: the watchdog named host(s) {hung_node}" in log, log[-5000:]
+    assert re.search(rf"helper job \d+ excludes {hung_node}, then releases it", log), log[-5000:]
+    # The helper excluded the node; attempt 1 ran on the other one and resumed the last checkpoint.
+    other = "n2" if hung_node == "n1" else "n1"
+    assert info["ExcNodeList"] == hung_node and info["NodeList"] == other, info
+    helper_log = (job.output_dir / "slurm" / job.id / "attempt-0" / "exclude-helper.log").read_text()
+    assert f"job {job.id}: excluded {hung_node}" in helper_log and "released" in helper_log, helper_log
+    last = HANG_AT_STEP - 1 - (HANG_AT_STEP - 1) % HANG_CHECKPOINTS
+    assert f"step{last:08d} at step {last}" in log, log[-5000:]
+    records = [json.loads(line) for line in (job.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["suspects"][0]["rank"] for r in records if r["kind"] == "hang"] == [1]
+    assert [r["step"] for r in records if r["kind"] == "train"][-1] == HANG_STEPS
+    assert _rank_exit_codes_of(job, 1) == {0: "0", 1: "0"}
+
+
+def _rank_exit_codes_of(job: Job, attempt: int) -> dict[int, str | None]:
+    folder = job.output_dir / "slurm" / job.id / f"attempt-{attempt}"
+    return {r: (folder / f"rank-{r}.rc").read_text().strip() if (folder / f"rank-{r}.rc").exists() else None
+            for r in range(2)}

@@ -9,6 +9,7 @@
     reshard     offline reshard of a TP2 x PP2 checkpoint to DP4: time and peak memory against saving it
     eval-harness loglikelihood requests/s of the lm-evaluation-harness model against the harness's HF backend
     context     activation memory per rank of one 8k-token micro-batch at context parallelism 1, 2, 4
+    watchdog    the training step with the hang watchdog and straggler report on and off, alternating
     pipeline    step time and idle fraction per rank of the pipeline schedules on a synthetic pipeline, against the plan
 
 Each writes JSON with the git commit and the machine (`run_info`) into its --out folder.
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint", "reshard", "eval_harness", "context",
-              "pipeline")
+              "watchdog", "pipeline")
 PACKAGE = Path(__file__).resolve().parent.parent
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
+import math
 
 from megalite.commands.output import emit, emit_json
 from megalite.errors import ConfigError, shown
@@ -55,8 +55,14 @@ def _check_mode(args: argparse.Namespace) -> None:
     problems = []
     if args.limit is not None and not args.limit > 0:
         problems.append(f"--limit {args.limit:g}: must be > 0 (a number of examples, or a fraction below 1)")
+    elif args.limit is not None and args.limit >= 1 and not (math.isfinite(args.limit) and args.limit.is_integer()):
+        problems.append(f"--limit {args.limit:g}: must be a whole number of examples, or a fraction below 1")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         problems.append(f"--num-fewshot {args.num_fewshot}: must be >= 0")
+    if args.output is not None:
+        from megalite.eval_harness.results import output_problems
+
+        problems += output_problems(args.output)  # now, not after an evaluation of hours
     if problems:
         raise ConfigError(problems)
 
@@ -81,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
 def _main_tasks(args: argparse.Namespace) -> int:
     """`megalite eval --tasks`: rank 0 prints the results table (or the result JSON) and writes --output."""
     from megalite.eval_harness import evaluate_checkpoint_tasks, require_lm_eval
-    from megalite.files import atomic_write_text
+    from megalite.eval_harness.results import write_results
 
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
@@ -96,13 +102,12 @@ def _main_tasks(args: argparse.Namespace) -> int:
     if done is None:  # ranks > 0 served rank 0's model calls
         return 0
     results, document = done
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.output, json.dumps(document, indent=2, default=handle_non_serializable) + "\n")
     if args.json:
         emit(json.dumps(document, default=handle_non_serializable))
     else:
         emit(make_table(results).rstrip("\n"))
         if results.get("groups"):
             emit(make_table(results, "groups").rstrip("\n"))
+    if args.output:  # if it cannot be written now, the results go elsewhere and the error says where
+        write_results(json.dumps(document, indent=2, default=handle_non_serializable) + "\n", args.output)
     return 0

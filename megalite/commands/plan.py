@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import math
 
-from megalite import config as cfg_mod
 from megalite.commands.output import emit
 from megalite.errors import ConfigError
-from megalite.plan import ALLOWANCE_GIB, DEVICES, format_plan, format_search, get_device, plan, search
+from megalite.plan import ALLOWANCE_GIB, DEVICES, format_plan, get_device, plan
+from megalite.plan.command import search_output
+from megalite.plan.inputs import load_for_plan
 
 HELP = "memory, communication and step time of a layout, or search for the best one"
 
@@ -37,30 +38,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Load, plan, print. Bad input raises ConfigError (exit 2 through the CLI)."""
+    problems = []
+    for key in ("peak_tflops", "memory_gib", "hbm_tbps", "intra_node_gbps", "inter_node_gbps", "allowance_gib"):
+        value = getattr(args, key)
+        flag = "--" + key.replace("_", "-")
+        if value is not None and not math.isfinite(value):
+            problems.append(f"{flag}: must be a finite number, got {value}")
+        elif value is not None and not (value > 0 or (key == "allowance_gib" and value == 0)):
+            problems.append(f"{flag}: must be {'>= 0' if key == 'allowance_gib' else '> 0'}, got {value}")
+    if args.top < 1:
+        problems.append(f"--top: must be >= 1 (rows of the --search table), got {args.top}")
+    if problems:
+        raise ConfigError(problems)
     device = get_device(args.device).with_overrides(
         peak_tflops=args.peak_tflops, memory_gib=args.memory_gib, hbm_tbps=args.hbm_tbps,
         intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
-    for key in ("peak_tflops", "memory_gib", "hbm_tbps", "intra_node_gbps", "inter_node_gbps", "allowance_gib"):
-        value = getattr(args, key)
-        if value is not None and not (value > 0 or (key == "allowance_gib" and value == 0)):
-            raise ConfigError(f"--{key.replace('_', '-')}: must be > 0, got {value}")
-    cfg = cfg_mod.load(args.config, args.overrides, world_size=args.world_size)  # the one validation
+    # the one validation (as planning allows it: --search from an invalid layout, attention dropout)
+    inputs = load_for_plan(args.config, args.overrides, args.world_size, args.search)
     if args.search:
-        start = time.perf_counter()
-        p0 = plan(cfg, args.world_size, device, args.gpus_per_node, allowance_gib=args.allowance_gib)  # checks input
-        plans = search(cfg, args.world_size, device, args.gpus_per_node, args.allowance_gib)
-        seconds = time.perf_counter() - start
-        if args.json:
-            emit(json.dumps({"config": str(args.config), "world_size": args.world_size, "device": device.name,
-                              "seconds": seconds, "layouts": [p.to_dict() for p in plans]}))
-        else:
-            emit(f"megalite plan --search: {args.config}, {args.world_size} x {device.name}, global batch "
-                  f"{p0.layout.micro_batch * p0.layout.accumulation * p0.layout.data} x {cfg.data.seq_length}")
-            emit(format_search(plans, args.top))
-            emit(f"({seconds:.1f} s; the config's own layout: {p0.layout.describe()}, "
-                  f"{p0.tokens_per_s / p0.layout.world:,.0f} tokens/s/GPU, "
-                  f"{'fits' if p0.fits else 'does not fit'})")
+        emit(search_output(inputs, args.world_size, device, args.gpus_per_node, args.allowance_gib, args.top,
+                           args.json, str(args.config)))
         return 0
-    p = plan(cfg, args.world_size, device, args.gpus_per_node, allowance_gib=args.allowance_gib)
+    p = plan(inputs.cfg, args.world_size, device, args.gpus_per_node, allowance_gib=args.allowance_gib)
     emit(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p, str(args.config)))
     return 0

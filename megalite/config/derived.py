@@ -33,19 +33,16 @@ def count_parameters(m: ModelConfig) -> dict[str, int]:
         n = (3 * h * width) if m.mlp == "swiglu" else (2 * h * width)
         return n + ((2 * width if m.mlp == "swiglu" else width) + h if bias else 0)
 
-    total_layers = active_layers = 0
-    for i in range(layers):
-        block = attn + 2 * norm
-        if m.is_moe_layer(i):
-            moe = m.moe
-            expert = mlp(m.expert_ffn_size, False)  # experts have no biases
-            shared = mlp(m.shared_ffn_size, m.bias) if m.shared_ffn_size else 0
-            router = moe.num_experts * h
-            total_layers += block + router + moe.num_experts * expert + shared
-            active_layers += block + router + moe.top_k * expert + shared
-        else:
-            total_layers += block + mlp(f, m.bias)
-            active_layers += block + mlp(f, m.bias)
+    block = attn + 2 * norm
+    moe_layers = m.num_moe_layers
+    total_layers = active_layers = (layers - moe_layers) * (block + mlp(f, m.bias))
+    if moe_layers:
+        moe = m.moe
+        expert = mlp(m.expert_ffn_size, False)  # experts have no biases
+        shared = mlp(m.shared_ffn_size, m.bias) if m.shared_ffn_size else 0
+        router = moe.num_experts * h
+        total_layers += moe_layers * (block + router + moe.num_experts * expert + shared)
+        active_layers += moe_layers * (block + router + moe.top_k * expert + shared)
     embedding = v * h
     positions = m.max_position_embeddings * h if m.position == "learned" else 0
     output = 0 if m.tied_embeddings else v * h

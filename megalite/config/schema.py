@@ -170,6 +170,14 @@ class ModelConfig:
         return self.moe is not None and self.moe.is_moe_layer(index)
 
     @property
+    def num_moe_layers(self) -> int:
+        """How many layers have experts: those `is_moe_layer` names, counted in closed form (the planner's search
+        asks for every candidate layout; its cost must not grow with the depth)."""
+        if self.moe is None or self.moe.layer_interval < 1:
+            return 0
+        return max(0, self.num_layers - self.moe.first_dense_layers) // self.moe.layer_interval
+
+    @property
     def padded_vocab_size(self) -> int:
         """Vocabulary rounded up to `make_vocab_size_divisible_by`; independent of the TP degree."""
         m = self.make_vocab_size_divisible_by
@@ -263,6 +271,15 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     collective_timeout_s: float = 600.0
+    # Hangs and stragglers (megalite/engine/watchdog.py, stragglers.py; README "When a job hangs"). With one rank
+    # both are off. A hang ends the job with exit code 79 after every live rank wrote its stacks.
+    watchdog: bool = True  # the progress watchdog and the straggler report
+    hang_timeout_s: Optional[float] = None  # no rank progressing this long in a step: a hang (None: 10x the slowest
+    #   recent step, at least 120 s)
+    hang_timeout_long_s: Optional[float] = None  # the same in set-up, the first step, checkpoints, evaluation
+    #   (None: 0.9 x collective_timeout_s)
+    straggler_margin: float = 0.2  # a rank computing this fraction more than its stage's median is slow ...
+    straggler_windows: int = 2  # ... and is named after this many log windows in a row
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval_tasks: Optional[EvalTasksConfig] = None  # downstream tasks at each evaluation (None: none)
 

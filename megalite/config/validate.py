@@ -27,6 +27,7 @@ from megalite.config.schema import (
     ModelConfig,
     MoEConfig,
     ParallelConfig,
+    TrainConfig,
     nvme_offload,
 )
 from megalite.errors import ConfigError, shown
@@ -209,7 +210,7 @@ def expert_parallel_errors(cfg: Config, world_size: int | None = None) -> list[s
         errors.append(f"model.moe.num_experts: {m.moe.num_experts} experts cannot be split evenly over "
                       f"parallel.expert={ep} ranks")
     zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
-    stage = zero.get("stage", 0)
+    stage = cfg.zero_stage
     if stage in (1, 2) and zero.get("reduce_scatter", True) is False:
         errors.append(f"deepspeed.zero_optimization.reduce_scatter: false is refused with parallel.expert={ep} at "
                       f"ZeRO-{stage}: DeepSpeed's ZeRO-1/2 reduce expert gradients over the expert-data-parallel "
@@ -469,6 +470,39 @@ def _validate_zero_keys(zero: dict, errors: list[str]) -> None:
             errors.append(f"deepspeed.zero_optimization.{shown(key, quote=False)}: unknown key{suggest(key, known)}")
 
 
+def watchdog_errors(t: TrainConfig) -> list[str]:
+    """The hang watchdog and straggler report (megalite/engine/watchdog.py): every hang timeout must end before a
+    collective times out, or the waiting ranks fail with the collective's error naming nobody."""
+    errors: list[str] = []
+    collective = t.collective_timeout_s if _number(t.collective_timeout_s) else None
+    for key in ("hang_timeout_s", "hang_timeout_long_s"):
+        value = getattr(t, key)
+        if value is None:
+            continue
+        if not _number(value) or not value > 0:
+            errors.append(f"train.{key}: expected a number of seconds > 0 (or null: derived), got {value!r}")
+        elif collective is not None and value >= collective:
+            errors.append(f"train.{key}: {value} s must be below train.collective_timeout_s={collective} s: a rank "
+                          "waiting in a collective gives up at that timeout, naming nobody, before the watchdog "
+                          "names the hung rank; lower it or raise collective_timeout_s")
+    step, long = t.hang_timeout_s, t.hang_timeout_long_s
+    if _number(step) and _number(long) and step > long:
+        errors.append(f"train.hang_timeout_s: {step} s exceeds train.hang_timeout_long_s={long} s (the timeout of "
+                      "set-up, checkpoints and evaluation, which take longer than a step)")
+    if not _number(t.straggler_margin) or not t.straggler_margin > 0:
+        errors.append(f"train.straggler_margin: expected a fraction > 0 (0.2: 20% above the median), got "
+                      f"{t.straggler_margin!r}")
+    if not isinstance(t.straggler_windows, int) or isinstance(t.straggler_windows, bool) or t.straggler_windows < 1:
+        errors.append(f"train.straggler_windows: expected an integer >= 1, got {t.straggler_windows!r}")
+    if not isinstance(t.watchdog, bool):
+        errors.append(f"train.watchdog: expected true or false, got {t.watchdog!r}")
+    return errors
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Every hardware-independent rule; raises one ConfigError listing all problems."""
     errors: list[str] = []
@@ -495,6 +529,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for sig in t.preemption_signals if isinstance(t.preemption_signals, list) else []:
         if sig not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
             errors.append(not_one_of("train.preemption_signals", sig, ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")))
+    errors.extend(watchdog_errors(t))
     if numbers_ok:
         errors.extend(model_errors(m, p.tensor))  # model.fp8's own rules among them
         if isinstance(ds, dict) and all(isinstance(ds.get(k, {}), dict) for k in ("bf16", "fp16")):
@@ -553,6 +588,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if world_size is not None and numbers_ok:
         if world_size <= 0:
             errors.append(f"world size: must be > 0, got {world_size}")
+        elif world_size < p.tensor * p.pipeline * p.context:
+            degrees = ("parallel.tensor x parallel.pipeline", f"{p.tensor} x {p.pipeline}") if p.context == 1 else (
+                "parallel.tensor x parallel.context x parallel.pipeline", f"{p.tensor} x {p.context} x {p.pipeline}")
+            errors.append(f"world size {world_size} is too small: {degrees[0]} = {degrees[1]} needs at least "
+                          f"{p.tensor * p.pipeline * p.context} GPUs (a multiple of it)")
         elif world_size % (p.tensor * p.pipeline * p.context):
             if p.context == 1:
                 errors.append(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "

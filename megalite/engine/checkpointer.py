@@ -25,6 +25,7 @@ from megalite.checkpoint.commit import PendingSave
 from megalite.checkpoint.reshard import TrainingState
 from megalite.config import Config, Layout
 from megalite.distributed import any_rank
+from megalite.engine import watchdog
 from megalite.engine.elastic import restore_resharded
 from megalite.engine.metrics import MetricSink
 from megalite.engine.moe import after_load, check_resume_layout
@@ -120,6 +121,10 @@ class Checkpointer:
         if not (last or self.due(step)):
             self._poll(step)
             return None
+        return self._save_now(step, last)
+
+    @watchdog.during("checkpoint")  # a long phase: the watchdog allows it the long hang timeout
+    def _save_now(self, step: int, last: bool) -> str | None:
         try:
             self.close(step)
         except CheckpointError as e:  # the same on every rank: the background commit shared its outcome
@@ -146,6 +151,7 @@ class Checkpointer:
                        "seconds": time.perf_counter() - t0})
         return path
 
+    @watchdog.during("checkpoint")
     def close(self, step: int) -> None:
         """Commit the background save in flight, if any (every rank at the same step: a failure raises everywhere)."""
         pending = self.store.in_flight

@@ -48,8 +48,7 @@ from megalite.parallel.experts import expert_shard
 
 def replicate_experts(cfg: Config) -> bool:
     """Whether every rank holds every expert's weights (module docstring: ZeRO-0 and ZeRO-3)."""
-    stage = (cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0)
-    return stage in (0, 3)
+    return cfg.zero_stage in (0, 3)
 
 
 def moe_blocks(model: torch.nn.Module) -> list[MoE]:

@@ -3,9 +3,9 @@
 `config.validate` covers what a login node can check. Here, on the ranks themselves: the world
 size against tensor x context x pipeline x data, the batch arithmetic, GPUs per node against the
 ranks started there, fp16/bf16 support of the device, the plan's memory per GPU on it, free disk
-for checkpoints against an estimate of their size, and a timed all_reduce across all ranks. Every
-problem is one line naming what to change. `megalite train` calls `run_preflight` on every rank at
-start, with the config it validated and the plan it built (`plan_this_run`).
+for checkpoints against an estimate of their size, a timed all_reduce across all ranks, and that every rank reaches
+the hang watchdog's store. Every problem is one line naming what to change. `megalite train` calls `run_preflight`
+on every rank at start, with the config it validated and the plan it built (`plan_this_run`).
 
 Run it on every rank of the job (e.g. `srun megalite preflight run.json`) to test the network;
 on a login node (`megalite preflight run.json --world-size 16`) it checks what it can.
@@ -24,6 +24,7 @@ from megalite import launch
 from megalite.config import Config, count_parameters, validate
 from megalite.distributed import all_gather_objects
 from megalite.distributed import rank as global_rank
+from megalite.engine import watchdog
 from megalite.errors import ConfigError
 from megalite.plan import LocalPlan, memory_summary, memory_warning, model_states_overflow, plan_locally
 
@@ -248,6 +249,18 @@ def check_collective(world_size: int, size_mb: float = 4.0, iters: int = 3,
     return [Check("collective", True, msg)]
 
 
+def check_watchdog_store(cfg: Config, rank: int) -> list[Check]:
+    """The hang watchdog's store (the rendezvous TCPStore every rank publishes its progress in) answers this rank."""
+    import torch.distributed as dist
+
+    if not cfg.train.watchdog:
+        return [Check("watchdog store", True, "skipped: train.watchdog is false")]
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [Check("watchdog store", True, "skipped: one rank (the watchdog is off)")]
+    ok, message = watchdog.check_store(rank)
+    return [Check("watchdog store", ok, message)]
+
+
 def plan_this_run(cfg: Config, world_size: int, env: dict[str, str] | None = None) -> LocalPlan:
     """The run's plan on this node's GPU (`megalite plan`'s cost model, for the ranks started on this node), built
     once: preflight's memory check, the start-up report and the training log's MFU peak all read it. `cfg` must be
@@ -302,6 +315,7 @@ def run_checks(cfg: Config, world_size: int, rank: int, *, collective: bool = Tr
         checks += check_disk(cfg)
     if collective:
         checks += check_collective(world_size, collective_mb, min_bandwidth_gbps=min_bandwidth_gbps)
+        checks += check_watchdog_store(cfg, rank)
     return _agree(checks)
 
 

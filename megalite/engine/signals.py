@@ -6,12 +6,13 @@ import signal
 import sys
 from typing import Any
 
-# Exit codes a batch script can act on (slurm/ requeues on PREEMPTED).
+# Exit codes a batch script can act on (slurm/ requeues on PREEMPTED and HUNG).
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved at a step boundary, resume later
 EXIT_NONFINITE = 76  # too many consecutive non-finite steps; last good state saved
+EXIT_HUNG = 79  # no rank progressed for train.hang_timeout_s: stacks written, suspects named (engine/watchdog.py)
 
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megalite.config import Config
 from megalite.distributed import any_rank
+from megalite.engine import watchdog
 from megalite.engine.build import context_grad_scale
 from megalite.engine.metrics import StepTimer
 from megalite.engine.moe import aux_loss_scale, collect_statistics, set_aux_loss_scale, update_expert_biases
@@ -114,10 +115,12 @@ class DenseStrategy(Strategy):
         ga = self.cfg.gradient_accumulation_steps
         timer.start()
         for micro in range(ga):
+            watchdog.phase("data")
             batch = next(batches)
             timer.lap("data")
             if skipped:
                 continue  # the data of a skipped step is consumed all the same
+            watchdog.phase("forward")
             loss = engine(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
                           **self.model_inputs(batch))
             timer.lap("forward")
@@ -131,6 +134,7 @@ class DenseStrategy(Strategy):
                     engine.micro_steps -= micro
                 continue
             losses.append(loss.detach())
+            watchdog.phase("backward")
             engine.backward(loss)
             timer.lap("backward")
             if micro == ga - 1 and self.clips_itself(engine):
@@ -143,6 +147,7 @@ class DenseStrategy(Strategy):
                     continue
                 clip_gradients(engine.module.parameters(), self.grad_norm, self.cfg.deepspeed.get("gradient_clipping", 0))
             skipped_before = engine.skipped_steps
+            watchdog.phase("optimizer step")
             engine.step()
             timer.lap("optimizer")
             if micro == ga - 1 and self.refused_by_deepspeed(engine, skipped_before):
@@ -198,6 +203,7 @@ class PipelineStrategy(Strategy):
         # with bf16.check_grad_overflow, which megalite turns on) and counts it in engine.skipped_steps.
         timer.start()
         skipped_before = engine.skipped_steps
+        watchdog.phase("pipeline step")
         loss = float(engine.train_batch(data_iter=self._micro_batches(batches)))
         timer.lap("pipeline")
         skipped = self.refused_by_deepspeed(engine, skipped_before)

@@ -26,7 +26,7 @@ from megalite.config import Config, ModelConfig, summary, validate
 from megalite.data import BatchStream, ResumableSampler, build_datasets
 from megalite.data.prepare import manifest_tokenizer
 from megalite.distributed import agree, any_rank
-from megalite.engine import signals
+from megalite.engine import signals, stragglers, watchdog
 from megalite.engine.build import build_engine
 from megalite.engine.checkpointer import Checkpointer, say_on_rank0
 from megalite.engine.evaluation import Evaluator, TaskEvaluator
@@ -83,11 +83,13 @@ class Trainer:
             self._set_up()
         except BaseException:
             self.preemption.restore()
+            watchdog.stop()
             raise
 
     def _set_up(self) -> None:
         cfg = self.cfg
         self.rank, self.world = launch.init_distributed(cfg.train.collective_timeout_s)
+        watchdog.start(cfg, self.rank, self.world)  # hung ranks named from here on (set-up included)
         self.is_main = self.rank == 0
         self.device = launch.device()
         self.output_dir = Path(cfg.train.output_dir)
@@ -195,6 +197,7 @@ class Trainer:
         else:
             self._say(f"{reason}; saved the last good weights as step {self.step}; exiting {signals.EXIT_NONFINITE}")
 
+    @watchdog.during("resume")
     def resume(self) -> None:
         """Continue from the checkpoint train.resume asks for, if any (collective): step, data position, counters."""
         state = self.checkpoints.resume()
@@ -228,11 +231,13 @@ class Trainer:
                 self._say(f"preempted before step {self.step + 1}: exiting {signals.EXIT_PREEMPTED} to be requeued")
                 return self._finish(signals.EXIT_PREEMPTED)
             window = self._start_metrics()
+            stragglers.start(cfg, self.device, self.grid.get_pipe_parallel_rank())  # windows as the metrics'
             exit_code = signals.EXIT_OK
             while self.step < cfg.train.steps:
                 self.profiler.before_step(self.step + 1)
                 loss, skipped = self.train_step(self.timer)
                 self.step += 1
+                watchdog.step_done(self.step)
                 self.consumed_samples += self.cfg.global_batch_size(self.world)  # skipped steps consume data too
                 self.profiler.after_step(self.step)
                 window.add(loss, skipped)
@@ -249,6 +254,7 @@ class Trainer:
                 if window.due(self.step):
                     window.flush(self.step, self.schedule.get_last_lr()[0], self._grad_norm(), self._loss_scale(),
                                  self.nonfinite_skipped, quiet=self._progress is not None)
+                    stragglers.window(self.step, self.sink)  # one small all-gather per log window
                 self._advance_progress(loss)
                 if self.evaluator.due(self.step):
                     self._evaluate()
@@ -262,6 +268,7 @@ class Trainer:
                 self.checkpoints.save(self.step, last=self.step == cfg.train.steps or self.save_failed)
             return self._finish(exit_code)
         finally:
+            watchdog.stop()
             self.preemption.restore()
             self.profiler.close()
             if self._progress is not None:
@@ -291,6 +298,7 @@ class Trainer:
             self._progress.update(1)
             self._progress.set_postfix(loss=f"{loss:.3f}")
 
+    @watchdog.during("evaluation")
     def _evaluate(self) -> None:
         result = self.evaluator.run(self.engine)
         if result:

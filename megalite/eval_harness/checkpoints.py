@@ -19,7 +19,7 @@ from megalite.dtypes import torch_dtype
 from megalite.errors import ConfigError, MegaliteError
 from megalite.eval_harness.calls import ModelCalls
 from megalite.eval_harness.lm import HarnessLMBase, require_lm_eval
-from megalite.eval_harness.tasks import find_tasks, main_metrics, run_tasks
+from megalite.eval_harness.tasks import fewshot_problems, find_tasks, load_tasks, main_metrics, run_tasks
 from megalite.generate import load_for_inference
 
 MODEL_NAME = "megalite"  # the name under which the harness finds the model (`--model megalite`)
@@ -126,8 +126,16 @@ def evaluate_checkpoint_tasks(checkpoint: str | os.PathLike, tasks: list[str], i
                               tokenizer: str | None = None, dtype: str | None = None, seed: int = 1234,
                               log_samples: bool = False) -> tuple[dict, dict] | None:
     """The harness's `tasks` on a checkpoint of any layout, at TP N under N processes: on rank 0 (the harness's
-    results, the result document), None on the other ranks (they serve rank 0's model calls meanwhile)."""
+    results, the result document), None on the other ranks (they serve rank 0's model calls meanwhile).
+
+    The tasks are looked up, loaded and checked (few-shot examples enough for `num_fewshot`) on every rank before
+    the model loads, so that bad input fails at once, the same way on every rank."""
     require_lm_eval()
+    manager, resolved = find_tasks(tasks, include_path)
+    built = load_tasks(manager, resolved)
+    problems = fewshot_problems(built, num_fewshot)
+    if problems:
+        raise ConfigError(problems)
     loaded = load_for_inference(checkpoint, tokenizer, _dtype(dtype))
     lm = model_class().for_model(loaded.model, loaded.tokenizer, loaded.eod_token_id, loaded.bos_token_id,
                                  batch_size=batch_size, seed=seed, step_dir=loaded.step_dir)
@@ -137,8 +145,8 @@ def evaluate_checkpoint_tasks(checkpoint: str | os.PathLike, tasks: list[str], i
         return None
     ok = False
     try:
-        manager, resolved = find_tasks(tasks, include_path)
-        results = run_tasks(lm, manager, resolved, num_fewshot=num_fewshot, limit=limit, log_samples=log_samples)
+        results = run_tasks(lm, manager, resolved, num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
+                            tasks=built)
         ok = True
     finally:
         lm.calls.close(ok)

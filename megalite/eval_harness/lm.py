@@ -242,7 +242,9 @@ def _sampling(options: dict) -> tuple[float, int | None, float | None]:
                           f"(supported: {', '.join(sorted(GENERATION_OPTIONS))})")
     if not options.get("do_sample"):
         return 0.0, None, None
-    temperature = float(options.get("temperature") or 1.0)  # do_sample without a temperature: the usual 1.0
+    # do_sample without a temperature: the usual 1.0; a temperature of 0 is greedy (as the harness's vLLM backend
+    # reads it; its HF backend refuses it), never silently 1.0
+    temperature = float(options["temperature"]) if options.get("temperature") is not None else 1.0
     top_k = options.get("top_k")
     top_p = options.get("top_p")
     return temperature, int(top_k) if top_k else None, float(top_p) if top_p is not None else None

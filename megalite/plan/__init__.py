@@ -54,7 +54,7 @@ from megalite.plan.memory import (
     model_state_bytes,
 )
 from megalite.plan.report import format_plan, format_search
-from megalite.plan.search import Candidate, candidates, search
+from megalite.plan.search import Candidate, candidates, search, stderr_progress
 from megalite.plan.stages import Param, Stage, layer_params, numel, partition_balanced, partition_uniform, stages
 from megalite.plan.summaries import (
     LocalPlan,
@@ -76,5 +76,5 @@ __all__ = [
     "layer_params", "layout_of", "links", "memory", "memory_breakdown", "memory_plan", "memory_summary",
     "memory_warning", "model_state_bytes", "model_states_overflow", "numel", "optimizer_seconds",
     "partition_balanced", "partition_uniform", "peak_tflops_of", "plan", "plan_locally", "search", "settings",
-    "stage_time", "stages", "startup_report", "transfer_seconds", "with_layout",
+    "stage_time", "stages", "startup_report", "stderr_progress", "transfer_seconds", "with_layout",
 ]

@@ -10,15 +10,28 @@ from megalite.config import Config, Layout, kv_replication
 from megalite.plan.devices import Device
 from megalite.plan.layout import Settings
 from megalite.plan.schedule import point_to_point_links
-from megalite.plan.stages import Stage, numel
+from megalite.plan.stages import Stage, decay_numel, numel, numel_at_most
+
+# Bytes each rank sends (and receives) per byte of a collective's payload over the slowest link of its ring: the
+# bus-bandwidth factors of NCCL's algorithms (nccl-tests, doc/PERFORMANCE.md). The payload is the all-gather's
+# output, the reduce-scatter's input, the all-reduce's buffer, all of an all-to-all's input, a send's tensor.
+BUS_FACTORS = {
+    "all-reduce": lambda n: 2 * (n - 1) / n,  # a reduce-scatter, then an all-gather
+    "all-gather": lambda n: (n - 1) / n,
+    "reduce-scatter": lambda n: (n - 1) / n,
+    "all-to-all": lambda n: (n - 1) / n,  # the 1/n addressed to itself stays
+    "send/recv": lambda n: 1.0,  # point to point: the whole tensor crosses
+}
 
 
-def _ring(kind: str, n: int) -> float:
-    """Bytes each rank moves per byte of payload in NCCL's ring algorithms."""
-    if n <= 1:
-        return 0.0
-    return 2 * (n - 1) / n if kind == "all-reduce" else (n - 1) / n if kind in ("all-gather", "reduce-scatter",
-                                                                                 "all-to-all") else 1.0
+def bus_factor(kind: str, n: int) -> float:
+    """Bytes each of `n` ranks moves per byte of payload in collective `kind`; 0 for one rank (nothing leaves the
+    GPU). An unknown kind is an error, never silently charged as some other collective."""
+    if kind not in BUS_FACTORS:
+        raise ValueError(f"unknown collective kind {kind!r}; known: {', '.join(BUS_FACTORS)}")
+    if n < 1:
+        raise ValueError(f"a collective over {n} ranks")
+    return 0.0 if n == 1 else BUS_FACTORS[kind](n)
 
 
 @dataclass
@@ -26,7 +39,7 @@ class Collective:
     """The payload one GPU hands to one kind of collective in one step, and where it goes."""
 
     group: str  # TP | CP | DP (data x context: the ZeRO group) | PP | tied embedding
-    kind: str  # all-reduce | all-gather | reduce-scatter | send/recv
+    kind: str  # a key of BUS_FACTORS: all-reduce | all-gather | reduce-scatter | all-to-all | send/recv
     bytes: float  # sum of the tensors handed to the calls (all-gather: output size; reduce-scatter: input size)
     ranks: int
     link: str  # NVLink | network
@@ -94,7 +107,7 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
         add("CP", "all-to-all", mb * stage.blocks * per_pass * ((2 if s.recompute else 1) + 1))
     n_local = numel(stage.params)
     if dp > 1:
-        decay = sum(p.numel for p in stage.params if p.decay)
+        decay = decay_numel(stage.params)
         padded = sum(-(-x // (2 * dp)) * 2 * dp for x in (decay, n_local - decay) if x)
         # Gradients travel in DeepSpeed's communication dtype, the model's dtype by default. ZeRO-1/2 all-reduce
         # their gradient buckets (use_multi_rank_bucket_allreduce, on by default) and then all-gather the updated
@@ -108,7 +121,7 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
             # the step; the rest once per micro-batch when the stage's parameters fit within
             # stage3_max_reuse_distance (kept from forward to backward), otherwise twice: for the forward, and for
             # the backward (a recomputed layer's backward follows its recompute at once and reuses that gather)
-            persistent = sum(p.numel for p in stage.params if p.numel <= s.persistence_threshold)
+            persistent = numel_at_most(stage.params, s.persistence_threshold)
             gathers = 1 if n_local - persistent <= s.max_reuse_distance else 2
             add("DP", "all-gather", (mb * gathers * (n_local - persistent) + persistent) * e)
             add("DP", "reduce-scatter", mb * n_local * e)
@@ -130,5 +143,8 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
 
 
 def transfer_seconds(c: Collective, device: Device) -> float:
+    """Seconds of `c` at its link's bandwidth per GPU and direction: payload x bus factor / bandwidth."""
+    if c.link not in ("NVLink", "network"):
+        raise ValueError(f"unknown link {c.link!r}")
     bandwidth = (device.intra_node_gbps if c.link == "NVLink" else device.inter_node_gbps) * 1e9
-    return c.bytes * _ring(c.kind, c.ranks) / bandwidth
+    return c.bytes * bus_factor(c.kind, c.ranks) / bandwidth

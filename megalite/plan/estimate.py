@@ -12,7 +12,8 @@ from megalite.plan import schedule
 from megalite.plan.communication import Collective, communication, transfer_seconds
 from megalite.plan.devices import Device, GiB
 from megalite.plan.layout import PATH_NAMES, Settings, layout_of, settings
-from megalite.plan.memory import ALLOWANCE_GIB, StageMemory, memory
+from megalite.plan.memory import ALLOWANCE_GIB, StageMemories, StageMemory, memory
+from megalite.plan.stages import Stage
 from megalite.plan.timing import StageTime, flops_per_token, optimizer_seconds, stage_time
 
 
@@ -25,7 +26,7 @@ class Plan:
     settings: Settings
     device: Device
     gpus_per_node: int
-    memory: list[StageMemory]
+    memory: StageMemories  # a sequence: every stage's, built when read
     comms: list[list[Collective]]  # per stage
     times: list[StageTime]  # per stage, one micro-batch
     optimizer_s: float
@@ -35,6 +36,7 @@ class Plan:
     tokens_per_step: int
     model_flops_per_token: float
     allowance_gib: float = ALLOWANCE_GIB
+    notes: tuple[str, ...] = ()  # what the plan could not model as megalite or DeepSpeed would run it
 
     @property
     def tokens_per_s(self) -> float:
@@ -50,14 +52,16 @@ class Plan:
 
     @property
     def peak_memory(self) -> float:
-        return max(sm.total(self.allowance_gib) for sm in self.memory)
+        return self.worst_stage().total(self.allowance_gib)
 
     @property
     def fits(self) -> bool:
         return self.peak_memory <= self.device.memory_gib * GiB
 
     def worst_stage(self) -> StageMemory:
-        return max(self.memory, key=lambda sm: sm.total(self.allowance_gib))
+        """The fullest stage (the first of them on a tie)."""
+        fullest = self.memory.fullest() if isinstance(self.memory, StageMemories) else self.memory
+        return max(fullest, key=lambda sm: sm.total(self.allowance_gib))
 
     def to_dict(self) -> dict:
         """A JSON-serialisable summary."""
@@ -81,6 +85,7 @@ class Plan:
             "tokens_per_s_per_gpu": self.tokens_per_s / self.layout.world,
             "model_tflops_per_gpu": self.model_tflops_per_gpu, "mfu": self.mfu,
             "micro_batch_s": [dataclasses.asdict(t) | {"total": t.total} for t in self.times],
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
 
@@ -92,17 +97,19 @@ def plan(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8, *
     `attention` overrides the attention implementation ('materialized' models systems that store the T x T
     scores, such as Megatron-LM in 2021); by default it follows train.kernels.
     """
-    problems = []
-    if gpus_per_node <= 0:
-        problems.append(f"--gpus-per-node: must be > 0, got {gpus_per_node}")
-    elif world_size > gpus_per_node and world_size % gpus_per_node:
-        problems.append(f"--world-size: {world_size} is not a multiple of --gpus-per-node {gpus_per_node} "
-                        "(whole nodes)")
-    if problems:
-        raise ConfigError(problems)
+    check_cluster(world_size, gpus_per_node)
     layout = layout_of(cfg, world_size)
     s = settings(cfg, attention)
     return evaluate(cfg, layout, s, device, gpus_per_node, allowance_gib)
+
+
+def check_cluster(world_size: int, gpus_per_node: int) -> None:
+    """Whole nodes of a positive size (ConfigError naming the flag)."""
+    if gpus_per_node <= 0:
+        raise ConfigError(f"--gpus-per-node: must be > 0, got {gpus_per_node}")
+    if world_size > gpus_per_node and world_size % gpus_per_node:
+        raise ConfigError(f"--world-size: {world_size} is not a multiple of --gpus-per-node {gpus_per_node} "
+                          "(whole nodes)")
 
 
 def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_node: int,
@@ -121,7 +128,7 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     comms = [by_kind[st.kind][0] for st in sts]
     times = [by_kind[st.kind][1] for st in sts]
     m, p = layout.accumulation, layout.pipeline
-    slowest = max(times, key=lambda t: t.total)
+    slowest = max((t for _, t, _ in by_kind.values()), key=lambda t: t.total)
     # The schedule's step, every rank taking the slowest one's forward, input- and weight-gradient passes.
     passes = schedule.split_passes(slowest, s.recompute)
     timeline = schedule.step_seconds(cfg.parallel.pipeline_schedule, p, m, passes)
@@ -132,7 +139,7 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     # the first version of this model let its prefetch hide them and over-predicted the ZeRO-3 rows of Narayanan
     # et al. (2021), Table 2, by 40-55% (docs/plan.md says so). Everything else waits for the backward to finish.
     dp_exposed = 0.0
-    for cs, t in zip(comms, times):
+    for cs, t, _ in by_kind.values():  # stages of one kind send the same
         exposed = 0.0
         for c in cs:
             seconds = transfer_seconds(c, device)
@@ -145,4 +152,18 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     step = pipeline_s + optimizer_s + dp_exposed
     tokens = cfg.micro_batch_size * m * layout.data * cfg.data.seq_length
     return Plan(cfg, layout, s, device, gpus_per_node, mem, comms, times, optimizer_s, dp_exposed, step, bubble,
-                tokens, flops_per_token(cfg), allowance_gib)
+                tokens, flops_per_token(cfg), allowance_gib, plan_notes(cfg, sts))
+
+
+def plan_notes(cfg: Config, sts: list[Stage]) -> tuple[str, ...]:
+    """Where the plan departs from what DeepSpeed would do, said in the reports."""
+    notes = []
+    if cfg.model.attention_dropout > 0:
+        notes.append(f"model.attention_dropout={cfg.model.attention_dropout:g} is planned as other stacks run it "
+                     "(flash attention keeps no dropout mask; a stored T x T softmax keeps one), but megalite cannot "
+                     "train this config: its attention kernels have no dropout")
+    if not all(st.exact for st in sts):
+        notes.append(f"the {cfg.model.num_layers:,} layers are cut into pipeline stages in closed form, not by "
+                     "DeepSpeed's partition_balanced, whose cost grows as layers^2 x stages (the heaviest stage within "
+                     "0.2% of DeepSpeed's where both were computed; block counts may differ by a few)")
+    return tuple(notes)

@@ -24,8 +24,12 @@ def layout_of(cfg: Config, world_size: int) -> Layout:
     layout = cfg.layout(world_size)
     if layout.world != world_size:
         p = cfg.parallel
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.context x "
-                          f"parallel.pipeline = {p.tensor} x {p.context} x {p.pipeline}")
+        model_parallel = p.tensor * p.context * p.pipeline
+        degrees = f"parallel.tensor x parallel.context x parallel.pipeline = {p.tensor} x {p.context} x {p.pipeline}"
+        if world_size < model_parallel:
+            raise ConfigError(f"world size {world_size} is too small: {degrees} needs at least {model_parallel} GPUs "
+                              "(a multiple of it)")
+        raise ConfigError(f"world size {world_size} is not divisible by {degrees}")
     return layout
 
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, overload
 
 from megalite.config import Config, Layout, kv_replication
 from megalite.plan import schedule
 from megalite.plan.devices import GiB
 from megalite.plan.layout import Settings
-from megalite.plan.stages import Stage, numel
+from megalite.plan.stages import Stage, decay_numel, numel, numel_at_most
 
 # What the caching allocator does not count (torch.cuda.max_memory_allocated excludes it): the CUDA
 # context and cuBLAS workspaces (about 0.5-1 GiB on Hopper), NCCL's communicator buffers, and the
@@ -38,7 +39,7 @@ def model_state_bytes(params: Any, dp: int, s: Settings) -> dict[str, tuple[floa
     besides. ZeRO-0 keeps whole copies. The flat decay and no-decay groups are padded to a multiple of
     2 x dp elements, as DeepSpeed aligns them.
     """
-    decay = sum(p.numel for p in params if p.decay)
+    decay = decay_numel(params)
     n = numel(params)
     e, g, k = s.element, s.grad_accum, s.optimizer_state_bytes
     padded = sum(-(-x // (2 * dp)) * 2 * dp for x in (decay, n - decay) if x)
@@ -59,7 +60,7 @@ def model_state_bytes(params: Any, dp: int, s: Settings) -> dict[str, tuple[floa
         out = {"parameters": (e * padded, False), "gradients": (grads, True), "master weights": (4 * part, False),
                "optimizer states": (k * part, False)}
     else:  # zero3
-        persistent = sum(p.numel for p in params if p.numel <= s.persistence_threshold)
+        persistent = numel_at_most(params, s.persistence_threshold)
         out = {"parameters": (e * (n / dp + persistent), False), "gradients": (g * n / dp, False),
                "master weights": (4 * n / dp, False), "optimizer states": (k * n / dp, False)}
     if s.offload_optimizer:
@@ -199,8 +200,49 @@ class StageMemory:
         return max(self.terms.items(), key=lambda kv: kv[1])
 
 
-def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
-    """Per-GPU memory of every pipeline stage."""
+class StageMemories(Sequence[StageMemory]):
+    """The memory of every pipeline stage, each built when first read (a search ranks thousands of layouts of up to
+    hundreds of stages by their fullest stage only). Stages of one kind (the same layers) differ only in the
+    micro-batches they hold in flight, which never rise with the stage index under 1F1B, so the first stage of each
+    kind is the fullest of its kind: `fullest()` are those, in stage order. Other schedules say which stages to
+    consider (`candidates`: "ends", the first and last of each kind; "all")."""
+
+    def __init__(self, stage_list: list[Stage], build: Callable[[Stage], StageMemory],
+                 candidates: Optional[str] = None) -> None:
+        self._stages, self._build = stage_list, build
+        self._built: dict[int, StageMemory] = {}
+        firsts: dict[tuple, int] = {}
+        lasts: dict[tuple, int] = {}
+        for st in stage_list:
+            firsts.setdefault(st.kind, st.index)
+            lasts[st.kind] = st.index
+        picked = set(firsts.values()) | (set(lasts.values()) if candidates == "ends" else set())
+        self._firsts = sorted(picked) if candidates != "all" else [st.index for st in stage_list]
+
+    def __len__(self) -> int:
+        return len(self._stages)
+
+    @overload
+    def __getitem__(self, index: int) -> StageMemory: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[StageMemory]: ...
+
+    def __getitem__(self, index: int | slice) -> StageMemory | list[StageMemory]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        i = range(len(self))[index]  # negative indices; IndexError past the end
+        if i not in self._built:
+            self._built[i] = self._build(self._stages[i])
+        return self._built[i]
+
+    def fullest(self) -> list[StageMemory]:
+        """The first stage of each kind: among them is every stage a maximum over all stages would pick first."""
+        return [self[i] for i in self._firsts]
+
+
+def memory(cfg: Config, layout: Layout, s: Settings) -> StageMemories:
+    """Per-GPU memory of every pipeline stage (each built when first read)."""
     m = cfg.model
     tp, pp, dp = layout.tensor, layout.pipeline, layout.replicas  # ZeRO partitions over data x context
     e = s.element
@@ -208,12 +250,13 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
     Ns = N // tp if layout.sequence_parallel else N
     v_l = m.padded_vocab_size // tp
     per_layer = None
-    out = []
     by_kind: dict[tuple, tuple] = {}
-    for st in schedule.rank_stages(cfg, tp, pp):
+
+    def build(st: Stage) -> StageMemory:
+        nonlocal per_layer
         if st.kind not in by_kind:
-            decay = sum(p.numel for p in st.params if p.decay)
-            persistent = sum(p.numel for p in st.params if p.numel <= s.persistence_threshold)
+            decay = decay_numel(st.params)
+            persistent = numel_at_most(st.params, s.persistence_threshold)
             by_kind[st.kind] = (model_state_bytes(st.params, dp, s), activation_bytes(cfg, layout, st, s),
                                 st.numel, decay, persistent)
         states, per_micro, n_local, decay, persistent = by_kind[st.kind]
@@ -275,6 +318,12 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> list[StageMemory]:
         elif s.path == "zero3":  # ZeRO-3 flattens a parameter group's gradient partition into fp32 for the step
             terms["transient: fp32 gradients at the step"] = float(4 * max(decay, n_local - decay) / dp)
         late = frozenset(k for k in terms if k.startswith("transient:") and ("bucket" in k or "at the step" in k))
-        out.append(StageMemory(st.index, terms, built, in_flight, layout.accumulation, per_micro, host, late,
-                               s.path == "zero" and s.zero_stage == 2))
-    return out
+        return StageMemory(st.index, terms, built, in_flight, layout.accumulation, per_micro, host, late,
+                           s.path == "zero" and s.zero_stage == 2)
+
+    ranks = schedule.rank_stages(cfg, tp, pp)
+    name = cfg.parallel.pipeline_schedule
+    # Which stages can be the fullest of their kind: under ZB-H1 the first or the last (activations in flight fall
+    # with the stage index, deferred weight-gradient inputs rise), under DualPipeV any (each rank two chunks).
+    fullest = None if name == "1f1b" else "ends" if name == "zb-h1" else "all"
+    return StageMemories(ranks, build, fullest)

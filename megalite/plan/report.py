@@ -107,6 +107,7 @@ def format_plan(p: Plan, source: str = "") -> str:
               f"{EFFICIENCY['norm_backward']:.2f} backward, flash attention "
               f"{attention_fraction(p.cfg.data.seq_length, p.cfg.model.head_dim):.3f}"
               f" at {p.cfg.data.seq_length} tokens"]
+    lines += [f"note: {note}" for note in p.notes]
     return "\n".join(lines)
 
 
@@ -127,4 +128,8 @@ def format_search(plans: list[Plan], limit: int = 10) -> str:
                      f"{p.step_s:.3f} | {p.tokens_per_s / lay.world:,.0f} | {p.mfu:.1%} |")
     if not fitting:
         lines.append("| - | no layout fits in memory | | | | | | | | | | | | |")
+    notes = dict.fromkeys(note for p in plans for note in p.notes)  # each once, in order
+    if notes:
+        lines.append("")
+        lines += [f"note{'' if all(note in p.notes for p in plans) else ' (some layouts)'}: {note}" for note in notes]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from megalite.plan.stages import Stage, stages
+from megalite.plan.stages import Param, ParamSet, Stage, stages
 
 if TYPE_CHECKING:
     from megalite.config import Config, Layout
@@ -331,10 +331,15 @@ def rank_stages(cfg: Config, tp: int, pp: int) -> list[Stage]:
     for r in range(pp):
         a, b = chunk_stages(cfg, tp, pp, r)
         shared = a.embedding and b.head and cfg.model.tied_embeddings  # the tied output layer is the embedding
-        params = a.params + tuple(p for p in b.params if not (shared and p.name.startswith("embedding.")))
-        out.append(Stage(r, a.blocks + b.blocks, a.embedding or b.embedding, a.head or b.head, params,
-                         sum(p.numel for p in params)))
+        held = ParamSet(a.params.groups + tuple((ps, n) for ps, n in b.params.groups
+                                                if not (shared and _embedding_only(ps))))
+        out.append(Stage(r, a.blocks + b.blocks, a.embedding or b.embedding, a.head or b.head, held, held.numel,
+                         a.exact and b.exact))
     return out
+
+
+def _embedding_only(params: tuple[Param, ...]) -> bool:
+    return all(p.name.startswith("embedding.") for p in params)
 
 
 def weight_grad_input_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> float:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from megalite.config import Config, Layout, context_errors
@@ -24,21 +29,23 @@ class Candidate:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
-def candidates(cfg: Config, world_size: int, gpus_per_node: int) -> list[Candidate]:
-    """Every layout of `world_size` GPUs with the config's global batch: TP (within a node, dividing heads, KV
-    heads, FFN and vocabulary), sequence parallelism, PP and its schedule (1F1B, ZB-H1, DualPipeV where their rules
-    allow: `pipeline_schedules`), ZeRO stage (as DeepSpeed allows it), micro-batch and accumulation, recompute on/off,
-    chunked loss on/off."""
+def candidates(cfg: Config, world_size: int, gpus_per_node: int, global_batch: int | None = None) -> list[Candidate]:
+    """Every layout of `world_size` GPUs with the config's global batch (or `global_batch` sequences): TP (within a
+    node, dividing heads, KV heads, FFN and vocabulary), sequence parallelism, PP and its schedule (1F1B, ZB-H1,
+    DualPipeV where their rules allow: `pipeline_schedules`), ZeRO stage (as DeepSpeed allows it), micro-batch and
+    accumulation, recompute on/off, chunked loss on/off."""
     m = cfg.model
     base = layout_of(cfg, world_size)
-    global_batch = base.micro_batch * base.accumulation * base.data
+    if global_batch is None:
+        global_batch = base.micro_batch * base.accumulation * base.data
     cp = base.context  # the search keeps the config's context-parallel degree
     chunk = m.loss_chunk_tokens or 4096
     precision = cfg.precision
-    accum = settings(cfg).grad_accum
+    accum = settings(with_layout(cfg, dataclasses.replace(base, zero_stage=1), False, 0)).grad_accum  # any stage
     out = []
     for tp in _divisors(min(world_size // cp, gpus_per_node)):
         if any(x % tp for x in (m.num_heads, m.kv_heads, m.ffn_size, m.padded_vocab_size)):
@@ -84,17 +91,40 @@ def pipeline_schedules(cfg: Config, pp: int, accumulation: int) -> list[str]:
 
 
 def search(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8,
-           allowance_gib: float = ALLOWANCE_GIB) -> list[Plan]:
-    """Every candidate layout, planned, ranked: layouts that fit first, by predicted tokens/s."""
+           allowance_gib: float = ALLOWANCE_GIB, progress: Callable[[int, int], None] | None = None,
+           global_batch: int | None = None) -> list[Plan]:
+    """Every candidate layout (`candidates`), planned, ranked: layouts that fit first, by predicted tokens/s.
+    `progress(done, total)` is called after each candidate."""
     plans = []
-    for c in candidates(cfg, world_size, gpus_per_node):
+    todo = candidates(cfg, world_size, gpus_per_node, global_batch)
+    for done, c in enumerate(todo, 1):
         new = with_layout(cfg, c.layout, c.recompute, c.loss_chunk_tokens, c.pipeline_schedule)
         try:
             s = settings(new)
         except ConfigError:
             continue
+        finally:
+            if progress is not None:
+                progress(done, len(todo))
         plans.append(evaluate(new, c.layout, s, device, gpus_per_node, allowance_gib))
     # Throughput to 4 significant digits, then the least memory: of layouts the model cannot tell apart in speed
     # (micro-batch sizes, which it does not charge for), the one with the most headroom first.
     plans.sort(key=lambda p: (not p.fits, -float(f"{p.tokens_per_s:.4g}"), p.peak_memory))
     return plans
+
+
+def stderr_progress(label: str = "megalite plan --search", after_s: float = 2.0,
+                    every_s: float = 2.0) -> Callable[[int, int], None]:
+    """A `search` progress callback for a terminal: silent for a search shorter than `after_s`, then a line on stderr
+    every `every_s` seconds and at the end."""
+    start = time.perf_counter()
+    last = [start]
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - start < after_s or (now - last[0] < every_s and done < total):
+            return
+        last[0] = now
+        print(f"{label}: {done}/{total} layouts planned ({now - start:.0f} s)", file=sys.stderr, flush=True)
+
+    return report

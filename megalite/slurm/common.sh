@@ -17,13 +17,21 @@
 #   MEGALITE_MAX_RESTARTS    stop requeueing after this many restarts (default 50)
 #   MEGALITE_TASK_WAIT       seconds the other ranks get after the first one exits (srun --wait; default 300)
 #   MEGALITE_COMMAND         what each rank runs instead of `python -m megalite.commands.rank` (the megalite CLI)
+#   MEGALITE_HANG_EXCLUDE    1: a requeue after a hang excludes the hosts the watchdog named (default 1; see
+#                            megalite_requeue_hung), 0: requeue without excluding
+#   MEGALITE_MAX_HANG_REQUEUES  stop requeueing after this many hangs in one job (default 3)
+#   MEGALITE_HANG_GRACE      seconds a rank that exited 79 waits before ending the job step, which a stopped
+#                            rank never leaves by itself (rank.sh; default 10)
+#   TORCH_FR_BUFFER_SIZE     torch's flight recorder of collectives (default 2000 entries; 0 turns it off)
 #   MASTER_ADDR, MASTER_PORT default: the first node's address, 29500 + job id % 10000
 #
 # Exit codes of `megalite train` (megalite/engine/signals.py): 0 done, 75 preempted and saved
-# (requeue), anything else a real failure (stop).
+# (requeue), 79 a rank hung and the watchdog named it (requeue, excluding its host), anything else a
+# real failure (stop).
 
 MEGALITE_EXIT_OK=0
 MEGALITE_EXIT_PREEMPTED=75
+MEGALITE_EXIT_HUNG=79
 
 megalite_log() {
     echo "megalite-slurm [$(date '+%F %T')] $*" >&2
@@ -93,6 +101,14 @@ megalite_setup() {
     rm -rf "$MEGALITE_STATE_DIR"
     mkdir -p "$MEGALITE_STATE_DIR" || megalite_die "cannot create $MEGALITE_STATE_DIR"
     export MEGALITE_STATE_DIR
+    # Hangs (README "When a job hangs"): the watchdog's stacks, flight-recorder traces and suspect hosts, and
+    # torch's own NCCL dump on a collective timeout, in one folder per attempt inside the run directory.
+    MEGALITE_HANG_DIR="$MEGALITE_STATE_DIR/hang"
+    mkdir -p "$MEGALITE_HANG_DIR" || megalite_die "cannot create $MEGALITE_HANG_DIR"
+    export MEGALITE_HANG_DIR
+    export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
+    export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$MEGALITE_HANG_DIR/fr_trace_rank_}
+    export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
 
     MEGALITE_NODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
     if [[ -z "${MEGALITE_GPUS_PER_NODE:-}" ]]; then
@@ -190,10 +206,12 @@ megalite_launch() {
     esac
 }
 
-# Sets MEGALITE_RESULT to ok | preempted | failed and MEGALITE_RC from the ranks' exit codes
+# Sets MEGALITE_RESULT to ok | preempted | hung | failed and MEGALITE_RC from the ranks' exit codes
 # (rank.sh writes them: torchrun turns a worker's 75 into 1, so the step's own code is not enough).
+# A hung rank reports nothing (it was killed with its step); a rank that failed outright decides over
+# a hang (a crash is a bug a requeue would only repeat).
 megalite_collect() {
-    local f rc n=0 ok=0 preempted=0 other=""
+    local f rc n=0 ok=0 preempted=0 hung=0 other=""
     for f in "$MEGALITE_STATE_DIR"/rank-*.rc; do
         [[ -e "$f" ]] || continue
         rc=$(<"$f")
@@ -201,12 +219,17 @@ megalite_collect() {
         case "$rc" in
             "$MEGALITE_EXIT_OK") ok=$((ok + 1)) ;;
             "$MEGALITE_EXIT_PREEMPTED") preempted=$((preempted + 1)) ;;
+            "$MEGALITE_EXIT_HUNG") hung=$((hung + 1)) ;;
             *) other=${other:-$rc} ;;
         esac
     done
-    megalite_log "step exit code $MEGALITE_STEP_RC${MEGALITE_SIGNALLED:+ (after SIG$MEGALITE_SIGNALLED)}; $n of $MEGALITE_WORLD_SIZE ranks reported: $ok done, $preempted preempted${other:+, first failure $other}"
+    local hangs=""
+    [[ $hung -eq 0 ]] || hangs=", $hung hung"
+    megalite_log "step exit code $MEGALITE_STEP_RC${MEGALITE_SIGNALLED:+ (after SIG$MEGALITE_SIGNALLED)}; $n of $MEGALITE_WORLD_SIZE ranks reported: $ok done, $preempted preempted$hangs${other:+, first failure $other}"
     if [[ -n "$other" ]]; then
         MEGALITE_RESULT=failed MEGALITE_RC=$other
+    elif [[ $hung -gt 0 ]]; then
+        MEGALITE_RESULT=hung MEGALITE_RC=$MEGALITE_EXIT_HUNG
     elif [[ $n -lt $MEGALITE_WORLD_SIZE ]]; then
         MEGALITE_RESULT=failed
         MEGALITE_RC=$MEGALITE_STEP_RC
@@ -228,6 +251,45 @@ megalite_requeue() {
     if ! scontrol requeue "$SLURM_JOB_ID"; then
         megalite_log "scontrol requeue failed (JobRequeue disabled?): resubmit to resume from the checkpoint"
         exit "$MEGALITE_EXIT_PREEMPTED"
+    fi
+    exit 0
+}
+
+# After a hang (exit 79): requeue, so the next attempt resumes from the last checkpoint, without the hosts the
+# watchdog named (MEGALITE_HANG_DIR/suspect-hosts). SLURM 22.05 changes a job's excluded nodes only while it is
+# pending, and a requeue ends this script at once; so a small helper job (slurm/exclude.sh) waits until this
+# job is requeued and held, adds the hosts to its ExcNodeList and releases it. If the helper cannot be
+# submitted, or MEGALITE_HANG_EXCLUDE=0, a plain requeue. A job that can only run on the excluded nodes stays
+# pending: `scontrol update JobId=ID ExcNodeList=` clears the list.
+megalite_requeue_hung() {
+    local hosts="" max=${MEGALITE_MAX_HANG_REQUEUES:-3} hangs helper
+    if [[ -s "$MEGALITE_HANG_DIR/suspect-hosts" ]]; then
+        hosts=$(sort -u "$MEGALITE_HANG_DIR/suspect-hosts" | paste -sd, -)
+    fi
+    megalite_log "hang: the watchdog named host(s) ${hosts:-(none)}; stacks and flight-recorder traces in $MEGALITE_HANG_DIR"
+    hangs=$(cat "$MEGALITE_OUTPUT_DIR/slurm/$SLURM_JOB_ID"/attempt-*/result 2>/dev/null | grep -cx hung)
+    if [[ $hangs -gt $max || $MEGALITE_RESTART -ge ${MEGALITE_MAX_RESTARTS:-50} ]]; then
+        megalite_log "hang $hangs of this job (MEGALITE_MAX_HANG_REQUEUES=$max, restart $MEGALITE_RESTART): not requeueing"
+        exit "$MEGALITE_EXIT_HUNG"
+    fi
+    if [[ -n "$hosts" && "${MEGALITE_HANG_EXCLUDE:-1}" == 1 ]]; then
+        local opts=(--parsable --job-name="megalite-exclude-$SLURM_JOB_ID" --nodes=1 --ntasks=1 --time=15
+                    --output="$MEGALITE_STATE_DIR/exclude-helper.log" --exclude="$hosts")
+        [[ -z "${SLURM_JOB_PARTITION:-}" ]] || opts+=(--partition="$SLURM_JOB_PARTITION")
+        [[ -z "${SLURM_JOB_ACCOUNT:-}" ]] || opts+=(--account="$SLURM_JOB_ACCOUNT")
+        if helper=$(sbatch "${opts[@]}" "$MEGALITE_SLURM_DIR/exclude.sh" "$SLURM_JOB_ID" "$hosts"); then
+            megalite_log "hang: requeueing job $SLURM_JOB_ID held (restart $((MEGALITE_RESTART + 1))); helper job $helper excludes $hosts, then releases it"
+            scontrol requeuehold "$SLURM_JOB_ID" && exit 0
+            megalite_log "scontrol requeuehold failed: cancelling helper job $helper"
+            scancel "$helper" || true
+        else
+            megalite_log "hang: could not submit the helper job that excludes $hosts: requeueing without excluding"
+        fi
+    fi
+    megalite_log "hang: requeueing job $SLURM_JOB_ID (restart $((MEGALITE_RESTART + 1)))"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        megalite_log "scontrol requeue failed (JobRequeue disabled?): resubmit to resume from the checkpoint"
+        exit "$MEGALITE_EXIT_HUNG"
     fi
     exit 0
 }
@@ -254,6 +316,7 @@ megalite_main() {
 
     megalite_launch "$launcher"
     megalite_collect
+    echo "$MEGALITE_RESULT" >"$MEGALITE_STATE_DIR/result"
     case "$MEGALITE_RESULT" in
         ok)
             megalite_log "training finished"
@@ -267,6 +330,9 @@ megalite_main() {
             ;;
         preempted)
             megalite_requeue
+            ;;
+        hung)
+            megalite_requeue_hung
             ;;
         *)
             megalite_log "training failed with exit code $MEGALITE_RC: not requeueing"

@@ -39,4 +39,11 @@ done
 if [[ -n "${MEGALITE_STATE_DIR:-}" ]]; then
     echo "$rc" >"$MEGALITE_STATE_DIR/rank-$rank.rc.tmp" && mv -f "$MEGALITE_STATE_DIR/rank-$rank.rc.tmp" "$MEGALITE_STATE_DIR/rank-$rank.rc"
 fi
+# 79: the watchdog declared a hang. The hung rank never leaves by itself (a stopped process, a stuck
+# kernel), and srun would wait MEGALITE_TASK_WAIT for it: once the live ranks have had the time to
+# report, end the job step. Only this task's processes outlive it, so this runs only while some other
+# task is still there (when every task has exited, the step ends and takes this with it).
+if [[ $rc -eq 79 && -n "${SLURM_JOB_ID:-}" && -n "${SLURM_STEP_ID:-}" ]]; then
+    (sleep "${MEGALITE_HANG_GRACE:-10}" && scancel --quiet --signal=KILL "$SLURM_JOB_ID.$SLURM_STEP_ID") &
+fi
 exit "$rc"
