@@ -106,6 +106,12 @@ def test_simulation_against_closed_forms() -> None:
         # half-stage chunks (p + 1 stages' worth: DualPipe's "PP + 1").
         assert zb.activations == one.activations == [p - s for s in range(p)]
         assert [S.deferred_weight_inputs(s, p, m, "zb-h1") for s in range(p)] == list(range(p))
+    for p in (2, 3, 5):  # the planner's closed forms of ZB-H1's memory against the simulation, m < p included
+        for m in range(1, 3 * p):
+            zb = S.simulate("zb-h1", p, m, (1.0, 1.0, 1.0))
+            assert [S.in_flight(s, p, m, "zb-h1") for s in range(p)] == zb.activations, (p, m)
+            assert [S.deferred_weight_inputs(s, p, m, "zb-h1") for s in range(p)] == [
+                max(0, d - 1) for d in zb.deferred], (p, m)
         assert [S.in_flight(s, p, m, "dualpipev") for s in range(p)] == [p + 1] * p
     rng = random.Random(RUN_SEED)
     for _ in range(200):

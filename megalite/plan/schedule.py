@@ -168,48 +168,57 @@ def simulate(name: str, stages: int, micro_batches: int,
         times = [[times] * n_chunks for _ in range(stages)]
     orders = [rank_order(name, stages, micro_batches, r) for r in range(stages)]
     last_virtual = stages * n_chunks - 1
-    finished: dict[tuple[str, int, int], float] = {}  # (F | G (input gradients done) | W, virtual stage, micro)
+    owner = {virtual_stage(name, stages, r, c): r for r in range(stages) for c in range(n_chunks)}
+    finished: dict[tuple[str, int, int], float] = {}  # (F | G (input gradients done), virtual stage, micro)
     free, busy = [0.0] * stages, [0.0] * stages
     position = [0] * stages
     activations, deferred = [0] * stages, [0] * stages
     held, waiting = [0] * stages, [0] * stages
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for r in range(stages):
-            while position[r] < len(orders[r]):
-                kind, j, c = orders[r][position[r]]
-                v = virtual_stage(name, stages, r, c)
-                if kind == "F":
-                    needs = [("F", v - 1, j)] if v > 0 else []
-                elif kind == "W":
-                    needs = [("G", v, j)]
-                else:
-                    needs = [("F", v, j)] + ([("G", v + 1, j)] if v < last_virtual else [])
-                if any(k not in finished for k in needs):
-                    break
-                f, i, w = times[r][c]
-                seconds = {"F": f, "I": i, "W": w, "B": i + w}[kind]
-                start = max([free[r]] + [finished[k] for k in needs])
-                free[r] = start + seconds
-                busy[r] += seconds
-                if kind == "F":
-                    finished["F", v, j] = free[r]
-                    held[r] += 1
-                    activations[r] = max(activations[r], held[r])
-                elif kind in ("B", "I"):
-                    finished["G", v, j] = free[r]
-                    held[r] -= 1
-                    if kind == "I":
-                        waiting[r] += 1
-                        deferred[r] = max(deferred[r], waiting[r])
-                else:
-                    waiting[r] -= 1
-                position[r] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError(f"pipeline schedule {name!r} deadlocks at p={stages}, m={micro_batches}")
+    # A worklist: a rank runs its passes in order until one waits for another rank's pass; a finished pass wakes the
+    # ranks of the neighbouring virtual stages (each pass is visited a bounded number of times).
+    todo, queued = list(range(stages)), [True] * stages
+    while todo:
+        r = todo.pop()
+        queued[r] = False
+        while position[r] < len(orders[r]):
+            kind, j, c = orders[r][position[r]]
+            v = virtual_stage(name, stages, r, c)
+            if kind == "F":
+                needs = [("F", v - 1, j)] if v > 0 else []
+            elif kind == "W":
+                needs = [("G", v, j)]
+            else:
+                needs = [("F", v, j)] + ([("G", v + 1, j)] if v < last_virtual else [])
+            if any(k not in finished for k in needs):
+                break
+            f, i, w = times[r][c]
+            seconds = {"F": f, "I": i, "W": w, "B": i + w}[kind]
+            start = max([free[r]] + [finished[k] for k in needs])
+            free[r] = start + seconds
+            busy[r] += seconds
+            wake = ()
+            if kind == "F":
+                finished["F", v, j] = free[r]
+                held[r] += 1
+                activations[r] = max(activations[r], held[r])
+                wake = (v + 1,)
+            elif kind in ("B", "I"):
+                finished["G", v, j] = free[r]
+                held[r] -= 1
+                if kind == "I":
+                    waiting[r] += 1
+                    deferred[r] = max(deferred[r], waiting[r])
+                wake = (v - 1,)
+            else:
+                waiting[r] -= 1
+            position[r] += 1
+            for u in wake:
+                other = owner.get(u)
+                if other is not None and other != r and not queued[other]:
+                    queued[other] = True
+                    todo.append(other)
+    if any(position[r] < len(orders[r]) for r in range(stages)):
+        raise RuntimeError(f"pipeline schedule {name!r} deadlocks at p={stages}, m={micro_batches}")
     return Timeline(max(free), busy, activations, deferred)
 
 
@@ -241,7 +250,7 @@ def in_flight(stage: int, stages: int, micro_batches: int, name: str = "1f1b") -
     half the rank's layers), rounded up."""
     if stages == 1:
         return 1
-    if name == "1f1b":
+    if name in ("1f1b", "zb-h1"):  # ZB-H1 keeps 1F1B's warm-up depth (tests compare with the simulation)
         return min(stages - stage, micro_batches)
     return -(-_unit(name, stages, micro_batches).activations[stage] // chunks(name))
 
@@ -251,7 +260,8 @@ def deferred_weight_inputs(stage: int, stages: int, micro_batches: int, name: st
     holds after their input-gradient pass, awaiting W: up to `stage` under ZB-H1, none otherwise."""
     if name != "zb-h1" or stages == 1:
         return 0
-    return max(0, _unit(name, stages, micro_batches).deferred[stage] - 1)
+    # W runs s input-gradient passes late: s micro-batches wait beside the one whose I just ran (fewer when m <= s)
+    return min(stage, micro_batches - 1)
 
 
 def point_to_point_links(name: str, stage: int, stages: int) -> int:

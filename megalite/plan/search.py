@@ -79,11 +79,13 @@ def candidates(cfg: Config, world_size: int, gpus_per_node: int, global_batch: i
 
 def pipeline_schedules(cfg: Config, pp: int, accumulation: int) -> list[str]:
     """The schedules a layout of `pp` stages and `accumulation` micro-batches may run (config.validate's rules:
-    DualPipeV needs 2 x pp micro-batches, blocks and evaluation micro-batches; ZB-H1 no fp16)."""
+    DualPipeV needs 2 x pp micro-batches, blocks and evaluation micro-batches; ZB-H1 no fp16). The search tries ZB-H1
+    where it is meant to run, at least as many micro-batches as stages (its closed form then prices it at once; a
+    config with fewer is still planned, by simulation)."""
     if pp == 1:
         return ["1f1b"]
     out = ["1f1b"]
-    if cfg.precision != "fp16":
+    if cfg.precision != "fp16" and accumulation >= pp:
         out.append("zb-h1")
     if min(accumulation, cfg.model.num_layers, cfg.train.eval_steps) >= 2 * pp:
         out.append("dualpipev")
