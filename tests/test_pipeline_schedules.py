@@ -1,8 +1,9 @@
 """Pipeline schedules (parallel.pipeline_schedule): ZB-H1 and DualPipeV train exactly as 1F1B does, their orders are
 what the planner simulates, their bubbles are what it predicts, and what cannot work is refused.
 
-One 4-rank launch trains every schedule through the Trainer (PP4; TP2 x PP2 with sequence parallelism, packed
-documents and bf16; PP2 x CP2 with MoE over two expert ranks; resume across schedules; the non-finite rule) and
+One 4-rank launch trains every schedule through the Trainer (PP4 with recompute and the chunked loss; TP2 x PP2 with
+sequence parallelism, packed documents, bf16 and FP8; PP2 x CP2 with MoE over two expert ranks in bf16 with
+immediate_grad_update; resume across schedules; the non-finite rule) and
 measures the synthetic sleeping pipeline of `megalite bench pipeline` at p = 4 and p = 2.
 """
 
@@ -355,12 +356,15 @@ def _launch(workdir: str) -> dict:
     schedules("pp4", {"pipeline": 4}, {"gradient_accumulation_steps": 8},
               model={"num_layers": 8, "activation_checkpointing": True, "loss_chunk_tokens": 5, "z_loss": 1e-3,
                      "norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "tied_embeddings": False})
-    # TP2 x PP2: sequence parallelism, packed documents, bf16, the tied embedding across the first and last stage
+    # TP2 x PP2: sequence parallelism, packed documents, bf16, FP8 linears (their own deferred weight gradient), the
+    # tied embedding across the first and last stage
     schedules("tp2pp2", {"pipeline": 2, "tensor": 2, "sequence_parallel": True},
               {"gradient_accumulation_steps": 4, "bf16": {"enabled": True}},
-              model={"num_layers": 4}, data={"reset_position_ids": True, "reset_attention_mask": True})
-    # PP2 x CP2: MoE layers with experts split over two ranks
-    schedules("cp2moe", {"pipeline": 2, "context": 2, "expert": 2}, {"gradient_accumulation_steps": 4},
+              model={"num_layers": 4, "fp8": {"recipe": "rowwise"}},
+              data={"reset_position_ids": True, "reset_attention_mask": True})
+    # PP2 x CP2: MoE layers with experts split over two ranks; bf16 with the gradients moved to fp32 in hooks
+    schedules("cp2moe", {"pipeline": 2, "context": 2, "expert": 2},
+              {"gradient_accumulation_steps": 4, "bf16": {"enabled": True, "immediate_grad_update": True}},
               model={"num_layers": 4, "moe": {"num_experts": 4, "top_k": 2, "aux_loss": 0.01}})
     # Resume across schedules (PP2 x DP2, Adam): exact where the placement is the same, elastic where DualPipeV's V
     # puts other layers on each rank; each continues as the uninterrupted 1F1B run.
