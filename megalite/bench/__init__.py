@@ -11,6 +11,7 @@
     context     activation memory per rank of one 8k-token micro-batch at context parallelism 1, 2, 4
     moe         the MoE layer against a dense MLP of the same active parameters, grouped against looped experts
     watchdog    the training step with the hang watchdog and straggler report on and off, alternating
+    pipeline    step time and idle fraction per rank of the pipeline schedules on a synthetic pipeline, against the plan
 
 Each writes JSON with the git commit and the machine (`run_info`) into its --out folder.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint", "reshard", "eval_harness", "context",
-              "moe", "watchdog")
+              "moe", "watchdog", "pipeline")
 PACKAGE = Path(__file__).resolve().parent.parent
 
 

@@ -201,6 +201,10 @@ class ParallelConfig:
     expert: int = 1
     sequence_parallel: bool = False
     pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    # The order in which each stage runs its micro-batches' passes (megalite.engine.pipeline_schedules): DeepSpeed's
+    # 1F1B; zero-bubble ZB-H1 (weight gradients deferred to fill the bubble); DeepSpeed's DualPipeV (two chunks per
+    # rank in a V). Not part of the training state: a checkpoint of one schedule resumes under any other.
+    pipeline_schedule: Literal["1f1b", "zb-h1", "dualpipev"] = "1f1b"
 
 
 @dataclass

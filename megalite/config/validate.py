@@ -304,6 +304,52 @@ def eval_tasks_errors(e: EvalTasksConfig | None, parallel: ParallelConfig) -> li
     return errors
 
 
+def pipeline_schedule_errors(cfg: Config) -> list[str]:
+    """The rules of `parallel.pipeline_schedule` (megalite.engine.pipeline_schedules has the schedules), and of
+    DeepSpeed's partitioned pipeline transfers."""
+    p, t, ds = cfg.parallel, cfg.train, cfg.deepspeed
+    name, key = p.pipeline_schedule, "parallel.pipeline_schedule"
+    if not isinstance(p.pipeline, int) or not isinstance(p.tensor, int):
+        return []
+    if name != "1f1b" and p.pipeline == 1:
+        return [f"{key}: {name!r} orders the passes of a pipeline's stages, and parallel.pipeline=1 has one stage; "
+                "leave it '1f1b' or set parallel.pipeline > 1"]
+    errors = []
+    section = ds.get("pipeline") if isinstance(ds.get("pipeline"), dict) else {}
+    for flag in ("pipe_partitioned", "grad_partitioned"):
+        if section.get(flag) is not True or p.pipeline == 1:
+            continue
+        if name == "dualpipev":
+            errors.append(f"deepspeed.pipeline.{flag}: true is refused with {key}='dualpipev': DeepSpeed's DualPipeV "
+                          "engine does not support it; leave it unset (megalite turns it off)")
+        elif name == "zb-h1":
+            errors.append(f"deepspeed.pipeline.{flag}: true is refused with {key}='zb-h1': its engine sends whole "
+                          "activations and gradients without blocking; leave it unset (megalite turns it off)")
+        elif p.sequence_parallel and p.tensor > 1:
+            errors.append(f"deepspeed.pipeline.{flag}: true is refused with parallel.sequence_parallel: DeepSpeed "
+                          "would send each tensor-parallel rank a slice of the tensor and all-gather the slices on "
+                          "the next stage, but sequence-parallel activations differ per rank (each its own tokens); "
+                          "leave it unset (megalite turns it off)")
+    stages = p.pipeline
+    if name == "zb-h1" and cfg.precision == "fp16":
+        errors.append(f"{key}: 'zb-h1' is refused with fp16: its deferred weight-gradient pass hands DeepSpeed the "
+                      "gradients for the fp32 and bf16 optimizers only (the fp16 loss scaler's and fp32-accumulation "
+                      "paths are not wired to it, and fp16 cannot be tested on the CPU machines); use bf16")
+    if name == "dualpipev":
+        why = "each rank holds two of the 2 x parallel.pipeline chunks of DualPipeV's V"
+        if cfg.gradient_accumulation_steps < 2 * stages:
+            errors.append(f"deepspeed.gradient_accumulation_steps: DualPipeV needs at least 2 x parallel.pipeline = "
+                          f"{2 * stages} micro-batches per step, got {cfg.gradient_accumulation_steps} ({why}; "
+                          "DeepSpeed asserts it)")
+        if isinstance(cfg.model.num_layers, int) and cfg.model.num_layers < 2 * stages:
+            errors.append(f"model.num_layers: {cfg.model.num_layers} blocks cannot fill the {2 * stages} chunks of "
+                          f"DualPipeV at parallel.pipeline={stages} ({why})")
+        if isinstance(t.eval_steps, int) and t.eval_steps < 2 * stages:
+            errors.append(f"train.eval_steps: DualPipeV evaluates train.eval_steps micro-batches in one pass through "
+                          f"its V and needs at least 2 x parallel.pipeline = {2 * stages}, got {t.eval_steps}")
+    return errors
+
+
 def _validate_deepspeed(ds: dict, errors: list[str]) -> None:
     for key, value in ds.items():
         if key not in DEEPSPEED_TOP_LEVEL_KEYS:
@@ -507,6 +553,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         errors.append(f"data.split: {shown(d.split)} must be three non-negative numbers with train > 0, e.g. '949,50,1'")
     errors.extend(eval_tasks_errors(t.eval_tasks, p))
     errors.extend(expert_parallel_errors(cfg, world_size if numbers_ok else None))
+    if numbers_ok:
+        errors.extend(pipeline_schedule_errors(cfg))
     if (t.logging.profile_start_step is None) != (t.logging.profile_end_step is None):
         errors.append("train.logging.profile_start_step and profile_end_step must be given together")
     elif t.logging.profile_start_step is not None and t.logging.profile_end_step <= t.logging.profile_start_step:

@@ -122,12 +122,6 @@ def after_load(engine: Any) -> None:
         engine.optimizer.update_lp_params()
 
 
-def set_aux_loss_scale(model: torch.nn.Module, scale: float) -> None:
-    """The gradient every MoE block injects for its balancing losses (megalite.model.moe)."""
-    for block in moe_blocks(model):
-        block.aux_loss_scale = scale
-
-
 def aux_loss_scale(cfg: Config, context_grad_scale: float) -> float:
     """The factor on the LM loss's gradient, for the balancing losses (module docstring)."""
     return context_grad_scale / cfg.gradient_accumulation_steps

@@ -96,10 +96,12 @@ class EmbeddingPipe(_Canonical, Embedding):
 class BlockPipe(_Canonical, Block):
     """One Transformer block on (hidden, position_ids[, document_ids])."""
 
-    def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int, index: int) -> None:
+    def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int, index: int,
+                 aux_loss_scale: float = 1.0) -> None:
         group = tensor_parallel_group(grid)
         super().__init__(cfg, group, sp, context_group=context_parallel_group(grid), index=index,
-                         expert_group=expert_parallel_group(grid), replicate_experts=replicate_experts(grid))
+                         expert_group=expert_parallel_group(grid), replicate_experts=replicate_experts(grid),
+                         aux_loss_scale=aux_loss_scale)
         self.canonical_prefix = f"layers.{index}."
         self.rope_config = cfg if cfg.position == "rope" else None
         initialize_parameters(self, seed, group, self.canonical_name)
@@ -204,9 +206,11 @@ def layer_order(cfg: ModelConfig) -> list[str]:
 
 
 def pipeline_specs(
-    cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] = None, grid: Any = None, seed: int = 1234
+    cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] = None, grid: Any = None, seed: int = 1234,
+    aux_loss_scale: float = 1.0,
 ) -> list:
-    """LayerSpec/TiedLayerSpec list of the model for `deepspeed.pipe.PipelineModule`."""
+    """LayerSpec/TiedLayerSpec list of the model for `deepspeed.pipe.PipelineModule` (`aux_loss_scale`: the MoE
+    blocks' balancing-loss gradient, as in megalite.model.transformer.Transformer)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec  # DeepSpeed's own pipeline types: needed only here
 
     sp = bool(parallel_cfg and parallel_cfg.sequence_parallel)
@@ -217,7 +221,7 @@ def pipeline_specs(
         elif prefix == "embedding.":
             specs.append(LayerSpec(EmbeddingPipe, cfg, sp, grid, seed))
         elif prefix.startswith("layers."):
-            specs.append(LayerSpec(BlockPipe, cfg, sp, grid, seed, int(prefix.split(".")[1])))
+            specs.append(LayerSpec(BlockPipe, cfg, sp, grid, seed, int(prefix.split(".")[1]), aux_loss_scale))
         elif prefix == "final_norm.":
             specs.append(LayerSpec(FinalNormPipe, cfg, sp, grid, seed))
         else:

@@ -10,6 +10,7 @@ from megalite.config import Config, Layout, kv_replication
 from megalite.plan.devices import Device
 from megalite.plan.experts import moe_collectives
 from megalite.plan.layout import Settings
+from megalite.plan.schedule import point_to_point_links
 from megalite.plan.stages import Stage, decay_numel, expert_part, numel, numel_at_most
 
 # Bytes each rank sends (and receives) per byte of a collective's payload over the slowest link of its ring: the
@@ -138,11 +139,12 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
             add("DP", "reduce-scatter", mb * n_local * e)
     if pp > 1:
         boundary = Ns * h * e
-        sends = (0 if stage.index == pp - 1 else 1) + (0 if stage.index == 0 else 1)
+        sends = point_to_point_links(cfg.parallel.pipeline_schedule, stage.index, pp)
         # position ids (this rank's chunk) and document ids (the whole sequence's) travel along
         ids = N * 8 + (N * cp * 8 if cfg.data.reset_attention_mask else 0)
         add("PP", "send/recv", mb * sends * (2 * boundary + ids))
-        if m.tied_embeddings and (stage.embedding or stage.head):
+        if m.tied_embeddings and (stage.embedding or stage.head) and not (stage.embedding and stage.head):
+            # (DualPipeV's rank 0 holds both ends: one module, nothing to reduce)
             grad = s.grad_accum if s.path == "bf16_optimizer" else e  # BF16_Optimizer reduces its fp32 copy
             add("tied embedding", "all-reduce", m.padded_vocab_size // tp * h * grad)
     result = []

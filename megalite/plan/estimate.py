@@ -13,7 +13,7 @@ from megalite.plan.communication import Collective, communication, transfer_seco
 from megalite.plan.devices import Device, GiB
 from megalite.plan.layout import PATH_NAMES, Settings, layout_of, settings
 from megalite.plan.memory import ALLOWANCE_GIB, StageMemories, StageMemory, memory
-from megalite.plan.stages import Stage, stages
+from megalite.plan.stages import Stage
 from megalite.plan.timing import StageTime, flops_per_token, optimizer_seconds, stage_time
 
 
@@ -67,7 +67,8 @@ class Plan:
         """A JSON-serialisable summary."""
         return {
             "layout": {**dataclasses.asdict(self.layout), "recompute": self.settings.recompute,
-                       "loss_chunk_tokens": self.settings.loss_chunk_tokens},
+                       "loss_chunk_tokens": self.settings.loss_chunk_tokens,
+                       "pipeline_schedule": self.cfg.parallel.pipeline_schedule},
             "device": self.device.name, "precision": self.settings.precision,
             "deepspeed_path": PATH_NAMES[self.settings.path], "fits": self.fits,
             "memory_gib": [{"stage": sm.stage, "total": sm.total(self.allowance_gib) / GiB,
@@ -117,7 +118,7 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     if s.precision not in device.peak_tflops:
         raise ConfigError(f"precision {s.precision!r} has no peak for {device.name}")
     mem = memory(cfg, layout, s)
-    sts = stages(cfg, layout.tensor, layout.pipeline)
+    sts = schedule.rank_stages(cfg, layout.tensor, layout.pipeline)
     by_kind: dict[tuple, tuple[list[Collective], StageTime, float]] = {}
     for st in sts:
         if st.kind not in by_kind:
@@ -127,9 +128,11 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     comms = [by_kind[st.kind][0] for st in sts]
     times = [by_kind[st.kind][1] for st in sts]
     m, p = layout.accumulation, layout.pipeline
-    slowest = max(t.total for _, t, _ in by_kind.values())
-    bubble = schedule.bubble(p, m)
-    pipeline_s = schedule.step_slots(p, m) * slowest
+    slowest = max((t for _, t, _ in by_kind.values()), key=lambda t: t.total)
+    # The schedule's step, every rank taking the slowest one's forward, input- and weight-gradient passes.
+    passes = schedule.split_passes(slowest, s.recompute)
+    timeline = schedule.step_seconds(cfg.parallel.pipeline_schedule, p, m, passes)
+    pipeline_s, bubble = timeline.step, timeline.bubble
     optimizer_s = max(value[2] for value in by_kind.values())
     # Data-parallel traffic. ZeRO-1/2 with overlap_comm reduce their gradient buckets during the backward (all but
     # the last bucket's worth hides behind it). ZeRO-3's per-layer gathers and reduce-scatters are charged in full:

@@ -8,14 +8,14 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Optional, overload
 
 from megalite.config import Config, Layout, kv_replication
 from megalite.plan import schedule
 from megalite.plan.devices import GiB
 from megalite.plan.experts import moe_mlp_activation_bytes
 from megalite.plan.layout import Settings
-from megalite.plan.stages import Stage, decay_numel, expert_part, numel, numel_at_most, stages
+from megalite.plan.stages import Stage, decay_numel, expert_part, numel, numel_at_most
 
 # What the caching allocator does not count (torch.cuda.max_memory_allocated excludes it): the CUDA
 # context and cuBLAS workspaces (about 0.5-1 GiB on Hopper), NCCL's communicator buffers, and the
@@ -221,15 +221,20 @@ class StageMemories(Sequence[StageMemory]):
     """The memory of every pipeline stage, each built when first read (a search ranks thousands of layouts of up to
     hundreds of stages by their fullest stage only). Stages of one kind (the same layers) differ only in the
     micro-batches they hold in flight, which never rise with the stage index under 1F1B, so the first stage of each
-    kind is the fullest of its kind: `fullest()` are those, in stage order."""
+    kind is the fullest of its kind: `fullest()` are those, in stage order. Other schedules say which stages to
+    consider (`candidates`: "ends", the first and last of each kind; "all")."""
 
-    def __init__(self, stage_list: list[Stage], build: Callable[[Stage], StageMemory]) -> None:
+    def __init__(self, stage_list: list[Stage], build: Callable[[Stage], StageMemory],
+                 candidates: Optional[str] = None) -> None:
         self._stages, self._build = stage_list, build
         self._built: dict[int, StageMemory] = {}
         firsts: dict[tuple, int] = {}
+        lasts: dict[tuple, int] = {}
         for st in stage_list:
             firsts.setdefault(st.kind, st.index)
-        self._firsts = sorted(firsts.values())
+            lasts[st.kind] = st.index
+        picked = set(firsts.values()) | (set(lasts.values()) if candidates == "ends" else set())
+        self._firsts = sorted(picked) if candidates != "all" else [st.index for st in stage_list]
 
     def __len__(self) -> int:
         return len(self._stages)
@@ -275,8 +280,17 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> StageMemories:
         terms = {k: v for k, (v, _) in states.items() if not k.startswith("host: ")}
         host = {k[6:]: v for k, (v, _) in states.items() if k.startswith("host: ")}
         built = {k for k, (_, b) in states.items() if b}
-        in_flight = schedule.in_flight(st.index, pp, layout.accumulation)
-        terms["activations"] = in_flight * sum(per_micro.values())
+        name = cfg.parallel.pipeline_schedule
+        in_flight = schedule.in_flight(st.index, pp, layout.accumulation, name)
+        if name == "dualpipev" and pp > 1:  # two chunks, each with its own layers and micro-batches in flight
+            per_chunk = [sum(activation_bytes(cfg, layout, c, s).values())
+                         for c in schedule.chunk_stages(cfg, tp, pp, st.index)]
+            terms["activations"] = schedule.peak_activation_bytes(name, pp, layout.accumulation, st.index, per_chunk)
+        else:
+            terms["activations"] = in_flight * sum(per_micro.values())
+        deferred = schedule.deferred_weight_inputs(st.index, pp, layout.accumulation, name)
+        if deferred:  # ZB-H1: what the W passes still to run keep
+            terms["deferred weight-gradient inputs"] = deferred * schedule.weight_grad_input_bytes(cfg, layout, st, s)
         if pp > 1:
             # engine.pipe_buffers, one set per in-flight micro-batch (at least two): the int64 ids that travel with
             # the hidden states (the first stage also holds the token ids); the stage's output, which autograd does
@@ -325,4 +339,9 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> StageMemories:
         return StageMemory(st.index, terms, built, in_flight, layout.accumulation, per_micro, host, late,
                            s.path == "zero" and s.zero_stage == 2)
 
-    return StageMemories(stages(cfg, tp, pp), build)
+    ranks = schedule.rank_stages(cfg, tp, pp)
+    name = cfg.parallel.pipeline_schedule
+    # Which stages can be the fullest of their kind: under ZB-H1 the first or the last (activations in flight fall
+    # with the stage index, deferred weight-gradient inputs rise), under DualPipeV any (each rank two chunks).
+    fullest = None if name == "1f1b" else "ends" if name == "zb-h1" else "all"
+    return StageMemories(ranks, build, fullest)

@@ -26,6 +26,7 @@ class Candidate:
     layout: Layout
     recompute: bool
     loss_chunk_tokens: int
+    pipeline_schedule: str = "1f1b"
 
 
 def _divisors(n: int) -> list[int]:
@@ -35,9 +36,9 @@ def _divisors(n: int) -> list[int]:
 
 def candidates(cfg: Config, world_size: int, gpus_per_node: int, global_batch: int | None = None) -> list[Candidate]:
     """Every layout of `world_size` GPUs with the config's global batch (or `global_batch` sequences): TP (within a
-    node, dividing heads, KV heads, FFN and vocabulary), sequence parallelism, PP, ZeRO stage (as DeepSpeed allows
-    it), micro-batch and accumulation, recompute on/off, chunked loss on/off, and for an MoE model the
-    expert-parallel degree."""
+    node, dividing heads, KV heads, FFN and vocabulary), sequence parallelism, PP and its schedule (1F1B, ZB-H1,
+    DualPipeV where their rules allow: `pipeline_schedules`), ZeRO stage (as DeepSpeed allows it), micro-batch and
+    accumulation, recompute on/off, chunked loss on/off, and for an MoE model the expert-parallel degree."""
     m = cfg.model
     base = layout_of(cfg, world_size)
     if global_batch is None:
@@ -68,13 +69,30 @@ def candidates(cfg: Config, world_size: int, gpus_per_node: int, global_batch: i
             for micro in _divisors(per_replica):
                 if (cfg.data.seq_length // cp) % tp:
                     continue
+                accumulation = per_replica // micro
                 for zero, rec, chunked in itertools.product(zeros, (False, True), (False, True)):
                     for sp, ep in itertools.product((False, True) if tp > 1 else (False,),
                                                     expert_degrees(cfg, dp * cp)):
                         layout = Layout(tensor=tp, pipeline=pp, context=cp, expert=ep, data=dp, zero_stage=zero,
-                                        micro_batch=micro, accumulation=per_replica // micro,
+                                        micro_batch=micro, accumulation=accumulation,
                                         precision=precision, sequence_parallel=sp)
-                        out.append(Candidate(layout, rec, chunk if chunked else 0))
+                        for name in pipeline_schedules(cfg, pp, accumulation):
+                            out.append(Candidate(layout, rec, chunk if chunked else 0, name))
+    return out
+
+
+def pipeline_schedules(cfg: Config, pp: int, accumulation: int) -> list[str]:
+    """The schedules a layout of `pp` stages and `accumulation` micro-batches may run (config.validate's rules:
+    DualPipeV needs 2 x pp micro-batches, blocks and evaluation micro-batches; ZB-H1 no fp16). The search tries ZB-H1
+    where it is meant to run, at least as many micro-batches as stages (its closed form then prices it at once; a
+    config with fewer is still planned, by simulation)."""
+    if pp == 1:
+        return ["1f1b"]
+    out = ["1f1b"]
+    if cfg.precision != "fp16" and accumulation >= pp:
+        out.append("zb-h1")
+    if min(accumulation, cfg.model.num_layers, cfg.train.eval_steps) >= 2 * pp:
+        out.append("dualpipev")
     return out
 
 
@@ -86,7 +104,7 @@ def search(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8,
     plans = []
     todo = candidates(cfg, world_size, gpus_per_node, global_batch)
     for done, c in enumerate(todo, 1):
-        new = with_layout(cfg, c.layout, c.recompute, c.loss_chunk_tokens)
+        new = with_layout(cfg, c.layout, c.recompute, c.loss_chunk_tokens, c.pipeline_schedule)
         try:
             s = settings(new)
         except ConfigError:

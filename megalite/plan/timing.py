@@ -57,6 +57,7 @@ class StageTime:
     tp_comm: float
     pp_comm: float
     flops: float
+    weight_grad: float = 0.0  # the blocks' weight-gradient matmuls (part of `matmul`): what ZB-H1 defers
 
     @property
     def total(self) -> float:
@@ -86,6 +87,7 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     if stage.head:
         flops += 2 * N * v_l * h * (3 + (1 if s.loss_chunk_tokens else 0))
     matmul = flops / (EFFICIENCY["matmul"] * peak)
+    weight_grad = 2 * N * matrices * L / (EFFICIENCY["matmul"] * peak)
 
     attention = 0.0
     scores = 0.0  # bytes of score-matrix traffic (materialized attention only)
@@ -126,7 +128,7 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     # Context- and expert-parallel all-to-alls sit on the critical path like TP's collectives: charged with them.
     tp_comm = sum(transfer_seconds(c, device) for c in comms if c.group in ("TP", "CP", "EP")) / layout.accumulation
     pp_comm = sum(transfer_seconds(c, device) for c in comms if c.group == "PP") / layout.accumulation
-    return StageTime(matmul, attention, memory_bound, tp_comm, pp_comm, flops)
+    return StageTime(matmul, attention, memory_bound, tp_comm, pp_comm, flops, weight_grad)
 
 
 def optimizer_seconds(stage: Stage, layout: Layout, s: Settings, device: Device) -> float:
