@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """Resource report: compile every Triton kernel for a GPU target on a machine without a GPU.
 
-For every kernel the launchers can start (attention forward, delta, dk/dv, dq with every autotune config;
-LayerNorm/RMSNorm forward and backward per row width), every dtype, head dim / width and architecture,
-prints registers and stack bytes per thread, dynamic shared memory and the SASS counts of HGMMA, HMMA,
-LDL and STL (local memory = spills), as a markdown table and optionally JSON. Exits 1 if any compiled
+For every kernel the launchers can start (attention forward, delta, dk/dv, dq with every autotune config: pointer,
+TMA and warp-specialised tiles; LayerNorm/RMSNorm forward and backward with every candidate per row width), every
+dtype, head dim / width and architecture, prints registers and stack bytes per thread, dynamic shared memory and the
+SASS counts of HGMMA, HMMA, LDL, STL (local memory = spills), UTMALDG (TMA loads) and USETMAXREG (warp
+specialisation), as a markdown table and optionally JSON (with `resources.fingerprint()` of the kernels). Exits 1 if any compiled
 kernel spills (stack, local memory or LDL/STL), 2 if a kernel fails to compile.
 
     python kernels/compile_check.py [--arch 80,90] [--dtype bf16,fp16] [--head-dims 64,128,80,96,256]
                                     [--widths 256,...,16384] [--generic] [--sample] [--summary] [--json FILE]
 
 --generic compiles without argument specialisation (no 16-byte alignment, no unit strides), as a launch
-with odd strides or offsets would. --sample compiles each tile once per architecture, kernel, dtype and
-size, taking the causal/documents variants in turn (the CI test's choice). Compiled kernels are cached
+with odd strides or offsets would (no TMA tiles: such tensors are not TMA-eligible either, but the recorded launch
+is, so --generic rows of TMA tiles describe no real launch). --sample compiles each attention tile once per
+architecture, kernel, dtype and size, taking the causal/documents variants in turn, and each norm candidate once
+(the CI test's choice). Compiled kernels are cached
 by Triton (TRITON_CACHE_DIR); a cold full run takes minutes on 2 cores (each compile 1-10 s).
 """
 
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(rows)} kernels, {len(spilling)} spilling; triton {versions['triton']}; {seconds:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        head = {**versions, "commit": _commit(), "generic": args.generic, "seconds": round(seconds, 1)}
+        head = {**versions, "commit": _commit(), "fingerprint": resources.fingerprint(), "generic": args.generic,
+                "seconds": round(seconds, 1)}
         # One row per line: compact, and diffs between two reports stay readable.
         body = ",\n".join(json.dumps(r, sort_keys=True) for r in rows)
         args.json.write_text(json.dumps(head)[:-1] + ', "rows": [\n' + body + "\n]}\n")

@@ -45,3 +45,25 @@ def test_bench_model_smoke(tmp_path):
     row = (f"| torch | - | {r['step_s'] * 1000:.0f} ms | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | n/a | - | "
            "1.00x vs torch |")
     assert row in (tmp_path / "model-bench.md").read_text()
+
+
+def test_the_benchmark_is_never_stopped_by_the_disk_check(monkeypatch, tmp_path):
+    """The model benchmark saves no checkpoint, so the preflight's free-disk check (3 x 17 GB for gpt3-1.3b) must not
+    stop it: on a full disk the check fails for a training run and passes, saying why, in a benchmark worker."""
+    import shutil
+    from collections import namedtuple
+
+    from megalite import config
+    from megalite.bench import model as bench_model
+    from megalite.engine import preflight
+    from tests.helpers.engine_utils import tiny_config
+
+    cfg = config.from_dict(tiny_config(str(tmp_path / "data"), str(tmp_path / "run")))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 0))
+    monkeypatch.setattr(preflight, "check_disk", preflight.check_disk)  # restored after the test
+    assert not preflight.check_disk(cfg)[0].ok
+    bench_model.never_saving()
+    checks = preflight.run_checks(cfg, 1, 0, collective=False, env={})
+    disk = [c for c in checks if c.name == "disk"]
+    assert len(disk) == 1 and disk[0].ok and "saves no checkpoint" in disk[0].message, disk

@@ -1,8 +1,9 @@
 """The lm-evaluation-harness on megalite checkpoints (megalite.eval_harness), offline on the CPU.
 
-One two-process launch prepares nothing but trains two small models on a synthetic corpus with the run's own
-BPE tokenizer (a GPT at data-parallel 2, a Llama at tensor-parallel 2, both with `train.eval_tasks`), then
-evaluates both checkpoints through `megalite eval --tasks` at TP2. The rest runs in this process at TP1 and
+One two-process launch prepares nothing but trains three small models on a synthetic corpus with the run's own
+BPE tokenizer (a GPT at data-parallel 2, a Llama at tensor-parallel 2, a Mixtral-shaped MoE with its experts split
+over expert parallelism 2, all with `train.eval_tasks`), then evaluates the checkpoints through `megalite eval
+--tasks` at TP2. The rest runs in this process at TP1 and
 compares every request with the harness's own Hugging Face backend on the `megalite convert --to-hf` export.
 """
 
@@ -25,6 +26,7 @@ from tests.helpers.engine_utils import tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 100
+MOE_STEPS = 20
 MAX_POSITIONS = 64  # contexts and documents longer than this exercise left truncation and rolling windows
 TASKS = ["megalite_mc", "megalite_gen", "megalite_ppl", "megalite_sample"]
 LLAMA = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "num_kv_heads": 2,
@@ -97,15 +99,21 @@ def _write_corpus_and_tasks(root: Path) -> None:
 
 
 def _run_config(root: str, name: str) -> dict:
-    """GPT at data-parallel 2 (ZeRO-1) or Llama at tensor-parallel 2, both evaluating megalite_mc while training."""
+    """GPT at data-parallel 2 (ZeRO-1) or Llama at tensor-parallel 2, both evaluating megalite_mc while training; a
+    Mixtral-shaped MoE at expert parallelism 2 (ZeRO-1: each rank holds its experts), evaluating megalite_mc and the
+    greedy generation task while training, for MOE_STEPS steps."""
+    steps = MOE_STEPS if name == "moe" else STEPS
+    tasks = ["megalite_mc", "megalite_gen"] if name == "moe" else ["megalite_mc"]
     raw = tiny_config(f"{root}/data/corpus", f"{root}/{name}", data={"seq_length": 32},
-                      train={"steps": STEPS, "eval_interval": STEPS // 2, "log_interval": 50,
-                             "eval_tasks": {"tasks": ["megalite_mc"], "include_path": f"{root}/tasks", "batch_size": 4}},
+                      train={"steps": steps, "eval_interval": steps // 2, "log_interval": 50,
+                             "eval_tasks": {"tasks": tasks, "include_path": f"{root}/tasks", "batch_size": 4}},
                       deepspeed={"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1}},
-                      parallel={"tensor": 2 if name == "llama" else 1})
+                      parallel={"tensor": 2 if name == "llama" else 1, "expert": 2 if name == "moe" else 1})
     raw["model"].update(vocab_size=300, max_position_embeddings=MAX_POSITIONS)
-    if name == "llama":
+    if name in ("llama", "moe"):
         raw["model"].update(LLAMA)
+    if name == "moe":
+        raw["model"]["moe"] = {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 32, "aux_loss": 0.01}
     return raw
 
 
@@ -116,11 +124,11 @@ def _train_and_evaluate_tp2(root: str) -> None:
     from megalite.engine.trainer import Trainer
     from megalite.eval_harness import harness_cli
 
-    for name in ("gpt", "llama"):
+    for name in ("gpt", "llama", "moe"):
         code = Trainer(C.from_dict(_run_config(root, name))).train()
         if code != 0:
             raise RuntimeError(f"{name}: training exit code {code}")
-    for name in ("gpt", "llama"):
+    for name in ("gpt", "llama", "moe"):
         code = cli(["eval", "--checkpoint", f"{root}/{name}", "--tasks", ",".join(TASKS), "--include-path",
                     f"{root}/tasks", "--batch-size", "4", "--log-samples", "--output", f"{root}/{name}-tp2.json"])
         if code != 0:
@@ -218,6 +226,26 @@ def test_tp1_and_tp2_score_every_request_as_the_hf_backend(trained, family, tmp_
     sampled = [s["resps"][0][0] for s in ours["samples"]["megalite_sample"]]
     assert len(set(sampled)) > len(sampled) // 2, sampled
     assert 0.5 < ours["results"]["megalite_mc"]["acc,none"] <= 1.0  # trained: the grammatical answer wins
+
+
+def test_moe_checkpoint_of_split_experts_scores_as_the_hf_backend(trained, tmp_path):
+    """The EP2 (ZeRO-1, experts split) checkpoint, consolidated and exported as Mixtral: every request at TP1 as the
+    harness's Hugging Face backend scores it, TP2's (`megalite eval --tasks`) as TP1's, sampled generations included;
+    `train.eval_tasks` ran at EP2 (the multiple-choice and the greedy generation task, every rank serving each of rank
+    0's model calls), and its last scores are those of the saved weights."""
+    from megalite.interop.export import export_hf
+
+    hf_dir = export_hf(trained / "moe", tmp_path / "hf")
+    assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "mixtral"
+    ours = _megalite_tp1(trained / "moe", trained / "tasks", TASKS)
+    _compare(ours, _hf_backend(hf_dir, trained / "tasks", TASKS[:3]), "moe TP1 vs hf", TASKS[:3])
+    final = json.loads((trained / "moe-tp2.json").read_text())
+    _compare(ours, final, "moe TP1 vs TP2", TASKS)
+    records = [json.loads(line) for line in (trained / "moe" / "metrics.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r for r in records if r.get("kind") == "eval_tasks"}
+    assert sorted(scores) == [MOE_STEPS // 2, MOE_STEPS], records[-3:]
+    for metric, key in (("megalite_mc/acc", "megalite_mc"), ("megalite_gen/exact_match", "megalite_gen")):
+        assert scores[MOE_STEPS][metric] == final["results"][key][metric.split("/")[1] + ",none"], metric
 
 
 def test_training_logs_task_scores_of_its_own_weights(trained):

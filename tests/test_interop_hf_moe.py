@@ -29,7 +29,7 @@ def _hf_models() -> dict:
                                                                                     "rope_theta": 5e5}),
         # A dense first layer (its own MLP width), renormalised top-k, tied embeddings.
         "qwen3_moe": transformers.Qwen3MoeConfig(**{**common, "tie_word_embeddings": True}, intermediate_size=40,
-                                                 moe_intermediate_size=24, num_hidden_layers=3, head_dim=8,
+                                                 moe_intermediate_size=24, num_hidden_layers=3, head_dim=12,
                                                  num_experts=4, mlp_only_layers=[0], norm_topk_prob=True),
         "olmoe": transformers.OlmoeConfig(**common, intermediate_size=24, num_hidden_layers=2, num_experts=6,
                                           norm_topk_prob=False),

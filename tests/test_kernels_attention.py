@@ -184,11 +184,9 @@ def test_attention_half_precision_interpreter(triton_backend, dtype):
 @pytest.mark.parametrize("blocks", [(16, 64), (64, 16), (32, 128)], ids=str)
 def test_attention_unequal_blocks(triton_backend, monkeypatch, blocks):
     """The GPU configs pair unequal BLOCK_M/BLOCK_N; check the masked/unmasked loop split with them."""
-    import triton
-
     from megalite.kernels import flash_attention
 
-    config = triton.Config({"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}, num_warps=4, num_stages=1)
+    config = flash_attention.config(blocks[0], blocks[1], 4, 1)
     monkeypatch.setattr(flash_attention, "autotune_configs", lambda *args: [config])
     monkeypatch.setattr(flash_attention, "_tuned", {})
     seed(blocks)
@@ -343,18 +341,18 @@ def test_attention_gpu_long_sequence(triton_backend, causal):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_attention_gpu_every_autotune_config(triton_backend, monkeypatch, head_dim, dtype):
     """Training autotunes among every config, but `make gpu-check` runs with MEGALITE_AUTOTUNE=0 (the first
-    only): force each config in turn, the i-th of every kernel kind, against the float64 reference, causal and
-    with packed documents."""
+    only): force each config in turn, the i-th of every kernel kind (on sm_90 the TMA and warp-specialised ones
+    too: these inputs are TMA-eligible), against the float64 reference, causal and with packed documents."""
     from megalite.kernels import _common, flash_attention
 
     monkeypatch.setenv("MEGALITE_AUTOTUNE", "1")
     original = flash_attention.autotune_configs
     arch = _common.capability(torch.device("cuda"))
-    count = max(len(original(kind, head_dim, dtype, arch, docs)) for kind in ("fwd", "dkdv", "dq")
+    count = max(len(original(kind, head_dim, dtype, arch, docs, True)) for kind in ("fwd", "dkdv", "dq")
                 for docs in (False, True))
     for i in range(count):
-        def only(kind, block_d, dt, a, docs=False, i=i):  # noqa: ANN001, ANN202
-            configs = original(kind, block_d, dt, a, docs)
+        def only(kind, block_d, dt, a, docs=False, tma=False, i=i):  # noqa: ANN001, ANN202
+            configs = original(kind, block_d, dt, a, docs, tma)
             return [configs[i % len(configs)]]
 
         monkeypatch.setattr(flash_attention, "autotune_configs", only)

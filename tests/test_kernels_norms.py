@@ -158,6 +158,67 @@ def test_norm_grads_deterministic(triton_backend):
         assert torch.equal(a, c)
 
 
+NORM_CONFIGS = _common.norm_configs  # the real candidate lists (the tests below replace the module's function)
+
+
+def force_norm_candidates(monkeypatch, n: int, i: int) -> tuple:
+    """Make the norm launchers use the i-th GPU candidate (forward and backward, each modulo its count) for width n;
+    returns the two configs."""
+    from megalite.kernels import fused_layer_norm, fused_rms_norm
+
+    chosen = {bwd: NORM_CONFIGS(n, False, bwd)[i % len(NORM_CONFIGS(n, False, bwd))] for bwd in (False, True)}
+    monkeypatch.setattr(_common, "norm_configs", lambda width, interpret, backward=False: [chosen[backward]])
+    monkeypatch.setattr(fused_layer_norm, "_tuned", {})
+    monkeypatch.setattr(fused_rms_norm, "_tuned", {})
+    return chosen[False], chosen[True]
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_every_norm_candidate_matches_float64(triton_backend, monkeypatch, op):
+    """Each candidate autotuning measures on a GPU, forced in turn: a program per step or a persistent grid of one
+    or two programs per SM striding over the steps, with or without the next step prefetched, and (width 12000)
+    the split backward; 37 and 9 rows, so programs take different numbers of steps and the last step is ragged."""
+    for n, m in ((1000, 37), (12000, 9)):
+        count = max(len(NORM_CONFIGS(n, False, bwd)) for bwd in (False, True))
+        for i in range(count):
+            fwd, bwd = force_norm_candidates(monkeypatch, n, i)
+            seed(op, n, i)
+            x = torch.randn(m, n)
+            _check(op, x, 1 + 0.5 * torch.randn(n), torch.randn(n), 1e-5)
+            assert bwd.split == (n > _common.NORM_SPLIT_WIDTH), (n, bwd)
+
+
+def test_norm_candidates_keep_registers_bounded():
+    """Every GPU candidate holds at most 16 elements of a tile per thread in the backward (two inputs and the sums),
+    32 in the forward (the 16384-wide forward row on 16 warps), at most 16 warps; the resource report proves them
+    spill-free. The first forward candidate is today's one program per step."""
+    for n in (256, 1000, 1024, 4096, 8192, 12000, 16384):
+        for backward in (False, True):
+            for c in _common.norm_configs(n, False, backward):
+                per_thread = c.rows * c.block_n // (32 * c.num_warps)
+                assert c.num_warps <= 16 and per_thread <= (16 if backward else 32), (n, backward, c)
+                assert c.block_n * (2 if c.split else 1) >= n
+        assert _common.norm_configs(n, False)[0].per_sm == 0
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_gpu_every_candidate(monkeypatch, op):
+    """`make gpu-check` runs the tests with one config (MEGALITE_AUTOTUNE=0): force every other candidate here."""
+    K.set_backend("triton")
+    try:
+        for n, m in ((1000, 3001), (4096, 777), (16384, 130)):
+            for i in range(max(len(NORM_CONFIGS(n, False, bwd)) for bwd in (False, True))):
+                force_norm_candidates(monkeypatch, n, i)
+                seed(op, n, i)
+                x = torch.randn(m, n, device="cuda").to(torch.bfloat16)
+                w = (1 + 0.5 * torch.randn(n, device="cuda")).to(torch.bfloat16)
+                _check(op, x, w, torch.randn(n, device="cuda").to(torch.bfloat16), 1e-5)
+    finally:
+        K.set_backend("auto")
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 
 import pytest
@@ -50,6 +51,9 @@ MOE = {"num_experts": 4, "top_k": 2}
       "parallel": {"tensor": 4}}, 4,
      "model.moe.shared_ffn_hidden_size: the shared experts' 6 units (shared_experts x width) are not divisible"),
     ({"model": {"qk_norm": "layer"}}, 1, "model.qk_norm: 'layer' is not one of 'head', 'projection'"),
+    ({"model": {"attention_head_dim": 0}}, 1, "model.attention_head_dim: must be > 0, got 0"),
+    ({"model": {"hidden_size": 30}}, 1, "model.hidden_size: 30 is not divisible by model.num_heads=4 (or set "
+                                        "model.attention_head_dim)"),
     ({"parallel": {"expert": 2}}, 2, "parallel.expert: 2 splits experts over ranks, but the model has none"),
     ({"parallel": {"expert": 0}, "model": {"moe": MOE}}, 1, "parallel.expert: must be an integer > 0, got 0"),
     ({"parallel": {"expert": 3}, "model": {"moe": MOE}}, 3,
@@ -64,8 +68,6 @@ MOE = {"num_experts": 4, "top_k": 2}
     ({"parallel": {"expert": 2}, "model": {"moe": MOE},
       "deepspeed": {"zero_optimization": {"stage": 2, "contiguous_gradients": False}}}, 2,
      "deepspeed.zero_optimization.contiguous_gradients: false is refused with parallel.expert=2 at ZeRO-2"),
-    ({"parallel": {"expert": 2}, "model": {"moe": MOE}, "train": {"eval_tasks": {"tasks": ["x"]}}}, 2,
-     "train.eval_tasks: not available with parallel.expert=2"),
 ])
 def test_moe_rules_name_key_and_value(sections, world, fragment):
     """Config validation refuses what MoE layers and expert parallelism cannot do, naming the key and value."""
@@ -100,10 +102,19 @@ def test_moe_config_layers_counts_and_accepted_layouts():
         assert sum(p.numel() for p in model.parameters()) == counts["total"]
         expert = sum(p.numel() for p in model.layers[0].mlp.experts.parameters()) // 3
         assert counts["total"] - counts["active"] == 3 * (3 - 2) * expert  # one unused expert per layer
+    # Heads wider than hidden / heads (Qwen3-30B-A3B's 128 on 2048 / 32): the projections are heads x head_dim.
+    cfg = ModelConfig(vocab_size=50, hidden_size=30, num_layers=2, num_heads=4, num_kv_heads=2, attention_head_dim=12,
+                      mlp="swiglu", position="rope", qk_norm="head", moe=MoEConfig(num_experts=2, top_k=1))
+    model = build_model(cfg, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"]
+    assert model.layers[0].attention.qkv.weight.shape == (4 * 12 + 2 * 2 * 12, 30)
+    _cfg(1, model={"hidden_size": 30, "attention_head_dim": 12})
     run = _cfg(8, parallel={"expert": 4, "context": 2}, model={"moe": MOE})
     assert summary(run, 8)["expert_parallel"] == 4
     _cfg(4, parallel={"expert": 2, "pipeline": 2}, model={"moe": MOE}, deepspeed={"zero_optimization": {"stage": 1}})
     _cfg(2, parallel={"expert": 2}, model={"moe": MOE}, deepspeed={"zero_optimization": {"stage": 3}})
+    # The harness during training: every rank serves rank 0's model calls (tests/test_eval_harness.py runs it).
+    _cfg(2, parallel={"expert": 2}, model={"moe": MOE}, train={"eval_tasks": {"tasks": ["x"]}})
 
 
 # ----------------------------------------------------------------------------- routing and capacity (one process)
@@ -364,6 +375,64 @@ def test_aux_free_bias_moves_loads_toward_balance():
         assert bias[0] == bias.min() and abs(float(bias.sum())) < 1e-6, bias
 
 
+def test_moe_metrics_window_log_line_and_active_flops():
+    """The training record's MoE fields from the per-step statistics of a window (loads summed per layer, max/mean
+    load, drops summed, balancing losses averaged over the steps that computed them), the log line, and the model
+    FLOPs per token counting the active parameters (top_k experts, router, shared experts) of an MoE model."""
+    from megalite.config import count_parameters
+    from megalite.engine.metrics import MoEWindow, format_record, moe_fields
+    from megalite.plan import flops_per_token
+
+    window = MoEWindow()
+    for tokens, dropped, aux in (([10, 2, 0, 4], 3, 1.25), ([6, 2, 8, 0], 1, None)):
+        window.add([{"layer": 3, "tokens_per_expert": torch.tensor(tokens), "dropped": dropped, "aux_loss": aux,
+                     "z_loss": None},
+                    {"layer": 1, "tokens_per_expert": torch.tensor([8, 8, 8, 8]), "dropped": 0, "aux_loss": 1.0,
+                     "z_loss": 2.5}])
+    layers = window.take()
+    assert window.take() == []  # reset
+    assert [x["layer"] for x in layers] == [1, 3]
+    assert layers[1]["tokens_per_expert"] == [16, 4, 8, 4] and layers[1]["max_load"] == 16 / 8
+    assert layers[1]["dropped"] == 4 and layers[1]["aux_loss"] == 1.25 and layers[1]["z_loss"] is None
+    assert layers[0]["max_load"] == 1.0 and layers[0]["aux_loss"] == 1.0 and layers[0]["z_loss"] == 2.5
+    fields = moe_fields(layers)
+    assert fields["moe_max_load"] == 2.0 and fields["moe_dropped"] == 4
+    assert fields["moe_aux_loss"] == pytest.approx(1.125) and fields["moe_z_loss"] == 2.5
+    record = {"step": 7, "loss": 3.0, "lr": 1e-3, "grad_norm": None, "tokens_per_s": 100.0, "step_time_s": 0.5,
+              "tflops_per_device": 1.0, "mfu": None, **fields}
+    assert "experts max/mean load 2.00 | dropped 4 | aux 1.1250 | z 2.5000" in format_record(record)
+
+    moe = {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 48, "shared_experts": 1, "first_dense_layers": 1}
+    cfg = _cfg(1, model={"moe": moe, "num_layers": 3, "mlp": "swiglu", "ffn_hidden_size": 64})
+    m, counts = cfg.model, count_parameters(cfg.model)
+    h = m.hidden_size
+    block = 4 * h * h + 4 * h + 2 * 2 * h  # qkv and projection with biases, two LayerNorms
+    dense_mlp = 3 * h * 64 + 2 * 64 + h  # SwiGLU of 64 units with biases
+    moe_mlp = 8 * h + 2 * (3 * h * 48) + (3 * h * 48 + 2 * 48 + h)  # router, top-2 experts, the shared expert
+    active = 3 * block + dense_mlp + 2 * moe_mlp + 2 * h  # + the final norm
+    assert counts["active"] - counts["embedding"] == active < counts["non_embedding"]
+    assert flops_per_token(cfg) == 6 * active + 12 * 3 * h * cfg.data.seq_length
+
+
+def test_native_weights_carry_the_expert_bias(tmp_path):
+    """megalite's weights directory (`convert --out`) holds the routers' expert-bias buffers and loads them back; a
+    state without them is refused, naming them."""
+    from megalite.config import ModelConfig, MoEConfig
+    from megalite.interop.native import load_weights, save_weights
+    from megalite.model import build_model, load_full_state_dict
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, mlp="swiglu", ffn_hidden_size=8,
+                      moe=MoEConfig(num_experts=4, router="sigmoid", expert_bias=True, first_dense_layers=1))
+    model = build_model(cfg, seed=1)
+    model.get_buffer("layers.1.mlp.router.expert_bias").copy_(torch.tensor([0.5, -0.25, 0.0, -0.25]))
+    save_weights(model, tmp_path / "w", write=True)
+    loaded = load_weights(tmp_path / "w")
+    assert torch.equal(loaded.get_buffer("layers.1.mlp.router.expert_bias"), torch.tensor([0.5, -0.25, 0.0, -0.25]))
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in loaded.named_parameters())
+    with pytest.raises(KeyError, match="missing \\['layers.1.mlp.router.expert_bias'\\]"):
+        load_full_state_dict(build_model(cfg, seed=1), dict(model.named_parameters()))
+
+
 # ----------------------------------------------------------------------------- the layer at EP/TP/SP/CP (4 ranks)
 
 
@@ -524,29 +593,31 @@ def _four_rank_layers() -> dict:
 
 # ----------------------------------------------------------------------------- training against the plain loop
 
-MOE_STEPS = 4
-RESUMED_STEPS = 6  # a resumed run continues to here; every run's schedule has this many steps
-# A Llama-shaped MoE model: GQA, RoPE, SwiGLU experts, one dense first layer, a shared expert, both balancing losses.
+MOE_STEPS = 4  # a run trains this many steps
+RESUMED_STEPS = 6  # a resumed run continues to here
+FINAL_STEPS = 8  # the elastic return trip continues to here; every run's schedule has this many steps
+# A Llama-shaped MoE model: GQA, RoPE, SwiGLU experts, one dense first layer, a shared expert, both balancing losses,
+# the aux-free bias.
 LLAMA_MOE = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "num_kv_heads": 2,
              "tied_embeddings": False, "ffn_hidden_size": 24, "num_layers": 3,
              "moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 16, "first_dense_layers": 1,
-                     "shared_experts": 1, "shared_ffn_hidden_size": 8, "aux_loss": 0.05, "router_z_loss": 0.01}}
+                     "shared_experts": 1, "shared_ffn_hidden_size": 8, "aux_loss": 0.05, "router_z_loss": 0.01,
+                     "expert_bias": True, "bias_update_rate": 0.01}}
 # A GPT-shaped one: tied embeddings, learned positions, GELU experts, sigmoid routing with the aux-free bias.
 GPT_MOE = {"moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 16, "router": "sigmoid", "expert_bias": True,
                    "bias_update_rate": 0.01, "aux_loss": 0.02}}
 DOCS = {"reset_position_ids": True, "reset_attention_mask": True}
 
 
-def _moe_raw(workdir: str, name: str, family: str, sections: dict) -> dict:
-    """A run of `family` in `workdir/name` (a name ending in _resumed continues the run without the suffix)."""
+def _moe_raw(workdir: str, name: str, family: str, sections: dict, steps: int = MOE_STEPS) -> dict:
+    """A run of `family` in `workdir/name`, trained to `steps`."""
     from tests.helpers.engine_utils import tiny_config
 
     model = dict(LLAMA_MOE if family == "llama" else GPT_MOE)
     model.update(sections.get("model", {}))
-    sections = {k: v for k, v in sections.items() if k != "train"}
-    raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name.removesuffix('_resumed')}", **{**sections, "model": model})
-    raw["train"]["steps"] = RESUMED_STEPS if name.endswith("_resumed") else MOE_STEPS
-    raw["deepspeed"]["scheduler"]["params"]["total_num_steps"] = RESUMED_STEPS
+    raw = tiny_config(f"{workdir}/tok", f"{workdir}/{name}", **{**sections, "model": model})
+    raw["train"]["steps"] = steps
+    raw["deepspeed"]["scheduler"]["params"]["total_num_steps"] = FINAL_STEPS
     return raw
 
 
@@ -569,34 +640,73 @@ def _gathered_parameters(run) -> dict[str, torch.Tensor]:
     return {k: v for stage in reversed(stages) for k, v in stage.items()}
 
 
-def _expert_biases(module) -> dict[str, torch.Tensor]:
-    """The expert-bias buffers under the whole model's names (a pipeline stage's layers are renamed)."""
-    from megalite.model.pipeline import BlockPipe
+def _moe_train_runs(workdir: str, runs: list) -> dict:
+    """Train each run of RUNS (or of the elastic trip); per run: losses and norms (rank 0 logs), final weights, the
+    expert weights' local shape, the MoE statistics of the last step, the ZeRO stage and engine, and for a run that
+    continues another's checkpoint, the largest difference between its engine's state right after the resume and
+    the source run's own state taken as it saved (and whether their parameter and moment sets are equal)."""
+    import shutil
 
-    if not any(isinstance(m, BlockPipe) for m in module.modules()):
-        return {n: b.clone() for n, b in module.named_buffers() if n.endswith("expert_bias")}
-    return {sub.canonical_name(n): b.clone() for sub in module.modules() if isinstance(sub, BlockPipe)
-            for n, b in sub.named_buffers() if n.endswith("expert_bias")}
+    import torch.distributed as dist
 
-
-def _moe_train_runs(workdir: str, runs: list[tuple[str, str, dict]]) -> dict:
-    """Train each (name, family, sections) run; per run: losses and norms (rank 0 logs), final weights, the expert
-    weights' local shape, the MoE statistics of the last step, the ZeRO stage and engine."""
     from megalite import config as C
+    from megalite.engine.elastic import full_state_of
     from megalite.engine.trainer import Trainer
+    from megalite.model.pipeline import canonical_buffers
 
     out = {}
-    for name, family, sections in runs:
-        run = Trainer(C.from_dict(_moe_raw(workdir, name, family, sections)))
+    for name, family, _, _, sections, how in runs:
+        first, last = how.get("steps", (0, MOE_STEPS))
+        source = how.get("from")
+        if source is not None and dist.get_rank() == 0:  # continue `source`'s run from its checkpoint of step `first`
+            root = f"{workdir}/{name}/checkpoints"
+            shutil.copytree(f"{workdir}/{source}/checkpoints", root)
+            for later in (p for p in os.listdir(root) if p.startswith("step") and int(p[4:]) > first):
+                shutil.rmtree(f"{root}/{later}")  # as if the job had died after step `first`'s save committed
+            with open(f"{root}/latest", "w") as f:
+                f.write(f"step{first:08d}\n")
+        dist.barrier()
+        run = Trainer(C.from_dict(_moe_raw(workdir, name, family, sections, last)))
+        checked: dict = {}
+        if how.get("check_state"):
+            original = run.train_step
+
+            def first_step(timer, _run=run, _original=original, _source=source, _checked=checked):
+                if not _checked:  # right after the resume, before any step here
+                    expected = torch.load(f"{workdir}/{_source}.state.pt")
+                    mine = full_state_of(_run.engine, _run.grid)
+                    _checked["same_keys"] = set(mine) == set(expected) and all(
+                        set(st.moments) == set(expected[n][1]) for n, st in mine.items() if n in expected)
+                    _checked["max_state_diff"] = max(
+                        max([float((st.fp32 - expected[n][0]).abs().max())] +
+                            [float((v - expected[n][1][k]).abs().max()) for k, v in st.moments.items()])
+                        for n, st in mine.items() if n in expected)
+                return _original(timer)
+
+            run.train_step = first_step
+        if how.get("keep_state"):  # the engine's own state as it saves its last checkpoint
+            save = run.checkpoints.save
+
+            def save_and_keep_state(step, last=False, _run=run, _save=save, _name=name, _last=last):
+                if step == _last:
+                    state = full_state_of(_run.engine, _run.grid)  # collective
+                    if dist.get_rank() == 0:
+                        torch.save({n: (p.fp32, p.moments) for n, p in state.items()}, f"{workdir}/{_name}.state.pt")
+                return _save(step, last=last)
+
+            run.checkpoints.save = save_and_keep_state
         code = run.train()
         records = [r for r in run.sink.records if r.get("kind") == "train"]
         experts = [p for n, p in run.engine.module.named_parameters() if n.endswith("experts.w_in")]
-        out[name] = {"exit": code, "losses": [r["loss"] for r in records],
+        out[name] = {"exit": code, "losses": [r["loss"] for r in records], "start": run.start_step,
                      "grad_norms": [r["grad_norm"] for r in records], "params": _gathered_parameters(run),
                      "stage": run.engine.zero_optimization_stage(), "engine": type(run.engine).__name__,
                      "expert_rows": experts[0].ds_shape[0] if hasattr(experts[0], "ds_shape") else experts[0].shape[0],
                      "statistics": run.strategy.moe_statistics,
-                     "biases": _expert_biases(run.engine.module)}
+                     "biases": {n: b.clone() for n, b in canonical_buffers(run.engine.module).items()},
+                     "saves": [(r["step"], r["mode"]) for r in run.sink.records if r.get("kind") == "checkpoint"],
+                     "resharded": [r["changes"] for r in run.sink.records if r.get("kind") == "reshard"],
+                     "moe_records": [{k: v for k, v in r.items() if k.startswith("moe_")} for r in records], **checked}
         del run
     return out
 
@@ -632,7 +742,7 @@ def _moe_reference(workdir: str, family: str, micro: int, sections: dict | None 
     spec = cfg.deepspeed["scheduler"]
     sched = getattr(lr_schedules, spec["type"])(opt, **spec["params"])
     losses, norms, at = [], [], {}
-    for step in range(1, RESUMED_STEPS + 1):
+    for step in range(1, FINAL_STEPS + 1):
         items = [train_set[i] for i in next(sampler)]
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
         opt.zero_grad()
@@ -650,7 +760,7 @@ def _moe_reference(workdir: str, family: str, micro: int, sections: dict | None 
         for block in blocks:
             block.update_bias(block.take_statistics()["tokens_per_expert"], block.moe.bias_update_rate)
         losses.append(total)
-        if step in (MOE_STEPS, RESUMED_STEPS):
+        if step in (MOE_STEPS, RESUMED_STEPS, FINAL_STEPS):
             at[step] = {"params": {k: v.detach().clone() for k, v in model.named_parameters()},
                         "biases": {n: b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")}}
     return {"losses": losses, "grad_norms": norms, "at": at}
@@ -659,7 +769,7 @@ def _moe_reference(workdir: str, family: str, micro: int, sections: dict | None 
 def _assert_matches_reference(result: dict, ref: dict, name: str, logs: bool, first: int = 0,
                               last: int = MOE_STEPS) -> None:
     """Steps first+1..last of a run (a resumed run logs only those) against the reference's."""
-    assert result["exit"] == 0, name
+    assert result["exit"] == 0 and result["start"] == first, name
     assert len(result["losses"]) == (last - first if logs else 0), name
     for step, (a, b) in enumerate(zip(result["losses"], ref["losses"][first:last]), start=first + 1):
         assert abs(a - b) < 1e-5, f"{name}: step {step} loss {a} vs reference {b}"
@@ -669,8 +779,9 @@ def _assert_matches_reference(result: dict, ref: dict, name: str, logs: bool, fi
     assert set(result["params"]) == set(ref["params"]), name
     for k, v in ref["params"].items():
         torch.testing.assert_close(result["params"][k], v, atol=1e-4, rtol=1e-3, msg=lambda m, k=k: f"{name} {k}: {m}")
-    # The aux-free biases follow the same global loads (a pipeline stage holds its layers' only).
-    assert set(result["biases"]) <= set(ref["biases"]), name
+    # The aux-free biases follow the same global loads (a pipeline stage holds its layers' only); a resumed run's
+    # were carried by its checkpoint.
+    assert result["biases"] and set(result["biases"]) <= set(ref["biases"]), name
     for k, v in result["biases"].items():
         assert torch.equal(v, ref["biases"][k]), (name, k, v, ref["biases"][k])
 
@@ -685,80 +796,105 @@ def workdir(tmp_path_factory) -> str:
 
 
 ZERO = {s: {"zero_optimization": {"stage": s}} for s in range(4)}
-# (name, family, micro-batch of the reference's split, packed documents, sections) on 4 ranks, global batch 4.
+SPLIT_DOCS = {"parallel": {"expert": 2, "context": 2}, "data": DOCS, "deepspeed": ZERO[2]}
+# (name, family, micro-batch of the reference's split, packed documents, sections, how) on 4 ranks, global batch 4;
+# `how`: the steps it trains (first, last), the run whose checkpoint of step `first` it continues, whether it keeps
+# its engine's state as it saves its last checkpoint, whether it compares its state after the resume with it.
 RUNS = [
     # EP2 at ZeRO-0 over DP4 (GPT: sigmoid routing, aux-free bias) and at ZeRO-3 over DP2 x CP2 (Llama: a dense
     # first layer, a shared expert, both balancing losses, whose gradient carries the context scale ZeRO-3 needs):
     # every expert held by every rank (ZeRO-3-partitioned over data x context), the computation split.
     ("ep2_zero0", "gpt", 1, False, {"parallel": {"expert": 2},
-                                    "deepspeed": {**ZERO[0], "train_micro_batch_size_per_gpu": 1}}),
-    ("ep2cp2_zero3", "llama", 2, False, {"parallel": {"expert": 2, "context": 2}, "deepspeed": ZERO[3]}),
+                                    "deepspeed": {**ZERO[0], "train_micro_batch_size_per_gpu": 1}}, {}),
+    ("ep2cp2_zero3", "llama", 2, False, {"parallel": {"expert": 2, "context": 2}, "deepspeed": ZERO[3]}, {}),
     # Sequence parallelism, activation checkpointing and the chunked loss; experts split over EP2 x TP2 (ZeRO-1).
     ("ep2tp2_sp", "llama", 2, False, {"parallel": {"expert": 2, "tensor": 2, "sequence_parallel": True},
                                       "model": {"activation_checkpointing": True, "loss_chunk_tokens": 5},
-                                      "deepspeed": ZERO[1]}),
-    # Expert groups of context pairs, packed documents, ZeRO-2 (DP2 x CP2).
-    ("ep2cp2_docs_zero2", "llama", 2, True, {"parallel": {"expert": 2, "context": 2}, "data": DOCS,
-                                             "deepspeed": ZERO[2]}),
-    # The same run resumed in a new engine for 2 more steps: every rank's experts are restored (exact resume).
-    ("ep2cp2_docs_zero2_resumed", "llama", 2, True, {"parallel": {"expert": 2, "context": 2}, "data": DOCS,
-                                                     "deepspeed": ZERO[2], "train": {"steps": RESUMED_STEPS}}),
+                                      "deepspeed": ZERO[1]}, {}),
+    # Expert groups of context pairs, packed documents, ZeRO-2 (DP2 x CP2): experts split over EP2 and their states
+    # over the expert-data-parallel pairs. Step 2 is saved in the background, step 4 (the last) synchronously.
+    ("ep2cp2_docs_zero2", "llama", 2, True, {**SPLIT_DOCS, "train": {"checkpoint_interval": 2}},
+     {"keep_state": True}),
+    # Its background-written step 2 resumed in a new engine (exact resume: every rank's experts restored) to step 6.
+    ("ep2cp2_docs_zero2_resumed", "llama", 2, True, SPLIT_DOCS,
+     {"from": "ep2cp2_docs_zero2", "steps": (2, RESUMED_STEPS)}),
+    # Elastic resume of its step 4 without expert parallelism: EP2 -> EP1 (x DP2 x CP2), ZeRO-2; then back to EP2 at
+    # ZeRO-1 from that run's step 6. Each continues with the source run's own optimizer state, bit for bit.
+    ("ep1cp2_docs_zero2_elastic", "llama", 2, True, {**SPLIT_DOCS, "parallel": {"expert": 1, "context": 2}},
+     {"from": "ep2cp2_docs_zero2", "steps": (MOE_STEPS, RESUMED_STEPS), "keep_state": True, "check_state": True}),
+    ("ep2cp2_docs_zero1_elastic", "llama", 2, True, {**SPLIT_DOCS, "deepspeed": ZERO[1]},
+     {"from": "ep1cp2_docs_zero2_elastic", "steps": (RESUMED_STEPS, FINAL_STEPS), "check_state": True}),
     # Pipeline last (DeepSpeed cannot build a plain engine after a pipeline one): tied embeddings across stages,
     # DeepSpeed's reentrant activation checkpointing, 2 accumulation steps, documents.
     ("ep2pp2_docs", "gpt", 1, True, {"parallel": {"expert": 2, "pipeline": 2}, "data": DOCS,
                                      "model": {"activation_checkpointing": True},
                                      "deepspeed": {**ZERO[1], "train_micro_batch_size_per_gpu": 1,
-                                                   "gradient_accumulation_steps": 2}}),
+                                                   "gradient_accumulation_steps": 2}}, {}),
 ]
 # Rows of each run's stacked expert weights on a rank: the local experts where split (ZeRO-1/2), else all 4.
 LOCAL_EXPERTS = {"ep2_zero0": 4, "ep2cp2_zero3": 4, "ep2tp2_sp": 2, "ep2cp2_docs_zero2": 2,
-                 "ep2cp2_docs_zero2_resumed": 2, "ep2pp2_docs": 2}
+                 "ep2cp2_docs_zero2_resumed": 2, "ep1cp2_docs_zero2_elastic": 4, "ep2cp2_docs_zero1_elastic": 2,
+                 "ep2pp2_docs": 2}
 
 
 def _train(workdir: str, runs: list) -> dict:
     from tests.test_parallel_layers import no_shm_comm
 
     no_shm_comm()
-    return _moe_train_runs(workdir, [(name, family, sections) for name, family, _, _, sections in runs])
+    return _moe_train_runs(workdir, runs)
 
 
 def _check_runs(results: list, runs: list, workdir: str) -> None:
     refs: dict = {}
-    for name, family, micro, docs, _ in runs:
+    for name, family, micro, docs, _, how in runs:
         key = (family, micro, docs)
         if key not in refs:
             refs[key] = _moe_reference(workdir, family, micro, {"data": DOCS} if docs else None)
-        resumed = name.endswith("_resumed")
+        first, last = how.get("steps", (0, MOE_STEPS))
         for rank, r in enumerate(results):
             assert r[name]["expert_rows"] == LOCAL_EXPERTS[name], (name, r[name]["expert_rows"])
-            _assert_matches_reference(r[name], refs[key], f"{name} rank {rank}", logs=rank == 0,
-                                      first=MOE_STEPS if resumed else 0, last=RESUMED_STEPS if resumed else MOE_STEPS)
+            _assert_matches_reference(r[name], refs[key], f"{name} rank {rank}", logs=rank == 0, first=first,
+                                      last=last)
             stats = r[name]["statistics"]  # the last step's loads: every token of the global batch, k times
             assert stats and all(int(s["tokens_per_expert"].sum()) == 4 * 16 * 2 for s in stats), (name, stats)
-    gpt = [ref for (family, _, _), ref in refs.items() if family == "gpt"]
-    assert gpt and all(b.abs().sum() > 0 for ref in gpt for b in ref["at"][MOE_STEPS]["biases"].values())  # moved
+            if rank == 0:
+                _check_moe_records(r[name]["moe_records"], stats, family, name)
+            if how.get("check_state"):
+                # Data movement only: the source run's own state, bit for bit, parameter and moment sets equal.
+                assert r[name]["same_keys"] is True and r[name]["max_state_diff"] == 0.0, \
+                    (name, r[name]["same_keys"], r[name]["max_state_diff"])
+                if rank == 0:  # the rank that logs: one elastic resume, across expert-parallel degrees
+                    assert len(r[name]["resharded"]) == 1 and any("expert" in c for c in r[name]["resharded"][0]), name
+    assert all(b.abs().sum() > 0 for ref in refs.values() for b in ref["at"][MOE_STEPS]["biases"].values())  # moved
 
 
-def _other_layout_refused(workdir: str) -> str:
-    """Resuming the split-expert checkpoint at parallel.expert=1: refused, naming the layout change."""
-    from megalite import config as C
-    from megalite.engine.trainer import Trainer
-
-    raw = _moe_raw(workdir, "ep2cp2_docs_zero2_resumed", "llama",
-                   {"parallel": {"expert": 1, "context": 2}, "data": DOCS, "deepspeed": ZERO[2]})
-    run = Trainer(C.from_dict(raw))
-    try:
-        run.train()
-    except Exception as e:  # noqa: BLE001 - the message is the result
-        return f"{type(e).__name__}: {e}"
-    return "no error"
+def _check_moe_records(records: list[dict], last_step: list[dict], family: str, name: str) -> None:
+    """The training log's MoE fields (one step per record): every MoE layer of the model (a pipeline run's joined
+    from both stages), each layer's tokens per expert summing to the step's assignments, max/mean load and the
+    worst layer recomputed, no drops (dropless), the balancing losses' values (both coefficients or one set); the
+    last record's layers equal the statistics the strategy kept for the step."""
+    layers = [1, 2] if family == "llama" else [0, 1]
+    assert records, name
+    for record in records:
+        assert [x["layer"] for x in record["moe_layers"]] == layers, (name, record)
+        for x in record["moe_layers"]:
+            tokens = x["tokens_per_expert"]
+            assert sum(tokens) == 4 * 16 * 2 and x["dropped"] == 0, (name, x)
+            assert x["max_load"] == pytest.approx(max(tokens) / (sum(tokens) / len(tokens)))
+            assert x["aux_loss"] is not None and x["z_loss"] is not None, (name, x)  # computed with either coefficient
+        assert record["moe_max_load"] == max(x["max_load"] for x in record["moe_layers"]) >= 1.0
+        assert record["moe_dropped"] == 0
+        assert record["moe_aux_loss"] == pytest.approx(sum(x["aux_loss"] for x in record["moe_layers"]) / 2)
+    logged = {x["layer"]: x for x in records[-1]["moe_layers"]}
+    for s in last_step:
+        assert logged[s["layer"]]["tokens_per_expert"] == s["tokens_per_expert"].tolist(), name
+        assert logged[s["layer"]]["aux_loss"] == s["aux_loss"] and logged[s["layer"]]["z_loss"] == s["z_loss"], name
 
 
 def _four_ranks(workdir: str) -> dict:
     out = _four_rank_layers()
     runs = [r for r in RUNS if "pp2" not in r[0]]
     out.update(_train(workdir, runs))
-    out["refused"] = _other_layout_refused(workdir)
     out.update(_train(workdir, [r for r in RUNS if r not in runs]))  # the pipeline last
     return out
 
@@ -768,11 +904,12 @@ def test_moe_layer_and_training_at_four_ranks_match_one_process(workdir):
     and without sequence parallelism, EP2 x CP2: outputs, input gradients and engine-summed weight gradients equal
     the one-process layer's (softmax and sigmoid routers, expert bias, shared experts, GELU experts, a capacity,
     experts that receive no token); whole models with q/k norms at EP2 x TP2 (+SP). Training at EP2 x DP4 with
-    ZeRO-0, EP2 x CP2 x DP2 with ZeRO-3, EP2 x TP2 + SP (ZeRO-1, activation checkpointing, chunked loss), EP2 x CP2 (ZeRO-2, packed
-    documents; then resumed in a new engine for 2 more steps) and EP2 x PP2 (ZeRO-1, documents, accumulation,
-    reentrant checkpointing): losses within 1e-5, norms, weights and expert biases as the plain loop's; resuming the
-    split experts at another expert-parallel degree is refused. The ZeRO-0/3 checkpoints consolidate to the run's weights, and
-    evaluation and generation run on them on one process."""
+    ZeRO-0, EP2 x CP2 x DP2 with ZeRO-3, EP2 x TP2 + SP (ZeRO-1, activation checkpointing, chunked loss), EP2 x CP2
+    (ZeRO-2, packed documents; its background-written checkpoint resumed in a new engine), elastic resume EP2 ->
+    EP1 x DP2 (ZeRO-2) and back to EP2 (ZeRO-1), and EP2 x PP2 (ZeRO-1, documents, accumulation, reentrant
+    checkpointing): losses within 1e-5, norms, weights and expert biases as the plain loop's, the optimizer state
+    after each elastic resume the source run's bit for bit. Every checkpoint (split experts included) consolidates
+    to the run's weights and expert biases; evaluation, generation and `train.init_from` run on them."""
     results = run_ranks(_four_ranks, 4, workdir, timeout_s=600, collective_timeout_s=90)
     # Placement: expert groups are consecutive replicas, expert-data-parallel groups stride over them.
     assert [r["ep2"] for r in results] == [(0, [0, 1], [0, 2]), (1, [0, 1], [1, 3]), (0, [2, 3], [0, 2]),
@@ -783,33 +920,71 @@ def test_moe_layer_and_training_at_four_ranks_match_one_process(workdir):
     assert len(results[0]["layers"]) == 2 * (5 + 1) + 3 + 3 + 2 and len(results[0]["models"]) == 4
     _check_runs(results, RUNS, workdir)
     assert results[0]["ep2pp2_docs"]["engine"] == "PipelineEngine"
-    assert "CheckpointError" in results[0]["refused"] and "expert 2 -> 1" in results[0]["refused"], results[0]["refused"]
     assert results[0]["ep2cp2_zero3"]["stage"] == 3 and results[0]["ep2_zero0"]["stage"] == 0
-    _check_checkpoint_inference(workdir, results[0])
+    # The background path: step 2 written asynchronously, the last step synchronously; the resume read step 2.
+    assert results[0]["ep2cp2_docs_zero2"]["saves"] == [(2, "async"), (4, "sync")]
+    _check_checkpoint_inference(workdir, results)
+    _check_offline_reshard(workdir)
 
 
-def _check_checkpoint_inference(workdir: str, result: dict) -> None:
-    """The checkpoints of runs whose every rank holds every expert consolidate to the weights the run held;
-    `megalite eval`'s function and generation (with and without the KV cache) run on them on one process."""
+def _check_offline_reshard(workdir: str) -> None:
+    """`megalite checkpoint reshard --expert 2` of the EP1 x CP2 x DP2 ZeRO-2 checkpoint to EP2 x DP2 at ZeRO-1 (2 CPU
+    processes): the written checkpoint splits the experts, and its full training state (weights, moments, step,
+    expert biases) is the source's bit for bit."""
+    from megalite.checkpoint.reshard import TrainingState
+    from megalite.cli import main
+
+    source, out = f"{workdir}/ep1cp2_docs_zero2_elastic", f"{workdir}/offline_ep2"
+    os.makedirs(out)
+    assert main(["checkpoint", "reshard", source, "--out", f"{out}/checkpoints", "--tensor", "1", "--pipeline", "1",
+                 "--data", "2", "--expert", "2", "--zero", "1"]) == 0
+    theirs, mine = TrainingState(source), TrainingState(out)
+    assert mine.layout.expert == 2 and mine.layout.zero_stage == 1 and mine.expert_split == 2
+    assert theirs.expert_split == 1 and mine.names() == theirs.names()
+    for name in theirs.names():
+        a, b = theirs.parameter(name), mine.parameter(name)
+        assert torch.equal(a.fp32, b.fp32) and a.step == b.step and set(a.moments) == set(b.moments), name
+        assert all(torch.equal(a.moments[k], b.moments[k]) for k in a.moments), name
+    assert all(torch.equal(b, mine.buffers()[k]) for k, b in theirs.buffers().items())
+
+
+def _check_checkpoint_inference(workdir: str, results: list) -> None:
+    """Every run's last checkpoint, experts split or not, consolidates to the weights and expert biases the run held;
+    `megalite eval`'s function and generation (with and without the KV cache) run on the checkpoints on one process,
+    and `train.init_from`'s state loads into a model with the biases."""
     from megalite.checkpoint.consolidate import load_full_weights, model_from_checkpoint
+    from megalite.config import ParallelConfig
+    from megalite.engine.trainer import initial_state
     from megalite.evaluate import evaluate_checkpoint, evaluate_model
+    from megalite.model import build_model, load_full_state_dict
     from megalite.model.sampling import generate_ids
 
-    for name in ("ep2_zero0", "ep2cp2_zero3"):
+    result = results[0]
+    for name, *_ in RUNS:
         _, state, _ = load_full_weights(f"{workdir}/{name}")
-        held = result[name]["params"]
-        assert set(state) == set(held), name
+        biases = {k: v for r in results for k, v in r[name]["biases"].items()}  # every pipeline stage's
+        held = {**result[name]["params"], **biases}
+        assert set(state) == set(held), (name, sorted(set(state) ^ set(held)))
         for key, tensor in held.items():
             assert torch.equal(state[key].float(), tensor), (name, key)
+    for name in ("ep2_zero0", "ep2cp2_zero3", "ep2cp2_docs_zero2"):
         cfg, model, _ = model_from_checkpoint(f"{workdir}/{name}")
         assert cfg.parallel.expert == 2 and model.config.moe is not None
+        for key, bias in result[name]["biases"].items():
+            assert torch.equal(model.get_buffer(key), bias), (name, key)
         evaluated = evaluate_checkpoint(f"{workdir}/{name}", batch_size=3, max_samples=5)
         assert evaluated["tokens"] == 5 * 16 and math.isfinite(evaluated["loss"]), evaluated
         prompt = torch.tensor([[5, 9, 13, 2, 7]])
         cached = generate_ids(model, prompt, max_new_tokens=8, use_cache=True)
         assert torch.equal(cached, generate_ids(model, prompt, max_new_tokens=8, use_cache=False)), name
-        assert evaluate_model(model, _valid_set(cfg), batch_size=5, max_samples=5)["loss"] == \
-            pytest.approx(evaluated["loss"], rel=1e-6)
+        if not cfg.data.reset_attention_mask:  # the plain valid set: whole sequences
+            assert evaluate_model(model, _valid_set(cfg), batch_size=5, max_samples=5)["loss"] == \
+                pytest.approx(evaluated["loss"], rel=1e-6)
+        # train.init_from: the checkpoint's weights and biases, into a model of one process.
+        fresh = build_model(cfg.model, ParallelConfig(), None, seed=0)
+        load_full_state_dict(fresh, initial_state(f"{workdir}/{name}", cfg.model))
+        for key, bias in result[name]["biases"].items():
+            assert torch.equal(fresh.get_buffer(key), bias), (name, key)
 
 
 def _valid_set(cfg):

@@ -608,7 +608,7 @@ def test_bad_input_names_the_value(capsys: pytest.CaptureFixture) -> None:
 
 def test_plan_of_every_shipped_run_config() -> None:
     worlds = {"demo-cpu": 2, "gpt2-124m-1node": 8, "gpt3-1.3b-2nodes": 16, "gpt3-13b-8nodes": 64,
-              "llama-8b-4nodes": 32}
+              "llama-8b-4nodes": 32, "moe-cpu": 2}
     assert set(worlds) == {p.stem for p in (REPO / "configs/runs").glob("*.json")}
     for name, world in worlds.items():
         cfg = C.load(REPO / "configs/runs" / f"{name}.json")

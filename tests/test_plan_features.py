@@ -112,7 +112,7 @@ def test_fp8_in_the_training_log() -> None:
             self.records.append(record)
 
     cfg = _gpt({"recipe": "tensorwise"})
-    window = MetricWindow(cfg, Sink(), StepTimer(False), 8, 1e10, 989.0, False, 1979.0)
+    window = MetricWindow(cfg, Sink(), StepTimer(False), 8, 1e10, 989.0, False, peak_fp8_tflops=1979.0)
     window.start -= 1.0  # one second for one step
     window.add(2.0, False)
     record = window.flush(1, 1e-4, 1.0, None, 0, True)

@@ -117,7 +117,9 @@ def _observe_hang(job: Job, stopped: int, marker: str, live: list[int]) -> dict:
     stopped_at = job.wait_stopped(stopped, marker)
     codes = job.wait(live) if stopped_at is not None else {}
     folders = sorted((job.out / "hangs").iterdir()) if (job.out / "hangs").is_dir() else []
-    return {"stopped_at": stopped_at, "codes": codes, "logs": {r: job.log(r) for r in range(len(job.procs))},
+    # Taken now, while the rank is still stopped: once continued it may write its own report into the folder.
+    stopped_wrote = [f.name for f in folders if (f / f"rank{stopped}-stacks.txt").exists()]
+    return {"stopped_at": stopped_at, "stopped_wrote": stopped_wrote, "codes": codes, "logs": {r: job.log(r) for r in range(len(job.procs))},
             "waited": {r: job.exit_t[r] - stopped_at for r in codes if r in job.exit_t},
             "state": _state(job.procs[stopped].pid), "folders": folders, "records": job.records(),
             "stopped": stopped, "live": live}
@@ -227,7 +229,7 @@ def _check_hang(obs: dict, timeout_s: float, where: str) -> dict:
         assert [(s["rank"], s["host"], s["silent"]) for s in verdict["suspects"]] == [(stopped, HOST, True)], verdict
         trace = pickle.loads((folder / f"fr_trace_rank_{r}").read_bytes())
         assert trace["entries"] and all(e["profiling_name"].startswith("gloo:") for e in trace["entries"])
-    assert not (folder / f"rank{stopped}-stacks.txt").exists()  # a stopped process writes nothing
+    assert obs["stopped_wrote"] == [], obs["stopped_wrote"]  # a stopped process writes nothing
     assert (folder / "suspect-hosts").read_text() == f"{HOST}\n"
     return verdict
 

@@ -9,7 +9,9 @@
     reshard     offline reshard of a TP2 x PP2 checkpoint to DP4: time and peak memory against saving it
     eval-harness loglikelihood requests/s of the lm-evaluation-harness model against the harness's HF backend
     context     activation memory per rank of one 8k-token micro-batch at context parallelism 1, 2, 4
+    moe         the MoE layer against a dense MLP of the same active parameters, grouped against looped experts
     watchdog    the training step with the hang watchdog and straggler report on and off, alternating
+    pipeline    step time and idle fraction per rank of the pipeline schedules on a synthetic pipeline, against the plan
     pipeline-engine  DeepSpeed's PipelineEngine per-instruction host cost and BF16_Optimizer's per-micro-batch fp32
                 gradient bookkeeping (CPU ranks, sleeping layers)
     zero3       when DeepSpeed's ZeRO-3 gathers each layer against when the layer runs (prefetch on CPU ranks)
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("kernels", "model", "overhead", "init", "prepare", "checkpoint", "reshard", "eval_harness", "context",
-              "watchdog", "zero3", "pipeline_engine")
+              "moe", "watchdog", "pipeline", "pipeline_engine", "zero3")
 PACKAGE = Path(__file__).resolve().parent.parent
 
 

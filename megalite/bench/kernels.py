@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import statistics
 import sys
@@ -32,10 +31,20 @@ from pathlib import Path
 from typing import Any
 
 from megalite.bench import git_commit, run_info
+from megalite.bench.kernels_report import (
+    OPS,
+    OURS,
+    add_ratios,
+    autotune_events,
+    compiled_kernel_resources,
+    write_markdown,
+    write_plot,
+)
 
-OPS = ("attention", "layer_norm", "rms_norm", "attention_docs")
 MODES = ("fwd", "bwd", "fwd+bwd")
-OURS = "megalite"
+# An output whose largest difference from megalite's exceeds this fraction of megalite's largest value is wrong
+# (the attention and norm tests bound megalite's own error against float64; bf16 rounding is 2^-8 = 0.4 %).
+TOLERANCE = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--time-budget", type=float, default=None, help="seconds; stop starting new measurements after this"
     )
+    parser.add_argument("--table", default=None, help="also write this device's measured table (the fastest correct "
+                        "implementation per op and shape) into DIR/<device>.json, merged with the one there")
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -219,7 +230,38 @@ def norm_impls(op: str, device) -> dict[str, Any]:
                 impls["apex"] = lambda x, w, b: apex_ln.fused_rms_norm_affine(x, w, (x.shape[-1],), 1e-6)
         except ImportError:
             pass
+        if op == "rms_norm" and os.environ.get("MEGALITE_BENCH_NO_QUACK") != "1":  # gpu_check.sh's probe failed
+            try:  # QuACK's RMSNorm (CuTe DSL); torch >= 2.13 routes F.rms_norm to it itself (see torch_rms_norm)
+                import quack
+
+                impls["quack"] = lambda x, w, b: quack.rmsnorm(x, w, eps=1e-6)
+            except Exception:  # noqa: BLE001 - missing, or its CUTLASS DSL libraries fail to load: not measured
+                pass
     return impls
+
+
+def torch_rms_norm() -> str:
+    """What F.rms_norm runs on this machine's GPU: "quack" where torch routes it to QuACK's CuTe DSL kernel (torch
+    >= 2.13 on sm_90/sm_100 with nvidia-cutlass-dsl and apache-tvm-ffi installed), else "aten"."""
+    try:
+        from torch._native import cutedsl_utils
+
+        return "quack" if cutedsl_utils.runtime_available() else "aten"
+    except Exception:  # noqa: BLE001 - torch < 2.13 has no torch._native
+        return "aten"
+
+
+def mismatch(out, reference, dtype_name: str) -> float | None:
+    """The largest difference of `out` from megalite's output relative to its largest value, when above the
+    dtype's TOLERANCE (the implementation computed something else), else None."""
+    out = out[0] if isinstance(out, tuple) else out
+    if reference is None or out is None:
+        return None
+    diff = (out.float() - reference.float()).abs().max().item()
+    scale = max(reference.float().abs().max().item(), 1e-6)
+    if diff != diff:  # NaN
+        return float("inf")
+    return diff / scale if diff / scale > TOLERANCE[dtype_name] else None
 
 
 # --- one measurement -----------------------------------------------------------------------------
@@ -250,16 +292,26 @@ def _modes_timed(make_out, inputs, device, reps: int, modes: list[str]) -> dict[
 
 
 def _time_attention(op: str, name: str, run, qkv, shape: dict, fwd_flops: float, device, reps: int, args,
-                    record) -> None:
-    """Time one attention implementation in every mode; TFLOP/s with the backward at 2.5x the forward."""
+                    record, reference: dict) -> None:
+    """Time one attention implementation in every mode; TFLOP/s with the backward at 2.5x the forward. Its output
+    is first compared with megalite's (`reference["out"]`, set when megalite runs, first)."""
+    import torch
+
     try:
+        with torch.no_grad():
+            out = run()
+        if name == OURS:
+            reference["out"] = out
+        wrong = mismatch(out, reference.get("out"), args.dtype_name) if name != OURS else None
+        del out
         ms = _modes_timed(run, qkv, device, reps, args.modes_list)
     except Exception as e:  # noqa: BLE001 - an unsupported backend is a result, not a crash
         record(op, name, shape, None, error=f"{type(e).__name__}: {str(e)[:200]}")
         return
     for mode, value in ms.items():
         flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
-        record(op, name, shape, mode, ms=value, tflops=flops / value / 1e9)
+        record(op, name, shape, mode, ms=value, tflops=flops / value / 1e9,
+               **({"mismatch": wrong} if wrong is not None else {}))
 
 
 def bench_attention(args, device, dtype, record) -> None:
@@ -280,14 +332,16 @@ def bench_attention(args, device, dtype, record) -> None:
                 q, k, v = (torch.randn(batch, heads, t, d, device=device, dtype=dtype) for _ in range(3))
                 fwd_flops = 4 * batch * heads * t * t * d / (2 if causal else 1)
                 shape = {"batch": batch, "heads": heads, "seq": t, "head_dim": d, "causal": causal}
+                reference: dict = {}
                 for name, fn in impls.items():
                     if name == "sdpa-math" and device.type == "cuda" and t > 4096:
                         continue  # materialises batch*heads*t*t scores: minutes and tens of GB
                     if _out_of_time(args):
                         return
                     run = lambda fn=fn, q=q, k=k, v=v, c=causal: fn(q, k, v, c)
-                    _time_attention("attention", name, run, [q, k, v], shape, fwd_flops, device, reps, args, record)
-                q = k = v = None  # free before the next shape
+                    _time_attention("attention", name, run, [q, k, v], shape, fwd_flops, device, reps, args, record,
+                                    reference)
+                q = k = v = reference = None  # free before the next shape
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -313,12 +367,14 @@ def bench_attention_docs(args, device, dtype, record) -> None:
             pairs = sum(n * (n + 1) // 2 if causal else n * n for n in lengths)  # visible (query, key) pairs
             fwd_flops = 4 * batch * heads * pairs * d
             shape = {"batch": batch, "heads": heads, "seq": t, "head_dim": d, "causal": causal, "documents": len(lengths)}
+            reference: dict = {}
             for name, fn in impls.items():
                 if _out_of_time(args):
                     return
                 run = lambda fn=fn, q=q, k=k, v=v, c=causal, docs=docs: fn(q, k, v, c, docs)
-                _time_attention("attention_docs", name, run, [q, k, v], shape, fwd_flops, device, reps, args, record)
-            q = k = v = None
+                _time_attention("attention_docs", name, run, [q, k, v], shape, fwd_flops, device, reps, args, record,
+                                reference)
+            q = k = v = reference = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -346,65 +402,28 @@ def bench_norm(op: str, args, device, dtype, record) -> None:
         }
         moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
         shape = {"rows": rows, "width": n}
+        reference = None
         for name, fn in impls.items():
             if _out_of_time(args):
                 return
             inputs = [t for t in (x, w, b) if t is not None]
             try:
                 run = lambda fn=fn, x=x, w=w, b=b: fn(x, w, b)
+                with torch.no_grad():
+                    out = run()
+                reference = out if name == OURS else reference
+                wrong = mismatch(out, reference, args.dtype_name) if name != OURS else None
+                del out
                 ms = _modes_timed(run, inputs, device, reps, args.modes_list)
             except Exception as e:  # noqa: BLE001
                 record(op, name, shape, None, error=f"{type(e).__name__}: {str(e)[:200]}")
                 continue
             for mode, value in ms.items():
-                record(op, name, shape, mode, ms=value, gbps=moved[mode] / value / 1e6)
+                record(op, name, shape, mode, ms=value, gbps=moved[mode] / value / 1e6,
+                       **({"mismatch": wrong} if wrong is not None else {}))
 
 
 # --- reporting -----------------------------------------------------------------------------------
-
-
-def _constexpr_blocks(compiled, spec) -> dict[str, int]:
-    """BLOCK_* constexpr values of one compiled kernel (from its source record, else from its cache key)."""
-    src = getattr(compiled, "src", None)
-    consts = getattr(src, "constants", None) or getattr(src, "constexprs", None) or {}
-    names = getattr(getattr(src, "fn", None), "arg_names", [])
-    blocks = {}
-    for k, v in dict(consts).items():
-        index = k[0] if isinstance(k, tuple) else k
-        name = names[index] if isinstance(index, int) and index < len(names) else str(index)
-        if name.startswith("BLOCK_"):
-            blocks[name] = int(v)
-    return blocks or {k: int(v) for k, v in re.findall(r"(BLOCK_[A-Z]+)\W{1,6}(\d+)", str(spec))}
-
-
-def compiled_kernel_resources() -> list[dict]:
-    """Registers, spills and shared memory of every Triton kernel this process compiled (empty under the
-    interpreter). Read from Triton's per-device kernel caches; best effort, since that layout is internal."""
-    import importlib
-
-    rows = []
-    for module_name in ("flash_attention", "fused_layer_norm", "fused_rms_norm"):
-        module = importlib.import_module(f"megalite.kernels.{module_name}")
-        for name, fn in vars(module).items():
-            caches = getattr(fn, "device_caches", None)
-            if not name.endswith("_kernel") or not caches:
-                continue
-            for entry in list(caches.values()):
-                kernel_cache = entry[0] if isinstance(entry, tuple) else entry
-                for spec, compiled in list(kernel_cache.items()):
-                    try:
-                        if getattr(compiled, "n_regs", None) is None:
-                            compiled._init_handles()
-                        md = compiled.metadata
-                        blocks = _constexpr_blocks(compiled, spec)
-                        rows.append({
-                            "kernel": name, "blocks": blocks,
-                            "num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
-                            "registers": compiled.n_regs, "spills": compiled.n_spills,
-                        })
-                    except Exception as e:  # noqa: BLE001 - a report, never a crash
-                        rows.append({"kernel": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
-    return rows
 
 
 def _interrupt(signum, frame) -> None:
@@ -417,116 +436,6 @@ def _ints(text: str | None) -> list[int]:
 
 def _out_of_time(args) -> bool:
     return args._deadline is not None and time.monotonic() > args._deadline
-
-
-def _key(row: dict) -> tuple:
-    return (row["op"], json.dumps(row["shape"], sort_keys=True), row["mode"])
-
-
-def add_ratios(rows: list[dict], peaks: dict[str, float]) -> None:
-    """Ratio of ours to each alternative (time_alt / time_ours: >1 means ours is faster) and peak fractions."""
-    ours = {_key(r): r for r in rows if r["impl"] == OURS and r.get("ms")}
-    for r in rows:
-        if r.get("tflops") is not None:
-            r["frac_peak"] = r["tflops"] / peaks["matmul_tflops"]
-        if r.get("gbps") is not None:
-            r["frac_peak"] = r["gbps"] / peaks["copy_gbps"]
-        mine = ours.get(_key(r))
-        if mine is not None and r["impl"] != OURS and r.get("ms"):
-            r["ours_speedup"] = r["ms"] / mine["ms"]
-
-
-def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
-    """One table per op: each implementation's throughput (fraction of peak) and ours vs it."""
-    lines = [
-        f"# Kernel benchmark: {meta['device']}",
-        "",
-        f"commit `{meta['commit']}`, torch {meta['torch']}, triton {meta['triton']}, dtype {meta['dtype']}, "
-        f"{meta['date']}{' (smoke: tiny sizes, CPU interpreter; timings meaningless)' if meta['smoke'] else ''}",
-        "",
-        f"Measured peaks: matmul {meta['peaks']['matmul_tflops']:.1f} TFLOP/s "
-        f"({meta['peaks']['matmul_dtype']} {meta['peaks']['matmul_shape']}^3), "
-        f"copy {meta['peaks']['copy_gbps']:.1f} GB/s.",
-        "",
-        "Cells: throughput (fraction of the measured peak) [ours / this: speedup of megalite, >1 = ours faster].",
-        "",
-    ]
-    for op in OPS:
-        op_rows = [r for r in rows if r["op"] == op]
-        if not op_rows:
-            continue
-        impls = list(dict.fromkeys(r["impl"] for r in op_rows))
-        unit = "TFLOP/s" if op.startswith("attention") else "GB/s"
-        lines += [f"## {op} ({unit})", ""]
-        lines.append("| shape | mode | " + " | ".join(impls) + " |")
-        lines.append("|---|---|" + "---|" * len(impls))
-        cases = list(dict.fromkeys((json.dumps(r["shape"], sort_keys=True), r["mode"]) for r in op_rows if r["mode"]))
-        for shape_json, mode in cases:
-            shape = json.loads(shape_json)
-            label = ", ".join(f"{k}={v}" for k, v in shape.items())
-            cells = []
-            for impl in impls:
-                same = [r for r in op_rows if r["impl"] == impl and r["shape"] == shape]
-                r = next((r for r in same if r["mode"] == mode), None)
-                if r is None:
-                    cells.append("n/a" if any(x.get("error") for x in same) else "-")
-                    continue
-                value = r.get("tflops", r.get("gbps"))
-                cell = f"{value:.4g} ({r['frac_peak']:.1%})"
-                if "ours_speedup" in r:
-                    cell += f" [{r['ours_speedup']:.2f}x]"
-                cells.append(cell)
-            lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
-        errors = sorted({f"{r['impl']}: {r['error']}" for r in op_rows if r.get("error")})
-        if errors:
-            lines += ["", "Not run (n/a):", *[f"- {e}" for e in errors]]
-        lines.append("")
-    path.write_text("\n".join(lines))
-
-
-def write_plot(path: Path, meta: dict, rows: list[dict]) -> None:
-    """Attention fwd+bwd TFLOP/s against seq (one panel per head dim and causality) and norm GB/s against width."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    att = [r for r in rows if r["op"] == "attention" and r["mode"] == "fwd+bwd" and r.get("tflops")]
-    panels = sorted({(r["shape"]["head_dim"], r["shape"]["causal"]) for r in att})
-    norms = [r for r in rows if r["op"] in ("layer_norm", "rms_norm") and r["mode"] == "fwd+bwd" and r.get("gbps")]
-    norm_ops = sorted({r["op"] for r in norms})
-    n = max(1, len(panels) + len(norm_ops))
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.8), squeeze=False)
-    axes = axes[0]
-    for ax, (d, causal) in zip(axes, panels):
-        for impl in dict.fromkeys(r["impl"] for r in att):
-            pts = sorted(
-                (r["shape"]["seq"], r["tflops"])
-                for r in att
-                if r["impl"] == impl and r["shape"]["head_dim"] == d and r["shape"]["causal"] == causal
-            )
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=impl)
-        ax.axhline(meta["peaks"]["matmul_tflops"], color="grey", linestyle=":", label="matmul peak")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"attention fwd+bwd d={d}{' causal' if causal else ''}")
-        ax.set_xlabel("seq")
-        ax.set_ylabel("TFLOP/s")
-        ax.legend(fontsize=7)
-    for ax, op in zip(axes[len(panels) :], norm_ops):
-        for impl in dict.fromkeys(r["impl"] for r in norms if r["op"] == op):
-            pts = sorted((r["shape"]["width"], r["gbps"]) for r in norms if r["op"] == op and r["impl"] == impl)
-            ax.plot(*zip(*pts), marker="o", label=impl)
-        ax.axhline(meta["peaks"]["copy_gbps"], color="grey", linestyle=":", label="copy peak")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{op} fwd+bwd")
-        ax.set_xlabel("width")
-        ax.set_ylabel("GB/s")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{meta['device']} {meta['dtype']} @ {meta['commit'][:12]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -560,14 +469,19 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     if args.smoke and device.type == "cpu":
         dtype = torch.float32  # fp32 keeps the interpreter fast and exact
+    args.dtype_name = str(dtype).replace("torch.", "")
     import triton
 
     torch.manual_seed(0)
     peaks = measure_peaks(device, args.smoke)
     rows: list[dict] = []
+    events: list[dict] = []  # every autotuning of megalite's kernels, with each candidate's time
+    seen: list = []
 
     def record(op, impl, shape, mode, **values):
         rows.append({"op": op, "impl": impl, "shape": shape, "mode": mode, **values})
+        if impl == OURS:
+            events.extend(autotune_events(seen))
         if mode is not None:
             value = values.get("tflops", values.get("gbps"))
             unit = "TFLOP/s" if "tflops" in values else "GB/s"
@@ -610,7 +524,8 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": args.dtype_name,
+        "torch_rms_norm": torch_rms_norm() if device.type == "cuda" else "aten",
         "smoke": bool(args.smoke),
         "interrupted": interrupted,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -622,10 +537,19 @@ def run(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "compiled": resources}, indent=1))
-    write_markdown(out / "results.md", meta, rows)
+    payload = {"meta": meta, "rows": rows, "compiled": resources, "autotune": events}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    write_markdown(out / "results.md", meta, rows, events)
     write_plot(out / "results.png", meta, rows)
     print(f"bench: wrote {out}/results.json, results.md, results.png in {meta['seconds']} s")
+    if args.table:
+        from megalite.kernels import measured
+
+        table = measured.build(rows, meta)
+        path = measured.write(table, Path(args.table))
+        print(f"bench: measured table ({len(table.entries)} shapes) merged into {path}")
+        for line in table.describe():
+            print(f"bench:   {line}")
     return 1 if interrupted else 0
 
 

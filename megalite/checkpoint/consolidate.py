@@ -25,9 +25,10 @@ from megalite.model import build_model, load_full_state_dict, tensor_parallel_gr
 
 
 def load_full_weights(path: str | os.PathLike) -> tuple[Config, dict[str, torch.Tensor], dict]:
-    """(config, full fp32 state dict keyed like a TP1 megalite model, manifest) of a checkpoint."""
+    """(config, full fp32 state dict keyed like a TP1 megalite model, buffers (the routers' expert bias) included,
+    manifest) of a checkpoint."""
     state = TrainingState(path)
-    return state.config, {name: state.weight(name) for name in state.names()}, state.manifest
+    return state.config, {**{name: state.weight(name) for name in state.names()}, **state.buffers()}, state.manifest
 
 
 def model_from_checkpoint(path: str | os.PathLike, grid=None) -> tuple[Config, torch.nn.Module, Path]:  # noqa: ANN001

@@ -101,10 +101,18 @@ def check_json(value: Any, where: str) -> Any:
 
 def model_signature(model_cfg: Any) -> dict[str, Any]:
     """The model fields a checkpoint must match to be loaded into a model: the one list used by resume and
-    by `train.init_from` (names of megalite.config.ModelConfig attributes)."""
+    by `train.init_from` (names of megalite.config.ModelConfig attributes). For MoE models, what decides the tensors:
+    which layers have experts, how many, their widths and the routers' bias buffer (not the routing rules or the
+    balancing coefficients, which a run started from another's weights may change)."""
     keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size", "padded_vocab_size",
-            "norm", "mlp", "position", "bias", "tied_embeddings")
-    return {key: getattr(model_cfg, key) for key in keys}
+            "norm", "mlp", "position", "bias", "tied_embeddings", "qk_norm", "attention_head_dim")
+    out = {key: getattr(model_cfg, key) for key in keys}
+    moe = getattr(model_cfg, "moe", None)
+    out["moe"] = None if moe is None else {
+        "num_experts": moe.num_experts, "expert_ffn_size": model_cfg.expert_ffn_size,
+        "shared_ffn_size": model_cfg.shared_ffn_size, "expert_bias": moe.expert_bias,
+        "layers": [i for i in range(model_cfg.num_layers) if model_cfg.is_moe_layer(i)]}
+    return out
 
 
 # Fields of a run that may change when it resumes (longer training, other logging, recompute to fit memory, more

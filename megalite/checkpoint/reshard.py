@@ -10,6 +10,13 @@ are memory-mapped, so a parameter's assembly touches its own bytes only: no proc
 A piece that is already whole comes back as a view of the mapped file (read-only use; writes would stay private
 to the process); joining pieces costs one copy of the parameter.
 
+Experts split over ranks (parallel.expert = ep > 1 at ZeRO-1/2, megalite.engine.moe): each rank holds the experts
+of its place in the expert-parallel group (replica index modulo ep), and DeepSpeed's ZeRO-1/2 partitions their flat
+groups (its `moe` parameter groups) over the expert-data-parallel ranks (the replicas with the same index modulo
+ep) instead of all replicas. Their pieces are put together per expert-parallel rank and the ep local tensors joined
+along the expert dimension. (The model-states file holds data-parallel rank 0's local experts only: never read for
+weights.) Buffers (the routers' expert bias, the same on every rank) come from the model-states files' modules.
+
 The files are verified against the manifest (sizes, SHA-256, pickle globals) before any of them is deserialised,
 and loaded without running code (the safe loader's allowlist).
 """
@@ -33,6 +40,7 @@ from megalite.errors import CheckpointError
 from megalite.model.pipeline import canonical_name
 from megalite.model.transformer import Transformer
 from megalite.model.weights import parameter_groups
+from megalite.parallel.experts import GroupedExperts
 from megalite.parallel.sharding import unshard_tensors
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -82,9 +90,16 @@ class TrainingState:
         self.ds_dir = self.step_dir / self.manifest.get("deepspeed_tag", "ds")
         self._files: dict[str, Any] = {}
         # The unsharded model on the meta device: how each parameter's TP shards fit together.
-        self._reference = dict(Transformer(self.config.model, ParallelConfig(), None, device="meta").named_parameters())
-        self._pieces: dict[str, list[list[_Piece]]] = {}  # canonical name -> per TP rank -> DP pieces in order
-        self._shapes: dict[str, list[torch.Size]] = {}  # canonical name -> per TP rank local shape
+        reference = Transformer(self.config.model, ParallelConfig(), None, device="meta")
+        self._reference = dict(reference.named_parameters())
+        self._buffer_names = [n for n, _ in reference.named_buffers()]
+        # Split experts: parameters whose pieces are per expert-parallel rank (module docstring).
+        self.expert_split = self.layout.expert if self.layout.experts_split else 1
+        self._experts = {f"{prefix}.{n}" for prefix, m in reference.named_modules() if isinstance(m, GroupedExperts)
+                         for n, _ in m.named_parameters()} if self.expert_split > 1 else set()
+        # canonical name -> per TP rank -> per expert-parallel part (one part unless split) -> DP pieces in order
+        self._pieces: dict[str, list[list[list[_Piece]]]] = {}
+        self._shapes: dict[str, list[torch.Size]] = {}  # canonical name -> per TP rank local shape (one part's)
         try:
             for stage in range(self.pipeline):
                 for tp_rank in range(self.tensor):
@@ -110,7 +125,7 @@ class TrainingState:
         """The full fp32 weight, moments and step of parameter `name` (assembled from its pieces)."""
         if name not in self._pieces:
             raise CheckpointError(f"{self.step_dir}: no parameter {name!r}")
-        shards = [self._local(name, tp, moments) for tp in range(self.tensor)]
+        shards = [self._tensor_shard(name, tp, moments) for tp in range(self.tensor)]
         ref = self._reference[name]
         merge = (lambda ts: unshard_tensors(ts, ref)) if self.tensor > 1 else (lambda ts: ts[0])
         moments = {k: merge([s.moments[k] for s in shards]) for k in shards[0].moments}
@@ -119,6 +134,25 @@ class TrainingState:
     def model_states(self) -> dict:
         """DeepSpeed's model-states file of rank 0 (scheduler state, global step counters)."""
         return self._load(self._model_states_file(0))
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The model's buffers (the routers' expert bias) by canonical name, from the first tensor-parallel rank's
+        module states (the pipeline engine's per-layer files): buffers are the same on every rank."""
+        out: dict[str, torch.Tensor] = {}
+        if self.pipeline > 1:  # the pipeline engine saves each layer's state dict in a file of its own
+            modules = [(f"{path.name.split('-')[0][6:]}.", self._load(str(path)))
+                       for path in sorted(self.ds_dir.glob("layer_*-model_00-model_states.pt"))]
+        else:
+            modules = [("", self._load(self._model_states_file(0)).get("module") or {})]
+        for prefix, module in modules:
+            for local, tensor in module.items():
+                name = self._canonical(prefix + local)
+                if name in self._buffer_names:
+                    out.setdefault(name, tensor)
+        missing = [n for n in self._buffer_names if n not in out]
+        if missing:
+            raise CheckpointError(f"{self.ds_dir}: the model-states files hold no buffers {missing[:4]}")
+        return out
 
     # ------------------------------------------------------------------ indexing
     def _mp(self, stage: int, tp_rank: int) -> int:
@@ -144,10 +178,10 @@ class TrainingState:
         """The whole model's name of a name in the checkpoint's module (a pipeline stage's, or the whole model's)."""
         return canonical_name(local, self.config.model) if self.pipeline > 1 else local
 
-    def _add(self, canonical: str, tp_rank: int, pieces: list[_Piece], shape: torch.Size) -> None:
+    def _add(self, canonical: str, tp_rank: int, parts: list[list[_Piece]], shape: torch.Size) -> None:
         entry = self._pieces.setdefault(canonical, [None] * self.tensor)  # type: ignore[list-item]
         if entry[tp_rank] is None:  # the first stage that holds it (the tied embedding: stage 0)
-            entry[tp_rank] = pieces
+            entry[tp_rank] = parts
             self._shapes.setdefault(canonical, [None] * self.tensor)[tp_rank] = shape  # type: ignore[list-item]
 
     def _index(self, stage: int, tp_rank: int) -> None:
@@ -164,20 +198,30 @@ class TrainingState:
                                       f"{len(names)} parameters")
             for index, local in zip(order, names):
                 self._add(self._canonical(local), tp_rank,
-                          [_Piece(self._model_states_file(mp), "torch", name=local, index=index)], module[local].shape)
+                          [[_Piece(self._model_states_file(mp), "torch", name=local, index=index)]], module[local].shape)
             return
         files = self._optim_files(mp)
         if self.zero_stage in (1, 2):
             merged_shapes = {k: v for group in shapes for k, v in group.items()}
-            per_name: dict[str, list[_Piece]] = {}
-            for file in files:
+            ep = self.expert_split
+            per_name: dict[str, list[list[_Piece]]] = {}
+            for replica, file in enumerate(files):  # in replica order: the order of each group's partitions
                 sd = self._load(file)["optimizer_state_dict"]
+                counts = sd.get("partition_count") or []
                 for group, mapping in enumerate(sd["param_slice_mappings"]):
                     for local, fragment in mapping.items():
-                        per_name.setdefault(local, []).append(
+                        split = self._canonical(local) in self._experts
+                        # Split experts: the group is partitioned over the expert-data-parallel ranks (replicas of
+                        # the same index modulo ep), and each part holds expert-parallel rank `replica % ep`'s.
+                        want = self.data // ep if split else self.data
+                        if group < len(counts) and int(counts[group]) != want:
+                            raise CheckpointError(f"{file}: parameter group {group} ({local}) is partitioned over "
+                                                  f"{counts[group]} ranks; the layout says {want}")
+                        parts = per_name.setdefault(local, [[] for _ in range(ep if split else 1)])
+                        parts[replica % ep if split else 0].append(
                             _Piece(file, "zero12", group, int(fragment.start), int(fragment.numel)))
-            for local, pieces in per_name.items():
-                self._add(self._canonical(local), tp_rank, pieces, merged_shapes[local])
+            for local, parts in per_name.items():
+                self._add(self._canonical(local), tp_rank, parts, merged_shapes[local])
             return
         # ZeRO-3: parameters in param_shapes order, each split into `data` padded partitions, back to back across
         # the rank's flat groups.
@@ -187,7 +231,7 @@ class TrainingState:
             part = math.ceil(shape.numel() / self.data)
             group_index, start = _locate(group_bounds, offset)
             pieces = [_Piece(f, "zero3", group_index, start, part) for f in files]
-            self._add(self._canonical(local), tp_rank, pieces, shape)
+            self._add(self._canonical(local), tp_rank, [pieces], shape)
             offset += part
 
     # ------------------------------------------------------------------ reading
@@ -196,10 +240,20 @@ class TrainingState:
             self._files[path] = safe_torch_load(path, map_location="cpu", mmap=True)
         return self._files[path]
 
-    def _local(self, name: str, tp_rank: int, with_moments: bool = True) -> ParameterState:
-        """One TP rank's shard of the parameter: its data-parallel pieces put back together."""
-        pieces = self._pieces[name][tp_rank]
-        shape = self._shapes[name][tp_rank]
+    def _tensor_shard(self, name: str, tp_rank: int, with_moments: bool = True) -> ParameterState:
+        """One TP rank's shard of the parameter: split experts' expert-parallel parts joined along the experts."""
+        split = self._pieces[name][tp_rank]
+        if any(not pieces for pieces in split):
+            raise CheckpointError(f"{self.ds_dir}: no optimizer state for some experts of {name}")
+        parts = [self._local(pieces, self._shapes[name][tp_rank], with_moments) for pieces in split]
+        if len(parts) == 1:
+            return parts[0]
+        moments = {k: torch.cat([p.moments[k] for p in parts]) for k in parts[0].moments}
+        return ParameterState(torch.cat([p.fp32 for p in parts]), moments, parts[0].step)
+
+    def _local(self, pieces: list[_Piece], shape: torch.Size, with_moments: bool = True) -> ParameterState:
+        """One part of a TP rank's shard (the whole shard, or one expert-parallel rank's experts): its data-parallel
+        pieces put back together."""
         numel = shape.numel()
         if pieces[0].kind == "torch":
             piece = pieces[0]

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if action == "verify":
             p.add_argument("--all", action="store_true", help="every checkpoint of the root, not only the newest")
         p.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    p = sub.add_parser("reshard", help="rewrite a checkpoint for another layout (TP, CP, PP, DP, ZeRO stage) without "
+    p = sub.add_parser("reshard", help="rewrite a checkpoint for another layout (TP, CP, PP, DP, EP, ZeRO stage) without "
                                       "training; the target world runs as CPU processes on this machine")
     p.add_argument("path", help="run directory, checkpoint root, or one checkpoint's step directory")
     p.add_argument("--out", required=True, help="an empty directory: the new checkpoint root")
@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", type=int, required=True, help="pipeline-parallel degree of the target")
     p.add_argument("--data", type=int, required=True, help="data-parallel degree of the target")
     p.add_argument("--context", type=int, default=1, help="context-parallel degree of the target (default 1)")
+    p.add_argument("--expert", type=int, default=1, help="expert-parallel degree of the target: experts split over "
+                   "this many of the data x context replicas (default 1)")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=None, help="ZeRO stage (default: the source's)")
 
 
@@ -60,16 +62,16 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "reshard":
         from megalite.engine.reshard_offline import reshard  # DeepSpeed and the target world: heavy
 
-        for name in ("tensor", "pipeline", "data", "context"):
+        for name in ("tensor", "pipeline", "data", "context", "expert"):
             if getattr(args, name) < 1:
                 raise CheckpointError(f"--{name}: must be >= 1, got {getattr(args, name)}")
         report: dict = {}
         written = reshard(args.path, args.out, args.tensor, args.pipeline, args.data, args.zero, report=report,
-                          context=args.context)
+                          context=args.context, expert=args.expert)
         ranks = report.get("ranks") or [{}]
         load_s = max(r.get("load_s", 0.0) for r in ranks)
         peak = max(r.get("reshard_peak_bytes", 0) - r.get("engine_bytes", 0) for r in ranks)
-        cp = f" x CP{args.context}" if args.context > 1 else ""
+        cp = (f" x CP{args.context}" if args.context > 1 else "") + (f" x EP{args.expert}" if args.expert > 1 else "")
         emit(f"wrote {written}: layout TP{args.tensor}{cp} x PP{args.pipeline} x DP{args.data}; state moved in "
              f"{load_s:.1f} s using at most {peak / 2**20:.0f} MiB per rank beyond its engine")
         return 0

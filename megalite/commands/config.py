@@ -45,7 +45,8 @@ def main(args: argparse.Namespace) -> int:
         emit(
             f"{args.config}: OK - {derived['parameters'] / 1e6:.1f}M parameters, world {world} = "
             f"TP{derived['tensor_parallel']} x CP{derived['context_parallel']} x PP{derived['pipeline_parallel']} x "
-            f"DP{derived['data_parallel']}, "
+            f"DP{derived['data_parallel']}"
+            f"{', experts over EP' + str(derived['expert_parallel']) if derived['expert_parallel'] > 1 else ''}, "
             f"global batch {derived['global_batch_size']} ({derived['tokens_per_step']} tokens/step), "
             f"{derived['precision']}, ZeRO-{derived['zero_stage']}"
         )

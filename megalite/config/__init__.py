@@ -47,6 +47,7 @@ from megalite.config.validate import (
     kv_replication,
     model_errors,
     moe_errors,
+    pipeline_schedule_errors,
     rope_scaling_errors,
     validate,
 )
@@ -57,7 +58,7 @@ __all__ = [
     "MoEConfig", "ParallelConfig", "RopeScalingConfig",
     "TrainConfig", "apply_overrides", "check_model", "context_errors", "count_parameters", "expand_references",
     "expert_parallel_errors", "fp8_errors", "fp8_precision_errors", "from_dict", "json_schema", "kv_replication",
-    "list_presets", "load", "model_config_from_dict", "model_errors", "moe_errors",
+    "list_presets", "load", "model_config_from_dict", "model_errors", "moe_errors", "pipeline_schedule_errors",
     "parse_override", "read_json",
     "resolve_deepspeed", "rope_scaling_errors", "summary", "validate",
 ]

@@ -66,6 +66,7 @@ def summary(cfg: Config, world_size: int) -> dict:
         "context_parallel": cfg.parallel.context,
         "expert_parallel": cfg.parallel.expert,
         "pipeline_parallel": cfg.parallel.pipeline,
+        "pipeline_schedule": cfg.parallel.pipeline_schedule,  # the order of the stages' passes (not saved state)
         # Global ranks: TP innermost (adjacent ranks), then CP, then DP, then PP (megalite.parallel.grid).
         "rank_order": "tensor, context, data, pipeline (innermost first)",
         "global_batch_size": gb,

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the class only; no import cycle at run time
 # The axes that decide how the training state is split into files. A checkpoint whose value differs on any of them
 # cannot be read by DeepSpeed's own loader and is resharded (elastic resume); the others (micro-batch split,
 # sequence parallelism) change nothing on disk.
-STATE_AXES = ("tensor", "pipeline", "context", "expert", "data", "zero_stage", "precision")
+STATE_AXES = ("tensor", "pipeline", "context", "expert", "data", "zero_stage", "precision", "layer_placement")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class Layout:
     accumulation: int = 1  # micro-batches per optimizer step
     precision: str = "fp32"  # fp32 | bf16 | fp16
     sequence_parallel: bool = False  # only meaningful at tensor > 1
+    # Which pipeline stage holds which layers: "contiguous" stages (1F1B, ZB-H1) or DualPipeV's "V" (each rank a chunk
+    # from the front and one from the back). The schedule itself is not training state; the placement is.
+    layer_placement: str = "contiguous"
 
     @classmethod
     def of(cls, cfg: Config, world_size: int) -> Layout:
@@ -43,7 +46,8 @@ class Layout:
                    data=cfg.dp_size(world_size),
                    zero_stage=cfg.zero_stage, micro_batch=cfg.micro_batch_size,
                    accumulation=cfg.gradient_accumulation_steps, precision=cfg.precision,
-                   sequence_parallel=bool(p.sequence_parallel and p.tensor > 1))
+                   sequence_parallel=bool(p.sequence_parallel and p.tensor > 1),
+                   layer_placement="V" if p.pipeline > 1 and p.pipeline_schedule == "dualpipev" else "contiguous")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -100,4 +104,6 @@ class Layout:
             parts.insert(1, f"CP{self.context}")
         if self.expert > 1:
             parts.insert(-3, f"EP{self.expert}")
+        if self.layer_placement != "contiguous":
+            parts.insert(-3, f"{self.layer_placement} placement")
         return ", ".join(parts)

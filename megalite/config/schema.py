@@ -107,6 +107,9 @@ class ModelConfig:
     num_layers: int
     num_heads: int
     num_kv_heads: Optional[int] = None  # None: multi-head attention (= num_heads)
+    # Each attention head's width; None: hidden_size / num_heads. Set, the query and output projections are
+    # num_heads x this wide (Qwen3-MoE-30B-A3B: 32 heads of 128 on a hidden size of 2048; Hugging Face's `head_dim`).
+    attention_head_dim: Optional[int] = None
     ffn_hidden_size: Optional[int] = None  # None: 4*hidden (gelu) or Llama's 8/3*hidden rounded to 256 (swiglu)
     max_position_embeddings: int = 1024
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -143,7 +146,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
 
     @property
     def ffn_size(self) -> int:
@@ -198,6 +201,10 @@ class ParallelConfig:
     expert: int = 1
     sequence_parallel: bool = False
     pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    # The order in which each stage runs its micro-batches' passes (megalite.engine.pipeline_schedules): DeepSpeed's
+    # 1F1B; zero-bubble ZB-H1 (weight gradients deferred to fill the bubble); DeepSpeed's DualPipeV (two chunks per
+    # rank in a V). Not part of the training state: a checkpoint of one schedule resumes under any other.
+    pipeline_schedule: Literal["1f1b", "zb-h1", "dualpipev"] = "1f1b"
 
 
 @dataclass

@@ -49,7 +49,7 @@ def _model_number_errors(m: ModelConfig) -> list[str]:
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings",
                 "make_vocab_size_divisible_by"):
         _positive(errors, f"model.{key}", getattr(m, key))
-    for key in ("num_kv_heads", "ffn_hidden_size"):
+    for key in ("num_kv_heads", "ffn_hidden_size", "attention_head_dim"):
         if getattr(m, key) is not None:
             _positive(errors, f"model.{key}", getattr(m, key))
     _positive(errors, "model.loss_chunk_tokens", m.loss_chunk_tokens, allow_zero=True)
@@ -86,8 +86,9 @@ def rope_scaling_errors(m: ModelConfig) -> list[str]:
 def model_errors(m: ModelConfig, tensor: int = 1) -> list[str]:
     """The shape rules of a model at tensor-parallel degree `tensor` (numbers already known positive)."""
     errors = []
-    if m.hidden_size % m.num_heads:
-        errors.append(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if m.hidden_size % m.num_heads and m.attention_head_dim is None:
+        errors.append(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads} (or set "
+                      "model.attention_head_dim)")
     if m.num_heads % m.kv_heads:
         errors.append(f"model.num_kv_heads: {m.kv_heads} does not divide model.num_heads={m.num_heads}")
     if m.num_heads % tensor:
@@ -296,14 +297,56 @@ def eval_tasks_errors(e: EvalTasksConfig | None, parallel: ParallelConfig) -> li
         errors.append(f"train.eval_tasks: not available with parallel.context={parallel.context} (the harness's "
                       "requests have any length and generation uses the KV cache, which runs at context 1); "
                       "evaluate the saved checkpoint with `megalite eval --tasks`, which reads it at any layout")
-    if isinstance(parallel.expert, int) and parallel.expert > 1:
-        errors.append(f"train.eval_tasks: not available with parallel.expert={parallel.expert} (the harness runs "
-                      "requests on some ranks only, and expert parallelism needs every rank of an expert group in "
-                      "each forward); evaluate the saved checkpoint with `megalite eval --tasks`")
     if parallel.sequence_parallel and parallel.tensor > 1:
         errors.append("train.eval_tasks: not available with parallel.sequence_parallel at parallel.tensor="
                       f"{parallel.tensor} (the harness's requests have any length, and generation uses the KV cache, "
                       "which sequence parallelism does not); evaluate the saved checkpoint with `megalite eval --tasks`")
+    return errors
+
+
+def pipeline_schedule_errors(cfg: Config) -> list[str]:
+    """The rules of `parallel.pipeline_schedule` (megalite.engine.pipeline_schedules has the schedules), and of
+    DeepSpeed's partitioned pipeline transfers."""
+    p, t, ds = cfg.parallel, cfg.train, cfg.deepspeed
+    name, key = p.pipeline_schedule, "parallel.pipeline_schedule"
+    if not isinstance(p.pipeline, int) or not isinstance(p.tensor, int):
+        return []
+    if name != "1f1b" and p.pipeline == 1:
+        return [f"{key}: {name!r} orders the passes of a pipeline's stages, and parallel.pipeline=1 has one stage; "
+                "leave it '1f1b' or set parallel.pipeline > 1"]
+    errors = []
+    section = ds.get("pipeline") if isinstance(ds.get("pipeline"), dict) else {}
+    for flag in ("pipe_partitioned", "grad_partitioned"):
+        if section.get(flag) is not True or p.pipeline == 1:
+            continue
+        if name == "dualpipev":
+            errors.append(f"deepspeed.pipeline.{flag}: true is refused with {key}='dualpipev': DeepSpeed's DualPipeV "
+                          "engine does not support it; leave it unset (megalite turns it off)")
+        elif name == "zb-h1":
+            errors.append(f"deepspeed.pipeline.{flag}: true is refused with {key}='zb-h1': its engine sends whole "
+                          "activations and gradients without blocking; leave it unset (megalite turns it off)")
+        elif p.sequence_parallel and p.tensor > 1:
+            errors.append(f"deepspeed.pipeline.{flag}: true is refused with parallel.sequence_parallel: DeepSpeed "
+                          "would send each tensor-parallel rank a slice of the tensor and all-gather the slices on "
+                          "the next stage, but sequence-parallel activations differ per rank (each its own tokens); "
+                          "leave it unset (megalite turns it off)")
+    stages = p.pipeline
+    if name == "zb-h1" and cfg.precision == "fp16":
+        errors.append(f"{key}: 'zb-h1' is refused with fp16: its deferred weight-gradient pass hands DeepSpeed the "
+                      "gradients for the fp32 and bf16 optimizers only (the fp16 loss scaler's and fp32-accumulation "
+                      "paths are not wired to it, and fp16 cannot be tested on the CPU machines); use bf16")
+    if name == "dualpipev":
+        why = "each rank holds two of the 2 x parallel.pipeline chunks of DualPipeV's V"
+        if cfg.gradient_accumulation_steps < 2 * stages:
+            errors.append(f"deepspeed.gradient_accumulation_steps: DualPipeV needs at least 2 x parallel.pipeline = "
+                          f"{2 * stages} micro-batches per step, got {cfg.gradient_accumulation_steps} ({why}; "
+                          "DeepSpeed asserts it)")
+        if isinstance(cfg.model.num_layers, int) and cfg.model.num_layers < 2 * stages:
+            errors.append(f"model.num_layers: {cfg.model.num_layers} blocks cannot fill the {2 * stages} chunks of "
+                          f"DualPipeV at parallel.pipeline={stages} ({why})")
+        if isinstance(t.eval_steps, int) and t.eval_steps < 2 * stages:
+            errors.append(f"train.eval_steps: DualPipeV evaluates train.eval_steps micro-batches in one pass through "
+                          f"its V and needs at least 2 x parallel.pipeline = {2 * stages}, got {t.eval_steps}")
     return errors
 
 
@@ -510,6 +553,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         errors.append(f"data.split: {shown(d.split)} must be three non-negative numbers with train > 0, e.g. '949,50,1'")
     errors.extend(eval_tasks_errors(t.eval_tasks, p))
     errors.extend(expert_parallel_errors(cfg, world_size if numbers_ok else None))
+    if numbers_ok:
+        errors.extend(pipeline_schedule_errors(cfg))
     if (t.logging.profile_start_step is None) != (t.logging.profile_end_step is None):
         errors.append("train.logging.profile_start_step and profile_end_step must be given together")
     elif t.logging.profile_start_step is not None and t.logging.profile_end_step <= t.logging.profile_start_step:

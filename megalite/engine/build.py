@@ -17,6 +17,7 @@ import torch
 
 from megalite.config import DEEPSPEED_SCHEDULERS, OPTIMIZERS, SCHEDULERS, Config, resolve_deepspeed
 from megalite.engine.moe import after_initialize, deepspeed_sees_experts, has_split_experts, moe_parameter_groups
+from megalite.engine.pipeline_schedules import ZeroBubbleEngine, initialize_engine
 from megalite.errors import ConfigError
 from megalite.model.weights import parameter_groups
 
@@ -174,6 +175,14 @@ def deepspeed_dict(cfg: Config, world_size: int) -> dict:
         # it counts as a data-parallel replica in its batch arithmetic (the context ranks of one replica read the same
         # samples; megalite.parallel.grid).
         ds["train_batch_size"] *= cfg.parallel.context
+    p = cfg.parallel
+    if p.pipeline > 1 and (p.pipeline_schedule != "1f1b" or (p.sequence_parallel and p.tensor > 1)):
+        # DeepSpeed's partitioned activations (its default with tensor parallelism) send each tensor-parallel rank
+        # a 1/tp slice of the tensor and all-gather it on the other side: right for activations every TP rank
+        # holds alike, wrong for sequence-parallel ones (each rank's are its own tokens: 1F1B trained on a mix of
+        # the ranks' slices). ZB-H1's non-blocking sends and DeepSpeed's DualPipeV move whole tensors. validate
+        # refuses these set to true.
+        ds.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
     if cfg.precision == "bf16":
         # Gradients accumulate and reduce in fp32; fp32 master weights and optimizer state. A step whose
         # gradient norm is not finite is skipped by DeepSpeed itself (the pipeline engine relies on it).
@@ -206,14 +215,18 @@ def build_engine(model: torch.nn.Module, cfg: Config, grid: Any, world_size: int
     if cfg.parallel.context > 1 and cfg.zero_stage == 3:
         partition_over_replicas(model, ds_config, grid)
     with deepspeed_sees_experts(model):  # ZeRO-1/2 reduce split experts over their group (megalite.engine.moe)
-        engine, optimizer, _, schedule = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=schedule,
-            config=ds_config,
-            mpu=None if is_pipeline else grid,  # a PipelineModule brings its own topology
-            dist_init_required=False,
-        )
+        if is_pipeline and cfg.parallel.pipeline_schedule == "zb-h1":  # an engine deepspeed.initialize cannot pick
+            engine = initialize_engine(ZeroBubbleEngine, model, optimizer, schedule, ds_config)
+            schedule = engine.lr_scheduler
+        else:  # DeepSpeed's engines; a DualPipeVModule gets its DualPipeVEngine
+            engine, optimizer, _, schedule = deepspeed.initialize(
+                model=model,
+                optimizer=optimizer,
+                lr_scheduler=schedule,
+                config=ds_config,
+                mpu=None if is_pipeline else grid,  # a PipelineModule brings its own topology
+                dist_init_required=False,
+            )
     after_initialize(engine)
     return engine, schedule
 

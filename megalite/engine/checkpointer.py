@@ -28,7 +28,7 @@ from megalite.distributed import any_rank
 from megalite.engine import watchdog
 from megalite.engine.elastic import restore_resharded
 from megalite.engine.metrics import MetricSink
-from megalite.engine.moe import after_load, check_resume_layout
+from megalite.engine.moe import after_load
 from megalite.engine.preflight import checkpoint_bytes
 from megalite.errors import CheckpointError, ConfigError
 from megalite.parallel.random import model_parallel_seed, seed_everything
@@ -79,7 +79,6 @@ class Checkpointer:
                 "x data parallel together), or set train.allow_batch_change=true to continue from its sample "
                 "position with the schedule by step")
         changes = self.layout.changes(saved)
-        check_resume_layout(path, saved, self.layout, changes)
         if changes:
             client = self._restore_resharded(path, saved, changes)
         else:

@@ -9,6 +9,11 @@ here (0.19.8's `ds_to_universal` needs the client to describe every parameter's 
 loader names parameters by module path, which differs between the dense model and the pipeline's layers);
 megalite already knows how every parameter is sharded.
 
+Experts split over an expert-parallel group (parallel.expert > 1 at ZeRO-1/2) are cut to this rank's experts before
+its tensor-parallel slice (`shard_tensor` reads the split from the parameter), and DeepSpeed's fragment mapping of
+their `moe` parameter groups puts each piece into this rank's partition over the expert-data-parallel ranks: any
+expert-parallel degree and ZeRO stage reads any other. Buffers (the routers' expert bias) are copied whole.
+
 Only one parameter's full state is held at a time, next to the rank's own shards.
 """
 
@@ -22,8 +27,9 @@ import torch
 from megalite.checkpoint.reshard import ParameterState, TrainingState, moment_keys
 from megalite.errors import CheckpointError
 from megalite.model import tensor_parallel_group
-from megalite.model.pipeline import canonical_parameters
-from megalite.parallel.sharding import gather_tensor, shard_tensor
+from megalite.model.pipeline import canonical_buffers, canonical_parameters
+from megalite.model.weights import load_buffers
+from megalite.parallel.sharding import gather_experts, gather_tensor, shard_tensor
 
 
 def load_training_state(engine: Any, grid: Any, source: TrainingState) -> dict[str, Any]:
@@ -42,15 +48,20 @@ def load_training_state(engine: Any, grid: Any, source: TrainingState) -> dict[s
         state = source.parameter(name)
         count += 1
         step = state.step if state.step is not None else step
-        local = shard_tensor(state.fp32, param, tp_rank, tp_size) if tp_size > 1 else state.fp32
+        # This rank's shard: its experts where they are split over an expert-parallel group, its tensor-parallel
+        # slice (shard_tensor returns the full tensor itself for a parameter held whole).
+        local = shard_tensor(state.fp32, param, tp_rank, tp_size)
         if tuple(local.shape) != tuple(getattr(param, "ds_shape", param.shape)):
             raise CheckpointError(f"{source.step_dir}: {name} has shard shape {tuple(local.shape)} here, the model "
                                   f"expects {tuple(getattr(param, 'ds_shape', param.shape))}")
-        moments = {k: shard_tensor(v, param, tp_rank, tp_size) if tp_size > 1 else v for k, v in state.moments.items()}
+        moments = {k: shard_tensor(v, param, tp_rank, tp_size) for k, v in state.moments.items()}
         _write_parameter(engine, stage, inner, param, local, moments)
         del state, local, moments  # before the next parameter is assembled: one full state at a time
     if step is not None:
         _set_step(inner, step)
+    buffers = canonical_buffers(module)  # the routers' expert bias: the same on every rank
+    if buffers:
+        load_buffers(buffers, source.buffers())
     return {"optimizer_step": step, "parameters": count}
 
 
@@ -165,7 +176,7 @@ def _set_step(inner: torch.optim.Optimizer, step: float) -> None:
 
 def full_state_of(engine: Any, grid: Any) -> dict[str, ParameterState]:
     """The engine's whole training state by canonical name (collective; for tests and checks): every rank gets the
-    full fp32 master weights and moments, gathered over data and tensor parallelism."""
+    full fp32 master weights and moments, gathered over data, tensor and expert parallelism."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # DeepSpeed's own gather
 
     stage = engine.zero_optimization_stage()
@@ -186,8 +197,10 @@ def full_state_of(engine: Any, grid: Any) -> dict[str, ParameterState]:
         else:
             fp32 = safe_get_full_fp32_param(param)
             moments = {k: safe_get_full_optimizer_state(param, k) for k in keys}
-        out[name] = ParameterState(gather_tensor(fp32, param, group),
-                                   {k: None if v is None else gather_tensor(v, param, group) for k, v in moments.items()})
+        # Tensor-parallel shards, then the experts of an expert-parallel group (split experts: each rank's own).
+        out[name] = ParameterState(gather_experts(gather_tensor(fp32, param, group), param),
+                                   {k: None if v is None else gather_experts(gather_tensor(v, param, group), param)
+                                    for k, v in moments.items()})
     return out
 
 

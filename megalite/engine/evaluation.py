@@ -46,9 +46,7 @@ class Evaluator:
                                    self.cfg.train.seed, shuffle=False)
         stream = BatchStream(self.valid_set, sampler, self.device)
         engine.eval()
-        total = 0.0
-        for _ in range(self.cfg.train.eval_steps):
-            total += self.strategy.eval_loss(engine, next(stream))
+        total = self.strategy.eval_total(engine, stream, self.cfg.train.eval_steps)
         engine.train()
         mean = torch.tensor([total / self.cfg.train.eval_steps], dtype=torch.float64)
         dist.all_reduce(mean, group=self.strategy.grid.get_data_parallel_group())

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,25 +166,76 @@ def _draw_losses(records: list[dict], path: Path) -> None:
 # table and stays torch- and numpy-free.
 
 
+class MoEWindow:
+    """The MoE blocks' statistics over a log window, per layer (megalite.engine.moe.collect_statistics, every step):
+    tokens routed to each expert, dropped assignments, and the balancing losses' values averaged over the steps that
+    computed them (the aux loss is E x sum_i f_i P_i, 1 when perfectly balanced; not times its coefficient)."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, dict] = {}
+
+    def add(self, statistics: list[dict]) -> None:
+        for s in statistics:
+            entry = self.layers.setdefault(s["layer"], {"tokens": None, "dropped": 0, "aux": [], "z": []})
+            tokens = [int(t) for t in s["tokens_per_expert"].tolist()]
+            entry["tokens"] = tokens if entry["tokens"] is None else [a + b for a, b in zip(entry["tokens"], tokens)]
+            entry["dropped"] += int(s["dropped"])
+            for key, value in (("aux", s["aux_loss"]), ("z", s["z_loss"])):
+                if value is not None:
+                    entry[key].append(float(value))
+
+    def take(self) -> list[dict]:
+        """Each layer's summary since the last call (max_load: the most loaded expert's tokens over the mean), then
+        reset."""
+        out = []
+        for layer, e in sorted(self.layers.items()):
+            tokens = e["tokens"] or []
+            mean = sum(tokens) / len(tokens) if tokens else 0.0
+            out.append({"layer": layer, "tokens_per_expert": tokens, "max_load": max(tokens) / mean if mean else None,
+                        "dropped": e["dropped"], "aux_loss": sum(e["aux"]) / len(e["aux"]) if e["aux"] else None,
+                        "z_loss": sum(e["z"]) / len(e["z"]) if e["z"] else None})
+        self.layers = {}
+        return out
+
+
+def moe_fields(layers: list[dict]) -> dict[str, Any]:
+    """The training record's MoE fields from every layer's window summary: the worst layer's max/mean load, the
+    dropped assignments of all layers, the layers' mean aux and z losses (None when not computed), and the layers."""
+    loads = [x["max_load"] for x in layers if x["max_load"] is not None]
+    aux = [x["aux_loss"] for x in layers if x["aux_loss"] is not None]
+    z = [x["z_loss"] for x in layers if x["z_loss"] is not None]
+    return {"moe_max_load": max(loads) if loads else None, "moe_dropped": sum(x["dropped"] for x in layers),
+            "moe_aux_loss": sum(aux) / len(aux) if aux else None, "moe_z_loss": sum(z) / len(z) if z else None,
+            "moe_layers": layers}
+
+
 class MetricWindow:
-    """Training records every `train.logging` interval: loss, learning rate, gradient norm, throughput, MFU."""
+    """Training records every `train.logging` interval: loss, learning rate, gradient norm, throughput, MFU, and for
+    MoE models the experts' loads, dropped assignments and balancing losses (`MoEWindow`). `join_stages` (pipeline
+    runs) collects every stage's MoE layers at a flush (a collective: every rank flushes at the same steps)."""
 
     def __init__(self, cfg: Config, sink: MetricSink, timer: StepTimer, world: int, flops_per_token: float,
-                 peak_tflops: float | None, is_main: bool, peak_fp8_tflops: float | None = None) -> None:
+                 peak_tflops: float | None, is_main: bool,
+                 join_stages: Callable[[list[dict]], list[dict]] | None = None,
+                 peak_fp8_tflops: float | None = None) -> None:
         self.cfg, self.sink, self.timer, self.world, self.is_main = cfg, sink, timer, world, is_main
         # MFU against the peak of the run's precision; with model.fp8 also against the FP8 peak (its linears run
         # there, attention and the output layer do not: the truth is between the two)
         self.flops_per_token, self.peak, self.peak_fp8 = flops_per_token, peak_tflops, peak_fp8_tflops
         self.tokens_per_step = cfg.global_batch_size(world) * cfg.data.seq_length
+        self.moe = MoEWindow() if cfg.model.moe is not None else None
+        self.join_stages = join_stages
         self._reset()
 
     def _reset(self) -> None:
         self.start, self.steps, self.losses = time.perf_counter(), 0, []
 
-    def add(self, loss: float, skipped: bool) -> None:
+    def add(self, loss: float, skipped: bool, moe_statistics: list[dict] | None = None) -> None:
         self.steps += 1
         if not skipped:
             self.losses.append(loss)
+        if self.moe is not None and moe_statistics:
+            self.moe.add(moe_statistics)
 
     def due(self, step: int) -> bool:
         return step % self.cfg.train.log_interval == 0 or step == self.cfg.train.steps
@@ -210,6 +262,11 @@ class MetricWindow:
             "nonfinite_skipped": nonfinite_skipped,
             "memory_gb": memory_gb(),
         }
+        if self.moe is not None:
+            layers = self.moe.take()
+            if self.join_stages is not None:
+                layers = self.join_stages(layers)
+            record.update(moe_fields(layers))
         self.sink.log(record)
         if self.is_main and not quiet:
             print(format_record(record), file=sys.stderr, flush=True)
@@ -274,4 +331,10 @@ def format_record(r: dict) -> str:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if r.get("mfu_fp8_peak") is not None:
         parts[-1] += f" ({100 * r['mfu_fp8_peak']:.1f}% of the FP8 peak)"
+    if r.get("moe_max_load") is not None:
+        parts.append(f"experts max/mean load {r['moe_max_load']:.2f}")
+        parts.append(f"dropped {r['moe_dropped']}")
+        for key, name in (("moe_aux_loss", "aux"), ("moe_z_loss", "z")):
+            if r.get(key) is not None:
+                parts.append(f"{name} {r[key]:.4f}")
     return "megalite: " + " | ".join(parts)

@@ -34,14 +34,13 @@ scale (where DeepSpeed averages over context ranks instead of summing: megalite.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from megalite.config import Config, Layout
-from megalite.errors import CheckpointError
+from megalite.config import Config
 from megalite.model.moe import MoE
 from megalite.parallel.experts import expert_shard
 
@@ -114,17 +113,6 @@ def after_initialize(engine: Any) -> None:
         engine.has_moe_layers = False
 
 
-def check_resume_layout(path: str, saved: Layout, mine: Layout, changes: list[str]) -> None:
-    """Refuse to reshard a checkpoint into another layout when either holds split experts: the offline and elastic
-    reshards read every parameter as one tensor partitioned over all data x context ranks, which split experts are
-    not (their ZeRO-1/2 partitions are per expert-data-parallel group). Resuming the same layout works."""
-    if changes and (saved.experts_split or mine.experts_split):
-        raise CheckpointError(
-            f"{path}: resuming with another layout ({', '.join(changes)}) is not implemented for experts split over "
-            "ranks (parallel.expert > 1 at ZeRO-1/2) yet; resume with the checkpoint's layout (parallel.expert="
-            f"{saved.expert}, ZeRO-{saved.zero_stage})")
-
-
 def after_load(engine: Any) -> None:
     """After DeepSpeed loads a checkpoint of split experts into the same layout: its dense-format model-states file
     holds data-parallel rank 0's experts, which it copied into every rank's expert weights; the ZeRO-1/2 optimizer
@@ -134,12 +122,6 @@ def after_load(engine: Any) -> None:
         engine.optimizer.update_lp_params()
 
 
-def set_aux_loss_scale(model: torch.nn.Module, scale: float) -> None:
-    """The gradient every MoE block injects for its balancing losses (megalite.model.moe)."""
-    for block in moe_blocks(model):
-        block.aux_loss_scale = scale
-
-
 def aux_loss_scale(cfg: Config, context_grad_scale: float) -> float:
     """The factor on the LM loss's gradient, for the balancing losses (module docstring)."""
     return context_grad_scale / cfg.gradient_accumulation_steps
@@ -147,8 +129,9 @@ def aux_loss_scale(cfg: Config, context_grad_scale: float) -> float:
 
 def collect_statistics(model: torch.nn.Module, grid: Any, sequence_parallel: bool) -> list[dict]:
     """Every MoE block's statistics since the last call, summed over the ranks that route different tokens (data x
-    context replicas, and tensor-parallel ranks under sequence parallelism): per block tokens_per_expert (E,) and
-    dropped (assignments), and the mean aux and z losses over the micro-batches (None when not computed). One
+    context replicas, and tensor-parallel ranks under sequence parallelism): per block its layer index,
+    tokens_per_expert (E,) and dropped (assignments), and the mean aux and z losses over the micro-batches (None
+    when not computed). A pipeline stage reports its own blocks only (`MoEWindow` joins the stages). One
     all-reduce, the step's one read from the device; a collective over those groups."""
     blocks = moe_blocks(model)
     if not blocks:
@@ -170,10 +153,25 @@ def collect_statistics(model: torch.nn.Module, grid: Any, sequence_parallel: boo
         values = dict(zip(names, flat[offset + e:offset + e + len(names)].tolist()))
         offset += e + len(names)
         n = values["loss_forwards"]
-        out.append({"tokens_per_expert": tokens.round().long(), "dropped": int(round(values["dropped"])),
+        out.append({"layer": block.layer, "tokens_per_expert": tokens.round().long(),
+                    "dropped": int(round(values["dropped"])),
                     "aux_loss": values["aux_loss_sum"] / n if n else None,
                     "z_loss": values["z_loss_sum"] / n if n else None})
     return out
+
+
+def stage_joiner(grid: Any) -> Optional[Callable[[list[dict]], list[dict]]]:
+    """For a pipeline run, a function that joins every stage's per-layer MoE summaries, by layer (a collective over
+    the pipeline group); None without a pipeline."""
+    if grid is None or grid.get_pipe_parallel_world_size() == 1:
+        return None
+
+    def join(layers: list[dict]) -> list[dict]:
+        parts: list = [None] * grid.get_pipe_parallel_world_size()
+        dist.all_gather_object(parts, layers, group=grid.get_pipe_parallel_group())
+        return sorted((x for part in parts for x in part), key=lambda x: x["layer"])
+
+    return join
 
 
 def update_expert_biases(model: torch.nn.Module, statistics: list[dict]) -> None:

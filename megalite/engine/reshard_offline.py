@@ -1,6 +1,7 @@
 """`megalite checkpoint reshard`: a checkpoint rewritten for another layout, without training.
 
-The target world (tensor x context x pipeline x data processes) is started on this machine (CPU, gloo), each rank builds its
+The target world (tensor x context x pipeline x data processes, experts split over `expert` of the data x context
+replicas) is started on this machine (CPU, gloo), each rank builds its
 part of the target DeepSpeed engine, loads the source's full state one parameter at a time (the same code as an
 elastic resume: `megalite.engine.elastic`) and the ranks save it through the commit protocol (manifest, hashes,
 `latest`). The result is a complete checkpoint of the target layout that resumes with DeepSpeed's own loader; it
@@ -28,6 +29,7 @@ from megalite.checkpoint.verify import verify_checkpoint
 from megalite.config import Config, from_dict
 from megalite.engine.build import build_engine
 from megalite.engine.elastic import restore_resharded
+from megalite.engine.moe import replicate_experts
 from megalite.engine.preflight import checkpoint_bytes, existing_ancestor
 from megalite.engine.strategy import strategy_for
 from megalite.errors import CheckpointError, ConfigError
@@ -37,12 +39,12 @@ from megalite.parallel import ProcessGrid
 
 
 def target_config(source: Config, source_world: int, tensor: int, pipeline: int, data: int,
-                  zero: int | None = None, context: int = 1) -> Config:
+                  zero: int | None = None, context: int = 1, expert: int = 1) -> Config:
     """The source's config at the target layout, with the same global batch (micro-batch kept where it divides)."""
     raw = copy.deepcopy(source.to_dict())
     raw.pop("source", None)
     raw["parallel"]["tensor"], raw["parallel"]["pipeline"] = tensor, pipeline
-    raw["parallel"]["context"] = context
+    raw["parallel"]["context"], raw["parallel"]["expert"] = context, expert
     ds = raw["deepspeed"]
     if zero is not None:
         ds.setdefault("zero_optimization", {})["stage"] = zero
@@ -60,15 +62,15 @@ def target_config(source: Config, source_world: int, tensor: int, pipeline: int,
 
 
 def reshard(source: str | os.PathLike, out: str | os.PathLike, tensor: int, pipeline: int, data: int,
-            zero: int | None = None, report: dict | None = None, context: int = 1) -> str:
+            zero: int | None = None, report: dict | None = None, context: int = 1, expert: int = 1) -> str:
     """Write the checkpoint `source` for the layout tensor x context x pipeline x data (ZeRO stage `zero`, default the
-    source's) under the checkpoint root `out`; returns the new step directory. `report`, when given, receives each
+    source's; experts split over `expert` replicas) under the checkpoint root `out`; returns the new step directory. `report`, when given, receives each
     rank's phase times and peak resident memory (after building its engine, and at the end)."""
     step_dir = resolve_checkpoint(source)
     verify_checkpoint(step_dir)  # every file against its hash, before anything is deserialised
     src = TrainingState(step_dir, verify=False)
     world = tensor * pipeline * data * context
-    cfg = target_config(src.config, src.layout.world, tensor, pipeline, data, zero, context)
+    cfg = target_config(src.config, src.layout.world, tensor, pipeline, data, zero, context, expert)
     out = Path(out).absolute()
     _refuse_overlap(out, step_dir.absolute(), src.config)
     if (out / "latest").exists() or any(out.glob("step*")):
@@ -151,7 +153,8 @@ def _reshard_rank(source: str, raw: dict, out: str) -> dict:
     cfg = from_dict(raw)
     launch.init_distributed(timedelta(minutes=10).total_seconds())
     world = dist.get_world_size()
-    grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, context=cfg.parallel.context)
+    grid = ProcessGrid(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, context=cfg.parallel.context,
+                       expert=cfg.parallel.expert, replicate_experts=replicate_experts(cfg))
     strategy = strategy_for(cfg, grid, launch.device())
     model = strategy.build_model().to(launch.device())
     model = model.to(cfg.torch_dtype)

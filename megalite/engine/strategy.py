@@ -26,7 +26,8 @@ from megalite.distributed import any_rank
 from megalite.engine import watchdog
 from megalite.engine.build import context_grad_scale
 from megalite.engine.metrics import StepTimer
-from megalite.engine.moe import aux_loss_scale, collect_statistics, set_aux_loss_scale, update_expert_biases
+from megalite.engine.moe import aux_loss_scale, collect_statistics, update_expert_biases
+from megalite.engine.pipeline_schedules import dualpipev_eval_mean
 from megalite.errors import MegaliteError
 from megalite.model import build_model, load_full_state_dict, tensor_parallel_group
 from megalite.model.pipeline import PipelineLoss, load_pipeline_state, pipeline_specs
@@ -67,6 +68,10 @@ class Strategy:
     def eval_loss(self, engine: Any, batch: dict) -> float:
         raise NotImplementedError
 
+    def eval_total(self, engine: Any, batches: Iterator[dict], count: int) -> float:
+        """The sum of the evaluation losses of the next `count` micro-batches."""
+        return sum(self.eval_loss(engine, next(batches)) for _ in range(count))
+
     def model_inputs(self, batch: dict) -> dict:
         """The model's keyword inputs beyond ids and labels that the data options ask for."""
         out = {}
@@ -94,10 +99,8 @@ class DenseStrategy(Strategy):
 
     def build_model(self) -> torch.nn.Module:
         scale = context_grad_scale(self.cfg)
-        model = build_model(self.cfg.model, self.cfg.parallel, self.grid, seed=self.cfg.train.seed,
-                            context_grad_scale=scale)
-        set_aux_loss_scale(model, aux_loss_scale(self.cfg, scale))
-        return model
+        return build_model(self.cfg.model, self.cfg.parallel, self.grid, seed=self.cfg.train.seed,
+                           context_grad_scale=scale, aux_loss_scale=aux_loss_scale(self.cfg, scale))
 
     def load_full_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         load_full_state_dict(model, state, tensor_parallel_group(self.grid))
@@ -169,11 +172,16 @@ class PipelineStrategy(Strategy):
 
     def build_model(self) -> torch.nn.Module:
         from deepspeed.pipe import PipelineModule
+        from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
 
         cfg = self.cfg
-        loss_fn = PipelineLoss(cfg.model, self.grid, context_grad_scale(cfg))
-        model = PipelineModule(
-            layers=pipeline_specs(cfg.model, cfg.parallel, self.grid, seed=cfg.train.seed),
+        scale = context_grad_scale(cfg)
+        loss_fn = PipelineLoss(cfg.model, self.grid, scale)
+        # DualPipeV: the layers cut into 2 x stages chunks in a V (megalite.engine.pipeline_schedules).
+        module_class = DualPipeVModule if cfg.parallel.pipeline_schedule == "dualpipev" else PipelineModule
+        model = module_class(
+            layers=pipeline_specs(cfg.model, cfg.parallel, self.grid, seed=cfg.train.seed,
+                                  aux_loss_scale=aux_loss_scale(cfg, scale)),
             topology=self.grid.topology,
             loss_fn=loss_fn,
             # "uniform": the same number of Transformer blocks per stage; "parameters": balance weights.
@@ -182,7 +190,6 @@ class PipelineStrategy(Strategy):
             checkpointable_layers=["BlockPipe"],
         )
         loss_fn.bind(model)
-        set_aux_loss_scale(model, aux_loss_scale(cfg, loss_fn.context_grad_scale))
         return model
 
     def load_full_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -206,6 +213,13 @@ class PipelineStrategy(Strategy):
 
     def eval_loss(self, engine: Any, batch: dict) -> float:
         return float(engine.eval_batch(iter([self._pipeline_batch(batch)]), num_micro_batches=1))
+
+    def eval_total(self, engine: Any, batches: Iterator[dict], count: int) -> float:
+        if self.cfg.parallel.pipeline_schedule != "dualpipev":
+            return super().eval_total(engine, batches, count)
+        # DualPipeV evaluates at least 2 x stages micro-batches at a time (config.validate sees to it): all of them
+        # in one pass through the V; DeepSpeed returns their mean.
+        return dualpipev_eval_mean(engine, [self._pipeline_batch(next(batches)) for _ in range(count)]) * count
 
     def _pipeline_batch(self, b: dict) -> tuple:
         """((input_ids, position_ids[, document_ids]), (labels, loss_mask)) for the pipeline engine."""

@@ -38,7 +38,7 @@ from megalite.engine.metrics import (
     mean_document_length,
     plot_losses,
 )
-from megalite.engine.moe import replicate_experts
+from megalite.engine.moe import replicate_experts, stage_joiner
 from megalite.engine.preflight import plan_this_run, run_preflight
 from megalite.engine.strategy import strategy_for
 from megalite.errors import CheckpointError, ConfigError, MegaliteError
@@ -240,7 +240,7 @@ class Trainer:
                 watchdog.step_done(self.step)
                 self.consumed_samples += self.cfg.global_batch_size(self.world)  # skipped steps consume data too
                 self.profiler.after_step(self.step)
-                window.add(loss, skipped)
+                window.add(loss, skipped, self.strategy.moe_statistics)
                 if skipped:
                     self.nonfinite_skipped += 1
                     self.consecutive_nonfinite += 1
@@ -292,7 +292,7 @@ class Trainer:
                 self._progress = tqdm(total=cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True)
         peak_fp8 = self.local_plan.peak_tflops("fp8")[0] if cfg.model.fp8 else None  # MFU against both peaks
         return MetricWindow(cfg, self.sink, self.timer, self.world, flops_per_token(cfg, attended), peak,
-                            self.is_main, peak_fp8)
+                            self.is_main, join_stages=stage_joiner(self.grid), peak_fp8_tflops=peak_fp8)
 
     def _advance_progress(self, loss: float) -> None:
         if self._progress is not None:

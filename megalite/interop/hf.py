@@ -115,10 +115,7 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **ov
             )
         h, heads = hf["hidden_size"], hf["num_attention_heads"]
         theta, rope_scaling = _rope(hf)
-        if hf.get("head_dim") not in (None, h // heads):
-            raise CheckpointError(
-                f"{kind} head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported"
-            )
+        head_dim = hf.get("head_dim")  # a width other than hidden_size / heads (Qwen3-MoE-30B-A3B: 128 on 2048 / 32)
         if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)) and kind not in MOE_FAMILIES:
             raise CheckpointError(f"{kind} attention_bias != mlp_bias is not supported (megalite has one `bias` flag)")
         cfg = dict(
@@ -129,6 +126,7 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128, **ov
             rope_scaling=rope_scaling,
             bias=bool(hf.get("attention_bias", False)), tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
             init_std=hf.get("initializer_range", 0.02),
+            attention_head_dim=None if head_dim is None or (h % heads == 0 and head_dim == h // heads) else head_dim,
         )
         if kind in MOE_FAMILIES:
             cfg.update(_moe_fields_from_hf(kind, hf))

@@ -19,7 +19,7 @@ from megalite.config import ParallelConfig, model_config_from_dict
 from megalite.errors import CheckpointError
 from megalite.interop.hf import HFTensors, copy_tokenizer, gathered_state
 from megalite.model import build_model
-from megalite.model.weights import load_full_state_dict
+from megalite.model.weights import load_full_state_dict, model_buffers
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
@@ -31,6 +31,7 @@ def save_weights(model: torch.nn.Module, out_dir: Union[str, Path], tokenizer_di
     state = gathered_state(model, write)
     if state is None:
         return None
+    state.update(model_buffers(model))  # the routers' expert bias (the same on every rank)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=2) + "\n")

@@ -2,7 +2,11 @@
 
 The model calls only `attention`, `layer_norm`, `rms_norm` and `grouped_mm` from here. Backends:
 
-- `auto`: Triton for CUDA tensors (when triton imports), torch for everything else.
+- `auto`: Triton for CUDA tensors (when triton imports), torch for everything else; on a device with a measured
+  table (`megalite/kernels/tables/<device>.json`, written by `megalite bench kernels --table`), the implementation
+  that measured fastest for the call's op, dtype, mode and shape class where the table covers it (measured.py):
+  megalite's kernel, a chosen SDPA backend (cuDNN, flash, memory-efficient) or torch's norms. The first call that
+  consults a table says so on stderr (once per process, rank 0), with every choice that is not megalite's.
 - `torch`: `F.scaled_dot_product_attention`, `F.layer_norm`, `F.rms_norm`.
 - `triton`: the kernels in flash_attention.py, fused_layer_norm.py, fused_rms_norm.py. On CUDA tensors, or on CPU
   tensors under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported);
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import sys
 from types import ModuleType
 
 import torch
@@ -99,12 +105,65 @@ def _apex() -> ModuleType:
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_tables: dict[int, object] = {}  # device index -> its measured.Table, or None without one
+_announced = False
 
 
-def _resolve(op: str, x: torch.Tensor, triton_can: bool = True) -> str:
-    """The backend that runs `op` on tensors like `x`; `triton_can`: the kernel supports this shape."""
+def _table_for(device: torch.device) -> object:
+    """The measured table of a CUDA device (measured.Table), or None; read once per device."""
+    from megalite.kernels import measured
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _tables:
+        _tables[index] = measured.load(torch.cuda.get_device_name(index))
+    return _tables[index]
+
+
+def auto_choice(table: object, op: str, dtype: torch.dtype, size: int | None, grad: bool, **klass: object) -> str:
+    """Under `auto` on a CUDA tensor that megalite's kernel can run: 'triton', 'torch', 'apex' or an SDPA backend
+    ('sdpa-cudnn', 'sdpa-flash', 'sdpa-efficient'), as the measured table (or None) says for the call's op
+    ('attention', 'attention_docs', 'layer_norm', 'rms_norm'), dtype, length and class; 'triton' where it says
+    megalite or does not cover the call."""
+    from megalite.kernels import measured
+
+    if table is None or size is None:
+        return "triton"
+    _announce(table)
+    winner = table.winner(op, str(dtype).replace("torch.", ""), "fwd+bwd" if grad else "fwd", size, **klass)
+    if winner in (None, measured.OURS):
+        return "triton"
+    if winner == "apex":
+        try:
+            _apex()
+        except KernelBackendError:
+            return "triton"
+        return "apex"
+    return winner if winner.startswith("sdpa-") and winner != "sdpa-dense-mask" else "torch"
+
+
+def _announce(table: object) -> None:
+    """Say once per process (rank 0) that `auto` follows a measured table, and every choice that is not megalite's."""
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        return
+    where = ", ".join(f"{k} {v}" for k, v in table.measured.items() if k in ("commit", "date", "torch", "triton") and v)
+    print(f"megalite kernels: backend 'auto' on {table.device} follows the measured table ({where}):", file=sys.stderr)
+    for line in table.describe():
+        print(f"megalite kernels:   {line}", file=sys.stderr, flush=True)
+
+
+def _resolve(op: str, x: torch.Tensor, triton_can: bool = True, size: int | None = None, grad: bool = False,
+             **klass: object) -> str:
+    """The backend that runs `op` on tensors like `x`; `triton_can`: the kernel supports this shape; `size`, `grad`
+    and `klass`: the call's length (None: not a shape the tables measure), whether gradients are wanted and its
+    class (head_dim, causal), for the measured table under `auto`."""
     if _backend == "auto":
-        return "triton" if x.is_cuda and triton_can and x.dtype in _TRITON_DTYPES and triton_available() else "torch"
+        if not (x.is_cuda and triton_can and x.dtype in _TRITON_DTYPES and triton_available()):
+            return "torch"
+        return auto_choice(_table_for(x.device), op, x.dtype, size, grad, **klass)
     if _backend == "triton" and not x.is_cuda and not (x.device.type == "cpu" and _common.interpreting()):
         raise KernelBackendError(
             f"kernel backend 'triton' cannot run {op} on a {x.device.type} tensor: it needs a CUDA tensor, "
@@ -112,11 +171,15 @@ def _resolve(op: str, x: torch.Tensor, triton_can: bool = True) -> str:
             "choose the 'torch' or 'auto' backend instead"
         )
     if _backend == "apex":
-        if op == "attention":
+        if op.startswith("attention"):
             return "torch"  # apex has no attention kernel; documented above
         if not x.is_cuda:
             raise KernelBackendError(f"kernel backend 'apex' runs {op} on CUDA tensors only, got {x.device.type}")
     return _backend
+
+
+def _wants_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def attention(
@@ -133,9 +196,29 @@ def attention(
     sees no key gives zeros. `document_ids` (B, T), for packed documents (needs Tq == Tk = T): a
     position attends only inside its own run of equal ids (Megatron's reset_attention_mask).
     """
-    if _resolve("attention", q, triton_can=q.dim() == 4 and q.shape[-1] <= 256) == "triton":
+    four = q.dim() == 4 and k.dim() == 4
+    # The tables measure self-attention without grouped heads: other calls are not covered (size None).
+    measured = four and q.shape[2] == k.shape[2] and q.shape[1] == k.shape[1]
+    backend = _resolve("attention_docs" if document_ids is not None else "attention", q,
+                       triton_can=four and q.shape[-1] <= 256, size=q.shape[2] if measured else None,
+                       grad=_wants_grad(q, k, v), head_dim=q.shape[-1] if four else None, causal=causal)
+    if backend == "triton":
         return _triton_module("attention").attention(q, k, v, causal, scale, document_ids)
+    if backend.startswith("sdpa-"):
+        with _sdpa_first(backend):
+            return attention_torch(q, k, v, causal, scale, document_ids)
     return attention_torch(q, k, v, causal, scale, document_ids)
+
+
+def _sdpa_first(name: str):  # noqa: ANN202 - a context manager
+    """SDPA with backend `name` ('sdpa-cudnn', 'sdpa-flash', 'sdpa-efficient') first, the others after it in torch's
+    order, so a shape the chosen backend cannot run still runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+             "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel([first, *[b for b in order if b != first]], set_priority=True)
 
 
 def attention_torch(
@@ -174,7 +257,7 @@ def attention_torch(
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension."""
-    backend = _resolve("layer_norm", x)
+    backend = _resolve("layer_norm", x, size=x.shape[-1] if x.dim() else None, grad=_wants_grad(x, weight, bias))
     if backend == "triton":
         return _triton_module("layer_norm").layer_norm(x, weight, bias, eps)
     if backend == "apex":
@@ -187,7 +270,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dimension."""
-    backend = _resolve("rms_norm", x)
+    backend = _resolve("rms_norm", x, size=x.shape[-1] if x.dim() else None, grad=_wants_grad(x, weight))
     if backend == "triton":
         return _triton_module("rms_norm").rms_norm(x, weight, eps)
     if backend == "apex":
@@ -244,6 +327,7 @@ __all__ = [
     "KernelBackendError",
     "attention",
     "attention_torch",
+    "auto_choice",
     "get_backend",
     "grouped_mm",
     "grouped_mm_runs",

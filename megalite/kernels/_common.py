@@ -53,6 +53,11 @@ def recording_launches(arch: int = 90) -> Iterator[list[Launch]]:
         _recorded, _recording_arch = old
 
 
+def recording() -> list[Launch] | None:
+    """The launches being recorded (inside `recording_launches()`), else None."""
+    return _recorded
+
+
 _capabilities: dict[int, int] = {}
 
 
@@ -105,31 +110,97 @@ NORM_SPLIT_WIDTH = 8192
 
 
 @dataclass(frozen=True)
-class NormTiles:
-    """How a norm kernel covers rows: BLOCK_M rows of BLOCK_N columns per step, or (split, backward) two
-    programs per row, one for each half of BLOCK_N columns."""
+class NormConfig:
+    """How a norm kernel covers its rows: steps of `rows` whole rows of `block_n` columns (a power of two >= the
+    width), `num_warps` warps; `per_sm` programs per streaming multiprocessor striding over the steps (a persistent
+    grid; 0: one program per step, forward only); `prefetch`: each program loads its next step's rows before this
+    step's arithmetic (a second set of registers keeps loads in flight); `split` (backward, rows wider than
+    NORM_SPLIT_WIDTH): two programs per row, one per half of `2 * block_n` columns."""
 
-    block_m: int
+    rows: int
     block_n: int
     num_warps: int
+    per_sm: int = 2
+    prefetch: bool = False
     split: bool = False
 
+    def kwargs(self) -> dict[str, Any]:
+        """The kernels' constexprs (PER_SM is read by the grid function only)."""
+        return {"ROWS": self.rows, "BLOCK_N": self.block_n, "PER_SM": self.per_sm, "PREFETCH": self.prefetch,
+                "SPLIT": self.split}
 
-def norm_tiles(n: int, interpret: bool, backward: bool = False) -> NormTiles:
-    """The tiles for rows of width n (forward, or backward); `interpret`: Triton's CPU interpreter, which
-    wants few, large programs."""
+
+def norm_configs(n: int, interpret: bool, backward: bool = False) -> list[NormConfig]:
+    """The candidates autotuning measures for rows of width n, forward or backward; the first is the default
+    (`MEGALITE_AUTOTUNE=0`). `interpret`: Triton's CPU interpreter, which wants few, large programs: one config,
+    persistent and prefetching, so the CPU tests run the loop over several steps and the prefetch."""
     if n > MAX_NORM_WIDTH:
         raise ValueError(f"norm width {n} exceeds the fused kernel's limit of {MAX_NORM_WIDTH}")
     block_n = next_pow2(n)
     split = backward and block_n > NORM_SPLIT_WIDTH
     if split:
         block_n //= 2
-    # Several rows per program keep narrow rows efficient.
-    block_m = 1 if split else max(1, min(64 if interpret else 16, (65536 if interpret else 4096) // block_n))
-    # 8 elements of a tile per thread (16 in the backward, whose 16-warp tiles of 4096 elements put a value in
-    # local memory on sm_80 with Triton 3.9), at most 16 warps.
-    per_thread = 16 if backward and not split else 8
-    return NormTiles(block_m, block_n, min(max(block_m * block_n // (32 * per_thread), 1), 16), split)
+    if interpret:
+        return [NormConfig(1 if split else max(1, min(64, 65536 // block_n)), block_n, 4, 2, True, split)]
+    # Rows per step: at least 4096 elements in flight per program (a step of 8 KB in bf16 per input).
+    rows = 1 if split else max(1, min(16, 4096 // block_n))
+    elements = rows * block_n
+    # The next step's rows take a second set of registers: prefetch only up to 8192 elements a step, unsplit (the
+    # 16384-wide LayerNorm forward and the split LayerNorm backward spill with it).
+    prefetch = elements <= 8192 and not split
+
+    def warps(per_thread: int) -> int:
+        return min(max(elements // (32 * per_thread), 1), 16)
+
+    if not backward:  # today's forward first (a program per step), then persistent ones
+        configs = [NormConfig(rows, block_n, warps(8), 0), NormConfig(rows, block_n, warps(8), 2, prefetch),
+                   NormConfig(rows, block_n, warps(16), 2, prefetch), NormConfig(rows, block_n, warps(8), 1, prefetch)]
+    else:
+        # 16 elements of a tile per thread (8 when split, whose programs also read the other half), at most 16 warps;
+        # a persistent grid, prefetching or not, one or two programs per SM.
+        per_thread = 8 if split else 16
+        configs = [NormConfig(rows, block_n, warps(per_thread), 2, False, split),
+                   NormConfig(rows, block_n, warps(per_thread), 2, prefetch, split),
+                   NormConfig(rows, block_n, warps(per_thread), 1, prefetch, split),
+                   NormConfig(rows, block_n, warps(per_thread // 2), 1, prefetch, split)]
+    return list(dict.fromkeys(configs))  # without repeats (wide rows hit the 16-warp cap)
+
+
+def norm_programs(m: int, rows: int, per_sm: int, sms: int) -> int:
+    """Programs a norm launch of m rows runs: `per_sm` per SM (at most one per step of `rows`), or one per step."""
+    steps = max(1, -(-m // rows))
+    return steps if per_sm == 0 else max(1, min(steps, per_sm * sms))
+
+
+def norm_partials(m: int, n: int, device: torch.device, configs: list[NormConfig]) -> torch.Tensor:
+    """The backward's fp32 partial weight-gradient sums, a row per program of the largest candidate grid, zeroed:
+    a config with fewer programs leaves the other rows at 0 (never poisoned: they are summed)."""
+    rows = max(norm_programs(m, c.rows, c.per_sm, num_sms(device)) for c in configs)
+    return torch.zeros((rows, n), dtype=torch.float32, device=device)
+
+
+def norm_grid(m: int, device: torch.device, split: bool = False):  # noqa: ANN201 - Triton's grid callable
+    """The grid of a norm launch of m rows for the config autotuning runs: (programs,) or (programs, 2) when split."""
+    sms = num_sms(device)
+    return lambda meta: (norm_programs(m, meta["ROWS"], meta["PER_SM"], sms), 2 if split else 1)
+
+
+def norm_autotuner(cache: dict, fn: Any, n: int, interpret: bool, backward: bool) -> Any:
+    """The autotuned launcher (a triton Autotuner) of norm kernel `fn` over width n's candidates, built once per
+    power-of-two bucket and stored in `cache`; `MEGALITE_AUTOTUNE=0` keeps the first candidate. The backward's
+    partial sums are zeroed around benchmarking (a candidate with fewer programs must not leave another's rows)."""
+    import triton  # only the kernel modules call this; importing megalite.kernels never imports triton
+
+    configs = norm_configs(n, interpret, backward)
+    key = (fn.__name__, configs[0].block_n, configs[0].split)
+    if key not in cache:
+        if os.environ.get("MEGALITE_AUTOTUNE", "1") == "0":
+            configs = configs[:1]
+        triton_configs = [triton.Config(c.kwargs(), num_warps=c.num_warps) for c in configs]
+        reset = ["DW_PART", "DB_PART"] if backward else []
+        reset = [name for name in reset if name in fn.arg_names]
+        cache[key] = triton.autotune(configs=triton_configs, key=["N"], reset_to_zero=reset)(fn)
+    return cache[key]
 
 
 def next_pow2(n: int) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import importlib
+import inspect
 import itertools
 import json
 import multiprocessing
@@ -41,6 +42,7 @@ from triton.runtime.cache import get_cache_manager
 from triton.runtime.jit import create_function_from_signature
 
 from megalite.dtypes import torch_dtype
+from megalite.kernels import _attention_kernels as ak
 from megalite.kernels import _common
 from megalite.kernels import flash_attention as fa
 from megalite.kernels import fused_layer_norm as ln
@@ -54,12 +56,14 @@ KIND = {
     "_attn_bwd_dq_kernel": "attn dq",
     "_layer_norm_fwd_kernel": "layernorm fwd",
     "_layer_norm_bwd_kernel": "layernorm bwd",
-    "_layer_norm_bwd_split_kernel": "layernorm bwd (split)",
     "_rms_norm_fwd_kernel": "rmsnorm fwd",
     "_rms_norm_bwd_kernel": "rmsnorm bwd",
-    "_rms_norm_bwd_split_kernel": "rmsnorm bwd (split)",
 }
-SASS_OPS = ("HGMMA", "HMMA", "LDL", "STL")
+# Tensor-core MMA (Hopper warpgroup, Ampere), local memory loads/stores (spills), TMA tile loads, and the register
+# reallocation of warp-specialised kernels (their producer warps give registers to the consumers).
+SASS_OPS = ("HGMMA", "HMMA", "LDL", "STL", "UTMALDG", "USETMAXREG")
+VARIANT_FLAGS = ("TMA", "WS")  # constexprs of the attention kernels' variants, reported with the tile
+NORM_FLAGS = ("ROWS", "PER_SM", "PREFETCH", "SPLIT")  # constexprs of the norm kernels' candidates
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,8 @@ def _launch_jobs(case: Case, arch: int, launch: _common.Launch, generic: bool) -
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
         if generic:
             signature, constexprs, attrs = _generic(fn, signature, constexprs, attrs)
-        blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}
+        blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_") or k in VARIANT_FLAGS}
+        blocks.update(config.kwargs if config is not None else {})  # the candidate's own constexprs (norms: ROWS...)
         jobs.append(Job(
             case, fn.fn.__module__, fn.fn.__name__, signature, constexprs, attrs, dict(options.__dict__), arch,
             {**blocks, "num_warps": options.num_warps, "num_stages": options.num_stages},
@@ -194,7 +199,7 @@ def cuobjdump() -> str:
 def analyse_cubin(cubin: bytes) -> dict[str, int]:
     """Registers, stack and local bytes per thread and the SASS counts of SASS_OPS, from cuobjdump; kept in
     Triton's cache under the cubin's hash (disassembly takes about 0.5 s a kernel)."""
-    key = hashlib.sha256(cubin + f"megalite-resources-1 triton-{triton.__version__}".encode()).hexdigest()
+    key = hashlib.sha256(cubin + f"megalite-resources-2 triton-{triton.__version__}".encode()).hexdigest()
     cache = get_cache_manager(key)
     cached = cache.get_file("resources.json")
     if cached is not None:
@@ -261,10 +266,15 @@ def run_jobs(jobs: list[Job], workers: int | None = None) -> list[dict[str, Any]
 
 
 def sample_variants(jobs: list[Job]) -> list[Job]:
-    """For a quick check: each (architecture, kernel, dtype, size, tile) once, taking its attention variants
-    (causal or not, documents or not) in turn, so every variant and every tile is compiled, not every pair."""
+    """For a quick check: each attention (architecture, kernel, dtype, size, tile) once, taking its variants (causal
+    or not, documents or not) in turn, so every variant and every tile is compiled, not every pair; of the norms,
+    each width's first candidate and each other candidate once, at the widths in turn (see `_sample_norms`)."""
     groups: dict[tuple, list[Job]] = {}
+    norms = []
     for job in jobs:
+        if job.case.op != "attention":
+            norms.append(job)
+            continue
         groups.setdefault((job.arch, job.name, job.case.dtype, job.case.size, repr(job.config)), []).append(job)
     turn: dict[tuple, int] = {}
     chosen = []
@@ -272,24 +282,75 @@ def sample_variants(jobs: list[Job]) -> list[Job]:
         kernel = key[:2]  # (arch, name): rotate through the variants across its tiles and sizes
         turn[kernel] = turn.get(kernel, -1) + 1
         chosen.append(group[turn[kernel] % len(group)])
+    return chosen + _sample_norms(norms)
+
+
+def _sample_norms(jobs: list[Job]) -> list[Job]:
+    """Per (architecture, kernel, dtype): candidate 0 at every width, candidate i > 0 once, at the i-th width that
+    has one (the candidates are `_common.norm_configs`, in order, per width)."""
+    by_kernel: dict[tuple, dict[int, list[Job]]] = {}
+    for job in jobs:
+        widths = by_kernel.setdefault((job.arch, job.name, job.case.dtype), {})
+        same = widths.setdefault(job.case.size, [])
+        if all(j.config != job.config for j in same):
+            same.append(job)
+    chosen = []
+    for widths in by_kernel.values():
+        order = sorted(widths)
+        chosen += [widths[w][0] for w in order]
+        for i in range(1, max(len(c) for c in widths.values())):
+            having = [w for w in order if len(widths[w]) > i]
+            chosen.append(widths[having[(i - 1) % len(having)]][i])
     return chosen
+
+
+def fingerprint() -> str:
+    """A hash of everything that decides what the resource report compiles: every `@triton.jit` function's source
+    in the kernel modules, the tile tables, and the launchers and config functions that specialise the launches.
+    A committed report whose fingerprint differs is out of date."""
+    parts = []
+    for module in (fa, ak, ln, rn):
+        for name, value in sorted(vars(module).items()):
+            fn = getattr(value, "fn", None)  # a JITFunction, or the interpreter's InterpretedFunction, wraps it
+            if inspect.isfunction(fn) and getattr(fn, "__module__", None) == module.__name__:
+                parts.append(f"{module.__name__}.{name}\n{inspect.getsource(fn)}")
+    for table in ("TILES", "TILES_WITHOUT_DOCS", "TILES_FP32", "TILES_TMA"):
+        parts.append(f"{table}={sorted(getattr(fa, table).items())!r}")
+    functions = (fa.autotune_configs, fa.config, fa.tma_eligible, fa._kernel, fa.attention_fwd, fa.attention_bwd,
+                 ln.layer_norm_fwd, ln.layer_norm_bwd, rn.rms_norm_fwd, rn.rms_norm_bwd, _common.norm_configs,
+                 _common.norm_autotuner, _common.norm_grid, _common.NormConfig, _record)
+    parts += [inspect.getsource(f) for f in functions]
+    parts.append(f"{_common.NORM_SPLIT_WIDTH} {_common.MAX_NORM_WIDTH}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def versions() -> dict[str, str]:
     return {"triton": triton.__version__, "torch": torch.__version__}
 
 
+def tile_label(r: dict[str, Any]) -> str:
+    """A row's tile: attention "M x N, warps, stages" (+ TMA, WS), norms "rows x width, warps" (+ persistent
+    programs per SM, prefetch, split)."""
+    if "ROWS" in r:
+        flags = [f"{r['PER_SM']}/SM" if r.get("PER_SM") else "", "prefetch" if r.get("PREFETCH") else "",
+                 "split" if r.get("SPLIT") else ""]
+        return ", ".join([f"{r['ROWS']} x {r['BLOCK_N']}, {r['num_warps']}w", *[f for f in flags if f]])
+    tile = f"{r.get('BLOCK_M', '')} x {r.get('BLOCK_N', '')}, {r['num_warps']}, {r['num_stages']}".replace(" x ,", ",")
+    flags = [name for name in VARIANT_FLAGS if r.get(name)]
+    return tile + (" " + "+".join(flags) if flags else "")
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """One table row per compilation."""
-    head = "| arch | kernel | dtype | head dim / width | variant | tile (M x N, warps, stages) | registers | stack B | " \
-           "shared KB | HGMMA | HMMA | LDL | STL |"
+    head = "| arch | kernel | dtype | head dim / width | variant | tile | registers | stack B | " \
+           "shared KB | HGMMA | HMMA | LDL | STL | UTMALDG | USETMAXREG |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        tile = f"{r.get('BLOCK_M', '')} x {r.get('BLOCK_N', '')}, {r['num_warps']}, {r['num_stages']}"
         mark = "" if r["spill_free"] else " **spills**"
         lines.append(
-            f"| {r['arch']} | {r['kernel']} | {r['dtype']} | {r['size']} | {r['variant']} | {tile} | {r['registers']} | "
-            f"{r['stack']}{mark} | {r['shared'] / 1024:.0f} | {r['hgmma']} | {r['hmma']} | {r['ldl']} | {r['stl']} |"
+            f"| {r['arch']} | {r['kernel']} | {r['dtype']} | {r['size']} | {r['variant']} | {tile_label(r)} | "
+            f"{r['registers']} | {r['stack']}{mark} | {r['shared'] / 1024:.0f} | {r['hgmma']} | {r['hmma']} | "
+            f"{r['ldl']} | {r['stl']} | {r['utmaldg']} | {r['usetmaxreg']} |"
         )
     return "\n".join(lines)
 
@@ -299,21 +360,21 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
     registers, stack, LDL/STL; fewest tensor-core instructions)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        tile = f"{r.get('BLOCK_M', '')} x {r.get('BLOCK_N', '')}, {r['num_warps']}, {r['num_stages']}".replace(" x ,", ",")
-        groups.setdefault((r["arch"], r["kernel"], r["dtype"], r["size"], tile), []).append(r)
-    head = "| arch | kernel | dtype | head dim / width | tile (M x N, warps, stages) | variants | registers | " \
-           "stack B | LDL / STL | HGMMA / HMMA |"
+        groups.setdefault((r["arch"], r["kernel"], r["dtype"], r["size"], tile_label(r)), []).append(r)
+    head = "| arch | kernel | dtype | head dim / width | tile | variants | registers | " \
+           "stack B | LDL / STL | HGMMA / HMMA | UTMALDG / USETMAXREG |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (arch, kernel, dtype, size, tile), group in groups.items():
         stack = max(r["stack"] for r in group)
         mma = f"{min(r['hgmma'] for r in group)} / {min(r['hmma'] for r in group)}"
+        tma = f"{min(r['utmaldg'] for r in group)} / {min(r['usetmaxreg'] for r in group)}"
         lines.append(
             f"| {arch} | {kernel} | {dtype} | {size} | {tile} | {len(group)} | {max(r['registers'] for r in group)} | "
             f"{'**' + str(stack) + '**' if stack else 0} | {max(r['ldl'] for r in group)} / "
-            f"{max(r['stl'] for r in group)} | {mma} |"
+            f"{max(r['stl'] for r in group)} | {mma} | {tma} |"
         )
     return "\n".join(lines)
 
 
-__all__ = ["Case", "Job", "analyse_cubin", "attention_cases", "compile_job", "jobs_for", "markdown", "norm_cases",
-           "run_jobs", "sample_variants", "summary_markdown", "versions"]
+__all__ = ["Case", "Job", "analyse_cubin", "attention_cases", "compile_job", "fingerprint", "jobs_for", "markdown",
+           "norm_cases", "run_jobs", "sample_variants", "summary_markdown", "tile_label", "versions"]

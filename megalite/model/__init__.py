@@ -47,6 +47,7 @@ def build_model(
     device: Optional[torch.device | str] = None,
     dtype: Optional[torch.dtype] = None,
     context_grad_scale: float = 1.0,
+    aux_loss_scale: float = 1.0,
 ) -> Transformer:
     """This TP rank's shards of the model, initialised identically whatever the TP degree.
 
@@ -66,7 +67,8 @@ def build_model(
     group = tensor_parallel_group(grid)
     model = Transformer(model_cfg, parallel_cfg, group, device=device, dtype=dtype,
                         context_group=context_parallel_group(grid), context_grad_scale=context_grad_scale,
-                        expert_group=expert_parallel_group(grid), replicate_experts=replicate_experts(grid))
+                        expert_group=expert_parallel_group(grid), replicate_experts=replicate_experts(grid),
+                        aux_loss_scale=aux_loss_scale)
     if torch.device(device or "cpu").type != "meta":
         initialize_parameters(model, seed, group)
     tp_rank = grid.get_tensor_model_parallel_rank() if grid is not None else 0

@@ -19,7 +19,8 @@ the value is the same on every rank of a replica and each rank's gradient is its
 How they reach training: as gradients, injected at the block's output in the backward (Megatron's approach): the
 block's output passes through `_InjectAuxGradient`, whose backward hands the loss term the gradient
 `aux_loss_scale`, the factor the LM loss's own gradient carries (1 / gradient-accumulation steps, times the context
-gradient scale where the engine averages over context ranks; the engine sets it, `megalite.engine.moe`). So the
+gradient scale where the engine averages over context ranks; the engine passes it at construction,
+`megalite.engine.moe.aux_loss_scale`). So the
 losses need no path to the last pipeline stage and survive both kinds of activation checkpointing (the reentrant
 one recomputes the block, injection included, in the backward). The logged training loss stays the LM loss; the
 block records the balancing losses' values separately. With `aux_loss_scale = 0` nothing is injected and
@@ -162,11 +163,14 @@ class MoE(torch.nn.Module):
         replicate_experts: bool = False,
         shared: Optional[torch.nn.Module] = None,
         matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = kernels.grouped_mm,
+        layer: int = 0,
+        aux_loss_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if cfg.moe is None:
             raise ValueError("an MoE block needs model.moe")
         self.moe = cfg.moe
+        self.layer = layer  # the model's layer index (its statistics are reported under it)
         self.group, self.context_group = group, context_group
         self.sequence_parallel = sequence_parallel and group_size(group) > 1
         self.router = Router(cfg, group, self.sequence_parallel, device, dtype)
@@ -177,8 +181,8 @@ class MoE(torch.nn.Module):
             replicate=replicate_experts, init_std=cfg.init_std, out_std=out_std, device=device, dtype=dtype,
         )
         self.shared = shared
-        # The gradient the balancing losses get in the backward (module docstring); the engine sets it.
-        self.aux_loss_scale = 1.0
+        # The gradient the balancing losses get in the backward (module docstring): the engine's value at construction.
+        self.aux_loss_scale = aux_loss_scale
         self.last_aux_loss: Optional[torch.Tensor] = None
         self.reset_statistics()
 

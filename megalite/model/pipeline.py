@@ -38,7 +38,14 @@ from megalite.model.transformer import (
     rope_frequencies,
     training_z_loss,
 )
-from megalite.model.weights import initialize_parameters, load_full_tensors, set_init, set_tensor_parallel_attributes
+from megalite.model.weights import (
+    initialize_parameters,
+    load_buffers,
+    load_full_tensors,
+    model_buffers,
+    set_init,
+    set_tensor_parallel_attributes,
+)
 from megalite.parallel.context import context_chunk
 from megalite.parallel.mappings import group_size
 
@@ -89,10 +96,12 @@ class EmbeddingPipe(_Canonical, Embedding):
 class BlockPipe(_Canonical, Block):
     """One Transformer block on (hidden, position_ids[, document_ids])."""
 
-    def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int, index: int) -> None:
+    def __init__(self, cfg: ModelConfig, sp: bool, grid: Any, seed: int, index: int,
+                 aux_loss_scale: float = 1.0) -> None:
         group = tensor_parallel_group(grid)
         super().__init__(cfg, group, sp, context_group=context_parallel_group(grid), index=index,
-                         expert_group=expert_parallel_group(grid), replicate_experts=replicate_experts(grid))
+                         expert_group=expert_parallel_group(grid), replicate_experts=replicate_experts(grid),
+                         aux_loss_scale=aux_loss_scale)
         self.canonical_prefix = f"layers.{index}."
         self.rope_config = cfg if cfg.position == "rope" else None
         initialize_parameters(self, seed, group, self.canonical_name)
@@ -197,9 +206,11 @@ def layer_order(cfg: ModelConfig) -> list[str]:
 
 
 def pipeline_specs(
-    cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] = None, grid: Any = None, seed: int = 1234
+    cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] = None, grid: Any = None, seed: int = 1234,
+    aux_loss_scale: float = 1.0,
 ) -> list:
-    """LayerSpec/TiedLayerSpec list of the model for `deepspeed.pipe.PipelineModule`."""
+    """LayerSpec/TiedLayerSpec list of the model for `deepspeed.pipe.PipelineModule` (`aux_loss_scale`: the MoE
+    blocks' balancing-loss gradient, as in megalite.model.transformer.Transformer)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec  # DeepSpeed's own pipeline types: needed only here
 
     sp = bool(parallel_cfg and parallel_cfg.sequence_parallel)
@@ -210,7 +221,7 @@ def pipeline_specs(
         elif prefix == "embedding.":
             specs.append(LayerSpec(EmbeddingPipe, cfg, sp, grid, seed))
         elif prefix.startswith("layers."):
-            specs.append(LayerSpec(BlockPipe, cfg, sp, grid, seed, int(prefix.split(".")[1])))
+            specs.append(LayerSpec(BlockPipe, cfg, sp, grid, seed, int(prefix.split(".")[1]), aux_loss_scale))
         elif prefix == "final_norm.":
             specs.append(LayerSpec(FinalNormPipe, cfg, sp, grid, seed))
         else:
@@ -252,11 +263,26 @@ def canonical_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Paramete
     return out or dict(module.named_parameters())
 
 
+def canonical_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's persistent buffers (the routers' expert bias) under the whole model's names, like
+    `canonical_parameters`."""
+    out: dict[str, torch.Tensor] = {}
+    for sub in module.modules():
+        if isinstance(sub, _Canonical):
+            for name, b in model_buffers(sub, sub.canonical_name).items():
+                out.setdefault(name, b)
+    if any(isinstance(sub, _Canonical) for sub in module.modules()):
+        return out
+    return model_buffers(module)
+
+
 @torch.no_grad()
 def load_pipeline_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], grid: Any = None) -> None:
-    """Copy a full canonical state dict (e.g. `load_hf_state`'s, read lazily) into this stage's shards."""
-    params = canonical_parameters(module)
-    missing = [name for name in params if name not in state]
+    """Copy a full canonical state dict (e.g. `load_hf_state`'s, read lazily) into this stage's shards, and the
+    buffers it holds."""
+    params, buffers = canonical_parameters(module), canonical_buffers(module)
+    missing = [name for name in [*params, *buffers] if name not in state]
     if missing:
         raise KeyError(f"state dict lacks {missing}")
     load_full_tensors(params, state, tensor_parallel_group(grid))
+    load_buffers(buffers, state)

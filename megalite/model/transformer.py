@@ -283,7 +283,7 @@ class Block(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig, group: Group, sequence_parallel: bool, device=None, dtype=None,
                  context_group: Group = None, index: int = 0, expert_group: Group = None,
-                 replicate_experts: bool = False) -> None:
+                 replicate_experts: bool = False, aux_loss_scale: float = 1.0) -> None:
         super().__init__()
         self.norm1 = Norm(cfg, group, sequence_parallel, device, dtype)
         self.attention = Attention(cfg, group, sequence_parallel, device, dtype, context_group)
@@ -293,7 +293,7 @@ class Block(torch.nn.Module):
                 else None
             self.mlp: torch.nn.Module = MoE(cfg, group, sequence_parallel, device, dtype, context_group=context_group,
                                             expert_group=expert_group, replicate_experts=replicate_experts,
-                                            shared=shared)
+                                            shared=shared, layer=index, aux_loss_scale=aux_loss_scale)
         else:
             self.mlp = MLP(cfg, group, sequence_parallel, device, dtype)
         self.dropout = cfg.hidden_dropout
@@ -372,6 +372,7 @@ class Transformer(torch.nn.Module):
         context_grad_scale: float = 1.0,
         expert_group: Group = None,
         replicate_experts: bool = False,
+        aux_loss_scale: float = 1.0,
     ) -> None:
         super().__init__()
         parallel = parallel or ParallelConfig()
@@ -385,8 +386,10 @@ class Transformer(torch.nn.Module):
         sp = parallel.sequence_parallel and self.tp_size > 1
         self.sequence_parallel = sp
         self.embedding = Embedding(cfg, group, sp, device, dtype)
+        # aux_loss_scale: the gradient the MoE blocks' balancing losses get (megalite.model.moe; the engine's value:
+        # megalite.engine.moe.aux_loss_scale)
         self.layers = torch.nn.ModuleList(Block(cfg, group, sp, device, dtype, self.context_group, i, expert_group,
-                                                replicate_experts) for i in range(cfg.num_layers))
+                                                replicate_experts, aux_loss_scale) for i in range(cfg.num_layers))
         self.final_norm = Norm(cfg, group, sp, device, dtype)
         if cfg.tied_embeddings:
             self.register_parameter("output", None)

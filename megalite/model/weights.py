@@ -125,17 +125,39 @@ def load_full_tensors(
         del full
 
 
+def model_buffers(module: torch.nn.Module, name_map: Optional[Callable[[str], str]] = None) -> dict[str, torch.Tensor]:
+    """The buffers a state dict keeps (persistent ones: the routers' expert bias), by name (`name_map`: the whole
+    model's name of a pipeline layer's). They are the same on every rank: nothing to gather or shard."""
+    transient = {f"{prefix}.{n}" if prefix else n for prefix, m in module.named_modules()
+                 for n in m._non_persistent_buffers_set}
+    return {(name_map(n) if name_map else n): b for n, b in module.named_buffers() if n not in transient}
+
+
+@torch.no_grad()
+def load_buffers(buffers: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    """Copy `state[name]` into every buffer of `buffers` that `state` holds."""
+    for name, b in buffers.items():
+        if name in state:
+            value = state[name]
+            if tuple(value.shape) != tuple(b.shape):
+                raise ValueError(f"{name}: expected shape {tuple(b.shape)}, got {tuple(value.shape)}")
+            b.copy_(value.to(dtype=b.dtype, device=b.device))
+
+
 def load_full_state_dict(
     module: torch.nn.Module, state: Mapping[str, torch.Tensor], group: Group = None, strict: bool = True
 ) -> list[str]:
-    """Copy full tensors into this rank's shards; returns the names of parameters not in `state`."""
+    """Copy full tensors into this rank's shards, and the buffers a state dict keeps (the routers' expert bias);
+    returns the names of parameters and buffers not in `state`."""
     params = dict(module.named_parameters())
-    missing = [name for name in params if name not in state]
+    buffers = model_buffers(module)
+    missing = [name for name in [*params, *buffers] if name not in state]
     if strict:
-        unexpected = sorted(set(state) - set(params))
+        unexpected = sorted(set(state) - set(params) - set(buffers))
         if missing or unexpected:
             raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
     load_full_tensors({n: p for n, p in params.items() if n in state}, state, group)
+    load_buffers(buffers, state)
     return missing
 
 

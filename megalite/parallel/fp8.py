@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.config.schema import FP8_RECIPES as RECIPES
+from megalite.parallel.deferred import STORE
 from megalite.parallel.mappings import Group, group_size
 
 # Which dimension of each 2-D operand is split across the tensor-parallel ranks, per layer kind. Operands:
@@ -342,6 +343,7 @@ class _Float8Linear(torch.autograd.Function):
         keep_w = (w_fp8.data, w_fp8.scale) if recipe.reuses_weight else (weight,)
         ctx.save_for_backward(*keep_x, *keep_w)
         ctx.layout, ctx.split, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = layout, len(keep_x), x.shape, x.dtype, weight.dtype
+        ctx.param = weight  # the parameter itself, to hand a deferred gradient to
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -361,7 +363,11 @@ class _Float8Linear(torch.autograd.Function):
                 w_fp8 = layout.cast(keep_w[0], recipe.weight_for_grad_input, "weight", amax_dim=0)
             dx = scaled_matmul(dy_fp8, w_fp8, ctx.x_dtype, recipe.fast_accum_grad_input).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dw = weight_grad(WeightGradInputs(x, layout, ctx.w_dtype), dy2, dy_fp8)
+            inputs = WeightGradInputs(x, layout, ctx.w_dtype)
+            if STORE.collecting:  # a zero-bubble schedule's B pass: dW in its W pass (megalite.parallel.deferred)
+                STORE.defer(ctx.param, lambda: weight_grad(inputs, dy2, dy_fp8))
+            else:
+                dw = weight_grad(inputs, dy2, dy_fp8)
         return dx, dw, None, None
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megalite.errors import DataError
+from megalite.parallel.deferred import linear
 from megalite.parallel.fp8 import Float8Recipe, fp8_linear
 from megalite.parallel.mappings import (
     Group,
@@ -100,7 +101,7 @@ class ColumnParallelLinear(torch.nn.Module):
         else:
             x = copy_to_tensor_parallel(x, self.group)
         if self.fp8 is None:
-            y = F.linear(x, self.weight, self.bias)
+            y = linear(x, self.weight, self.bias)
         else:
             y = fp8_linear(x, self.weight, self.fp8, "column", self.group, self.bias)
         return gather_from_tensor_parallel(y, self.group) if self.gather_output else y
@@ -146,7 +147,7 @@ class RowParallelLinear(torch.nn.Module):
             x = scatter_to_tensor_parallel(x, self.group)
         dtype = None
         if self.fp8 is None:
-            y = F.linear(x, self.weight)
+            y = linear(x, self.weight)
         else:
             # fp32 partial sums, reduced in fp32, rounded once: TP>1 rounds what TP=1 rounds (not the sum of rounded
             # parts); at TP=1 there is no reduction and the matmul writes x's dtype itself.

@@ -24,9 +24,10 @@ schedule's bubble. Every device constant and efficiency is in `devices` with its
 published throughputs the tests compare with.
 
 The modules, in the order they build on each other: devices (the device table, peaks, efficiencies), layout (the
-Layout and the Settings read from a config), stages (parameters and pipeline partitioning), schedule (pipeline
-schedule), memory, communication, timing, estimate (the `Plan` of one layout), search, report, summaries (what
-preflight, `train` and `config show` print).
+Layout and the Settings read from a config), experts (what an MoE layer holds, saves, sends and computes, with
+expert parallelism), stages (parameters and pipeline partitioning), schedule (pipeline schedule), memory,
+communication, timing, estimate (the `Plan` of one layout), search, report, summaries (what preflight, `train` and
+`config show` print).
 """
 
 from megalite.plan.communication import Collective, communication, links, transfer_seconds

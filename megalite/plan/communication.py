@@ -11,8 +11,10 @@ from typing import Any
 
 from megalite.config import Config, Layout, kv_replication
 from megalite.plan.devices import Device
+from megalite.plan.experts import moe_collectives
 from megalite.plan.layout import Settings
-from megalite.plan.stages import Stage, decay_numel, numel, numel_at_most
+from megalite.plan.schedule import point_to_point_links
+from megalite.plan.stages import Stage, decay_numel, expert_part, numel, numel_at_most
 
 # Bytes each rank sends (and receives) per byte of a collective's payload over the slowest link of its ring: the
 # bus-bandwidth factors of NCCL's algorithms (nccl-tests, doc/PERFORMANCE.md). The payload is the all-gather's
@@ -50,7 +52,7 @@ def bus_factor(kind: str, n: int) -> float:
 class Collective:
     """The payload one GPU hands to one kind of collective in one step, and where it goes."""
 
-    group: str  # TP | CP | DP (data x context: the ZeRO group) | PP | tied embedding
+    group: str  # TP | CP | DP (data x context: the ZeRO group) | EP (experts) | EDP (their ZeRO group) | PP | tied embedding
     kind: str  # a key of BUS_FACTORS: all-reduce | all-gather | reduce-scatter | all-to-all | send/recv
     bytes: float  # sum of the tensors handed to the calls (all-gather: output size; reduce-scatter: input size)
     ranks: int
@@ -64,8 +66,10 @@ def links(layout: Layout, gpus_per_node: int) -> dict[str, str]:
     ranks inside the data axis, next to the tensor-parallel ones)."""
     tp, dp, cp = layout.tensor, layout.data, layout.context
     g = gpus_per_node
+    ep = layout.expert  # expert-parallel groups: ep consecutive replicas; expert-data-parallel: across all replicas
     return {"TP": "NVLink" if tp <= g else "network", "CP": "NVLink" if tp * cp <= g else "network",
-            "DP": "NVLink" if tp * cp * dp <= g else "network",
+            "DP": "NVLink" if tp * cp * dp <= g else "network", "EP": "NVLink" if tp * ep <= g else "network",
+            "EDP": "NVLink" if tp * cp * dp <= g else "network",
             "PP": "NVLink" if layout.world <= g else "network",
             "tied embedding": "NVLink" if layout.world <= g else "network"}
 
@@ -79,6 +83,7 @@ def per_node(layout: Layout, gpus_per_node: int) -> dict[str, int]:
         return max(1, min(size, gpus_per_node // stride))
 
     return {"TP": on_a_node(tp, 1), "CP": on_a_node(cp, tp), "DP": on_a_node(cp * dp, tp),
+            "EP": on_a_node(layout.expert, tp), "EDP": on_a_node(dp // layout.expert, tp * layout.expert),
             "PP": on_a_node(layout.pipeline, tp * cp * dp), "tied embedding": 1}
 
 
@@ -156,9 +161,19 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
         per_pass = N * (2 * heads + 2 * kvh * (kv_replication(kvh, cp) or 1)) * m.head_dim * e
         passes = (2 if s.recompute else 1) + 1
         add("CP", "all-to-all", mb * stage.blocks * per_pass * passes, mb * stage.blocks * 4 * passes)
+    for group, kind, nbytes, calls in moe_collectives(cfg, layout, s, N, stage.moe_blocks, 2 if s.recompute else 1):
+        add(group, kind, nbytes, calls)
     n_local = numel(stage.params)
+    experts = expert_part(stage.params)
+    if numel(experts):  # split experts: their own ZeRO groups over the expert-data-parallel ranks (replicas / ep)
+        n_local -= numel(experts)
+        edp = dp // layout.expert
+        if edp > 1:  # reduced and gathered as the dense weights are (s.path is bf16_optimizer or zero here)
+            calls = -(-numel(experts) // (500_000_000 if s.path == "bf16_optimizer" else s.reduce_bucket))
+            add("EDP", "all-reduce", numel(experts) * e, calls)
+            add("EDP", "all-gather", -(-numel(experts) // (2 * edp)) * 2 * edp * e, 1)
     if dp > 1:
-        decay = decay_numel(stage.params)
+        decay = decay_numel(stage.params) - decay_numel(experts)
         padded = sum(-(-x // (2 * dp)) * 2 * dp for x in (decay, n_local - decay) if x)
         groups = sum(1 for x in (decay, n_local - decay) if x)
         # Gradients travel in DeepSpeed's communication dtype, the model's dtype by default. ZeRO-1/2 all-reduce
@@ -183,17 +198,19 @@ def communication(cfg: Config, layout: Layout, stage: Stage, s: Settings, gpus_p
             add("DP", "reduce-scatter", mb * z3.reduce.bytes, mb * z3.reduce.calls)
     if pp > 1:
         boundary = Ns * h * e
-        sends = (0 if stage.index == pp - 1 else 1) + (0 if stage.index == 0 else 1)
+        sends = point_to_point_links(cfg.parallel.pipeline_schedule, stage.index, pp)
         # position ids (this rank's chunk) and document ids (the whole sequence's) travel along
         ids = N * 8 + (N * cp * 8 if cfg.data.reset_attention_mask else 0)
         add("PP", "send/recv", mb * sends * (2 * boundary + ids), mb * sends * (2 + 1))
-        if m.tied_embeddings and (stage.embedding or stage.head):
+        if m.tied_embeddings and (stage.embedding or stage.head) and not (stage.embedding and stage.head):
+            # (DualPipeV's rank 0 holds both ends: one module, nothing to reduce)
             grad = s.grad_accum if s.path == "bf16_optimizer" else e  # BF16_Optimizer reduces its fp32 copy
             add("tied embedding", "all-reduce", m.padded_vocab_size // tp * h * grad, 1)
     nodes = per_node(layout, gpus_per_node)
     result = []
     for (group, kind), (nbytes, calls) in out.items():
-        ranks = {"TP": tp, "CP": cp, "DP": dp, "PP": 2, "tied embedding": 2}[group]
+        ranks = {"TP": tp, "CP": cp, "DP": dp, "EP": layout.expert, "EDP": dp // layout.expert, "PP": 2,
+                 "tied embedding": 2}[group]
         result.append(Collective(group, kind, nbytes, ranks, where[group], calls, nodes.get(group, 1)))
     return result
 

@@ -13,7 +13,7 @@ from megalite.plan.communication import Collective, communication, links, per_no
 from megalite.plan.devices import Device, GiB
 from megalite.plan.layout import PATH_NAMES, Settings, layout_of, settings
 from megalite.plan.memory import ALLOWANCE_GIB, StageMemories, StageMemory, memory
-from megalite.plan.stages import Stage, stages
+from megalite.plan.stages import Stage
 from megalite.plan.timing import StageTime, flops_per_token, optimizer_seconds, stage_time, zero3_exposed_seconds
 
 VERDICT_MEGALITE = "does not fit as megalite runs it"
@@ -94,7 +94,8 @@ class Plan:
         """A JSON-serialisable summary."""
         return {
             "layout": {**dataclasses.asdict(self.layout), "recompute": self.settings.recompute,
-                       "loss_chunk_tokens": self.settings.loss_chunk_tokens},
+                       "loss_chunk_tokens": self.settings.loss_chunk_tokens,
+                       "pipeline_schedule": self.cfg.parallel.pipeline_schedule},
             "device": self.device.name, "precision": self.settings.precision,
             "deepspeed_path": PATH_NAMES[self.settings.path], "fits": self.fits, "verdict": self.verdict,
             "lower_bound_gib": self.floor_memory / GiB,
@@ -163,7 +164,7 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     if s.fp8_recipe and "fp8" not in device.peak_tflops:
         raise ConfigError(f"model.fp8: {device.name} has no FP8 units (compute capability 8.9 or newer needed)")
     mem = memory(cfg, layout, s)
-    sts = stages(cfg, layout.tensor, layout.pipeline)
+    sts = schedule.rank_stages(cfg, layout.tensor, layout.pipeline)
     by_kind: dict[tuple, tuple[list[Collective], StageTime, float]] = {}
     for st in sts:
         if st.kind not in by_kind:
@@ -173,10 +174,12 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
     comms = [by_kind[st.kind][0] for st in sts]
     times = [by_kind[st.kind][1] for st in sts]
     m, p = layout.accumulation, layout.pipeline
-    slowest = max(t.total for _, t, _ in by_kind.values())
+    slowest = max((t for _, t, _ in by_kind.values()), key=lambda t: t.total)
+    # The schedule's step, every rank taking the slowest one's forward, input- and weight-gradient passes.
+    passes = schedule.split_passes(slowest, s.recompute)
+    timeline = schedule.step_seconds(cfg.parallel.pipeline_schedule, p, m, passes)
+    pipeline_s, bubble = timeline.step, timeline.bubble
     seen: set[tuple] = set()
-    bubble = schedule.bubble(p, m)
-    pipeline_s = schedule.step_slots(p, m) * slowest
     optimizer_s = max(value[2] for value in by_kind.values())
     # Data-parallel traffic. ZeRO-1/2 with overlap_comm reduce their gradient buckets during the backward (all but
     # the last bucket's worth hides behind it). ZeRO-3's gathers and reduce-scatters overlap its compute as
@@ -191,12 +194,12 @@ def evaluate(cfg: Config, layout: Layout, s: Settings, device: Device, gpus_per_
         exposed = 0.0
         for c in cs:
             seconds = transfer_seconds(c, device)
-            if c.group == "DP" and c.kind == "all-reduce" and s.path == "zero" and s.overlap_comm:
+            if c.group in ("DP", "EDP") and c.kind == "all-reduce" and s.path == "zero" and s.overlap_comm:
                 last_bucket = min(1.0, s.reduce_bucket * s.element / max(c.bytes, 1.0))
                 seconds = max(seconds * last_bucket, seconds - 2 / 3 * m * (t.matmul + t.attention + t.memory_bound))
             if c.group == "DP" and s.path == "zero3":
                 continue  # below, with its overlap
-            if c.group in ("DP", "tied embedding"):
+            if c.group in ("DP", "EDP", "tied embedding"):
                 exposed += seconds
         if s.path == "zero3" and layout.replicas > 1:
             z3 = zero3_traffic(st, s, layout.replicas, links(layout, gpus_per_node)["DP"],

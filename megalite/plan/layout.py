@@ -33,12 +33,15 @@ def layout_of(cfg: Config, world_size: int) -> Layout:
     return layout
 
 
-def with_layout(cfg: Config, layout: Layout, recompute: bool, loss_chunk_tokens: int) -> Config:
-    """A copy of `cfg` laid out as `layout`, with activation recompute and loss chunking as given (same model, data
-    and settings otherwise)."""
+def with_layout(cfg: Config, layout: Layout, recompute: bool, loss_chunk_tokens: int,
+                pipeline_schedule: Optional[str] = None) -> Config:
+    """A copy of `cfg` laid out as `layout`, with activation recompute, loss chunking and (when given) the pipeline
+    schedule as given (same model, data and settings otherwise)."""
     new = copy.copy(cfg)
     new.parallel = dataclasses.replace(cfg.parallel, tensor=layout.tensor, pipeline=layout.pipeline,
-                                       sequence_parallel=layout.sequence_parallel, context=layout.context)
+                                       sequence_parallel=layout.sequence_parallel, context=layout.context,
+                                       expert=layout.expert,
+                                       pipeline_schedule=pipeline_schedule or cfg.parallel.pipeline_schedule)
     new.model = dataclasses.replace(cfg.model, activation_checkpointing=recompute, loss_chunk_tokens=loss_chunk_tokens)
     ds = dict(cfg.deepspeed)
     ds["train_micro_batch_size_per_gpu"] = layout.micro_batch

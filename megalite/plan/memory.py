@@ -8,13 +8,14 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Optional, overload
 
 from megalite.config import Config, Layout, kv_replication
 from megalite.plan import schedule
 from megalite.plan.devices import GiB
+from megalite.plan.experts import moe_mlp_activation_bytes
 from megalite.plan.layout import Settings
-from megalite.plan.stages import Stage, decay_numel, layer_params, numel, numel_at_most, stages
+from megalite.plan.stages import Stage, decay_numel, expert_part, layer_params, numel, numel_at_most
 
 # What the caching allocator does not count (torch.cuda.max_memory_allocated excludes it): the CUDA
 # context and cuBLAS workspaces (about 0.5-1 GiB on Hopper), NCCL's communicator buffers, and the
@@ -68,6 +69,19 @@ def model_state_bytes(params: Any, dp: int, s: Settings) -> dict[str, tuple[floa
             if key in out:
                 out["host: " + key] = out.pop(key)
     return {key: (float(v), built) for key, (v, built) in out.items()}
+
+
+def stage_model_state_bytes(params: Any, layout: Layout, s: Settings) -> dict[str, tuple[float, bool]]:
+    """`model_state_bytes` of a stage's parameters: experts split over an expert-parallel group (ZeRO-1/2) are in
+    DeepSpeed's `moe` parameter groups, partitioned over their expert-data-parallel ranks (replicas / ep, the ones
+    holding the same experts), the other parameters over all replicas."""
+    experts = expert_part(params)
+    if not numel(experts):
+        return model_state_bytes(params, layout.replicas, s)
+    dense = model_state_bytes(expert_part(params, experts=False), layout.replicas, s)
+    split = model_state_bytes(experts, layout.replicas // layout.expert, s)
+    return {key: (dense.get(key, (0.0, built))[0] + split.get(key, (0.0, built))[0], built)
+            for key, (_, built) in {**dense, **split}.items()}
 
 
 def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> dict[str, float]:
@@ -153,6 +167,9 @@ def activation_bytes(cfg: Config, layout: Layout, stage: Stage, s: Settings) -> 
     else:
         for key, value in layer.items():
             out[key] = stage.blocks * value
+        if stage.moe_blocks:  # MoE layers keep their router's and experts' tensors instead of the dense MLP's
+            out["mlp"] -= stage.moe_blocks * mlp
+            out["experts (MoE layers)"] = stage.moe_blocks * moe_mlp_activation_bytes(m, layout, s, N, Ns)
     if rope and not pipelined and stage.blocks:
         out["rope tables"] = rope_tables  # computed once per forward, shared by every block
     if stage.embedding:
@@ -230,15 +247,20 @@ class StageMemories(Sequence[StageMemory]):
     """The memory of every pipeline stage, each built when first read (a search ranks thousands of layouts of up to
     hundreds of stages by their fullest stage only). Stages of one kind (the same layers) differ only in the
     micro-batches they hold in flight, which never rise with the stage index under 1F1B, so the first stage of each
-    kind is the fullest of its kind: `fullest()` are those, in stage order."""
+    kind is the fullest of its kind: `fullest()` are those, in stage order. Other schedules say which stages to
+    consider (`candidates`: "ends", the first and last of each kind; "all")."""
 
-    def __init__(self, stage_list: list[Stage], build: Callable[[Stage], StageMemory]) -> None:
+    def __init__(self, stage_list: list[Stage], build: Callable[[Stage], StageMemory],
+                 candidates: Optional[str] = None) -> None:
         self._stages, self._build = stage_list, build
         self._built: dict[int, StageMemory] = {}
         firsts: dict[tuple, int] = {}
+        lasts: dict[tuple, int] = {}
         for st in stage_list:
             firsts.setdefault(st.kind, st.index)
-        self._firsts = sorted(firsts.values())
+            lasts[st.kind] = st.index
+        picked = set(firsts.values()) | (set(lasts.values()) if candidates == "ends" else set())
+        self._firsts = sorted(picked) if candidates != "all" else [st.index for st in stage_list]
 
     def __len__(self) -> int:
         return len(self._stages)
@@ -278,14 +300,23 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> StageMemories:
         if st.kind not in by_kind:
             decay = decay_numel(st.params)
             persistent = numel_at_most(st.params, s.persistence_threshold)
-            by_kind[st.kind] = (model_state_bytes(st.params, dp, s), activation_bytes(cfg, layout, st, s),
+            by_kind[st.kind] = (stage_model_state_bytes(st.params, layout, s), activation_bytes(cfg, layout, st, s),
                                 st.numel, decay, persistent)
         states, per_micro, n_local, decay, persistent = by_kind[st.kind]
         terms = {k: v for k, (v, _) in states.items() if not k.startswith("host: ")}
         host = {k[6:]: v for k, (v, _) in states.items() if k.startswith("host: ")}
         built = {k for k, (_, b) in states.items() if b}
-        in_flight = schedule.in_flight(st.index, pp, layout.accumulation)
-        terms["activations"] = in_flight * sum(per_micro.values())
+        name = cfg.parallel.pipeline_schedule
+        in_flight = schedule.in_flight(st.index, pp, layout.accumulation, name)
+        if name == "dualpipev" and pp > 1:  # two chunks, each with its own layers and micro-batches in flight
+            per_chunk = [sum(activation_bytes(cfg, layout, c, s).values())
+                         for c in schedule.chunk_stages(cfg, tp, pp, st.index)]
+            terms["activations"] = schedule.peak_activation_bytes(name, pp, layout.accumulation, st.index, per_chunk)
+        else:
+            terms["activations"] = in_flight * sum(per_micro.values())
+        deferred = schedule.deferred_weight_inputs(st.index, pp, layout.accumulation, name)
+        if deferred:  # ZB-H1: what the W passes still to run keep
+            terms["deferred weight-gradient inputs"] = deferred * schedule.weight_grad_input_bytes(cfg, layout, st, s)
         if pp > 1:
             # engine.pipe_buffers, one set per in-flight micro-batch (at least two): the int64 ids that travel with
             # the hidden states (the first stage also holds the token ids); the stage's output, which autograd does
@@ -308,7 +339,8 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> StageMemories:
         if s.recompute and st.blocks:
             if per_layer is None:
                 kept = dataclasses.replace(s, recompute=False)  # one block's activations, as without recompute
-                per_layer = sum(activation_bytes(cfg, layout, Stage(0, 1, False, False, ()), kept).values())
+                kinds = [Stage(0, 1, False, False, ())] + ([Stage(0, 1, False, False, (), moe_blocks=1)] if m.moe else [])
+                per_layer = max(sum(activation_bytes(cfg, layout, one, kept).values()) for one in kinds)
             terms["transient: recompute working set"] = float(per_layer)
         if s.path in ("none", "bf16_optimizer", "fp16_optimizer", "bf16_ddp"):
             # engine.buffered_allreduce_fallback flattens up to 5e8 gradient elements into one buffer, and casts it
@@ -345,11 +377,23 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> StageMemories:
             terms["transient: fp32 gradients at the step"] = float(4 * min(group, s.sub_group_size
                                                                            + largest / dp))
         late = frozenset(k for k in terms if k.startswith("transient:") and ("bucket" in k or "at the step" in k))
-        floor = floor_memory(cfg, layout, st, s, in_flight)
+        floor_activations = None
+        if name == "dualpipev" and pp > 1:  # the bound's activations held as the estimate's, chunk by chunk
+            lean = dataclasses.replace(s, sp_saved_input="shard")
+            floor_activations = schedule.peak_activation_bytes(
+                name, pp, layout.accumulation, st.index,
+                [sum(activation_bytes(cfg, layout, c, lean).values()) for c in schedule.chunk_stages(cfg, tp, pp, st.index)])
+        floor = floor_memory(cfg, layout, st, s, in_flight, floor_activations)
         return StageMemory(st.index, terms, built, in_flight, layout.accumulation, per_micro, host, late,
                            s.path == "zero" and s.zero_stage == 2, floor)
 
-    return StageMemories(stages(cfg, tp, pp), build)
+    ranks = schedule.rank_stages(cfg, tp, pp)
+    name = cfg.parallel.pipeline_schedule
+    # Which stages can be the fullest of their kind: under ZB-H1 the first or the last (activations in flight fall
+    # with the stage index, deferred weight-gradient inputs rise), under DualPipeV any (each rank two chunks).
+    fullest = None if name == "1f1b" else "ends" if name == "zb-h1" else "all"
+    return StageMemories(ranks, build, fullest)
+
 
 
 def _largest_tensor(params: Any) -> int:
@@ -360,7 +404,8 @@ def _largest_tensor(params: Any) -> int:
     return max((p.numel for p in params), default=0)
 
 
-def floor_memory(cfg: Config, layout: Layout, st: Stage, s: Settings, in_flight: int) -> StageMemory:
+def floor_memory(cfg: Config, layout: Layout, st: Stage, s: Settings, in_flight: int,
+                 activations: Optional[float] = None) -> StageMemory:
     """The least any implementation of `layout` holds on one GPU of stage `st` at its peak (no allowance): a lower
     bound, for the plan to say "does not fit" only when it is certain.
 
@@ -369,7 +414,8 @@ def floor_memory(cfg: Config, layout: Layout, st: Stage, s: Settings, in_flight:
     DeepSpeed's ZeRO-1/2 hold them, neither keeping BF16_Optimizer's full fp32 gradients), fp32 master weights (when
     the parameters are not fp32) and optimizer states partitioned from ZeRO-1 on. Activations as megalite's model
     saves them, with sequence parallelism keeping the column-parallel inputs' shards (Megatron's layers; megalite's
-    keep them gathered), times the micro-batches 1F1B holds in flight. Transients: the loss's logits (or one
+    keep them gathered), times the micro-batches the schedule holds in flight (`activations`: DualPipeV's peak over
+    its two chunks, computed by the caller). Transients: the loss's logits (or one
     chunk's), one block's activations for a recompute, one layer's gathered parameters at ZeRO-3, one pipeline
     receive buffer; no gradient buckets and no fp32 copy of gradients at the step (an implementation can reduce and
     step in place)."""
@@ -387,7 +433,7 @@ def floor_memory(cfg: Config, layout: Layout, st: Stage, s: Settings, in_flight:
         terms["master weights"] = master * n / (dp if zero else 1)
         terms["optimizer states"] = k * n / (dp if zero else 1)
     per_micro = activation_bytes(cfg, layout, st, lean)
-    terms["activations"] = in_flight * sum(per_micro.values())
+    terms["activations"] = in_flight * sum(per_micro.values()) if activations is None else activations
     N = layout.micro_batch * cfg.data.seq_length // layout.context
     Ns = N // tp if layout.sequence_parallel else N
     v_l = m.padded_vocab_size // tp

@@ -35,7 +35,8 @@ def format_plan(p: Plan, source: str = "") -> str:
     lines = [f"megalite plan{': ' + source if source else ''}",
              f"cluster: {world} x {dev.name} ({nodes} node{'s' if nodes > 1 else ''} of "
              f"{min(world, p.gpus_per_node)}), {dev.memory_gib:.1f} GiB each",
-             f"layout:  {s.describe(lay)}",
+             f"layout:  {s.describe(lay)}"
+             + (f", pipeline schedule {p.cfg.parallel.pipeline_schedule}" if lay.pipeline > 1 else ""),
              f"         global batch {lay.micro_batch * lay.accumulation * lay.data} x {p.cfg.data.seq_length} tokens; "
              f"{s.optimizer}; DeepSpeed holds model states in {PATH_NAMES[s.path]}"]
     shown = _shown_stages(p)
@@ -81,14 +82,21 @@ def format_plan(p: Plan, source: str = "") -> str:
     t = max(p.times, key=lambda t: t.total)
     m = lay.accumulation
     eff = dev.efficiency
-    lines += ["", "time per step (slowest stage, per micro-batch x (m + p - 1), plus optimizer and DP)",
+    name = p.cfg.parallel.pipeline_schedule
+    if lay.pipeline == 1:
+        bubble = "no pipeline bubble"
+    elif name == "1f1b":
+        bubble = f"pipeline bubble (1f1b) (p - 1)/(m + p - 1) = {lay.pipeline - 1}/{m + lay.pipeline - 1} = {p.bubble:.1%}"
+    else:
+        bubble = f"pipeline bubble ({name}, simulated) {p.bubble:.1%} of the step"
+    lines += ["", f"time per step (slowest stage's passes in the {name if lay.pipeline > 1 else 'plain'} schedule, plus "
+              "optimizer and DP)",
               f"  matmul {t.matmul * 1e3:.1f} ms, attention {t.attention * 1e3:.1f} ms, memory-bound "
               f"{t.memory_bound * 1e3:.1f} ms, {'TP+CP' if lay.context > 1 else 'TP'} {t.tp_comm * 1e3:.1f} ms, "
               f"PP {t.pp_comm * 1e3:.1f} ms "
               + (f"+ pipeline engine's host work beyond them {t.host_exposed * 1e3:.1f} ms " if t.host_exposed else "")
               + f"= {t.total * 1e3:.1f} ms per micro-batch",
-              f"  pipeline bubble (p - 1)/(m + p - 1) = {lay.pipeline - 1}/{m + lay.pipeline - 1} = {p.bubble:.1%}; "
-              f"optimizer {p.optimizer_s * 1e3:.1f} ms; exposed DP {p.dp_exposed_s * 1e3:.1f} ms",
+              f"  {bubble}; optimizer {p.optimizer_s * 1e3:.1f} ms; exposed DP {p.dp_exposed_s * 1e3:.1f} ms",
               f"  step {p.step_s:.3f} s: {p.tokens_per_s:,.0f} tokens/s ({p.tokens_per_s / world:,.0f} per GPU), "
               f"{p.model_tflops_per_gpu:.0f} model TFLOP/s per GPU, MFU {p.mfu:.1%} of {dev.peak_tflops[s.precision]:.0f}"
               + (f" ({s.precision} peak), {p.mfu_fp8_peak:.1%} of {dev.peak_tflops['fp8']:.0f} (FP8 peak)"
@@ -126,17 +134,17 @@ def format_search(plans: list[Plan], limit: int = 10) -> str:
     cp = plans[0].layout.context if plans else 1
     lines = [f"{len(plans)} layouts planned, {len(fitting)} fit in memory; the best {min(limit, len(fitting))} by "
              "predicted throughput" + (f" (all at the config's context parallelism {cp})" if cp > 1 else "") + ":",
-             "| rank | TP | SP | PP | DP | ZeRO | micro x acc | recompute | loss chunks | memory GiB | step s | "
-             "tokens/s/GPU | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| rank | TP | SP | PP | schedule | DP | ZeRO | micro x acc | recompute | loss chunks | memory GiB | step s | "
+             "tokens/s/GPU | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rank, p in enumerate(fitting[:limit], 1):
         lay = p.layout
         lines.append(f"| {rank} | {lay.tensor} | {'yes' if lay.sequence_parallel else 'no'} | {lay.pipeline} | "
-                     f"{lay.data} | {lay.zero_stage} | {lay.micro_batch} x {lay.accumulation} | "
+                     f"{p.cfg.parallel.pipeline_schedule if lay.pipeline > 1 else '-'} | {lay.data} | {lay.zero_stage} | {lay.micro_batch} x {lay.accumulation} | "
                      f"{'yes' if p.settings.recompute else 'no'} | {p.settings.loss_chunk_tokens or 'no'} | "
                      f"{p.peak_memory / GiB:.1f} | "
                      f"{p.step_s:.3f} | {p.tokens_per_s / lay.world:,.0f} | {p.mfu:.1%} |")
     if not fitting:
-        lines.append("| - | no layout fits in memory | | | | | | | | | | | |")
+        lines.append("| - | no layout fits in memory | | | | | | | | | | | | |")
     notes = dict.fromkeys(note for p in plans for note in p.notes)  # each once, in order
     if notes:
         lines.append("")

@@ -15,6 +15,7 @@ from megalite.config import Config, Layout, context_errors
 from megalite.errors import ConfigError
 from megalite.plan.devices import Device
 from megalite.plan.estimate import Plan, assumed, evaluate
+from megalite.plan.experts import expert_degrees
 from megalite.plan.layout import layout_of, settings, with_layout
 from megalite.plan.memory import ALLOWANCE_GIB
 
@@ -26,6 +27,7 @@ class Candidate:
     layout: Layout
     recompute: bool
     loss_chunk_tokens: int
+    pipeline_schedule: str = "1f1b"
 
 
 def _divisors(n: int) -> list[int]:
@@ -35,8 +37,9 @@ def _divisors(n: int) -> list[int]:
 
 def candidates(cfg: Config, world_size: int, gpus_per_node: int, global_batch: int | None = None) -> list[Candidate]:
     """Every layout of `world_size` GPUs with the config's global batch (or `global_batch` sequences): TP (within a
-    node, dividing heads, KV heads, FFN and vocabulary), sequence parallelism, PP, ZeRO stage (as DeepSpeed allows
-    it), micro-batch and accumulation, recompute on/off, chunked loss on/off."""
+    node, dividing heads, KV heads, FFN and vocabulary), sequence parallelism, PP and its schedule (1F1B, ZB-H1,
+    DualPipeV where their rules allow: `pipeline_schedules`), ZeRO stage (as DeepSpeed allows it), micro-batch and
+    accumulation, recompute on/off, chunked loss on/off, and for an MoE model the expert-parallel degree."""
     m = cfg.model
     base = layout_of(cfg, world_size)
     if global_batch is None:
@@ -48,6 +51,8 @@ def candidates(cfg: Config, world_size: int, gpus_per_node: int, global_batch: i
     out = []
     for tp in _divisors(min(world_size // cp, gpus_per_node)):
         if any(x % tp for x in (m.num_heads, m.kv_heads, m.ffn_size, m.padded_vocab_size)):
+            continue
+        if m.moe is not None and (m.expert_ffn_size % tp or m.shared_ffn_size % tp):
             continue
         if context_errors(m, tp, cp, cfg.data.seq_length):
             continue
@@ -65,12 +70,30 @@ def candidates(cfg: Config, world_size: int, gpus_per_node: int, global_batch: i
             for micro in _divisors(per_replica):
                 if (cfg.data.seq_length // cp) % tp:
                     continue
+                accumulation = per_replica // micro
                 for zero, rec, chunked in itertools.product(zeros, (False, True), (False, True)):
-                    for sp in ((False, True) if tp > 1 else (False,)):
-                        layout = Layout(tensor=tp, pipeline=pp, context=cp, data=dp, zero_stage=zero,
-                                        micro_batch=micro, accumulation=per_replica // micro,
+                    for sp, ep in itertools.product((False, True) if tp > 1 else (False,),
+                                                    expert_degrees(cfg, dp * cp)):
+                        layout = Layout(tensor=tp, pipeline=pp, context=cp, expert=ep, data=dp, zero_stage=zero,
+                                        micro_batch=micro, accumulation=accumulation,
                                         precision=precision, sequence_parallel=sp)
-                        out.append(Candidate(layout, rec, chunk if chunked else 0))
+                        for name in pipeline_schedules(cfg, pp, accumulation):
+                            out.append(Candidate(layout, rec, chunk if chunked else 0, name))
+    return out
+
+
+def pipeline_schedules(cfg: Config, pp: int, accumulation: int) -> list[str]:
+    """The schedules a layout of `pp` stages and `accumulation` micro-batches may run (config.validate's rules:
+    DualPipeV needs 2 x pp micro-batches, blocks and evaluation micro-batches; ZB-H1 no fp16). The search tries ZB-H1
+    where it is meant to run, at least as many micro-batches as stages (its closed form then prices it at once; a
+    config with fewer is still planned, by simulation)."""
+    if pp == 1:
+        return ["1f1b"]
+    out = ["1f1b"]
+    if cfg.precision != "fp16" and accumulation >= pp:
+        out.append("zb-h1")
+    if min(accumulation, cfg.model.num_layers, cfg.train.eval_steps) >= 2 * pp:
+        out.append("dualpipev")
     return out
 
 
@@ -82,7 +105,7 @@ def search(cfg: Config, world_size: int, device: Device, gpus_per_node: int = 8,
     plans = []
     todo = candidates(cfg, world_size, gpus_per_node, global_batch)
     for done, c in enumerate(todo, 1):
-        new = with_layout(cfg, c.layout, c.recompute, c.loss_chunk_tokens)
+        new = with_layout(cfg, c.layout, c.recompute, c.loss_chunk_tokens, c.pipeline_schedule)
         try:
             s = assumed(settings(new), assume)
         except ConfigError:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from megalite.config import Config, ModelConfig
+from megalite.plan.experts import experts_held, experts_split, moe_mlp_tensors
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,13 @@ class Param:
     name: str
     numel: int
     decay: bool  # in the weight-decay group (matrices that are not embedding tables)
+    expert: bool = False  # an expert weight split over the expert-parallel group (states over its replicas / ep)
 
 
-def layer_params(m: ModelConfig, tp: int) -> dict[str, list[Param]]:
-    """Each kind of layer's parameters on one TP rank, as megalite's model allocates them."""
+def layer_params(m: ModelConfig, tp: int, experts: int = 0, split: bool = False) -> dict[str, list[Param]]:
+    """Each kind of layer's parameters on one TP rank, as megalite's model allocates them; with model.moe also
+    "moe_block", a layer whose MLP is an MoE block holding `experts` experts (split over an expert-parallel group when
+    `split`: megalite.plan.experts)."""
     h, d, f = m.hidden_size, m.head_dim, m.ffn_size
     q, kv = m.num_heads * d, m.kv_heads * d
     v_local = m.padded_vocab_size // tp
@@ -43,11 +47,20 @@ def layer_params(m: ModelConfig, tp: int) -> dict[str, list[Param]]:
 
     block = (norm("norm1") + linear("attention.qkv", qkv_local, h, qkv_local) + linear("attention.proj", h, q // tp, h)
              + norm("norm2") + linear("mlp.fc", fc_local, h, fc_local) + linear("mlp.proj", h, f // tp, h))
+    if m.qk_norm == "head":  # one weight of head_dim each, replicated
+        block += [Param("attention.q_norm.weight", d, False), Param("attention.k_norm.weight", d, False)]
+    elif m.qk_norm == "projection":  # over the whole projections: each rank its heads' slice
+        block += [Param("attention.q_norm.weight", q // tp, False), Param("attention.k_norm.weight", kv // tp, False)]
     embedding = [Param("embedding.word.weight", v_local * h, False)]
     if m.position == "learned":
         embedding.append(Param("embedding.position.weight", m.max_position_embeddings * h, False))
     head = [] if m.tied_embeddings else [Param("output", v_local * h, True)]
-    return {"embedding": embedding, "block": block, "final_norm": norm("final_norm"), "head": head}
+    kinds = {"embedding": embedding, "block": block, "final_norm": norm("final_norm"), "head": head}
+    if m.moe is not None:
+        attention = [p for p in block if not p.name.startswith("mlp.")]
+        kinds["moe_block"] = attention + [Param(*t) for t in moe_mlp_tensors(m, tp, experts or m.moe.num_experts,
+                                                                             split)]
+    return kinds
 
 
 @dataclass(frozen=True)
@@ -95,17 +108,40 @@ def numel_at_most(params: Iterable[Param], threshold: float) -> int:
     return sum(p.numel for p in params if p.numel <= threshold)
 
 
-def pipeline_layers(m: ModelConfig, tp: int) -> list[tuple[str, list[Param]]]:
-    """DeepSpeed's layer list (model/pipeline.py): embedding, blocks, final norm, output (tied: the embedding again)."""
-    return [(kind, params) for kind, params, count in _layer_runs(m, tp) for _ in range(count)]
+def pipeline_layers(m: ModelConfig, tp: int, experts: int = 0, split: bool = False) -> list[tuple[str, list[Param]]]:
+    """DeepSpeed's layer list (model/pipeline.py): embedding, blocks (MoE blocks where model.moe says), final norm,
+    output (tied: the embedding again)."""
+    return [(kind, params) for kind, params, count in _layer_runs(m, tp, experts, split) for _ in range(count)]
 
 
-def _layer_runs(m: ModelConfig, tp: int) -> list[tuple[str, list[Param], int]]:
+BLOCK_KINDS = ("block", "moe_block")
+
+
+def _layer_runs(m: ModelConfig, tp: int, experts: int = 0, split: bool = False) -> list[tuple[str, list[Param], int]]:
     """`pipeline_layers` as runs of identical layers: (kind, parameters, how many in a row)."""
-    kinds = layer_params(m, tp)
+    kinds = layer_params(m, tp, experts, split)
     last = ("embedding", kinds["embedding"]) if m.tied_embeddings else ("head", kinds["head"])
-    return [("embedding", kinds["embedding"], 1), ("block", kinds["block"], m.num_layers),
-            ("final_norm", kinds["final_norm"], 1), (*last, 1)]
+    return ([("embedding", kinds["embedding"], 1)] + _block_runs(m, kinds)
+            + [("final_norm", kinds["final_norm"], 1), (*last, 1)])
+
+
+def _block_runs(m: ModelConfig, kinds: dict[str, list[Param]]) -> list[tuple[str, list[Param], int]]:
+    """The blocks as runs: dense, or model.moe's pattern (the first dense layers, then every layer_interval-th an MoE
+    block), consecutive layers of a kind merged into one run."""
+    if m.moe is None:
+        return [("block", kinds["block"], m.num_layers)]
+    first, every = min(m.moe.first_dense_layers, m.num_layers), m.moe.layer_interval
+    pattern = [("block", every - 1), ("moe_block", 1)] * ((m.num_layers - first) // every) + \
+        [("block", (m.num_layers - first) % every)]
+    runs: list[tuple[str, list[Param], int]] = []
+    for kind, n in [("block", first)] + pattern:
+        if not n:
+            continue
+        if runs and runs[-1][0] == kind:
+            runs[-1] = (kind, runs[-1][1], runs[-1][2] + n)
+        else:
+            runs.append((kind, kinds[kind], n))
+    return runs
 
 
 def partition_balanced(weights: list[int], parts: int) -> list[int]:
@@ -216,11 +252,12 @@ class Stage:
     params: ParamSet | tuple[Param, ...]
     numel: int = 0
     exact: bool = True  # False: cut by partition_blocks, not by DeepSpeed's own partitioning (too slow)
+    moe_blocks: int = 0  # of `blocks`, those whose MLP is an MoE block
 
     @property
-    def kind(self) -> tuple[int, bool, bool, int]:
+    def kind(self) -> tuple[int, bool, bool, int, int]:
         """Stages of the same kind hold the same layers: the same bytes per micro-batch and the same time."""
-        return self.blocks, self.embedding, self.head, self.numel
+        return self.blocks, self.embedding, self.head, self.numel, self.moe_blocks
 
 
 _STAGES: dict[tuple, list[Stage]] = {}
@@ -230,8 +267,10 @@ def stages(cfg: Config, tp: int, pp: int) -> list[Stage]:
     """The stages as DeepSpeed partitions megalite's pipeline layers (parallel.pipeline_partition)."""
     m = cfg.model
     shape = (m.padded_vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.kv_heads, m.ffn_size,
-             m.max_position_embeddings, m.norm, m.mlp, m.position, m.bias, m.tied_embeddings)
-    key = (shape, cfg.parallel.pipeline_partition, tp, pp)
+             m.max_position_embeddings, m.norm, m.mlp, m.position, m.bias, m.tied_embeddings, m.head_dim, m.qk_norm)
+    moe = None if m.moe is None else (repr(m.moe), m.expert_ffn_size, m.shared_ffn_size, experts_held(cfg),
+                                      experts_split(cfg))
+    key = (shape, moe, cfg.parallel.pipeline_partition, tp, pp)
     if key not in _STAGES:
         _STAGES[key] = _partition(cfg, tp, pp)
     return _STAGES[key]
@@ -242,32 +281,56 @@ def _balanced_bounds(weights: tuple[int, ...], parts: int) -> tuple[int, ...]:
     return tuple(partition_balanced(list(weights), parts))
 
 
+def moe_layers_before(m: ModelConfig, layers: int) -> int:
+    """MoE layers among the first `layers` layers (model.moe's rule in closed form: layer i has experts when
+    i >= first_dense_layers and (i - first_dense_layers + 1) is a multiple of layer_interval)."""
+    if m.moe is None:
+        return 0
+    return max(0, layers - m.moe.first_dense_layers) // m.moe.layer_interval
+
+
 def _partition(cfg: Config, tp: int, pp: int) -> list[Stage]:
-    runs = _layer_runs(cfg.model, tp)
-    if pp == 1 and cfg.model.tied_embeddings:
-        runs = runs[:-1]  # without a pipeline the output layer is the embedding itself
-    count = sum(n for _, _, n in runs)
+    m = cfg.model
+    kinds = layer_params(m, tp, experts_held(cfg), experts_split(cfg)) if m.moe else layer_params(m, tp)
+    last = kinds["embedding"] if m.tied_embeddings else kinds["head"]
+    with_last = not (pp == 1 and m.tied_embeddings)  # without a pipeline the output layer is the embedding itself
+    blocks = m.num_layers
+    count = blocks + 2 + with_last  # embedding, blocks, final norm[, output]
     exact = True
     if pp == 1:
         bounds: tuple[int, ...] | list[int] = (0, count)
     else:
-        uniform = cfg.parallel.pipeline_partition == "uniform"  # loop.py: "type:BlockPipe" or "parameters"
-        weights = [int(kind == "block") if uniform else numel(ps) for kind, ps, _ in runs]
-        if count * count * pp <= EXACT_PARTITION_WORK:
-            bounds = _balanced_bounds(tuple(w for w, (_, _, n) in zip(weights, runs) for _ in range(n)), pp)
+        if cfg.parallel.pipeline_partition == "uniform":  # loop.py: "type:BlockPipe" or "parameters"
+            w_embedding = w_final = w_last = 0
+            w_dense = w_moe = 1
         else:
-            embedding, block, final_norm, last = weights
-            bounds, exact = partition_blocks(embedding, block, runs[1][2], final_norm, last, pp), False
+            w_embedding, w_final, w_last = numel(kinds["embedding"]), numel(kinds["final_norm"]), numel(last)
+            w_dense, w_moe = numel(kinds["block"]), numel(kinds.get("moe_block", ()))
+        if count * count * pp <= EXACT_PARTITION_WORK:
+            weights = ((w_embedding,) + tuple(w_moe if m.is_moe_layer(i) else w_dense for i in range(blocks))
+                       + (w_final, w_last))
+            bounds = _balanced_bounds(weights, pp)
+        else:  # blocks of one weight (an MoE pattern with dense layers among its blocks: their mean weight)
+            moe = moe_layers_before(m, blocks)
+            block = (w_dense * (blocks - moe) + w_moe * moe) / blocks
+            bounds, exact = partition_blocks(w_embedding, block, blocks, w_final, w_last, pp), False
     out = []
     for s in range(pp):
         lo, hi = bounds[s], bounds[s + 1]
-        groups, start, blocks = [], 0, 0
-        for kind, params, n in runs:  # the part of each run of layers inside [lo, hi)
-            inside = max(0, min(hi, start + n) - max(lo, start))
-            if inside:
-                groups.append((tuple(params), inside))
-                blocks += inside if kind == "block" else 0
-            start += n
-        held = ParamSet(tuple(groups))
-        out.append(Stage(s, blocks, lo == 0 and hi > lo, hi == count and hi > lo, held, held.numel, exact))
+        # The stage's layers are [lo, hi): blocks [a, b) of the model's; each kind's tensors once with their count.
+        a, b = min(max(lo - 1, 0), blocks), min(max(hi - 1, 0), blocks)
+        moe = moe_layers_before(m, b) - moe_layers_before(m, a)
+        counts = [(kinds["embedding"], int(lo == 0 < hi)), (kinds["block"], b - a - moe),
+                  (kinds.get("moe_block", []), moe), (kinds["final_norm"], int(lo <= blocks + 1 < hi)),
+                  (last, int(with_last and lo <= blocks + 2 < hi))]
+        held = ParamSet(tuple((tuple(params), n) for params, n in counts if n and params))
+        out.append(Stage(s, b - a, lo == 0 < hi, hi == count and hi > lo, held, held.numel, exact, moe))
     return out
+
+
+def expert_part(params: Iterable[Param], experts: bool = True) -> ParamSet:
+    """The expert weights split over an expert-parallel group among `params` (with `experts=False`, the others), as
+    a ParamSet (their own ZeRO groups: megalite.plan.memory)."""
+    groups = params.groups if isinstance(params, ParamSet) else ((tuple(params), 1),)
+    kept = ((tuple(p for p in ps if p.expert == experts), n) for ps, n in groups)
+    return ParamSet(tuple((ps, n) for ps, n in kept if ps))

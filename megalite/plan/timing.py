@@ -11,6 +11,7 @@ from typing import Any, Optional
 from megalite.config import Config, Layout, count_parameters
 from megalite.plan.communication import Collective, Zero3Traffic, transfer_seconds
 from megalite.plan.devices import EFFICIENCY, Device
+from megalite.plan.experts import active_mlp_matrices, moe_pointwise_bytes
 from megalite.plan.layout import Settings
 from megalite.plan.stages import Stage, layer_params, numel
 
@@ -29,15 +30,18 @@ ENGINE_HOST_S_PER_MICRO_BATCH = 2 * 1.53e-3
 
 
 def flops_per_token(cfg: Config, attended_keys: Optional[float] = None) -> float:
-    """Training FLOPs per token: 6N + 12*L*d*K (N non-embedding parameters; recompute excluded).
+    """Training FLOPs per token: 6N + 12*L*d*K (d the attention width, heads x head_dim; N non-embedding parameters a token uses: for an MoE model the active
+    ones, top_k routed experts, the shared experts and the router of each MoE layer; recompute excluded).
 
     K is the keys a token attends to, counted as PaLM does (the whole window, causal or not): the sequence
     length, or with packed-document masking the mean length of a token's document (`attended_keys`).
     """
-    n = count_parameters(cfg.model)["non_embedding"]
+    counts = count_parameters(cfg.model)
+    n = counts["active"] - counts["embedding"]  # = non_embedding for a dense model
     m = cfg.model
     keys = cfg.data.seq_length if attended_keys is None else attended_keys
-    return 6.0 * n + 12.0 * m.num_layers * m.hidden_size * keys
+    return 6.0 * n + 12.0 * m.num_layers * m.num_heads * m.head_dim * keys  # heads x head_dim: the hidden size,
+    # unless model.attention_head_dim sets another width
 
 
 def attention_fraction(seq: int, head_dim: int, efficiency: Optional[dict] = None) -> float:
@@ -70,6 +74,7 @@ class StageTime:
     flops: float
     forward_share: float = 1 / 3  # of matmul + attention + memory-bound + TP: the forward pass's (recompute is backward)
     host: float = 0.0  # the pipeline engine's host work per micro-batch (DeepSpeed's at PP > 1): exposed when longer
+    weight_grad: float = 0.0  # the blocks' weight-gradient matmuls (part of `matmul`): what ZB-H1 defers
 
     @property
     def compute(self) -> float:
@@ -103,18 +108,25 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     eff = device.efficiency
     block = layer_params(m, tp)["block"]
     matrices = sum(p.numel for p in block if p.decay)
-    flops = 2 * N * matrices * (2 + fwd) * L
+    flops = 2 * N * matrices * (2 + fwd) * (L - stage.moe_blocks)
+    if stage.moe_blocks:  # the router, top_k experts and the shared experts in place of the dense MLP
+        attention = sum(p.numel for p in block if p.decay and not p.name.startswith("mlp."))
+        flops += 2 * N * (attention + active_mlp_matrices(m, tp)) * (2 + fwd) * stage.moe_blocks
     # FP8 linears run their matmuls at the device's FP8 peak (rowwise_with_gw_hp: the weight gradient in the run's
-    # precision); attention, the output layer and everything else at the run's
+    # precision); attention, the output layer and everything else at the run's (an MoE block's experts too)
     fp8_flops = 0.0
     if s.fp8_recipe:
-        fp8_matrices = sum(p.numel for p in block if p.decay and s.fp8(p.name.rsplit(".", 1)[0]))
-        fp8_flops = 2 * N * fp8_matrices * (2 + fwd - (1 if s.fp8_recipe == "rowwise_with_gw_hp" else 0)) * L
+        fp8 = [p for p in block if p.decay and s.fp8(p.name.rsplit(".", 1)[0])]
+        fp8_dense = sum(p.numel for p in fp8)
+        fp8_attention = sum(p.numel for p in fp8 if not p.name.startswith("mlp."))
+        passes = 2 + fwd - (1 if s.fp8_recipe == "rowwise_with_gw_hp" else 0)
+        fp8_flops = 2 * N * (fp8_dense * (L - stage.moe_blocks) + fp8_attention * stage.moe_blocks) * passes
     if stage.head:
         flops += 2 * N * v_l * h * (3 + (1 if s.loss_chunk_tokens else 0))
     matmul = (flops - fp8_flops) / (eff["matmul"] * peak)
     if fp8_flops:
         matmul += fp8_flops / (eff["matmul_fp8"] * device.peak("fp8"))
+    weight_grad = 2 * N * matrices * L / (eff["matmul"] * peak)
     # the attention core's forward passes: a selective recompute (other stacks') runs it again in the backward
     core_fwd = fwd + (1 if s.recompute_attention and not s.recompute else 0)
 
@@ -142,7 +154,9 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     copy = 2 * N * heads * hd * e * (fwd + 1) if s.attention == "materialized" else 0
     dropout = 2 * (2 * Ns * h * e + Ns * h) * (fwd + 1) if m.hidden_dropout > 0 else 0
     pointwise = (act + residual + rope + bias + copy + dropout) * L + scores
-    tp_bytes = sum(c.bytes for c in comms if c.group in ("TP", "CP")) / layout.accumulation
+    if stage.moe_blocks:  # the experts' activation over their assignments and the moves of rows to and from them
+        pointwise += stage.moe_blocks * (moe_pointwise_bytes(m, layout, s, N, fwd) - act)
+    tp_bytes = sum(c.bytes for c in comms if c.group in ("TP", "CP", "EP")) / layout.accumulation
     pointwise += 2 * tp_bytes  # megalite's collectives copy their input (clone, chunk, cat; the all-to-all's permutes)
     if s.fp8_recipe:
         pointwise += fp8_cast_bytes(m, s, N, tp, fwd) * L
@@ -154,8 +168,8 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     hbm = device.hbm_tbps * 1e12
     memory_bound = (norm_fwd * L / (eff["norm_forward"] * hbm) + norm_bwd * L / (eff["norm_backward"] * hbm)
                     + pointwise / (eff["copy"] * hbm))
-    # Context-parallel all-to-alls sit on the critical path like TP's collectives: charged with them.
-    tp_comm = sum(transfer_seconds(c, device) for c in comms if c.group in ("TP", "CP")) / layout.accumulation
+    # Context- and expert-parallel all-to-alls sit on the critical path like TP's collectives: charged with them.
+    tp_comm = sum(transfer_seconds(c, device) for c in comms if c.group in ("TP", "CP", "EP")) / layout.accumulation
     if s.tp_overlap:  # hidden behind the GEMMs they feed or follow (other stacks'; megalite's collectives wait)
         tp_comm = max(0.0, tp_comm - matmul)
     pp_comm = sum(transfer_seconds(c, device) for c in comms if c.group == "PP") / layout.accumulation
@@ -165,7 +179,7 @@ def stage_time(cfg: Config, layout: Layout, stage: Stage, s: Settings, device: D
     forward = (matmul + memory_bound) / (2 + fwd) + attention / (2.5 + fwd) + tp_comm / (fwd + 1)
     host = ENGINE_HOST_S_PER_MICRO_BATCH if layout.pipeline > 1 and s.engine == "deepspeed" else 0.0
     return StageTime(matmul, attention, memory_bound, tp_comm, pp_comm, flops, forward / compute if compute else 1 / 3,
-                     host)
+                     host, weight_grad)
 
 
 def fp8_cast_bytes(m: Any, s: Settings, N: int, tp: int, fwd: int) -> float:

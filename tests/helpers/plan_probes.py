@@ -49,7 +49,8 @@ def held_bytes(root: Any) -> dict[int, int]:
 
 
 _WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
-            "reduce_scatter_tensor", "_reduce_scatter_base", "reduce", "broadcast", "send", "recv", "isend", "irecv")
+            "reduce_scatter_tensor", "_reduce_scatter_base", "reduce", "broadcast", "send", "recv", "isend", "irecv",
+            "all_to_all_single")
 
 
 def _payload(name: str, args: tuple, kwargs: dict) -> int:
@@ -65,7 +66,7 @@ def _payload(name: str, args: tuple, kwargs: dict) -> int:
         return nbytes(args[1] if len(args) > 1 else kwargs["input_list"])
     if name in ("all_gather_into_tensor", "_all_gather_base"):  # (output, input)
         return nbytes(args[0] if args else kwargs["output_tensor"])
-    if name in ("reduce_scatter_tensor", "_reduce_scatter_base"):  # (output, input)
+    if name in ("reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all_single"):  # (output, input): the input
         return nbytes(args[1] if len(args) > 1 else kwargs.get("input", kwargs.get("input_tensor")))
     return nbytes(first)
 
@@ -73,7 +74,8 @@ def _payload(name: str, args: tuple, kwargs: dict) -> int:
 KINDS = {"all_reduce": "all-reduce", "all_gather": "all-gather", "all_gather_into_tensor": "all-gather",
          "_all_gather_base": "all-gather", "reduce_scatter": "reduce-scatter", "reduce_scatter_tensor": "reduce-scatter",
          "_reduce_scatter_base": "reduce-scatter", "reduce": "reduce-scatter", "broadcast": "broadcast",
-         "send": "send/recv", "recv": "send/recv", "isend": "send/recv", "irecv": "send/recv"}
+         "send": "send/recv", "recv": "send/recv", "isend": "send/recv", "irecv": "send/recv",
+         "all_to_all_single": "all-to-all"}
 
 
 class CollectiveCounter:
