@@ -455,7 +455,7 @@ def megatron_prediction(heads: int, h: int, layers: int, tp: int, pp: int, gpus:
     96 B s l h^2 (1 + s/6h + V/16lh), recomputation included) over the plan's step time. Megatron-LM of 2021 is
     modelled as what it ran: fp16, a stored T x T softmax with dropout 0.1 on it and on the hidden states,
     recomputation, no overlap of the data-parallel reduction (ZeRO-1's extra parameter all-gather at PP > 1, where
-    megalite requires ZeRO-1, is under 1% of these steps)."""
+    megalite requires ZeRO-1, is under 1% of these steps), Megatron-LM's engine (`--engine megatron`)."""
     dp = gpus // (tp * pp)
     stage = 3 if zero3 else (0 if pp == 1 else 1)
     raw = {"model": {"vocab_size": 51200, "hidden_size": h, "num_layers": layers, "num_heads": heads,
@@ -465,7 +465,8 @@ def megatron_prediction(heads: int, h: int, layers: int, tp: int, pp: int, gpus:
            "data": {"prefixes": ["x"], "seq_length": 2048},
            "deepspeed": {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": batch // (dp * micro),
                          "fp16": {"enabled": True}, "zero_optimization": {"stage": stage}}}
-    plan = P.plan(_from_dict_on_paper(raw), gpus, P.get_device("a100-80g"), 8, attention="materialized")
+    plan = P.plan(_from_dict_on_paper(raw), gpus, P.get_device("a100-80g"), 8, attention="materialized",
+                  assume={"engine": "megatron"})
     flops = 96 * batch * 2048 * layers * h * h * (1 + 2048 / (6 * h) + 51200 / (16 * layers * h))
     return flops / plan.step_s / gpus / 1e12
 

@@ -96,8 +96,10 @@ def _korthikanti(selective: bool) -> str:
 
 KORTHIKANTI = ("Korthikanti et al. 2022, 'Reducing Activation Recomputation in Large Transformer Models' (MLSys 2023), "
                "abstract: 530B on 2240 A100")
-BLOOM = ("BigScience 2022, 'BLOOM: A 176B-Parameter Open-Access Multilingual Language Model' (arXiv 2211.05100) and "
-         "the model's training page (bigscience.notion.site): 384 A100 80GB, about 150 TFLOP/s per GPU")
+BLOOM = ("BigScience 2022, 'BLOOM: A 176B-Parameter Open-Access Multilingual Language Model' (arXiv 2211.05100), the "
+         "model's training page (bigscience.notion.site: about 150 TFLOP/s per GPU) and its launch script "
+         "(bigscience-workshop/bigscience, train/tr11-176B-ml/tr11-176B-ml.slurm: TP4, PP12, micro-batch 2, batch 2048, "
+         "bf16 with ZeRO stage 0, whose BF16_Optimizer is its own ZeRO-1)")
 NEMOTRON = ("NVIDIA 2024, 'Nemotron-4 340B Technical Report' (arXiv 2406.11704), Table 2 and the model card: 6144 H100, "
             "global batch 2304 x 4096 tokens, 8.0 s per iteration")
 
