@@ -17,16 +17,18 @@ from megalite.plan.stages import Stage, layer_params, numel
 
 # DeepSpeed's engines, measured by `megalite bench pipeline-engine` (kernels/results/pipeline-engine-cpu-2026-12-06,
 # checked against the committed JSON by tests/test_plan_engines.py):
-# - BF16_Optimizer.update_hp_grads, which folds the bf16 gradients into the fp32 copy after every micro-batch, moves
-#   14.9 bytes per parameter at the device's copy speed (read bf16 and fp32, write fp32, plus its per-tensor work);
-#   before each backward the pipeline engine zeroes the bf16 gradients (a 2-byte write);
-# - the PipelineEngine's own host work (instruction dispatch, buffers, the sends' bookkeeping) is 1.53 ms per step
+# - BF16_Optimizer.update_hp_grads, which folds the bf16 gradients into the fp32 copy after every micro-batch, is
+#   exactly a cast to fp32 and an add per tensor (it takes 1.00x the time of the same on one flat tensor): 18 bytes
+#   per parameter of memory traffic (the cast reads 2 and writes 4, the add reads 8 and writes 4), bandwidth-bound on
+#   a GPU (on this CPU the conversion is not: 35 bytes' worth at copy speed); before each backward the pipeline
+#   engine zeroes the bf16 gradients (a 2-byte write);
+# - the PipelineEngine's own host work (instruction dispatch, buffers, the sends' bookkeeping) is 1.51 ms per step
 #   of its schedule (median over 2 and 4 stages, 1 to 8 micro-batches), two steps per micro-batch. The device runs
 #   behind the host, so it costs time only where a micro-batch's device work is shorter.
 # - Its blocking sends cost nothing beyond the transfer: its TrainSchedule, simulated with sends that wait for their
 #   receiver, takes 1F1B's (m + p - 1) slots, and the measured steps agree.
-BF16_BOOKKEEPING_BYTES = 14.9 + 2.0
-ENGINE_HOST_S_PER_MICRO_BATCH = 2 * 1.53e-3
+BF16_BOOKKEEPING_BYTES = (2 + 4) + (8 + 4) + 2.0
+ENGINE_HOST_S_PER_MICRO_BATCH = 2 * 1.51e-3
 
 
 def flops_per_token(cfg: Config, attended_keys: Optional[float] = None) -> float:
