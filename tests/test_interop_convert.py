@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -45,6 +46,15 @@ def test_convert_from_hf_writes_loadable_weights(tmp_path: Path, capsys) -> None
     ids = torch.randint(0, 200, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids, gather_logits=True)[..., :200], hf(ids).logits, rtol=0, atol=1e-4)
+
+    # A hand-edited model.json holding a key twice is refused, naming the key and both lines (json keeps the last).
+    from megalite.errors import CheckpointError
+
+    text = (tmp_path / "out" / "model.json").read_text()
+    first = text.index("\n") + 1
+    (tmp_path / "out" / "model.json").write_text(text[:first] + '  "num_layers": 7,\n' + text[first:])
+    with pytest.raises(CheckpointError, match=r'model.json: duplicate key "num_layers" at lines 2 and \d+'):
+        load_weights(tmp_path / "out")
 
 
 def test_convert_errors_are_reported(tmp_path: Path, capsys) -> None:

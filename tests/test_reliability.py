@@ -391,8 +391,13 @@ def _start_and_signal(command: list[str], delay_s: float, env: dict, ranks_of: s
         proc.send_signal(signal.SIGTERM)
         return proc
     deadline = time.monotonic() + 120
-    while len(_catching_sigterm(_processes_mentioning(ranks_of))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)  # until both Python ranks run their first line (the shells trap TERM too: excluded)
+    # Until both Python ranks run their first line. Only the ranks count: the shells trap TERM too, and the deepspeed
+    # launcher's own Python process (launch.py, whose command line carries the config path) catches it as well.
+    def ranks() -> list[int]:
+        return sorted(set(_processes_mentioning(ranks_of)) & set(_processes_mentioning("megalite.commands.rank")))
+
+    while len(_catching_sigterm(ranks())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     time.sleep(delay_s)
     os.killpg(proc.pid, signal.SIGTERM)
     return proc

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from megalite.config import ParallelConfig, model_config_from_dict
+from megalite.config.unique_json import DuplicateKeyError, loads_unique
 from megalite.errors import CheckpointError
 from megalite.interop.hf import HFTensors, copy_tokenizer, gathered_state
 from megalite.model import build_model
@@ -48,7 +49,9 @@ def load_weights(path: Union[str, Path], grid: Any = None, parallel_cfg: Optiona
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path}: expected {CONFIG} and {WEIGHTS} (written by `megalite convert`)")
     try:
-        raw = json.loads((path / CONFIG).read_text())
+        raw = loads_unique((path / CONFIG).read_text())
+    except DuplicateKeyError as e:  # json.loads would keep the last silently
+        raise CheckpointError(f"{path / CONFIG}: {e}; keep one") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / CONFIG}: not valid JSON: {e}") from None
     cfg = model_config_from_dict({**raw, **overrides}, str(path / CONFIG))
