@@ -161,10 +161,16 @@ def main(argv: list[str] | None = None) -> int:
             result = f"{args.out}/{mode}-{round_}.json"
             extra = [a for kv in args.overrides for a in ("--set", kv)]
             env = dict(base, TORCH_FR_BUFFER_SIZE="0" if mode == "bare" else recorder)
-            subprocess.run([torchrun, "--nproc_per_node", str(args.nproc), "-m", "megalite.bench.watchdog",
-                            "--mode", mode, "--config", args.config, "--steps", str(args.steps), "--out", args.out,
-                            "--result", result, *extra], check=True, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            log = Path(f"{args.out}/{mode}-{round_}.log")  # the ranks' output, kept to say why a run failed
+            with open(log, "w") as f:
+                code = subprocess.run([torchrun, "--nproc_per_node", str(args.nproc), "--master_port",
+                                       str(_free_port()), "-m", "megalite.bench.watchdog", "--mode", mode,
+                                       "--config", args.config, "--steps", str(args.steps), "--out", args.out,
+                                       "--result", result, *extra], env=env, stdout=f,
+                                      stderr=subprocess.STDOUT).returncode
+            if code != 0:
+                raise SystemExit(f"megalite bench watchdog: the {mode} run of round {round_} exited {code}; its "
+                                 f"output: {log}\n{log.read_text(errors='replace')[-3000:]}")
             run = json.loads(Path(result).read_text())
             run["median_s"] = statistics.median(run["times"][WARMUP:])
             run["median_cpu_s"] = statistics.median(run["cpu_times"][WARMUP:])
