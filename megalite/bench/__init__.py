@@ -62,6 +62,20 @@ def run_info() -> dict[str, Any]:
     }
 
 
+def join_local_world(rank: int, world: int, port: int, threads: int = 1, timeout_s: float = 600.0) -> None:
+    """Start one rank of `megalite.local_ranks.spawn_local_ranks`'s processes: the launcher's environment for it,
+    torch's CPU threads, and the process group as training starts it (`megalite.launch.init_distributed`: gloo
+    through DeepSpeed, without the JIT build of DeepSpeed's CPU comm op)."""
+    import torch
+
+    from megalite.launch import init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    init_distributed(timeout_s)
+
+
 def write_json(path: str | os.PathLike, result: dict[str, Any]) -> Path:
     """Write a benchmark's result with `run_info()` under the key "run"."""
     path = Path(path)

@@ -25,11 +25,10 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from megalite.bench import write_json
+from megalite.bench import join_local_world, write_json
 
 MODEL = {"vocab_size": 8192, "hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4,
          "ffn_hidden_size": 768, "norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False,
@@ -48,17 +47,11 @@ def run_config(seq: int, context: int) -> Any:
 
 
 def _rank(rank: int, world: int, port: int, seq: int, backward: bool, results: Any) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
     try:
         import torch
         import torch.distributed as dist
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=30))
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of DeepSpeed's CPU comm op
+        join_local_world(rank, world, port, threads=max(1, (os.cpu_count() or 1) // world), timeout_s=1800)
         from megalite import kernels
         from megalite.memory import count_saved_bytes, peak_anon_growth
         from megalite.model import build_model

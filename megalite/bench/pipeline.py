@@ -23,11 +23,10 @@ import argparse
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from megalite.bench import write_json
+from megalite.bench import join_local_world, write_json
 
 SCHEDULES = ("1f1b", "zb-h1", "dualpipev")
 WIDTH = 8  # features of the synthetic activations
@@ -181,17 +180,10 @@ def _loss(outputs: Any, labels: Any) -> Any:
 
 def _rank(rank: int, world: int, port: int, stages: int, micro_batches: list[int], schedules: list[str],
           pass_ms: tuple[float, float, float], steps: int, results: Any) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
     try:
-        import torch
         import torch.distributed as dist
 
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=10))
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of DeepSpeed's CPU comm op
+        join_local_world(rank, world, port, timeout_s=600)
         rows = measure_schedules(stages, micro_batches, schedules, pass_ms, steps)
         results.put(("ok", rank, rows))
         dist.barrier()

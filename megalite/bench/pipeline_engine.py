@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from megalite.bench import write_json
+from megalite.bench import join_local_world, write_json
 
 # The activation a stage sends: 16 x 64 fp32 (4 kB), which a transport buffers whole, and 2048 x 4096 fp32 (32 MiB),
 # which no transport buffers (NCCL's channel buffers are 4 MiB by default; gloo's TCP socket a few): a send then
@@ -162,20 +160,10 @@ def _bookkeeping(steps: int) -> dict:
 
 
 def _rank(rank: int, world: int, port: int, args: dict, results: Any) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
     try:
-        import torch
         import torch.distributed as dist
 
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of DeepSpeed's CPU comm op
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
+        join_local_world(rank, world, port, timeout_s=120)
         out: dict[str, Any] = {"runs": []}
         for m in ([] if args.get("bookkeeping") else args["micro_batches"]):
             for payload, (tokens, hidden) in PAYLOADS.items():

@@ -16,14 +16,12 @@ prefetched; with 0, none. Writes DIR/zero3.json and DIR/zero3.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from megalite.bench import write_json
+from megalite.bench import join_local_world, write_json
 
 
 def _timeline(width: int, layers: int, bucket: int, steps: int) -> list[tuple[str, int, float]]:
@@ -71,20 +69,10 @@ def _timeline(width: int, layers: int, bucket: int, steps: int) -> list[tuple[st
 
 
 def _rank(rank: int, world: int, port: int, args: dict, results: Any) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
     try:
-        import torch
         import torch.distributed as dist
 
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of DeepSpeed's CPU comm op
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
+        join_local_world(rank, world, port, timeout_s=120)
         out = {}
         width, layers = args["width"], args["layers"]
         buckets = (("off", 0), ("one layer", width * width), ("a quarter of the model", width * width * layers // 4),
