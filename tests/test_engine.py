@@ -12,7 +12,7 @@ import torch
 
 from megalite import config as C
 from tests.helpers.distributed import run_ranks
-from tests.helpers.engine_utils import init_from_report, tiny_config, write_token_dataset
+from tests.helpers.engine_utils import init_from_report, reference_optimizer, tiny_config, write_token_dataset
 
 STEPS = 10
 
@@ -118,8 +118,6 @@ def _reference(workdir: str, global_batch: int, clip: float, data: dict | None =
     schedule parameters are read from it); micro_batch: run each step's batch in consecutive slices of this many
     samples, the mean of their losses (as data-parallel ranks and accumulation steps see them; FP8's dynamic
     scales depend on the slice)."""
-    from deepspeed.runtime import lr_schedules
-
     from megalite.data import ResumableSampler, build_datasets
     from megalite.model import build_model
 
@@ -133,15 +131,7 @@ def _reference(workdir: str, global_batch: int, clip: float, data: dict | None =
     train_set, _, _ = build_datasets([f"{workdir}/tok"], None, cfg.data.split, cfg.data.seq_length, cfg.train.seed,
                                      cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size, **data)
     sampler = iter(ResumableSampler(len(train_set), 0, 1, global_batch, cfg.train.seed))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
-    opt_params = cfg.deepspeed["optimizer"]["params"]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opt_params["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=opt_params["lr"], betas=tuple(opt_params["betas"]), eps=opt_params["eps"])
-    # DeepSpeed's own class for the configured schedule, built here independently of megalite's build code.
-    spec = cfg.deepspeed["scheduler"]
-    sched = getattr(lr_schedules, spec["type"])(opt, total_num_steps=STEPS, **spec["params"])
+    opt, sched = reference_optimizer(model, cfg, total_num_steps=STEPS)
     losses, norms = [], []
     for _ in range(STEPS):
         items = [train_set[i] for i in next(sampler)]

@@ -716,12 +716,11 @@ def _moe_reference(workdir: str, family: str, micro: int, sections: dict | None 
     each step's 4 samples split, in stream order, into the micro-batches the run's data-parallel ranks and
     accumulation steps take (`micro` samples each), the step's loss their mean, each one's balancing losses added
     to its LM loss explicitly, and the expert biases updated from the step's loads."""
-    from deepspeed.runtime import lr_schedules
-
     from megalite import config as C
     from megalite.data import ResumableSampler, build_datasets
     from megalite.model import build_model
     from megalite.model.moe import MoE
+    from tests.helpers.engine_utils import reference_optimizer
 
     cfg = C.from_dict(_moe_raw(workdir, "reference", family, sections or {}))
     data = {k: getattr(cfg.data, k) for k in ("reset_position_ids", "reset_attention_mask")}
@@ -733,14 +732,7 @@ def _moe_reference(workdir: str, family: str, micro: int, sections: dict | None 
     train_set, _, _ = build_datasets([f"{workdir}/tok"], None, cfg.data.split, cfg.data.seq_length, cfg.train.seed,
                                      cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size, **data)
     sampler = iter(ResumableSampler(len(train_set), 0, 1, 4, cfg.train.seed))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
-    opt_params = cfg.deepspeed["optimizer"]["params"]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opt_params["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=opt_params["lr"], betas=tuple(opt_params["betas"]), eps=opt_params["eps"])
-    spec = cfg.deepspeed["scheduler"]
-    sched = getattr(lr_schedules, spec["type"])(opt, **spec["params"])
+    opt, sched = reference_optimizer(model, cfg)
     losses, norms, at = [], [], {}
     for step in range(1, FINAL_STEPS + 1):
         items = [train_set[i] for i in next(sampler)]

@@ -73,3 +73,20 @@ def init_from_report(raw: dict, source_state: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - the message is the result
         report["mismatch"] = str(e)
     return report
+
+
+def reference_optimizer(model, cfg, **scheduler_args):  # noqa: ANN001, ANN201 - torch types imported lazily
+    """The plain PyTorch loop's AdamW and learning-rate schedule for `cfg`, built independently of megalite's build
+    code: weight decay on the matrices but the embeddings, DeepSpeed's own class for the configured schedule
+    (`scheduler_args` added to its parameters). Returns (optimizer, scheduler)."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
+    opt_params = cfg.deepspeed["optimizer"]["params"]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opt_params["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=opt_params["lr"], betas=tuple(opt_params["betas"]), eps=opt_params["eps"])
+    spec = cfg.deepspeed["scheduler"]
+    return opt, getattr(lr_schedules, spec["type"])(opt, **scheduler_args, **spec["params"])
