@@ -298,9 +298,13 @@ def test_checkpoint_benchmark_runs(tmp_path):
         # fp32 weights (4 bytes a parameter) + ZeRO-1's fp32 master copy and Adam's two moments (12), plus at most
         # 1 MB of manifest, metadata and DeepSpeed's conversion script
         assert 16 * params <= r["bytes"] <= 16 * params + 2**20, (r["bytes"], 16 * params)
-        # the ratios the README quotes are the ratios of the reported figures (rounded as reported)
-        stall_over_save = r["async_stall_s"] / r["save_s"]
-        assert abs(r["async_stall_over_save"] - stall_over_save) <= 0.002 + 0.01 * stall_over_save, r
+        # The ratio the README quotes is the ratio of the reported figures: each of the three is rounded to 3
+        # decimals, so the true stall and save lie within 0.0005 of what is reported and the reported ratio within
+        # 0.0005 of the true one.
+        half = 0.0005
+        low = (r["async_stall_s"] - half) / (r["save_s"] + half) - half
+        high = (r["async_stall_s"] + half) / (r["save_s"] - half) + half
+        assert low <= r["async_stall_over_save"] <= high, (low, high, r)
         runs = r["runs"]
         async_over_sync = runs["async"]["steps_per_s"] / runs["sync"]["steps_per_s"]
         assert abs(r["async_over_sync_steps_per_s"] / async_over_sync - 1) < 0.01, r

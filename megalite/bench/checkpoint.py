@@ -71,7 +71,7 @@ def _rank(args: argparse.Namespace) -> None:
     pending = mgr.save_async(engine, 3, {"consumed": 3})
     mgr.wait()
     result = {"rank": dist.get_rank(), "params": n_params, "zero_stage": args.stage, "bytes": size,
-              "save_s": round(t1 - t0, 2), "verify_s": round(t2 - t1, 2), "load_s": round(t3 - t2, 2),
+              "save_s": round(t1 - t0, 3), "verify_s": round(t2 - t1, 3), "load_s": round(t3 - t2, 3),
               "async_first_stall_s": round(first.snapshot_s, 3),
               "async_stall_s": round(pending.snapshot_s, 3), "async_write_s": round(pending.write_s or 0.0, 2),
               "snapshot_bytes": pending.snapshot_bytes,
