@@ -117,6 +117,16 @@ def test_structural_rules_needing_two_changes():
         raw = with_change("deepspeed.zero_optimization.stage", stage, with_change("parallel.pipeline", 2))
         with pytest.raises(ConfigError, match=rf"ZeRO-{stage} cannot be combined with parallel.pipeline=2.*ZeRO-1"):
             C.from_dict(raw, world_size=2)
+    bf16_zero0 = with_change("deepspeed.bf16", {"enabled": True}, with_change("deepspeed.zero_optimization.stage", 0))
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_optimization.stage: ZeRO-0 with bf16 is refused.*stage 1.*"
+                                          r"grad_accum_dtype to \"bf16\""):
+        C.from_dict(bf16_zero0)
+    for accum in ("fp32", "float32"):
+        with pytest.raises(ConfigError, match="ZeRO-0 with bf16 is refused"):
+            C.from_dict(with_change("deepspeed.data_types", {"grad_accum_dtype": accum}, bf16_zero0))
+    cfg = C.from_dict(with_change("deepspeed.data_types", {"grad_accum_dtype": "bf16"}, bf16_zero0))
+    assert (cfg.precision, cfg.zero_stage) == ("bf16", 0)  # DeepSpeed's FP16_Optimizer in bf16: allowed
+    assert C.from_dict(with_change("deepspeed.zero_optimization.stage", 1, bf16_zero0)).zero_stage == 1
     raw = with_change("parallel.tensor", 4, with_change("model.make_vocab_size_divisible_by", 2))
     raw = with_change("model.vocab_size", 1002, raw)
     with pytest.raises(ConfigError, match=r"padded vocabulary 1002 is not divisible by parallel.tensor=4"):
@@ -206,7 +216,7 @@ def test_file_errors(tmp_path):
     raw["deepspeed"] = "no_such_deepspeed_config"
     path = tmp_path / "run.json"
     path.write_text(json.dumps(raw))
-    with pytest.raises(ConfigError, match="DeepSpeed config file not found: 'no_such_deepspeed_config'"):
+    with pytest.raises(ConfigError, match="DeepSpeed config file not found: 'no_such_deepspeed_config'.*shipped: .*zero1"):
         C.load(path)
     (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 1},, }')
     raw["deepspeed"] = "ds.json"

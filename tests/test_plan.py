@@ -79,6 +79,14 @@ def test_zero_paper_figure_1() -> None:
         states = P.model_state_bytes(params, 64, P.settings(cfg))
         figures.append(round(_model_states({k: v for k, (v, _) in states.items()}) / 1e9, 1))
     assert figures == [120.0, 31.4, 16.6, 1.9]
+    # bf16 at ZeRO-0 with bf16 accumulation is the same FP16_Optimizer (engine._configure_fp16_optimizer, in bf16):
+    # fp32 master weights and fp32 Adam moments beside the 16-bit weights and gradients, K = 12 again
+    cfg = _config("gpt2-124m", deepspeed={"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "bf16"},
+                                          "zero_optimization": {"stage": 0}})
+    s = P.settings(cfg)
+    states = {k: v for k, (v, _) in P.model_state_bytes(params, 64, s).items()}
+    assert s.path == "bf16_ddp" and states["master weights"] == 4 * 7.5e9 and states["optimizer states"] == 8 * 7.5e9
+    assert round(_model_states(states) / 1e9, 1) == 120.0
 
 
 def _deepspeed_estimate(fn, *args, **kwargs) -> float:
@@ -597,7 +605,7 @@ def test_bad_input_names_the_value(capsys: pytest.CaptureFixture) -> None:
         ((run, "--world-size", "12", "--gpus-per-node", "8"), "--world-size: 12 is not a multiple of --gpus-per-node 8"),
         ((run, "--world-size", "32", "--memory-gib", "-1"), "--memory-gib: must be > 0, got -1.0"),
         ((run, "--world-size", "32", "--set", "deepspeed.zero_optimization.stage=0"),
-         "deepspeed.zero_optimization.stage: 0 with bf16 parameters and fp32 gradient accumulation is refused"),
+         "deepspeed.zero_optimization.stage: ZeRO-0 with bf16 is refused: DeepSpeed 0.19.8 has no ZeRO-0 path"),
     ]
     for args, fragment in cases:
         assert main(["plan", *args]) == 2, args

@@ -66,7 +66,7 @@ SEARCH_FROM_INVALID = [  # (world size, overrides, the reason its own layout is 
     (32, ["parallel.tensor=3"], "model.num_heads: 32 is not divisible by parallel.tensor=3", 160),
     (32, ["parallel.pipeline=2", "deepspeed.zero_optimization.stage=2"], "ZeRO-2 cannot be combined with "
      "parallel.pipeline=2", 16 * 4),
-    (32, ["deepspeed.zero_optimization.stage=0"], "deepspeed.zero_optimization.stage: 0 with bf16 parameters", 128),
+    (32, ["deepspeed.zero_optimization.stage=0"], "deepspeed.zero_optimization.stage: ZeRO-0 with bf16 is refused", 128),
 ]
 
 

@@ -90,7 +90,11 @@ def expand_references(raw: dict, base: Path | None) -> dict:
     if isinstance(ds, str):
         path = _resolve_file(ds, base, "deepspeed")
         if not path.is_file():
-            raise ConfigError(f"deepspeed: DeepSpeed config file not found: {shown(ds)} (looked for {shown(str(path), quote=False)})")
+            hint = suggest(Path(ds).stem, list_presets("deepspeed"))
+            raise ConfigError(
+                f"deepspeed: DeepSpeed config file not found: {shown(ds)} (looked for {shown(str(path), quote=False)})"
+                f"{hint}; shipped: {', '.join(list_presets('deepspeed'))}"
+            )
         raw["deepspeed"] = read_json(path, "deepspeed")
     return raw
 

@@ -467,6 +467,20 @@ def _validate_zero_keys(zero: dict, errors: list[str]) -> None:
             errors.append(f"deepspeed.zero_optimization.{shown(key, quote=False)}: unknown key{suggest(key, known)}")
 
 
+def zero0_precision_error(precision: str, grad_accum_dtype: str | None) -> str | None:
+    """Why ZeRO-0 cannot train `precision` weights accumulating gradients in `grad_accum_dtype` (None: megalite's
+    default, fp32 for bf16), or None. DeepSpeed 0.19.8 wraps ZeRO-0 by dtype pair (engine._do_optimizer_sanity_check):
+    equal dtypes get FP16_Optimizer (no wrapper in fp32); bf16 weights with fp32 accumulation get only
+    'unsupported mix of model_dtype and grad_accum_dtype' at initialize."""
+    if precision != "bf16" or grad_accum_dtype not in (None, "fp32", "float32"):
+        return None
+    return ("deepspeed.zero_optimization.stage: ZeRO-0 with bf16 is refused: DeepSpeed 0.19.8 has no ZeRO-0 path for "
+            "bf16 weights with fp32 gradient accumulation (megalite's default for bf16; it raises 'unsupported mix of "
+            "model_dtype and grad_accum_dtype'). Use stage 1 (DeepSpeed's BF16_Optimizer: fp32 gradients and master "
+            "weights, the optimizer state split over the replicas), or set deepspeed.data_types.grad_accum_dtype to "
+            '"bf16" to accumulate and all-reduce gradients in bf16 (DeepSpeed\'s FP16_Optimizer in bf16, GPU only)')
+
+
 def watchdog_errors(t: TrainConfig) -> list[str]:
     """The hang watchdog and straggler report (megalite/engine/watchdog.py): every hang timeout must end before a
     collective times out, or the waiting ranks fail with the collective's error naming nobody."""
@@ -573,6 +587,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "ZeRO-0 pipeline path miscounts the gradient norm of replicated and tied weights and cannot skip "
             "non-finite steps; use ZeRO-1 (stage 1)"
         )
+    accum = (ds.get("data_types") or {}).get("grad_accum_dtype") if isinstance(ds.get("data_types"), dict) else None
+    if stage == 0 and (message := zero0_precision_error(cfg.precision, accum)):
+        errors.append(message)
     zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
     if isinstance(p.context, int) and p.context > 1 and stage == 3 and zero.get("reduce_scatter", True) is False:
         errors.append(

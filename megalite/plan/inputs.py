@@ -61,9 +61,9 @@ def load_for_plan(path: str | os.PathLike, overrides: list[str], world_size: int
 
 
 def _without_own_layout(raw: dict, world_size: int, source: str, error: ConfigError) -> tuple[C.Config, int]:
-    """The config with tensor, pipeline (and, if need be, context) parallelism set to 1, validated at `world_size`,
-    and the global batch its own layout asks for (micro-batch x accumulation x its data-parallel degree, at least
-    1; or deepspeed.train_batch_size). Raises `error` when the config has problems besides its layout."""
+    """The config with tensor, pipeline (and, if need be, context) parallelism set to 1 and ZeRO-0 to ZeRO-1, validated
+    at `world_size`, and the global batch its own layout asks for (micro-batch x accumulation x its data-parallel
+    degree, at least 1; or deepspeed.train_batch_size). Raises `error` when the config has problems besides its layout."""
     parallel = raw.get("parallel") if isinstance(raw.get("parallel"), dict) else {}
     ds = raw.get("deepspeed") if isinstance(raw.get("deepspeed"), dict) else {}
 
@@ -78,6 +78,9 @@ def _without_own_layout(raw: dict, world_size: int, source: str, error: ConfigEr
         trial = copy.deepcopy(raw)
         trial["parallel"] = {**parallel, "tensor": 1, "pipeline": 1, "context": context, "sequence_parallel": False}
         trial["deepspeed"] = {k: v for k, v in ds.items() if k != "train_batch_size"}
+        zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+        if zero.get("stage", 0) == 0:  # ZeRO-0 may be what is invalid (bf16); the search tries every stage anyway
+            trial["deepspeed"]["zero_optimization"] = {**zero, "stage": 1}
         try:
             return C.from_dict(trial, world_size=world_size, source=source), batch
         except ConfigError:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megalite.config import Config, Layout
+from megalite.config.validate import zero0_precision_error
 from megalite.dtypes import precision_bytes
 from megalite.errors import ConfigError
 
@@ -116,7 +117,7 @@ class Settings:
         return self.fp8_recipe == "tensorwise"
 
 
-PATH_NAMES = {"none": "torch optimizer, no ZeRO wrapper", "bf16_ddp": "bf16 without ZeRO",
+PATH_NAMES = {"none": "torch optimizer, no ZeRO wrapper", "bf16_ddp": "FP16_Optimizer in bf16 (bf16 gradients)",
               "fp16_optimizer": "FP16_Optimizer", "bf16_optimizer": "BF16_Optimizer",
               "zero": "DeepSpeedZeroOptimizer (ZeRO-1/2)", "zero3": "DeepSpeedZeroOptimizer_Stage3"}
 
@@ -145,10 +146,9 @@ def settings(cfg: Config, attention: Optional[str] = None, platform: str = "cuda
     elif element == grad_accum:
         path = {"fp32": "none", "bf16": "bf16_ddp", "fp16": "fp16_optimizer"}[precision]
     else:
-        raise ConfigError(
+        raise ConfigError(zero0_precision_error(precision, str(accum)) or (
             f"deepspeed.zero_optimization.stage: 0 with {precision} parameters and {accum} gradient accumulation is "
-            "refused by DeepSpeed 0.19 ('unsupported mix of model_dtype and grad_accum_dtype'); use stage 1"
-        )
+            "refused by DeepSpeed 0.19.8 ('unsupported mix of model_dtype and grad_accum_dtype'); use stage 1"))
     if attention is None:
         attention = "torch" if cfg.train.kernels in ("torch", "apex") else "triton"
     if attention not in ("triton", "torch", "materialized"):

@@ -48,9 +48,8 @@ def model_state_bytes(params: Any, dp: int, s: Settings) -> dict[str, tuple[floa
     out: dict[str, tuple[float, bool]]
     if s.path == "none":
         out = {"parameters": (e * n, False), "gradients": (g * n, True), "optimizer states": (k * n, False)}
-    elif s.path == "bf16_ddp":
-        out = {"parameters": (e * n, False), "gradients": (e * n, True), "optimizer states": (k / 2 * n, False)}
-    elif s.path == "fp16_optimizer":  # its fp32 gradient copy exists during the step only (a transient)
+    elif s.path in ("fp16_optimizer", "bf16_ddp"):  # FP16_Optimizer (bf16_ddp: the same in bf16); its fp32
+        # gradient copy exists during the step only (a transient)
         out = {"parameters": (e * n, False), "gradients": (e * n, True), "master weights": (4 * n, False),
                "optimizer states": (k * n, False)}
     elif s.path == "bf16_optimizer":
@@ -367,7 +366,7 @@ def memory(cfg: Config, layout: Layout, s: Settings) -> StageMemories:
                           + [p.numel for p in layer_params(m, tp_)["block"] if s.fp8(p.name.rsplit(".", 1)[0])])
             rows = tp_ > 1 and any(s.fp8(name) for name in ("attention.proj", "mlp.proj"))
             terms["transient: FP8 casts"] = float(max(5 * largest, N * h_ * 4 if rows else 0))
-        if s.path == "fp16_optimizer":  # FP16_Optimizer flattens the gradients into fp32 for the step
+        if s.path in ("fp16_optimizer", "bf16_ddp"):  # FP16_Optimizer flattens the gradients into fp32 for the step
             terms["transient: fp32 gradients at the step"] = float(4 * n_local)
         elif s.path == "zero3":
             # ZeRO-3 steps its partition one sub-group at a time (parameters of a group taken in order until their
@@ -425,8 +424,6 @@ def floor_memory(cfg: Config, layout: Layout, st: Stage, s: Settings, in_flight:
     zero = s.zero_stage
     n = st.numel
     master = 4 if e != 4 else 0
-    if s.path == "bf16_ddp":  # DeepSpeed's bf16 without ZeRO steps in bf16: no master weights, bf16 moments
-        master, k = 0, k // 2
     lean = dataclasses.replace(s, sp_saved_input="shard")
     terms = {"parameters": e * n / (dp if zero == 3 else 1), "gradients": e * n / (dp if zero >= 2 else 1)}
     if not s.offload_optimizer:
