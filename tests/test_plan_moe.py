@@ -276,8 +276,15 @@ def test_moe_presets_count_plan_and_search() -> None:
     n = C.count_parameters(qwen.model)
     assert qwen.model.head_dim == 128 != qwen.model.hidden_size // qwen.model.num_heads
     assert P.flops_per_token(qwen) == 6 * (n["active"] - n["embedding"]) + 12 * 48 * 32 * 128 * 4096
-    best = P.search(_preset_run("mixtral-8x7b", 64), 64, P.get_device("h100-sxm"), 8)[0]
+    ranked = P.search(_preset_run("mixtral-8x7b", 64), 64, P.get_device("h100-sxm"), 8)
+    best = ranked[0]
     assert best.fits and best.layout.expert > 1, best.settings.describe(best.layout)
+    table = P.format_search(ranked, limit=3).splitlines()
+    header = [c.strip() for c in table[1].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[3:6]]
+    assert header[5:8] == ["DP", "EP", "ZeRO"] and len(table[2].split("|")) == len(header) + 2
+    assert all(len(row) == len(header) for row in rows)
+    assert [int(row[6]) for row in rows] == [p.layout.expert for p in ranked if p.fits][:3], table
 
 
 def test_tiny_moe_preset_and_run_config() -> None:

@@ -132,19 +132,23 @@ def format_search(plans: list[Plan], limit: int = 10) -> str:
     """The best `limit` layouts as a table."""
     fitting = [p for p in plans if p.fits]
     cp = plans[0].layout.context if plans else 1
+    # An MoE model's layouts differ in expert parallelism too (EP splits the data-parallel ranks' experts)
+    experts = bool(plans) and plans[0].cfg.model.moe is not None
+    columns = ["rank", "TP", "SP", "PP", "schedule", "DP", *(["EP"] if experts else []), "ZeRO", "micro x acc",
+               "recompute", "loss chunks", "memory GiB", "step s", "tokens/s/GPU", "MFU"]
     lines = [f"{len(plans)} layouts planned, {len(fitting)} fit in memory; the best {min(limit, len(fitting))} by "
              "predicted throughput" + (f" (all at the config's context parallelism {cp})" if cp > 1 else "") + ":",
-             "| rank | TP | SP | PP | schedule | DP | ZeRO | micro x acc | recompute | loss chunks | memory GiB | step s | "
-             "tokens/s/GPU | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for rank, p in enumerate(fitting[:limit], 1):
         lay = p.layout
-        lines.append(f"| {rank} | {lay.tensor} | {'yes' if lay.sequence_parallel else 'no'} | {lay.pipeline} | "
-                     f"{p.cfg.parallel.pipeline_schedule if lay.pipeline > 1 else '-'} | {lay.data} | {lay.zero_stage} | {lay.micro_batch} x {lay.accumulation} | "
-                     f"{'yes' if p.settings.recompute else 'no'} | {p.settings.loss_chunk_tokens or 'no'} | "
-                     f"{p.peak_memory / GiB:.1f} | "
-                     f"{p.step_s:.3f} | {p.tokens_per_s / lay.world:,.0f} | {p.mfu:.1%} |")
+        cells = [rank, lay.tensor, "yes" if lay.sequence_parallel else "no", lay.pipeline,
+                 p.cfg.parallel.pipeline_schedule if lay.pipeline > 1 else "-", lay.data,
+                 *([lay.expert] if experts else []), lay.zero_stage, f"{lay.micro_batch} x {lay.accumulation}",
+                 "yes" if p.settings.recompute else "no", p.settings.loss_chunk_tokens or "no",
+                 f"{p.peak_memory / GiB:.1f}", f"{p.step_s:.3f}", f"{p.tokens_per_s / lay.world:,.0f}", f"{p.mfu:.1%}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if not fitting:
-        lines.append("| - | no layout fits in memory | | | | | | | | | | | | |")
+        lines.append("| - | no layout fits in memory |" + " |" * (len(columns) - 2))
     notes = dict.fromkeys(note for p in plans for note in p.notes)  # each once, in order
     if notes:
         lines.append("")
