@@ -245,7 +245,7 @@ def test_fp8_configuration_rules(monkeypatch):
         with pytest.raises(ConfigError) as e:
             C.from_dict(tiny_config("/x", "/tmp/x", model=model, deepspeed=ds))
         assert fragment in str(e.value), str(e.value)
-    C.from_dict(tiny_config("/x", "/tmp/x", model={"fp8": {}}, deepspeed={"bf16": {"enabled": True}}))
+    C.from_dict(tiny_config("/x", "/tmp/x", model={"fp8": {}}, deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}))
 
     from megalite.engine.preflight import fp8_device_problem
 

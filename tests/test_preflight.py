@@ -44,7 +44,7 @@ def test_precision_and_gpus_on_cpu(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, deepspeed={"fp16": {"enabled": True}})
     bad = _problems(preflight.check_devices(cfg, env={}))
     assert any("fp16 training is not supported on CPU" in m and "bf16 or fp32" in m for m in bad)
-    cfg = _cfg(tmp_path, deepspeed={"bf16": {"enabled": True}})
+    cfg = _cfg(tmp_path, deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}})
     assert not _problems(preflight.check_devices(cfg, env={}))
     # A job that asked for GPUs but whose torch sees none (CPU build, no driver, no allocation).
     bad = _problems(preflight.check_devices(cfg, env={"MEGALITE_GPUS_PER_NODE": "8"}))
@@ -58,7 +58,7 @@ def test_gpus_per_node_against_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "H200")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    cfg = _cfg(tmp_path, deepspeed={"bf16": {"enabled": True}})
+    cfg = _cfg(tmp_path, deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}})
     env = {"SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_PROCID": "3", "SLURM_NODEID": "1", "LOCAL_RANK": "3"}
     bad = _problems(preflight.check_devices(cfg, env=env))
     assert any("8 ranks on this node but 4 GPUs visible" in m and "--ntasks-per-node=4" in m for m in bad)
