@@ -2,7 +2,7 @@
 published, planned through the `megalite` command line exactly as written in `COMMAND` (a shipped run config, the
 model's shape, layout and batch as `--set`, the device, and what the other stack did as plan assumptions), compared
 with the published throughput in tokens per second per GPU. The sources are not those the plan's constants came from
-(Narayanan et al. 2021, torchtitan and megalite's own H200 run are in tests/test_plan.py); docs/plan.md shows the
+(Narayanan et al. 2021, torchtitan and megalite's own H200 run are in tests/test_plan_calibration.py); docs/plan.md shows the
 table with every command. Rows that miss are expected failures with the reason, never a fitted constant."""
 
 from __future__ import annotations
