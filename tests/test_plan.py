@@ -294,39 +294,16 @@ def _engine_holdings_and_traffic(workdir: str, variants: list) -> dict:
     import deepspeed
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    from megalite.engine import signals
-    from megalite.engine.metrics import StepTimer
     from megalite.engine.trainer import Trainer
-    from tests.helpers.plan_probes import CollectiveCounter, held_bytes
+    from tests.helpers.plan_probes import second_step_holdings
 
     out = {}
     for name, sections in variants:
         run = Trainer(C.from_dict(tiny_config(f"{workdir}/tok", f"{workdir}/{name.replace(' ', '_')}", **sections)))
-        run.preemption = signals.PreemptionFlag([])
-        run.train_step(StepTimer(False))  # the first step creates the optimizer states
-        engine, snapshots = run.engine, []
-        basic = run.schedule.optimizer
-        step = basic.step
-
-        def stepped(*args, _step=step, _engine=engine, _snapshots=snapshots, **kwargs):
-            result = _step(*args, **kwargs)
-            _snapshots.append(sum(held_bytes(_engine).values()))
-            return result
-
-        basic.step = stepped
-        if not hasattr(engine, "_exec_reduce_grads"):  # the pipeline engine dispatches its own bound methods
-            reduce = engine.allreduce_gradients
-
-            def before_reduction(*args, _reduce=reduce, _engine=engine, _snapshots=snapshots, **kwargs):
-                _snapshots.append(sum(held_bytes(_engine).values()))
-                return _reduce(*args, **kwargs)
-
-            engine.allreduce_gradients = before_reduction
-        with CollectiveCounter() as counter:
-            run.train_step(StepTimer(False))
+        held, calls = second_step_holdings(run)
         grid = run.grid
-        flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3's sub-groups
-        out[name] = {"held": max(snapshots), "calls": counter.calls, "tp": sorted(grid.tp_ranks),
+        flat = getattr(run.engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3's sub-groups
+        out[name] = {"held": held, "calls": calls, "tp": sorted(grid.tp_ranks),
                      "dp": sorted(grid.dp_group), "stage": grid.get_pipe_parallel_rank(),
                      "sub_group": max(x.numel() for x in flat) if flat else 0}
         del run

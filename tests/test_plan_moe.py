@@ -99,11 +99,9 @@ def _four_ranks(workdir: str) -> dict:
     import torch.distributed as dist
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    from megalite.engine import signals
-    from megalite.engine.metrics import StepTimer
     from megalite.engine.trainer import Trainer
     from megalite.parallel import ProcessGrid
-    from tests.helpers.plan_probes import CollectiveCounter, held_bytes
+    from tests.helpers.plan_probes import second_step_holdings
 
     # One-process models, a share on each rank (no collectives), then the 4-rank ones.
     out: dict = {"one_process": [(i, _saved(_activation_config(case)))
@@ -115,29 +113,9 @@ def _four_ranks(workdir: str) -> dict:
         out["activations"].append(_saved(cfg, grid))
     for name, sections in ENGINE_VARIANTS:
         run = Trainer(C.from_dict(_engine_config(workdir, name, sections)))
-        run.preemption = signals.PreemptionFlag([])
-        run.train_step(StepTimer(False))  # the first step creates the optimizer states
-        engine, snapshots = run.engine, []
-        basic = run.schedule.optimizer
-        step = basic.step
-
-        def stepped(*args, _step=step, _engine=engine, _snapshots=snapshots, **kwargs):
-            result = _step(*args, **kwargs)
-            _snapshots.append(sum(held_bytes(_engine).values()))
-            return result
-
-        basic.step = stepped
-        reduce = engine.allreduce_gradients  # the end of the backward, before the gradient reduction
-
-        def before_reduction(*args, _reduce=reduce, _engine=engine, _snapshots=snapshots, **kwargs):
-            _snapshots.append(sum(held_bytes(_engine).values()))
-            return _reduce(*args, **kwargs)
-
-        engine.allreduce_gradients = before_reduction
-        with CollectiveCounter() as counter:
-            run.train_step(StepTimer(False))
+        held, calls = second_step_holdings(run)
         grid = run.grid
-        out[name] = {"held": max(snapshots), "calls": counter.calls, "rank": dist.get_rank(),
+        out[name] = {"held": held, "calls": calls, "rank": dist.get_rank(),
                      "groups": {"TP": sorted(grid.tp_ranks), "DP": sorted(grid.dp_group), "EP": sorted(grid.ep_ranks),
                                 "EDP": sorted(grid.edp_ranks)}}
         del run

@@ -4,6 +4,7 @@
 - `held_bytes`: every tensor storage reachable from a DeepSpeed engine (module, optimizer, buffers).
 - `CollectiveCounter`: wraps the torch.distributed functions megalite and DeepSpeed call and sums the payload
   per process group and collective kind.
+- `second_step_holdings`: both, around a real training step of a megalite Trainer.
 """
 
 from __future__ import annotations
@@ -136,6 +137,39 @@ class CollectiveCounter:
         for obj, name, fn in reversed(self._saved):
             setattr(obj, name, fn)
         self._saved.clear()
+
+
+def second_step_holdings(run: Any) -> tuple[int, list]:
+    """Train `run` (a megalite Trainer) two steps, the first creating the optimizer states; return the most bytes
+    reachable from its engine during the second (at the end of its backward, before the gradient reduction, and
+    inside the optimizer's step) and the collectives of that step (`CollectiveCounter.calls`). The pipeline engine
+    dispatches its own bound methods: there only the step is seen."""
+    from megalite.engine import signals
+    from megalite.engine.metrics import StepTimer
+
+    run.preemption = signals.PreemptionFlag([])
+    run.train_step(StepTimer(False))
+    engine, snapshots = run.engine, []
+    basic = run.schedule.optimizer
+    step = basic.step
+
+    def stepped(*args: Any, **kwargs: Any) -> Any:
+        result = step(*args, **kwargs)
+        snapshots.append(sum(held_bytes(engine).values()))
+        return result
+
+    basic.step = stepped
+    if not hasattr(engine, "_exec_reduce_grads"):
+        reduce = engine.allreduce_gradients
+
+        def before_reduction(*args: Any, **kwargs: Any) -> Any:
+            snapshots.append(sum(held_bytes(engine).values()))
+            return reduce(*args, **kwargs)
+
+        engine.allreduce_gradients = before_reduction
+    with CollectiveCounter() as counter:
+        run.train_step(StepTimer(False))
+    return max(snapshots), counter.calls
 
 
 class _ShardSavingColumnLinear(torch.autograd.Function):
