@@ -29,6 +29,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from megalite.errors import MegaliteError
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -87,8 +89,27 @@ def die_with_parent(parent_pid: int) -> None:
 
 def _rank_main(payload: bytes, parent_pid: int, rank: int, world: int, port: int, results: RankResults) -> None:
     die_with_parent(parent_pid)
-    target, args = pickle.loads(payload)  # imports the target's module (torch, DeepSpeed) only now
-    target(rank, world, port, *args, results)
+    try:
+        target, args = pickle.loads(payload)  # imports the target's module (torch, DeepSpeed) only now
+        target(rank, world, port, *args, results)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            results.put(("error", rank, f"exited with code {e.code}"))
+        raise
+    except BaseException as e:  # noqa: BLE001 - every failure reaches the parent as this rank's error
+        results.put(("error", rank, failure_message(e)))
+        sys.exit(1)
+
+
+def failure_message(error: BaseException) -> str:
+    """A rank's failure as the parent reports it: megalite's own errors (bad input, a checkpoint that cannot be
+    used) by their message, anything else with the end of its traceback."""
+    import traceback
+
+    message = f"{type(error).__name__}: {error}"
+    if isinstance(error, MegaliteError):
+        return message
+    return f"{message}\n{''.join(traceback.format_exception(error))[-2000:]}"
 
 
 def _exit_reason(code: int | None) -> str:
@@ -140,7 +161,8 @@ def spawn_local_ranks(target: Callable[..., None], world: int, *args: Any,
                       grace_s: float = 3.0) -> tuple[dict[int, Any], list[str], list[int | None]]:
     """Run `target(rank, world, port, *args, results)` in `world` spawned processes on this machine (a free port
     for their process group) and supervise them until all have ended. Each rank puts `(kind, rank, value)` on
-    `results`, kind "error" for a failure. When a rank fails, the others are stopped (SIGTERM, SIGKILL after
+    `results`, kind "error" for a failure (an exception `target` raises is put there for it, with
+`failure_message`). When a rank fails, the others are stopped (SIGTERM, SIGKILL after
     `grace_s`). Returns the other values by rank, the failures ("rank R (pid P): ...", and the ranks stopped
     because of them), and the exit codes. `target` and `args` must pickle; call from the thread that outlives
     the ranks (the kernel ends them when the thread that started them ends)."""

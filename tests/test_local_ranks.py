@@ -52,6 +52,13 @@ def _commits_later(rank: int, world: int, port: int, folder: str, results) -> No
     results.put(("ok", rank, "committed"))
 
 
+def _raises(rank: int, world: int, port: int, folder: str, results) -> None:  # noqa: ANN001
+    """Rank 1 fails on a bug (its target catches nothing); rank 0 waits to be stopped."""
+    if rank == 1:
+        {}["missing key " + Path(folder).name]
+    time.sleep(60)
+
+
 def _env(tmp: Path | None = None) -> dict:
     """The children's environment; TMPDIR `tmp` keeps what a SIGKILLed parent cannot remove (its results folder)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -86,6 +93,24 @@ def test_a_dead_rank_ends_every_rank_within_seconds(tmp_path):
     assert failures[1] == "rank 0 stopped after rank 1 failed", failures
     assert (tmp_path / "rank0-joining").exists()
     assert seconds < 30, seconds  # spawning and importing only: rank 0 alone would wait 10 minutes
+
+
+def test_an_exception_in_a_rank_is_reported_by_the_parent(tmp_path):
+    """A rank's exception reaches the parent as its failure, with the end of its traceback (the target catches
+    nothing itself); a megalite error (bad input) by its message alone."""
+    from megalite.errors import ConfigError
+    from megalite.local_ranks import failure_message
+
+    out = subprocess.run([sys.executable, "-c", PARENT, "_raises", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=REPO, env=_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = json.loads(out.stdout.splitlines()[-1])
+    assert answer["values"] == {} and answer["codes"][1] == 1 and answer["codes"][0] < 0, answer
+    failure, stopped = answer["failures"]
+    assert failure.startswith("rank 1 (pid ") and f"KeyError: 'missing key {tmp_path.name}'" in failure, failure
+    assert "Traceback" in failure and "in _raises" in failure and stopped == "rank 0 stopped after rank 1 failed"
+    assert failure_message(ConfigError("train.steps: must be > 0, got -1")) == \
+        "ConfigError: train.steps: must be > 0, got -1"
 
 
 def test_a_killed_parent_leaves_no_rank_behind(tmp_path):

@@ -47,43 +47,39 @@ def run_config(seq: int, context: int) -> Any:
 
 
 def _rank(rank: int, world: int, port: int, seq: int, backward: bool, results: Any) -> None:
-    try:
-        import torch
-        import torch.distributed as dist
+    import torch
+    import torch.distributed as dist
 
-        join_local_world(rank, world, port, threads=max(1, (os.cpu_count() or 1) // world), timeout_s=1800)
-        from megalite import kernels
-        from megalite.memory import count_saved_bytes, peak_anon_growth
-        from megalite.model import build_model
-        from megalite.parallel import ProcessGrid
+    join_local_world(rank, world, port, threads=max(1, (os.cpu_count() or 1) // world), timeout_s=1800)
+    from megalite import kernels
+    from megalite.memory import count_saved_bytes, peak_anon_growth
+    from megalite.model import build_model
+    from megalite.parallel import ProcessGrid
 
-        kernels.set_backend("torch")
-        cfg = run_config(seq, world)
-        grid = ProcessGrid(context=world) if world > 1 else None
-        model = build_model(cfg.model, cfg.parallel, grid, seed=1)
-        model.train()
-        ids = torch.randint(1, cfg.model.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
-        saved = None
+    kernels.set_backend("torch")
+    cfg = run_config(seq, world)
+    grid = ProcessGrid(context=world) if world > 1 else None
+    model = build_model(cfg.model, cfg.parallel, grid, seed=1)
+    model.train()
+    ids = torch.randint(1, cfg.model.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    saved = None
 
-        def step() -> float:
-            nonlocal saved
-            with count_saved_bytes(model) as saved:
-                loss = model(ids, labels=ids)
-            if backward:
-                loss.backward()
-            return float(loss)
+    def step() -> float:
+        nonlocal saved
+        with count_saved_bytes(model) as saved:
+            loss = model(ids, labels=ids)
+        if backward:
+            loss.backward()
+        return float(loss)
 
-        dist.barrier()
-        t0 = time.perf_counter()
-        growth, loss = peak_anon_growth(step)
-        seconds = time.perf_counter() - t0
-        results.put(("ok", rank, {"saved_bytes": saved.bytes, "peak_growth_bytes": growth,
-                                  "seconds": round(seconds, 2), "loss": loss}))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:  # noqa: BLE001 - reported by the parent
-        results.put(("error", rank, f"{type(e).__name__}: {e}"))
-        sys.exit(1)
+    dist.barrier()
+    t0 = time.perf_counter()
+    growth, loss = peak_anon_growth(step)
+    seconds = time.perf_counter() - t0
+    results.put(("ok", rank, {"saved_bytes": saved.bytes, "peak_growth_bytes": growth,
+                              "seconds": round(seconds, 2), "loss": loss}))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def measure(seq: int, context: int, backward: bool) -> list[dict]:

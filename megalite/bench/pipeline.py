@@ -180,17 +180,13 @@ def _loss(outputs: Any, labels: Any) -> Any:
 
 def _rank(rank: int, world: int, port: int, stages: int, micro_batches: list[int], schedules: list[str],
           pass_ms: tuple[float, float, float], steps: int, results: Any) -> None:
-    try:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        join_local_world(rank, world, port, timeout_s=600)
-        rows = measure_schedules(stages, micro_batches, schedules, pass_ms, steps)
-        results.put(("ok", rank, rows))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:  # noqa: BLE001 - reported by the parent
-        results.put(("error", rank, f"{type(e).__name__}: {e}"))
-        sys.exit(1)
+    join_local_world(rank, world, port, timeout_s=600)
+    rows = measure_schedules(stages, micro_batches, schedules, pass_ms, steps)
+    results.put(("ok", rank, rows))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

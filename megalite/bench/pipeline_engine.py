@@ -160,30 +160,24 @@ def _bookkeeping(steps: int) -> dict:
 
 
 def _rank(rank: int, world: int, port: int, args: dict, results: Any) -> None:
-    try:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        join_local_world(rank, world, port, timeout_s=120)
-        out: dict[str, Any] = {"runs": []}
-        for m in ([] if args.get("bookkeeping") else args["micro_batches"]):
-            for payload, (tokens, hidden) in PAYLOADS.items():
-                for label, f, b in (("sleep", args["forward_ms"] / 1e3, args["backward_ms"] / 1e3),
-                                    ("idle", 0.0, 0.0)):
-                    engine = _engine(world, m, f, b, hidden=hidden)
-                    result = _timed_steps(engine, args["steps"], tokens, hidden)
-                    out["runs"].append({"micro_batches": m, "mode": label, "payload": payload, "forward_s": f,
-                                        "backward_s": b, **result})
-                    del engine
-        if args.get("bookkeeping"):
-            out = {"bookkeeping": _bookkeeping(args["steps"])}
-        results.put(("ok", rank, out))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:  # noqa: BLE001 - reported by the parent
-        import traceback
-
-        results.put(("error", rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
-        sys.exit(1)
+    join_local_world(rank, world, port, timeout_s=120)
+    out: dict[str, Any] = {"runs": []}
+    for m in ([] if args.get("bookkeeping") else args["micro_batches"]):
+        for payload, (tokens, hidden) in PAYLOADS.items():
+            for label, f, b in (("sleep", args["forward_ms"] / 1e3, args["backward_ms"] / 1e3),
+                                ("idle", 0.0, 0.0)):
+                engine = _engine(world, m, f, b, hidden=hidden)
+                result = _timed_steps(engine, args["steps"], tokens, hidden)
+                out["runs"].append({"micro_batches": m, "mode": label, "payload": payload, "forward_s": f,
+                                    "backward_s": b, **result})
+                del engine
+    if args.get("bookkeeping"):
+        out = {"bookkeeping": _bookkeeping(args["steps"])}
+    results.put(("ok", rank, out))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def predictions(p: int, m: int, forward_s: float, backward_s: float) -> dict:

@@ -69,25 +69,19 @@ def _timeline(width: int, layers: int, bucket: int, steps: int) -> list[tuple[st
 
 
 def _rank(rank: int, world: int, port: int, args: dict, results: Any) -> None:
-    try:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        join_local_world(rank, world, port, timeout_s=120)
-        out = {}
-        width, layers = args["width"], args["layers"]
-        buckets = (("off", 0), ("one layer", width * width), ("a quarter of the model", width * width * layers // 4),
-                   ("three eighths", width * width * layers * 3 // 8), ("half the model", width * width * layers // 2),
-                   ("default 5e7", int(5e7)))
-        for label, bucket in buckets:
-            out[label] = {"bucket": bucket, "events": _timeline(width, layers, bucket, args["steps"])}
-        results.put(("ok", rank, out))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:  # noqa: BLE001 - reported by the parent
-        import traceback
-
-        results.put(("error", rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
-        sys.exit(1)
+    join_local_world(rank, world, port, timeout_s=120)
+    out = {}
+    width, layers = args["width"], args["layers"]
+    buckets = (("off", 0), ("one layer", width * width), ("a quarter of the model", width * width * layers // 4),
+               ("three eighths", width * width * layers * 3 // 8), ("half the model", width * width * layers // 2),
+               ("default 5e7", int(5e7)))
+    for label, bucket in buckets:
+        out[label] = {"bucket": bucket, "events": _timeline(width, layers, bucket, args["steps"])}
+    results.put(("ok", rank, out))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def prefetched(events: list, layers: int) -> dict:

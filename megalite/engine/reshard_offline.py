@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -111,11 +110,7 @@ def _rank(rank: int, world: int, port: int, source: str, raw: dict, out: str, re
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        results.put(("report", rank, _reshard_rank(source, raw, out)))
-    except BaseException as e:  # noqa: BLE001 - reported by the parent
-        results.put(("error", rank, f"{type(e).__name__}: {e}"))
-        sys.exit(1)
+    results.put(("report", rank, _reshard_rank(source, raw, out)))
 
 
 class AnonymousMemory:
