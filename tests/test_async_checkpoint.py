@@ -306,10 +306,14 @@ def test_checkpoint_benchmark_runs(tmp_path):
         high = (r["async_stall_s"] + half) / (r["save_s"] - half) + half
         assert low <= r["async_stall_over_save"] <= high, (low, high, r)
         runs = r["runs"]
+        # The reported speed ratio is that of the two reported speeds, rounded to 3 decimals.
         async_over_sync = runs["async"]["steps_per_s"] / runs["sync"]["steps_per_s"]
-        assert abs(r["async_over_sync_steps_per_s"] / async_over_sync - 1) < 0.01, r
+        assert abs(r["async_over_sync_steps_per_s"] - async_over_sync) <= half + 1e-9, r
         for mode in ("none", "sync", "async"):
-            assert abs(runs[mode]["steps_per_s"] * runs[mode]["seconds"] / 4 - 1) < 0.02, (mode, runs[mode])
+            # steps/s is 4 steps over the true seconds, which lie within 0.0005 of the reported ones (3 decimals
+            # each; a run of 4 small steps takes about 0.5 s, where 2 decimals alone could be 2% off).
+            seconds, speed = runs[mode]["seconds"], runs[mode]["steps_per_s"]
+            assert 4 / (seconds + half) - half <= speed <= 4 / (seconds - half) + half, (mode, runs[mode])
     # Each rank's snapshot holds what it writes: rank 0 the weights (4 bytes) and its half of the 12 bytes of
     # optimizer state, rank 1 its half: 10 and 6 bytes a parameter (plus a few bytes of scalars).
     by_rank = {r["rank"]: r["snapshot_bytes"] for r in ranks}

@@ -445,9 +445,18 @@ def test_resume_across_schedules_and_the_nonfinite_rule(launch) -> None:
 
 
 def test_measured_bubbles_match_the_plan(launch) -> None:
-    """The synthetic pipeline (sleeping passes): every rank's idle fraction within 10 points of the plan's (its
-    simulation of the same order with the pass times measured), ZB-H1's pipeline shorter than 1F1B's by the planned
-    margin (three quarters of it at least: the measurement is two steps on a shared machine)."""
+    """The synthetic pipeline (sleeping passes): every rank's idle fraction near the plan's (its simulation of the
+    same order with the pass times measured), the schedules' differences in idle as planned, and ZB-H1's pipeline
+    shorter than 1F1B's by at least half the planned margin.
+
+    The engines' work between passes (1F1B's blocking sends, DualPipeV's batched transfers, Python) is in the
+    measured span but in no pass: it adds idle on every rank, 3-10 points on a shared 2-core machine, more under
+    load; and each pass costs a few milliseconds beyond its sleep, which weighs most on ZB-H1's three passes a
+    micro-batch (1F1B runs two) and shrinks its margin. Three runs here came within 0-2 points and 5 ms of the
+    former bounds (10 points either way, three quarters of the margin). So the idle may exceed the plan's by 15
+    points but fall short of it by 5 at most, and the schedules' differences in idle, where the overhead largely
+    cancels, must be the plan's within 10 points: a ZB-H1 that did not defer its W passes (1F1B's idle, 15 points
+    above its own, and no shorter span) fails all three."""
     from megalite.bench.pipeline import markdown, summarise
 
     rows = [row for results in launch for row in results["bench"]]
@@ -455,9 +464,14 @@ def test_measured_bubbles_match_the_plan(launch) -> None:
     print(markdown(lines))
     for line in lines:
         for measured, planned in zip(line["idle"], line["calibrated_idle"]):
-            assert abs(measured - planned) <= 0.10, line
+            assert -0.05 <= measured - planned <= 0.15, line
     for p in (2, 4):
         span = {line["schedule"]: line for line in lines if line["stages"] == p}
+        for other in ("zb-h1", "dualpipev"):
+            for rank, (a, b, plan_a, plan_b) in enumerate(zip(span["1f1b"]["idle"], span[other]["idle"],
+                                                              span["1f1b"]["calibrated_idle"],
+                                                              span[other]["calibrated_idle"])):
+                assert abs((a - b) - (plan_a - plan_b)) <= 0.10, (p, other, rank, span["1f1b"], span[other])
         planned_margin = span["1f1b"]["planned_span_ms"] - span["zb-h1"]["planned_span_ms"]
         assert planned_margin > 0
-        assert span["1f1b"]["span_ms"] - span["zb-h1"]["span_ms"] >= 0.75 * planned_margin, (p, span)
+        assert span["1f1b"]["span_ms"] - span["zb-h1"]["span_ms"] >= 0.5 * planned_margin, (p, span)

@@ -185,9 +185,9 @@ def test_selective_recompute_is_korthikantis() -> None:
 
 def test_search_keeps_the_assumptions_and_stays_fast() -> None:
     cfg = C.load(REPO / "configs/runs/llama-8b-4nodes.json")
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time (about 1 s): a loaded machine's wall clock says nothing of the search
     plans = P.search(cfg, 32, P.get_device("h100"), 8, assume={"tp_overlap": True})
-    assert time.perf_counter() - start < 10 and all(p.settings.tp_overlap for p in plans)
+    assert time.process_time() - start < 10 and all(p.settings.tp_overlap for p in plans)
     with pytest.raises(ConfigError, match="plan assumptions: unknown overlap_everything"):
         P.plan(cfg, 32, P.get_device("h100"), 8, assume={"overlap_everything": True})
 

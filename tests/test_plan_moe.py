@@ -320,8 +320,8 @@ def test_moe_stages_in_closed_form_and_a_deep_search() -> None:
            "deepspeed": {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 8,
                          "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}}
     cfg = C.from_dict(C.expand_references(raw, None), world_size=1024)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time (about 7 s; its wall time reached 39 s on a loaded 2-core machine)
     plans = P.search(cfg, 1024, P.get_device("h100-sxm"), 8)
-    assert plans and time.perf_counter() - t0 < 60
+    assert plans and time.process_time() - t0 < 60
     deep = P.stages(cfg, 1, 8)
     assert sum(st.blocks for st in deep) == 100_000 and sum(st.moe_blocks for st in deep) == (100_000 - 3) // 2

@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 def test_search_of_100k_layers_finishes_in_seconds() -> None:
     cfg = C.load(REPO / "configs/runs/gpt3-13b-8nodes.json", ["model.num_layers=100000", "model.hidden_size=12288",
                                                                "model.num_heads=96"], world_size=1024)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time, which the machine's load does not stretch
     plans = P.search(cfg, 1024, P.get_device("a100-80g"), 8)
-    seconds = time.perf_counter() - start
-    assert seconds < 30, seconds  # about 3 s on a loaded 2-core machine; the old code never finished in 13 minutes
+    seconds = time.process_time() - start
+    assert seconds < 30, seconds  # about 3 s of CPU; the old code never finished in 13 minutes
     deep = [p for p in plans if p.layout.pipeline >= 64]
     assert len(plans) > 1000 and deep
     for p in deep[:20]:

@@ -381,16 +381,21 @@ def _catching_sigterm(pids: list[int]) -> list[int]:
 
 
 def _start_and_signal(command: list[str], delay_s: float, env: dict, ranks_of: str | None = None) -> subprocess.Popen:
-    """Start `command` in its own process group and send SIGTERM `delay_s` after it starts: to the process; or, with
-    `ranks_of` (a launcher's config path), `delay_s` after both of its Python ranks ran their first line (megalite
-    catches the signal from there on), to the whole group (as `scancel` signals every process of a job step)."""
+    """Start `command` in its own process group and send SIGTERM `delay_s` after it ran its first line (megalite
+    catches the signal from there on; before it, the interpreter is still starting and death by the signal is
+    Python's answer): to the process; or, with `ranks_of` (a launcher's config path), `delay_s` after both of its
+    Python ranks ran theirs, to the whole group (as `scancel` signals every process of a job step)."""
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    deadline = time.monotonic() + 120
     if ranks_of is None:
+        # About 0.03 s after the start on an idle machine, 0.3 s beside 4 busy processes on 2 cores: a fixed delay
+        # from the start could land before it.
+        while not _catching_sigterm([proc.pid]) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
         time.sleep(delay_s)
         proc.send_signal(signal.SIGTERM)
         return proc
-    deadline = time.monotonic() + 120
     # Until both Python ranks run their first line. Only the ranks count: the shells trap TERM too, and the deepspeed
     # launcher's own Python process (launch.py, whose command line carries the config path) catches it as well.
     def ranks() -> list[int]:
@@ -405,8 +410,8 @@ def _start_and_signal(command: list[str], delay_s: float, env: dict, ranks_of: s
 
 def test_preemption_at_any_moment_of_startup_requeues(workdir, tmp_path):
     """SIGTERM from the first moments of `megalite train` (imports, set-up, resume) to its first steps: exit 75 (the
-    batch scripts requeue it), never death by the signal (143). Plain `megalite train` at several moments after it
-    starts; under torchrun and the deepspeed launcher (each rank through slurm/rank.sh, as the batch scripts run them)
+    batch scripts requeue it), never death by the signal (143). Plain `megalite train` at several moments after its
+    first line; under torchrun and the deepspeed launcher (each rank through slurm/rank.sh, as the batch scripts run them)
     the signal goes to every process, as scancel sends it, 0.1 s after the ranks' first line."""
     bindir = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),

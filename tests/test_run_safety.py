@@ -359,13 +359,20 @@ def test_latest_must_name_a_directory_inside_the_root(tmp_path):
 
 
 def test_sigint_ends_with_a_line_not_a_traceback(tmp_path):
+    # The command says when it runs (a file), and only then comes Ctrl-C: a fixed delay could land in the imports
+    # before it on a loaded machine, where a traceback is Python's right answer.
+    running = tmp_path / "running"
     proc = subprocess.Popen([sys.executable, "-c", "import time, sys\nfrom megalite import cli\n"
-                             "import megalite.commands.config as c\nc.main = lambda a: (time.sleep(60), 0)[1]\n"
+                             "import megalite.commands.config as c\n"
+                             f"c.main = lambda a: (open({str(running)!r}, 'w').close(), time.sleep(60), 0)[2]\n"
                              "sys.exit(cli.main(['config', 'check', 'x.json']))"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     import time
 
-    time.sleep(3)
+    deadline = time.monotonic() + 60
+    while not running.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert running.exists(), proc.communicate(timeout=60)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err

@@ -95,7 +95,7 @@ def _rank(args: argparse.Namespace) -> None:
                 stalls.append(time.perf_counter() - t)
         run_mgr.wait()  # the run is over when its last checkpoint is committed
         seconds = time.perf_counter() - start
-        runs[mode] = {"seconds": round(seconds, 2), "steps_per_s": round(args.steps / seconds, 3),
+        runs[mode] = {"seconds": round(seconds, 3), "steps_per_s": round(args.steps / seconds, 3),
                       "stall_s": [round(x, 2) for x in stalls]}
     result["runs"] = runs
     result["async_over_sync_steps_per_s"] = round(runs["async"]["steps_per_s"] / runs["sync"]["steps_per_s"], 3)

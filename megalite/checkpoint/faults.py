@@ -6,12 +6,14 @@ MEGALITE_CKPT_FAULT_DELAY_S seconds there, a slow file system; or raise OSError(
 SIGSTOP this process, a hung rank, MEGALITE_CKPT_FAULT_SETTLE_S seconds (default 1) after reaching the point).
 MEGALITE_CKPT_FAULT_SKIP=N lets the first N arrivals of this process pass; MEGALITE_CKPT_FAULT_TIMES=N acts at most
 N times (default: every time). The rank that reaches the point writes the marker file fault-<point>-rank<r> into
-MEGALITE_CKPT_FAULT_DIR (default the checkpoint root) and fsyncs it, so a test can prove the point was reached.
+MEGALITE_CKPT_FAULT_DIR (default the checkpoint root) and fsyncs it, so a test can prove the point was reached
+(one JSON line: the pid, the point, when it was reached and when written).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import time
@@ -40,13 +42,14 @@ def fault(point: str, default_dir: str) -> None:
     if arrival <= skip or (times is not None and arrival > skip + int(times)):
         return
     action = os.environ.get("MEGALITE_CKPT_FAULT_KILL", "self")
+    reached = time.time()  # when the point was reached: a stop comes a settling moment (and the marker) later
     if action == "stop":  # hung a moment into the save (a watchdog publishes where its rank is every poll)
         time.sleep(float(os.environ.get("MEGALITE_CKPT_FAULT_SETTLE_S", "1")))
     marker_dir = os.environ.get("MEGALITE_CKPT_FAULT_DIR", default_dir)
     os.makedirs(marker_dir, exist_ok=True)
     marker = os.path.join(marker_dir, f"fault-{point}-rank{rank}")
     with open(marker, "w") as f:
-        f.write(f"{os.getpid()}\n")
+        f.write(json.dumps({"pid": os.getpid(), "point": point, "reached": reached, "time": time.time()}) + "\n")
         f.flush()
         os.fsync(f.fileno())
     if action == "delay":  # a slow file system: hold this point for MEGALITE_CKPT_FAULT_DELAY_S seconds

@@ -104,10 +104,13 @@ def cached_arrays(
                 json.dump(description or {}, f, indent=1)
             os.replace(tmp, done)
         except BaseException as e:
-            # Tell the waiting ranks right away instead of letting them run into their timeout.
+            # Tell the waiting ranks right away instead of letting them run into their timeout. Written under a
+            # temporary name, then renamed: a rank polling for the file never reads it half-written (empty).
             try:
-                with open(error, "w") as f:
+                tmp = f"{error}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
                     f.write(f"{type(e).__name__}: {e}")
+                os.replace(tmp, error)
             except OSError:
                 pass
             if isinstance(e, (DataError, KeyboardInterrupt, SystemExit)):

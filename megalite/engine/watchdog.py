@@ -194,10 +194,12 @@ class PhaseFault:
             time.sleep(self.sleep_s)
             return
         self.active = False  # stop once: after SIGCONT the run goes on
+        reached = time.time()  # this rank's last progress (the mark); the stop comes settle_s and the marker later
         time.sleep(self.settle_s)  # hung a moment into the phase: the watchdog has published where it is
         self.marker.parent.mkdir(parents=True, exist_ok=True)
         with open(self.marker, "w") as f:
-            f.write(json.dumps({"pid": os.getpid(), "phase": phase, "step": step, "time": time.time()}) + "\n")
+            f.write(json.dumps({"pid": os.getpid(), "phase": phase, "step": step, "reached": reached,
+                                "time": time.time()}) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.kill(os.getpid(), signal.SIGSTOP)
