@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "files": {"errors"},
     "distributed": {"errors"},
     "launch": set(),  # process start-up from a launcher's environment: training, inference and benchmarks use it
-    "local_ranks": set(),  # torch-free: a rank process is tied to its parent before it imports torch
+    "local_ranks": {"errors"},  # torch-free (errors is too): a rank process is tied to its parent before torch loads
     "config": {"errors", "files", "dtypes"},
     "kernels": {"errors", "dtypes"},
     "plan": {"errors", "config", "dtypes", "files"},
