@@ -162,7 +162,7 @@ def spawn_local_ranks(target: Callable[..., None], world: int, *args: Any,
     """Run `target(rank, world, port, *args, results)` in `world` spawned processes on this machine (a free port
     for their process group) and supervise them until all have ended. Each rank puts `(kind, rank, value)` on
     `results`, kind "error" for a failure (an exception `target` raises is put there for it, with
-`failure_message`). When a rank fails, the others are stopped (SIGTERM, SIGKILL after
+    `failure_message`). When a rank fails, the others are stopped (SIGTERM, SIGKILL after
     `grace_s`). Returns the other values by rank, the failures ("rank R (pid P): ...", and the ranks stopped
     because of them), and the exit codes. `target` and `args` must pickle; call from the thread that outlives
     the ranks (the kernel ends them when the thread that started them ends)."""

@@ -63,6 +63,12 @@ def list_presets(subdir: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS_DIR / subdir).glob("*.json"))
 
 
+def _shipped_hint(ref: str, subdir: str) -> str:
+    """For a config reference that names no file: the closest shipped name, if one is close, and all of them."""
+    shipped = list_presets(subdir)
+    return f"{suggest(Path(ref).stem, shipped)}; shipped: {', '.join(shipped)}"
+
+
 def expand_references(raw: dict, base: Path | None) -> dict:
     """Replace a model preset and a DeepSpeed file reference by their contents."""
     raw = copy.deepcopy(raw)
@@ -75,10 +81,8 @@ def expand_references(raw: dict, base: Path | None) -> dict:
             raise ConfigError(f"model.preset: expected a preset name or path, got {shown(ref)}")
         path = _resolve_file(ref, base, "models")
         if not path.is_file():
-            hint = suggest(Path(ref).stem, list_presets("models"))
-            raise ConfigError(
-                f"model.preset: no preset {shown(ref)} (looked for {shown(str(path), quote=False)}){hint}; shipped: {', '.join(list_presets('models'))}"
-            )
+            raise ConfigError(f"model.preset: no preset {shown(ref)} (looked for {shown(str(path), quote=False)})"
+                              f"{_shipped_hint(ref, 'models')}")
         preset = read_json(path, "model.preset")
         if not isinstance(preset, dict):
             raise ConfigError(f"model.preset: {path} must hold a JSON object")
@@ -90,11 +94,8 @@ def expand_references(raw: dict, base: Path | None) -> dict:
     if isinstance(ds, str):
         path = _resolve_file(ds, base, "deepspeed")
         if not path.is_file():
-            hint = suggest(Path(ds).stem, list_presets("deepspeed"))
-            raise ConfigError(
-                f"deepspeed: DeepSpeed config file not found: {shown(ds)} (looked for {shown(str(path), quote=False)})"
-                f"{hint}; shipped: {', '.join(list_presets('deepspeed'))}"
-            )
+            raise ConfigError(f"deepspeed: DeepSpeed config file not found: {shown(ds)} (looked for "
+                              f"{shown(str(path), quote=False)}){_shipped_hint(ds, 'deepspeed')}")
         raw["deepspeed"] = read_json(path, "deepspeed")
     return raw
 

@@ -587,7 +587,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "ZeRO-0 pipeline path miscounts the gradient norm of replicated and tied weights and cannot skip "
             "non-finite steps; use ZeRO-1 (stage 1)"
         )
-    accum = (ds.get("data_types") or {}).get("grad_accum_dtype") if isinstance(ds.get("data_types"), dict) else None
+    accum = ds["data_types"].get("grad_accum_dtype") if isinstance(ds.get("data_types"), dict) else None
     if stage == 0 and (message := zero0_precision_error(cfg.precision, accum)):
         errors.append(message)
     zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}

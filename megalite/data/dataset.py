@@ -30,6 +30,7 @@ import torch
 from megalite.data.indexed import IndexedDataset, bin_path, idx_path, manifest_path, read_manifest
 from megalite.distributed import rank as global_rank
 from megalite.errors import DataError, shown
+from megalite.files import atomic_write_text
 
 SPLIT_NAMES = ("train", "valid", "test")
 CACHE_VERSION = 1
@@ -99,18 +100,12 @@ def cached_arrays(
                 tmp = f"{p}.{os.getpid()}.tmp.npy"
                 np.save(tmp, arrays[n])
                 os.replace(tmp, p)
-            tmp = f"{done}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(description or {}, f, indent=1)
-            os.replace(tmp, done)
+            atomic_write_text(done, json.dumps(description or {}, indent=1))
         except BaseException as e:
-            # Tell the waiting ranks right away instead of letting them run into their timeout. Written under a
-            # temporary name, then renamed: a rank polling for the file never reads it half-written (empty).
+            # Tell the waiting ranks right away instead of letting them run into their timeout. Atomically: a rank
+            # polling for the file never reads it half-written (empty).
             try:
-                tmp = f"{error}.{os.getpid()}.tmp"
-                with open(tmp, "w") as f:
-                    f.write(f"{type(e).__name__}: {e}")
-                os.replace(tmp, error)
+                atomic_write_text(error, f"{type(e).__name__}: {e}")
             except OSError:
                 pass
             if isinstance(e, (DataError, KeyboardInterrupt, SystemExit)):
