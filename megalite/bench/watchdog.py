@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from megalite.bench import write_json
+from megalite.local_ranks import free_port
 
 WARMUP = 5
 
@@ -109,7 +110,7 @@ def call_costs(repeats: int = 20000) -> dict[str, float]:
         out["phase_mark_on_us"] = per_call(lambda: watchdog.phase("forward"))
     finally:
         watchdog._active = None
-    port = _free_port()
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=30))
     try:
@@ -123,19 +124,12 @@ def call_costs(repeats: int = 20000) -> dict[str, float]:
     return out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     """`megalite bench watchdog [options]`."""
     parser = argparse.ArgumentParser(prog="megalite bench watchdog", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/runs/demo-cpu.json")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=40,
+                        help=f"training steps a run (default 40); the first {WARMUP} are warm-up, not measured")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the three modes, rotating (default 3)")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -144,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=["on", "off", "bare", "calls"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps <= WARMUP:
+        parser.error(f"--steps: must be more than the {WARMUP} warm-up steps, got {args.steps}")
     if args.mode == "calls":
         Path(args.result).write_text(json.dumps(call_costs()))
         return 0
@@ -164,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             log = Path(f"{args.out}/{mode}-{round_}.log")  # the ranks' output, kept to say why a run failed
             with open(log, "w") as f:
                 code = subprocess.run([torchrun, "--nproc_per_node", str(args.nproc), "--master_port",
-                                       str(_free_port()), "-m", "megalite.bench.watchdog", "--mode", mode,
+                                       str(free_port()), "-m", "megalite.bench.watchdog", "--mode", mode,
                                        "--config", args.config, "--steps", str(args.steps), "--out", args.out,
                                        "--result", result, *extra], env=env, stdout=f,
                                       stderr=subprocess.STDOUT).returncode
