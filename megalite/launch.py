@@ -5,23 +5,18 @@ SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, which are mapped here; a plain `python`
 process without any of them becomes a world of one on localhost.
 
 Training, inference (megalite.generate, the lm-evaluation-harness model) and the benchmarks all start their
-processes here, and it imports nothing of megalite's, so it sits at the base of the package beside
-megalite.distributed (torch and DeepSpeed are imported on use, so a rank's entry point, `python -m megalite.commands.rank`, imports
+processes here, and it imports nothing of megalite's but the torch-free megalite.local_ranks (for a free port), so
+it sits at the base of the package beside megalite.distributed (torch and DeepSpeed are imported on use, so a rank's entry point, `python -m megalite.commands.rank`, imports
 `exit_now` cheaply).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 from typing import NoReturn
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megalite.local_ranks import free_port
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -46,7 +41,7 @@ def discover_environment() -> dict[str, str]:
     if "RANK" not in env:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("LOCAL_RANK", "0")
     return {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
 

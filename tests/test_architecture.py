@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "dtypes": {"errors"},
     "files": {"errors"},
     "distributed": {"errors"},
-    "launch": set(),  # process start-up from a launcher's environment: training, inference and benchmarks use it
+    "launch": {"local_ranks"},  # process start-up from a launcher's environment: training, inference and benchmarks use it
     "local_ranks": {"errors"},  # torch-free (errors is too): a rank process is tied to its parent before torch loads
     "config": {"errors", "files", "dtypes"},
     "kernels": {"errors", "dtypes"},
